@@ -1,0 +1,1 @@
+"""cnncore: CNN layers, models and training written from first principles in NumPy."""

@@ -1,0 +1,1 @@
+"""Prefect flows that train, check and compare cnncore networks, tracked in MLflow."""
