@@ -12,11 +12,11 @@ config: dict of hyperparameters (learning rate, momentum, ...) and of the
         CS231n; pass the returned config to the next call for the same w.
 
 Returns next_w, a new array with w's shape and dtype (w itself is never
-modified), and the config. State arrays are created with np.zeros_like(w) and
-the arithmetic uses operators and ufuncs only, so CuPy arrays work unchanged.
+modified), and the config. State arrays are zeros_like(w) from w's own array
+module, so CuPy weights get CuPy state and the same code runs on both.
 """
 
-import numpy as np
+from cnncore.backend import array_module
 
 
 def sgd(w, dw, config=None):
@@ -66,9 +66,11 @@ def rmsprop(w, dw, config=None):
     lr, rho, eps = (
         float(config[k]) for k in ("learning_rate", "decay_rate", "epsilon")
     )
+    xp = array_module(w)
     cache = rho * _state(config, "cache", w) + (1.0 - rho) * (dw * dw)
     config["cache"] = cache
-    return _as_dtype_of(w - lr * dw / (np.sqrt(cache) + eps), w), config
+    next_w = w - lr * dw / (xp.sqrt(cache) + eps)
+    return _as_dtype_of(next_w, w), config
 
 
 def adam(w, dw, config=None):
@@ -97,13 +99,15 @@ def adam(w, dw, config=None):
     lr, beta1, beta2, eps = (
         float(config[k]) for k in ("learning_rate", "beta1", "beta2", "epsilon")
     )
+    xp = array_module(w)
     t = int(config["t"]) + 1
     m = beta1 * _state(config, "m", w) + (1.0 - beta1) * dw
     v = beta2 * _state(config, "v", w) + (1.0 - beta2) * (dw * dw)
     m_hat = m / (1.0 - beta1**t)
     v_hat = v / (1.0 - beta2**t)
     config.update(m=m, v=v, t=t)
-    return _as_dtype_of(w - lr * m_hat / (np.sqrt(v_hat) + eps), w), config
+    next_w = w - lr * m_hat / (xp.sqrt(v_hat) + eps)
+    return _as_dtype_of(next_w, w), config
 
 
 UPDATE_RULES = {
@@ -138,7 +142,7 @@ def _with_defaults(config, **defaults):
 def _state(config, key, w):
     """config[key], or zeros shaped like w when the rule has not run yet."""
     # Not config.get(key, zeros_like(w)): that would allocate on every call.
-    return config[key] if key in config else np.zeros_like(w)
+    return config[key] if key in config else array_module(w).zeros_like(w)
 
 
 def _as_dtype_of(next_w, w):
