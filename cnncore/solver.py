@@ -138,6 +138,7 @@ class Solver:
     def __init__(self, model, data, **kwargs):
         self.model = model
         self.X_train, self.y_train, self.X_val, self.y_val = _unpack_data(data)
+        _check_images_fit_model(model, self.X_train, self.X_val)
 
         self.update_rule = kwargs.pop("update_rule", "sgd")
         self.optim_config = kwargs.pop("optim_config", {})
@@ -479,6 +480,18 @@ def _unpack_data(data):
         if len(X) == 0:
             raise ValueError(f"X_{split} is empty")
     return tuple(data[k] for k in DATA_KEYS)
+
+
+def _check_images_fit_model(model, *arrays):
+    """A model that declares input_dim (C, H, W) gets (N, C, H, W) images, checked
+    here so a mismatch fails before training rather than at the first step."""
+    input_dim = getattr(model, "input_dim", None)
+    if input_dim is None:
+        return
+    for name, X in zip(("X_train", "X_val"), arrays):
+        if tuple(X.shape[1:]) != tuple(input_dim):
+            raise ValueError(f"{name} holds images of shape {tuple(X.shape[1:])} but the model's "
+                             f"input_dim is {tuple(input_dim)}")
 
 
 def _check_positive_int(name, value, optional=False, minimum=1):
