@@ -180,7 +180,8 @@ class ThreeLayerConvNet:
         y = xp.asarray(y)
         data_loss, dscores = layers.softmax_loss(scores, y)
         weights = ("W1", "W2", "W3")
-        reg_loss = 0.5 * self.reg * sum(float((p[w] * p[w]).sum()) for w in weights)
+        # Summed on the array's device and read back once: each float() is a GPU sync.
+        loss = data_loss + 0.5 * self.reg * sum((p[w] * p[w]).sum() for w in weights)
 
         grads = {}
         dh, grads["W3"], grads["b3"] = layers.affine_backward(dscores, scores_cache)
@@ -196,7 +197,7 @@ class ThreeLayerConvNet:
             _, grads["W1"], grads["b1"] = conv_b(da, conv_cache)
         for w in weights:
             grads[w] = grads[w] + self.reg * p[w]
-        return float(data_loss) + reg_loss, grads
+        return float(loss), grads
 
     def predict(self, X, batch_size: int = 500) -> np.ndarray:
         """Predicted class labels (N,) as a NumPy int64 array, computed in batches."""
