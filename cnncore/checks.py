@@ -89,10 +89,13 @@ def conv_output_shape(x, w, conv_param: dict) -> tuple[int, int, int, int]:
     for axis, n, k in (("height", H, HH), ("width", W, WW)):
         span = n + 2 * pad - k
         if span < 0:
-            raise ValueError(f"filter {axis} {k} exceeds the padded input {axis} {n + 2 * pad}")
+            raise ValueError(
+                f"w's filter {axis} {k} exceeds x's padded {axis} {n + 2 * pad} (conv_param['pad'] = {pad})"
+            )
         if span % stride:
             raise ValueError(
-                f"filter {axis} {k}, stride {stride} and pad {pad} do not tile the input {axis} {n}: "
+                f"conv_param['stride'] = {stride} and conv_param['pad'] = {pad} with w's filter {axis} {k} "
+                f"do not tile x's {axis} {n}: "
                 f"({n} + 2*{pad} - {k}) % {stride} = {span % stride}, expected 0"
             )
         sizes.append(1 + span // stride)
@@ -112,7 +115,7 @@ def pool_output_shape(x, pool_param: dict) -> tuple[int, int, int, int]:
     stride = require_positive_int("pool_param['stride']", pool_param["stride"])
     N, C, H, W = x.shape
     if ph > H or pw > W:
-        raise ValueError(f"pool window {ph}x{pw} does not fit the input {H}x{W}")
+        raise ValueError(f"pool_param's window {ph}x{pw} (pool_height x pool_width) does not fit x's {H}x{W}")
     return N, C, 1 + (H - ph) // stride, 1 + (W - pw) // stride
 
 
