@@ -1,0 +1,172 @@
+"""Sandwich layers: each equals the chain of reference layers it stands for, and
+its backward matches numerical gradients.
+
+A conv bias followed by batch norm (train mode) or by group norm with one group
+per channel is removed by the normalisation: its gradient is analytically zero,
+so it is checked for absolute size rather than relative error. With fewer groups
+than channels the per-channel bias shifts a group unevenly and has a real gradient.
+"""
+
+import copy
+
+import numpy as np
+import pytest
+
+from cnncore import layer_utils, layers
+from cnncore.gradient_check import eval_numerical_gradient_array
+
+GRAD_TOL = 1e-7  # central differences in float64, as in test_layers.py
+GRAD_FLOOR = 1e-9  # of the gradient's largest entry: see test_sandwich_backward_matches_numeric_gradient
+# The sandwiches use the fast conv and pool; against the naive chain they agree
+# to rounding, relative to each array's largest entry.
+SAME_TOL = 1e-12
+CONV = {"stride": 1, "pad": 1}
+POOL = {"pool_height": 2, "pool_width": 2, "stride": 2}
+
+
+def _conv_inputs(x_shape=(2, 3, 6, 6), F=4, seed=1):
+    """x, w, b for a 3x3 conv; seeds other than 0, which check_layer_gradients uses for dout."""
+    rng = np.random.default_rng(seed)
+    C = x_shape[1]
+    return rng.standard_normal(x_shape), rng.standard_normal((F, C, 3, 3)), rng.standard_normal(F)
+
+
+def _norm_params(F, shape, seed=2):
+    rng = np.random.default_rng(seed)
+    return 1 + 0.1 * rng.standard_normal(shape(F)), 0.1 * rng.standard_normal(shape(F))
+
+
+def _bn_param(mode, F, seed=3):
+    rng = np.random.default_rng(seed)
+    return {"mode": mode, "running_mean": rng.standard_normal(F), "running_var": rng.random(F) + 0.5}
+
+
+def _cases():
+    """(id, forward, backward, args, reference chain, db_vanishes) for every sandwich.
+
+    The chain lists (forward, backward, extra args) of the reference layers in
+    cnncore.layers that the sandwich composes.
+    """
+    x, w, b = _conv_inputs()
+    conv = (layers.conv_forward_naive, layers.conv_backward_naive, (w, b, CONV))
+    relu = (layers.relu_forward, layers.relu_backward, ())
+    pool = (layers.max_pool_forward_naive, layers.max_pool_backward_naive, (POOL,))
+    fc_w, fc_b = np.random.default_rng(4).standard_normal((108, 5)), np.random.default_rng(5).standard_normal(5)
+    cases = [
+        ("affine_relu", layer_utils.affine_relu_forward, layer_utils.affine_relu_backward, [x, fc_w, fc_b],
+         [(layers.affine_forward, layers.affine_backward, (fc_w, fc_b)), relu], False),
+        ("conv_relu", layer_utils.conv_relu_forward, layer_utils.conv_relu_backward, [x, w, b, CONV],
+         [conv, relu], False),
+        ("conv_relu_pool", layer_utils.conv_relu_pool_forward, layer_utils.conv_relu_pool_backward, [x, w, b, CONV],
+         [conv, relu, pool], False),
+    ]
+    for shape_name, shape in (("(F,)", lambda F: (F,)), ("(1,F,1,1)", lambda F: (1, F, 1, 1))):
+        gamma, beta = _norm_params(4, shape)
+        for mode in ("train", "test"):
+            bn = (layers.spatial_batchnorm_forward, layers.spatial_batchnorm_backward, (gamma, beta, _bn_param(mode, 4)))
+            args = [x, w, b, gamma, beta, CONV, _bn_param(mode, 4)]
+            cases.append((f"conv_bn_relu_pool-{mode}-gamma{shape_name}", layer_utils.conv_bn_relu_pool_forward,
+                          layer_utils.conv_bn_relu_pool_backward, args, [conv, bn, relu, pool], mode == "train"))
+        for G in (1, 2, 4):
+            gn = (layers.spatial_groupnorm_forward, layers.spatial_groupnorm_backward, (gamma, beta, G, {}))
+            args = [x, w, b, gamma, beta, CONV, G, {}]
+            cases.append((f"conv_gn_relu_pool-G={G}-gamma{shape_name}", layer_utils.conv_gn_relu_pool_forward,
+                          layer_utils.conv_gn_relu_pool_backward, args, [conv, gn, relu, pool], G == 4))
+    return [pytest.param(*case, id=case[0]) for case in cases]
+
+
+CASES = _cases()
+
+
+def _run_chain(x, chain, dout):
+    """Forward then backward through the chain; returns (out, (dx, *parameter grads in forward order))."""
+    caches = []
+    for forward, _, extra in chain:
+        x, cache = forward(x, *extra)
+        caches.append(cache)
+    grads = []
+    for (_, backward, _), cache in zip(reversed(chain), reversed(caches)):
+        result = backward(dout, cache)
+        if isinstance(result, tuple):
+            dout, *param_grads = result
+            grads = param_grads + grads
+        else:
+            dout = result
+    return x, (dout, *grads)
+
+
+def _assert_same(a, b, name):
+    np.testing.assert_allclose(a, b, rtol=0, atol=SAME_TOL * np.abs(b).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("name, forward, backward, args, chain, db_vanishes", CASES)
+def test_sandwich_equals_the_chain_of_reference_layers(name, forward, backward, args, chain, db_vanishes):
+    args, chain = copy.deepcopy(args), copy.deepcopy(chain)  # bn_param is updated by both runs
+    out, cache = forward(*args)
+    dout = np.random.default_rng(6).standard_normal(out.shape)
+    expected_out, expected_grads = _run_chain(args[0], chain, dout)
+    _assert_same(out, expected_out, "out")
+    grads = backward(dout, cache)
+    assert len(grads) == len(expected_grads)
+    for i, (got, expected) in enumerate(zip(grads, expected_grads)):
+        if not (db_vanishes and i == 2):  # both ~1e-16: rounding noise, checked for size below
+            _assert_same(got, expected, f"gradient {i}")
+
+
+@pytest.mark.parametrize("name, forward, backward, args, chain, db_vanishes", CASES)
+def test_sandwich_backward_matches_numeric_gradient(name, forward, backward, args, chain, db_vanishes):
+    args = copy.deepcopy(args)
+    out, cache = forward(*args)
+    dout = np.random.default_rng(9).standard_normal(out.shape)
+    grads = backward(dout, cache)  # one per array argument, in order: x, w, b (, gamma, beta)
+    for k, position in enumerate(i for i, a in enumerate(args) if isinstance(a, np.ndarray)):
+        if db_vanishes and k == 2:
+            continue  # checked for absolute size below
+
+        def f(value, position=position):
+            return forward(*args[:position], value, *args[position + 1 :])[0]
+
+        numeric = eval_numerical_gradient_array(f, args[position].copy(), dout)
+        # Elementwise GRAD_TOL, with a floor for entries that cancel to ~1e-5 of the
+        # largest (the norms' backward does that), where the difference quotient's
+        # ~1e-10 absolute error is large relative to the entry.
+        atol = GRAD_FLOOR * np.abs(numeric).max()
+        np.testing.assert_allclose(grads[k], numeric, rtol=GRAD_TOL, atol=atol, err_msg=f"gradient {k}")
+
+
+@pytest.mark.parametrize("name, forward, backward, args, chain, db_vanishes",
+                         [case for case in CASES if case.values[-1]])
+def test_conv_bias_gradient_vanishes_before_a_per_channel_normalisation(name, forward, backward, args, chain,
+                                                                        db_vanishes):
+    out, cache = forward(*copy.deepcopy(args))
+    db = backward(np.random.default_rng(7).standard_normal(out.shape), cache)[2]
+    # Exactly zero in exact arithmetic; rounding leaves ~1e-16 per summed term.
+    assert np.abs(db).max() < 1e-12
+
+
+@pytest.mark.parametrize("name, forward, backward, args, chain, db_vanishes",
+                         [case for case in CASES if "pool" in case.id])
+def test_pool_sandwich_without_dx_returns_none_and_the_same_parameter_grads(name, forward, backward, args, chain,
+                                                                           db_vanishes):
+    out, cache = forward(*copy.deepcopy(args))
+    dout = np.random.default_rng(8).standard_normal(out.shape)
+    full, skipped = backward(dout, cache), backward(dout, cache, need_dx=False)
+    assert skipped[0] is None
+    for got, expected in zip(skipped[1:], full[1:]):
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("name, forward, backward, args, chain, db_vanishes", CASES)
+def test_sandwich_keeps_float32_and_never_modifies_its_inputs(name, forward, backward, args, chain, db_vanishes,
+                                                              layer_contract):
+    layer_contract(forward, backward, copy.deepcopy(args))
+
+
+def test_conv_bn_relu_pool_updates_the_running_stats_of_the_conv_output():
+    x, w, b = _conv_inputs()
+    bn_param = {"mode": "train", "momentum": 0.9}
+    layer_utils.conv_bn_relu_pool_forward(x, w, b, np.ones(4), np.zeros(4), CONV, bn_param)
+    a, _ = layers.conv_forward_naive(x, w, b, CONV)
+    # The sandwich's fast conv and the naive one differ by rounding (~1e-15 absolute).
+    np.testing.assert_allclose(bn_param["running_mean"], 0.1 * a.mean(axis=(0, 2, 3)), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(bn_param["running_var"], 0.1 * a.var(axis=(0, 2, 3)), rtol=1e-10, atol=1e-12)
