@@ -1,0 +1,210 @@
+"""Typed, validated parameters for the flows: what to load, what to train, what to sweep.
+
+Every model here is a frozen pydantic model, so Prefect validates a flow's
+parameters before the flow does any work, and a bad value (an unknown
+normalization, batch_size 0, an unknown dataset, num_groups that do not divide
+num_filters) fails with pydantic's message before any MLflow run exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
+                      PositiveInt, field_validator, model_validator)
+
+from cnncore.cnn import NORMALIZATIONS
+from cnncore.data import KNOWN_DATASETS
+from cnncore.optim import UPDATE_RULES
+
+DatasetName = Literal[KNOWN_DATASETS]
+Normalization = Literal[NORMALIZATIONS]
+UpdateRule = Literal[tuple(UPDATE_RULES)]
+FloatDType = Literal["float32", "float64"]
+# Experiment, sweep and run names become MLflow tags and Prefect artifact keys.
+Name = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(_Frozen):
+    """Which images to load: cnncore.data.load_dataset's arguments (hashable, so a memo key)."""
+
+    dataset: DatasetName = "digits"
+    num_train: PositiveInt | None = None
+    num_val: PositiveInt | None = None
+    num_test: PositiveInt | None = None
+    dtype: FloatDType = "float32"
+    seed: NonNegativeInt = 0
+
+
+class TrainConfig(_Frozen):
+    """One training run: the data, the ThreeLayerConvNet and the Solver's options.
+
+    The defaults reach about 96% validation accuracy on digits in a few seconds.
+    `data_seed` fixes the train/val/test split and subsets; `seed` fixes the
+    weight initialisation and the minibatch order, so a sweep over `seed`
+    compares runs on the same data.
+    """
+
+    dataset: DatasetName = "digits"
+    num_train: PositiveInt | None = None
+    num_val: PositiveInt | None = None
+    num_test: PositiveInt | None = None
+    data_seed: NonNegativeInt = 0
+    normalization: Normalization = "batchnorm"
+    num_groups: PositiveInt = 4
+    num_filters: PositiveInt = 16
+    filter_size: PositiveInt = 3
+    hidden_dim: PositiveInt = 64
+    weight_scale: PositiveFloat = 1e-2
+    reg: NonNegativeFloat = 0.0
+    update_rule: UpdateRule = "adam"
+    learning_rate: PositiveFloat = 3e-3
+    lr_decay: float = Field(default=1.0, gt=0.0, le=1.0)
+    batch_size: PositiveInt = 32
+    num_epochs: PositiveInt = 3
+    dtype: FloatDType = "float32"
+    seed: NonNegativeInt = 0
+
+    @field_validator("normalization", mode="before")
+    @classmethod
+    def _none_means_no_norm(cls, value):
+        return "none" if value is None else value
+
+    @field_validator("filter_size")
+    @classmethod
+    def _odd_filter(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError(f"filter_size must be odd so the convolution keeps H and W, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _groups_divide_filters(self) -> TrainConfig:
+        if self.normalization == "groupnorm" and self.num_filters % self.num_groups:
+            raise ValueError(
+                f"num_groups={self.num_groups} must divide num_filters={self.num_filters} for groupnorm "
+                f"(num_filters % num_groups = {self.num_filters % self.num_groups}, expected 0)"
+            )
+        return self
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(dataset=self.dataset, num_train=self.num_train, num_val=self.num_val,
+                        num_test=self.num_test, dtype=self.dtype, seed=self.data_seed)
+
+    def effective(self) -> dict[str, Any]:
+        """The fields that change the result: num_groups only counts for groupnorm."""
+        fields = self.model_dump()
+        if self.normalization != "groupnorm":
+            fields.pop("num_groups")
+        return fields
+
+    def key(self) -> str:
+        """A stable 16-hex-digit hash of the effective fields: one trial's identity."""
+        text = json.dumps(self.effective(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Interval(_Frozen):
+    """A range sampled by random search: uniform in [low, high], or log-uniform with log=True.
+
+    Integer fields get the sample rounded to the nearest integer.
+    """
+
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Interval:
+        if not self.low <= self.high:
+            raise ValueError(f"an interval needs low <= high, got low={self.low}, high={self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log interval needs low > 0, got {self.low}")
+        return self
+
+    def sample(self, rng: np.random.Generator) -> float:
+        if self.log:
+            return float(math.exp(rng.uniform(math.log(self.low), math.log(self.high))))
+        return float(rng.uniform(self.low, self.high))
+
+
+class SweepSpec(_Frozen):
+    """A grid or a seeded random search over TrainConfig fields.
+
+    base: the configuration every trial starts from.
+    space: field name -> a list of values (grid or random) or an Interval (random only).
+    search: "grid" takes every combination; "random" draws num_trials configurations
+      with numpy's default_rng(seed), each field independently.
+    Trials with the same effective configuration (see TrainConfig.effective) are
+    run once. Every trial is validated here, before any work starts.
+    """
+
+    name: str = Field(default="bn-vs-gn", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
+    base: TrainConfig = TrainConfig()
+    space: dict[str, list[Any] | Interval] = Field(
+        default_factory=lambda: {"normalization": ["batchnorm", "groupnorm"], "batch_size": [8, 32]})
+    search: Literal["grid", "random"] = "grid"
+    num_trials: PositiveInt | None = None
+    seed: NonNegativeInt = 0
+
+    @model_validator(mode="after")
+    def _valid_space(self) -> SweepSpec:
+        unknown = sorted(set(self.space) - set(TrainConfig.model_fields))
+        if unknown:
+            raise ValueError(f"space has fields {unknown} that TrainConfig lacks; known: {sorted(TrainConfig.model_fields)}")
+        empty = sorted(k for k, v in self.space.items() if isinstance(v, list) and not v)
+        if empty:
+            raise ValueError(f"space gives no values for {empty}")
+        if self.search == "grid":
+            ranges = sorted(k for k, v in self.space.items() if isinstance(v, Interval))
+            if ranges:
+                raise ValueError(f"a grid search needs lists of values, got intervals for {ranges}")
+            if self.num_trials is not None:
+                raise ValueError("num_trials is for random search; a grid runs every combination")
+        elif self.num_trials is None:
+            raise ValueError("a random search needs num_trials")
+        self.trials()  # every trial configuration must validate now, not mid-sweep
+        return self
+
+    def swept(self) -> list[str]:
+        """The fields that take more than one value, in the space's order."""
+        return [k for k, v in self.space.items() if isinstance(v, Interval) or len(set(map(repr, v))) > 1]
+
+    def trials(self) -> list[TrainConfig]:
+        """The trial configurations, in order, without repeats."""
+        if self.search == "grid":
+            names = list(self.space)
+            overrides = [dict(zip(names, values)) for values in itertools.product(*self.space.values())]
+        else:
+            overrides = self._random_overrides()
+        trials: dict[str, TrainConfig] = {}
+        for override in overrides:
+            try:
+                config = TrainConfig(**{**self.base.model_dump(), **override})
+            except ValueError as exc:
+                raise ValueError(f"sweep {self.name!r}: the trial {override} is not a valid TrainConfig: {exc}") from exc
+            trials.setdefault(config.key(), config)
+        return list(trials.values())
+
+    def _random_overrides(self) -> list[dict[str, Any]]:
+        rng = np.random.default_rng(self.seed)
+        integer = {k for k, f in TrainConfig.model_fields.items() if f.annotation is int}
+        overrides = []
+        for _ in range(self.num_trials):
+            override = {}
+            for name, values in self.space.items():
+                if isinstance(values, Interval):
+                    value = values.sample(rng)
+                    override[name] = round(value) if name in integer else value
+                else:
+                    override[name] = values[int(rng.integers(len(values)))]
+            overrides.append(override)
+        return overrides

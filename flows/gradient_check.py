@@ -1,0 +1,292 @@
+"""The gradient-check flow: every layer's backward pass against central differences.
+
+Each check runs in float64 on small seeded inputs and yields one worst error per
+input, logged as the MLflow metric ``grad_err.<layer>.<input>``. The errors are
+relative to the gradient's largest element (see ``relative_error``) except where the true gradient
+is zero (a conv bias followed by a norm layer, whose mean the norm removes):
+there the relative error of two round-off values is meaningless, and the worst
+absolute difference is compared instead. Any error over its threshold fails the
+flow run (and its MLflow run), so a broken layer shows as a red run.
+
+    python -m flows.gradient_check
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from prefect import flow, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from cnncore import fast_layers, layer_utils, layers
+from cnncore.cnn import ThreeLayerConvNet
+from cnncore.gradient_check import eval_numerical_gradient, eval_numerical_gradient_array
+
+from .tracking import Tracker, tracked_flow_run
+
+# A correct smooth layer in float64 agrees with central differences (h = 1e-5)
+# to ~1e-9 relative; 1e-7 leaves room for unlucky elements, and a wrong formula
+# is off by far more. The whole net stacks kinks (relu, max pool) and many more
+# round-off terms per parameter, so it gets 1e-6.
+LAYER_THRESHOLD = 1e-7
+NET_THRESHOLD = 1e-6
+# The net's relus and max pools put kinks within 1e-5 of some activations for
+# about one seed in eight; a step of 1e-6 crosses one ten times less often,
+# at a round-off cost (~1e-9 relative) well under the threshold.
+NET_STEP = 1e-6
+# Absolute threshold for zero true gradients: the numeric gradient there is round-off,
+# about eps * |loss| / h ~ 1e-11 for these sizes.
+ZERO_GRADIENT_THRESHOLD = 1e-8
+
+CONV = {"stride": 1, "pad": 1}
+POOL = layer_utils.POOL_2X2
+
+
+class GradientCheckError(AssertionError):
+    """Some gradient error exceeded its threshold."""
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    layer: str
+    input: str
+    error: float
+    measure: str  # "relative" or "absolute"
+    threshold: float
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.error <= self.threshold)
+
+    @property
+    def metric(self) -> str:
+        return f"grad_err.{self.layer}.{self.input}"
+
+
+@dataclass(frozen=True)
+class LayerCheck:
+    """One forward/backward pair and how to make its inputs.
+
+    make_args(rng) -> the forward's arguments; wrt, names: the positions and names
+    of the array inputs the backward returns gradients for, in its order;
+    zero: the names whose true gradient is zero (compared by absolute error).
+    """
+
+    layer: str
+    forward: Callable
+    backward: Callable
+    make_args: Callable[[np.random.Generator], list]
+    names: Sequence[str]
+    zero: Sequence[str] = ()
+    threshold: float = LAYER_THRESHOLD
+
+    def run(self, rng: np.random.Generator) -> list[CheckResult]:
+        args = self.make_args(rng)
+        out, cache = self.forward(*args)
+        dout = rng.standard_normal(out.shape)
+        analytic = self.backward(dout, cache)
+        analytic = analytic if isinstance(analytic, tuple) else (analytic,)
+        results = []
+        for position, (name, grad) in enumerate(zip(self.names, analytic)):
+
+            def f(value, position=position):
+                trial = list(args)
+                trial[position] = value
+                return self.forward(*trial)[0]
+
+            numeric = eval_numerical_gradient_array(f, args[position].copy(), dout)
+            results.append(_compare(self.layer, name, grad, numeric, zero=name in self.zero, threshold=self.threshold))
+        return results
+
+
+def _compare(layer: str, name: str, analytic, numeric, zero: bool, threshold: float) -> CheckResult:
+    """The error of one gradient: relative to its largest element, or absolute where it is truly zero."""
+    if zero:
+        return CheckResult(layer, name, float(np.max(np.abs(analytic - numeric))), "absolute", ZERO_GRADIENT_THRESHOLD)
+    return CheckResult(layer, name, relative_error(analytic, numeric), "relative", threshold)
+
+
+def relative_error(analytic, numeric) -> float:
+    """max |analytic - numeric| / max(|analytic|, |numeric|), over all elements.
+
+    Relative to the gradient's scale rather than elementwise (cnncore's rel_error):
+    a batch norm's dx has elements near zero by construction, where the
+    elementwise ratio of a 1e-10 round-off reaches 1e-3 for correct code.
+    """
+    analytic, numeric = np.asarray(analytic, dtype=np.float64), np.asarray(numeric, dtype=np.float64)
+    scale = max(float(np.max(np.abs(analytic), initial=0.0)), float(np.max(np.abs(numeric), initial=0.0)), 1e-300)
+    return float(np.max(np.abs(analytic - numeric), initial=0.0)) / scale
+
+
+@dataclass(frozen=True)
+class LossCheck:
+    """A loss function (x, y) -> (loss, dx), checked through its scalar loss."""
+
+    layer: str
+    loss: Callable
+
+    def run(self, rng: np.random.Generator) -> list[CheckResult]:
+        x = rng.standard_normal((6, 5))
+        y = rng.integers(5, size=6)
+        _, dx = self.loss(x, y)
+        numeric = eval_numerical_gradient(lambda v: self.loss(v, y)[0], x.copy(), verbose=False)
+        return [_compare(self.layer, "x", dx, numeric, zero=False, threshold=LAYER_THRESHOLD)]
+
+
+@dataclass(frozen=True)
+class NetCheck:
+    """ThreeLayerConvNet's loss gradients, one per parameter, with the given normalisation."""
+
+    normalization: str
+
+    @property
+    def layer(self) -> str:
+        return f"three_layer_net.{self.normalization}"
+
+    def run(self, rng: np.random.Generator) -> list[CheckResult]:
+        net = ThreeLayerConvNet(input_dim=(2, 6, 6), num_filters=4, filter_size=3, hidden_dim=7, num_classes=5,
+                                weight_scale=0.1, reg=0.05, dtype=np.float64, normalization=self.normalization,
+                                num_groups=2, seed=int(rng.integers(2**31)))
+        X = rng.standard_normal((4, 2, 6, 6))
+        y = rng.integers(5, size=4)
+        _, grads = net.loss(X, y)
+        results = []
+        for name in sorted(net.params):
+            numeric = eval_numerical_gradient(lambda _: net.loss(X, y)[0], net.params[name], verbose=False, h=NET_STEP)
+            zero = name == "b1" and self.normalization != "none"
+            results.append(_compare(self.layer, name, grads[name], numeric, zero=zero, threshold=NET_THRESHOLD))
+        return results
+
+
+def _conv_args(rng):
+    return [rng.standard_normal((2, 3, 6, 6)), rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4), CONV]
+
+
+def _norm_args(shape, extra):
+    """x of shape, then gamma and beta over axis 1, then the layer's parameter(s)."""
+    return lambda rng: [rng.standard_normal(shape) * 2 + 1, rng.standard_normal(shape[1]),
+                        rng.standard_normal(shape[1]), *extra()]
+
+
+def _conv_norm_args(extra):
+    """conv's x, w, b, then gamma and beta over its 4 filters, then the norm's parameter(s)."""
+    return lambda rng: [*_conv_args(rng)[:3], rng.standard_normal(4), rng.standard_normal(4), CONV, *extra()]
+
+
+CHECKS = {check.layer: check for check in (
+    LayerCheck("affine_forward", layers.affine_forward, layers.affine_backward,
+               lambda rng: [rng.standard_normal((4, 2, 3)), rng.standard_normal((6, 5)), rng.standard_normal(5)],
+               ["x", "w", "b"]),
+    LayerCheck("relu_forward", layers.relu_forward, layers.relu_backward,
+               lambda rng: [rng.standard_normal((4, 5))], ["x"]),
+    LayerCheck("batchnorm_forward", layers.batchnorm_forward, layers.batchnorm_backward,
+               _norm_args((6, 4), lambda: [{"mode": "train"}]), ["x", "gamma", "beta"]),
+    LayerCheck("batchnorm_backward_alt", layers.batchnorm_forward, layers.batchnorm_backward_alt,
+               _norm_args((6, 4), lambda: [{"mode": "train"}]), ["x", "gamma", "beta"]),
+    LayerCheck("layernorm_forward", layers.layernorm_forward, layers.layernorm_backward,
+               _norm_args((4, 6), lambda: [{}]), ["x", "gamma", "beta"]),
+    LayerCheck("dropout_forward", layers.dropout_forward, layers.dropout_backward,
+               lambda rng: [rng.standard_normal((4, 5)), {"p": 0.7, "mode": "train", "seed": 1}], ["x"]),
+    LayerCheck("conv_forward_naive", layers.conv_forward_naive, layers.conv_backward_naive, _conv_args, ["x", "w", "b"]),
+    LayerCheck("max_pool_forward_naive", layers.max_pool_forward_naive, layers.max_pool_backward_naive,
+               lambda rng: [rng.standard_normal((2, 3, 6, 6)), POOL], ["x"]),
+    LayerCheck("spatial_batchnorm_forward", layers.spatial_batchnorm_forward, layers.spatial_batchnorm_backward,
+               _norm_args((3, 4, 3, 3), lambda: [{"mode": "train"}]), ["x", "gamma", "beta"]),
+    LayerCheck("spatial_groupnorm_forward", layers.spatial_groupnorm_forward, layers.spatial_groupnorm_backward,
+               _norm_args((2, 4, 3, 3), lambda: [2, {}]), ["x", "gamma", "beta"]),
+    LayerCheck("conv_forward_fast", fast_layers.conv_forward_fast, fast_layers.conv_backward_fast, _conv_args, ["x", "w", "b"]),
+    LayerCheck("max_pool_forward_fast", fast_layers.max_pool_forward_fast, fast_layers.max_pool_backward_fast,
+               lambda rng: [rng.standard_normal((2, 3, 6, 6)), POOL], ["x"]),
+    LayerCheck("affine_relu_forward", layer_utils.affine_relu_forward, layer_utils.affine_relu_backward,
+               lambda rng: [rng.standard_normal((4, 6)), rng.standard_normal((6, 5)), rng.standard_normal(5)],
+               ["x", "w", "b"]),
+    LayerCheck("conv_relu_forward", layer_utils.conv_relu_forward, layer_utils.conv_relu_backward, _conv_args, ["x", "w", "b"]),
+    LayerCheck("conv_relu_pool_forward", layer_utils.conv_relu_pool_forward, layer_utils.conv_relu_pool_backward,
+               _conv_args, ["x", "w", "b"]),
+    LayerCheck("conv_bn_relu_pool_forward", layer_utils.conv_bn_relu_pool_forward,
+               layer_utils.conv_bn_relu_pool_backward, _conv_norm_args(lambda: [{"mode": "train"}]),
+               ["x", "w", "b", "gamma", "beta"], zero=["b"]),
+    LayerCheck("conv_gn_relu_pool_forward", layer_utils.conv_gn_relu_pool_forward,
+               layer_utils.conv_gn_relu_pool_backward, _conv_norm_args(lambda: [2, {}]),
+               ["x", "w", "b", "gamma", "beta"], zero=["b"]),
+    LossCheck("softmax_loss", layers.softmax_loss),
+    LossCheck("svm_loss", layers.svm_loss),
+    NetCheck("none"),
+    NetCheck("batchnorm"),
+    NetCheck("groupnorm"),
+)}
+
+
+@task(name="check gradients", task_run_name="check {layer}", cache_policy=NO_CACHE)
+def check_gradients(layer: str, seed: int) -> list[CheckResult]:
+    """One check's errors, on inputs drawn from default_rng(seed)."""
+    return CHECKS[layer].run(np.random.default_rng(seed))
+
+
+@task(name="log gradient errors", cache_policy=NO_CACHE)
+def log_gradient_errors(tracker: Tracker, run_id: str, results: list[CheckResult]) -> pd.DataFrame:
+    """Each error as a metric, and all of them as a table (MLflow and Prefect)."""
+    tracker.log_metrics(run_id, {r.metric: r.error for r in results})
+    table = pd.DataFrame([{"layer": r.layer, "input": r.input, "error": r.error, "measure": r.measure,
+                           "threshold": r.threshold, "passed": r.passed} for r in results])
+    tracker.log_table(run_id, table, "gradient_errors")
+    create_table_artifact(table.to_dict("records"), key="gradient-errors",
+                          description="Worst gradient error per layer input against central differences (float64).")
+    return table
+
+
+def _select(only: list[str] | None) -> list[str]:
+    if only is None:
+        return list(CHECKS)
+    unknown = sorted(set(only) - set(CHECKS))
+    if unknown:
+        raise ValueError(f"unknown gradient checks {unknown}; known: {sorted(CHECKS)}")
+    return list(dict.fromkeys(only))
+
+
+@flow(name="gradient-check", log_prints=True)
+def gradient_check(
+    only: list[str] | None = None,
+    seed: int = 0,
+    experiment: str = "cnncore-gradient-check",
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+) -> dict[str, float]:
+    """Check every layer's gradients (or the checks named in `only`); fail if any error is over its threshold.
+
+    Returns {metric name: error}. Raises GradientCheckError, after logging every
+    error, when some check fails; its MLflow run is then FAILED with the reason.
+    """
+    selected = _select(only)
+    params = {"seed": seed, "checks": ",".join(selected), "layer_threshold": LAYER_THRESHOLD,
+              "net_threshold": NET_THRESHOLD, "zero_gradient_threshold": ZERO_GRADIENT_THRESHOLD}
+    with tracked_flow_run(experiment, "gradient-check", tracking_uri=tracking_uri,
+                          parent_run_id=parent_run_id, params=params) as (tracker, run_id):
+        results = [r for layer in selected for r in check_gradients(layer, seed)]
+        log_gradient_errors(tracker, run_id, results)
+        failed = [r for r in results if not r.passed]
+        if failed:
+            raise GradientCheckError(f"{len(failed)} of {len(results)} gradients are wrong: " + "; ".join(
+                f"{r.metric} {r.measure} error {r.error:.2e} > {r.threshold:.0e}" for r in failed))
+    worst = max(results, key=lambda r: r.error / r.threshold)
+    print(f"{len(results)} gradients checked; the closest to its threshold is {worst.metric} "
+          f"({worst.error:.2e}, threshold {worst.threshold:.0e})")
+    return {r.metric: r.error for r in results}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Check every layer's gradients, tracked in MLflow.")
+    parser.add_argument("--only", nargs="+", choices=sorted(CHECKS), help="run only these checks")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlruns)")
+    args = parser.parse_args(argv)
+    gradient_check(only=args.only, seed=args.seed, tracking_uri=args.tracking_uri)
+
+
+if __name__ == "__main__":
+    main()

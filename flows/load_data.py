@@ -1,0 +1,120 @@
+"""The load-data flow, and the memo that loads each dataset once per process.
+
+Every flow gets its images through ``load_data_once(spec)``: the first call with
+a DataSpec loads and preprocesses the data (cnncore.data.load_dataset), later
+calls with an equal spec return the same arrays, made read-only so no trial can
+change what the next one sees. The memo keeps the last few specs, so a
+pipeline's load-data, sweep and train steps load the digits once.
+
+    python -m flows.load_data --dataset digits --num-train 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+from collections import OrderedDict
+
+import numpy as np
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from cnncore import data as datasets
+
+from .config import DatasetName, DataSpec, FloatDType
+from .tracking import Tracker, tracked_flow_run
+
+MEMO_SIZE = 2  # a CIFAR-10 float64 copy is 1.4 GB: keep only the recent ones
+
+_memo: OrderedDict[DataSpec, dict] = OrderedDict()
+_memo_lock = threading.Lock()
+
+
+def load_data_once(spec: DataSpec) -> dict:
+    """The Solver's data dict for spec, loaded on the first call and remembered.
+
+    Concurrent callers wait for one load rather than each doing it.
+    """
+    with _memo_lock:
+        if spec in _memo:
+            _memo.move_to_end(spec)
+            return _memo[spec]
+        data = datasets.load_dataset(spec.dataset, num_train=spec.num_train, num_val=spec.num_val,
+                                     num_test=spec.num_test, dtype=spec.dtype, seed=spec.seed)
+        for value in data.values():
+            if isinstance(value, np.ndarray):
+                value.setflags(write=False)
+        _memo[spec] = data
+        while len(_memo) > MEMO_SIZE:
+            _memo.popitem(last=False)
+        return data
+
+
+def clear_data_memo() -> None:
+    with _memo_lock:
+        _memo.clear()
+
+
+def dataset_source(spec: DataSpec) -> str | None:
+    """Where the dataset comes from, for MLflow's dataset record (None: this code)."""
+    return datasets.CIFAR10_URL if spec.dataset == "cifar10" else None
+
+
+@task(name="load dataset", task_run_name="load {spec.dataset}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def load_dataset(spec: DataSpec) -> dict:
+    return load_data_once(spec)
+
+
+@task(name="log dataset", cache_policy=NO_CACHE)
+def log_dataset(tracker: Tracker, run_id: str, spec: DataSpec, data: dict) -> None:
+    """The splits as the run's dataset inputs, and their sizes as metrics."""
+    tracker.log_datasets(run_id, spec.dataset, data, source=dataset_source(spec))
+    sizes = {f"num_{split}": len(data[f"y_{split}"]) for split in ("train", "val", "test")}
+    tracker.log_metrics(run_id, {**sizes, "num_classes": len(data["class_names"])})
+
+
+@flow(name="load-data", log_prints=True)
+def load_data(
+    dataset: DatasetName = "digits",
+    num_train: int | None = None,
+    num_val: int | None = None,
+    num_test: int | None = None,
+    dtype: FloatDType = "float32",
+    seed: int = 0,
+    experiment: str = "cnncore-data",
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+) -> dict:
+    """Load a dataset into the Solver's data dict and record it in MLflow.
+
+    dataset: one of cnncore.data.KNOWN_DATASETS; num_train, num_val, num_test:
+    sizes of seeded random subsets of the splits (None: all); dtype: of the
+    images; seed: of the split and subsets. Returns X_train, y_train, X_val,
+    y_val, X_test, y_test, class_names and mean (see cnncore.data.load_dataset).
+    """
+    spec = DataSpec(dataset=dataset, num_train=num_train, num_val=num_val, num_test=num_test, dtype=dtype, seed=seed)
+    with tracked_flow_run(experiment, f"load-data-{dataset}", tracking_uri=tracking_uri,
+                          parent_run_id=parent_run_id, params=spec.model_dump()) as (tracker, run_id):
+        data = load_dataset(spec)
+        log_dataset(tracker, run_id, spec, data)
+    shapes = ", ".join(f"{k} {data[k].shape}" for k in ("X_train", "X_val", "X_test"))
+    print(f"Loaded {dataset}: {shapes}, {len(data['class_names'])} classes")
+    return data
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Load a dataset and record it in MLflow.")
+    parser.add_argument("--dataset", default="digits", choices=datasets.KNOWN_DATASETS)
+    parser.add_argument("--num-train", type=int)
+    parser.add_argument("--num-val", type=int)
+    parser.add_argument("--num-test", type=int)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlruns)")
+    args = parser.parse_args(argv)
+    load_data(dataset=args.dataset, num_train=args.num_train, num_val=args.num_val, num_test=args.num_test,
+              dtype=args.dtype, seed=args.seed, tracking_uri=args.tracking_uri)
+
+
+if __name__ == "__main__":
+    main()

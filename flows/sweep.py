@@ -1,0 +1,303 @@
+"""The sweep flow: many TrainConfigs, concurrently, as child runs of one MLflow parent run.
+
+One parent run per sweep name (tags sweep_name, sweep_role=parent); one child
+run per trial (sweep_role=trial, trial_key = TrainConfig.key(), linked to the
+parent through mlflow.parentRunId, passed explicitly since trials run in worker
+threads). Trials run ``max_workers`` at a time through a Prefect
+ThreadPoolTaskRunner, with BLAS limited to cores // max_workers threads each
+(OpenBLAS's thread count is process-wide, so the limit is set once for the
+whole fan-out).
+
+A trial that fails (a diverging loss raises NonFiniteLossError) is marked FAILED
+with a failure_reason tag; the sweep goes on and lists it in its summary.
+Running a sweep again under the same name resumes it: trials whose run is
+FINISHED are skipped; unfinished ones (FAILED, or left RUNNING by an
+interruption) are deleted and run again.
+
+At the end the parent gets summary.csv, an MLflow table summary.json and
+comparison.png: best validation accuracy per normalization against the first
+other swept parameter.
+
+    python -m flows.sweep --name bn-vs-gn --space '{"normalization": ["batchnorm", "groupnorm"], "batch_size": [4, 16, 64]}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+from numbers import Real
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from mlflow.entities import Run
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, PositiveInt
+from threadpoolctl import threadpool_limits
+
+from .config import SweepSpec, TrainConfig
+from .load_data import load_data_once, load_dataset, log_dataset
+from .tracking import Tracker, connect, failure_reason
+from .train import fit_and_log
+
+TAG_SWEEP = "sweep_name"
+TAG_ROLE = "sweep_role"
+TAG_TRIAL_KEY = "trial_key"
+FINISHED = "FINISHED"
+
+
+class TrialResult(BaseModel):
+    index: int
+    key: str
+    run_id: str
+    run_name: str
+    status: Literal["FINISHED", "FAILED"]
+    skipped: bool = False  # finished in an earlier run of the sweep
+    best_val_acc: float | None = None
+    wall_time_s: float | None = None
+    failure_reason: str | None = None
+    config: TrainConfig
+
+
+class SweepReport(BaseModel):
+    name: str
+    parent_run_id: str
+    trials: list[TrialResult]
+    best: TrialResult | None
+    wall_time_s: float
+
+    @property
+    def failed(self) -> list[TrialResult]:
+        return [t for t in self.trials if t.status != FINISHED]
+
+
+def trial_name(spec: SweepSpec, index: int, config: TrainConfig) -> str:
+    """e.g. "bn-vs-gn/03 groupnorm batch_size=8": the sweep, the index and the swept values."""
+    swept = [f"{k}={getattr(config, k)}" for k in spec.swept() if k != "normalization"]
+    return f"{spec.name}/{index:02d} {config.normalization} {' '.join(swept)}".strip()
+
+
+@task(name="open sweep run", cache_policy=NO_CACHE)
+def open_sweep_run(tracker: Tracker, experiment_id: str, spec: SweepSpec, parent_run_id: str | None) -> tuple[str, bool]:
+    """The sweep's parent run: the one made by an earlier run of this sweep (reopened), else a new one.
+
+    Returns (run_id, resumed).
+    """
+    tags = {TAG_SWEEP: spec.name, TAG_ROLE: "parent"}
+    earlier = tracker.find_runs(experiment_id, tags)
+    if earlier:
+        run_id = earlier[-1].info.run_id
+        tracker.reopen(run_id)
+        return run_id, True
+    params = {"search": spec.search, "seed": spec.seed, "num_trials": len(spec.trials()),
+              "space": json.dumps({k: v if isinstance(v, list) else v.model_dump() for k, v in spec.space.items()}),
+              **{f"base.{k}": v for k, v in spec.base.model_dump().items()}}
+    return tracker.start_run(experiment_id, spec.name, parent_run_id=parent_run_id, params=params, tags=tags), False
+
+
+@task(name="find finished trials", cache_policy=NO_CACHE)
+def find_finished_trials(tracker: Tracker, experiment_id: str, spec: SweepSpec, parent_run_id: str) -> dict[str, Run]:
+    """{trial_key: run} of this sweep's FINISHED trials; unfinished runs of its trials are deleted (they rerun)."""
+    children = tracker.find_runs(experiment_id, {TAG_SWEEP: spec.name, TAG_ROLE: "trial",
+                                                 MLFLOW_PARENT_RUN_ID: parent_run_id})
+    keys = {config.key() for config in spec.trials()}
+    finished = {}
+    for run in children:
+        key = run.data.tags.get(TAG_TRIAL_KEY)
+        if run.info.status == FINISHED:
+            finished[key] = run
+        elif key in keys:
+            tracker.delete_run(run.info.run_id)
+    return finished
+
+
+@task(name="run trial", task_run_name="trial {index}", cache_policy=NO_CACHE)
+def run_trial(tracker: Tracker, experiment_id: str, parent_run_id: str, spec: SweepSpec, index: int,
+              config: TrainConfig) -> TrialResult:
+    """Train one configuration as a child run; a failure marks the run FAILED and is returned, not raised."""
+    name = trial_name(spec, index, config)
+    result = {"index": index, "key": config.key(), "run_name": name, "config": config}
+    run_id = tracker.start_run(experiment_id, name, parent_run_id=parent_run_id, params=config.model_dump(),
+                               tags={TAG_SWEEP: spec.name, TAG_ROLE: "trial", TAG_TRIAL_KEY: config.key()})
+    try:
+        fitted = fit_and_log(tracker, run_id, config, load_data_once(config.data_spec()))
+    except Exception as exc:
+        tracker.fail(run_id, exc)
+        get_run_logger().warning(f"trial {name} failed: {failure_reason(exc)}")
+        return TrialResult(**result, run_id=run_id, status="FAILED", failure_reason=failure_reason(exc))
+    tracker.finish(run_id)
+    return TrialResult(**result, run_id=run_id, status=FINISHED, best_val_acc=fitted.best_val_acc,
+                       wall_time_s=fitted.wall_time_s)
+
+
+def skipped_trial(spec: SweepSpec, index: int, config: TrainConfig, run: Run) -> TrialResult:
+    """The result of a trial that finished in an earlier run of the sweep, read back from MLflow."""
+    metrics = run.data.metrics
+    return TrialResult(index=index, key=config.key(), run_id=run.info.run_id,
+                       run_name=run.data.tags.get(MLFLOW_RUN_NAME, trial_name(spec, index, config)),
+                       status=FINISHED, skipped=True, best_val_acc=metrics.get("best_val_acc"),
+                       wall_time_s=metrics.get("wall_time_s"), config=config)
+
+
+def run_trials(tracker: Tracker, experiment_id: str, parent_run_id: str, spec: SweepSpec,
+               todo: dict[int, TrainConfig], max_workers: int) -> list[TrialResult]:
+    """The trials in todo, max_workers at a time, each with BLAS limited to its share of the cores."""
+    blas_threads = max(1, (os.cpu_count() or 1) // max_workers)
+    with threadpool_limits(limits=blas_threads, user_api="blas"), ThreadPoolTaskRunner(max_workers) as runner:
+        futures = {index: runner.submit(run_trial, parameters=dict(
+            tracker=tracker, experiment_id=experiment_id, parent_run_id=parent_run_id, spec=spec, index=index,
+            config=config)) for index, config in todo.items()}
+        results = []
+        for index, future in futures.items():
+            try:
+                results.append(future.result())
+            except Exception as exc:  # the trial task itself broke (not the training): report, go on
+                config = todo[index]
+                results.append(TrialResult(index=index, key=config.key(), run_id="", status="FAILED",
+                                           run_name=trial_name(spec, index, config), config=config,
+                                           failure_reason=failure_reason(exc)))
+        return results
+
+
+def summary_table(spec: SweepSpec, results: list[TrialResult]) -> pd.DataFrame:
+    """One row per trial, in trial order: its swept values, status and results."""
+    rows = []
+    for r in sorted(results, key=lambda r: r.index):
+        swept = {k: getattr(r.config, k) for k in dict.fromkeys(["normalization", *spec.swept()])}
+        rows.append({"trial": r.index, "run_name": r.run_name, **swept, "status": r.status, "skipped": r.skipped,
+                     "best_val_acc": r.best_val_acc, "wall_time_s": r.wall_time_s,
+                     "failure_reason": r.failure_reason or "", "run_id": r.run_id, "trial_key": r.key})
+    return pd.DataFrame(rows)
+
+
+def comparison_figure(spec: SweepSpec, table: pd.DataFrame) -> Figure:
+    """Best validation accuracy per normalization (one line each) against the first other swept field.
+
+    Several trials at one point (other swept fields, seeds) are averaged; failed
+    trials are left out and counted in the title.
+    """
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    x_name = next((k for k in spec.swept() if k != "normalization"), None)
+    done = table[table["status"] == FINISHED]
+    if x_name is None:
+        means = done.groupby("normalization")["best_val_acc"].mean()
+        ax.bar(means.index, means.values)
+        ax.set(xlabel="normalization")
+    else:
+        numeric = all(isinstance(v, Real) for v in table[x_name])
+        categories = {v: i for i, v in enumerate(dict.fromkeys(table[x_name]))}
+        for norm, group in done.groupby("normalization"):
+            means = group.groupby(x_name, sort=True)["best_val_acc"].mean()
+            xs = means.index if numeric else [categories[v] for v in means.index]
+            ax.plot(xs, means.values, "o-", label=norm)
+        if numeric and (values := np.asarray(table[x_name], dtype=float)).min() > 0 and values.max() / values.min() >= 8:
+            ax.set_xscale("log")
+        if not numeric:
+            ax.set_xticks(list(categories.values()), [str(v) for v in categories])
+        ax.set(xlabel=x_name)
+        ax.legend(title="normalization")
+    failed = len(table) - len(done)
+    ax.set(ylabel="best validation accuracy",
+           title=f"sweep {spec.name}: {len(done)} trials" + (f", {failed} failed (not shown)" if failed else ""))
+    return fig
+
+
+@task(name="summarise sweep", cache_policy=NO_CACHE)
+def summarise_sweep(tracker: Tracker, parent_run_id: str, spec: SweepSpec, results: list[TrialResult]) -> pd.DataFrame:
+    """The parent's summary table (CSV and MLflow table), comparison figure and totals."""
+    table = summary_table(spec, results)
+    tracker.log_table(parent_run_id, table, "summary")
+    tracker.log_figure(parent_run_id, comparison_figure(spec, table), "comparison.png")
+    finished = [r for r in results if r.status == FINISHED]
+    metrics = {"num_trials": len(results), "num_finished": len(finished), "num_failed": len(results) - len(finished),
+               "num_skipped": sum(r.skipped for r in results)}
+    if finished:
+        best = max(finished, key=lambda r: r.best_val_acc)
+        metrics["best_val_acc"] = best.best_val_acc
+        tracker.set_tags(parent_run_id, {"best_run_id": best.run_id, "best_trial_key": best.key})
+    tracker.log_metrics(parent_run_id, metrics)
+    create_table_artifact(table.drop(columns=["run_id", "trial_key"]).to_dict("records"),
+                          key=_artifact_key(f"sweep-{spec.name}"), description=f"Trials of sweep {spec.name}")
+    return table
+
+
+def _artifact_key(text: str) -> str:
+    """Prefect artifact keys take lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+
+
+@flow(name="sweep", flow_run_name="sweep-{spec.name}", log_prints=True)
+def sweep(
+    spec: SweepSpec = SweepSpec(),
+    experiment: str = "cnncore-sweeps",
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+    max_workers: PositiveInt = 2,
+) -> SweepReport:
+    """Run every trial of spec (skipping those finished by an earlier run of the same sweep name).
+
+    parent_run_id: an MLflow run to hang the sweep's parent run under (a pipeline's).
+    max_workers: trials run at once. Returns a SweepReport; failed trials are in
+    it, not raised.
+    """
+    start = time.perf_counter()
+    trials = spec.trials()
+    tracker = connect(tracking_uri)
+    experiment_id = tracker.experiment(experiment)
+    sweep_run_id, resumed = open_sweep_run(tracker, experiment_id, spec, parent_run_id)
+    with tracker.closing(sweep_run_id):
+        tracker.link_flow_run(sweep_run_id)
+        finished = find_finished_trials(tracker, experiment_id, spec, sweep_run_id)
+        skipped = [skipped_trial(spec, i, c, finished[c.key()]) for i, c in enumerate(trials) if c.key() in finished]
+        todo = {i: c for i, c in enumerate(trials) if c.key() not in finished}
+        for data_spec in dict.fromkeys(c.data_spec() for c in todo.values()):
+            # Load and record each dataset once, before the fan-out: the trials then
+            # find both the arrays and the experiment's dataset record made.
+            log_dataset(tracker, sweep_run_id, data_spec, load_dataset(data_spec))
+        print(f"sweep {spec.name}: {len(trials)} trials, {len(skipped)} already finished"
+              f"{' (resumed)' if resumed else ''}, {len(todo)} to run, {max_workers} at a time")
+        results = skipped + run_trials(tracker, experiment_id, sweep_run_id, spec, todo, max_workers)
+        results.sort(key=lambda r: r.index)
+        summarise_sweep(tracker, sweep_run_id, spec, results)
+        tracker.log_metrics(sweep_run_id, {"wall_time_s": time.perf_counter() - start})
+    report = SweepReport(name=spec.name, parent_run_id=sweep_run_id, trials=results,
+                         best=max((r for r in results if r.status == FINISHED), key=lambda r: r.best_val_acc, default=None),
+                         wall_time_s=time.perf_counter() - start)
+    for r in report.failed:
+        print(f"FAILED {r.run_name}: {r.failure_reason}")
+    if report.best is not None:
+        print(f"best: {report.best.run_name}, val acc {report.best.best_val_acc:.3f}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Sweep TrainConfig fields; every trial a child MLflow run.")
+    parser.add_argument("--name", default="bn-vs-gn", help="sweep name; the same name resumes the sweep")
+    parser.add_argument("--space", type=json.loads, help="JSON: field -> list of values, or {low, high, log}")
+    parser.add_argument("--base", type=json.loads, default={}, help="JSON: TrainConfig fields every trial starts from")
+    parser.add_argument("--search", choices=("grid", "random"), default="grid")
+    parser.add_argument("--num-trials", type=int, help="random search: how many configurations to draw")
+    parser.add_argument("--seed", type=int, default=0, help="random search: the sampler's seed")
+    parser.add_argument("--max-workers", type=int, default=2, help="trials run at once (default 2)")
+    parser.add_argument("--experiment", default="cnncore-sweeps")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlruns)")
+    args = parser.parse_args(argv)
+    fields = {"name": args.name, "base": args.base, "search": args.search, "num_trials": args.num_trials,
+              "seed": args.seed}
+    if args.space is not None:
+        fields["space"] = args.space
+    spec = SweepSpec.model_validate(fields)
+    sweep(spec=spec, experiment=args.experiment, tracking_uri=args.tracking_uri, max_workers=args.max_workers)
+
+
+if __name__ == "__main__":
+    main()
