@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m cnncore.demo
+	$(BIN)/python -m flows.pipeline
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

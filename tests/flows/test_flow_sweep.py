@@ -1,0 +1,101 @@
+"""The sweep flow: a parent run, one child per trial, failures reported, reruns resume."""
+
+import re
+
+import pandas as pd
+import pytest
+
+from flows import sweep as sweep_module
+from flows.config import SweepSpec
+from flows.sweep import sweep
+
+# sgd at a learning rate of 1e9 blows the weights up within 3 iterations. The
+# divergence surfaces as the Solver's NonFiniteLossError (a NaN loss) or, when
+# the scores overflow first, as softmax_loss's finiteness check: both fail the trial.
+DIVERGING = 1e9
+DIVERGED = r"^(NonFiniteLossError: loss became nan|ValueError: x must be finite)"
+
+
+@pytest.fixture
+def fits(monkeypatch):
+    """The configurations the sweep really trained, in the order they started."""
+    started = []
+    real = sweep_module.fit_and_log
+
+    def recording(tracker, run_id, config, data):
+        started.append(config)
+        return real(tracker, run_id, config, data)
+
+    monkeypatch.setattr(sweep_module, "fit_and_log", recording)
+    return started
+
+
+def children(store, parent_run_id):
+    return [r for r in store.runs("cnncore-sweeps") if r.data.tags.get("mlflow.parentRunId") == parent_run_id]
+
+
+def test_diverging_trial_is_failed_with_its_reason_and_the_others_finish(store, tiny, tmp_path):
+    spec = SweepSpec(name="diverge", base=tiny.model_copy(update={"normalization": "batchnorm"}),
+                     space={"learning_rate": [1e-2, DIVERGING, 3e-2]})
+
+    report = sweep(spec=spec, tracking_uri=store.uri)
+
+    [parent] = [r for r in store.runs("cnncore-sweeps") if r.data.tags["sweep_role"] == "parent"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["sweep_name"] == "diverge"
+    runs = {float(r.data.params["learning_rate"]): r for r in children(store, parent.info.run_id)}
+    assert sorted(runs) == [1e-2, 3e-2, DIVERGING]
+    assert runs[DIVERGING].info.status == "FAILED"
+    assert re.match(DIVERGED, runs[DIVERGING].data.tags["failure_reason"])
+    assert runs[1e-2].info.status == runs[3e-2].info.status == "FINISHED"
+    assert {"loss", "train_acc", "val_acc", "best_val_acc", "images_per_s"} <= set(runs[1e-2].data.metrics)
+    assert {r.data.tags["trial_key"] for r in runs.values()} == {c.key() for c in spec.trials()}
+
+    assert [t.status for t in report.trials] == ["FINISHED", "FAILED", "FINISHED"]
+    assert parent.data.metrics["num_failed"] == 1 and parent.data.metrics["num_finished"] == 2
+    assert {"summary.csv", "summary.json", "comparison.png"} <= store.artifacts(parent.info.run_id)
+    summary = pd.read_csv(store.client.download_artifacts(parent.info.run_id, "summary.csv", str(tmp_path)))
+    assert list(summary["status"]) == ["FINISHED", "FAILED", "FINISHED"]
+    assert re.match(DIVERGED, summary.loc[1, "failure_reason"])
+    assert parent.data.tags["best_run_id"] == report.best.run_id
+
+
+def test_trials_run_concurrently_as_children_of_the_parent(store, tiny):
+    spec = SweepSpec(name="together", base=tiny, space={"normalization": ["batchnorm", "groupnorm"], "seed": [0, 1]})
+    report = sweep(spec=spec, tracking_uri=store.uri, max_workers=2)
+
+    runs = children(store, report.parent_run_id)
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    spans = sorted((r.info.start_time, r.info.end_time) for r in runs)
+    assert any(later_start < end for (_, end), (later_start, _) in zip(spans, spans[1:])), spans
+
+
+def test_rerun_skips_finished_trials_and_reruns_unfinished_ones(store, tiny, fits):
+    spec = SweepSpec(name="resume", base=tiny, space={"seed": [0, 1, 2]})
+    first = sweep(spec=spec, tracking_uri=store.uri)
+    assert len(fits) == 3
+    # What an interruption leaves: trial 0 finished, trial 1 cut off while RUNNING,
+    # trial 2 never started (its run gone), the parent still RUNNING.
+    by_seed = {t.config.seed: t.run_id for t in first.trials}
+    store.client.update_run(by_seed[1], status="RUNNING")
+    store.client.delete_run(by_seed[2])
+    store.client.update_run(first.parent_run_id, status="RUNNING")
+    fits.clear()
+
+    second = sweep(spec=spec, tracking_uri=store.uri)
+
+    assert sorted(c.seed for c in fits) == [1, 2]
+    assert second.parent_run_id == first.parent_run_id
+    assert [t.skipped for t in second.trials] == [True, False, False]
+    assert second.trials[0].run_id == by_seed[0]
+    runs = children(store, first.parent_run_id)
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
+    assert store.client.get_run(by_seed[1]).info.lifecycle_stage == "deleted"  # the cut-off attempt
+    parent = store.client.get_run(first.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["num_skipped"] == 1
+
+
+def test_sweep_with_an_unknown_field_fails_before_any_mlflow_run(store):
+    state = sweep(spec={"space": {"epochs": [1, 2]}}, tracking_uri=store.uri, return_state=True)
+    assert state.is_failed()
+    assert "TrainConfig lacks" in str(state.message)
+    assert store.experiments() == []

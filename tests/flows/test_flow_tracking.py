@@ -1,0 +1,73 @@
+"""Where runs go, and failing fast when the store does not answer."""
+
+import socket
+import time
+
+import numpy as np
+import pytest
+
+import mlflow
+from cnncore.cnn import ThreeLayerConvNet
+from cnncore.solver import Solver
+from flows import tracking
+from flows.load_data import load_data_once
+from flows.train import train
+
+
+def test_tracking_uri_is_argument_then_environment_then_the_repository_store(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_tracking_uri() == f"sqlite:///{tracking.REPO_ROOT / 'mlruns' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    assert tracking.resolve_tracking_uri() == "http://tracking.example:5000"
+    assert tracking.resolve_tracking_uri("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_fails_fast_with_a_clear_message():
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    start = time.perf_counter()
+    with pytest.raises(tracking.TrackingUnavailableError, match="unreachable.*Nothing was logged"):
+        tracking.connect(uri, timeout_s=2)
+    assert time.perf_counter() - start < 5
+
+
+def test_train_flow_against_an_unreachable_server_writes_nothing(store, tiny):
+    state = train(config=tiny, tracking_uri=f"http://127.0.0.1:{_closed_port()}", return_state=True)
+    assert state.is_failed()
+    with pytest.raises(tracking.TrackingUnavailableError, match="unreachable"):
+        state.result()
+    assert store.experiments() == []
+
+
+def test_experiment_artifacts_live_beside_a_sqlite_store(store):
+    tracker = tracking.connect(store.uri)
+    experiment_id = tracker.experiment("where")
+    assert tracker.experiment("where") == experiment_id  # get, not create twice
+    location = store.client.get_experiment(experiment_id).artifact_location
+    db = tracking.sqlite_path(store.uri)
+    assert location == (db.parent / "artifacts" / "where").as_uri()
+
+
+def test_logged_model_predicts_the_same_classes_as_the_in_memory_net(store, tiny):
+    """The pyfunc model takes raw images and subtracts the training mean itself."""
+    data = load_data_once(tiny.data_spec())
+    net = ThreeLayerConvNet(input_dim=(1, 8, 8), num_filters=4, filter_size=3, hidden_dim=16,
+                            normalization="batchnorm", seed=0)
+    Solver(net, data, update_rule="adam", optim_config={"learning_rate": 3e-3}, num_epochs=10,
+           batch_size=25, verbose=False, seed=0).train()
+    tracker = tracking.connect(store.uri)
+    run_id = tracker.start_run(tracker.experiment("serving"), "serving")
+    raw = data["X_test"] + data["mean"].reshape(1, -1, 1, 1)
+    model_uri = tracker.log_model(run_id, net, data["mean"], raw[:3])
+
+    served = mlflow.pyfunc.load_model(model_uri).predict(np.asarray(raw, dtype=np.float64))
+    expected = net.predict(data["X_test"])
+    np.testing.assert_array_equal(served, expected)
+    assert len(set(expected)) > 1  # a net that learned something, not one constant class
+    assert store.client.get_run(run_id).data.tags[tracking.TAG_MODEL_URI] == model_uri
+    assert "checkpoint/model.npz" in store.artifacts(run_id)

@@ -1,0 +1,74 @@
+"""The train flow: one configuration, one MLflow run holding everything the run produced."""
+
+import numpy as np
+import pytest
+from prefect.exceptions import ParameterTypeError
+
+import mlflow
+from cnncore.cnn import ThreeLayerConvNet
+from flows.load_data import load_data_once
+from flows.train import train
+
+
+@pytest.fixture(scope="module")
+def trained(module_store, tiny):
+    """A train flow run on the tiny configuration with batch norm: (result, its MLflow run)."""
+    config = tiny.model_copy(update={"normalization": "batchnorm", "num_epochs": 2})
+    result = train(config=config, tracking_uri=module_store.uri, run_name="tiny")
+    [run] = module_store.runs("cnncore-train")
+    return result, run
+
+
+
+def test_run_holds_every_parameter_and_the_final_numbers(trained):
+    result, run = trained
+    assert run.info.status == "FINISHED" and run.info.run_name == "tiny"
+    assert run.data.params == {k: str(v) for k, v in result.config.model_dump().items()}
+    metrics = run.data.metrics
+    assert metrics["test_acc"] == pytest.approx(result.test_acc)
+    assert 0 <= metrics["test_acc"] <= 1 and metrics["wall_time_s"] > 0 and metrics["images_per_s"] > 0
+    assert run.data.tags["prefect.flow_name"] == "train"
+
+
+def test_loss_per_iteration_and_accuracy_per_epoch_are_step_metrics(trained, module_store):
+    _, run = trained
+    # 100 images in batches of 25: 4 iterations per epoch, 2 epochs.
+    assert [step for step, _ in module_store.history(run.info.run_id, "loss")] == list(range(1, 9))
+    for key in ("train_acc", "val_acc"):
+        assert [step for step, _ in module_store.history(run.info.run_id, key)] == [0, 1, 2]
+
+
+def test_run_has_figures_confusion_matrix_checkpoint_and_dataset_inputs(trained, module_store):
+    _, run = trained
+    files = module_store.artifacts(run.info.run_id)
+    assert {"learning_curves.png", "confusion_matrix.png", "confusion_matrix.csv", "confusion_matrix.json",
+            "checkpoint/model.npz"} <= files
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"digits-train", "digits-val", "digits-test"}
+    table = module_store.client.load_table(module_store.client.get_run(run.info.run_id).info.experiment_id,
+                                    "confusion_matrix.json", run_ids=[run.info.run_id])
+    assert table.drop(columns=["true"]).to_numpy().sum() == 50  # every test image, once
+
+
+def test_logged_model_serves_the_checkpointed_net(trained, module_store, tmp_path):
+    result, run = trained
+    assert [o.model_id for o in run.outputs.model_outputs] == [result.model_uri.removeprefix("models:/")]
+    checkpoint = module_store.client.download_artifacts(run.info.run_id, "checkpoint/model.npz", str(tmp_path))
+    net = ThreeLayerConvNet.load(checkpoint)
+    data = load_data_once(result.config.data_spec())
+    raw = data["X_test"] + data["mean"].reshape(1, -1, 1, 1)
+    served = mlflow.pyfunc.load_model(result.model_uri).predict(raw.astype(np.float64))
+    np.testing.assert_array_equal(served, net.predict(data["X_test"]))
+    assert np.mean(served == data["y_test"]) == pytest.approx(result.test_acc)
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"normalization": "bogus"}, "config.normalization: Input should be 'none', 'batchnorm'"),
+    ({"batch_size": 0}, "config.batch_size: Input should be greater than 0"),
+    ({"dataset": "mnist"}, "config.dataset: Input should be 'digits' or 'cifar10'"),
+    ({"normalization": "groupnorm", "num_filters": 4, "num_groups": 3}, "num_groups=3 must divide num_filters=4"),
+])
+def test_invalid_parameters_fail_before_any_mlflow_run(store, bad, words):
+    with pytest.raises(ParameterTypeError) as info:
+        train(config=bad, tracking_uri=store.uri)
+    assert words in str(info.value)
+    assert store.experiments() == []
