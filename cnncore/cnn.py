@@ -16,7 +16,13 @@ import numpy as np
 
 from . import checks, fast_layers, layers
 from .backend import require_device, to_numpy
-from .layer_utils import POOL_2X2, affine_relu_backward, affine_relu_forward
+from .layer_utils import (
+    POOL_2X2,
+    affine_relu_backward,
+    affine_relu_forward,
+    conv_relu_pool_backward,
+    conv_relu_pool_forward,
+)
 
 NORMALIZATIONS = ("none", "batchnorm", "groupnorm", "layernorm", "instancenorm")
 _DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -163,38 +169,50 @@ class ThreeLayerConvNet:
         p = self.params
         conv_f, conv_b, pool_f, pool_b = self._layers()
 
-        a, conv_cache = conv_f(X, p["W1"], p["b1"], self.conv_param)
-        norm_cache = None
-        if self.normalization == "batchnorm":
-            self.bn_param["mode"] = mode
-            a, norm_cache = layers.spatial_batchnorm_forward(a, p["gamma1"], p["beta1"], self.bn_param)
-        elif self.normalization != "none":
-            a, norm_cache = layers.spatial_groupnorm_forward(a, p["gamma1"], p["beta1"], self.num_groups, self.gn_param)
-        r, relu_cache = layers.relu_forward(a)
-        pooled, pool_cache = pool_f(r, POOL_2X2)
-        h, hidden_cache = affine_relu_forward(pooled, p["W2"], p["b2"])
+        # Max pooling commutes with relu (max is monotone), so the relu acts on the
+        # pooled map, a quarter of the size; the fused layer also never stores the
+        # full-size activation.
+        fused = self.use_fast and self.normalization == "none"
+        if fused:
+            r, conv_cache = conv_relu_pool_forward(X, p["W1"], p["b1"], self.conv_param, POOL_2X2)
+        else:
+            a, conv_cache = conv_f(X, p["W1"], p["b1"], self.conv_param)
+            norm_cache = None
+            if self.normalization == "batchnorm":
+                self.bn_param["mode"] = mode
+                a, norm_cache = layers.spatial_batchnorm_forward(a, p["gamma1"], p["beta1"], self.bn_param)
+            elif self.normalization != "none":
+                a, norm_cache = layers.spatial_groupnorm_forward(a, p["gamma1"], p["beta1"], self.num_groups,
+                                                                 self.gn_param)
+            pooled, pool_cache = pool_f(a, POOL_2X2)
+            r, relu_cache = layers.relu_forward(pooled)
+        h, hidden_cache = affine_relu_forward(r, p["W2"], p["b2"])
         scores, scores_cache = layers.affine_forward(h, p["W3"], p["b3"])
         if y is None:
             return scores
 
         y = xp.asarray(y)
         data_loss, dscores = layers.softmax_loss(scores, y)
-        weights = ("W1", "W2", "W3")
+        weights = ("W1", "W2", "W3") if self.reg else ()  # reg=0: no passes over the weights
         # Summed on the array's device and read back once: each float() is a GPU sync.
         loss = data_loss + 0.5 * self.reg * sum((p[w] * p[w]).sum() for w in weights)
 
         grads = {}
         dh, grads["W3"], grads["b3"] = layers.affine_backward(dscores, scores_cache)
-        dpooled, grads["W2"], grads["b2"] = affine_relu_backward(dh, hidden_cache)
-        da = layers.relu_backward(pool_b(dpooled, pool_cache), relu_cache)
-        if self.normalization == "batchnorm":
-            da, grads["gamma1"], grads["beta1"] = layers.spatial_batchnorm_backward(da, norm_cache)
-        elif self.normalization != "none":
-            da, grads["gamma1"], grads["beta1"] = layers.spatial_groupnorm_backward(da, norm_cache)
-        if self.use_fast:  # nothing upstream of the first layer needs dX
-            _, grads["W1"], grads["b1"] = conv_b(da, conv_cache, need_dx=False)
+        dr, grads["W2"], grads["b2"] = affine_relu_backward(dh, hidden_cache)
+        # Nothing upstream of the first layer needs dX.
+        if fused:
+            _, grads["W1"], grads["b1"] = conv_relu_pool_backward(dr, conv_cache, need_dx=False)
         else:
-            _, grads["W1"], grads["b1"] = conv_b(da, conv_cache)
+            da = pool_b(layers.relu_backward(dr, relu_cache), pool_cache)
+            if self.normalization == "batchnorm":
+                da, grads["gamma1"], grads["beta1"] = layers.spatial_batchnorm_backward(da, norm_cache)
+            elif self.normalization != "none":
+                da, grads["gamma1"], grads["beta1"] = layers.spatial_groupnorm_backward(da, norm_cache)
+            if self.use_fast:
+                _, grads["W1"], grads["b1"] = conv_b(da, conv_cache, need_dx=False)
+            else:
+                _, grads["W1"], grads["b1"] = conv_b(da, conv_cache)
         for w in weights:
             grads[w] = grads[w] + self.reg * p[w]
         return float(loss), grads

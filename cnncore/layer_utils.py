@@ -8,7 +8,14 @@ array inputs, in order.
 
 from __future__ import annotations
 
-from .fast_layers import conv_backward_fast, conv_forward_fast, max_pool_backward_fast, max_pool_forward_fast
+from .fast_layers import (
+    conv_backward_fast,
+    conv_forward_fast,
+    conv_relu_pool_backward_fast,
+    conv_relu_pool_forward_fast,
+    max_pool_backward_fast,
+    max_pool_forward_fast,
+)
 from .layers import (
     affine_backward,
     affine_forward,
@@ -52,19 +59,15 @@ def conv_relu_backward(dout, cache):
 def conv_relu_pool_forward(x, w, b, conv_param, pool_param=POOL_2X2):
     """conv -> relu -> max pool (2x2, stride 2 unless pool_param says otherwise).
 
+    Fused (see conv_relu_pool_forward_fast): the full-size activation is never stored.
     Returns (out (N, F, H'', W''), cache).
     """
-    a, conv_cache = conv_forward_fast(x, w, b, conv_param)
-    s, relu_cache = relu_forward(a)
-    out, pool_cache = max_pool_forward_fast(s, pool_param)
-    return out, (conv_cache, relu_cache, pool_cache)
+    return conv_relu_pool_forward_fast(x, w, b, conv_param, pool_param)
 
 
 def conv_relu_pool_backward(dout, cache, need_dx=True):
     """Returns (dx, dw, db); dx is None when need_dx is False."""
-    conv_cache, relu_cache, pool_cache = cache
-    da = relu_backward(max_pool_backward_fast(dout, pool_cache), relu_cache)
-    return conv_backward_fast(da, conv_cache, need_dx=need_dx)
+    return conv_relu_pool_backward_fast(dout, cache, need_dx=need_dx)
 
 
 def conv_bn_relu_pool_forward(x, w, b, gamma, beta, conv_param, bn_param, pool_param=POOL_2X2):
