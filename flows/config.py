@@ -26,26 +26,29 @@ DatasetName = Literal[KNOWN_DATASETS]
 Normalization = Literal[NORMALIZATIONS]
 UpdateRule = Literal[tuple(UPDATE_RULES)]
 FloatDType = Literal["float32", "float64"]
-# Experiment, sweep and run names become MLflow tags and Prefect artifact keys.
-Name = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DataSpec(_Frozen):
-    """Which images to load: cnncore.data.load_dataset's arguments (hashable, so a memo key)."""
+class _Subsets(_Frozen):
+    """Which dataset, and how many images of each split (None: all)."""
 
     dataset: DatasetName = "digits"
     num_train: PositiveInt | None = None
     num_val: PositiveInt | None = None
     num_test: PositiveInt | None = None
+
+
+class DataSpec(_Subsets):
+    """Which images to load: cnncore.data.load_dataset's arguments (hashable, so a memo key)."""
+
     dtype: FloatDType = "float32"
     seed: NonNegativeInt = 0
 
 
-class TrainConfig(_Frozen):
+class TrainConfig(_Subsets):
     """One training run: the data, the ThreeLayerConvNet and the Solver's options.
 
     The defaults reach about 96% validation accuracy on digits in a few seconds.
@@ -54,10 +57,6 @@ class TrainConfig(_Frozen):
     compares runs on the same data.
     """
 
-    dataset: DatasetName = "digits"
-    num_train: PositiveInt | None = None
-    num_val: PositiveInt | None = None
-    num_test: PositiveInt | None = None
     data_seed: NonNegativeInt = 0
     normalization: Normalization = "batchnorm"
     num_groups: PositiveInt = 4

@@ -8,12 +8,12 @@ there the relative error of two round-off values is meaningless, and the worst
 absolute difference is compared instead. Any error over its threshold fails the
 flow run (and its MLflow run), so a broken layer shows as a red run.
 
-    python -m flows.gradient_check
+    python -m flows.gradient_check          # every check
+    cnnflow run gradient-check --only conv_forward_fast
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -279,14 +279,5 @@ def gradient_check(
     return {r.metric: r.error for r in results}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Check every layer's gradients, tracked in MLflow.")
-    parser.add_argument("--only", nargs="+", choices=sorted(CHECKS), help="run only these checks")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlruns)")
-    args = parser.parse_args(argv)
-    gradient_check(only=args.only, seed=args.seed, tracking_uri=args.tracking_uri)
-
-
 if __name__ == "__main__":
-    main()
+    gradient_check()  # the defaults; `cnnflow run gradient-check --help` lists every option

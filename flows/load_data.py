@@ -6,12 +6,12 @@ calls with an equal spec return the same arrays, made read-only so no trial can
 change what the next one sees. The memo keeps the last few specs, so a
 pipeline's load-data, sweep and train steps load the digits once.
 
-    python -m flows.load_data --dataset digits --num-train 500
+    python -m flows.load_data               # digits, every image
+    cnnflow run load-data --num-train 500
 """
 
 from __future__ import annotations
 
-import argparse
 import threading
 from collections import OrderedDict
 
@@ -102,19 +102,5 @@ def load_data(
     return data
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Load a dataset and record it in MLflow.")
-    parser.add_argument("--dataset", default="digits", choices=datasets.KNOWN_DATASETS)
-    parser.add_argument("--num-train", type=int)
-    parser.add_argument("--num-val", type=int)
-    parser.add_argument("--num-test", type=int)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlruns)")
-    args = parser.parse_args(argv)
-    load_data(dataset=args.dataset, num_train=args.num_train, num_val=args.num_val, num_test=args.num_test,
-              dtype=args.dtype, seed=args.seed, tracking_uri=args.tracking_uri)
-
-
 if __name__ == "__main__":
-    main()
+    load_data()  # the defaults; `cnnflow run load-data --help` lists every option

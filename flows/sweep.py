@@ -18,12 +18,12 @@ At the end the parent gets summary.csv, an MLflow table summary.json and
 comparison.png: best validation accuracy per normalization against the first
 other swept parameter.
 
-    python -m flows.sweep --name bn-vs-gn --space '{"normalization": ["batchnorm", "groupnorm"], "batch_size": [4, 16, 64]}'
+    python -m flows.sweep                   # the default BN-vs-GN grid
+    cnnflow run sweep --space normalization=batchnorm,groupnorm --space batch_size=4,16,64
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -279,25 +279,5 @@ def sweep(
     return report
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Sweep TrainConfig fields; every trial a child MLflow run.")
-    parser.add_argument("--name", default="bn-vs-gn", help="sweep name; the same name resumes the sweep")
-    parser.add_argument("--space", type=json.loads, help="JSON: field -> list of values, or {low, high, log}")
-    parser.add_argument("--base", type=json.loads, default={}, help="JSON: TrainConfig fields every trial starts from")
-    parser.add_argument("--search", choices=("grid", "random"), default="grid")
-    parser.add_argument("--num-trials", type=int, help="random search: how many configurations to draw")
-    parser.add_argument("--seed", type=int, default=0, help="random search: the sampler's seed")
-    parser.add_argument("--max-workers", type=int, default=2, help="trials run at once (default 2)")
-    parser.add_argument("--experiment", default="cnncore-sweeps")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlruns)")
-    args = parser.parse_args(argv)
-    fields = {"name": args.name, "base": args.base, "search": args.search, "num_trials": args.num_trials,
-              "seed": args.seed}
-    if args.space is not None:
-        fields["space"] = args.space
-    spec = SweepSpec.model_validate(fields)
-    sweep(spec=spec, experiment=args.experiment, tracking_uri=args.tracking_uri, max_workers=args.max_workers)
-
-
 if __name__ == "__main__":
-    main()
+    sweep()  # the defaults; `cnnflow run sweep --help` lists every option

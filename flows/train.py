@@ -6,12 +6,12 @@ The run holds every TrainConfig field as a parameter; ``loss`` per iteration and
 matrix as figures; the net as an MLflow pyfunc model (flows/serving.py) and as
 its .npz checkpoint. The sweep's trials reuse ``fit_and_log``.
 
-    python -m flows.train --normalization groupnorm --num-epochs 5
+    python -m flows.train                   # the default configuration
+    cnnflow run train --normalization groupnorm --num-epochs 5
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass, field
 
@@ -221,18 +221,5 @@ def train(
                        wall_time_s=fitted.wall_time_s, config=config)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train one ThreeLayerConvNet configuration, tracked in MLflow.")
-    for name, info in TrainConfig.model_fields.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"default {info.default!r}")
-    parser.add_argument("--experiment", default="cnncore-train")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlruns)")
-    args = vars(parser.parse_args(argv))
-    experiment, tracking_uri = args.pop("experiment"), args.pop("tracking_uri")
-    # pydantic parses the strings ("32" -> 32) and rejects bad values with their field's name.
-    config = TrainConfig.model_validate({k: v for k, v in args.items() if v is not None}, strict=False)
-    train(config=config, experiment=experiment, tracking_uri=tracking_uri)
-
-
 if __name__ == "__main__":
-    main()
+    train()  # the defaults; `cnnflow run train --help` lists every option

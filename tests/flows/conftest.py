@@ -102,6 +102,23 @@ def tiny() -> TrainConfig:
     return TINY
 
 
+@pytest.fixture
+def calls_to(monkeypatch):
+    """calls_to(owner, name): a list that records the arguments of every call to owner.name, which still runs."""
+
+    def spy(owner, name: str) -> list[tuple]:
+        calls, real = [], getattr(owner, name)
+
+        def recording(*args, **kwargs):
+            calls.append(args)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, recording)
+        return calls
+
+    return spy
+
+
 @pytest.fixture(autouse=True)
 def fresh_data_memo():
     """Each test loads its own data, so load counts are its own."""

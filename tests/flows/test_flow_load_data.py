@@ -6,7 +6,6 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.exceptions import ParameterTypeError
 
-from cnncore import data as datasets
 from flows import load_data as load_data_module
 from flows.config import DataSpec, SweepSpec
 from flows.load_data import load_data, load_data_once
@@ -19,17 +18,9 @@ def flow_run_artifacts(flow_run_id):
 
 
 @pytest.fixture
-def load_count(monkeypatch):
-    """How many times cnncore.data.load_dataset really ran."""
-    calls = []
-    real = datasets.load_dataset
-
-    def counting(*args, **kwargs):
-        calls.append(args)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(load_data_module.datasets, "load_dataset", counting)
-    return calls
+def load_count(calls_to):
+    """Every time cnncore.data.load_dataset really ran."""
+    return calls_to(load_data_module.datasets, "load_dataset")
 
 
 def test_load_data_returns_the_solver_dict_and_records_its_splits(store):

@@ -17,17 +17,9 @@ DIVERGED = r"^(NonFiniteLossError: loss became nan|ValueError: x must be finite)
 
 
 @pytest.fixture
-def fits(monkeypatch):
-    """The configurations the sweep really trained, in the order they started."""
-    started = []
-    real = sweep_module.fit_and_log
-
-    def recording(tracker, run_id, config, data):
-        started.append(config)
-        return real(tracker, run_id, config, data)
-
-    monkeypatch.setattr(sweep_module, "fit_and_log", recording)
-    return started
+def fits(calls_to):
+    """Every fit the sweep really ran: (tracker, run_id, config, data) each."""
+    return calls_to(sweep_module, "fit_and_log")
 
 
 def children(store, parent_run_id):
@@ -59,12 +51,16 @@ def test_diverging_trial_is_failed_with_its_reason_and_the_others_finish(store, 
     assert parent.data.tags["best_run_id"] == report.best.run_id
 
 
-def test_trials_run_concurrently_as_children_of_the_parent(store, tiny):
+def test_trials_run_concurrently_as_children_tagged_with_the_flow_run(store, tiny):
     spec = SweepSpec(name="together", base=tiny, space={"normalization": ["batchnorm", "groupnorm"], "seed": [0, 1]})
-    report = sweep(spec=spec, tracking_uri=store.uri, max_workers=2)
+    state = sweep(spec=spec, tracking_uri=store.uri, max_workers=2, return_state=True)
+    report = state.result()
 
     runs = children(store, report.parent_run_id)
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    for run in [store.client.get_run(report.parent_run_id), *runs]:  # tagged in worker threads too
+        assert run.data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
+        assert run.data.tags["prefect.flow_run_name"] == "sweep-together"
     spans = sorted((r.info.start_time, r.info.end_time) for r in runs)
     assert any(later_start < end for (_, end), (later_start, _) in zip(spans, spans[1:])), spans
 
@@ -83,7 +79,7 @@ def test_rerun_skips_finished_trials_and_reruns_unfinished_ones(store, tiny, fit
 
     second = sweep(spec=spec, tracking_uri=store.uri)
 
-    assert sorted(c.seed for c in fits) == [1, 2]
+    assert sorted(config.seed for _, _, config, _ in fits) == [1, 2]
     assert second.parent_run_id == first.parent_run_id
     assert [t.skipped for t in second.trials] == [True, False, False]
     assert second.trials[0].run_id == by_seed[0]
