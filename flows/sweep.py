@@ -6,7 +6,10 @@ parent through mlflow.parentRunId, passed explicitly since trials run in worker
 threads). Trials run ``max_workers`` at a time through a Prefect
 ThreadPoolTaskRunner, with BLAS limited to cores // max_workers threads each
 (OpenBLAS's thread count is process-wide, so the limit is set once for the
-whole fan-out).
+whole fan-out). Given a Dask scheduler's address (``dask_address``), the trials
+run on that cluster through prefect-dask's DaskTaskRunner instead; each Dask
+worker reports its task runs to the same Prefect API and logs to the same
+MLflow server, and Dask's nanny already starts workers with one BLAS thread.
 
 A trial that fails (a diverging loss raises NonFiniteLossError) is marked FAILED
 with a failure_reason tag; the sweep goes on and lists it in its summary.
@@ -147,11 +150,21 @@ def skipped_trial(spec: SweepSpec, index: int, config: TrainConfig, run: Run) ->
                        wall_time_s=metrics.get("wall_time_s"), config=config)
 
 
+def trial_runner(max_workers: int, dask_address: str | None):
+    """Local threads, or the Dask cluster at dask_address (tcp://host:8786) when given."""
+    if dask_address is None:
+        return ThreadPoolTaskRunner(max_workers)
+    from prefect_dask import DaskTaskRunner  # the `dask` extra
+
+    return DaskTaskRunner(address=dask_address)
+
+
 def run_trials(tracker: Tracker, experiment_id: str, parent_run_id: str, spec: SweepSpec,
-               todo: dict[int, TrainConfig], max_workers: int) -> list[TrialResult]:
-    """The trials in todo, max_workers at a time, each with BLAS limited to its share of the cores."""
+               todo: dict[int, TrainConfig], max_workers: int, dask_address: str | None = None) -> list[TrialResult]:
+    """The trials in todo, max_workers at a time (locally, each with BLAS limited to its share of
+    the cores), or on the Dask cluster at dask_address."""
     blas_threads = max(1, (os.cpu_count() or 1) // max_workers)
-    with threadpool_limits(limits=blas_threads, user_api="blas"), ThreadPoolTaskRunner(max_workers) as runner:
+    with threadpool_limits(limits=blas_threads, user_api="blas"), trial_runner(max_workers, dask_address) as runner:
         futures = {index: runner.submit(run_trial, parameters=dict(
             tracker=tracker, experiment_id=experiment_id, parent_run_id=parent_run_id, spec=spec, index=index,
             config=config)) for index, config in todo.items()}
@@ -242,11 +255,13 @@ def sweep(
     tracking_uri: str | None = None,
     parent_run_id: str | None = None,
     max_workers: PositiveInt = 2,
+    dask_address: str | None = None,
 ) -> SweepReport:
     """Run every trial of spec (skipping those finished by an earlier run of the same sweep name).
 
     parent_run_id: an MLflow run to hang the sweep's parent run under (a pipeline's).
-    max_workers: trials run at once. Returns a SweepReport; failed trials are in
+    max_workers: trials run at once. dask_address: a Dask scheduler (tcp://host:8786)
+    to run the trials on instead of local threads (max_workers then does not apply). Returns a SweepReport; failed trials are in
     it, not raised.
     """
     start = time.perf_counter()
@@ -264,8 +279,9 @@ def sweep(
             # find both the arrays and the experiment's dataset record made.
             log_dataset(tracker, sweep_run_id, data_spec, load_dataset(data_spec))
         print(f"sweep {spec.name}: {len(trials)} trials, {len(skipped)} already finished"
-              f"{' (resumed)' if resumed else ''}, {len(todo)} to run, {max_workers} at a time")
-        results = skipped + run_trials(tracker, experiment_id, sweep_run_id, spec, todo, max_workers)
+              f"{' (resumed)' if resumed else ''}, {len(todo)} to run, "
+              + (f"on the Dask cluster at {dask_address}" if dask_address else f"{max_workers} at a time"))
+        results = skipped + run_trials(tracker, experiment_id, sweep_run_id, spec, todo, max_workers, dask_address)
         results.sort(key=lambda r: r.index)
         summarise_sweep(tracker, sweep_run_id, spec, results)
         tracker.log_metrics(sweep_run_id, {"wall_time_s": time.perf_counter() - start})
