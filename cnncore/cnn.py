@@ -81,7 +81,8 @@ class ThreeLayerConvNet:
         dtype: float32 or float64, for parameters and computation.
         normalization: None/'none', 'batchnorm', 'groupnorm' (num_groups groups),
           'layernorm' (group norm, G=1) or 'instancenorm' (group norm, G=F).
-        use_fast: the vectorised conv and pool (False selects the naive loops, for checking).
+        use_fast: the vectorised conv, pool and spatial norms of fast_layers (False selects
+          the naive loops and the reference norms, for checking).
         seed: seeds the weight initialisation.
         device: 'cpu' (NumPy) or 'cuda' (CuPy).
         """
@@ -138,11 +139,18 @@ class ThreeLayerConvNet:
     # ------------------------------------------------------------------
 
     def _layers(self):
+        """(conv, pool, batch norm, group norm), each a (forward, backward) pair: the
+        fast twins, or the naive loops and reference norms when use_fast is False."""
         if self.use_fast:
-            return (fast_layers.conv_forward_fast, fast_layers.conv_backward_fast,
-                    fast_layers.max_pool_forward_fast, fast_layers.max_pool_backward_fast)
-        return (layers.conv_forward_naive, layers.conv_backward_naive,
-                layers.max_pool_forward_naive, layers.max_pool_backward_naive)
+            f = fast_layers
+            return ((f.conv_forward_fast, f.conv_backward_fast),
+                    (f.max_pool_forward_fast, f.max_pool_backward_fast),
+                    (f.spatial_batchnorm_forward_fast, f.spatial_batchnorm_backward_fast),
+                    (f.spatial_groupnorm_forward_fast, f.spatial_groupnorm_backward_fast))
+        return ((layers.conv_forward_naive, layers.conv_backward_naive),
+                (layers.max_pool_forward_naive, layers.max_pool_backward_naive),
+                (layers.spatial_batchnorm_forward, layers.spatial_batchnorm_backward),
+                (layers.spatial_groupnorm_forward, layers.spatial_groupnorm_backward))
 
     def _check_input(self, X, y):
         if X.ndim != 4 or tuple(X.shape[1:]) != self.input_dim:
@@ -167,7 +175,7 @@ class ThreeLayerConvNet:
         X = xp.asarray(X, dtype=self.dtype)
         mode = "test" if y is None else "train"
         p = self.params
-        conv_f, conv_b, pool_f, pool_b = self._layers()
+        (conv_f, conv_b), (pool_f, pool_b), batchnorm, groupnorm = self._layers()
 
         # Max pooling commutes with relu (max is monotone), so the relu acts on the
         # pooled map, a quarter of the size; the fused layer also never stores the
@@ -180,10 +188,9 @@ class ThreeLayerConvNet:
             norm_cache = None
             if self.normalization == "batchnorm":
                 self.bn_param["mode"] = mode
-                a, norm_cache = layers.spatial_batchnorm_forward(a, p["gamma1"], p["beta1"], self.bn_param)
+                a, norm_cache = batchnorm[0](a, p["gamma1"], p["beta1"], self.bn_param)
             elif self.normalization != "none":
-                a, norm_cache = layers.spatial_groupnorm_forward(a, p["gamma1"], p["beta1"], self.num_groups,
-                                                                 self.gn_param)
+                a, norm_cache = groupnorm[0](a, p["gamma1"], p["beta1"], self.num_groups, self.gn_param)
             pooled, pool_cache = pool_f(a, POOL_2X2)
             r, relu_cache = layers.relu_forward(pooled)
         h, hidden_cache = affine_relu_forward(r, p["W2"], p["b2"])
@@ -206,9 +213,9 @@ class ThreeLayerConvNet:
         else:
             da = pool_b(layers.relu_backward(dr, relu_cache), pool_cache)
             if self.normalization == "batchnorm":
-                da, grads["gamma1"], grads["beta1"] = layers.spatial_batchnorm_backward(da, norm_cache)
+                da, grads["gamma1"], grads["beta1"] = batchnorm[1](da, norm_cache)
             elif self.normalization != "none":
-                da, grads["gamma1"], grads["beta1"] = layers.spatial_groupnorm_backward(da, norm_cache)
+                da, grads["gamma1"], grads["beta1"] = groupnorm[1](da, norm_cache)
             if self.use_fast:
                 _, grads["W1"], grads["b1"] = conv_b(da, conv_cache, need_dx=False)
             else:

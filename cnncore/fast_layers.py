@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from . import checks
 from .backend import array_module, chunk_bytes, sliding_windows
+from .layers import _running_stats, _update_running_stats
 
 # ---------------------------------------------------------------------------
 # Convolution
@@ -309,6 +310,166 @@ def max_pool_backward_fast(dout, cache):
         winner = xp.empty(dout.shape, dtype=_winner_dtype(xp, pool_param))
         _pool_argmax(x, pool_param, xp.empty(dout.shape, dtype=x.dtype), winner)
     return _unpool(dout, winner, pool_param, xp.empty_like(x))
+
+
+# ---------------------------------------------------------------------------
+# Spatial normalisation
+# ---------------------------------------------------------------------------
+# Twins of layers.spatial_batchnorm_* and layers.spatial_groupnorm_*: the same
+# arguments and results. Every per-channel or per-group statistic is a
+# reduction along contiguous rows of x viewed (rows, length): a matrix-vector
+# product for sums, an einsum for sums of products; never a transposed copy.
+# The elementwise steps run chunk by chunk of images, so that the few arrays
+# each chunk touches stay in cache from one step to the next.
+
+
+def _row_sums(a):
+    """a (R, L) -> (R,) row sums, as one matrix-vector product."""
+    return a @ array_module(a).ones(a.shape[1], dtype=a.dtype)
+
+
+def _row_dots(a, b):
+    """a, b (R, L) -> (R,): sum(a * b) along each row, without the product array."""
+    return array_module(a).einsum("ij,ij->i", a, b)
+
+
+def _per_image_channel(rows_reduction, a, *others):
+    """rows_reduction over each (image, channel) row of a (N, C, H, W) (and of
+    the arrays in others, alike): (N, C)."""
+    N, C = a.shape[:2]
+    return rows_reduction(*(t.reshape(N * C, -1) for t in (a, *others))).reshape(N, C)
+
+
+def _image_chunks(x, arrays):
+    """Slices of x's batch: chunks of images over which ``arrays`` arrays like x fit in cache."""
+    N = x.shape[0]
+    n = _images_per_chunk(N, arrays * x[:1].nbytes, array_module(x))
+    return [slice(start, min(start + n, N)) for start in range(0, N, n)]
+
+
+def _channel(v):
+    """(C,) -> (C, 1, 1), to broadcast along the channels of (N, C, H, W)."""
+    return v.reshape(-1, 1, 1)
+
+
+def spatial_batchnorm_forward_fast(x, gamma, beta, bn_param):
+    """Batch normalisation per channel; the arguments and output of
+    layers.spatial_batchnorm_forward (bn_param's running statistics included).
+
+    x: (N, C, H, W); gamma, beta: (C,) or (1, C, 1, 1).
+    Returns (out, cache): out (N, C, H, W); cache (x - mean, inv_std (C,), gamma
+    (C,), mode, gamma.shape, beta.shape) for spatial_batchnorm_backward_fast.
+    x_hat = (x - mean) * inv_std is never stored: the backward needs only its
+    per-channel sums, which the centred input gives as well.
+    """
+    checks.require_ndim("x", x, 4, "(N, C, H, W)")
+    xp = array_module(x)
+    N, C, H, W = x.shape
+    g = checks.affine_params("gamma", gamma, C)
+    bt = checks.affine_params("beta", beta, C)
+    mode, running_mean, running_var = _running_stats(bn_param, C, xp, x.dtype)
+    M = N * H * W
+    chunks = _image_chunks(x, 2)
+    centred = xp.empty_like(x)
+    if mode == "train":
+        mean = _per_image_channel(_row_sums, x).sum(axis=0) / M
+        squares = xp.empty((N, C), dtype=x.dtype)
+        for rows in chunks:
+            xp.subtract(x[rows], _channel(mean), out=centred[rows])
+            squares[rows] = _per_image_channel(_row_dots, centred[rows], centred[rows])
+        var = squares.sum(axis=0) / M
+        _update_running_stats(bn_param, mean, var)
+    else:
+        xp.subtract(x, _channel(running_mean), out=centred)
+        var = running_var
+    inv_std = 1 / xp.sqrt(var + bn_param.get("eps", 1e-5))
+    out = xp.empty_like(x)
+    for rows in chunks:
+        xp.multiply(centred[rows], _channel(g * inv_std), out=out[rows])
+        out[rows] += _channel(bt)
+    return out, (centred, inv_std, g, mode, gamma.shape, beta.shape)
+
+
+def spatial_batchnorm_backward_fast(dout, cache):
+    """dout: (N, C, H, W). Returns (dx, dgamma, dbeta), the latter two shaped like gamma/beta.
+
+    With dx_hat = gamma * dout, per channel (train mode):
+    dx = inv_std * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat)),
+    evaluated in that order, as the reference does; dx = inv_std * dx_hat in test mode.
+    """
+    centred, inv_std, g, mode, gamma_shape, beta_shape = cache
+    xp = array_module(dout)
+    N, C, H, W = dout.shape
+    M = N * H * W
+    dbeta = _per_image_channel(_row_sums, dout).sum(axis=0)
+    dgamma = _per_image_channel(_row_dots, dout, centred).sum(axis=0) * inv_std
+    dx = xp.empty_like(dout)
+    for rows in _image_chunks(dout, 3):
+        d = dx[rows]
+        xp.multiply(dout[rows], _channel(g), out=d)
+        if mode == "train":
+            d -= _channel(g * dbeta / M)
+            d -= centred[rows] * _channel(inv_std * g * dgamma / M)  # x_hat * mean(dx_hat * x_hat)
+        d *= _channel(inv_std)
+    return dx, dgamma.reshape(gamma_shape), dbeta.reshape(beta_shape)
+
+
+def spatial_groupnorm_forward_fast(x, gamma, beta, G, gn_param):
+    """Group normalisation; the arguments, output and cache of layers.spatial_groupnorm_forward.
+
+    x: (N, C, H, W); gamma, beta: (C,) or (1, C, 1, 1); G divides C; gn_param: optional 'eps'.
+    Returns (out, cache): out (N, C, H, W); cache (x_hat, inv_std (N, G, 1), gamma
+    as (1, C, 1, 1), G, gamma.shape, beta.shape), which either backward accepts.
+    """
+    checks.require_ndim("x", x, 4, "(N, C, H, W)")
+    xp = array_module(x)
+    N, C, H, W = x.shape
+    checks.groups(G, C)
+    g = checks.affine_params("gamma", gamma, C).reshape(1, C, 1, 1)
+    bt = checks.affine_params("beta", beta, C).reshape(1, C, 1, 1)
+    eps = gn_param.get("eps", 1e-5)
+    L = C // G * H * W
+    x_hat, out = xp.empty_like(x), xp.empty_like(x)
+    inv_std = xp.empty((N, G), dtype=x.dtype)
+    for rows in _image_chunks(x, 3):
+        group_rows = x[rows].reshape(-1, L)  # one row per (image, group)
+        x_hat_rows = x_hat[rows].reshape(-1, L)
+        xp.subtract(group_rows, (_row_sums(group_rows) / L)[:, None], out=x_hat_rows)
+        inv = 1 / xp.sqrt(_row_dots(x_hat_rows, x_hat_rows) / L + eps)
+        x_hat_rows *= inv[:, None]
+        inv_std[rows] = inv.reshape(-1, G)
+        xp.multiply(x_hat[rows], g, out=out[rows])
+        out[rows] += bt
+    return out, (x_hat, inv_std.reshape(N, G, 1), g, G, gamma.shape, beta.shape)
+
+
+def spatial_groupnorm_backward_fast(dout, cache):
+    """dout: (N, C, H, W). Returns (dx, dgamma, dbeta), the latter two shaped like gamma/beta.
+
+    cache: from either spatial_groupnorm_forward_fast or layers.spatial_groupnorm_forward.
+    With dx_hat = gamma * dout, per group:
+    dx = inv_std * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat)),
+    evaluated in that order, as the reference does; both means come from the
+    per-(image, channel) sums that dgamma and dbeta need.
+    """
+    x_hat, inv_std, g, G, gamma_shape, beta_shape = cache
+    xp = array_module(dout)
+    N, C, H, W = dout.shape
+    sums = xp.empty((N, C), dtype=dout.dtype)
+    dots = xp.empty((N, C), dtype=dout.dtype)
+    dx = xp.empty_like(dout)
+    for rows in _image_chunks(dout, 3):
+        sums[rows] = _per_image_channel(_row_sums, dout[rows])
+        dots[rows] = _per_image_channel(_row_dots, dout[rows], x_hat[rows])
+        group_means = [(s * g.reshape(C)).reshape(-1, G, C // G).mean(axis=2, keepdims=True) / (H * W)
+                       for s in (sums[rows], dots[rows])]  # mean(dx_hat), mean(dx_hat * x_hat): (n, G, 1)
+        d = dx[rows]
+        xp.multiply(dout[rows], g, out=d)
+        groups = d.reshape(-1, G, C // G * H * W)
+        groups -= group_means[0]
+        groups -= x_hat[rows].reshape(groups.shape) * group_means[1]
+        groups *= inv_std[rows]
+    return dx, dots.sum(axis=0).reshape(gamma_shape), sums.sum(axis=0).reshape(beta_shape)
 
 
 # ---------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Sandwich layers: common stacks of layers composed into one forward/backward pair.
 
-Built from the fast convolution and pooling in ``cnncore.fast_layers`` and the
-other layers in ``cnncore.layers``. Each forward returns ``(out, cache)``; each
+Built from the fast layers in ``cnncore.fast_layers`` (convolution, pooling,
+spatial norms) and the others in ``cnncore.layers``. Each forward returns ``(out, cache)``; each
 backward takes ``(dout, cache)`` and returns the gradients of the forward's
 array inputs, in order.
 """
@@ -15,17 +15,12 @@ from .fast_layers import (
     conv_relu_pool_forward_fast,
     max_pool_backward_fast,
     max_pool_forward_fast,
+    spatial_batchnorm_backward_fast,
+    spatial_batchnorm_forward_fast,
+    spatial_groupnorm_backward_fast,
+    spatial_groupnorm_forward_fast,
 )
-from .layers import (
-    affine_backward,
-    affine_forward,
-    relu_backward,
-    relu_forward,
-    spatial_batchnorm_backward,
-    spatial_batchnorm_forward,
-    spatial_groupnorm_backward,
-    spatial_groupnorm_forward,
-)
+from .layers import affine_backward, affine_forward, relu_backward, relu_forward
 
 POOL_2X2 = {"pool_height": 2, "pool_width": 2, "stride": 2}
 
@@ -76,15 +71,13 @@ def conv_bn_relu_pool_forward(x, w, b, gamma, beta, conv_param, bn_param, pool_p
     Returns (out, cache); bn_param's running statistics are updated in train mode.
     """
     a, conv_cache = conv_forward_fast(x, w, b, conv_param)
-    an, norm_cache = spatial_batchnorm_forward(a, gamma, beta, bn_param)
-    s, relu_cache = relu_forward(an)
-    out, pool_cache = max_pool_forward_fast(s, pool_param)
-    return out, (conv_cache, norm_cache, relu_cache, pool_cache)
+    an, norm_cache = spatial_batchnorm_forward_fast(a, gamma, beta, bn_param)
+    return _pool_relu_forward(an, pool_param, conv_cache, norm_cache)
 
 
 def conv_bn_relu_pool_backward(dout, cache, need_dx=True):
     """Returns (dx, dw, db, dgamma, dbeta)."""
-    return _conv_norm_relu_pool_backward(dout, cache, spatial_batchnorm_backward, need_dx)
+    return _conv_norm_relu_pool_backward(dout, cache, spatial_batchnorm_backward_fast, need_dx)
 
 
 def conv_gn_relu_pool_forward(x, w, b, gamma, beta, conv_param, G, gn_param, pool_param=POOL_2X2):
@@ -93,21 +86,25 @@ def conv_gn_relu_pool_forward(x, w, b, gamma, beta, conv_param, G, gn_param, poo
     Returns (out, cache).
     """
     a, conv_cache = conv_forward_fast(x, w, b, conv_param)
-    an, norm_cache = spatial_groupnorm_forward(a, gamma, beta, G, gn_param)
-    s, relu_cache = relu_forward(an)
-    out, pool_cache = max_pool_forward_fast(s, pool_param)
-    return out, (conv_cache, norm_cache, relu_cache, pool_cache)
+    an, norm_cache = spatial_groupnorm_forward_fast(a, gamma, beta, G, gn_param)
+    return _pool_relu_forward(an, pool_param, conv_cache, norm_cache)
 
 
 def conv_gn_relu_pool_backward(dout, cache, need_dx=True):
     """Returns (dx, dw, db, dgamma, dbeta)."""
-    return _conv_norm_relu_pool_backward(dout, cache, spatial_groupnorm_backward, need_dx)
+    return _conv_norm_relu_pool_backward(dout, cache, spatial_groupnorm_backward_fast, need_dx)
+
+
+def _pool_relu_forward(an, pool_param, conv_cache, norm_cache):
+    """relu -> max pool, as max pool -> relu: they commute, and the pooled map is smaller."""
+    pooled, pool_cache = max_pool_forward_fast(an, pool_param)
+    out, relu_cache = relu_forward(pooled)
+    return out, (conv_cache, norm_cache, pool_cache, relu_cache)
 
 
 def _conv_norm_relu_pool_backward(dout, cache, norm_backward, need_dx):
-    conv_cache, norm_cache, relu_cache, pool_cache = cache
-    ds = max_pool_backward_fast(dout, pool_cache)
-    dan = relu_backward(ds, relu_cache)
+    conv_cache, norm_cache, pool_cache, relu_cache = cache
+    dan = max_pool_backward_fast(relu_backward(dout, relu_cache), pool_cache)
     da, dgamma, dbeta = norm_backward(dan, norm_cache)
     dx, dw, db = conv_backward_fast(da, conv_cache, need_dx=need_dx)
     return dx, dw, db, dgamma, dbeta

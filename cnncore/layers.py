@@ -164,28 +164,35 @@ def _batchnorm_forward(x2, gamma, beta, bn_param, gamma_name):
     D = x2.shape[1]
     g = checks.affine_params(gamma_name, gamma, D)
     bt = checks.affine_params("beta", beta, D)
-    mode = checks.bn_mode(bn_param)
+    mode, running_mean, running_var = _running_stats(bn_param, D, xp, x2.dtype)
     eps = bn_param.get("eps", 1e-5)
-    momentum = bn_param.get("momentum", 0.9)
-    running_mean = bn_param.get("running_mean")
-    running_var = bn_param.get("running_var")
-    if running_mean is None:
-        running_mean = xp.zeros(D, dtype=x2.dtype)
-    if running_var is None:
-        running_var = xp.zeros(D, dtype=x2.dtype)
-
     if mode == "train":
         x_hat, mean, var, inv_std = _normalize(x2, 0, eps)
-        bn_param["running_mean"] = momentum * running_mean + (1 - momentum) * mean[0]
-        bn_param["running_var"] = momentum * running_var + (1 - momentum) * var[0]
+        _update_running_stats(bn_param, mean[0], var[0])
     else:
         inv_std = 1 / xp.sqrt(running_var + eps)
         x_hat = (x2 - running_mean) * inv_std
         inv_std = inv_std[None, :]
-        bn_param["running_mean"], bn_param["running_var"] = running_mean, running_var
     out = g * x_hat + bt
     cache = (x_hat, inv_std, g, mode, gamma.shape, beta.shape)
     return out, cache
+
+
+def _running_stats(bn_param, D, xp, dtype):
+    """(mode, running_mean, running_var) of bn_param; the running statistics start
+    as zeros (D,) on first use and are stored there, in either mode."""
+    mode = checks.bn_mode(bn_param)
+    for key in ("running_mean", "running_var"):
+        if bn_param.get(key) is None:
+            bn_param[key] = xp.zeros(D, dtype=dtype)
+    return mode, bn_param["running_mean"], bn_param["running_var"]
+
+
+def _update_running_stats(bn_param, mean, var):
+    """running = momentum * running + (1 - momentum) * batch, for the mean and the variance."""
+    momentum = bn_param.get("momentum", 0.9)
+    bn_param["running_mean"] = momentum * bn_param["running_mean"] + (1 - momentum) * mean
+    bn_param["running_var"] = momentum * bn_param["running_var"] + (1 - momentum) * var
 
 
 def batchnorm_backward(dout, cache):
