@@ -3,7 +3,8 @@
 Chunking (one image per chunk, a partial last chunk, the whole batch at once),
 the fused conv -> relu -> max pool, the pool's recorded argmax, the spatial
 norms' twins, and caches passed between the fast and the reference backward.
-Shapes cover stride 2, padding 0, overlapping and non-tiling pools, and ties.
+Shapes cover stride 2 and 3, padding 0, both ways of computing dx (col2im, and
+a convolution of dout for 8+ channels), overlapping and non-tiling pools, ties.
 """
 
 import copy
@@ -21,6 +22,9 @@ CONVS = {
     "7x7-pad3": ((5, 3, 8, 8), (4, 3, 7, 7), {"stride": 1, "pad": 3}),
     "3x3-stride2-pad0": ((5, 2, 9, 7), (3, 2, 3, 3), {"stride": 2, "pad": 0}),
     "1x2-stride3": ((4, 2, 8, 9), (2, 2, 1, 2), {"stride": 3, "pad": 1}),
+    # 8 or more input channels, stride 1, square filters: dx as a convolution of dout.
+    "3x3-pad1-8-channels": ((5, 8, 6, 5), (3, 8, 3, 3), {"stride": 1, "pad": 1}),
+    "5x5-pad0-9-channels": ((3, 9, 8, 7), (2, 9, 5, 5), {"stride": 1, "pad": 0}),
 }
 POOLS = {
     "2x2": {"pool_height": 2, "pool_width": 2, "stride": 2},
