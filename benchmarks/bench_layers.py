@@ -11,10 +11,10 @@ Prints Markdown tables, measured in one run:
    each 2*N*F*C*HH*WW*H'*W' flops.
 2. Max pool 2x2 stride 2 on (50, 32, 32, 32), forward + backward, naive vs fast
    (target >= 20x).
-3. Where the fast conv's time goes (1 BLAS thread): im2col (run twice: the
-   backward recomputes the columns), the 3 GEMMs, col2im, the layout copies
-   around them, and the rest. This section times the private helpers of
-   cnncore.fast_layers, so it follows that module's algorithm.
+3. Where the fast conv's time goes (1 BLAS thread): forward and backward each
+   under cProfile, with the own time of the functions of cnncore.fast_layers
+   that do the work (im2col, the products, col2im, layout copies), named as
+   they are in that module, so the table follows whatever algorithm it has.
 
 Every time is the median of several repetitions after one warm-up call; what
 is compared (fast conv and matmul, the profile's steps) takes turns within each
@@ -27,7 +27,10 @@ is timed once (1 thread) and shown beside both thread counts.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
+import re
 import platform
 import statistics
 import sys
@@ -211,47 +214,69 @@ def pool_table(plan: Plan) -> list[str]:
     return rows
 
 
-def conv_stages(case: ConvCase, dtype) -> dict:
-    """The fast conv's forward + backward split into its steps, each a callable, by group."""
-    x, w, b = conv_inputs(case, dtype)
-    s, pad = case.stride, case.pad
-    F, C, HH, WW = case.w_shape
-    N, (Ho, Wo) = case.x_shape[0], case.out_hw
-    cols, w2 = fast_layers._im2col(x, HH, WW, s, pad, Ho, Wo), w.reshape(F, -1)
-    gemm_out = w2 @ cols
-    dout = np.ones((N, F, Ho, Wo), dtype)
-    dout2 = dout.transpose(1, 0, 2, 3).reshape(F, -1)
-    dcols = w2.T @ dout2
-
-    def layouts():  # bias and output transpose, dout transpose, db
-        np.ascontiguousarray((gemm_out.reshape(F, N, Ho, Wo) + b.reshape(F, 1, 1, 1)).transpose(1, 0, 2, 3))
-        dout.transpose(1, 0, 2, 3).reshape(F, -1)
-        dout.sum(axis=(0, 2, 3))
-
-    return {
-        "im2col x2": lambda: [fast_layers._im2col(x, HH, WW, s, pad, Ho, Wo) for _ in range(2)],  # forward, backward
-        "3 GEMMs": lambda: (w2 @ cols, dout2 @ cols.T, w2.T @ dout2),
-        "col2im": lambda: fast_layers._col2im(dcols, x.shape, HH, WW, s, pad, Ho, Wo),
-        "layouts, bias, db": layouts,
-    }
+def _qualnames(module) -> dict:
+    """{(file, first line): qualified name} of the module's functions and methods, to name profile rows."""
+    names = {}
+    for obj in vars(module).values():
+        for fn in [obj, *vars(obj).values()] if isinstance(obj, type) else [obj]:
+            code = getattr(fn, "__code__", None)
+            if code is not None:
+                names[code.co_filename, code.co_firstlineno] = fn.__qualname__
+    return names
 
 
-def profile_table(plan: Plan) -> list[str]:
-    """One row per conv and dtype: ms per step of the fast conv, and the rest (allocation, Python)."""
-    groups = list(conv_stages(CONV_CASES[0], np.float32))
-    rows = [
-        f"| dtype | conv | fwd+bwd ms | {' | '.join(groups)} | rest |",
-        "|---|---|---:|" + "---:|" * (len(groups) + 1),
-    ]
+def _builtin_label(file: str, func: str) -> str:
+    """"<method 'reshape' of 'numpy.ndarray' objects>" -> "ndarray.reshape"; "module.func" otherwise."""
+    method = re.fullmatch(r"<method '(\w+)' of '(?:\w+\.)*(\w+)' objects>", func)
+    if method:
+        return f"{method[2]}.{method[1]}"
+    return func if file == "~" else f"{Path(file).stem}.{func}"
+
+
+def own_time_by_function(fn, reps: int) -> tuple[float, list[tuple[float, str]]]:
+    """(seconds per call, [(own seconds per call, function)] largest first) of fn under cProfile.
+
+    Own time (tottime) of a Python function includes the NumPy work it starts
+    (a matmul or a copy called from it), so the functions of cnncore.fast_layers
+    name the steps of the algorithm, whatever that algorithm is.
+    """
+    names = _qualnames(fast_layers)
+    fn()
+    profile = cProfile.Profile()
+    start = time.perf_counter()
+    profile.enable()
+    for _ in range(reps):
+        fn()
+    profile.disable()
+    elapsed = (time.perf_counter() - start) / reps
+    rows = []
+    for (file, line, func), (_, _, tottime, _, _) in pstats.Stats(profile).stats.items():
+        label = names.get((file, line)) or _builtin_label(file, func)
+        rows.append((tottime / reps, label))
+    return elapsed, sorted(rows, reverse=True)
+
+
+def profile_table(plan: Plan, top: int = 4) -> list[str]:
+    """Per conv, dtype and pass: the functions that take the fast conv's time (1 BLAS thread)."""
+    rows = ["| dtype | conv | pass | ms | own time by function, largest first |", "|---|---|---|---:|---|"]
     with threadpool_limits(limits=1, user_api="blas"):
         for dtype in DTYPES:
             for case in CONV_CASES:
-                stages = conv_stages(case, dtype)
-                times = median_seconds({"whole": fast_conv_run(case, dtype), **stages}, plan.reps)
-                whole = times.pop("whole")
-                shares = [*times.values(), whole - sum(times.values())]
-                cells = " | ".join(f"{t * 1e3:.1f} ({t / whole:.0%})" for t in shares)
-                rows.append(f"| {np.dtype(dtype).name} | {case.label()} | {whole * 1e3:.1f} | {cells} |")
+                x, w, b = conv_inputs(case, dtype)
+                out, cache = fast_layers.conv_forward_fast(x, w, b, case.conv_param)
+                dout = np.ones_like(out)
+                passes = {
+                    "forward": lambda: fast_layers.conv_forward_fast(x, w, b, case.conv_param),
+                    "backward": lambda: fast_layers.conv_backward_fast(dout, cache),
+                }
+                for name, run in passes.items():
+                    elapsed, functions = own_time_by_function(run, plan.reps)
+                    listed = [f"`{label}` {t * 1e3:.1f} ({t / elapsed:.0%})" for t, label in functions[:top]]
+                    rest = elapsed - sum(t for t, _ in functions[:top])
+                    listed.append(f"rest {rest * 1e3:.1f} ({rest / elapsed:.0%})")
+                    rows.append(
+                        f"| {np.dtype(dtype).name} | {case.label()} | {name} | {elapsed * 1e3:.1f} | {'; '.join(listed)} |"
+                    )
     return rows
 
 
@@ -277,16 +302,17 @@ def main(argv=None) -> int:
         f"is timed on {plan.naive_conv_images} image(s) and scaled per image to the batch; it calls no BLAS, so it "
         f"is timed once (1 thread). GFLOP/s count 3 GEMMs of 2*N*F*C*HH*WW*H'*W' flops for fast fwd+bwd.\n"
     )
-    print("## Convolution, forward + backward\n")
-    print("\n".join(conv_table(plan)) + "\n")
     pool_note = (
         "on the whole batch" if plan.naive_pool_images == POOL_X_SHAPE[0]
         else f"on {plan.naive_pool_images} images and scaled per image to the batch"
     )
-    print(f"## Max pool, forward + backward (no BLAS; naive timed {pool_note})\n")
-    print("\n".join(pool_table(plan)) + "\n")
-    print("## Where the fast conv's time goes (1 BLAS thread)\n")
-    print("\n".join(profile_table(plan)) + "\n")
+    sections = {
+        "Convolution, forward + backward": conv_table,
+        f"Max pool, forward + backward (no BLAS; naive timed {pool_note})": pool_table,
+        "Where the fast conv's time goes (1 BLAS thread)": profile_table,
+    }
+    for title, table in sections.items():
+        print(f"## {title}\n\n" + "\n".join(table(plan)) + "\n")
     print(f"Total {time.perf_counter() - start:.0f} s; load average at the end {os.getloadavg()[0]:.1f}.")
     return 0
 

@@ -1,13 +1,16 @@
-"""The fast convolution and max pool against the naive loops they replace.
+"""The fast layers against the naive ones they replace.
 
 Shapes come from hypothesis: any stride and padding, non-square inputs and
 filters, batches of one, overlapping pool windows and windows that do not tile.
-(The tie rule of max-pool backward is tested for both implementations in
-test_layers.py.)
+The fast layers work on chunks of images sized in bytes (backend.chunk_bytes);
+each property is checked with one image per chunk, a few (with a partial last
+chunk), and the default. (The tie rule of max-pool backward is tested for both
+implementations in test_layers.py.)
 """
 
 import math
 import re
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -15,31 +18,59 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cnncore import fast_layers, layers
+from cnncore.backend import CPU_CHUNK_BYTES
 from cnncore.gradient_check import check_layer_gradients
 
 # Fast and naive sum the same products in different orders: in float64 they
-# agree to about 1e-13 relative (worst seen over 300 random shapes: 2.4e-13).
+# agree to about 1e-13 of the array's scale (worst seen over 1500 random shapes: 2.4e-13).
 SAME_TOL = 1e-12
-GRAD_TOL = 1e-7
+GRAD_TOL = 1e-7  # central differences in float64, as in test_layers.py
 FEW = settings(max_examples=30, deadline=None)
+CHUNK_BYTES = st.sampled_from([1, 2048, CPU_CHUNK_BYTES])
+
+
+def _chunks_of(nbytes):
+    """Make the fast layers work on chunks of about nbytes (at least one image each)."""
+    return mock.patch.object(fast_layers, "chunk_bytes", lambda xp: nbytes)
 
 
 def _assert_same(fast, naive, name):
     """fast == naive to SAME_TOL relative to the array's largest entry.
 
-    Not elementwise: an output whose products cancel to near zero carries the
+    Not elementwise: an output whose terms cancel to near zero carries the
     same ~1e-16 absolute rounding as the others, which is large relative to it
     (hypothesis finds such outputs within a thousand examples).
     """
     np.testing.assert_allclose(fast, naive, rtol=0, atol=SAME_TOL * np.abs(naive).max(), err_msg=name)
 
 
+def _assert_all_same(fast, naive, names):
+    assert len(fast) == len(naive) == len(names)
+    for f, n, name in zip(fast, naive, names):
+        _assert_same(f, n, name)
+
+
+# ---------------------------------------------------------------------------
+# Convolution
+# ---------------------------------------------------------------------------
+
+
 @st.composite
-def conv_cases(draw):
-    """(x, w, b, conv_param) whose windows tile the padded input, as the layers require."""
-    N, C, F = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    HH, WW = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    stride, pad = draw(st.integers(1, 3)), draw(st.integers(0, 2))
+def conv_cases(draw, dx_by_convolution=False):
+    """(x, w, b, conv_param) whose windows tile the padded input, as the layers require.
+
+    dx_by_convolution: the shapes for which the fast backward computes dx as a
+    convolution of dout with the flipped filters (stride 1, square filters,
+    pad < filter size, 8 or more channels) rather than by col2im.
+    """
+    N, F = draw(st.integers(1, 4)), draw(st.integers(1, 3))
+    if dx_by_convolution:
+        C, stride = draw(st.integers(8, 10)), 1
+        HH = WW = draw(st.integers(1, 4))
+        pad = draw(st.integers(0, HH - 1))
+    else:
+        C, stride, pad = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(0, 2))
+        HH, WW = draw(st.integers(1, 4)), draw(st.integers(1, 4))
 
     def tiling_size(k):
         # n + 2*pad - k must be a non-negative multiple of stride, with n >= 1.
@@ -52,67 +83,40 @@ def conv_cases(draw):
     return x, w, b, {"stride": stride, "pad": pad}
 
 
-@st.composite
-def pool_cases(draw):
-    """(x, pool_param) with any window and stride; x sometimes small integers, so windows tie."""
-    N, C = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    ph, pw, stride = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    H, W = ph + draw(st.integers(0, 5)), pw + draw(st.integers(0, 5))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    if draw(st.booleans()):
-        x = rng.integers(0, 3, size=(N, C, H, W)).astype(np.float64)
-    else:
-        x = rng.standard_normal((N, C, H, W))
-    return x, {"pool_height": ph, "pool_width": pw, "stride": stride}
+ANY_CONV = st.one_of(conv_cases(), conv_cases(dx_by_convolution=True))
+
+
+def _conv_out_shape(x, w, conv_param):
+    s, pad = conv_param["stride"], conv_param["pad"]
+    return (x.shape[0], w.shape[0], (x.shape[2] - w.shape[2] + 2 * pad) // s + 1,
+            (x.shape[3] - w.shape[3] + 2 * pad) // s + 1)
 
 
 @FEW
-@given(conv_cases())
-def test_conv_fast_matches_naive_output_and_every_gradient(case):
-    x, w, b, conv_param = case
-    out_naive, cache_naive = layers.conv_forward_naive(x, w, b, conv_param)
-    out_fast, cache_fast = fast_layers.conv_forward_fast(x, w, b, conv_param)
-    s, pad = conv_param["stride"], conv_param["pad"]
-    H_out = (x.shape[2] - w.shape[2] + 2 * pad) // s + 1
-    W_out = (x.shape[3] - w.shape[3] + 2 * pad) // s + 1
-    assert out_fast.shape == (x.shape[0], w.shape[0], H_out, W_out)
+@given(ANY_CONV, CHUNK_BYTES)
+def test_conv_fast_matches_naive_output_and_every_gradient(case, chunk):
+    out_naive, cache = layers.conv_forward_naive(*case)
+    with _chunks_of(chunk):
+        out_fast, cache_fast = fast_layers.conv_forward_fast(*case)
+    assert out_fast.shape == _conv_out_shape(*case[:2], case[3])
     _assert_same(out_fast, out_naive, "out")
     dout = np.random.default_rng(1).standard_normal(out_naive.shape)
-    for name, fast, naive in zip(
-        ["dx", "dw", "db"], fast_layers.conv_backward_fast(dout, cache_fast), layers.conv_backward_naive(dout, cache_naive)
-    ):
-        _assert_same(fast, naive, name)
+    with _chunks_of(chunk):
+        grads_fast = fast_layers.conv_backward_fast(dout, cache_fast)
+    _assert_all_same(grads_fast, layers.conv_backward_naive(dout, cache), ["dx", "dw", "db"])
 
 
 @FEW
-@given(conv_cases())
-def test_conv_backward_fast_without_dx_returns_none_and_the_same_dw_db(case):
-    x, w, b, conv_param = case
-    out, cache = fast_layers.conv_forward_fast(x, w, b, conv_param)
+@given(ANY_CONV, CHUNK_BYTES)
+def test_conv_backward_fast_without_dx_returns_none_and_the_same_dw_db(case, chunk):
+    out, cache = fast_layers.conv_forward_fast(*case)
     dout = np.random.default_rng(2).standard_normal(out.shape)
-    _, dw, db = fast_layers.conv_backward_fast(dout, cache)
-    dx_skipped, dw_skipped, db_skipped = fast_layers.conv_backward_fast(dout, cache, need_dx=False)
+    with _chunks_of(chunk):
+        _, dw, db = fast_layers.conv_backward_fast(dout, cache)
+        dx_skipped, dw_skipped, db_skipped = fast_layers.conv_backward_fast(dout, cache, need_dx=False)
     assert dx_skipped is None
     np.testing.assert_array_equal(dw_skipped, dw)
     np.testing.assert_array_equal(db_skipped, db)
-
-
-@FEW
-@given(pool_cases())
-def test_max_pool_fast_matches_naive_output_and_gradient(case):
-    x, pool_param = case
-    out_naive, cache_naive = layers.max_pool_forward_naive(x, pool_param)
-    out_fast, cache_fast = fast_layers.max_pool_forward_fast(x, pool_param)
-    ph, pw, s = pool_param["pool_height"], pool_param["pool_width"], pool_param["stride"]
-    assert out_fast.shape == x.shape[:2] + ((x.shape[2] - ph) // s + 1, (x.shape[3] - pw) // s + 1)
-    np.testing.assert_array_equal(out_fast, out_naive)  # a max is one of its inputs: exact
-    dout = np.random.default_rng(3).standard_normal(out_naive.shape)
-    dx_fast = fast_layers.max_pool_backward_fast(dout, cache_fast)
-    # Where windows overlap, an input sums a few window gradients, in another order
-    # in each implementation: equal to rounding.
-    _assert_same(dx_fast, layers.max_pool_backward_naive(dout, cache_naive), "dx")
-    # One input per window takes the window's gradient: none is lost or duplicated.
-    assert dx_fast.sum() == pytest.approx(dout.sum(), rel=1e-12, abs=1e-12)
 
 
 def _conv_args(x_shape, w_shape, stride, pad, seed=4):
@@ -123,13 +127,79 @@ def _conv_args(x_shape, w_shape, stride, pad, seed=4):
 
 @pytest.mark.parametrize(
     "x_shape, w_shape, stride, pad",
-    [((2, 3, 5, 5), (2, 3, 3, 3), 1, 1), ((1, 2, 7, 6), (3, 2, 3, 2), 2, 0), ((2, 1, 5, 10), (2, 1, 1, 3), 3, 1)],
-    ids=["square-pad1", "stride2-pad0-batch1-nonsquare", "stride3-pad1-1xN-filter"],
+    [
+        ((2, 3, 5, 5), (2, 3, 3, 3), 1, 1),
+        ((1, 2, 7, 6), (3, 2, 3, 2), 2, 0),
+        ((2, 1, 5, 10), (2, 1, 1, 3), 3, 1),
+        ((2, 8, 4, 5), (3, 8, 3, 3), 1, 1),
+    ],
+    ids=["square-pad1", "stride2-pad0-batch1-nonsquare", "stride3-pad1-1xN-filter", "8-channels-dx-by-convolution"],
 )
 def test_conv_backward_fast_matches_numeric_gradient(x_shape, w_shape, stride, pad):
     args = _conv_args(x_shape, w_shape, stride, pad)
     errors = check_layer_gradients(fast_layers.conv_forward_fast, fast_layers.conv_backward_fast, args, [0, 1, 2])
     assert max(errors.values()) < GRAD_TOL, errors
+
+
+# ---------------------------------------------------------------------------
+# Max pooling
+# ---------------------------------------------------------------------------
+
+# 2x2 windows (their own code path) half the time, any other window the rest.
+POOL_WINDOWS = st.one_of(st.just((2, 2)), st.tuples(st.integers(1, 3), st.integers(1, 3)))
+
+
+@st.composite
+def pool_cases(draw):
+    """(x, pool_param) with any window and stride; x sometimes small integers, so windows tie."""
+    N, C = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    (ph, pw), stride = draw(POOL_WINDOWS), draw(st.integers(1, 3))
+    H, W = ph + draw(st.integers(0, 5)), pw + draw(st.integers(0, 5))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    if draw(st.booleans()):
+        x = rng.integers(0, 3, size=(N, C, H, W)).astype(np.float64)
+    else:
+        x = rng.standard_normal((N, C, H, W))
+    return x, {"pool_height": ph, "pool_width": pw, "stride": stride}
+
+
+@FEW
+@given(pool_cases())
+def test_max_pool_fast_matches_naive_output_and_gradient_with_either_cache(case):
+    x, pool_param = case
+    out_naive, cache_naive = layers.max_pool_forward_naive(x, pool_param)
+    out_fast, cache_fast = fast_layers.max_pool_forward_fast(x, pool_param)
+    ph, pw, s = pool_param["pool_height"], pool_param["pool_width"], pool_param["stride"]
+    assert out_fast.shape == x.shape[:2] + ((x.shape[2] - ph) // s + 1, (x.shape[3] - pw) // s + 1)
+    np.testing.assert_array_equal(out_fast, out_naive)  # a max is one of its inputs: exact
+    dout = np.random.default_rng(3).standard_normal(out_naive.shape)
+    dx_naive = layers.max_pool_backward_naive(dout, cache_naive)
+    # Where windows overlap, an input sums a few window gradients, in another order
+    # in each implementation: equal to rounding.
+    _assert_same(fast_layers.max_pool_backward_fast(dout, cache_fast), dx_naive, "dx")
+    _assert_same(fast_layers.max_pool_backward_fast(dout, cache_naive), dx_naive, "dx from the naive cache")
+    _assert_same(layers.max_pool_backward_naive(dout, cache_fast), dx_naive, "naive dx from the fast cache")
+    # One input per window takes the window's gradient: none is lost or duplicated.
+    assert dx_naive.sum() == pytest.approx(dout.sum(), rel=1e-12, abs=1e-12)
+
+
+def test_max_pool_fast_with_a_window_of_more_than_127_inputs_matches_naive():
+    # 12 x 11 = 132 offsets: more than an int8 can number.
+    x = np.random.default_rng(4).integers(0, 4, size=(2, 2, 13, 12)).astype(np.float64)  # many ties
+    pool_param = {"pool_height": 12, "pool_width": 11, "stride": 1}
+    out_naive, cache_naive = layers.max_pool_forward_naive(x, pool_param)
+    out_fast, cache_fast = fast_layers.max_pool_forward_fast(x, pool_param)
+    np.testing.assert_array_equal(out_fast, out_naive)
+    dout = np.random.default_rng(5).standard_normal(out_naive.shape)
+    _assert_same(fast_layers.max_pool_backward_fast(dout, cache_fast), layers.max_pool_backward_naive(dout, cache_naive),
+                 "dx")
+
+
+def _tie_free(shape, seed=5):
+    """Distinct values 0.1 apart, shuffled: no window's maximum changes under a
+    central difference with h = 1e-5, and none is within 0.025 of 0 (relu's kink)."""
+    n = math.prod(shape)
+    return np.random.default_rng(seed).permutation((np.arange(n) - (n - 1) / 2 + 0.25) * 0.1).reshape(shape)
 
 
 @pytest.mark.parametrize(
@@ -138,57 +208,213 @@ def test_conv_backward_fast_matches_numeric_gradient(x_shape, w_shape, stride, p
     ids=["2x2-stride2", "overlapping-batch1", "windows-do-not-tile"],
 )
 def test_max_pool_backward_fast_matches_numeric_gradient(x_shape, ph, pw, stride):
-    # Distinct values 0.1 apart (a shuffled grid): no window's maximum changes
-    # under a central difference with h = 1e-5.
-    n = math.prod(x_shape)
-    x = np.random.default_rng(5).permutation(np.arange(n) * 0.1).reshape(x_shape)
     pool_param = {"pool_height": ph, "pool_width": pw, "stride": stride}
     errors = check_layer_gradients(
-        fast_layers.max_pool_forward_fast, fast_layers.max_pool_backward_fast, [x, pool_param], [0]
+        fast_layers.max_pool_forward_fast, fast_layers.max_pool_backward_fast, [_tie_free(x_shape), pool_param], [0]
     )
     assert max(errors.values()) < GRAD_TOL, errors
+
+
+# ---------------------------------------------------------------------------
+# conv -> relu -> max pool, fused
+# ---------------------------------------------------------------------------
+
+
+@st.composite
+def conv_pool_cases(draw):
+    """A conv case and a pool window that fits its output."""
+    x, w, b, conv_param = draw(ANY_CONV)
+    _, _, Ho, Wo = _conv_out_shape(x, w, conv_param)
+    ph, pw = draw(st.integers(1, min(3, Ho))), draw(st.integers(1, min(3, Wo)))
+    return x, w, b, conv_param, {"pool_height": ph, "pool_width": pw, "stride": draw(st.integers(1, 3))}
+
+
+def _naive_conv_relu_pool(x, w, b, conv_param, pool_param, dout):
+    """The chain of naive layers: (out, (dx, dw, db))."""
+    a, conv_cache = layers.conv_forward_naive(x, w, b, conv_param)
+    r, relu_cache = layers.relu_forward(a)
+    out, pool_cache = layers.max_pool_forward_naive(r, pool_param)
+    da = layers.relu_backward(layers.max_pool_backward_naive(dout, pool_cache), relu_cache)
+    return out, layers.conv_backward_naive(da, conv_cache)
+
+
+@FEW
+@given(conv_pool_cases(), CHUNK_BYTES)
+def test_fused_conv_relu_pool_matches_the_naive_chain(case, chunk):
+    with _chunks_of(chunk):
+        out, cache = fast_layers.conv_relu_pool_forward_fast(*case)
+    dout = np.random.default_rng(6).standard_normal(out.shape)
+    expected_out, expected_grads = _naive_conv_relu_pool(*case, dout)
+    _assert_same(out, expected_out, "out")
+    with _chunks_of(chunk):
+        grads = fast_layers.conv_relu_pool_backward_fast(dout, cache)
+        skipped = fast_layers.conv_relu_pool_backward_fast(dout, cache, need_dx=False)
+    _assert_all_same(grads, expected_grads, ["dx", "dw", "db"])
+    assert skipped[0] is None
+    np.testing.assert_array_equal(skipped[1], grads[1])
+    np.testing.assert_array_equal(skipped[2], grads[2])
+
+
+# ---------------------------------------------------------------------------
+# Spatial batch norm and group norm
+# ---------------------------------------------------------------------------
+
+
+@st.composite
+def norm_cases(draw):
+    """(x, gamma, beta, G): gamma, beta as (C,) or (1, C, 1, 1); G divides C.
+
+    At least 4 values per normalised set (H, W >= 2): with 2, the output is +-1
+    whatever x is, and dx vanishes up to eps, leaving only rounding to compare.
+    """
+    N, C, H, W = draw(st.integers(1, 4)), draw(st.integers(1, 6)), draw(st.integers(2, 4)), draw(st.integers(2, 4))
+    G = draw(st.sampled_from([g for g in range(1, C + 1) if C % g == 0]))
+    shape = draw(st.sampled_from([(C,), (1, C, 1, 1)]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = 3 * rng.standard_normal((N, C, H, W)) + rng.standard_normal((1, C, 1, 1))
+    return x, 1 + rng.standard_normal(shape), rng.standard_normal(shape), G
+
+
+def _bn_param(mode, C, seed=7):
+    rng = np.random.default_rng(seed)
+    return {"mode": mode, "running_mean": rng.standard_normal(C), "running_var": rng.random(C) + 0.5}
+
+
+@FEW
+@given(norm_cases(), st.sampled_from(["train", "test"]), CHUNK_BYTES)
+def test_spatial_batchnorm_fast_matches_naive_output_gradients_and_running_stats(case, mode, chunk):
+    x, gamma, beta, _ = case
+    bn_naive, bn_fast = _bn_param(mode, x.shape[1]), _bn_param(mode, x.shape[1])
+    out_naive, cache_naive = layers.spatial_batchnorm_forward(x, gamma, beta, bn_naive)
+    with _chunks_of(chunk):
+        out_fast, cache_fast = fast_layers.spatial_batchnorm_forward_fast(x, gamma, beta, bn_fast)
+    _assert_same(out_fast, out_naive, "out")
+    for key in ("running_mean", "running_var"):
+        _assert_same(bn_fast[key], bn_naive[key], key)
+    dout = np.random.default_rng(8).standard_normal(x.shape)
+    with _chunks_of(chunk):
+        grads = fast_layers.spatial_batchnorm_backward_fast(dout, cache_fast)
+    _assert_all_same(grads, layers.spatial_batchnorm_backward(dout, cache_naive), ["dx", "dgamma", "dbeta"])
+    assert grads[1].shape == gamma.shape and grads[2].shape == beta.shape
+
+
+@FEW
+@given(norm_cases(), CHUNK_BYTES)
+def test_spatial_groupnorm_fast_matches_naive_output_and_gradients_with_either_cache(case, chunk):
+    x, gamma, beta, G = case
+    out_naive, cache_naive = layers.spatial_groupnorm_forward(x, gamma, beta, G, {})
+    with _chunks_of(chunk):
+        out_fast, cache_fast = fast_layers.spatial_groupnorm_forward_fast(x, gamma, beta, G, {})
+    _assert_same(out_fast, out_naive, "out")
+    dout = np.random.default_rng(9).standard_normal(x.shape)
+    expected = layers.spatial_groupnorm_backward(dout, cache_naive)
+    names = ["dx", "dgamma", "dbeta"]
+    with _chunks_of(chunk):
+        _assert_all_same(fast_layers.spatial_groupnorm_backward_fast(dout, cache_fast), expected, names)
+        _assert_all_same(fast_layers.spatial_groupnorm_backward_fast(dout, cache_naive), expected, names)
+    _assert_all_same(layers.spatial_groupnorm_backward(dout, cache_fast), expected, names)
+
+
+@pytest.mark.parametrize("mode", ["train", "test"])
+@pytest.mark.parametrize("x_shape", [(2, 3, 4, 5), (1, 2, 3, 2)], ids=["2x3x4x5", "batch1"])
+def test_spatial_batchnorm_backward_fast_matches_numeric_gradient(mode, x_shape):
+    rng = np.random.default_rng(10)
+    C = x_shape[1]
+    args = [2 * rng.standard_normal(x_shape) + 1, rng.standard_normal(C), rng.standard_normal((1, C, 1, 1))]
+    errors = check_layer_gradients(fast_layers.spatial_batchnorm_forward_fast, fast_layers.spatial_batchnorm_backward_fast,
+                                   args + [_bn_param(mode, C)], [0, 1, 2])
+    assert max(errors.values()) < GRAD_TOL, errors
+
+
+@pytest.mark.parametrize("G", [1, 2, 6], ids=["G=1", "G=2", "G=C"])
+def test_spatial_groupnorm_backward_fast_matches_numeric_gradient(G):
+    rng = np.random.default_rng(11)
+    args = [2 * rng.standard_normal((2, 6, 3, 4)) + 1, rng.standard_normal((1, 6, 1, 1)), rng.standard_normal(6), G, {}]
+    errors = check_layer_gradients(fast_layers.spatial_groupnorm_forward_fast, fast_layers.spatial_groupnorm_backward_fast,
+                                   args, [0, 1, 2])
+    assert max(errors.values()) < GRAD_TOL, errors
+
+
+# ---------------------------------------------------------------------------
+# The shared contract, and argument validation
+# ---------------------------------------------------------------------------
 
 
 def _conv_backward_without_dx(dout, cache):
     return fast_layers.conv_backward_fast(dout, cache, need_dx=False)
 
 
-@pytest.mark.parametrize(
-    "forward, backward, args",
-    [
-        pytest.param(fast_layers.conv_forward_fast, fast_layers.conv_backward_fast,
-                     _conv_args((2, 3, 7, 6), (4, 3, 3, 2), 2, 1), id="conv"),
-        pytest.param(fast_layers.conv_forward_fast, _conv_backward_without_dx,
-                     _conv_args((1, 2, 5, 5), (3, 2, 3, 3), 1, 0), id="conv-without-dx"),
-        pytest.param(fast_layers.max_pool_forward_fast, fast_layers.max_pool_backward_fast,
-                     [np.random.default_rng(6).standard_normal((2, 3, 7, 6)),
-                      {"pool_height": 3, "pool_width": 2, "stride": 2}], id="pool"),
-    ],
-)
+def _contract_cases():
+    x = np.random.default_rng(12).standard_normal((2, 4, 6, 6))
+    gamma, beta = np.random.default_rng(13).standard_normal((2, 4))
+    pool = {"pool_height": 3, "pool_width": 2, "stride": 2}
+    cases = {
+        "conv": (fast_layers.conv_forward_fast, fast_layers.conv_backward_fast,
+                 _conv_args((2, 3, 7, 6), (4, 3, 3, 2), 2, 1)),
+        "conv-dx-by-convolution": (fast_layers.conv_forward_fast, fast_layers.conv_backward_fast,
+                                   _conv_args((2, 8, 5, 5), (3, 8, 3, 3), 1, 1)),
+        "conv-without-dx": (fast_layers.conv_forward_fast, _conv_backward_without_dx,
+                            _conv_args((1, 2, 5, 5), (3, 2, 3, 3), 1, 0)),
+        "pool": (fast_layers.max_pool_forward_fast, fast_layers.max_pool_backward_fast, [x, pool]),
+        "pool-2x2": (fast_layers.max_pool_forward_fast, fast_layers.max_pool_backward_fast,
+                     [x, {"pool_height": 2, "pool_width": 2, "stride": 2}]),
+        "conv-relu-pool": (fast_layers.conv_relu_pool_forward_fast, fast_layers.conv_relu_pool_backward_fast,
+                           _conv_args((2, 3, 6, 6), (4, 3, 3, 3), 1, 1) + [pool]),
+        "groupnorm": (fast_layers.spatial_groupnorm_forward_fast, fast_layers.spatial_groupnorm_backward_fast,
+                      [x, gamma, beta, 2, {}]),
+    }
+    for mode in ("train", "test"):
+        cases[f"batchnorm-{mode}"] = (fast_layers.spatial_batchnorm_forward_fast,
+                                      fast_layers.spatial_batchnorm_backward_fast, [x, gamma, beta, _bn_param(mode, 4)])
+    return [pytest.param(*case, id=name) for name, case in cases.items()]
+
+
+@pytest.mark.parametrize("forward, backward, args", _contract_cases())
 def test_fast_layer_keeps_float32_and_never_modifies_its_inputs(forward, backward, args, layer_contract):
     layer_contract(forward, backward, args)
+
+
+def _zeros(*shapes):
+    return [np.zeros(s) if isinstance(s, tuple) else s for s in shapes]
 
 
 @pytest.mark.parametrize(
     "naive, fast, args",
     [
         pytest.param(layers.conv_forward_naive, fast_layers.conv_forward_fast,
-                     [(2, 3, 6, 6), (2, 2, 3, 3), (2,), {"stride": 1, "pad": 1}], id="conv-channels"),
+                     _zeros((2, 3, 6, 6), (2, 2, 3, 3), (2,), {"stride": 1, "pad": 1}), id="conv-channels"),
         pytest.param(layers.conv_forward_naive, fast_layers.conv_forward_fast,
-                     [(2, 3, 6, 6), (2, 3, 3, 3), (2,), {"stride": 2, "pad": 0}], id="conv-tile"),
+                     _zeros((2, 3, 6, 6), (2, 3, 3, 3), (2,), {"stride": 2, "pad": 0}), id="conv-tile"),
         pytest.param(layers.conv_forward_naive, fast_layers.conv_forward_fast,
-                     [(2, 3, 6, 6), (2, 3, 3, 3), (3,), {"stride": 1, "pad": 1}], id="conv-bias"),
+                     _zeros((2, 3, 6, 6), (2, 3, 3, 3), (3,), {"stride": 1, "pad": 1}), id="conv-bias"),
         pytest.param(layers.conv_forward_naive, fast_layers.conv_forward_fast,
-                     [(2, 3, 6, 6), (2, 3, 3, 3), (2,), {"stride": 1, "pad": -1}], id="conv-pad"),
+                     _zeros((2, 3, 6, 6), (2, 3, 3, 3), (2,), {"stride": 1, "pad": -1}), id="conv-pad"),
         pytest.param(layers.max_pool_forward_naive, fast_layers.max_pool_forward_fast,
-                     [(1, 1, 2, 5), {"pool_height": 3, "pool_width": 2, "stride": 1}], id="pool-window-too-big"),
+                     _zeros((1, 1, 2, 5), {"pool_height": 3, "pool_width": 2, "stride": 1}), id="pool-window-too-big"),
         pytest.param(layers.max_pool_forward_naive, fast_layers.max_pool_forward_fast,
-                     [(1, 1, 4, 4), {"pool_height": 2, "pool_width": 2, "stride": 0}], id="pool-stride"),
+                     _zeros((1, 1, 4, 4), {"pool_height": 2, "pool_width": 2, "stride": 0}), id="pool-stride"),
+        pytest.param(layers.spatial_batchnorm_forward, fast_layers.spatial_batchnorm_forward_fast,
+                     _zeros((2, 3, 2, 2), (3,), (3,), {"mode": "eval"}), id="batchnorm-mode"),
+        pytest.param(layers.spatial_batchnorm_forward, fast_layers.spatial_batchnorm_forward_fast,
+                     _zeros((2, 3, 2, 2), (4,), (3,), {"mode": "train"}), id="batchnorm-gamma"),
+        pytest.param(layers.spatial_groupnorm_forward, fast_layers.spatial_groupnorm_forward_fast,
+                     _zeros((2, 6, 2, 2), (6,), (6,), 4, {}), id="groupnorm-G"),
+        pytest.param(layers.spatial_groupnorm_forward, fast_layers.spatial_groupnorm_forward_fast,
+                     _zeros((2, 6, 2, 2), (6,), (1, 5, 1, 1), 3, {}), id="groupnorm-beta"),
     ],
 )
 def test_fast_layer_rejects_bad_input_with_the_naive_layer_message(naive, fast, args):
-    args = [np.zeros(a) if isinstance(a, tuple) else a for a in args]
     with pytest.raises(ValueError) as naive_error:
         naive(*args)
     with pytest.raises(ValueError, match=re.escape(str(naive_error.value))):
         fast(*args)
+
+
+@pytest.mark.parametrize("pool_param", [{"pool_height": 3, "pool_width": 3, "stride": 1},
+                                        {"pool_height": 2, "pool_width": 2, "stride": 0}], ids=["window", "stride"])
+def test_fused_conv_relu_pool_rejects_a_bad_pool_with_the_pool_message(pool_param):
+    x, w, b, conv_param = _conv_args((1, 2, 4, 4), (2, 2, 3, 3), 1, 0)  # a 2x2 conv output
+    with pytest.raises(ValueError) as pool_error:
+        layers.max_pool_forward_naive(np.zeros((1, 2, 2, 2)), pool_param)
+    with pytest.raises(ValueError, match=re.escape(str(pool_error.value))):
+        fast_layers.conv_relu_pool_forward_fast(x, w, b, conv_param, pool_param)
