@@ -1,0 +1,483 @@
+"""cnncore (pure NumPy) against PyTorch on the CPU: training step, layers, peak memory; sweep speed-up.
+
+    python benchmarks/bench_train.py [--quick] [--sections step,layers,memory,sweep]
+
+Prints Markdown tables, measured in one run, each with the targets of issue 7
+(ratios are ours / torch time; lower is better):
+
+1. step: one training step (forward, softmax loss, backward, SGD update) of
+   the three-layer net, conv 32 filters 7x7 pad 3 - relu - 2x2 max pool -
+   affine 100 - relu - affine 10, on a batch of 128 random 3x32x32 images.
+   Ours: ThreeLayerConvNet.loss + cnncore.optim.sgd on every parameter. Torch:
+   the same net as torch.nn.Sequential, F.cross_entropy, loss.backward(),
+   torch.optim.SGD.step(). Neither computes the input images' gradient (the
+   torch input does not require grad). Targets: float32 <= 1.3 at 1 thread,
+   <= 1.6 at 2; float64 <= 0.6 at 1 thread.
+2. layers: forward + backward of the conv on x (50,3,32,32), w (32,3,7,7),
+   pad 3 and on x (64,64,16,16), w (64,64,3,3), pad 1 (with dx: the torch
+   input requires grad); 2x2 max pool, spatial batch norm (train mode) and
+   spatial group norm (G=4) on (50,32,32,32). Targets, 1 thread: conv float32
+   <= 1.3, float64 <= 0.7; pool <= 0.6; batch norm <= 1.0; group norm <= 2.0.
+   This is the one place where the layers are compared with torch;
+   bench_layers.py compares the fast layers with the naive ones and with matmul.
+3. memory: peak memory of one training step at batch 128, each side in a fresh
+   subprocess, by the same method: the growth of the resident set's high-water
+   mark (VmHWM, reset through /proc/self/clear_refs after the imports, the
+   model and the data exist; ru_maxrss where that reset is unavailable) over
+   the first two steps. Target: ours <= torch's.
+4. sweep: 4 identical small digits trials (ThreeLayerConvNet with batch norm,
+   Solver with Adam, float32, 3 epochs), one after another with BLAS at 2
+   threads, against 2 at a time with BLAS at 1 thread each: in 2 threads of one
+   process, and in 2 worker processes (forked, started before the clock).
+   Target: a speed-up >= 1.7. The trials one after another at 1 BLAS thread
+   are shown too: the speed-up against them is what the second core adds.
+
+Steps 1 and 2 run with BLAS pinned to 1 thread and then 2 (threadpoolctl), and
+torch.set_num_threads to the same count. Every time is the median of several
+repetitions after a warm-up; ours and torch take turns within each repetition,
+so a ratio compares runs made under the same load on the machine. Two-thread
+timings swing run to run on a shared 2-core machine; one-thread ones repeat
+within a few percent. torch is the optional `bench` extra: without it only our
+own figures are printed. For a fair BLAS, leave OPENBLAS_CORETYPE and
+OPENBLAS_L2_SIZE unset in the benchmark's command (the header names the
+kernel OpenBLAS runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_layers import environment, median_seconds, verdict  # noqa: E402
+
+from cnncore import fast_layers, optim  # noqa: E402
+from cnncore.cnn import ThreeLayerConvNet  # noqa: E402
+
+torch = TF = None  # loaded by main(), except in the sweep's child process
+
+
+def load_torch() -> None:
+    """Import torch if the optional `bench` extra is installed."""
+    global torch, TF
+    try:
+        import torch as torch_module
+        import torch.nn.functional as functional
+    except ImportError:
+        return
+    torch, TF = torch_module, functional
+
+THREADS = (1, 2)
+DTYPES = ("float32", "float64")
+BATCH = 128
+LEARNING_RATE = 1e-3
+SECTIONS = ("step", "layers", "memory", "sweep")
+
+
+@dataclass(frozen=True)
+class Plan:
+    step_reps: int
+    layer_reps: int
+    sweep_trials: int
+
+
+FULL = Plan(step_reps=15, layer_reps=9, sweep_trials=4)
+QUICK = Plan(step_reps=5, layer_reps=3, sweep_trials=4)
+
+
+def torch_dtype(dtype: str):
+    return {"float32": torch.float32, "float64": torch.float64}[dtype]
+
+
+# ---------------------------------------------------------------------------
+# 1. Training step
+# ---------------------------------------------------------------------------
+
+
+def step_data(dtype: str, batch: int = BATCH):
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((batch, 3, 32, 32)).astype(dtype), rng.integers(0, 10, batch)
+
+
+def our_step(dtype: str, batch: int = BATCH):
+    """One training step of ThreeLayerConvNet with SGD, as a callable."""
+    X, y = step_data(dtype, batch)
+    model = ThreeLayerConvNet(input_dim=(3, 32, 32), num_filters=32, filter_size=7, hidden_dim=100,
+                              num_classes=10, weight_scale=1e-2, dtype=dtype, seed=0)
+    configs = {name: {"learning_rate": LEARNING_RATE} for name in model.params}
+
+    def step():
+        _, grads = model.loss(X, y)
+        for name, w in model.params.items():
+            model.params[name], configs[name] = optim.sgd(w, grads[name], configs[name])
+
+    return step
+
+
+def torch_step(dtype: str, batch: int = BATCH):
+    """The same step in PyTorch, as a callable."""
+    X, y = step_data(dtype, batch)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 7, padding=3), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+        torch.nn.Linear(32 * 16 * 16, 100), torch.nn.ReLU(), torch.nn.Linear(100, 10),
+    ).to(torch_dtype(dtype))
+    opt = torch.optim.SGD(net.parameters(), lr=LEARNING_RATE)
+    X, y = torch.from_numpy(X), torch.from_numpy(y)
+
+    def step():
+        opt.zero_grad()
+        TF.cross_entropy(net(X), y).backward()
+        opt.step()
+
+    return step
+
+
+def set_threads(threads: int):
+    """BLAS (threadpoolctl) and torch limited to `threads`; use as a context manager."""
+    if torch is not None:
+        torch.set_num_threads(threads)
+    return threadpool_limits(limits=threads, user_api="blas")
+
+
+def ratio_cells(ours: float, theirs: float | None, target: float | None) -> str:
+    """'| ratio | verdict' cells; '—' where torch or the target is missing."""
+    if theirs is None:
+        return "| — | — "
+    ratio = ours / theirs
+    return f"| {ratio:.2f} | {verdict(ratio <= target) if target is not None else 'info'} "
+
+
+def step_target(dtype: str, threads: int) -> float | None:
+    return {("float32", 1): 1.3, ("float32", 2): 1.6, ("float64", 1): 0.6}.get((dtype, threads))
+
+
+def step_table(plan: Plan) -> list[str]:
+    rows = ["| BLAS threads | dtype | ours ms | torch ms | ours img/s | torch img/s | ours / torch | target |",
+            "|---|---|---:|---:|---:|---:|---:|---|"]
+    for threads in THREADS:
+        with set_threads(threads):
+            for dtype in DTYPES:
+                runs = {"ours": our_step(dtype)}
+                if torch is not None:
+                    runs["torch"] = torch_step(dtype)
+                times = median_seconds(runs, plan.step_reps)
+                theirs = times.get("torch")
+                target = step_target(dtype, threads)
+                rows.append(
+                    f"| {threads} | {dtype} | {times['ours'] * 1e3:.1f} | {_ms(theirs)} | {BATCH / times['ours']:,.0f} "
+                    f"| {'—' if theirs is None else f'{BATCH / theirs:,.0f}'} "
+                    f"{ratio_cells(times['ours'], theirs, target)}"
+                    f"{'(<= ' + str(target) + ')' if target is not None else ''} |"
+                )
+    return rows
+
+
+def _ms(seconds: float | None) -> str:
+    return "—" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+# ---------------------------------------------------------------------------
+# 2. Layers
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    name: str
+    targets: dict  # dtype -> target ratio at 1 thread
+
+
+CONV_SHAPES = (((50, 3, 32, 32), (32, 3, 7, 7), 3), ((64, 64, 16, 16), (64, 64, 3, 3), 1))
+ACTIVATION = (50, 32, 32, 32)
+POOL_2X2 = {"pool_height": 2, "pool_width": 2, "stride": 2}
+GROUPS = 4
+
+
+def _arrays(dtype: str, *shapes, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(dtype) for s in shapes]
+
+
+def layer_runs(dtype: str):
+    """{label: (target per dtype, ours callable, torch callable or None)} for every layer compared."""
+    cases = {}
+    for x_shape, w_shape, pad in CONV_SHAPES:
+        N, _, H, W = x_shape
+        x, w, b, dout = _arrays(dtype, x_shape, w_shape, w_shape[:1], (N, w_shape[0], H, W))
+        conv_param = {"stride": 1, "pad": pad}
+
+        def ours(x=x, w=w, b=b, dout=dout, conv_param=conv_param):
+            _, cache = fast_layers.conv_forward_fast(x, w, b, conv_param)
+            fast_layers.conv_backward_fast(dout, cache)
+
+        label = f"conv x {'x'.join(map(str, x_shape))}, w {'x'.join(map(str, w_shape))}, pad {pad}"
+        cases[label] = ({"float32": 1.3, "float64": 0.7}, ours, _torch_conv(x, w, b, dout, pad))
+
+    x, dpooled, gamma, beta = _arrays(dtype, ACTIVATION, (50, 32, 16, 16), (32,), (32,))
+    dout = _arrays(dtype, ACTIVATION, seed=1)[0]
+
+    def pool():
+        _, cache = fast_layers.max_pool_forward_fast(x, POOL_2X2)
+        fast_layers.max_pool_backward_fast(dpooled, cache)
+
+    def batchnorm():
+        _, cache = fast_layers.spatial_batchnorm_forward_fast(x, gamma, beta, {"mode": "train"})
+        fast_layers.spatial_batchnorm_backward_fast(dout, cache)
+
+    def groupnorm():
+        _, cache = fast_layers.spatial_groupnorm_forward_fast(x, gamma, beta, GROUPS, {})
+        fast_layers.spatial_groupnorm_backward_fast(dout, cache)
+
+    shape = "x".join(map(str, ACTIVATION))
+    cases[f"max pool 2x2 on {shape}"] = ({"float32": 0.6, "float64": 0.6}, pool,
+                                         _torch_unary(x, dpooled, lambda t: TF.max_pool2d(t, 2)))
+    cases[f"spatial batch norm (train) on {shape}"] = (
+        {"float32": 1.0, "float64": 1.0}, batchnorm,
+        _torch_unary(x, dout, lambda t, g=gamma, b=beta: TF.batch_norm(
+            t, torch.zeros(32, dtype=t.dtype), torch.ones(32, dtype=t.dtype), _param(g), _param(b), training=True)))
+    cases[f"spatial group norm (G={GROUPS}) on {shape}"] = (
+        {"float32": 2.0, "float64": 2.0}, groupnorm,
+        _torch_unary(x, dout, lambda t, g=gamma, b=beta: TF.group_norm(t, GROUPS, _param(g), _param(b))))
+    return cases
+
+
+def _param(a):
+    return torch.from_numpy(a).requires_grad_()
+
+
+def _torch_conv(x, w, b, dout, pad):
+    if torch is None:
+        return None
+    tx, tw, tb, tdout = _param(x), _param(w), _param(b), torch.from_numpy(dout)
+    return lambda: TF.conv2d(tx, tw, tb, padding=pad).backward(tdout)
+
+
+def _torch_unary(x, dout, layer):
+    if torch is None:
+        return None
+    tx, tdout = _param(x), torch.from_numpy(dout)
+    return lambda: layer(tx).backward(tdout)
+
+
+def layer_table(plan: Plan) -> list[str]:
+    rows = ["| BLAS threads | dtype | layer, forward + backward | ours ms | torch ms | ours / torch | target |",
+            "|---|---|---|---:|---:|---:|---|"]
+    for threads in THREADS:
+        with set_threads(threads):
+            for dtype in DTYPES:
+                for label, (targets, ours, theirs) in layer_runs(dtype).items():
+                    runs = {"ours": ours} if theirs is None else {"ours": ours, "torch": theirs}
+                    times = median_seconds(runs, plan.layer_reps)
+                    target = targets[dtype] if threads == 1 else None
+                    rows.append(
+                        f"| {threads} | {dtype} | {label} | {times['ours'] * 1e3:.1f} | {_ms(times.get('torch'))} "
+                        f"{ratio_cells(times['ours'], times.get('torch'), target)}"
+                        f"{'(<= ' + str(target) + ')' if target is not None else ''} |"
+                    )
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# 3. Peak memory, each measurement in a fresh subprocess
+# ---------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current resident set (Linux 4.0+); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _status_kib("VmHWM") is not None
+
+
+def measure_peak(side: str, dtype: str) -> dict:
+    """Run in a fresh process: peak resident-set growth (MiB) over two training steps."""
+    with set_threads(1):
+        step = our_step(dtype) if side == "ours" else torch_step(dtype)
+        if _reset_peak_rss():
+            method = "VmHWM growth after clear_refs"
+            baseline = _status_kib("VmRSS")
+            step()
+            step()
+            peak = _status_kib("VmHWM")
+        else:  # ru_maxrss counts from the process start, so the baseline is the peak so far
+            method = "ru_maxrss growth"
+            baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            step()
+            step()
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_mib": (peak - baseline) / 1024, "method": method}
+
+
+def memory_table() -> list[str]:
+    rows = ["| dtype | ours MiB | torch MiB | ours / torch | target | method |", "|---|---:|---:|---:|---|---|"]
+    for dtype in DTYPES:
+        sides = ("ours", "torch") if torch is not None else ("ours",)
+        result = {}
+        for side in sides:
+            out = subprocess.run([sys.executable, __file__, "--peak-memory", side, dtype],
+                                 capture_output=True, text=True, check=True).stdout
+            result[side] = json.loads(out.strip().splitlines()[-1])
+        ours, theirs = result["ours"]["peak_mib"], result.get("torch", {}).get("peak_mib")
+        rows.append(f"| {dtype} | {ours:.1f} | {'—' if theirs is None else f'{theirs:.1f}'} "
+                    f"{ratio_cells(ours, theirs, 1.0)}(<= 1.0) | {result['ours']['method']} |")
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# 4. Sweep: trials one after another against two at a time
+# ---------------------------------------------------------------------------
+
+
+def digits_trial(seed: int) -> float:
+    """One small training run on digits, as the sweep flow's default trial; returns its val accuracy."""
+    from cnncore.data import load_dataset
+    from cnncore.solver import Solver
+
+    data = load_dataset("digits", dtype="float32", seed=0)
+    model = ThreeLayerConvNet(input_dim=data["X_train"].shape[1:], num_filters=16, filter_size=3, hidden_dim=64,
+                              num_classes=len(data["class_names"]), weight_scale=1e-2, normalization="batchnorm",
+                              dtype="float32", seed=seed)
+    solver = Solver(model, data, update_rule="adam", optim_config={"learning_rate": 3e-3}, batch_size=32,
+                    num_epochs=3, verbose=False, seed=seed)
+    solver.train()
+    return solver.best_val_acc
+
+
+def _one_blas_thread():
+    threadpool_limits(limits=1, user_api="blas")  # kept for the worker's lifetime
+
+
+def _ready(_):
+    return os.getpid()
+
+
+def measure_sweep(trials: int) -> dict:
+    """Run in a fresh process (no torch, so forking is safe): seconds for each way of running the trials."""
+    import multiprocessing
+
+    seeds = list(range(trials))
+    digits_trial(0)  # warm-up: imports, data cache
+    times = {}
+    for threads in (2, 1):
+        with threadpool_limits(limits=threads, user_api="blas"):
+            start = time.perf_counter()
+            for seed in seeds:
+                digits_trial(seed)
+            times[f"sequential, BLAS {threads} threads"] = time.perf_counter() - start
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(2) as pool:
+        start = time.perf_counter()
+        list(pool.map(digits_trial, seeds))
+        times["threads"] = time.perf_counter() - start
+    start_pool = time.perf_counter()
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork"), initializer=_one_blas_thread) as pool:
+        list(pool.map(_ready, range(2)))
+        times["process pool start"] = time.perf_counter() - start_pool
+        start = time.perf_counter()
+        list(pool.map(digits_trial, seeds))
+        times["processes"] = time.perf_counter() - start
+    return times
+
+
+def sweep_table(plan: Plan) -> list[str]:
+    out = subprocess.run([sys.executable, __file__, "--sweep-child", str(plan.sweep_trials)],
+                         capture_output=True, text=True, check=True).stdout
+    times = json.loads(out.strip().splitlines()[-1])
+    sequential, sequential_1 = times["sequential, BLAS 2 threads"], times["sequential, BLAS 1 threads"]
+    rows = [f"{plan.sweep_trials} trials one after another: {sequential:.2f} s with BLAS at 2 threads, "
+            f"{sequential_1:.2f} s at 1 thread (tiny matrices: a second BLAS thread only costs); worker "
+            f"processes started (forked) in {times['process pool start']:.2f} s, not counted.\n",
+            "| 2 at a time, BLAS 1 thread each | seconds | speed-up vs sequential at 2 threads (target >= 1.7) "
+            "| speed-up vs sequential at 1 thread |",
+            "|---|---:|---:|---:|"]
+    for way in ("threads", "processes"):
+        speedup = sequential / times[way]
+        rows.append(f"| {way} | {times[way]:.2f} | {speedup:.2f} {verdict(speedup >= 1.7)} "
+                    f"| {sequential_1 / times[way]:.2f} |")
+    return rows
+
+
+# ---------------------------------------------------------------------------
+
+
+def header() -> str:
+    blas = [f"{i.get('internal_api')} kernel {i.get('architecture', '?')}" for i in threadpool_info()
+            if i.get("user_api") == "blas"]
+    overrides = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
+    torch_line = f"torch {torch.__version__}" if torch is not None else "torch not installed: our figures only"
+    lines = [environment(), f"{torch_line}; OpenBLAS: {', '.join(blas) or 'unknown'}; "
+             f"OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE: {overrides or 'unset'}"]
+    if overrides:
+        lines.append("WARNING: these variables slow a current numpy; unset both in the benchmark's command.")
+    return "\n\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (about a minute)")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {', '.join(SECTIONS)} (default: all)")
+    parser.add_argument("--peak-memory", nargs=2, metavar=("SIDE", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--sweep-child", type=int, metavar="TRIALS", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.sweep_child:
+        print(json.dumps(measure_sweep(args.sweep_child)))
+        return 0
+    load_torch()
+    if args.peak_memory:
+        print(json.dumps(measure_peak(*args.peak_memory)))
+        return 0
+    sections = args.sections.split(",")
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    plan = QUICK if args.quick else FULL
+    start = time.perf_counter()
+    print(f"# cnncore vs PyTorch on the CPU{' (--quick)' if args.quick else ''}\n")
+    print(header() + "\n")
+    print(f"Wall-clock medians of {plan.step_reps} (step) and {plan.layer_reps} (layers) repetitions after a "
+          "warm-up, ours and torch taking turns. Targets apply at 1 thread unless shown; 'info' rows have none.\n")
+    if "step" in sections:
+        print(f"## Training step, batch {BATCH}\n")
+        print("\n".join(step_table(plan)) + "\n")
+    if "layers" in sections:
+        print("## Layers, forward + backward\n")
+        print("\n".join(layer_table(plan)) + "\n")
+    if "memory" in sections:
+        print(f"## Peak memory of a training step, batch {BATCH} (1 thread, fresh process per figure)\n")
+        print("\n".join(memory_table()) + "\n")
+    if "sweep" in sections:
+        print("## Sweep on 2 cores\n")
+        print("\n".join(sweep_table(plan)) + "\n")
+    print(f"Total {time.perf_counter() - start:.0f} s; load average at the end {os.getloadavg()[0]:.1f}.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
