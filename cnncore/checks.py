@@ -32,10 +32,14 @@ def require_nonnegative_int(name: str, value) -> int:
     return value
 
 
+class NonFiniteError(ValueError):
+    """An array that must be finite holds NaN or inf (a diverging network's scores, say)."""
+
+
 def require_finite(name: str, a) -> None:
     xp = array_module(a)
     if not bool(xp.isfinite(a).all()):
-        raise ValueError(f"{name} must be finite, got NaN or inf")
+        raise NonFiniteError(f"{name} must be finite, got NaN or inf")
 
 
 def require_labels(y, num_samples: int, num_classes: int) -> None:

@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from cnncore import optim
 from cnncore.backend import device_of, to_device, to_numpy
+from cnncore.checks import NonFiniteError
 
 DATA_KEYS = ("X_train", "y_train", "X_val", "y_val")
 
@@ -215,7 +216,11 @@ class Solver:
         is nan or inf.
         """
         idx = self._rng.integers(self.X_train.shape[0], size=self.batch_size)
-        loss, grads = self.model.loss(self.X_train[idx], self.y_train[idx])
+        try:
+            loss, grads = self.model.loss(self.X_train[idx], self.y_train[idx])
+        except NonFiniteError:
+            # Scores that overflowed to inf/NaN: the loss is not a number either.
+            loss = math.nan
         loss = float(loss)
         self.loss_history.append(loss)
         if not math.isfinite(loss):

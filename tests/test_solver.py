@@ -413,3 +413,20 @@ def test_cs231n_defaults():
     assert (solver.lr_decay, solver.batch_size, solver.num_epochs) == (1.0, 100, 10)
     assert (solver.num_train_samples, solver.num_val_samples) == (1000, None)
     assert (solver.checkpoint_name, solver.print_every, solver.verbose) == (None, 10, True)
+
+
+def test_overflowing_scores_stop_training_as_a_non_finite_loss():
+    """A net whose scores overflow to inf fails in softmax_loss's finiteness check; the
+    Solver reports that as the non-finite loss it is, at the iteration it happened."""
+    from cnncore.cnn import ThreeLayerConvNet
+
+    rng = np.random.default_rng(0)
+    data = {"X_train": rng.standard_normal((40, 1, 4, 4)), "y_train": rng.integers(0, 3, 40),
+            "X_val": rng.standard_normal((10, 1, 4, 4)), "y_val": rng.integers(0, 3, 10)}
+    net = ThreeLayerConvNet(input_dim=(1, 4, 4), num_filters=2, filter_size=3, hidden_dim=4, num_classes=3,
+                            dtype=np.float32, seed=0)
+    net.params["W3"][:] = np.inf  # the first forward pass gives non-finite scores
+    solver = Solver(net, data, num_epochs=1, batch_size=10, verbose=False, seed=0)
+    with pytest.raises(NonFiniteLossError, match="at iteration 1") as info:
+        solver.train()
+    assert info.value.iteration == 1
