@@ -50,6 +50,13 @@ def _images_per_chunk(N, bytes_per_image, xp):
     return max(1, min(N, chunk_bytes(xp) // max(bytes_per_image, 1)))
 
 
+def _image_chunks(x, arrays):
+    """Slices of x's batch: chunks of images over which ``arrays`` arrays like x fit in cache."""
+    N = x.shape[0]
+    n = _images_per_chunk(N, arrays * x[:1].nbytes, array_module(x))
+    return [slice(start, min(start + n, N)) for start in range(0, N, n)]
+
+
 def _row_columns(x, w_shape, stride, pad, Ho, Wo):
     """Yield (rows, R) for consecutive chunks of the n images of x (N, C, H, W).
 
@@ -323,6 +330,18 @@ def _unpool(dout, winner, pool_param, dx):
     return dx
 
 
+def _max_pool(x, pool_param):
+    """(out, winner) of _pool_argmax for the whole batch, a few images at a time,
+    so that each chunk's strided views and temporaries stay in cache."""
+    xp = array_module(x)
+    shape = checks.pool_output_shape(x, pool_param)
+    out = xp.empty(shape, dtype=x.dtype)
+    winner = xp.empty(shape, dtype=_winner_dtype(xp, pool_param))
+    for rows in _image_chunks(x, 4):
+        _pool_argmax(x[rows], pool_param, out[rows], winner[rows])
+    return out, winner
+
+
 def max_pool_forward_fast(x, pool_param):
     """Max pooling as elementwise maxima of strided views; arguments and output of
     max_pool_forward_naive (any stride, overlapping windows included).
@@ -330,11 +349,7 @@ def max_pool_forward_fast(x, pool_param):
     x: (N, C, H, W). Returns (out, cache): out (N, C, H', W'); cache (x, pool_param)
     carrying the argmax of each window for the backward (see _PoolCache).
     """
-    xp = array_module(x)
-    shape = checks.pool_output_shape(x, pool_param)
-    out = xp.empty(shape, dtype=x.dtype)
-    winner = xp.empty(shape, dtype=_winner_dtype(xp, pool_param))
-    _pool_argmax(x, pool_param, out, winner)
+    out, winner = _max_pool(x, pool_param)
     cache = _PoolCache((x, pool_param))
     cache.winner = winner
     return out, cache
@@ -348,12 +363,13 @@ def max_pool_backward_fast(dout, cache):
     max_pool_forward_naive.
     """
     x, pool_param = cache
-    xp = array_module(x)
     winner = getattr(cache, "winner", None)
     if winner is None:
-        winner = xp.empty(dout.shape, dtype=_winner_dtype(xp, pool_param))
-        _pool_argmax(x, pool_param, xp.empty(dout.shape, dtype=x.dtype), winner)
-    return _unpool(dout, winner, pool_param, xp.empty_like(x))
+        winner = _max_pool(x, pool_param)[1]
+    dx = array_module(x).empty_like(x)
+    for rows in _image_chunks(x, 4):
+        _unpool(dout[rows], winner[rows], pool_param, dx[rows])
+    return dx
 
 
 # ---------------------------------------------------------------------------
@@ -382,13 +398,6 @@ def _per_image_channel(rows_reduction, a, *others):
     the arrays in others, alike): (N, C)."""
     N, C = a.shape[:2]
     return rows_reduction(*(t.reshape(N * C, -1) for t in (a, *others))).reshape(N, C)
-
-
-def _image_chunks(x, arrays):
-    """Slices of x's batch: chunks of images over which ``arrays`` arrays like x fit in cache."""
-    N = x.shape[0]
-    n = _images_per_chunk(N, arrays * x[:1].nbytes, array_module(x))
-    return [slice(start, min(start + n, N)) for start in range(0, N, n)]
 
 
 def _channel(v):

@@ -104,7 +104,7 @@ def test_fused_conv_relu_pool_keeps_float32_and_never_modifies_its_inputs(layer_
 
 
 @pytest.mark.parametrize("pool", list(POOLS))
-def test_pool_caches_pass_between_the_fast_and_the_naive_backward(pool):
+def test_pool_caches_pass_between_the_fast_and_the_naive_backward(pool, chunk_images):
     # Small integers: most windows tie, and the first maximum in row-major order wins.
     x = np.random.default_rng(4).integers(0, 3, (2, 3, 7, 8)).astype(float)
     pool_param = POOLS[pool]
