@@ -49,8 +49,8 @@ FLOWS = {
     "load-data": "flows.load_data:load_data",
 }
 
-# Help for a parameter whose pydantic Field carries no description: by "Model.field",
-# else by field (or flow parameter) name. tests/ops checks that every option has help.
+# Help for a parameter whose pydantic Field carries no description: by "Model.field"
+# or "flow_function.parameter", else by bare name. tests/ops checks that every option has help.
 FIELD_HELP = {
     "dataset": "Dataset to load.",
     "num_train": "Training images to use (a seeded subset); all when unset.",
@@ -70,7 +70,18 @@ FIELD_HELP = {
     "batch_size": "Minibatch size.",
     "num_epochs": "Training epochs.",
     "dtype": "Floating-point type of data and weights.",
-    "seed": "Seed of the weight initialisation and minibatch order.",
+    "TrainConfig.seed": "Seed of the weight initialisation and minibatch order.",
+    "seed": "Random seed.",
+    "gradient_check.seed": "Seed of the random inputs of the checks.",
+    "load_data.seed": "Seed of the train/val/test split and subsets.",
+    "load_data.dtype": "Floating-point type of the images.",
+    "only": "Run only the checks with this name; repeatable. Default: every check.",
+    "run_name": "MLflow run name; default: derived from the configuration.",
+    "parent_run_id": "MLflow run to nest this run under.",
+    "max_workers": "Trials trained at once, in threads of this process.",
+    "pipeline.space": "Grid of values per TrainConfig field for the pipeline's sweep.",
+    "final_num_epochs": "Epochs to train the sweep's best configuration for at the end.",
+    "sweep_name": "Name of the sweep; naming an earlier pipeline's sweep resumes it. Default: from the flow run's name.",
     "SweepSpec.name": "Name of the sweep (its MLflow parent run and Prefect artifacts).",
     "SweepSpec.seed": "Seed of a random search's draws.",
     "space": "Values per TrainConfig field: a list (grid or random) or an interval {low, high, log} (random).",
@@ -128,6 +139,8 @@ def _one_line_errors() -> Iterator[None]:
             _fail(str(exc), exc.exit_code)
         if isinstance(exc, ValidationError):
             _fail(describe_validation_error(exc), 2)
+        if isinstance(exc, ValueError) or type(exc).__module__.startswith(("flows.", "cnncore.")):
+            _fail(str(exc), 1)  # the project's own errors say what went wrong and what to do
         _fail(f"{type(exc).__name__}: {exc}", 1)
 
 
@@ -141,7 +154,7 @@ class FlowOption:
     path: where the value goes, e.g. ("spec", "base", "batch_size") for the
       batch_size of the sweep's base TrainConfig.
     kind: "scalar" (one value), "mapping" (repeated KEY=VALUES, plus a file) or
-      "json" (one JSON/YAML text).
+      "list" (a repeated option) or "json" (one JSON/YAML text).
     """
 
     path: tuple[str, ...]
@@ -176,6 +189,10 @@ def _base_and_constraints(annotation) -> tuple[Any, list]:
 
 def _is_model(annotation) -> bool:
     return inspect.isclass(annotation) and issubclass(annotation, BaseModel)
+
+
+def _is_scalar(annotation) -> bool:
+    return annotation in (int, float, str, bool) or typing.get_origin(annotation) is Literal
 
 
 def _describe_constraints(constraints) -> str:
@@ -220,12 +237,14 @@ def _leaves(annotation, path, default, description, panel):
     text = description or FIELD_HELP.get(path[-1], "")
     text += _describe_constraints(constraints)
     if default is not None and default != "":
-        text += f" [default: {_show(default)}]"
+        text += f" (default: {_show(default)})"
     origin = typing.get_origin(bare)
     if origin is dict:
         kind, option_type = "mapping", list[str]
-    elif bare in (int, float, str, bool) or typing.get_origin(bare) is Literal:
+    elif _is_scalar(bare):
         kind, option_type = "scalar", bare
+    elif origin is list and _is_scalar(item := _base_and_constraints(typing.get_args(bare)[0])[0]):
+        kind, option_type = "list", list[item]
     else:
         kind, option_type = "json", str
     yield path, option_type, kind, text.strip(), panel
@@ -273,7 +292,8 @@ def flow_options(flow) -> list[FlowOption]:
     leaves = []
     for name, parameter in inspect.signature(fn).parameters.items():
         default = None if parameter.default is inspect.Parameter.empty else parameter.default
-        leaves.extend(_leaves(hints.get(name, str), (name,), default, None, "Flow parameters"))
+        description = FIELD_HELP.get(f"{fn.__name__}.{name}")
+        leaves.extend(_leaves(hints.get(name, str), (name,), default, description, "Flow parameters"))
     flags = _flags([leaf[0] for leaf in leaves])
     reserved = {"--params", "--help"}
     clash = reserved.intersection(flags)
@@ -327,21 +347,6 @@ def read_mapping_file(path: str | os.PathLike) -> dict:
     return data
 
 
-def _deep_merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and not _looks_like_space(key):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _looks_like_space(key: str) -> bool:
-    # A mapping option (a sweep space) is replaced whole: merging spaces would mix two sweeps.
-    return key == "space"
-
-
 def _put(tree: dict, path: tuple[str, ...], value) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
@@ -359,9 +364,11 @@ def collect_parameters(options: list[FlowOption], given: dict[str, Any], params_
             if mapping:
                 _put(params, option.path, mapping)
             continue
-        if value is None:
+        if value is None or (option.kind == "list" and not value):
             continue
-        if option.kind == "json":
+        if option.kind == "list":
+            value = list(value)
+        elif option.kind == "json":
             value = yaml.safe_load(value)
         _put(params, option.path, value)
     return params
@@ -438,17 +445,28 @@ def load_flow(target: str):
     return getattr(importlib.import_module(module), attr)
 
 
+def _plain(value):
+    """JSON-able data; arrays shown by shape and dtype, not by value."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"{value.dtype} array of shape {tuple(value.shape)}" if value.shape else value.item()
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
 def summarize(result) -> str:
     """A flow's return value as YAML for the terminal."""
     if result is None:
         return ""
-    if isinstance(result, BaseModel):
-        data = result.model_dump(mode="json")
-    elif dataclasses.is_dataclass(result) and not isinstance(result, type):
-        data = json.loads(json.dumps(dataclasses.asdict(result), default=str))
-    else:
-        data = json.loads(json.dumps(result, default=str))
-    return yaml.safe_dump(data, sort_keys=False, width=120).rstrip()
+    return yaml.safe_dump(_plain(result), sort_keys=False, width=120).rstrip()
 
 
 def _run_flow(flow, options: list[FlowOption], given: dict[str, Any]) -> None:
@@ -519,12 +537,23 @@ class _LazyFlowGroup(TyperGroup):
         if name not in FLOWS:
             return None
         try:
-            flow = load_flow(FLOWS[name])
-        except Exception as exc:  # a flow module that fails to import must not hide the others
+            return build_run_command(name, load_flow(FLOWS[name]))
+        except Exception as exc:  # a flow that fails to import must not hide the others
             if _DEBUG:
                 raise
-            _fail(f"cannot load the flow {FLOWS[name]}: {type(exc).__name__}: {exc}")
-        return build_run_command(name, flow)
+            return _unavailable_command(name, f"cannot load the flow {FLOWS[name]}: {type(exc).__name__}: {exc}")
+
+
+def _unavailable_command(name: str, reason: str):
+    """A stand-in for a flow that cannot be loaded: listed with the reason, failing with it when run."""
+
+    def command():
+        _fail(reason)
+
+    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    single.command(name=name, help=f"(unavailable) {reason}", context_settings={"ignore_unknown_options": True,
+                                                                               "allow_extra_args": True})(command)
+    return typer.main.get_command(single)
 
 
 run_app = typer.Typer(cls=_LazyFlowGroup, no_args_is_help=True,
@@ -582,8 +611,12 @@ def stop_process_group(process: subprocess.Popen, grace_s: float = 10.0) -> None
 
 @contextlib.contextmanager
 def background_server(command: list[str], health_url: str, *, env: dict | None = None,
-                      log: Path | None = None, timeout_s: float = 90.0) -> Iterator[subprocess.Popen]:
-    """Start command in a new process group, wait until health_url answers, stop the group on exit."""
+                      log: Path | None = None, timeout_s: float = 90.0,
+                      stop_grace_s: float = 10.0) -> Iterator[subprocess.Popen]:
+    """Start command in a new process group, wait until health_url answers, stop the group on exit.
+
+    Stopping sends SIGTERM to the group, then SIGKILL after stop_grace_s.
+    """
     out = open(log, "ab") if log else subprocess.DEVNULL
     process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                start_new_session=True)
@@ -591,7 +624,7 @@ def background_server(command: list[str], health_url: str, *, env: dict | None =
         wait_until_healthy(health_url, timeout_s, process, log)
         yield process
     finally:
-        stop_process_group(process)
+        stop_process_group(process, stop_grace_s)
         if log:
             out.close()
 
@@ -670,7 +703,7 @@ def serve(
 
         specs = deployments.read_deployments(file, only=deployment)
         api = deployments.require_prefect_api()
-        runner_deployments = deployments.to_runner_deployments(specs)
+        runner_deployments = [deployments.to_runner_deployment(spec) for spec in specs]
         typer.echo(f"serving {', '.join(s.full_name for s in specs)} against {api}", err=True)
         from prefect import serve as prefect_serve
 

@@ -18,9 +18,12 @@ from pathlib import Path
 import pytest
 
 from flows.cli import background_server, free_port, mlflow_server_command
+from flows.config import SweepSpec, TrainConfig
 
-# Bounded waits: both servers answer in about 10 s on 2 cores; allow for a loaded CI machine.
+# Bounded waits: both servers answer in about 10-15 s on 2 cores; allow for a loaded CI machine.
 SERVER_START_TIMEOUT_S = 90
+# A server still serving open client connections after this long is killed: its stores are temporary.
+SERVER_STOP_GRACE_S = 3
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +45,7 @@ def mlflow_server(tmp_path_factory, ops_env) -> str:
                                     artifacts_destination=str(root / "artifacts"))
     url = f"http://127.0.0.1:{port}"
     with background_server(command, f"{url}/health", env=ops_env, log=root / "server.log",
-                           timeout_s=SERVER_START_TIMEOUT_S):
+                           timeout_s=SERVER_START_TIMEOUT_S, stop_grace_s=SERVER_STOP_GRACE_S):
         yield url
 
 
@@ -54,34 +57,41 @@ def prefect_server(tmp_path_factory, ops_env) -> str:
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     api = f"http://127.0.0.1:{port}/api"
     with background_server(command, f"{api}/health", env=ops_env, log=root / "server.log",
-                           timeout_s=SERVER_START_TIMEOUT_S):
+                           timeout_s=SERVER_START_TIMEOUT_S, stop_grace_s=SERVER_STOP_GRACE_S):
         yield api
+        # Send the flow-run logs still queued in this process before the server goes.
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)
 
 
-@pytest.fixture
-def use_servers(monkeypatch, ops_env):
-    """point(mlflow=URL, prefect=API): this process and its children log and report there.
+@contextlib.contextmanager
+def pointing_at(ops_env: dict, *, mlflow: str | None = None, prefect: str | None = None):
+    """This process and the processes it starts log to MLflow and report to Prefect at the given servers.
 
     MLflow reads MLFLOW_TRACKING_URI at each connect; Prefect reads its settings
-    once at import, so they are also set in a temporary settings context.
+    once, at import, so they are also set in a temporary settings context.
     """
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
-    stack = contextlib.ExitStack()
-
-    def point(*, mlflow: str | None = None, prefect: str | None = None) -> None:
-        updates = {PREFECT_HOME: ops_env["PREFECT_HOME"]}
+    updates = {PREFECT_HOME: ops_env["PREFECT_HOME"]}
+    with pytest.MonkeyPatch.context() as patch:
         for key in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED"):
-            monkeypatch.setenv(key, ops_env[key])
+            patch.setenv(key, ops_env[key])
         if mlflow:
-            monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow)
+            patch.setenv("MLFLOW_TRACKING_URI", mlflow)
         if prefect:
-            monkeypatch.setenv("PREFECT_API_URL", prefect)
+            patch.setenv("PREFECT_API_URL", prefect)
             updates[PREFECT_API_URL] = prefect
-        stack.enter_context(temporary_settings(updates))
+        with temporary_settings(updates):
+            yield
 
-    with stack:
-        yield point
+
+@pytest.fixture
+def use_servers(ops_env):
+    """use_servers(mlflow=URL, prefect=API_URL): pointing_at those servers until the test ends."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **servers: stack.enter_context(pointing_at(ops_env, **servers))
 
 
 def rest(base: str, path: str, body: dict | None = None, **query) -> dict:
@@ -99,3 +109,22 @@ def mlflow_rest():
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+MLFLOW_API = "/api/2.0/mlflow"
+# Seconds of training per trial: what is under test here is the plumbing, not the accuracy.
+TINY = TrainConfig(num_train=120, num_val=40, num_test=40, num_epochs=1, num_filters=4, hidden_dim=16,
+                   batch_size=20, num_groups=2)
+BN_VS_GN = SweepSpec(name="bn-vs-gn-ops", base=TINY,
+                     space={"normalization": ["batchnorm", "groupnorm"], "batch_size": [10, 20]})
+
+
+def tags(run: dict) -> dict[str, str]:
+    """A run's tags, from the REST API's JSON."""
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def child_runs(server: str, experiment: str, parent_run_id: str) -> list[dict]:
+    """The runs of experiment under parent_run_id, through the server's REST API."""
+    experiment_id = rest(server, f"{MLFLOW_API}/experiments/get-by-name",
+                         experiment_name=experiment)["experiment"]["experiment_id"]
+    runs = rest(server, f"{MLFLOW_API}/runs/search", {"experiment_ids": [experiment_id], "max_results": 1000})["runs"]
+    return [r for r in runs if tags(r).get("mlflow.parentRunId") == parent_run_id]

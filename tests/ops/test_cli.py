@@ -1,0 +1,234 @@
+"""The `cnnflow` command: generated options, one-line errors, and real runs as a user types them."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import typer
+from pydantic import BaseModel
+from typer.testing import CliRunner
+
+from flows import cli
+from flows.config import SweepSpec, TrainConfig
+from flows.train import train
+
+CNNFLOW = Path(sys.executable).with_name("cnnflow")
+# A few seconds of training: enough to exercise every step of the flow.
+TINY_TRAIN = ["--num-train", "120", "--num-val", "40", "--num-test", "40", "--num-epochs", "1",
+              "--num-filters", "4", "--hidden-dim", "16", "--batch-size", "20"]
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(cli.app, list(args), catch_exceptions=False)
+
+
+def run_options(flow_name: str) -> list[cli.FlowOption]:
+    return cli.flow_options(cli.load_flow(cli.FLOWS[flow_name]))
+
+
+def test_train_options_are_generated_from_every_train_config_field():
+    flags = {o.flag for o in run_options("train")}
+    expected = {"--" + name.replace("_", "-") for name in TrainConfig.model_fields}
+    assert expected <= flags
+    assert {"--experiment", "--tracking-uri", "--run-name"} <= flags
+
+
+def test_flag_clashes_keep_the_shallowest_name_short():
+    def sweep_like(spec: SweepSpec = SweepSpec(), experiment: str = "x"):
+        pass
+
+    flags = {o.path: o.flag for o in cli.flow_options(sweep_like)}
+    assert flags[("spec", "seed")] == "--seed"
+    assert flags[("spec", "base", "seed")] == "--base-seed"
+    assert flags[("spec", "base", "batch_size")] == "--batch-size"
+    assert flags[("spec", "space")] == "--space"
+
+
+class Small(BaseModel):
+    seed: int = 0
+
+
+def test_two_model_parameters_with_the_same_fields_get_their_parameter_names():
+    def two(first: Small = Small(), second: Small = Small()):
+        pass
+
+    assert [o.flag for o in cli.flow_options(two)] == ["--first-seed", "--second-seed"]
+
+
+@pytest.mark.parametrize("flow_name", sorted(cli.FLOWS))
+def test_every_run_option_has_help(flow_name):
+    options = run_options(flow_name)
+    assert options, f"{flow_name} has no options"
+    missing = [o.flag for o in options if not re.sub(r"\(default: .*\)|Must be .*", "", o.help).strip()]
+    assert not missing, f"options of `cnnflow run {flow_name}` without help: {missing} (add them to cli.FIELD_HELP)"
+
+
+@pytest.mark.parametrize("flow_name", sorted(cli.FLOWS))
+def test_run_help_lists_every_option(flow_name):
+    result = runner.invoke(cli.app, ["run", flow_name, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    for option in run_options(flow_name):
+        assert option.flag in result.output
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("normalization=batchnorm,groupnorm", ("normalization", ["batchnorm", "groupnorm"])),
+    ("batch_size=8,32", ("batch_size", [8, 32])),
+    ("learning_rate=1e-3", ("learning_rate", [0.001])),
+    ("learning_rate={low: 1.0e-4, high: 1.0e-2, log: true}", ("learning_rate", {"low": 1e-4, "high": 1e-2, "log": True})),
+    ("num_train=[100, null]", ("num_train", [100, None])),
+])
+def test_space_assignments_parse_to_lists_and_intervals(text, expected):
+    assert cli.parse_assignment(text) == expected
+
+
+def test_space_file_and_options_merge_with_options_winning(tmp_path):
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("normalization: [batchnorm, groupnorm]\nbatch_size: [8, 32]\n")
+    params_file = tmp_path / "params.json"
+    params_file.write_text(json.dumps({"spec": {"name": "from-file", "base": {"num_epochs": 2}}}))
+
+    def sweep_like(spec: SweepSpec = SweepSpec()):
+        pass
+
+    options = cli.flow_options(sweep_like)
+    given = {"space": ["batch_size=16"], "space_file": space_file, "num_epochs": 1, "name": None}
+    params = cli.collect_parameters(options, given, str(params_file))
+    assert params == {"spec": {"name": "from-file", "base": {"num_epochs": 1},
+                               "space": {"normalization": ["batchnorm", "groupnorm"], "batch_size": [16]}}}
+
+
+def test_invalid_option_value_is_one_line_and_exit_code_2():
+    result = invoke("run", "train", "--batch-size", "0")
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: invalid parameters: --batch-size: Input should be greater than 0 (got 0)"]
+
+
+def test_inconsistent_configuration_is_one_line_and_exit_code_2():
+    result = invoke("run", "train", "--normalization", "groupnorm", "--num-groups", "3")
+    assert result.exit_code == 2
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: invalid parameters: num_groups=3 must divide num_filters=16")
+
+
+def test_unknown_choice_is_rejected_before_any_work():
+    result = runner.invoke(cli.app, ["run", "train", "--normalization", "batchnorn"])
+    assert result.exit_code == 2
+    assert "batchnorn" in result.output and "Traceback" not in result.output
+
+
+def test_unreadable_params_file_is_one_line(tmp_path):
+    result = invoke("run", "train", "--params", str(tmp_path / "missing.yaml"))
+    assert result.exit_code == 2
+    assert result.output.startswith("error: cannot read") and len(result.output.strip().splitlines()) == 1
+
+
+def test_flow_failure_is_one_line_without_traceback(monkeypatch, capsys):
+    def exploding(config: TrainConfig = TrainConfig()):
+        raise RuntimeError("the dataset went away")
+
+    with pytest.raises(typer.Exit) as exit_info:
+        cli._run_flow(exploding, cli.flow_options(exploding), {})
+    assert exit_info.value.exit_code == 1
+    assert capsys.readouterr().err == "error: RuntimeError: the dataset went away\n"
+
+
+def test_unreachable_tracking_server_fails_fast_in_one_line_and_writes_nothing(
+        tmp_path, monkeypatch, prefect_server, use_servers):
+    use_servers(prefect=prefect_server)
+    monkeypatch.chdir(tmp_path)
+    dead = f"http://127.0.0.1:{cli.free_port()}"
+    started = time.monotonic()
+    result = runner.invoke(cli.app, ["run", "train", "--tracking-uri", dead, *TINY_TRAIN])
+    assert time.monotonic() - started < 30
+    assert result.exit_code == 1
+    error_lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert error_lines == [error_lines[0]] and f"{dead} is unreachable" in error_lines[0]
+    assert "Nothing was logged" in error_lines[0]
+    assert "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_runs_lists_a_finished_training_run(tmp_path, prefect_server, use_servers):
+    use_servers(prefect=prefect_server)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = TrainConfig(num_train=120, num_val=40, num_test=40, num_epochs=1, num_filters=4, hidden_dim=16,
+                         normalization="groupnorm", num_groups=2)
+    result = train(config, experiment="cli-runs", run_name="tiny-gn", tracking_uri=store)
+
+    listed = invoke("runs", "--tracking-uri", store, "--output", "json")
+    assert listed.exit_code == 0, listed.output
+    (row,) = json.loads(listed.output)
+    assert row["run"] == "tiny-gn" and row["status"] == "FINISHED" and row["experiment"] == "cli-runs"
+    assert row["params"]["normalization"] == "groupnorm"
+    assert row["test_acc"] == pytest.approx(result.test_acc)
+    table = runner.invoke(cli.app, ["runs", "--tracking-uri", store], terminal_width=200)
+    assert "tiny-gn" in table.output and f"{result.test_acc:.3f}" in table.output
+
+
+def test_runs_names_an_unknown_experiment_in_one_line(tmp_path):
+    result = invoke("runs", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "-e", "nope")
+    assert result.exit_code == 1
+    # (MLflow's own INFO lines about creating the new store may come first.)
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no experiment named ['nope']")
+
+
+# ---------------------------------------------------------------- as a real subprocess
+
+
+def _subprocess_env(ops_env, **extra) -> dict:
+    return {**ops_env, "COLUMNS": "200", **extra}
+
+
+def test_console_script_help_is_fast_and_lists_the_commands(ops_env):
+    started = time.monotonic()
+    done = subprocess.run([str(CNNFLOW), "--help"], capture_output=True, text=True, env=_subprocess_env(ops_env),
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 10
+    for command in ("run", "serve", "ui", "runs"):
+        assert re.search(rf"^\W*{command}\b", done.stdout, re.M), done.stdout
+
+
+def test_console_script_trains_on_small_digits_against_a_temporary_store(tmp_path, ops_env, prefect_server):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = _subprocess_env(ops_env, PREFECT_API_URL=prefect_server, MLFLOW_TRACKING_URI=store)
+    done = subprocess.run([str(CNNFLOW), "run", "train", *TINY_TRAIN, "--normalization", "groupnorm",
+                           "--num-groups", "2", "--experiment", "cli-subprocess"],
+                          capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"^test_acc: \d\.\d+$", done.stdout, re.M), done.stdout
+    assert "normalization: groupnorm" in done.stdout
+    listed = subprocess.run([str(CNNFLOW), "runs", "--output", "json"], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert [row["experiment"] for row in json.loads(listed.stdout)] == ["cli-subprocess"]
+
+
+def test_ui_prints_its_loopback_address_serves_the_store_and_stops_cleanly(tmp_path, ops_env):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ui = subprocess.Popen([str(CNNFLOW), "ui", "--port", "0", "--backend-store-uri", store],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_subprocess_env(ops_env),
+                          start_new_session=True)
+    try:
+        line = ui.stdout.readline()  # bounded: cnnflow ui gives up after its own --timeout (90 s)
+        match = re.match(r"MLflow UI: (http://127\.0\.0\.1:\d+)", line)
+        assert match, line + ui.stderr.read()
+        with urllib.request.urlopen(match.group(1) + "/health", timeout=10) as response:
+            assert response.status == 200
+        ui.send_signal(signal.SIGINT)  # as Ctrl-C does
+        assert ui.wait(timeout=30) == 0
+        with pytest.raises(OSError):  # the server it started is gone too
+            urllib.request.urlopen(match.group(1) + "/health", timeout=5)
+    finally:
+        cli.stop_process_group(ui)
