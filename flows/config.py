@@ -142,6 +142,11 @@ class SweepSpec(_Frozen):
     space: field name -> a list of values (grid or random) or an Interval (random only).
     search: "grid" takes every combination; "random" draws num_trials configurations
       with numpy's default_rng(seed), each field independently.
+    lr_reference_batch: when set, each trial's learning rate is scaled linearly with
+      its batch size, learning_rate x batch_size / lr_reference_batch (Goyal et al.'s
+      rule, used by the Group Normalization paper with 32 as the reference).
+    study: a study whose report the sweep writes on its parent run at the end
+      (flows.study: "bn-vs-gn", the Group Normalization paper's batch-size table).
     Trials with the same effective configuration (see TrainConfig.effective) are
     run once. Every trial is validated here, before any work starts.
     """
@@ -153,6 +158,8 @@ class SweepSpec(_Frozen):
     search: Literal["grid", "random"] = "grid"
     num_trials: PositiveInt | None = None
     seed: NonNegativeInt = 0
+    lr_reference_batch: PositiveInt | None = None
+    study: Literal["bn-vs-gn"] | None = None
 
     @model_validator(mode="after")
     def _valid_space(self) -> SweepSpec:
@@ -186,8 +193,11 @@ class SweepSpec(_Frozen):
             overrides = self._random_overrides()
         trials: dict[str, TrainConfig] = {}
         for override in overrides:
+            fields = {**self.base.model_dump(), **override}
+            if self.lr_reference_batch is not None:
+                fields["learning_rate"] *= fields["batch_size"] / self.lr_reference_batch
             try:
-                config = TrainConfig(**{**self.base.model_dump(), **override})
+                config = TrainConfig(**fields)
             except ValueError as exc:
                 raise ValueError(f"sweep {self.name!r}: the trial {override} is not a valid TrainConfig: {exc}") from exc
             trials.setdefault(config.key(), config)

@@ -58,7 +58,8 @@ def test_same_arguments_load_once_and_give_read_only_arrays(load_count):
 
 def test_a_sweep_of_several_trials_loads_its_data_once(store, tiny, load_count):
     spec = SweepSpec(name="load-once", base=tiny, space={"seed": [0, 1, 2]})
-    report = sweep(spec=spec, tracking_uri=store.uri)
+    # One process (trials in threads): each worker process would keep its own memo.
+    report = sweep(spec=spec, tracking_uri=store.uri, trials_in="threads")
     assert [t.status for t in report.trials] == ["FINISHED"] * 3
     assert len(load_count) == 1
 

@@ -67,7 +67,8 @@ def test_trials_run_concurrently_as_children_tagged_with_the_flow_run(store, tin
 
 def test_rerun_skips_finished_trials_and_reruns_unfinished_ones(store, tiny, fits):
     spec = SweepSpec(name="resume", base=tiny, space={"seed": [0, 1, 2]})
-    first = sweep(spec=spec, tracking_uri=store.uri)
+    # Trained in the task threads, so the spy sees every fit (worker processes are another test's).
+    first = sweep(spec=spec, tracking_uri=store.uri, trials_in="threads")
     assert len(fits) == 3
     # What an interruption leaves: trial 0 finished, trial 1 cut off while RUNNING,
     # trial 2 never started (its run gone), the parent still RUNNING.
@@ -77,7 +78,7 @@ def test_rerun_skips_finished_trials_and_reruns_unfinished_ones(store, tiny, fit
     store.client.update_run(first.parent_run_id, status="RUNNING")
     fits.clear()
 
-    second = sweep(spec=spec, tracking_uri=store.uri)
+    second = sweep(spec=spec, tracking_uri=store.uri, trials_in="threads")
 
     assert sorted(config.seed for _, _, config, _ in fits) == [1, 2]
     assert second.parent_run_id == first.parent_run_id
