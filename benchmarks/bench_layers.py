@@ -103,20 +103,22 @@ FULL = Plan(reps=7, naive_reps=2, naive_conv_images=2, naive_pool_images=50)
 QUICK = Plan(reps=3, naive_reps=1, naive_conv_images=1, naive_pool_images=10)
 
 
-def median_seconds(fns: dict, reps: int) -> dict:
-    """Median wall time of each fn() over reps calls, after one warm-up call each.
+def median_seconds(fns: dict, reps: int, clock=time.perf_counter) -> dict:
+    """Median time of each fn() over reps calls, after one warm-up call each.
 
     The functions take turns within each repetition, so a ratio of two of them
-    compares runs made under the same load on the machine.
+    compares runs made under the same load on the machine. clock: wall time by
+    default; time.process_time measures the CPU time the process used instead,
+    which a single-threaded run on a busy machine does not inflate by waiting.
     """
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 

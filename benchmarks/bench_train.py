@@ -35,9 +35,10 @@ Prints Markdown tables, measured in one run, each with the targets of issue 7
 Steps 1 and 2 run with BLAS pinned to 1 thread and then 2 (threadpoolctl), and
 torch.set_num_threads to the same count. Every time is the median of several
 repetitions after a warm-up; ours and torch take turns within each repetition,
-so a ratio compares runs made under the same load on the machine. Two-thread
-timings swing run to run on a shared 2-core machine; one-thread ones repeat
-within a few percent. torch is the optional `bench` extra: without it only our
+so a ratio compares runs made under the same load on the machine. At 1 thread
+the time is the process's CPU time (see clock_for): on a 2-core machine that
+other jobs share, wall times swing by 1.5-3x with their load, CPU times far
+less. At 2 threads it is wall time, and those rows swing. torch is the optional `bench` extra: without it only our
 own figures are printed. For a fair BLAS, leave OPENBLAS_CORETYPE and
 OPENBLAS_L2_SIZE unset in the benchmark's command (the header names the
 kernel OpenBLAS runs).
@@ -95,7 +96,7 @@ class Plan:
     sweep_trials: int
 
 
-FULL = Plan(step_reps=15, layer_reps=9, sweep_trials=4)
+FULL = Plan(step_reps=15, layer_reps=15, sweep_trials=4)
 QUICK = Plan(step_reps=5, layer_reps=3, sweep_trials=4)
 
 
@@ -162,6 +163,17 @@ def ratio_cells(ours: float, theirs: float | None, target: float | None) -> str:
     return f"| {ratio:.2f} | {'info' if target is None else f'{verdict(ratio <= target)} (<= {target})'} |"
 
 
+def clock_for(threads: int):
+    """Process CPU time for single-threaded runs, wall time for multi-threaded ones.
+
+    At 1 thread both sides do all their work on one core, so CPU time is the
+    wall time they would take on an idle core, without the waits that other
+    jobs on a shared machine add; with 2 threads CPU time would add the threads
+    up, so wall time it is.
+    """
+    return time.process_time if threads == 1 else time.perf_counter
+
+
 def comparisons(reps: int, cases):
     """Yield (threads, dtype, label, median seconds by side, target) for every case, both thread counts.
 
@@ -172,7 +184,7 @@ def comparisons(reps: int, cases):
             for dtype in DTYPES:
                 for label, (target, ours, theirs) in cases(dtype, threads).items():
                     runs = {"ours": ours} if theirs is None else {"ours": ours, "torch": theirs}
-                    yield threads, dtype, label, median_seconds(runs, reps), target
+                    yield threads, dtype, label, median_seconds(runs, reps, clock_for(threads)), target
 
 
 def step_target(dtype: str, threads: int) -> float | None:
@@ -463,8 +475,9 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     print(f"# cnncore vs PyTorch on the CPU{' (--quick)' if args.quick else ''}\n")
     print(header() + "\n")
-    print(f"Wall-clock medians of {plan.step_reps} (step) and {plan.layer_reps} (layers) repetitions after a "
-          "warm-up, ours and torch taking turns. Targets apply at 1 thread unless shown; 'info' rows have none.\n")
+    print(f"Medians of {plan.step_reps} (step) and {plan.layer_reps} (layers) repetitions after a warm-up, ours "
+          "and torch taking turns: process CPU time at 1 thread, wall time at 2. Targets apply at 1 thread unless "
+          "shown; 'info' rows have none.\n")
     if "step" in sections:
         print(f"## Training step, batch {BATCH}\n")
         print("\n".join(step_table(plan)) + "\n")
