@@ -53,6 +53,25 @@ def require_device(device: str) -> ModuleType:
     return cp
 
 
+def device_name(device: str) -> str:
+    """A person-readable name of the device: the GPU's model for 'cuda', the CPU's for 'cpu'."""
+    if require_device(device) is np:
+        import platform
+
+        return _cpu_model() or platform.machine() or "cpu"
+    cp = _cupy()
+    name = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
 def to_device(x, device: str):
     """``x`` as an array on ``device`` (no copy when it is already there)."""
     xp = require_device(device)

@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
                       PositiveInt, field_validator, model_validator)
 
+from cnncore.backend import require_device
 from cnncore.cnn import NORMALIZATIONS
 from cnncore.data import KNOWN_DATASETS
 from cnncore.optim import UPDATE_RULES
@@ -72,6 +73,7 @@ class TrainConfig(_Subsets):
     num_epochs: PositiveInt = 3
     dtype: FloatDType = "float32"
     seed: NonNegativeInt = 0
+    device: Literal["cpu", "cuda"] = "cpu"
 
     @field_validator("normalization", mode="before")
     @classmethod
@@ -83,6 +85,15 @@ class TrainConfig(_Subsets):
     def _odd_filter(cls, value: int) -> int:
         if value % 2 == 0:
             raise ValueError(f"filter_size must be odd so the convolution keeps H and W, got {value}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device_available(cls, value: str) -> str:
+        try:
+            require_device(value)
+        except RuntimeError as exc:  # no CuPy, or no GPU: say so before any run is made
+            raise ValueError(str(exc)) from exc
         return value
 
     @model_validator(mode="after")

@@ -24,6 +24,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from cnncore.backend import device_name
 from cnncore.cnn import ThreeLayerConvNet
 from cnncore.solver import Solver
 
@@ -66,7 +67,7 @@ def build_net(config: TrainConfig, data: dict) -> ThreeLayerConvNet:
         input_dim=data["X_train"].shape[1:], num_filters=config.num_filters, filter_size=config.filter_size,
         hidden_dim=config.hidden_dim, num_classes=len(data["class_names"]), weight_scale=config.weight_scale,
         reg=config.reg, dtype=config.dtype, normalization=config.normalization, num_groups=config.num_groups,
-        seed=config.seed,
+        seed=config.seed, device=config.device,
     )
 
 
@@ -119,6 +120,7 @@ def fit(tracker: Tracker, run_id: str, config: TrainConfig, data: dict) -> Fitte
     images_per_s = solver.iteration * config.batch_size / wall
     tracker.log_metrics(run_id, {"best_val_acc": solver.best_val_acc, "wall_time_s": wall,
                                  "images_per_s": images_per_s})
+    tracker.set_tags(run_id, {"device": config.device, "device_name": device_name(config.device)})
     return Fitted(net, list(solver.loss_history), list(solver.train_acc_history), list(solver.val_acc_history),
                   float(solver.best_val_acc), wall, images_per_s, stream.epochs)
 

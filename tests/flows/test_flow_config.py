@@ -1,5 +1,7 @@
 """TrainConfig and SweepSpec: validation with clear messages, grids, seeded random search."""
 
+import importlib.util
+
 import pytest
 from pydantic import ValidationError
 
@@ -66,3 +68,9 @@ def test_sweep_spec_rejects_bad_spaces_before_any_trial(fields, words):
     with pytest.raises(ValidationError) as info:
         SweepSpec(**fields)
     assert words in str(info.value)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed here")
+def test_cuda_device_without_cupy_fails_in_the_config():
+    with pytest.raises(ValueError, match="needs CuPy"):
+        TrainConfig(device="cuda")

@@ -28,6 +28,8 @@ def test_run_holds_every_parameter_and_the_final_numbers(trained):
     assert metrics["test_acc"] == pytest.approx(result.test_acc)
     assert 0 <= metrics["test_acc"] <= 1 and metrics["wall_time_s"] > 0 and metrics["images_per_s"] > 0
     assert run.data.tags["prefect.flow_name"] == "train"
+    # The device trained on and its name (the CPU model here; the GPU model on CUDA).
+    assert run.data.tags["device"] == "cpu" and run.data.tags["device_name"]
 
 
 def test_loss_per_iteration_and_accuracy_per_epoch_are_step_metrics(trained, module_store):
