@@ -393,47 +393,64 @@ def _ready(_):
 
 
 def measure_sweep(trials: int) -> dict:
-    """Run in a fresh process (no torch, so forking is safe): seconds for each way of running the trials."""
+    """Run in a fresh process (no torch, so forking is safe): for each way of
+    running the trials, its wall seconds and the cores it kept busy (CPU time
+    of this process and its finished children over wall time)."""
     import multiprocessing
 
     seeds = list(range(trials))
     digits_trial(0)  # warm-up: imports, data cache
-    times = {}
+
+    def timed(name, run):
+        before, start = os.times(), time.perf_counter()
+        run()
+        after, wall = os.times(), time.perf_counter() - start
+        cpu = sum(after[:4]) - sum(before[:4])  # user + system, self + children
+        result[name] = {"seconds": wall, "cores": cpu / wall}
+
+    result = {}
     for threads in (2, 1):
         with threadpool_limits(limits=threads, user_api="blas"):
-            start = time.perf_counter()
-            for seed in seeds:
-                digits_trial(seed)
-            times[f"sequential, BLAS {threads} threads"] = time.perf_counter() - start
+            timed(f"one after another, BLAS {threads} thread{'s' * (threads > 1)}",
+                  lambda: [digits_trial(seed) for seed in seeds])
     with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(2) as pool:
-        start = time.perf_counter()
-        list(pool.map(digits_trial, seeds))
-        times["threads"] = time.perf_counter() - start
+        timed("threads", lambda: list(pool.map(digits_trial, seeds)))
     start_pool = time.perf_counter()
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork"), initializer=_one_blas_thread) as pool:
-        list(pool.map(_ready, range(2)))
-        times["process pool start"] = time.perf_counter() - start_pool
-        start = time.perf_counter()
+    pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork"), initializer=_one_blas_thread)
+    list(pool.map(_ready, range(2)))
+    result["process pool start"] = {"seconds": time.perf_counter() - start_pool}
+
+    def processes():  # the workers' CPU time is counted once they have exited
         list(pool.map(digits_trial, seeds))
-        times["processes"] = time.perf_counter() - start
-    return times
+        pool.shutdown()
+
+    timed("processes", processes)
+    return result
 
 
 def sweep_table(plan: Plan) -> list[str]:
+    load = os.getloadavg()[0]
     out = subprocess.run([sys.executable, __file__, "--sweep-child", str(plan.sweep_trials)],
                          capture_output=True, text=True, check=True).stdout
-    times = json.loads(out.strip().splitlines()[-1])
-    sequential, sequential_1 = times["sequential, BLAS 2 threads"], times["sequential, BLAS 1 threads"]
+    runs = json.loads(out.strip().splitlines()[-1])
+    sequential, sequential_1 = (runs[name]["seconds"] for name in list(runs)[:2])
     rows = [f"{plan.sweep_trials} trials one after another: {sequential:.2f} s with BLAS at 2 threads, "
             f"{sequential_1:.2f} s at 1 thread (tiny matrices: a second BLAS thread only costs); worker "
-            f"processes started (forked) in {times['process pool start']:.2f} s, not counted.\n",
-            "| 2 at a time, BLAS 1 thread each | seconds | speed-up vs sequential at 2 threads (target >= 1.7) "
-            "| speed-up vs sequential at 1 thread |",
-            "|---|---:|---:|---:|"]
-    for way in ("threads", "processes"):
-        speedup = sequential / times[way]
-        rows.append(f"| {way} | {times[way]:.2f} | {speedup:.2f} {verdict(speedup >= 1.7)} "
-                    f"| {sequential_1 / times[way]:.2f} |")
+            f"processes started (forked) in {runs['process pool start']['seconds']:.2f} s, not counted. "
+            f"Load average before the sweep {load:.1f}: the share of the 2 cores that other jobs take is "
+            "not available to the trials ('cores busy' shows what they got).\n",
+            "| trials run | seconds | cores busy | speed-up vs one after another at BLAS 2 threads "
+            "(target >= 1.7) | speed-up vs one after another at BLAS 1 thread |",
+            "|---|---:|---:|---:|---:|"]
+    for name, run in runs.items():
+        if name == "process pool start":
+            continue
+        one_by_one = name.startswith("one after another")
+        way = name if one_by_one else f"2 at a time in {name}, BLAS 1 thread each"
+        speedup = sequential / run["seconds"]
+        verdict_cell = "" if one_by_one else f" {verdict(speedup >= 1.7)}"
+        rows.append(f"| {way} | {run['seconds']:.2f} | {run['cores']:.2f} | {speedup:.2f}{verdict_cell} "
+                    f"| {sequential_1 / run['seconds']:.2f} |")
     return rows
 
 
