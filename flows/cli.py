@@ -50,7 +50,8 @@ FLOWS = {
 }
 
 # Help for a parameter whose pydantic Field carries no description: by "Model.field"
-# or "flow_function.parameter", else by bare name. tests/ops checks that every option has help.
+# or "flow_function.parameter", else by bare name, else from the model's or flow's
+# docstring (`name: text`). tests/ops checks that every option has help.
 FIELD_HELP = {
     "dataset": "Dataset to load.",
     "num_train": "Training images to use (a seeded subset); all when unset.",
@@ -78,10 +79,11 @@ FIELD_HELP = {
     "only": "Run only the checks with this name; repeatable. Default: every check.",
     "run_name": "MLflow run name; default: derived from the configuration.",
     "parent_run_id": "MLflow run to nest this run under.",
-    "max_workers": "Trials trained at once, in threads of this process.",
+    "device": "Where to train: cpu, or cuda (needs CuPy and a GPU).",
+    "SweepSpec.study": "Write this study's table, figure and report on the sweep's parent run "
+                       "(bn-vs-gn: the Group Normalization paper's batch-size comparison).",
+    "max_workers": "Trials trained at once on this machine.",
     "pipeline.space": "Grid of values per TrainConfig field for the pipeline's sweep.",
-    "final_num_epochs": "Epochs to train the sweep's best configuration for at the end.",
-    "sweep_name": "Name of the sweep; naming an earlier pipeline's sweep resumes it. Default: from the flow run's name.",
     "SweepSpec.name": "Name of the sweep (its MLflow parent run and Prefect artifacts).",
     "SweepSpec.seed": "Seed of a random search's draws.",
     "space": "Values per TrainConfig field: a list (grid or random) or an interval {low, high, log} (random).",
@@ -89,7 +91,7 @@ FIELD_HELP = {
     "num_trials": "Trials of a random search.",
     "experiment": "MLflow experiment to log to.",
     "tracking_uri": "MLflow tracking URI; else $MLFLOW_TRACKING_URI, else the project's sqlite store.",
-    "dask_address": "Address of a Dask scheduler (tcp://host:8786) to run the trials on; local threads when unset.",
+    "dask_address": "Address of a Dask scheduler (tcp://host:8786) to run the trials on; this machine when unset.",
 }
 
 PREFECT_YAML = Path(__file__).resolve().parent.parent / "prefect.yaml"
@@ -215,6 +217,33 @@ def _show(value) -> str:
     return str(value)
 
 
+def docstring_help(obj, names: list[str]) -> dict[str, str]:
+    """Parameter help written in obj's docstring as `name: text` (or `a, b: text`), by name.
+
+    A parameter's text runs to the next documented name or the end of its
+    paragraph, leaving out a closing "Returns ..." or "Raises ..." sentence.
+    """
+    if not names:
+        return {}
+    known = "|".join(sorted(map(re.escape, names), key=len, reverse=True))
+    start = re.compile(rf"(?:^|(?<=[.;] ))((?:{known})(?:, (?:{known}))*): ")
+    found: dict[str, str] = {}
+    for paragraph in re.split(r"\n\s*\n", inspect.getdoc(obj) or ""):
+        text = " ".join(paragraph.split())
+        matches = list(start.finditer(text))
+        for match, after in zip(matches, [*matches[1:], None]):
+            body = text[match.end():after.start() if after else len(text)].strip().rstrip(";")
+            body = re.split(r"(?<=\.) (?=Returns |Raises )", body)[0]
+            for name in match.group(1).split(", "):
+                found.setdefault(name, body[:1].upper() + body[1:])
+    return found
+
+
+def _help(owner: str, name: str, documented: dict[str, str]) -> str:
+    """FIELD_HELP's "owner.name", else FIELD_HELP's name, else the owner's docstring."""
+    return FIELD_HELP.get(f"{owner}.{name}") or FIELD_HELP.get(name) or documented.get(name, "")
+
+
 def _leaves(annotation, path, default, description, panel):
     """Yield (path, annotation, kind, help, panel) for every option under one parameter."""
     bare, optional = _strip_optional(annotation)
@@ -225,16 +254,17 @@ def _leaves(annotation, path, default, description, panel):
             with contextlib.suppress(ValidationError, TypeError):
                 model_default = bare()
         title = (bare.__doc__ or bare.__name__).strip().splitlines()[0].rstrip(".")
+        documented = docstring_help(bare, list(bare.model_fields))
         for name, field in bare.model_fields.items():
             field_default = getattr(model_default, name, None)
             field_annotation = field.annotation
             if field.metadata:
                 field_annotation = Annotated[(field_annotation, *field.metadata)]
-            description = field.description or FIELD_HELP.get(f"{bare.__name__}.{name}")
+            description = field.description or _help(bare.__name__, name, documented)
             yield from _leaves(field_annotation, (*path, name), field_default, description,
                                f"{bare.__name__}: {title}")
         return
-    text = description or FIELD_HELP.get(path[-1], "")
+    text = description or ""
     text += _describe_constraints(constraints)
     if default is not None and default != "":
         text += f" (default: {_show(default)})"
@@ -290,9 +320,10 @@ def flow_options(flow) -> list[FlowOption]:
     fn = getattr(flow, "fn", flow)
     hints = _signature_hints(fn)
     leaves = []
+    documented = docstring_help(fn, list(inspect.signature(fn).parameters))
     for name, parameter in inspect.signature(fn).parameters.items():
         default = None if parameter.default is inspect.Parameter.empty else parameter.default
-        description = FIELD_HELP.get(f"{fn.__name__}.{name}")
+        description = _help(fn.__name__, name, documented)
         leaves.extend(_leaves(hints.get(name, str), (name,), default, description, "Flow parameters"))
     flags = _flags([leaf[0] for leaf in leaves])
     reserved = {"--params", "--help"}
