@@ -194,6 +194,8 @@ def trial_pool(trials_in: str, max_workers: int, blas_threads: int, dask_address
     Processes are the default: the small numpy operations of a digits-sized net hold
     the GIL most of the time, so two threads run slower than one (measured 0.75x),
     while two processes run side by side. Spawned, not forked: the parent runs threads.
+    As with any spawned pool, a script that calls sweep() must do so under
+    ``if __name__ == "__main__":`` (the workers import the script's module).
     """
     if trials_in == "threads" or dask_address is not None:
         return None
