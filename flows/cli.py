@@ -744,8 +744,8 @@ def serve(
 # ---------------------------------------------------------------- cnnflow runs
 
 
-# Shown by `cnnflow runs`, where a run has them.
-KEY_PARAMS = ("normalization", "batch_size", "learning_rate", "num_epochs", "update_rule")
+# Shown by `cnnflow runs`, where a run has them, under these short names.
+KEY_PARAMS = {"normalization": "norm", "batch_size": "bs", "learning_rate": "lr", "num_epochs": "epochs"}
 VAL_METRICS = ("best_val_acc", "val_acc")
 TEST_METRICS = ("test_acc",)
 
@@ -770,6 +770,9 @@ def recent_runs(tracking_uri: str | None, experiments: list[str] | None, limit: 
         return []
     found_runs = client.search_runs(list(names), max_results=limit, order_by=["attributes.start_time DESC"])
     run_names = {r.info.run_id: r.info.run_name for r in found_runs}
+    for parent in {r.data.tags.get("mlflow.parentRunId") for r in found_runs} - set(run_names) - {None}:
+        with contextlib.suppress(Exception):  # a deleted parent keeps its id
+            run_names[parent] = client.get_run(parent).info.run_name
     rows = []
     for run in found_runs:
         metrics, params = run.data.metrics, run.data.params
@@ -795,15 +798,39 @@ def print_runs_table(rows: list[dict]) -> None:
     if not rows:
         typer.echo("no runs yet")
         return
+    # A terminal's own width; a pipe gets every column in full.
+    console = Console(width=None if sys.stdout.isatty() else 180)
+    cells = {
+        "run": lambda r: r["run"],
+        "status": lambda r: r["status"],
+        "val acc": lambda r: "" if r["val_acc"] is None else f"{r['val_acc']:.3f}",
+        "test acc": lambda r: "" if r["test_acc"] is None else f"{r['test_acc']:.3f}",
+        "params": lambda r: " ".join(f"{KEY_PARAMS[k]}={v}" for k, v in r["params"].items()),
+        "experiment": lambda r: r["experiment"],
+        "parent": lambda r: r["parent"] or "",
+        "started": lambda r: r["started"],
+    }
+    # (least, most) width of each column, in the order they are given up when the terminal is narrow.
+    widths = {"run": (16, 40), "status": (8, 8), "val acc": (7, 7), "test acc": (8, 8), "params": (16, 40),
+              "experiment": (10, 18), "parent": (10, 22), "started": (16, 16)}
+    room = console.width - 1
+    shown = []
+    for column, (least, _) in widths.items():  # the columns whose least widths fit
+        if sum(widths[c][0] + 2 for c in shown) + least + 2 <= room:
+            shown.append(column)
+    size = {c: widths[c][0] for c in shown}
+    spare = room - sum(size[c] + 2 for c in shown)
+    for column in shown:  # then widen them, in order, up to their most
+        grow = min(spare, widths[column][1] - size[column])
+        size[column] += grow
+        spare -= grow
     table = Table(box=None, header_style="bold")
-    for column in ("run", "parent", "experiment", "status", "started", "params", "val acc", "test acc"):
-        table.add_column(column, justify="right" if column.endswith("acc") else "left")
+    for column in shown:
+        table.add_column(column, justify="right" if column.endswith("acc") else "left", no_wrap=True,
+                         overflow="ellipsis", width=size[column])
     for row in rows:
-        accuracy = ["" if row[k] is None else f"{row[k]:.3f}" for k in ("val_acc", "test_acc")]
-        params = " ".join(f"{k}={v}" for k, v in row["params"].items())
-        table.add_row(row["run"], row["parent"] or "", row["experiment"], row["status"], row["started"],
-                      params, *accuracy)
-    Console(width=max(160, typer.get_terminal_size().columns)).print(table)
+        table.add_row(*(cells[column](row) for column in shown))
+    console.print(table)
 
 
 @app.command()
