@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-all bench clean
+.PHONY: run test test-all bench bench-torch clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_layers.py
+
+# cnncore against PyTorch CPU (installs the optional `bench` extra, torch==2.13.0);
+# OpenBLAS's CPU overrides, where set, slow a current numpy: unset for this command only.
+bench-torch: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV)
