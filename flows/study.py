@@ -176,7 +176,7 @@ def findings(table: pd.DataFrame) -> list[str]:
     if all(v is not None for v in at_large.values()):
         order = sorted(at_large, key=lambda n: at_large[n]["mean_error"])
         lines.append(f"At batch {large}, ordering by error: "
-                     + " < ".join(f"{LABELS[n]} {at_large[n]['mean_error']:.1f}%" for n in order)
+                     + " ≤ ".join(f"{LABELS[n]} {at_large[n]['mean_error']:.1f}%" for n in order)
                      + "; the paper's order at batch 32 is GN 24.1% < LN 25.3% < IN 28.4%"
                      + (" — the same here." if order == ["groupnorm", "layernorm", "instancenorm"] else
                         " — a different order here."))
