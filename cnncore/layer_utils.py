@@ -1,9 +1,9 @@
 """Sandwich layers: common stacks of layers composed into one forward/backward pair.
 
 Built from the fast layers in ``cnncore.fast_layers`` (convolution, pooling,
-spatial norms) and the others in ``cnncore.layers``. Each forward returns ``(out, cache)``; each
-backward takes ``(dout, cache)`` and returns the gradients of the forward's
-array inputs, in order.
+spatial norms) and the others in ``cnncore.layers``. Each forward returns
+``(out, cache)``; each backward takes ``(dout, cache)`` and returns the
+gradients of the forward's array inputs, in order.
 """
 
 from __future__ import annotations
