@@ -16,6 +16,9 @@ Prints Markdown tables, measured in one run:
    that do the work (im2col, the products, col2im, layout copies), named as
    they are in that module, so the table follows whatever algorithm it has.
 
+The comparisons with PyTorch (layers and training step, against issue 7's
+targets) are in bench_train.py, the one place for them.
+
 Every time is the median of several repetitions after one warm-up call; what
 is compared (fast conv and matmul, the profile's steps) takes turns within each
 repetition, so a ratio compares runs made under the same machine load. The
