@@ -504,6 +504,7 @@ def _run_flow(flow, options: list[FlowOption], given: dict[str, Any]) -> None:
     with _one_line_errors():
         params = collect_parameters(options, given, given.get("params"))
         validated = validate_parameters(flow, params, options)
+        _check_tracking_server(flow, validated)
         if not _DEBUG:
             import prefect.logging.configuration  # noqa: F401  (Prefect configures logging on import)
 
@@ -512,6 +513,21 @@ def _run_flow(flow, options: list[FlowOption], given: dict[str, Any]) -> None:
         text = summarize(result)
         if text:
             typer.echo(text)
+
+
+def _check_tracking_server(flow, params: dict) -> None:
+    """Fail before starting Prefect when the flow would log to a tracking server that does not answer.
+
+    The flow makes the same check itself; doing it here first saves the seconds a
+    temporary Prefect server takes to start, only to report the same line.
+    """
+    if "tracking_uri" not in inspect.signature(getattr(flow, "fn", flow)).parameters:
+        return
+    from flows import tracking
+
+    uri = tracking.resolve_tracking_uri(params.get("tracking_uri"))
+    if uri.startswith(("http://", "https://")):
+        tracking.connect(uri)
 
 
 def build_run_command(command_name: str, flow) -> Any:

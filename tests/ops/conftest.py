@@ -36,29 +36,36 @@ def ops_env(tmp_path_factory) -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def loopback_server(tmp_path_factory, env: dict, name: str, command, health_path: str):
+    """command(folder, port) started on a free 127.0.0.1 port and healthy at health_path; yields its base URL."""
+    root = tmp_path_factory.mktemp(name)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with background_server(command(root, port), url + health_path, env=env, log=root / "server.log",
+                           timeout_s=SERVER_START_TIMEOUT_S, stop_grace_s=SERVER_STOP_GRACE_S):
+        yield url
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory, ops_env) -> str:
     """A real `mlflow server` (sqlite store, served artifacts) on a free 127.0.0.1 port; yields its URL."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    command = mlflow_server_command(f"sqlite:///{root / 'mlflow.db'}", port,
-                                    artifacts_destination=str(root / "artifacts"))
-    url = f"http://127.0.0.1:{port}"
-    with background_server(command, f"{url}/health", env=ops_env, log=root / "server.log",
-                           timeout_s=SERVER_START_TIMEOUT_S, stop_grace_s=SERVER_STOP_GRACE_S):
+    def command(root, port):
+        return mlflow_server_command(f"sqlite:///{root / 'mlflow.db'}", port,
+                                     artifacts_destination=str(root / "artifacts"))
+
+    with loopback_server(tmp_path_factory, ops_env, "mlflow-server", command, "/health") as url:
         yield url
 
 
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory, ops_env) -> str:
     """A real `prefect server start` on a free 127.0.0.1 port; yields its API URL."""
-    root = tmp_path_factory.mktemp("prefect-server")
-    port = free_port()
-    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    api = f"http://127.0.0.1:{port}/api"
-    with background_server(command, f"{api}/health", env=ops_env, log=root / "server.log",
-                           timeout_s=SERVER_START_TIMEOUT_S, stop_grace_s=SERVER_STOP_GRACE_S):
-        yield api
+    def command(root, port):
+        return [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+
+    with loopback_server(tmp_path_factory, ops_env, "prefect-server", command, "/api/health") as url:
+        yield f"{url}/api"
         # Send the flow-run logs still queued in this process before the server goes.
         from prefect.logging.handlers import APILogWorker
 
