@@ -18,7 +18,7 @@ from .conftest import REPO_ROOT, rest
 
 PREFECT = [sys.executable, "-m", "prefect"]
 CNNFLOW = Path(sys.executable).with_name("cnnflow")
-EXPECTED = {"gradient-check/nightly", "train/nightly", "sweep/weekly-bn-vs-gn"}
+EXPECTED = {"gradient-check/nightly", "train/nightly", "sweep/weekly-bn-vs-gn", "sweep/weekly-bn-vs-gn-study"}
 # A gradient check of two small layers: a served run that takes seconds.
 QUICK_CHECK = '["relu_forward", "affine_forward"]'
 
