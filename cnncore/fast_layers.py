@@ -410,10 +410,14 @@ def spatial_batchnorm_forward_fast(x, gamma, beta, bn_param):
     layers.spatial_batchnorm_forward (bn_param's running statistics included).
 
     x: (N, C, H, W); gamma, beta: (C,) or (1, C, 1, 1).
-    Returns (out, cache): out (N, C, H, W); cache (x - mean, inv_std (C,), gamma
-    (C,), mode, gamma.shape, beta.shape) for spatial_batchnorm_backward_fast.
-    x_hat = (x - mean) * inv_std is never stored: the backward needs only its
-    per-channel sums, which the centred input gives as well.
+    Returns (out, cache): out (N, C, H, W); cache (x, mean (C,), inv_std (C,),
+    gamma (C,), mode, gamma.shape, beta.shape) for spatial_batchnorm_backward_fast.
+
+    Two passes over x and one write of out, the least memory traffic there is:
+    the statistics in one pass (sums and sums of squares of x less a per-channel
+    shift, chunk by chunk in cache), then out = x * scale + offset per channel.
+    Neither x - mean nor x_hat is stored: the cache keeps x itself, which costs
+    no memory, and the backward needs only per-channel affine maps of it.
     """
     checks.require_ndim("x", x, 4, "(N, C, H, W)")
     xp = array_module(x)
@@ -421,26 +425,44 @@ def spatial_batchnorm_forward_fast(x, gamma, beta, bn_param):
     g = checks.affine_params("gamma", gamma, C)
     bt = checks.affine_params("beta", beta, C)
     mode, running_mean, running_var = _running_stats(bn_param, C, xp, x.dtype)
-    M = N * H * W
-    chunks = _image_chunks(x, 2)
-    centred = xp.empty_like(x)
+    chunks = _image_chunks(x, 3)
     if mode == "train":
-        mean = _per_image_channel(_row_sums, x).sum(axis=0) / M
-        squares = xp.empty((N, C), dtype=x.dtype)
-        for rows in chunks:
-            xp.subtract(x[rows], _channel(mean), out=centred[rows])
-            squares[rows] = _per_image_channel(_row_dots, centred[rows], centred[rows])
-        var = squares.sum(axis=0) / M
+        mean, var = _channel_mean_var(x, chunks)
         _update_running_stats(bn_param, mean, var)
     else:
-        xp.subtract(x, _channel(running_mean), out=centred)
-        var = running_var
+        mean, var = running_mean, running_var
     inv_std = 1 / xp.sqrt(var + bn_param.get("eps", 1e-5))
+    scale = g * inv_std
+    offset = bt - mean * scale
     out = xp.empty_like(x)
     for rows in chunks:
-        xp.multiply(centred[rows], _channel(g * inv_std), out=out[rows])
-        out[rows] += _channel(bt)
-    return out, (centred, inv_std, g, mode, gamma.shape, beta.shape)
+        xp.multiply(x[rows], _channel(scale), out=out[rows])
+        out[rows] += _channel(offset)
+    return out, (x, mean, inv_std, g, mode, gamma.shape, beta.shape)
+
+
+def _channel_mean_var(x, chunks):
+    """Per-channel mean and (biased) variance of x (N, C, H, W) in one pass over memory.
+
+    Each chunk is shifted by the channel means of the first image into a buffer
+    that stays in cache, and summed and summed in squares from there: with the
+    shift close to the mean, var = mean(s**2) - mean(s)**2 of the shifted s
+    loses nothing to cancellation, as the naive formula on x would when the
+    mean is large against the spread.
+    """
+    xp = array_module(x)
+    N, C, H, W = x.shape
+    shift = _channel(_per_image_channel(_row_sums, x[:1])[0] / (H * W))
+    sums, squares = xp.empty((N, C), dtype=x.dtype), xp.empty((N, C), dtype=x.dtype)
+    buffer = xp.empty_like(x[chunks[0]])
+    for rows in chunks:
+        s = buffer[: rows.stop - rows.start]
+        xp.subtract(x[rows], shift, out=s)
+        sums[rows] = _per_image_channel(_row_sums, s)
+        squares[rows] = _per_image_channel(_row_dots, s, s)
+    M = N * H * W
+    shifted_mean = sums.sum(axis=0) / M
+    return shift.reshape(C) + shifted_mean, squares.sum(axis=0) / M - shifted_mean * shifted_mean
 
 
 def spatial_batchnorm_backward_fast(dout, cache):
@@ -448,22 +470,36 @@ def spatial_batchnorm_backward_fast(dout, cache):
 
     With dx_hat = gamma * dout, per channel (train mode):
     dx = inv_std * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat)),
-    evaluated in that order, as the reference does; dx = inv_std * dx_hat in test mode.
+    which is dout * a + x * b + c per channel; dx = inv_std * dx_hat in test mode.
+    Two passes over dout and x: the per-channel sums of dout and dout * x (from
+    which dbeta and dgamma follow), then dx. sum(dout * x_hat) is taken as
+    (sum(dout * x) - mean * sum(dout)) * inv_std, which loses about
+    |mean| / std units in the last place to cancellation: nothing in float64,
+    and in float32 only for inputs whose mean is large against their spread.
     """
-    centred, inv_std, g, mode, gamma_shape, beta_shape = cache
+    x, mean, inv_std, g, mode, gamma_shape, beta_shape = cache
     xp = array_module(dout)
     N, C, H, W = dout.shape
     M = N * H * W
-    dbeta = _per_image_channel(_row_sums, dout).sum(axis=0)
-    dgamma = _per_image_channel(_row_dots, dout, centred).sum(axis=0) * inv_std
+    chunks = _image_chunks(dout, 3)
+    sums, dots = xp.empty((N, C), dtype=dout.dtype), xp.empty((N, C), dtype=dout.dtype)
+    for rows in chunks:
+        sums[rows] = _per_image_channel(_row_sums, dout[rows])
+        dots[rows] = _per_image_channel(_row_dots, dout[rows], x[rows])
+    dbeta = sums.sum(axis=0)
+    dgamma = (dots.sum(axis=0) - mean * dbeta) * inv_std  # sum(dout * x_hat)
+    a = g * inv_std
     dx = xp.empty_like(dout)
-    for rows in _image_chunks(dout, 3):
-        d = dx[rows]
-        xp.multiply(dout[rows], _channel(g), out=d)
-        if mode == "train":
-            d -= _channel(g * dbeta / M)
-            d -= centred[rows] * _channel(inv_std * g * dgamma / M)  # x_hat * mean(dx_hat * x_hat)
-        d *= _channel(inv_std)
+    if mode == "test":
+        return xp.multiply(dout, _channel(a), out=dx), dgamma.reshape(gamma_shape), dbeta.reshape(beta_shape)
+    b = -a * inv_std * dgamma / M  # through x_hat * mean(dx_hat * x_hat), x_hat = (x - mean) * inv_std
+    c = -a * dbeta / M - b * mean
+    x_part = xp.empty_like(x[chunks[0]])
+    for rows in chunks:
+        d, t = dx[rows], x_part[: rows.stop - rows.start]
+        xp.multiply(dout[rows], _channel(a), out=d)
+        d += xp.multiply(x[rows], _channel(b), out=t)
+        d += _channel(c)
     return dx, dgamma.reshape(gamma_shape), dbeta.reshape(beta_shape)
 
 
