@@ -21,26 +21,29 @@ def rel_error(x, y) -> float:
     return float(np.max(np.abs(x - y) / np.maximum(1e-8, np.abs(x) + np.abs(y))))
 
 
-def eval_numerical_gradient(f: Callable, x: np.ndarray, verbose: bool = True, h: float = 1e-5) -> np.ndarray:
-    """Gradient of a scalar function f at x: df/dx_i ~ (f(x + h e_i) - f(x - h e_i)) / 2h.
+def _central_differences(f: Callable, x: np.ndarray, h: float):
+    """Yield (index, f(x + h e_i), f(x - h e_i)) for every element i of x.
 
-    x is perturbed in place and restored after each evaluation, as in CS231n,
-    so f may close over x.
+    x is perturbed in place and restored after each pair, as in CS231n, so f may
+    close over x; array results are copied before the next perturbation.
     """
-    grad = np.zeros_like(x)
-    it = np.nditer(x, flags=["multi_index"], op_flags=["readwrite"])
-    while not it.finished:
-        ix = it.multi_index
+    for ix in np.ndindex(x.shape):
         old = x[ix]
         x[ix] = old + h
-        fxph = f(x)
+        plus = np.array(f(x), copy=True)
         x[ix] = old - h
-        fxmh = f(x)
+        minus = np.array(f(x), copy=True)
         x[ix] = old
-        grad[ix] = (fxph - fxmh) / (2 * h)
+        yield ix, plus, minus
+
+
+def eval_numerical_gradient(f: Callable, x: np.ndarray, verbose: bool = True, h: float = 1e-5) -> np.ndarray:
+    """Gradient of a scalar function f at x: df/dx_i ~ (f(x + h e_i) - f(x - h e_i)) / 2h."""
+    grad = np.zeros_like(x)
+    for ix, plus, minus in _central_differences(f, x, h):
+        grad[ix] = (plus - minus) / (2 * h)
         if verbose:
             print(ix, grad[ix])
-        it.iternext()
     return grad
 
 
@@ -48,17 +51,8 @@ def eval_numerical_gradient_array(f: Callable, x: np.ndarray, df: np.ndarray, h:
     """Gradient of sum(f(x) * df) at x, for an array-valued f: what a backward pass
     computes given upstream gradient df."""
     grad = np.zeros_like(x)
-    it = np.nditer(x, flags=["multi_index"], op_flags=["readwrite"])
-    while not it.finished:
-        ix = it.multi_index
-        old = x[ix]
-        x[ix] = old + h
-        pos = np.array(f(x), copy=True)
-        x[ix] = old - h
-        neg = np.array(f(x), copy=True)
-        x[ix] = old
-        grad[ix] = np.sum((pos - neg) * df) / (2 * h)
-        it.iternext()
+    for ix, plus, minus in _central_differences(f, x, h):
+        grad[ix] = np.sum((plus - minus) * df) / (2 * h)
     return grad
 
 
