@@ -442,27 +442,30 @@ def spatial_batchnorm_forward_fast(x, gamma, beta, bn_param):
 
 
 def _channel_mean_var(x, chunks):
-    """Per-channel mean and (biased) variance of x (N, C, H, W) in one pass over memory.
+    """Per-channel mean and (biased) variance of x (N, C, H, W) in one pass over memory,
+    as mean(x**2) - mean(x)**2 from per-chunk sums and sums of squares.
 
-    Each chunk is shifted by the channel means of the first image into a buffer
-    that stays in cache, and summed and summed in squares from there: with the
-    shift close to the mean, var = mean(s**2) - mean(s)**2 of the shifted s
-    loses nothing to cancellation, as the naive formula on x would when the
-    mean is large against the spread.
+    That formula loses about (mean / std)**2 units in the last place to
+    cancellation: nothing that matters in float64, which takes the sums of x
+    itself. Narrower types first shift each chunk by the channel means of the
+    first image, into a buffer that stays in cache (one more elementwise step):
+    with the shift close to the mean, nothing cancels.
     """
     xp = array_module(x)
     N, C, H, W = x.shape
-    shift = _channel(_per_image_channel(_row_sums, x[:1])[0] / (H * W))
+    shift = None
+    if x.dtype.itemsize < 8:
+        shift = _channel(_per_image_channel(_row_sums, x[:1])[0] / (H * W))
+        buffer = xp.empty_like(x[chunks[0]])
     sums, squares = xp.empty((N, C), dtype=x.dtype), xp.empty((N, C), dtype=x.dtype)
-    buffer = xp.empty_like(x[chunks[0]])
     for rows in chunks:
-        s = buffer[: rows.stop - rows.start]
-        xp.subtract(x[rows], shift, out=s)
+        s = x[rows] if shift is None else xp.subtract(x[rows], shift, out=buffer[: rows.stop - rows.start])
         sums[rows] = _per_image_channel(_row_sums, s)
         squares[rows] = _per_image_channel(_row_dots, s, s)
     M = N * H * W
-    shifted_mean = sums.sum(axis=0) / M
-    return shift.reshape(C) + shifted_mean, squares.sum(axis=0) / M - shifted_mean * shifted_mean
+    mean = sums.sum(axis=0) / M
+    var = squares.sum(axis=0) / M - mean * mean
+    return (mean if shift is None else mean + shift.reshape(C)), var
 
 
 def spatial_batchnorm_backward_fast(dout, cache):
