@@ -32,6 +32,7 @@ import json
 import os
 import re
 import time
+from datetime import datetime, timezone
 from concurrent.futures import Executor, ProcessPoolExecutor
 from multiprocessing import get_context
 from numbers import Real
@@ -336,6 +337,7 @@ def sweep(
     dask_address: str | None = None,
     trials_in: Literal["processes", "threads"] = "processes",
     preset: Literal[PRESETS] | None = None,
+    resume: bool = True,
 ) -> SweepReport:
     """Run every trial of spec (skipping those finished by an earlier run of the same sweep name).
 
@@ -347,12 +349,17 @@ def sweep(
     preset: "bn-vs-gn" replaces spec by the Group Normalization paper's batch-size study
     (flows.study) on spec.base.dataset, named spec.name when that is not the default,
     and writes the study's table, figure and report on the parent run.
+    resume: a sweep name run before resumes that sweep (the default). False starts a
+    fresh one named <name>-<UTC date and time>, as scheduled runs need: a fixed name
+    would find every trial finished after its first week.
     Returns a SweepReport; failed trials are in it, not raised.
     """
     start = time.perf_counter()
     if preset is not None:
         named = spec.name != SweepSpec.model_fields["name"].default
         spec = preset_spec(preset, dataset=spec.base.dataset, **({"name": spec.name} if named else {}))
+    if not resume:
+        spec = spec.model_copy(update={"name": f"{spec.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"})
     trials = spec.trials()
     tracker = connect(tracking_uri)
     experiment_id = tracker.experiment(experiment)

@@ -96,3 +96,12 @@ def test_sweep_with_an_unknown_field_fails_before_any_mlflow_run(store):
     assert state.is_failed()
     assert "TrainConfig lacks" in str(state.message)
     assert store.experiments() == []
+
+
+def test_resume_false_starts_a_fresh_sweep_under_a_dated_name(store, tiny):
+    spec = SweepSpec(name="weekly", base=tiny, space={"seed": [0]})
+    first = sweep(spec=spec, tracking_uri=store.uri, trials_in="threads")
+    fresh = sweep(spec=spec, tracking_uri=store.uri, trials_in="threads", resume=False)
+    assert fresh.parent_run_id != first.parent_run_id
+    assert re.fullmatch(r"weekly-\d{8}-\d{6}", fresh.name)
+    assert [t.skipped for t in fresh.trials] == [False]
