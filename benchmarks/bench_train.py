@@ -25,8 +25,9 @@ Prints Markdown tables, measured in one run, each with the targets of issue 7
    mark (VmHWM, reset through /proc/self/clear_refs after the imports, the
    model and the data exist; ru_maxrss where that reset is unavailable) over
    the first two steps. Target: ours <= torch's.
-4. sweep: 4 identical small digits trials (ThreeLayerConvNet with batch norm,
-   Solver with Adam, float32, 3 epochs), one after another with BLAS at 2
+4. sweep: 8 digits trials of the bn-vs-gn study's kind (ThreeLayerConvNet with
+   32 filters and batch norm, SGD with momentum, batch 8, float32, 3 epochs; seeds
+   0-7; 4 trials with --quick), one after another with BLAS at 2
    threads, against 2 at a time with BLAS at 1 thread each: in 2 threads of one
    process, and in 2 worker processes (forked, started before the clock).
    Target: a speed-up >= 1.7. The trials one after another at 1 BLAS thread
@@ -96,7 +97,7 @@ class Plan:
     sweep_trials: int
 
 
-FULL = Plan(step_reps=15, layer_reps=15, sweep_trials=4)
+FULL = Plan(step_reps=15, layer_reps=15, sweep_trials=8)
 QUICK = Plan(step_reps=5, layer_reps=3, sweep_trials=4)
 
 
@@ -370,15 +371,15 @@ def memory_table() -> list[str]:
 
 
 def digits_trial(seed: int) -> float:
-    """One small training run on digits, as the sweep flow's default trial; returns its val accuracy."""
+    """One training run on digits like a bn-vs-gn study trial (a second or two); returns its val accuracy."""
     from cnncore.data import load_dataset
     from cnncore.solver import Solver
 
     data = load_dataset("digits", dtype="float32", seed=0)
-    model = ThreeLayerConvNet(input_dim=data["X_train"].shape[1:], num_filters=16, filter_size=3, hidden_dim=64,
+    model = ThreeLayerConvNet(input_dim=data["X_train"].shape[1:], num_filters=32, filter_size=3, hidden_dim=64,
                               num_classes=len(data["class_names"]), weight_scale=1e-2, normalization="batchnorm",
                               dtype="float32", seed=seed)
-    solver = Solver(model, data, update_rule="adam", optim_config={"learning_rate": 3e-3}, batch_size=32,
+    solver = Solver(model, data, update_rule="sgd_momentum", optim_config={"learning_rate": 5e-3}, batch_size=8,
                     num_epochs=3, verbose=False, seed=seed)
     solver.train()
     return solver.best_val_acc
