@@ -353,6 +353,8 @@ def _contract_cases():
                  _conv_args((2, 3, 7, 6), (4, 3, 3, 2), 2, 1)),
         "conv-dx-by-convolution": (fast_layers.conv_forward_fast, fast_layers.conv_backward_fast,
                                    _conv_args((2, 8, 5, 5), (3, 8, 3, 3), 1, 1)),
+        "conv-winograd": (fast_layers.conv_forward_fast, fast_layers.conv_backward_fast,
+                          _conv_args((2, 16, 5, 5), (16, 16, 3, 3), 1, 1)),
         "conv-without-dx": (fast_layers.conv_forward_fast, _conv_backward_without_dx,
                             _conv_args((1, 2, 5, 5), (3, 2, 3, 3), 1, 0)),
         "pool": (fast_layers.max_pool_forward_fast, fast_layers.max_pool_backward_fast, [x, pool]),
