@@ -159,12 +159,17 @@ class _ConvBackward:
             self._dx_filters = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
 
     def add(self, rows, dout, R):
-        xp = self.xp
         n, F, P = dout.shape
         Ho = P // R.shape[2]
         # Per filter row, one (F, H'W') @ (H'W', WW*C) product per image, summed.
         for i in range(self.w.shape[2]):
-            self.dw_rows[:, i] += xp.matmul(dout, _filter_row_columns(R, i, self.stride, Ho)).sum(axis=0)
+            self.dw_rows[:, i] += self.xp.matmul(dout, _filter_row_columns(R, i, self.stride, Ho)).sum(axis=0)
+        self.add_input_gradients(rows, dout, Ho)
+
+    def add_input_gradients(self, rows, dout, Ho):
+        """add() without dw: db and dx of the images ``rows``, for dout (n, F, H'W')."""
+        xp = self.xp
+        n, F, P = dout.shape
         if self._ones is None:
             self._ones = xp.ones(P, dtype=dout.dtype)
         self.db += xp.matmul(dout, self._ones).sum(axis=0)  # a product: faster than sum over (0, 2)
@@ -192,10 +197,12 @@ class _ConvBackward:
                 _offset_view(dx_pad, i, j, s, Ho, Wo)[...] += dcols[:, :, i, j]
         return dx_pad[:, :, pad : pad + H, pad : pad + W]
 
-    def result(self):
-        F, C, HH, WW = self.w.shape
-        dw = self.dw_rows.reshape(F, HH, WW, C).transpose(0, 3, 1, 2)
-        return self.dx, self.xp.ascontiguousarray(dw), self.db
+    def result(self, dw=None):
+        """(dx, dw, db); dw from the products add() summed unless given."""
+        if dw is None:
+            F, C, HH, WW = self.w.shape
+            dw = self.xp.ascontiguousarray(self.dw_rows.reshape(F, HH, WW, C).transpose(0, 3, 1, 2))
+        return self.dx, dw, self.db
 
 
 def conv_forward_fast(x, w, b, conv_param):
@@ -259,6 +266,61 @@ def _combine(xp, matrix, parts, outs):
             (xp.add if c > 0 else xp.subtract)(first if k == 0 else out, p, out=out)
 
 
+def _winograd_chunks(x, shapes):
+    """Yield (rows, buffers, fresh) for chunks of the images of x (N, C, H, W), of even sizes.
+
+    shapes maps a buffer's name to its shape for a chunk of n images; buffers
+    maps the names to arrays of those shapes, reused from chunk to chunk, with
+    two more: "x_pad" (H', W', n, C) and "rows" (4, th, W', n, C) for
+    _winograd_input_tiles. fresh: they are uninitialised (the first chunk, and
+    a shorter last one); otherwise they keep their contents from the previous
+    chunk. Chunks are sized so that the buffers stay in cache.
+    """
+    xp = array_module(x)
+    N, C = x.shape[:2]
+    th, tw = shapes["V"](1)[2:4]
+    shapes = {"x_pad": lambda n: (2 * th + 2, 2 * tw + 2, n, C),
+              "rows": lambda n: (4, th, 2 * tw + 2, n, C), **shapes}
+    n = _images_per_chunk(N, sum(math.prod(shape(1)) for shape in shapes.values()) * x.itemsize, xp)
+    n = -(-N // -(-N // n))  # as many chunks, of even sizes
+    flat = {name: xp.empty(math.prod(shape(n)), dtype=x.dtype) for name, shape in shapes.items()}
+    for start in range(0, N, n):
+        m = min(n, N - start)
+        buffers = {name: flat[name][: math.prod(shape(m))].reshape(shape(m)) for name, shape in shapes.items()}
+        yield slice(start, start + m), buffers, start == 0 or m < n
+
+
+def _winograd_input_tiles(x, pad, buffers, fresh):
+    """buffers["V"] (4, 4, th, tw, n, C) = B^T d B for every 4x4 input tile d of
+    x (n, C, H, W) padded by pad; fresh as _winograd_chunks yields it."""
+    xp = array_module(x)
+    H, W = x.shape[2:]
+    x_pad, rows_t, V = buffers["x_pad"], buffers["rows"], buffers["V"]
+    th, tw = V.shape[2:4]
+    if fresh:  # the border is 0, and stays 0 while the chunks are of one size
+        x_pad.fill(0)
+    x_pad[pad : pad + H, pad : pad + W] = x.transpose(2, 3, 0, 1)
+    _combine(xp, _WINOGRAD_BT, [x_pad[i : i + 2 * th : 2] for i in range(4)], rows_t)
+    for a in range(4):
+        _combine(xp, _WINOGRAD_BT, [rows_t[a, :, j : j + 2 * tw : 2] for j in range(4)], V[a])
+
+
+def _winograd_tile_grid(Ho, Wo):
+    return -(-Ho // 2), -(-Wo // 2)
+
+
+def _winograd_output_map(dtype, xp):
+    """kron(A^T, A^T) (4, 16): A^T m A for the 16 entries of a tile m in row-major order."""
+    At = xp.asarray(_WINOGRAD_AT, dtype=dtype)
+    return xp.kron(At, At)
+
+
+def _winograd_filter_map(dtype, xp):
+    """kron(G, G) (16, 9): G g G^T for the 9 taps of a 3x3 filter g in row-major order."""
+    G = xp.asarray(_WINOGRAD_G, dtype=dtype)
+    return xp.kron(G, G)
+
+
 def _winograd_convolve(x, w, b, pad, out):
     """_convolve for stride 1 and 3x3 filters by Winograd F(2x2, 3x3), a chunk of images at a time.
 
@@ -272,35 +334,20 @@ def _winograd_convolve(x, w, b, pad, out):
     N, C, H, W = x.shape
     F = w.shape[0]
     _, _, Ho, Wo = out.shape
-    th, tw = -(-Ho // 2), -(-Wo // 2)  # the tile grid
-    Hp, Wp = 2 * th + 2, 2 * tw + 2  # the padded input it covers
-    G = xp.asarray(_WINOGRAD_G, dtype=w.dtype)
-    # G g G^T per (filter, channel) as one product: kron(G, G) maps g's 9 taps to the 16.
-    U = (w.reshape(F * C, 9) @ xp.kron(G, G).T).T.reshape(16, F, C).transpose(0, 2, 1)
-    At = xp.asarray(_WINOGRAD_AT, dtype=x.dtype)
-    AtA = xp.kron(At, At)  # (4, 16): A^T m A for the 16 entries of m in row-major order
-    shapes = {  # per chunk of n images; the buffers are reused from chunk to chunk
-        "x_pad": lambda n: (Hp, Wp, n, C),
-        "rows": lambda n: (4, th, Wp, n, C),  # B^T d: the tiles' rows transformed
+    th, tw = _winograd_tile_grid(Ho, Wo)
+    # G g G^T per (filter, channel) as one product.
+    U = (w.reshape(F * C, 9) @ _winograd_filter_map(w.dtype, xp).T).T.reshape(16, F, C).transpose(0, 2, 1)
+    AtA = _winograd_output_map(x.dtype, xp)
+    shapes = {  # per chunk of n images
         "V": lambda n: (4, 4, th, tw, n, C),  # B^T d B
         "M": lambda n: (4, 4, th, tw, n, F),  # the 16 products
         "AtM": lambda n: (2, 2, th, tw, n, F),  # A^T m A, by output position in the tile
         "Y": lambda n: (2 * th, 2 * tw, n, F),  # A^T M A, each tile in its place
     }
-    n = _images_per_chunk(N, sum(math.prod(shape(1)) for shape in shapes.values()) * x.itemsize, xp)
-    n = -(-N // -(-N // n))  # as many chunks, of even sizes
-    flat = {name: xp.empty(math.prod(shape(n)), dtype=x.dtype) for name, shape in shapes.items()}
-    for start in range(0, N, n):
-        rows = slice(start, min(start + n, N))
-        m = rows.stop - start
-        x_pad, rows_t, V, M, AtM, Y = (flat[name][: math.prod(shape(m))].reshape(shape(m))
-                                       for name, shape in shapes.items())
-        if start == 0 or m < n:  # the border is 0, and stays 0 while the chunks are of one size
-            x_pad.fill(0)
-        x_pad[pad : pad + H, pad : pad + W] = x[rows].transpose(2, 3, 0, 1)
-        _combine(xp, _WINOGRAD_BT, [x_pad[i : i + 2 * th : 2] for i in range(4)], rows_t)
-        for a in range(4):
-            _combine(xp, _WINOGRAD_BT, [rows_t[a, :, j : j + 2 * tw : 2] for j in range(4)], V[a])
+    for rows, buffers, fresh in _winograd_chunks(x, shapes):
+        V, M, AtM, Y = (buffers[name] for name in shapes)
+        _winograd_input_tiles(x[rows], pad, buffers, fresh)
+        m = V.shape[4]
         xp.matmul(V.reshape(16, -1, C), U, out=M.reshape(16, -1, F))
         xp.matmul(AtA, M.reshape(16, -1), out=AtM.reshape(4, -1))  # A^T m A, in one product
         Y.reshape(th, 2, tw, 2, m, F)[...] = AtM.transpose(2, 0, 3, 1, 4, 5)
@@ -309,6 +356,41 @@ def _winograd_convolve(x, w, b, pad, out):
             out[rows] = y
         else:
             xp.add(y, b.reshape(F, 1, 1), out=out[rows])
+
+
+def _winograd_filter_gradient(x, dout, pad):
+    """dw (F, C, 3, 3) of _winograd_convolve(x, w, b, pad, out) for dout, the gradient of out.
+
+    The adjoint of the forward's steps: per chunk, the input tiles V as in the
+    forward, each output gradient tile (2x2) mapped back through A^T . A to
+    its 16 entries, and the 16 products dU[k] += V[k]^T @ dM[k], (C, tiles * n)
+    @ (tiles * n, F); then through G . G^T back to the 9 taps. 2.25x fewer
+    multiplications than the direct products, as in the forward.
+    """
+    xp = array_module(x)
+    C = x.shape[1]
+    F, Ho, Wo = dout.shape[1:]
+    th, tw = _winograd_tile_grid(Ho, Wo)
+    shapes = {
+        "V": lambda n: (4, 4, th, tw, n, C),
+        "dM": lambda n: (4, 4, th, tw, n, F),  # the output gradient's tiles through A^T . A's adjoint
+        "dY": lambda n: (2, 2, th, tw, n, F),  # dout by position in its tile; beyond (Ho, Wo) 0
+    }
+    AtA_T = _winograd_output_map(x.dtype, xp).T
+    dU = xp.zeros((16, C, F), dtype=x.dtype)
+    for rows, buffers, fresh in _winograd_chunks(x, shapes):
+        V, dM, dY = (buffers[name] for name in shapes)
+        _winograd_input_tiles(x[rows], pad, buffers, fresh)
+        if fresh:
+            dY.fill(0)
+        for a in range(2):
+            for c in range(2):
+                grid = dout[rows, :, a::2, c::2]
+                dY[a, c, : grid.shape[2], : grid.shape[3]] = grid.transpose(2, 3, 0, 1)
+        xp.matmul(AtA_T, dY.reshape(4, -1), out=dM.reshape(16, -1))
+        dU += xp.matmul(V.reshape(16, -1, C).transpose(0, 2, 1), dM.reshape(16, -1, F))
+    dw = _winograd_filter_map(x.dtype, xp).T @ dU.reshape(16, C * F)  # (9, C * F)
+    return xp.ascontiguousarray(dw.reshape(3, 3, C, F).transpose(3, 2, 0, 1))
 
 
 def conv_backward_fast(dout, cache, need_dx: bool = True):
@@ -322,6 +404,10 @@ def conv_backward_fast(dout, cache, need_dx: bool = True):
     N, F, Ho, Wo = dout.shape
     grads = _ConvBackward(x, w, conv_param, need_dx)
     dout3 = dout.reshape(N, F, Ho * Wo)
+    col2im = need_dx and grads._dx_filters is None  # whose scratch wants the chunks below
+    if _winograd_wins(x.shape, w.shape, conv_param["stride"]) and not col2im:
+        grads.add_input_gradients(slice(None), dout3, Ho)
+        return grads.result(_winograd_filter_gradient(x, dout, conv_param["pad"]))
     for rows, R in _row_columns(x, w.shape, conv_param["stride"], conv_param["pad"], Ho, Wo):
         grads.add(rows, dout3[rows], R)
     return grads.result()

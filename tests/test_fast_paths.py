@@ -5,7 +5,7 @@ the fused conv -> relu -> max pool, the pool's recorded argmax, the spatial
 norms' twins, and caches passed between the fast and the reference backward.
 Shapes cover stride 2 and 3, padding 0, both ways of computing dx (col2im, and
 a convolution of dout for 8+ channels,
-Winograd F(2x2, 3x3) for 16+), overlapping and non-tiling pools, ties.
+Winograd F(2x2, 3x3) for 16+, dw too), overlapping and non-tiling pools, ties.
 """
 
 import copy
@@ -27,7 +27,7 @@ CONVS = {
     "3x3-pad1-8-channels": ((5, 8, 6, 5), (3, 8, 3, 3), {"stride": 1, "pad": 1}),
     "5x5-pad0-9-channels": ((3, 9, 8, 7), (2, 9, 5, 5), {"stride": 1, "pad": 0}),
     # 3x3, stride 1, 16 or more channels in and out: Winograd F(2x2, 3x3) for the
-    # output and for dx; odd output heights and widths crop the tile grid.
+    # output, dx and dw; odd output heights and widths crop the tile grid.
     "3x3-pad1-16-channels-winograd": ((3, 16, 7, 6), (16, 16, 3, 3), {"stride": 1, "pad": 1}),
     "3x3-pad0-17-channels-winograd": ((2, 17, 8, 5), (16, 17, 3, 3), {"stride": 1, "pad": 0}),
 }
