@@ -56,6 +56,40 @@ def eval_numerical_gradient_array(f: Callable, x: np.ndarray, df: np.ndarray, h:
     return grad
 
 
+def layer_gradient_pairs(
+    forward: Callable,
+    backward: Callable,
+    args: Sequence,
+    wrt: Sequence[int],
+    rng: np.random.Generator,
+    h: float = 1e-5,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A layer's analytic gradients beside their central-difference estimates.
+
+    forward(*args) -> (out, cache); backward(dout, cache) -> the gradients of
+    the inputs at positions ``wrt``, in that order (a single array when there is
+    one). dout is drawn from ``rng`` (standard normal, out's shape). ``args`` are
+    copied, so the caller's arrays are never touched.
+    Returns [(analytic, numeric)] in the order of ``wrt``.
+    """
+    args = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
+    out, cache = forward(*args)
+    dout = rng.standard_normal(out.shape)
+    analytic = backward(dout, cache)
+    if not isinstance(analytic, tuple):
+        analytic = (analytic,)
+    pairs = []
+    for position, grad in zip(wrt, analytic):
+
+        def f(value, position=position):
+            trial = list(args)
+            trial[position] = value
+            return forward(*trial)[0]
+
+        pairs.append((grad, eval_numerical_gradient_array(f, args[position], dout, h=h)))
+    return pairs
+
+
 def check_layer_gradients(
     forward: Callable,
     backward: Callable,
@@ -65,31 +99,13 @@ def check_layer_gradients(
     seed: int = 0,
     h: float = 1e-5,
 ) -> dict[str, float]:
-    """Worst relative error between a layer's analytic and numerical gradients, per input.
+    """Worst relative error (rel_error) between a layer's analytic and numerical gradients, per input.
 
-    forward(*args) -> (out, cache); backward(dout, cache) -> the gradients of
-    the inputs at positions ``wrt``, in that order (a single array when there is
-    one). A seeded random upstream gradient dout is used. ``args`` are copied,
-    so the caller's arrays are never touched.
+    Arguments as layer_gradient_pairs, with dout drawn from default_rng(seed).
     Returns {name: error} with names defaulting to 'arg0', 'arg1', ...
     """
-    args = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
     names = list(names) if names is not None else [f"arg{i}" for i in wrt]
     if len(names) != len(wrt):
         raise ValueError(f"names must give one name per index in wrt ({len(wrt)}), got {len(names)}")
-    out, cache = forward(*args)
-    dout = np.random.default_rng(seed).standard_normal(out.shape)
-    analytic = backward(dout, cache)
-    if len(wrt) == 1 and isinstance(analytic, np.ndarray):
-        analytic = (analytic,)
-    errors = {}
-    for name, position, grad in zip(names, wrt, analytic):
-
-        def f(value, position=position):
-            trial = list(args)
-            trial[position] = value
-            return forward(*trial)[0]
-
-        numeric = eval_numerical_gradient_array(f, args[position], dout, h=h)
-        errors[name] = rel_error(grad, numeric)
-    return errors
+    pairs = layer_gradient_pairs(forward, backward, args, wrt, np.random.default_rng(seed), h=h)
+    return {name: rel_error(grad, numeric) for name, (grad, numeric) in zip(names, pairs)}

@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 
 from cnncore import fast_layers, layer_utils, layers
 from cnncore.cnn import ThreeLayerConvNet
-from cnncore.gradient_check import eval_numerical_gradient, eval_numerical_gradient_array
+from cnncore.gradient_check import eval_numerical_gradient, layer_gradient_pairs
 
 from .tracking import Tracker, tracked_flow_run
 
@@ -86,22 +86,9 @@ class LayerCheck:
     threshold: float = LAYER_THRESHOLD
 
     def run(self, rng: np.random.Generator) -> list[CheckResult]:
-        args = self.make_args(rng)
-        out, cache = self.forward(*args)
-        dout = rng.standard_normal(out.shape)
-        analytic = self.backward(dout, cache)
-        analytic = analytic if isinstance(analytic, tuple) else (analytic,)
-        results = []
-        for position, (name, grad) in enumerate(zip(self.names, analytic)):
-
-            def f(value, position=position):
-                trial = list(args)
-                trial[position] = value
-                return self.forward(*trial)[0]
-
-            numeric = eval_numerical_gradient_array(f, args[position].copy(), dout)
-            results.append(_compare(self.layer, name, grad, numeric, zero=name in self.zero, threshold=self.threshold))
-        return results
+        pairs = layer_gradient_pairs(self.forward, self.backward, self.make_args(rng), range(len(self.names)), rng)
+        return [_compare(self.layer, name, grad, numeric, zero=name in self.zero, threshold=self.threshold)
+                for name, (grad, numeric) in zip(self.names, pairs)]
 
 
 def _compare(layer: str, name: str, analytic, numeric, zero: bool, threshold: float) -> CheckResult:

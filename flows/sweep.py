@@ -213,7 +213,7 @@ def run_trials(tracker: Tracker, experiment_id: str, parent_run_id: str, spec: S
     blas_threads = max(1, (os.cpu_count() or 1) // max_workers)
     pool = trial_pool(trials_in, max_workers, blas_threads, dask_address) if todo else None
     with (threadpool_limits(limits=blas_threads, user_api="blas"), trial_runner(max_workers, dask_address) as runner,
-          pool or _no_pool()):
+          pool or contextlib.nullcontext()):
         futures = {index: runner.submit(run_trial, parameters=dict(
             tracker=tracker, experiment_id=experiment_id, parent_run_id=parent_run_id, spec=spec, index=index,
             config=config, pool=pool)) for index, config in todo.items()}
@@ -227,11 +227,6 @@ def run_trials(tracker: Tracker, experiment_id: str, parent_run_id: str, spec: S
                                            run_name=trial_name(spec, index, config), config=config,
                                            failure_reason=failure_reason(exc)))
         return results
-
-
-@contextlib.contextmanager
-def _no_pool():
-    yield None
 
 
 def summary_table(spec: SweepSpec, results: list[TrialResult]) -> pd.DataFrame:
