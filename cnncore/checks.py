@@ -6,6 +6,11 @@ so a shape mistake is reported where it was made rather than deep in a matmul.
 
 from __future__ import annotations
 
+import math
+import numbers
+
+import numpy as np
+
 from .backend import array_module
 
 
@@ -20,16 +25,70 @@ def require_keys(name: str, param: dict, keys: tuple[str, ...]) -> None:
         raise ValueError(f"{name} is missing {missing}; expected keys {list(keys)}")
 
 
+def require_int(name: str, value, *, minimum: int | None = None, maximum: int | None = None,
+                optional: bool = False) -> int | None:
+    """value as a Python int: an integer (Python or NumPy, not bool) in [minimum, maximum]; None if optional."""
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not (
+            (minimum is None or value >= minimum) and (maximum is None or value <= maximum)):
+        if maximum is None and minimum in (0, 1):
+            expected = "a positive integer" if minimum == 1 else "a non-negative integer"
+        else:
+            bounds = [f">= {minimum}" if minimum is not None else "", f"<= {maximum}" if maximum is not None else ""]
+            expected = " ".join(["an integer", " and ".join(b for b in bounds if b)]).strip()
+        raise ValueError(f"{name} must be {expected}{' or None' if optional else ''}, got {value!r}")
+    return int(value)
+
+
 def require_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    return require_int(name, value, minimum=1)
 
 
 def require_nonnegative_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return value
+    return require_int(name, value, minimum=0)
+
+
+def require_real(name: str, value, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> float:
+    """value as a float: a finite real number (not bool) in the interval given, e.g. low=0, low_open=True for > 0."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        left = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        right = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+        interval = " and ".join(b for b in (left, right) if b)
+        raise ValueError(f"{name} must be a finite number{' ' + interval if interval else ''}, got {value!r}")
+    return float(value)
+
+
+FLOAT_DTYPES = ("float32", "float64")
+
+
+def require_float_dtype(name: str, dtype) -> str:
+    """The name of dtype (a dtype, a type or a name) when it is float32 or float64, else ValueError.
+
+    float16 is refused rather than widened: its 11-bit mantissa has already lost what the
+    model would compute with, and a silent cast would hide that.
+    """
+    try:
+        resolved = None if dtype is None else np.dtype(dtype).name
+    except TypeError:
+        resolved = None
+    if resolved not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32 or float64, got {dtype!r}")
+    return resolved
+
+
+def require_float_array(name: str, a) -> None:
+    """a must be an array of float32 or float64 values (not float16, integers or bools)."""
+    dtype = getattr(a, "dtype", None)
+    if dtype is None or np.dtype(dtype).name not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be a float32 or float64 array, got "
+                         f"{'dtype ' + str(dtype) if dtype is not None else type(a).__name__}")
 
 
 class NonFiniteError(ValueError):
