@@ -14,7 +14,7 @@ def test_round_trip_keeps_arrays_and_strings(tmp_path):
 
 
 @pytest.mark.parametrize("content, problem", [
-    (b"", "is empty"),
+    (b"", "empty"),
     (b"not a zip archive " * 20, "not an .npz archive"),
     (None, "not an .npz archive"),  # a real archive cut in half
 ])
@@ -22,7 +22,7 @@ def test_unreadable_files_name_the_file_and_the_problem(tmp_path, content, probl
     good = write_npz_atomically(tmp_path / "good.npz", {"x": np.zeros(100)})
     bad = tmp_path / "bad.npz"
     bad.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2] if content is None else content)
-    with pytest.raises(NpzFileError, match=rf"checkpoint .*bad\.npz {problem}"):
+    with pytest.raises(NpzFileError, match=rf"checkpoint .*bad\.npz is {problem}"):
         read_npz(bad, "checkpoint")
 
 
