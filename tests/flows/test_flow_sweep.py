@@ -2,11 +2,13 @@
 
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from flows import sweep as sweep_module
 from flows.config import SweepSpec
+from flows.load_data import load_data_once
 from flows.sweep import sweep
 
 # sgd at a learning rate of 1e9 blows the weights up within 3 iterations. The
@@ -22,6 +24,18 @@ def fits(calls_to):
     return calls_to(sweep_module, "fit_and_log")
 
 
+def trial_task_states(flow_state) -> list[str]:
+    """The final states of a sweep flow run's trial tasks, in trial order, from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+    trials = sorted((t for t in task_runs if t.name.startswith("trial ")), key=lambda t: int(t.name.split()[1]))
+    return [t.state.type.value for t in trials]
+
+
 def children(store, parent_run_id):
     return [r for r in store.runs("cnncore-sweeps") if r.data.tags.get("mlflow.parentRunId") == parent_run_id]
 
@@ -30,7 +44,8 @@ def test_diverging_trial_is_failed_with_its_reason_and_the_others_finish(store, 
     spec = SweepSpec(name="diverge", base=tiny.model_copy(update={"normalization": "batchnorm"}),
                      space={"learning_rate": [1e-2, DIVERGING, 3e-2]})
 
-    report = sweep(spec=spec, tracking_uri=store.uri)
+    state = sweep(spec=spec, tracking_uri=store.uri, return_state=True)
+    report = state.result()
 
     [parent] = [r for r in store.runs("cnncore-sweeps") if r.data.tags["sweep_role"] == "parent"]
     assert parent.info.status == "FINISHED" and parent.data.tags["sweep_name"] == "diverge"
@@ -43,6 +58,11 @@ def test_diverging_trial_is_failed_with_its_reason_and_the_others_finish(store, 
     assert {r.data.tags["trial_key"] for r in runs.values()} == {c.key() for c in spec.trials()}
 
     assert [t.status for t in report.trials] == ["FINISHED", "FAILED", "FINISHED"]
+    # The failure was caught and returned by its trial task, which completed: the result
+    # points at the FAILED child run (a task that raised would leave no run id).
+    assert report.trials[1].run_id == runs[DIVERGING].info.run_id
+    assert re.match(DIVERGED, report.trials[1].failure_reason)
+    assert trial_task_states(state) == ["COMPLETED"] * 3
     assert parent.data.metrics["num_failed"] == 1 and parent.data.metrics["num_finished"] == 2
     assert {"summary.csv", "summary.json", "comparison.png"} <= store.artifacts(parent.info.run_id)
     summary = pd.read_csv(store.client.download_artifacts(parent.info.run_id, "summary.csv", str(tmp_path)))
@@ -105,3 +125,27 @@ def test_resume_false_starts_a_fresh_sweep_under_a_dated_name(store, tiny):
     assert fresh.parent_run_id != first.parent_run_id
     assert re.fullmatch(r"weekly-\d{8}-\d{6}", fresh.name)
     assert [t.skipped for t in fresh.trials] == [False]
+
+
+def test_trial_test_acc_is_measured_on_the_test_split(store, tiny, monkeypatch):
+    # Validation and test splits of different sizes, so neither accuracy can pass for the other.
+    config = tiny.model_copy(update={"num_val": 49, "num_test": 80, "num_epochs": 2})
+    nets = []
+    real = sweep_module.fit_and_log
+
+    def keeping_the_net(*args, **kwargs):
+        fitted = real(*args, **kwargs)
+        nets.append(fitted.net)
+        return fitted
+
+    monkeypatch.setattr(sweep_module, "fit_and_log", keeping_the_net)
+    report = sweep(spec=SweepSpec(name="test-split", base=config, space={"seed": [0]}), tracking_uri=store.uri,
+                   trials_in="threads")
+
+    [net] = nets
+    data = load_data_once(config.data_spec())
+    test_acc = float(np.mean(net.predict(data["X_test"]) == data["y_test"]))
+    val_acc = float(np.mean(net.predict(data["X_val"]) == data["y_val"]))
+    [run] = children(store, report.parent_run_id)
+    assert run.data.metrics["test_acc"] == pytest.approx(test_acc) == pytest.approx(report.trials[0].test_acc)
+    assert test_acc != pytest.approx(val_acc)

@@ -122,10 +122,29 @@ def test_inconsistent_configuration_is_one_line_and_exit_code_2():
     assert line.startswith("error: invalid parameters: num_groups=3 must divide num_filters=16")
 
 
-def test_unknown_choice_is_rejected_before_any_work():
+def test_unknown_choice_is_rejected_before_any_work(tmp_path, monkeypatch):
+    store = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
     result = runner.invoke(cli.app, ["run", "train", "--normalization", "batchnorn"])
     assert result.exit_code == 2
     assert "batchnorn" in result.output and "Traceback" not in result.output
+    assert not store.exists()  # no store was even opened
+
+
+def test_unknown_parameter_in_a_params_file_is_refused_with_exit_code_2(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("config: {batch_size: 8}\nbogus: 1\n")
+    result = invoke("run", "train", "--params", str(params))
+    assert result.exit_code == 2
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: unknown parameters ['bogus']; train takes ['config', ")
+
+
+@pytest.mark.parametrize("assignment", ["batch_size", "=8,32"])
+def test_malformed_space_assignment_is_refused_with_exit_code_2(assignment):
+    result = invoke("run", "sweep", "--space", assignment)
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [f"error: expected KEY=VALUES, got {assignment!r}"]
 
 
 def test_unreadable_params_file_is_one_line(tmp_path):

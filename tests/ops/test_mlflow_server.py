@@ -77,7 +77,8 @@ def test_artifacts_are_listed_and_served_by_the_server(mlflow_server, server_swe
             f"{mlflow_server}/get-artifact?path=comparison.png&run_uuid={server_sweep.parent_run_id}",
             timeout=30) as response:
         assert response.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert experiment_id
+    assert experiment_id == rest(mlflow_server, f"{MLFLOW_API}/experiments/get-by-name",
+                                 experiment_name="ops-mlflow-server")["experiment"]["experiment_id"]
 
 
 def test_unreachable_server_fails_the_sweep_fast_with_a_clear_message_and_writes_nothing(
