@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m flows.pipeline
+	$(BIN)/cnnflow run pipeline
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

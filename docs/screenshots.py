@@ -37,7 +37,7 @@ from pathlib import Path
 from PIL import Image
 from websockets.sync.client import connect
 
-from flows.cli import background_server, free_port, mlflow_server_command, stop_process_group
+from flows.servers import background_server, free_port, mlflow_server_command, stop_process_group
 
 DOCS = Path(__file__).resolve().parent
 CNNFLOW = Path(sys.executable).with_name("cnnflow")

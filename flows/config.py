@@ -36,17 +36,18 @@ class _Frozen(BaseModel):
 class _Subsets(_Frozen):
     """Which dataset, and how many images of each split (None: all)."""
 
-    dataset: DatasetName = "digits"
-    num_train: PositiveInt | None = None
-    num_val: PositiveInt | None = None
-    num_test: PositiveInt | None = None
+    dataset: DatasetName = Field("digits", description="Dataset to load.")
+    num_train: PositiveInt | None = Field(None, description="Training images to use (a seeded subset); all when unset.")
+    num_val: PositiveInt | None = Field(
+        None, description="Validation images to use (a seeded subset); the loader's split when unset.")
+    num_test: PositiveInt | None = Field(None, description="Test images to use (a seeded subset); all when unset.")
 
 
 class DataSpec(_Subsets):
     """Which images to load: cnncore.data.load_dataset's arguments (hashable, so a memo key)."""
 
-    dtype: FloatDType = "float32"
-    seed: NonNegativeInt = 0
+    dtype: FloatDType = Field("float32", description="Floating-point type of the images.")
+    seed: NonNegativeInt = Field(0, description="Seed of the train/val/test split and subsets.")
 
 
 class TrainConfig(_Subsets):
@@ -58,22 +59,22 @@ class TrainConfig(_Subsets):
     compares runs on the same data.
     """
 
-    data_seed: NonNegativeInt = 0
-    normalization: Normalization = "batchnorm"
-    num_groups: PositiveInt = 4
-    num_filters: PositiveInt = 16
-    filter_size: PositiveInt = 3
-    hidden_dim: PositiveInt = 64
-    weight_scale: PositiveFloat = 1e-2
-    reg: NonNegativeFloat = 0.0
-    update_rule: UpdateRule = "adam"
-    learning_rate: PositiveFloat = 3e-3
-    lr_decay: float = Field(default=1.0, gt=0.0, le=1.0)
-    batch_size: PositiveInt = 32
-    num_epochs: PositiveInt = 3
-    dtype: FloatDType = "float32"
-    seed: NonNegativeInt = 0
-    device: Literal["cpu", "cuda"] = "cpu"
+    data_seed: NonNegativeInt = Field(0, description="Seed of the train/val/test split and subsets.")
+    normalization: Normalization = Field("batchnorm", description="Normalization after the convolution.")
+    num_groups: PositiveInt = Field(4, description="Groups for groupnorm; must divide --num-filters.")
+    num_filters: PositiveInt = Field(16, description="Convolution filters.")
+    filter_size: PositiveInt = Field(3, description="Convolution filter size (odd, so H and W are kept).")
+    hidden_dim: PositiveInt = Field(64, description="Units in the hidden affine layer.")
+    weight_scale: PositiveFloat = Field(1e-2, description="Standard deviation of the initial weights.")
+    reg: NonNegativeFloat = Field(0.0, description="L2 regularisation strength.")
+    update_rule: UpdateRule = Field("adam", description="Optimiser.")
+    learning_rate: PositiveFloat = Field(3e-3, description="Initial learning rate.")
+    lr_decay: float = Field(1.0, gt=0.0, le=1.0, description="Learning-rate factor applied after each epoch.")
+    batch_size: PositiveInt = Field(32, description="Minibatch size.")
+    num_epochs: PositiveInt = Field(3, description="Training epochs.")
+    dtype: FloatDType = Field("float32", description="Floating-point type of data and weights.")
+    seed: NonNegativeInt = Field(0, description="Seed of the weight initialisation and minibatch order.")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Where to train: cpu, or cuda (needs CuPy and a GPU).")
 
     @field_validator("normalization", mode="before")
     @classmethod
@@ -128,9 +129,9 @@ class Interval(_Frozen):
     Integer fields get the sample rounded to the nearest integer.
     """
 
-    low: float
-    high: float
-    log: bool = False
+    low: float = Field(description="Lower end of the range.")
+    high: float = Field(description="Upper end of the range.")
+    log: bool = Field(False, description="Sample log-uniformly.")
 
     @model_validator(mode="after")
     def _ordered(self) -> Interval:
@@ -162,15 +163,21 @@ class SweepSpec(_Frozen):
     run once. Every trial is validated here, before any work starts.
     """
 
-    name: str = Field(default="bn-vs-gn", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
-    base: TrainConfig = TrainConfig()
+    name: str = Field(default="bn-vs-gn", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100,
+                      description="Name of the sweep (its MLflow parent run and Prefect artifacts).")
+    base: TrainConfig = Field(TrainConfig(), description="The configuration every trial starts from.")
     space: dict[str, list[Any] | Interval] = Field(
-        default_factory=lambda: {"normalization": ["batchnorm", "groupnorm"], "batch_size": [8, 32]})
-    search: Literal["grid", "random"] = "grid"
-    num_trials: PositiveInt | None = None
-    seed: NonNegativeInt = 0
-    lr_reference_batch: PositiveInt | None = None
-    study: Literal["bn-vs-gn"] | None = None
+        default_factory=lambda: {"normalization": ["batchnorm", "groupnorm"], "batch_size": [8, 32]},
+        description="Values per TrainConfig field: a list (grid or random) or an interval {low, high, log} (random).")
+    search: Literal["grid", "random"] = Field(
+        "grid", description="grid: every combination; random: --num-trials seeded draws.")
+    num_trials: PositiveInt | None = Field(None, description="Trials of a random search.")
+    seed: NonNegativeInt = Field(0, description="Seed of a random search's draws.")
+    lr_reference_batch: PositiveInt | None = Field(
+        None, description="Scale each trial's learning rate by batch_size / this (linear scaling rule).")
+    study: Literal["bn-vs-gn"] | None = Field(
+        None, description="Write this study's table, figure and report on the sweep's parent run "
+                          "(bn-vs-gn: the Group Normalization paper's batch-size comparison).")
 
     @model_validator(mode="after")
     def _valid_space(self) -> SweepSpec:

@@ -49,12 +49,25 @@ class DeploymentSpec:
 
     def load_flow(self):
         """The flow at `path/to/module.py:function`, imported as a module of the installed package."""
-        path, _, attr = self.entrypoint.partition(":")
-        module = path.removesuffix(".py").replace("/", ".")
-        flow = getattr(importlib.import_module(module), attr, None)
-        if flow is None:
-            raise ValueError(f"deployment {self.name!r}: {module} has no {attr!r} (entrypoint {self.entrypoint})")
-        return flow
+        try:
+            return load_entrypoint(self.entrypoint)
+        except ValueError as exc:
+            raise ValueError(f"deployment {self.name!r}: {exc}") from exc
+
+
+def entrypoint_module(entrypoint: str) -> tuple[str, str]:
+    """(module, attribute) of `path/to/module.py:function` (prefect.yaml's form) or `package.module:function`."""
+    path, _, attr = entrypoint.partition(":")
+    return path.removesuffix(".py").replace("/", "."), attr
+
+
+def load_entrypoint(entrypoint: str):
+    """The object an entrypoint names, imported as a module of the installed package."""
+    module, attr = entrypoint_module(entrypoint)
+    found = getattr(importlib.import_module(module), attr, None)
+    if found is None:
+        raise ValueError(f"{module} has no {attr!r} (entrypoint {entrypoint})")
+    return found
 
 
 def read_deployments(path: str | Path = PREFECT_YAML, only: list[str] | None = None) -> list[DeploymentSpec]:

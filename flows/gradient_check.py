@@ -27,7 +27,7 @@ from cnncore import fast_layers, layer_utils, layers
 from cnncore.cnn import ThreeLayerConvNet
 from cnncore.gradient_check import eval_numerical_gradient, layer_gradient_pairs
 
-from .tracking import Tracker, tracked_flow_run
+from .tracking import Run, tracked_flow_run
 
 # A correct smooth layer in float64 agrees with central differences (h = 1e-5)
 # to ~1e-9 relative; 1e-7 leaves room for unlucky elements, and a wrong formula
@@ -216,12 +216,12 @@ def check_gradients(layer: str, seed: int) -> list[CheckResult]:
 
 
 @task(name="log gradient errors", cache_policy=NO_CACHE)
-def log_gradient_errors(tracker: Tracker, run_id: str, results: list[CheckResult]) -> pd.DataFrame:
+def log_gradient_errors(run: Run, results: list[CheckResult]) -> pd.DataFrame:
     """Each error as a metric, and all of them as a table (MLflow and Prefect)."""
-    tracker.log_metrics(run_id, {r.metric: r.error for r in results})
+    run.log_metrics({r.metric: r.error for r in results})
     table = pd.DataFrame([{"layer": r.layer, "input": r.input, "error": r.error, "measure": r.measure,
                            "threshold": r.threshold, "passed": r.passed} for r in results])
-    tracker.log_table(run_id, table, "gradient_errors")
+    run.log_table(table, "gradient_errors")
     create_table_artifact(table.to_dict("records"), key="gradient-errors",
                           description="Worst gradient error per layer input against central differences (float64).")
     return table
@@ -244,18 +244,25 @@ def gradient_check(
     tracking_uri: str | None = None,
     parent_run_id: str | None = None,
 ) -> dict[str, float]:
-    """Check every layer's gradients (or the checks named in `only`); fail if any error is over its threshold.
+    """Check every layer's gradients against numerical ones; fail if any error is over its threshold.
 
     Returns {metric name: error}. Raises GradientCheckError, after logging every
     error, when some check fails; its MLflow run is then FAILED with the reason.
+
+    Args:
+        only: Run only the checks with this name; repeatable. Default: every check.
+        seed: Seed of the random inputs of the checks.
+        experiment: MLflow experiment to log to.
+        tracking_uri: MLflow tracking URI; else $MLFLOW_TRACKING_URI, else the project's sqlite store.
+        parent_run_id: MLflow run to nest this run under.
     """
     selected = _select(only)
     params = {"seed": seed, "checks": ",".join(selected), "layer_threshold": LAYER_THRESHOLD,
               "net_threshold": NET_THRESHOLD, "zero_gradient_threshold": ZERO_GRADIENT_THRESHOLD}
     with tracked_flow_run(experiment, "gradient-check", tracking_uri=tracking_uri,
-                          parent_run_id=parent_run_id, params=params) as (tracker, run_id):
+                          parent_run_id=parent_run_id, params=params) as run:
         results = [r for layer in selected for r in check_gradients(layer, seed)]
-        log_gradient_errors(tracker, run_id, results)
+        log_gradient_errors(run, results)
         failed = [r for r in results if not r.passed]
         if failed:
             raise GradientCheckError(f"{len(failed)} of {len(results)} gradients are wrong: " + "; ".join(

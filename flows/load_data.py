@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from cnncore import data as datasets
 
 from .config import DatasetName, DataSpec, FloatDType
-from .tracking import Tracker, tracked_flow_run
+from .tracking import Run, tracked_flow_run
 
 MEMO_SIZE = 2  # a CIFAR-10 float64 copy is 1.4 GB: keep only the recent ones
 
@@ -66,11 +66,11 @@ def load_dataset(spec: DataSpec) -> dict:
 
 
 @task(name="log dataset", cache_policy=NO_CACHE)
-def log_dataset(tracker: Tracker, run_id: str, spec: DataSpec, data: dict) -> None:
+def log_dataset(run: Run, spec: DataSpec, data: dict) -> None:
     """The splits as the run's dataset inputs, and their sizes as metrics."""
-    tracker.log_datasets(run_id, spec.dataset, data, source=dataset_source(spec))
+    run.log_datasets(spec.dataset, data, source=dataset_source(spec))
     sizes = {f"num_{split}": len(data[f"y_{split}"]) for split in ("train", "val", "test")}
-    tracker.log_metrics(run_id, {**sizes, "num_classes": len(data["class_names"])})
+    run.log_metrics({**sizes, "num_classes": len(data["class_names"])})
 
 
 @flow(name="load-data", log_prints=True)
@@ -87,16 +87,25 @@ def load_data(
 ) -> dict:
     """Load a dataset into the Solver's data dict and record it in MLflow.
 
-    dataset: one of cnncore.data.KNOWN_DATASETS; num_train, num_val, num_test:
-    sizes of seeded random subsets of the splits (None: all); dtype: of the
-    images; seed: of the split and subsets. Returns X_train, y_train, X_val,
-    y_val, X_test, y_test, class_names and mean (see cnncore.data.load_dataset).
+    Returns X_train, y_train, X_val, y_val, X_test, y_test, class_names and mean
+    (see cnncore.data.load_dataset).
+
+    Args:
+        dataset: Dataset to load.
+        num_train: Training images to use (a seeded subset); all when unset.
+        num_val: Validation images to use (a seeded subset); the loader's split when unset.
+        num_test: Test images to use (a seeded subset); all when unset.
+        dtype: Floating-point type of the images.
+        seed: Seed of the train/val/test split and subsets.
+        experiment: MLflow experiment to log to.
+        tracking_uri: MLflow tracking URI; else $MLFLOW_TRACKING_URI, else the project's sqlite store.
+        parent_run_id: MLflow run to nest this run under.
     """
     spec = DataSpec(dataset=dataset, num_train=num_train, num_val=num_val, num_test=num_test, dtype=dtype, seed=seed)
     with tracked_flow_run(experiment, f"load-data-{dataset}", tracking_uri=tracking_uri,
-                          parent_run_id=parent_run_id, params=spec.model_dump()) as (tracker, run_id):
+                          parent_run_id=parent_run_id, params=spec.model_dump()) as run:
         data = load_dataset(spec)
-        log_dataset(tracker, run_id, spec, data)
+        log_dataset(run, spec, data)
     shapes = ", ".join(f"{k} {data[k].shape}" for k in ("X_train", "X_val", "X_test"))
     print(f"Loaded {dataset}: {shapes}, {len(data['class_names'])} classes")
     return data

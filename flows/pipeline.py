@@ -9,14 +9,13 @@ run in one experiment, so the MLflow UI shows the whole job as a tree:
       bn-vs-gn-<flow run>     the sweep's parent run, one child per trial
       final-<normalization>   the best configuration, trained longer; test accuracy, model
 
-On the bundled digits data it takes a few minutes on 2 cores:
+On the bundled digits data it takes about a minute on 2 cores:
 
-    python -m flows.pipeline            # what `make run` runs
+    cnnflow run pipeline            # what `make run` runs
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from typing import Any
@@ -64,19 +63,24 @@ def pipeline(
     tracking_uri: str | None = None,
     max_workers: PositiveInt = 2,
 ) -> PipelineReport:
-    """Run the whole job; returns where its results are.
+    """Run the whole job: data, gradient checks, a BN-vs-GN sweep, the best configuration trained longer.
 
-    base, space: the sweep's starting configuration and the grid over it.
-    final_num_epochs: how long the best configuration is trained at the end.
-    sweep_name: the sweep's name (default "bn-vs-gn-<this flow run's name>");
-      naming an earlier pipeline's sweep resumes it.
+    Args:
+        base: The sweep's starting configuration.
+        space: The grid of values per TrainConfig field for the pipeline's sweep.
+        final_num_epochs: How long the best configuration is trained at the end.
+        sweep_name: The sweep's name (default "bn-vs-gn-<this flow run's name>"); naming an earlier
+            pipeline's sweep resumes it.
+        experiment: MLflow experiment to log to.
+        tracking_uri: MLflow tracking URI; else $MLFLOW_TRACKING_URI, else the project's sqlite store.
+        max_workers: Trials trained at once on this machine.
     """
     start = time.perf_counter()
     spec = SweepSpec(name=sweep_name or f"bn-vs-gn-{flow_run.name or 'local'}", base=base, space=space)
     params = {"sweep_name": spec.name, "space": json.dumps(space), "final_num_epochs": final_num_epochs,
               "max_workers": max_workers, **{f"base.{k}": v for k, v in base.model_dump().items()}}
-    with tracked_flow_run(experiment, "pipeline", tracking_uri=tracking_uri, params=params) as (tracker, run_id):
-        common = {"experiment": experiment, "tracking_uri": tracker.uri, "parent_run_id": run_id}
+    with tracked_flow_run(experiment, "pipeline", tracking_uri=tracking_uri, params=params) as run:
+        common = {"experiment": experiment, "tracking_uri": run.store.uri, "parent_run_id": run.id}
         load_data(**base.data_spec().model_dump(), **common)
         gradient_check(**common)
         report = sweep(spec=spec, max_workers=max_workers, **common)
@@ -84,37 +88,17 @@ def pipeline(
             raise RuntimeError(f"every trial of sweep {spec.name} failed; see its summary in run {report.parent_run_id}")
         best = report.best.config.model_copy(update={"num_epochs": final_num_epochs})
         final = train(config=best, run_name=f"final-{best.normalization}", **common)
-        tracker.log_metrics(run_id, {"test_acc": final.test_acc, "best_sweep_val_acc": report.best.best_val_acc,
-                                     "wall_time_s": time.perf_counter() - start})
-        tracker.set_tags(run_id, {"sweep_run_id": report.parent_run_id, "final_run_id": final.run_id,
-                                  "model_uri": final.model_uri})
-    result = PipelineReport(run_id=run_id, sweep_run_id=report.parent_run_id, final_run_id=final.run_id,
+        run.log_metrics({"test_acc": final.test_acc, "best_sweep_val_acc": report.best.best_val_acc,
+                         "wall_time_s": time.perf_counter() - start})
+        run.set_tags({"sweep_run_id": report.parent_run_id, "final_run_id": final.run_id,
+                      "model_uri": final.model_uri})
+    result = PipelineReport(run_id=run.id, sweep_run_id=report.parent_run_id, final_run_id=final.run_id,
                             model_uri=final.model_uri, best=best, best_val_acc=report.best.best_val_acc,
                             test_acc=final.test_acc, num_failed_trials=len(report.failed),
                             wall_time_s=time.perf_counter() - start)
     print(f"Best of {len(report.trials)} trials ({len(report.failed)} failed): {report.best.run_name}, "
           f"val acc {report.best.best_val_acc:.3f}; trained {final_num_epochs} epochs: test acc {final.test_acc:.3f}")
-    print(f"Results: MLflow experiment '{experiment}' in {tracker.uri}, pipeline run {run_id}")
+    print(f"Results: MLflow experiment '{experiment}' in {run.store.uri}, pipeline run {run.id}")
     print(f"Model: mlflow.pyfunc.load_model('{final.model_uri}').predict(images)")
-    print(f"Open the MLflow UI: {tracker.ui_command()}  then {tracker.run_url(run_id)}")
+    print(f"Open the MLflow UI: {run.store.ui_command()}  then {run.url}")
     return result
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="The main job: data, gradient checks, BN-vs-GN sweep, final training.")
-    parser.add_argument("--base", type=json.loads, default={}, help="JSON: TrainConfig fields the sweep starts from")
-    parser.add_argument("--space", type=json.loads, default=DEFAULT_SPACE, help="JSON: field -> list of values")
-    parser.add_argument("--final-epochs", type=int, default=DEFAULT_FINAL_EPOCHS,
-                        help=f"epochs for the best configuration (default {DEFAULT_FINAL_EPOCHS})")
-    parser.add_argument("--sweep-name", help="resume the sweep of this name (default: a new one)")
-    parser.add_argument("--max-workers", type=int, default=2, help="sweep trials run at once (default 2)")
-    parser.add_argument("--experiment", default="cnncore")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlruns)")
-    args = parser.parse_args(argv)
-    pipeline(base=TrainConfig.model_validate(args.base), space=args.space, final_num_epochs=args.final_epochs,
-             sweep_name=args.sweep_name, experiment=args.experiment, tracking_uri=args.tracking_uri,
-             max_workers=args.max_workers)
-
-
-if __name__ == "__main__":
-    main()

@@ -116,9 +116,9 @@ def test_preset_parameter_replaces_the_spec(store, monkeypatch):
         return bn_vs_gn_spec(dataset, name="study-tiny", normalizations=("groupnorm",), batch_sizes=(8,),
                              seeds=(0,), num_epochs=1, num_train=32, num_val=20, num_test=20, num_filters=4)
 
-    import flows.sweep as sweep_module
+    import flows.sweep.flow as sweep_flow
 
-    monkeypatch.setattr(sweep_module, "preset_spec", fake_preset_spec)
+    monkeypatch.setattr(sweep_flow, "preset_spec", fake_preset_spec)
     report = sweep(preset="bn-vs-gn", tracking_uri=store.uri, trials_in="threads")
     assert seen == {"preset": "bn-vs-gn", "dataset": "digits"}
     assert report.name == "study-tiny" and report.study_report.startswith("# BN vs GN")

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flows import sweep as sweep_module
+from flows.sweep import executors
 from flows.config import SweepSpec
 from flows.load_data import load_data_once
 from flows.sweep import sweep
@@ -20,8 +20,8 @@ DIVERGED = r"^(NonFiniteLossError: loss became nan|ValueError: x must be finite)
 
 @pytest.fixture
 def fits(calls_to):
-    """Every fit the sweep really ran: (tracker, run_id, config, data) each."""
-    return calls_to(sweep_module, "fit_and_log")
+    """Every fit the sweep really ran: (run, config, data) each."""
+    return calls_to(executors, "fit")
 
 
 def trial_task_states(flow_state) -> list[str]:
@@ -100,7 +100,7 @@ def test_rerun_skips_finished_trials_and_reruns_unfinished_ones(store, tiny, fit
 
     second = sweep(spec=spec, tracking_uri=store.uri, trials_in="threads")
 
-    assert sorted(config.seed for _, _, config, _ in fits) == [1, 2]
+    assert sorted(config.seed for _, config, _ in fits) == [1, 2]
     assert second.parent_run_id == first.parent_run_id
     assert [t.skipped for t in second.trials] == [True, False, False]
     assert second.trials[0].run_id == by_seed[0]
@@ -131,14 +131,14 @@ def test_trial_test_acc_is_measured_on_the_test_split(store, tiny, monkeypatch):
     # Validation and test splits of different sizes, so neither accuracy can pass for the other.
     config = tiny.model_copy(update={"num_val": 49, "num_test": 80, "num_epochs": 2})
     nets = []
-    real = sweep_module.fit_and_log
+    real = executors.fit
 
     def keeping_the_net(*args, **kwargs):
         fitted = real(*args, **kwargs)
         nets.append(fitted.net)
         return fitted
 
-    monkeypatch.setattr(sweep_module, "fit_and_log", keeping_the_net)
+    monkeypatch.setattr(executors, "fit", keeping_the_net)
     report = sweep(spec=SweepSpec(name="test-split", base=config, space={"seed": [0]}), tracking_uri=store.uri,
                    trials_in="threads")
 

@@ -45,9 +45,9 @@ def test_train_flow_against_an_unreachable_server_writes_nothing(store, tiny):
 
 
 def test_experiment_artifacts_live_beside_a_sqlite_store(store):
-    tracker = tracking.connect(store.uri)
-    experiment_id = tracker.experiment("where")
-    assert tracker.experiment("where") == experiment_id  # get, not create twice
+    tracked = tracking.connect(store.uri)
+    experiment_id = tracked.experiment_id("where")
+    assert tracked.experiment_id("where") == experiment_id  # get, not create twice
     location = store.client.get_experiment(experiment_id).artifact_location
     db = tracking.sqlite_path(store.uri)
     assert location == (db.parent / "artifacts" / "where").as_uri()
@@ -60,10 +60,10 @@ def test_logged_model_predicts_the_same_classes_as_the_in_memory_net(store, tiny
                             normalization="batchnorm", seed=0)
     Solver(net, data, update_rule="adam", optim_config={"learning_rate": 3e-3}, num_epochs=10,
            batch_size=25, verbose=False, seed=0).train()
-    tracker = tracking.connect(store.uri)
-    run_id = tracker.start_run(tracker.experiment("serving"), "serving")
+    run = tracking.connect(store.uri).start_run("serving", "serving")
+    run_id = run.id
     raw = data["X_test"] + data["mean"].reshape(1, -1, 1, 1)
-    model_uri = tracker.log_model(run_id, net, data["mean"], raw[:3])
+    model_uri = run.log_model(net, data["mean"], raw[:3])
 
     served = mlflow.pyfunc.load_model(model_uri).predict(np.asarray(raw, dtype=np.float64))
     expected = net.predict(data["X_test"])

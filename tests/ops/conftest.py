@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import background_server, free_port, mlflow_server_command
+from flows.servers import background_server, free_port, mlflow_server_command
 from flows.config import SweepSpec, TrainConfig
 
 # Bounded waits: both servers answer in about 10-15 s on 2 cores; allow for a loaded CI machine.

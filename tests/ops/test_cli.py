@@ -17,6 +17,10 @@ from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from flows import cli
+from flows.cli import options as cli_options
+from flows.cli import run as cli_run
+from flows.deployments import load_entrypoint
+from flows.servers import free_port, stop_process_group
 from flows.config import SweepSpec, TrainConfig
 from flows.train import train
 
@@ -32,8 +36,8 @@ def invoke(*args: str):
     return runner.invoke(cli.app, list(args), catch_exceptions=False)
 
 
-def run_options(flow_name: str) -> list[cli.FlowOption]:
-    return cli.flow_options(cli.load_flow(cli.FLOWS[flow_name]))
+def run_options(flow_name: str) -> list[cli_options.FlowOption]:
+    return cli_options.flow_options(load_entrypoint(cli_run.FLOWS[flow_name]))
 
 
 def test_train_options_are_generated_from_every_train_config_field():
@@ -47,7 +51,7 @@ def test_flag_clashes_keep_the_shallowest_name_short():
     def sweep_like(spec: SweepSpec = SweepSpec(), experiment: str = "x"):
         pass
 
-    flags = {o.path: o.flag for o in cli.flow_options(sweep_like)}
+    flags = {o.path: o.flag for o in cli_options.flow_options(sweep_like)}
     assert flags[("spec", "seed")] == "--seed"
     assert flags[("spec", "base", "seed")] == "--base-seed"
     assert flags[("spec", "base", "batch_size")] == "--batch-size"
@@ -62,18 +66,18 @@ def test_two_model_parameters_with_the_same_fields_get_their_parameter_names():
     def two(first: Small = Small(), second: Small = Small()):
         pass
 
-    assert [o.flag for o in cli.flow_options(two)] == ["--first-seed", "--second-seed"]
+    assert [o.flag for o in cli_options.flow_options(two)] == ["--first-seed", "--second-seed"]
 
 
-@pytest.mark.parametrize("flow_name", sorted(cli.FLOWS))
+@pytest.mark.parametrize("flow_name", sorted(cli_run.FLOWS))
 def test_every_run_option_has_help(flow_name):
     options = run_options(flow_name)
     assert options, f"{flow_name} has no options"
     missing = [o.flag for o in options if not re.sub(r"\(default: .*\)|Must be .*", "", o.help).strip()]
-    assert not missing, f"options of `cnnflow run {flow_name}` without help: {missing} (add them to cli.FIELD_HELP)"
+    assert not missing, f"options of `cnnflow run {flow_name}` without help: {missing} (describe the field, or the parameter in the flow's Args: docstring)"
 
 
-@pytest.mark.parametrize("flow_name", sorted(cli.FLOWS))
+@pytest.mark.parametrize("flow_name", sorted(cli_run.FLOWS))
 def test_run_help_lists_every_option(flow_name):
     result = runner.invoke(cli.app, ["run", flow_name, "--help"], terminal_width=200)
     assert result.exit_code == 0, result.output
@@ -89,7 +93,7 @@ def test_run_help_lists_every_option(flow_name):
     ("num_train=[100, null]", ("num_train", [100, None])),
 ])
 def test_space_assignments_parse_to_lists_and_intervals(text, expected):
-    assert cli.parse_assignment(text) == expected
+    assert cli_options.parse_assignment(text) == expected
 
 
 def test_space_file_and_options_merge_with_options_winning(tmp_path):
@@ -101,9 +105,9 @@ def test_space_file_and_options_merge_with_options_winning(tmp_path):
     def sweep_like(spec: SweepSpec = SweepSpec()):
         pass
 
-    options = cli.flow_options(sweep_like)
+    options = cli_options.flow_options(sweep_like)
     given = {"space": ["batch_size=16"], "space_file": space_file, "num_epochs": 1, "name": None}
-    params = cli.collect_parameters(options, given, str(params_file))
+    params = cli_options.collect_parameters(options, given, str(params_file))
     assert params == {"spec": {"name": "from-file", "base": {"num_epochs": 1},
                                "space": {"normalization": ["batchnorm", "groupnorm"], "batch_size": [16]}}}
 
@@ -158,7 +162,7 @@ def test_flow_failure_is_one_line_without_traceback(monkeypatch, capsys):
         raise RuntimeError("the dataset went away")
 
     with pytest.raises(typer.Exit) as exit_info:
-        cli._run_flow(exploding, cli.flow_options(exploding), {})
+        cli_run.run_flow(exploding, cli_options.flow_options(exploding), {})
     assert exit_info.value.exit_code == 1
     assert capsys.readouterr().err == "error: RuntimeError: the dataset went away\n"
 
@@ -167,7 +171,7 @@ def test_unreachable_tracking_server_fails_fast_in_one_line_and_writes_nothing(
         tmp_path, monkeypatch, prefect_server, use_servers):
     use_servers(prefect=prefect_server)
     monkeypatch.chdir(tmp_path)
-    dead = f"http://127.0.0.1:{cli.free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
     result = runner.invoke(cli.app, ["run", "train", "--tracking-uri", dead, *TINY_TRAIN])
     assert time.monotonic() - started < 30
@@ -250,4 +254,4 @@ def test_ui_prints_its_loopback_address_serves_the_store_and_stops_cleanly(tmp_p
         with pytest.raises(OSError):  # the server it started is gone too
             urllib.request.urlopen(match.group(1) + "/health", timeout=5)
     finally:
-        cli.stop_process_group(ui)
+        stop_process_group(ui)

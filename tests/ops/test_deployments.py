@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from prefect.client.schemas.schedules import CronSchedule
 
-from flows import cli
+from flows.cli.options import flow_options, validate_parameters
+from flows.servers import stop_process_group
 from flows.deployments import read_deployments, to_schedule
 
 from .conftest import REPO_ROOT, rest
@@ -53,7 +54,7 @@ def test_prefect_yaml_schedules_gradient_check_train_and_sweep_by_cron():
 @pytest.mark.parametrize("spec", read_deployments(), ids=lambda s: s.full_name)
 def test_prefect_yaml_parameters_are_valid_for_the_flow(spec):
     flow = spec.load_flow()
-    cli.validate_parameters(flow, spec.parameters, cli.flow_options(flow))
+    validate_parameters(flow, spec.parameters, flow_options(flow))
 
 
 def test_prefect_deploy_registers_every_deployment_for_the_work_pool(ops_env, prefect_server):
@@ -105,7 +106,7 @@ def test_serve_registers_the_schedules_and_runs_an_ad_hoc_trigger(tmp_path, ops_
         assert run["parameters"]["only"] == ["relu_forward", "affine_forward"]
         assert run["parameters"]["experiment"] == "cnncore-gradient-check"  # from prefect.yaml
     finally:
-        cli.stop_process_group(serving)
+        stop_process_group(serving)
 
 
 def test_serve_without_a_prefect_server_says_how_to_start_one(ops_env):

@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from flows import cli
+from flows.servers import free_port
 from flows.sweep import sweep
 from flows.tracking import TrackingUnavailableError
 
@@ -83,7 +83,7 @@ def test_artifacts_are_listed_and_served_by_the_server(mlflow_server, server_swe
 
 def test_unreachable_server_fails_the_sweep_fast_with_a_clear_message_and_writes_nothing(
         tmp_path, monkeypatch, prefect_server, use_servers):
-    dead = f"http://127.0.0.1:{cli.free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     use_servers(prefect=prefect_server, mlflow=dead)
     monkeypatch.chdir(tmp_path)
     started = time.monotonic()

@@ -1,0 +1,18 @@
+"""`cnnflow`: run, schedule and inspect the project's Prefect flows from a shell.
+
+    cnnflow run train --normalization groupnorm --batch-size 8
+    cnnflow run sweep --space normalization=batchnorm,groupnorm --space batch_size=8,32
+    cnnflow serve            # the deployments of prefect.yaml, on their schedules
+    cnnflow ui               # the MLflow UI on the project's store, at 127.0.0.1
+    cnnflow runs             # recent MLflow runs: params and accuracies
+
+- ``app``: the top level and the commands that are not flows (ui, serve, runs);
+- ``run``: `cnnflow run FLOW`, a command per flow, imported only when used;
+- ``options``: the options generated from a flow's typed parameters, and their values parsed back;
+- ``errors``: one-line errors and exit codes (2: parameters refused, 1: a failed run);
+- ``runs_table``: the `cnnflow runs` table.
+"""
+
+from .app import app
+
+__all__ = ["app"]

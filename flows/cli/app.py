@@ -1,0 +1,110 @@
+"""The `cnnflow` command: its top level and the commands that are not flows (ui, serve, runs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import typer
+
+from ..deployments import PREFECT_YAML
+from .errors import CliError, Settings, one_line_errors
+from .run import run_app
+
+app = typer.Typer(
+    name="cnnflow",
+    help="Run, schedule and inspect cnncore's Prefect flows, tracked in MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(run_app, name="run")
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False):
+    Settings.debug = debug
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1; 0 picks a free one. The links the flows "
+                                           "leave in Prefect point at 5000.")] = 5000,
+    backend_store_uri: Annotated[Optional[str], typer.Option(
+        help="MLflow store to show; default: $MLFLOW_TRACKING_URI when it is a database URI, "
+             "else the project's sqlite store (mlruns/mlflow.db).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the UI to answer.")] = 90.0,
+):
+    """Start the MLflow UI on 127.0.0.1 for the project's store, print its address, and keep it up until Ctrl-C."""
+    with one_line_errors():
+        from .. import tracking
+        from ..servers import background_server, free_port, mlflow_server_command, port_is_taken
+
+        uri = backend_store_uri or tracking.resolve_tracking_uri()
+        if tracking.is_server(uri):
+            typer.echo(f"MLFLOW_TRACKING_URI points at a tracking server; its UI is at {uri}")
+            return
+        if (db := tracking.sqlite_path(uri)) is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
+            artifacts = (db.parent / "artifacts").as_uri()
+        else:
+            artifacts = None
+        port = port or free_port()
+        if port_is_taken(port):
+            raise CliError(f"port {port} on 127.0.0.1 is taken; choose another with --port (0 picks a free one)")
+        address = f"http://127.0.0.1:{port}"
+        command = mlflow_server_command(uri, port, default_artifact_root=artifacts)
+        typer.echo(f"starting the MLflow UI on {uri} ...", err=True)
+        try:
+            with background_server(command, f"{address}/health", timeout_s=timeout) as process:
+                typer.echo(f"MLflow UI: {address}  (Ctrl-C stops it)")
+                code = process.wait()
+                raise CliError(f"the MLflow UI exited with code {code}")
+        except KeyboardInterrupt:
+            typer.echo("stopped", err=True)
+
+
+@app.command()
+def serve(
+    file: Annotated[Path, typer.Option("--file", "-f", help="Deployment declarations to serve.")] = PREFECT_YAML,
+    deployment: Annotated[Optional[list[str]], typer.Option(
+        "--deployment", "-d", help="Serve only this deployment (its name in prefect.yaml); repeatable.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Most flow runs at once; unlimited when unset.")] = None,
+):
+    """Serve prefect.yaml's deployments, with their schedules, from this process until Ctrl-C.
+
+    Needs a Prefect server: PREFECT_API_URL set (`prefect server start`, or the
+    docker-compose stack). Scheduled and ad hoc runs (`prefect deployment run
+    'sweep/weekly-bn-vs-gn' -p ...`) execute here, in subprocesses.
+    """
+    with one_line_errors():
+        from .. import deployments
+
+        specs = deployments.read_deployments(file, only=deployment)
+        api = deployments.require_prefect_api()
+        runner_deployments = [deployments.to_runner_deployment(spec) for spec in specs]
+        typer.echo(f"serving {', '.join(s.full_name for s in specs)} against {api}", err=True)
+        from prefect import serve as prefect_serve
+
+        prefect_serve(*runner_deployments, limit=limit)
+
+
+@app.command()
+def runs(
+    experiment: Annotated[Optional[list[str]], typer.Option(
+        "--experiment", "-e", help="Experiment name; repeatable. Default: every experiment.")] = None,
+    limit: Annotated[int, typer.Option(help="Most recent runs to show.", min=1)] = 20,
+    tracking_uri: Annotated[Optional[str], typer.Option(
+        help="MLflow tracking URI; else $MLFLOW_TRACKING_URI, else the project's sqlite store.")] = None,
+    output: Annotated[Literal["table", "json"], typer.Option(help="table for people, json for scripts.")] = "table",
+):
+    """List recent MLflow runs, newest first: name, parent, status, key parameters, val/test accuracy."""
+    with one_line_errors():
+        from .runs_table import print_runs_table, recent_runs
+
+        rows = recent_runs(tracking_uri, experiment, limit)
+        if output == "json":
+            typer.echo(json.dumps(rows, indent=2))
+        else:
+            print_runs_table(rows)

@@ -1,0 +1,55 @@
+"""One-line errors: every failure of a cnnflow command is one line on stderr and an exit code.
+
+Exit code 2 for parameters refused before any work, 1 for a run that failed;
+`cnnflow --debug ...` lets the traceback through instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import typing
+from collections.abc import Iterator
+
+import typer
+
+
+class CliError(Exception):
+    """A failure to report as one line, with an exit code."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Settings:
+    """Process-wide switches set by the top-level options."""
+
+    debug = False
+
+
+def fail(message: str, exit_code: int = 1) -> typing.NoReturn:
+    typer.echo(f"error: {' '.join(str(message).split())}", err=True)
+    raise typer.Exit(exit_code)
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Turn any exception into `error: ...` on stderr and a non-zero exit (unless --debug)."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        if Settings.debug:
+            raise
+        if isinstance(exc, CliError):
+            fail(str(exc), exc.exit_code)
+        from pydantic import ValidationError
+
+        if isinstance(exc, ValidationError):
+            from .options import describe_validation_error
+
+            fail(describe_validation_error(exc), 2)
+        if isinstance(exc, ValueError) or type(exc).__module__.startswith(("flows.", "cnncore.")):
+            fail(str(exc), 1)  # the project's own errors say what went wrong and what to do
+        fail(f"{type(exc).__name__}: {exc}", 1)

@@ -1,0 +1,106 @@
+"""Supervising the servers the project starts for itself: MLflow's UI, test servers, screenshots.
+
+Each server starts in its own process group (its workers with it), is waited for on
+its health endpoint for a bounded time, and is stopped by its process group id:
+SIGTERM, then SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class ServerError(RuntimeError):
+    """A server that exited or did not answer in time."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on host right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_is_taken(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex((host, port)) == 0
+
+
+def _tail(path: Path | None, lines: int = 15) -> str:
+    if path is None or not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def wait_until_healthy(url: str, timeout_s: float, process: subprocess.Popen | None = None,
+                       log: Path | None = None) -> None:
+    """Poll url until it answers 200; fail early when process exits, or after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process is not None and process.poll() is not None:
+            raise ServerError(f"{Path(process.args[0]).name} exited with code {process.returncode} before {url} "
+                              f"answered. {_tail(log)}")
+        with contextlib.suppress(OSError, urllib.error.URLError):
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        if time.monotonic() > deadline:
+            raise ServerError(f"{url} did not answer within {timeout_s:.0f} s. {_tail(log)}")
+        time.sleep(0.25)
+
+
+def stop_process_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the process group that `process` leads (its server workers too), then SIGKILL after grace_s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(grace_s)
+    # Workers that outlived their parent (MLflow's job workers do) are in the same group.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def background_server(command: list[str], health_url: str, *, env: dict | None = None,
+                      log: Path | None = None, timeout_s: float = 90.0,
+                      stop_grace_s: float = 10.0) -> Iterator[subprocess.Popen]:
+    """Start command in a new process group, wait until health_url answers, stop the group on exit.
+
+    Stopping sends SIGTERM to the group, then SIGKILL after stop_grace_s.
+    """
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
+        wait_until_healthy(health_url, timeout_s, process, log)
+        yield process
+    finally:
+        stop_process_group(process, stop_grace_s)
+        if log:
+            out.close()
+
+
+def mlflow_server_command(backend_store_uri: str, port: int, *, artifacts_destination: str | None = None,
+                          default_artifact_root: str | None = None, host: str = "127.0.0.1") -> list[str]:
+    """`mlflow server` on host:port with one worker, for the given stores."""
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,
+               "--host", host, "--port", str(port), "--workers", "1"]
+    if artifacts_destination:
+        command += ["--serve-artifacts", "--artifacts-destination", artifacts_destination]
+    elif default_artifact_root:
+        command += ["--default-artifact-root", default_artifact_root]
+    return command

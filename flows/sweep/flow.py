@@ -1,0 +1,86 @@
+"""The sweep flow, in the order it works: name, resume, load, fan out, summarise."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import Literal
+
+from prefect import flow
+from pydantic import PositiveInt
+
+from ..config import SweepSpec
+from ..load_data import load_dataset, log_dataset
+from ..study import PRESETS, preset_spec
+from ..tracking import connect
+from .executors import run_trials
+from .results import SweepReport, TrialResult, best_trial
+from .resume import find_finished_trials, open_sweep_run, skipped_trial
+from .summary import summarise_sweep, write_study_report
+
+__all__ = ["SweepReport", "TrialResult", "sweep"]
+
+
+@flow(name="sweep", flow_run_name="sweep-{spec.name}", log_prints=True)
+def sweep(
+    spec: SweepSpec = SweepSpec(),
+    experiment: str = "cnncore-sweeps",
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+    max_workers: PositiveInt = 2,
+    dask_address: str | None = None,
+    trials_in: Literal["processes", "threads"] = "processes",
+    preset: Literal[PRESETS] | None = None,
+    resume: bool = True,
+) -> SweepReport:
+    """Run every trial of spec, skipping those finished by an earlier run of the same sweep name.
+
+    Failed trials are in the returned SweepReport, not raised.
+
+    Args:
+        spec: The sweep: a grid or seeded random search over TrainConfig fields.
+        experiment: MLflow experiment to log to.
+        tracking_uri: MLflow tracking URI; else $MLFLOW_TRACKING_URI, else the project's sqlite store.
+        parent_run_id: MLflow run to nest the sweep's parent run under (a pipeline's).
+        max_workers: Trials trained at once on this machine.
+        dask_address: Address of a Dask scheduler (tcp://host:8786) to run the trials on; this machine when unset.
+        trials_in: Locally, train each trial in a worker process (no GIL contention) or in its task's thread.
+        preset: A study preset that replaces spec ("bn-vs-gn": the Group Normalization paper's batch-size
+            comparison) on spec.base.dataset, named spec.name when that is not the default; it writes the
+            study's table, figure and report on the parent run.
+        resume: Rerunning a sweep name resumes that sweep; false starts a fresh one named
+            <name>-<UTC date and time>, as scheduled runs need.
+    """
+    start = time.perf_counter()
+    if preset is not None:
+        named = spec.name != SweepSpec.model_fields["name"].default
+        spec = preset_spec(preset, dataset=spec.base.dataset, **({"name": spec.name} if named else {}))
+    if not resume:
+        spec = spec.model_copy(update={"name": f"{spec.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"})
+    trials = spec.trials()
+    store = connect(tracking_uri)
+    parent, resumed = open_sweep_run(store, experiment, spec, trials, parent_run_id)
+    with parent:
+        parent.link_flow_run()
+        finished = find_finished_trials(parent, spec, trials)
+        skipped = [skipped_trial(spec, i, c, finished[c.key()]) for i, c in enumerate(trials) if c.key() in finished]
+        todo = {i: c for i, c in enumerate(trials) if c.key() not in finished}
+        for data_spec in dict.fromkeys(c.data_spec() for c in todo.values()):
+            # Load and record each dataset once, before the fan-out: the trials then
+            # find both the arrays and the experiment's dataset record made.
+            log_dataset(parent, data_spec, load_dataset(data_spec))
+        print(f"sweep {spec.name}: {len(trials)} trials, {len(skipped)} already finished"
+              f"{' (resumed)' if resumed else ''}, {len(todo)} to run, "
+              + (f"on the Dask cluster at {dask_address}" if dask_address else f"{max_workers} at a time"))
+        results = sorted(skipped + run_trials(parent, spec, todo, max_workers, dask_address, trials_in),
+                         key=lambda r: r.index)
+        summarise_sweep(parent, spec, results)
+        study = write_study_report(parent, spec, results) if spec.study else None
+        parent.log_metrics({"wall_time_s": time.perf_counter() - start})
+    report = SweepReport(name=spec.name, parent_run_id=parent.id, trials=results, best=best_trial(results),
+                         wall_time_s=time.perf_counter() - start, study_report=study)
+    for r in report.failed:
+        print(f"FAILED {r.run_name}: {r.failure_reason}")
+    if report.best is not None:
+        print(f"best: {report.best.run_name}, val acc {report.best.best_val_acc:.3f}")
+    return report

@@ -1,0 +1,48 @@
+"""What a sweep returns: one result per trial, and the sweep's report."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel
+
+from ..config import SweepSpec, TrainConfig
+from ..tracking import FINISHED
+
+
+class TrialResult(BaseModel):
+    index: int
+    key: str
+    run_id: str
+    run_name: str
+    status: Literal["FINISHED", "FAILED"]
+    skipped: bool = False  # finished in an earlier run of the sweep
+    best_val_acc: float | None = None
+    test_acc: float | None = None
+    wall_time_s: float | None = None
+    failure_reason: str | None = None
+    config: TrainConfig
+
+
+class SweepReport(BaseModel):
+    name: str
+    parent_run_id: str
+    trials: list[TrialResult]
+    best: TrialResult | None
+    wall_time_s: float
+    study_report: str | None = None  # the markdown report of a study preset
+
+    @property
+    def failed(self) -> list[TrialResult]:
+        return [t for t in self.trials if t.status != FINISHED]
+
+
+def trial_name(spec: SweepSpec, index: int, config: TrainConfig) -> str:
+    """e.g. "bn-vs-gn/03 groupnorm batch_size=8": the sweep, the index and the swept values."""
+    swept = [f"{k}={getattr(config, k)}" for k in spec.swept() if k != "normalization"]
+    return f"{spec.name}/{index:02d} {config.normalization} {' '.join(swept)}".strip()
+
+
+def best_trial(results: list[TrialResult]) -> TrialResult | None:
+    """The finished trial with the best validation accuracy (the first of equals)."""
+    return max((r for r in results if r.status == FINISHED), key=lambda r: r.best_val_acc, default=None)

@@ -1,0 +1,86 @@
+"""What a sweep leaves behind: on its parent run, in Prefect, and in the terminal.
+
+On the parent run: summary.csv and the MLflow table summary.json (one row per
+trial), comparison.png (best validation accuracy per normalization against the
+first other swept field), the totals as metrics, and the best trial as tags. A
+study preset adds its table, figures and report under study/.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+from prefect.artifacts import create_table_artifact
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from ..config import SweepSpec
+from ..figures import sweep_comparison_figure
+from ..study import error_table, paper_shaped, report_markdown, study_figure
+from ..tracking import FINISHED, Run
+from .results import TrialResult, best_trial
+
+
+def summary_table(spec: SweepSpec, results: list[TrialResult]) -> pd.DataFrame:
+    """One row per trial, in trial order: its swept values, status and results."""
+    rows = []
+    for r in sorted(results, key=lambda r: r.index):
+        swept = {k: getattr(r.config, k) for k in dict.fromkeys(["normalization", *spec.swept()])}
+        rows.append({"trial": r.index, "run_name": r.run_name, **swept, "status": r.status, "skipped": r.skipped,
+                     "best_val_acc": r.best_val_acc, "test_acc": r.test_acc, "wall_time_s": r.wall_time_s,
+                     "failure_reason": r.failure_reason or "", "run_id": r.run_id, "trial_key": r.key})
+    return pd.DataFrame(rows)
+
+
+@task(name="summarise sweep", cache_policy=NO_CACHE)
+def summarise_sweep(parent: Run, spec: SweepSpec, results: list[TrialResult]) -> pd.DataFrame:
+    """The parent's summary table (CSV and MLflow table), comparison figure and totals."""
+    table = summary_table(spec, results)
+    parent.log_table(table, "summary")
+    x_name = next((k for k in spec.swept() if k != "normalization"), None)
+    done, failed = (table["status"] == FINISHED).sum(), (table["status"] != FINISHED).sum()
+    title = f"sweep {spec.name}: {done} trials" + (f", {failed} failed (not shown)" if failed else "")
+    parent.log_figure(sweep_comparison_figure(table, x_name, title), "comparison.png")
+    finished = [r for r in results if r.status == FINISHED]
+    metrics = {"num_trials": len(results), "num_finished": len(finished), "num_failed": len(results) - len(finished),
+               "num_skipped": sum(r.skipped for r in results)}
+    if (best := best_trial(results)) is not None:
+        metrics["best_val_acc"] = best.best_val_acc
+        parent.set_tags({"best_run_id": best.run_id, "best_trial_key": best.key})
+    parent.log_metrics(metrics)
+    create_table_artifact(table.drop(columns=["run_id", "trial_key"]).to_dict("records"),
+                          key=artifact_key(f"sweep-{spec.name}"), description=f"Trials of sweep {spec.name}")
+    return table
+
+
+def artifact_key(text: str) -> str:
+    """Prefect artifact keys take lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+
+
+def study_trials(results: list[TrialResult]) -> pd.DataFrame:
+    """The study's trial records, from the results the sweep holds: one row per FINISHED trial."""
+    rows = [{"normalization": r.config.normalization, "batch_size": r.config.batch_size, "seed": r.config.seed,
+             "test_acc": r.test_acc, "run_id": r.run_id}
+            for r in results if r.status == FINISHED and r.test_acc is not None]
+    return pd.DataFrame(rows, columns=["normalization", "batch_size", "seed", "test_acc", "run_id"])
+
+
+@task(name="write study report", cache_policy=NO_CACHE)
+def write_study_report(parent: Run, spec: SweepSpec, results: list[TrialResult]) -> str:
+    """The study's table, figure and markdown report on the parent run.
+
+    Artifacts: study/error_table (CSV and MLflow table: mean and std of the test error
+    over seeds per normalization and batch size), study/paper_shaped.csv,
+    study/error_vs_batch_size.png and study/report.md. Returns the report.
+    """
+    trials = study_trials(results)
+    table = error_table(trials)
+    report = report_markdown(table, spec, num_failed=len(results) - len(trials))
+    parent.log_table(table, "study/error_table")
+    parent.log_text(paper_shaped(table).to_csv(), "study/paper_shaped.csv")
+    parent.log_figure(study_figure(table, f"{spec.name}: test error against batch size"),
+                      "study/error_vs_batch_size.png")
+    parent.log_text(report, "study/report.md")
+    return report

@@ -1,0 +1,120 @@
+"""One training run, as every flow does it: build the net, train it with the Solver, log it, score it.
+
+``fit`` is what every training run logs (the train flow's run, a sweep trial's
+child run): the dataset inputs, ``loss`` per iteration and ``train_acc``/``val_acc``
+per epoch as step metrics, ``best_val_acc``, ``wall_time_s`` and ``images_per_s``,
+the device, and the learning curves. ``score_test_split`` is the one rule for the test
+score: the net in test mode (batch norm with its running statistics) on the test split.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cnncore.backend import device_name
+from cnncore.cnn import ThreeLayerConvNet
+from cnncore.solver import Solver
+
+from .config import TrainConfig
+from .figures import learning_curves_figure
+from .load_data import dataset_source
+from .tracking import Run
+
+# Losses are sent to MLflow in batches of this many iterations (one request each):
+# a request per iteration costs about 3 ms, as much as a digits training step.
+LOSS_BATCH = 100
+# Train accuracy is measured on this many training images at each check, as in CS231n.
+NUM_TRAIN_SAMPLES = 1000
+
+
+@dataclass
+class Fitted:
+    """A trained net (its best parameters on the validation set) and the run's histories."""
+
+    net: ThreeLayerConvNet
+    loss_history: list[float]
+    train_acc_history: list[float]
+    val_acc_history: list[float]
+    best_val_acc: float
+    wall_time_s: float
+    images_per_s: float
+    epochs: list[int] = field(default_factory=list)
+
+
+def build_net(config: TrainConfig, data: dict) -> ThreeLayerConvNet:
+    return ThreeLayerConvNet(
+        input_dim=data["X_train"].shape[1:], num_filters=config.num_filters, filter_size=config.filter_size,
+        hidden_dim=config.hidden_dim, num_classes=len(data["class_names"]), weight_scale=config.weight_scale,
+        reg=config.reg, dtype=config.dtype, normalization=config.normalization, num_groups=config.num_groups,
+        seed=config.seed, device=config.device,
+    )
+
+
+class _MetricStream:
+    """The Solver's callbacks, sending loss per iteration and accuracies per epoch to one run."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.losses: list[float] = []
+        self.first_step = 1
+        self.epochs: list[int] = []
+
+    def on_iteration(self, info: dict) -> None:
+        self.losses.append(info["loss"])
+        if len(self.losses) >= LOSS_BATCH:
+            self.flush()
+
+    def on_epoch(self, info: dict) -> None:
+        self.flush()
+        self.epochs.append(info["epoch"])
+        self.run.log_metrics({"train_acc": info["train_acc"], "val_acc": info["val_acc"]}, step=info["epoch"])
+
+    def flush(self) -> None:
+        """Send the buffered losses; iteration i (1-based) is step i."""
+        if self.losses:
+            self.run.log_metric_history("loss", self.losses, first_step=self.first_step)
+            self.first_step += len(self.losses)
+            self.losses = []
+
+
+def run_title(config: TrainConfig) -> str:
+    return (f"{config.dataset} {config.normalization} bs={config.batch_size} "
+            f"lr={config.learning_rate:g} {config.update_rule}")
+
+
+def fit(run: Run, config: TrainConfig, data: dict, *, source: str | None = None) -> Fitted:
+    """Train a fresh net on data with the Solver, logging everything a training run logs to run.
+
+    Raises the Solver's NonFiniteLossError when the loss diverges (after sending
+    the losses up to that point).
+    """
+    run.log_datasets(config.dataset, data, source=source or dataset_source(config.data_spec()))
+    net = build_net(config, data)
+    stream = _MetricStream(run)
+    solver = Solver(net, data, update_rule=config.update_rule, optim_config={"learning_rate": config.learning_rate},
+                    lr_decay=config.lr_decay, batch_size=config.batch_size, num_epochs=config.num_epochs,
+                    num_train_samples=NUM_TRAIN_SAMPLES, verbose=False, seed=config.seed,
+                    on_iteration=stream.on_iteration, on_epoch=stream.on_epoch)
+    start = time.perf_counter()
+    try:
+        solver.train()
+    finally:
+        stream.flush()
+    wall = time.perf_counter() - start
+    images_per_s = solver.iteration * config.batch_size / wall
+    run.log_metrics({"best_val_acc": solver.best_val_acc, "wall_time_s": wall, "images_per_s": images_per_s})
+    run.set_tags({"device": config.device, "device_name": device_name(config.device)})
+    fitted = Fitted(net, list(solver.loss_history), list(solver.train_acc_history), list(solver.val_acc_history),
+                    float(solver.best_val_acc), wall, images_per_s, stream.epochs)
+    run.log_figure(learning_curves_figure(fitted.loss_history, fitted.epochs, fitted.train_acc_history,
+                                          fitted.val_acc_history, run_title(config)), "learning_curves.png")
+    return fitted
+
+
+def score_test_split(net, data: dict) -> tuple[float, np.ndarray]:
+    """(accuracy, predicted labels) of net on the test split, in test mode."""
+    predicted = net.predict(data["X_test"])
+    return float(np.mean(predicted == data["y_test"])), predicted
