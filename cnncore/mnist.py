@@ -72,6 +72,8 @@ MNIST_TRAIN_LABELS = "train-labels-idx1-ubyte"
 MNIST_TEST_IMAGES = "t10k-images-idx3-ubyte"
 MNIST_TEST_LABELS = "t10k-labels-idx1-ubyte"
 MNIST_FILES = (MNIST_TRAIN_IMAGES, MNIST_TRAIN_LABELS, MNIST_TEST_IMAGES, MNIST_TEST_LABELS)
+# Downloads fetch the t10k files first: they alone are enough to run.
+_FETCH_ORDER = (MNIST_TEST_IMAGES, MNIST_TEST_LABELS, MNIST_TRAIN_IMAGES, MNIST_TRAIN_LABELS)
 
 # md5 of each file's decompressed content (see the module docstring for the sources).
 MNIST_MD5 = {
@@ -126,21 +128,20 @@ def load_mnist(data_dir: str | os.PathLike | None = None, *, download: bool = Tr
     CorruptDatasetError naming the file for a bad digest or structure.
     """
     folder = resolve_data_dir(data_dir) / MNIST_DIRNAME
-    missing = [name for name in MNIST_FILES if _find(folder, name) is None]
+    missing = [name for name in _FETCH_ORDER if _find(folder, name) is None]
     attempts = _fetch(folder, missing, progress) if missing and download else []
     missing = [name for name in MNIST_FILES if _find(folder, name) is None]
-    why = "download=False" if not download else "could not be downloaded"
+    why = " (download=False)" if not download else " and could not be downloaded"
 
     missing_test = [name for name in (MNIST_TEST_IMAGES, MNIST_TEST_LABELS) if name in missing]
     if missing_test:
-        problem = f"{' and '.join(missing_test)} (raw or .gz) not found and {why}"
+        problem = f"{' and '.join(missing_test)} (raw or .gz) not found{why}"
         raise DatasetUnavailableError(_unavailable_message(folder, problem, attempts))
     test_files = (_find(folder, MNIST_TEST_IMAGES), _find(folder, MNIST_TEST_LABELS))
     X_test, y_test = _read_pair(*test_files)
 
     if MNIST_TRAIN_IMAGES in missing or MNIST_TRAIN_LABELS in missing:
-        note = f"the 60,000 training images were not found in {folder}" + (
-            " (download=False)" if not download else " and could not be downloaded")
+        note = f"the 60,000 training images were not found in {folder}{why}"
         return MnistArrays(None, None, X_test, y_test, folder, test_files, note)
     train_files = (_find(folder, MNIST_TRAIN_IMAGES), _find(folder, MNIST_TRAIN_LABELS))
     X_train, y_train = _read_pair(*train_files)
@@ -155,7 +156,7 @@ def download_mnist(data_dir: str | os.PathLike | None = None, *, progress: bool 
     naming every URL tried with its error when a file could not be fetched.
     """
     folder = resolve_data_dir(data_dir) / MNIST_DIRNAME
-    attempts = _fetch(folder, [name for name in MNIST_FILES if _find(folder, name) is None], progress)
+    attempts = _fetch(folder, [name for name in _FETCH_ORDER if _find(folder, name) is None], progress)
     still_missing = [name for name in MNIST_FILES if _find(folder, name) is None]
     if still_missing:
         problem = f"{' and '.join(still_missing)} could not be downloaded"
@@ -182,7 +183,7 @@ def _find(folder: Path, name: str) -> Path | None:
 
 def _unavailable_message(folder: Path, problem: str, attempts) -> str:
     gz_names = ", ".join(f"{name}.gz" for name in MNIST_FILES)
-    how = (f"download {gz_names} from {MNIST_MIRRORS[0]} (or {' or '.join(MNIST_MIRRORS[1:])}) "
+    how = (f"download {gz_names} from {' or '.join(MNIST_MIRRORS)} "
            f"on a machine with network access and copy them, gzip'd or decompressed, into {folder} "
            f"(the two t10k files alone are enough to run)")
     return unavailable_message("MNIST", problem, folder, how, attempts)

@@ -169,7 +169,7 @@ def test_missing_files_without_download_name_the_folder_and_how_to_place_them(tm
         load_mnist(tmp_path / "nowhere", download=False)
     message = str(info.value)
     assert f"Looked for the files in {tmp_path / 'nowhere' / 'mnist'}." in message
-    assert "t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte (raw or .gz) not found and download=False" in message
+    assert "t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte (raw or .gz) not found (download=False)" in message
     assert "To place them by hand, download train-images-idx3-ubyte.gz" in message
 
 
@@ -178,7 +178,9 @@ def test_missing_files_offline_name_every_url_tried_with_its_error():
         load_dataset("mnist")  # the cache of $CNNCORE_DATA_DIR, empty
     message = str(info.value)
     for mirror in mnist.MNIST_MIRRORS:
-        assert f"{mirror}train-images-idx3-ubyte.gz: <urlopen error network disabled in tests>" in message
+        assert f"{mirror}{TEST_IMAGES}.gz: <urlopen error network disabled in tests>" in message
+        # An unreachable mirror is not waited on again for the later files.
+        assert f"{mirror}{TRAIN_LABELS}.gz: not tried: the mirror was unreachable" in message
 
 
 def _serve(folder: Path, small) -> None:
