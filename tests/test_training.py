@@ -62,6 +62,6 @@ def test_errors_come_before_any_training(digits):
     with pytest.raises(ValueError, match="update_rule must be one of"):
         Solver(model, data, update_rule="adagrad")
     with pytest.raises(ValueError, match="dataset|name"):
-        load_dataset("mnist")
+        load_dataset("imagenet")
     with pytest.raises(ValueError, match="must divide the 16 channels"):
         ThreeLayerConvNet(**{**DIGITS_NET, "num_groups": 5}, normalization="groupnorm")

@@ -11,7 +11,7 @@ from flows.config import Interval, SweepSpec, TrainConfig
 @pytest.mark.parametrize("bad, field, words", [
     ({"normalization": "bogus"}, "normalization", "'batchnorm', 'groupnorm'"),
     ({"batch_size": 0}, "batch_size", "greater than 0"),
-    ({"dataset": "mnist"}, "dataset", "'digits' or 'cifar10'"),
+    ({"dataset": "imagenet"}, "dataset", "'digits', 'cifar10' or 'mnist'"),
     ({"update_rule": "sgdx"}, "update_rule", "'adam'"),
     ({"normalization": "groupnorm", "num_filters": 8, "num_groups": 3}, "num_groups=3 must divide num_filters=8", ""),
     ({"filter_size": 4}, "filter_size must be odd", ""),

@@ -65,6 +65,6 @@ def test_a_sweep_of_several_trials_loads_its_data_once(store, tiny, load_count):
 
 
 def test_unknown_dataset_fails_before_any_mlflow_run(store):
-    with pytest.raises(ParameterTypeError, match="dataset: Input should be 'digits' or 'cifar10'"):
-        load_data(dataset="mnist", tracking_uri=store.uri)
+    with pytest.raises(ParameterTypeError, match="dataset: Input should be 'digits', 'cifar10' or 'mnist'"):
+        load_data(dataset="imagenet", tracking_uri=store.uri)
     assert store.experiments() == []

@@ -76,7 +76,7 @@ def test_logged_model_serves_the_checkpointed_net(trained, module_store, tmp_pat
 @pytest.mark.parametrize("bad, words", [
     ({"normalization": "bogus"}, "config.normalization: Input should be 'none', 'batchnorm'"),
     ({"batch_size": 0}, "config.batch_size: Input should be greater than 0"),
-    ({"dataset": "imagenet"}, "config.dataset: Input should be"),
+    ({"dataset": "imagenet"}, "config.dataset: Input should be 'digits', 'cifar10' or 'mnist'"),
     ({"normalization": "groupnorm", "num_filters": 4, "num_groups": 3}, "num_groups=3 must divide num_filters=4"),
 ])
 def test_invalid_parameters_fail_before_any_mlflow_run(store, bad, words):
