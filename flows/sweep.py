@@ -52,7 +52,7 @@ from threadpoolctl import threadpool_limits
 
 from .config import SweepSpec, TrainConfig
 from .load_data import load_data_once, load_dataset, log_dataset
-from .study import PRESETS, error_table, paper_shaped, preset_spec, report_markdown, study_figure
+from .study import PRESETS, build_study, preset_spec
 from .tracking import Tracker, connect, failure_reason
 from .train import fit_and_log
 
@@ -299,27 +299,27 @@ def _artifact_key(text: str) -> str:
 
 @task(name="write study report", cache_policy=NO_CACHE)
 def write_study_report(tracker: Tracker, experiment_id: str, parent_run_id: str, spec: SweepSpec) -> str:
-    """The study's table, figure and markdown report on the parent run, built from its child runs in MLflow.
+    """The study's tables, figures and markdown report on the parent run, built from its child runs in MLflow.
 
-    Artifacts: study/error_table (CSV and MLflow table: mean and std of the test error
-    over seeds per normalization and batch size), study/paper_shaped.csv,
-    study/error_vs_batch_size.png and study/report.md. Returns the report.
+    Artifacts: study/<table> (CSV and MLflow table) and study/<figure>.png for each of
+    flows.study.build_study's tables and figures, and study/report.md. Returns the report.
     """
     children = tracker.find_runs(experiment_id, {TAG_SWEEP: spec.name, TAG_ROLE: "trial",
                                                  MLFLOW_PARENT_RUN_ID: parent_run_id})
     done = [r for r in children if r.info.status == FINISHED and "test_acc" in r.data.metrics]
+    # test_acc is the final model's; the best-validation checkpoint's test error is not logged yet.
+    columns = ["normalization", "batch_size", "seed", "test_error", "best_val_test_error", "run_id"]
     trials = pd.DataFrame([{"normalization": r.data.params["normalization"],
                             "batch_size": int(r.data.params["batch_size"]), "seed": int(r.data.params["seed"]),
-                            "test_acc": r.data.metrics["test_acc"], "run_id": r.info.run_id} for r in done],
-                          columns=["normalization", "batch_size", "seed", "test_acc", "run_id"])
-    table = error_table(trials)
-    report = report_markdown(table, spec, num_failed=len(spec.trials()) - len(done))
-    tracker.log_table(parent_run_id, table, "study/error_table")
-    tracker.log_text(parent_run_id, paper_shaped(table).to_csv(), "study/paper_shaped.csv")
-    tracker.log_figure(parent_run_id, study_figure(table, f"{spec.name}: test error against batch size"),
-                       "study/error_vs_batch_size.png")
-    tracker.log_text(parent_run_id, report, "study/report.md")
-    return report
+                            "test_error": 100.0 * (1.0 - r.data.metrics["test_acc"]), "best_val_test_error": np.nan,
+                            "run_id": r.info.run_id} for r in done], columns=columns)
+    study = build_study(trials, spec, num_train=len(load_data_once(spec.base.data_spec())["y_train"]))
+    for name, table in study.tables.items():
+        tracker.log_table(parent_run_id, table, f"study/{name}")
+    for name, figure in study.figures.items():
+        tracker.log_figure(parent_run_id, figure, f"study/{name}.png")
+    tracker.log_text(parent_run_id, study.markdown, "study/report.md")
+    return study.markdown
 
 
 @flow(name="sweep", flow_run_name="sweep-{spec.name}", log_prints=True)
