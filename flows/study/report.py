@@ -68,8 +68,8 @@ def build_study(trials: pd.DataFrame, spec: SweepSpec, diagnostics: pd.DataFrame
                                         labels=tuple(map(short_label, pair))) for pair in pairs}
         rank = {n: i for i, n in enumerate(present)}
         norm_changes = sorted(changes(finished, reference, delta), key=lambda c: rank[c.normalization])
-        tables["cells"] = _ordered(as_table(cell_estimates(finished), Cell))
-        tables["best_val_cells"] = _ordered(as_table(cell_estimates(finished, "best_val_test_error"), Cell))
+        tables["cells"] = _cell_table(finished, "test_error")
+        tables["best_val_cells"] = _cell_table(finished, "best_val_test_error")
         tables["changes"] = _ordered(as_table(norm_changes, Change))
         tables["interactions"] = as_table([x for rows in pair_rows.values() for x in rows], Interaction)
         figures["error_vs_batch_size"] = error_figure(tables["cells"], spec.name)
@@ -87,6 +87,11 @@ def build_study(trials: pd.DataFrame, spec: SweepSpec, diagnostics: pd.DataFrame
 
 
 # ---------------------------------------------------------------- formatting
+
+
+def _cell_table(finished: pd.DataFrame, measure: str) -> pd.DataFrame:
+    """Cells in display order, without an MDE: a cell's mean is not tested against 0, so it would mislead."""
+    return _ordered(as_table(cell_estimates(finished, measure), Cell)).drop(columns="mde")
 
 
 def _num(x: float, signed: bool = False) -> str:
