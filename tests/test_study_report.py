@@ -94,11 +94,22 @@ def test_nothing_detected_is_said_plainly_with_the_mde():
         in result.markdown
 
 
+def test_a_run_that_detects_nothing_anywhere_says_the_smallest_effect_it_could_see():
+    result = build_study(synthetic_trials(0.0, rng_seed=3), spec())
+    rows = result.tables["interactions"]
+    assert set(rows["verdict"]) == {"cannot tell"}
+    smallest = rows.loc[rows["mde"].idxmin()]
+    assert (f"Nothing was detected and nothing ruled out at any batch size: the run could not reliably detect an "
+            f"interaction smaller than {smallest.mde:.2f} points (its smallest MDE, at batch {smallest.batch_size})."
+            ) in result.markdown
+
+
 def test_one_seed_run_cannot_tell():
     trials = synthetic_trials(5.0).query("seed == 0")
     markdown = build_study(trials, spec(seeds=(0,))).markdown
     assert answer_row(markdown, 2)[3:] == ["—", "—", "cannot tell: one seed"]
     assert "At batch 2: cannot tell: one seed (seed 0) finished all four trials, so no interval." in markdown
+    assert "Nothing can be said: no batch size has two seeds finished in all four trials." in markdown
 
 
 def test_report_lists_the_paper_beside_this_run():
@@ -149,7 +160,7 @@ def test_diagnostics_explain_a_null_from_the_effective_sample_size():
 
 def test_diagnostics_explain_a_positive_from_the_train_test_mode_gap():
     result = build_study(synthetic_trials(5.0), spec(), diagnostics=diagnostics(3.0, 40.0))
-    assert "At batch 2, BN's train-mode and test-mode errors differ by +40.0 points" in result.markdown
+    assert "At batch 2, BN's train-mode and test-mode errors differ by +40.00 points" in result.markdown
     assert re.search(r"effective sample size of [\d.]+ at its only norm layer \(pooling 128 values\): noisy",
                      result.markdown)
     assert result.tables["diagnostics_model"].set_index("batch_size").loc[2, "train_minus_test_mode"] == 40.0

@@ -112,14 +112,14 @@ def _gap_sentence(norm: str, batch: int, row: pd.Series, delta: float) -> list[s
     if not math.isnan(gap):
         meaning = ("the model the test scores behaves as the one training saw" if abs(gap) <= delta else
                    "the model the test scores (running statistics) is not the one training saw (batch statistics)")
-        out.append(f"At batch {batch}, {label}'s train-mode and test-mode errors differ by {gap:+.1f} points "
+        out.append(f"At batch {batch}, {label}'s train-mode and test-mode errors differ by {gap:+.2f} points "
                    f"(train minus test, median of {seeds} seed{'s' * (seeds != 1)}): {meaning}.")
     gap = row.get("recomputed_minus_running", math.nan)
     if not math.isnan(gap):
         meaning = (f"the running averages are as good as exact statistics (within ±{delta:g})" if abs(gap) <= delta
                    else "exact statistics would " + ("help" if gap < 0 else "hurt") + ": the running averages are off")
         out.append(f"At batch {batch}, recomputing {label}'s statistics over the training set changes its test error "
-                   f"by {gap:+.1f} points against the running averages (median of {seeds} seed{'s' * (seeds != 1)}): "
+                   f"by {gap:+.2f} points against the running averages (median of {seeds} seed{'s' * (seeds != 1)}): "
                    f"{meaning}.")
     return out
 

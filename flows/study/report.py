@@ -221,6 +221,19 @@ def _interaction_statement(x: Interaction, delta: float) -> str:
             f"have gone unseen.{dropped}")
 
 
+def _overall_null(rows: list[Interaction]) -> str:
+    """When no batch size detected or ruled out anything: the smallest interaction the run could have seen."""
+    if any(not x.verdict.startswith("cannot tell") for x in rows):
+        return ""
+    sized = [x for x in rows if not math.isnan(x.estimate.mde)]
+    if not sized:
+        return " Nothing can be said: no batch size has two seeds finished in all four trials."
+    best = min(sized, key=lambda x: x.estimate.mde)
+    return (f" Nothing was detected and nothing ruled out at any batch size: the run could not reliably detect "
+            f"an interaction smaller than {best.estimate.mde:.2f} points (its smallest MDE, at batch "
+            f"{best.batch_size}).")
+
+
 def _pair_table(rows: list[Interaction], with_pair: bool) -> str:
     table = pd.DataFrame([{**({"against": short_label(x.b)} if with_pair else {}), "batch": x.batch_size,
                            "n": x.estimate.n, "interaction (points)": _num(x.estimate.mean, signed=True),
@@ -246,7 +259,7 @@ def answer_section(pair_rows: dict[tuple[str, str], list[Interaction]], referenc
             "",
             _pair_table(primary, with_pair=False),
             "",
-            f"In short: {_by_verdict(primary, 'batch')}.",
+            f"In short: {_by_verdict(primary, 'batch')}.{_overall_null(primary)}",
             "",
             *(f"- {_interaction_statement(x, delta)}" for x in primary),
         ]
@@ -328,4 +341,6 @@ def method_section(delta: float) -> str:
         f"- MDE: the smallest true effect a two-sided paired t-test at alpha 0.05 detects with {POWER:.0%} power, "
         f"given n and the observed sd of the paired differences (noncentral t). With few seeds the observed sd is "
         f"itself uncertain, so the MDE is a guide, not a guarantee. One seed gives no interval and no MDE.",
+        "- Each interval is read on its own, with no correction for the many read here: where nothing is going on, "
+        "about 1 in 20 of them still excludes 0 by chance. A lone detection among many null cells is weak evidence.",
     ])
