@@ -10,7 +10,7 @@ from prefect import flow
 from pydantic import PositiveInt
 
 from ..config import SweepSpec
-from ..load_data import load_dataset, log_dataset
+from ..load_data import load_data_once, load_dataset, log_dataset
 from ..study import PRESETS, preset_spec
 from ..tracking import connect
 from .executors import run_trials
@@ -75,7 +75,11 @@ def sweep(
         results = sorted(skipped + run_trials(parent, spec, todo, max_workers, dask_address, trials_in),
                          key=lambda r: r.index)
         summarise_sweep(parent, spec, results)
-        study = write_study_report(parent, spec, results) if spec.study else None
+        study = None
+        if spec.study:
+            # The design paragraph counts updates per batch size from the training split's size.
+            num_train = len(load_data_once(spec.base.data_spec())["y_train"])
+            study = write_study_report(parent, spec, results, num_train)
         parent.log_metrics({"wall_time_s": time.perf_counter() - start})
     report = SweepReport(name=spec.name, parent_run_id=parent.id, trials=results, best=best_trial(results),
                          wall_time_s=time.perf_counter() - start, study_report=study)

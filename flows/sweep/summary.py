@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from ..config import SweepSpec
 from ..figures import sweep_comparison_figure
-from ..study import error_table, paper_shaped, report_markdown, study_figure
+from ..study import build_study
 from ..tracking import FINISHED, Run
 from .results import TrialResult, best_trial
 
@@ -60,27 +60,29 @@ def artifact_key(text: str) -> str:
 
 
 def study_trials(results: list[TrialResult]) -> pd.DataFrame:
-    """The study's trial records, from the results the sweep holds: one row per FINISHED trial."""
+    """The study's trial records, from the results the sweep holds: one row per FINISHED trial.
+
+    Errors in percent: test_error is the final model's, best_val_test_error the
+    best-validation checkpoint's (NaN until trials log it).
+    """
     rows = [{"normalization": r.config.normalization, "batch_size": r.config.batch_size, "seed": r.config.seed,
-             "test_acc": r.test_acc, "run_id": r.run_id}
+             "test_error": 100.0 * (1.0 - r.test_acc), "best_val_test_error": float("nan"), "run_id": r.run_id}
             for r in results if r.status == FINISHED and r.test_acc is not None]
-    return pd.DataFrame(rows, columns=["normalization", "batch_size", "seed", "test_acc", "run_id"])
+    return pd.DataFrame(rows, columns=["normalization", "batch_size", "seed", "test_error", "best_val_test_error",
+                                       "run_id"])
 
 
 @task(name="write study report", cache_policy=NO_CACHE)
-def write_study_report(parent: Run, spec: SweepSpec, results: list[TrialResult]) -> str:
-    """The study's table, figure and markdown report on the parent run.
+def write_study_report(parent: Run, spec: SweepSpec, results: list[TrialResult], num_train: int) -> str:
+    """The study's tables, figures and markdown report on the parent run (flows.study.build_study).
 
-    Artifacts: study/error_table (CSV and MLflow table: mean and std of the test error
-    over seeds per normalization and batch size), study/paper_shaped.csv,
-    study/error_vs_batch_size.png and study/report.md. Returns the report.
+    Artifacts: study/<table> (CSV and MLflow table) and study/<figure>.png for each of
+    the study's tables and figures, and study/report.md. Returns the report.
     """
-    trials = study_trials(results)
-    table = error_table(trials)
-    report = report_markdown(table, spec, num_failed=len(results) - len(trials))
-    parent.log_table(table, "study/error_table")
-    parent.log_text(paper_shaped(table).to_csv(), "study/paper_shaped.csv")
-    parent.log_figure(study_figure(table, f"{spec.name}: test error against batch size"),
-                      "study/error_vs_batch_size.png")
-    parent.log_text(report, "study/report.md")
-    return report
+    study = build_study(study_trials(results), spec, num_train=num_train)
+    for name, table in study.tables.items():
+        parent.log_table(table, f"study/{name}")
+    for name, figure in study.figures.items():
+        parent.log_figure(figure, f"study/{name}.png")
+    parent.log_text(study.markdown, "study/report.md")
+    return study.markdown

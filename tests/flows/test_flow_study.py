@@ -1,4 +1,8 @@
-"""The bn-vs-gn study preset: its grid, and a report built from the MLflow runs it made."""
+"""The bn-vs-gn study preset: its grid, and a report built from the MLflow runs it made.
+
+The statistics and the report's text are tested without Prefect in tests/test_study_statistics.py
+and tests/test_study_report.py; here a small preset runs end to end.
+"""
 
 import io
 import math
@@ -6,9 +10,10 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
-from flows.study import (BATCH_SIZES, NORMALIZATIONS, PAPER_ERROR, bn_vs_gn_spec, error_table, findings,
-                         groups_for, paper_shaped, preset_spec)
+from cnncore.cnn import NORMALIZATIONS as NET_NORMALIZATIONS
+from flows.study import NORMALIZATIONS, PAPER_ERROR, bn_vs_gn_spec, groups_for, preset_spec
 from flows.sweep import sweep
 
 
@@ -18,7 +23,8 @@ def test_preset_grid_is_the_papers_design():
     cells = {(t.normalization, t.batch_size, t.seed) for t in trials}
     assert cells == {(n, b, s) for n in NORMALIZATIONS for b in (32, 16, 8, 4, 2) for s in (0, 1, 2)}
     assert len(trials) == 75
-    assert {"batchnorm", "groupnorm", "layernorm", "instancenorm", "none"} == set(NORMALIZATIONS)
+    assert NORMALIZATIONS == ("batchnorm", "groupnorm", "layernorm", "instancenorm", "none")
+    assert set(NORMALIZATIONS) == set(NET_NORMALIZATIONS)
     # Same epochs everywhere; the learning rate scales linearly with the batch size (0.02 x N/32).
     assert {t.num_epochs for t in trials} == {spec.base.num_epochs}
     for t in trials:
@@ -45,35 +51,6 @@ def test_groups_keep_about_sixteen_channels_per_group(filters, groups):
     assert groups_for(filters) == groups and filters % groups == 0
 
 
-def synthetic_trials(bn_slope, gn_level=2.0, seeds=(0, 1, 2)):
-    """Trials whose BN error grows by bn_slope points per halving of the batch; GN stays at gn_level."""
-    rows = []
-    for i, batch in enumerate(BATCH_SIZES):
-        for seed in seeds:
-            jitter = 0.1 * (seed - 1)
-            rows.append(("batchnorm", batch, seed, 1 - (2.0 + bn_slope * i + jitter) / 100))
-            rows.append(("groupnorm", batch, seed, 1 - (gn_level + jitter) / 100))
-    return pd.DataFrame(rows, columns=["normalization", "batch_size", "seed", "test_acc"])
-
-
-def test_error_table_gives_mean_and_sample_std_over_seeds():
-    table = error_table(synthetic_trials(bn_slope=1.0))
-    cell = table[(table.normalization == "batchnorm") & (table.batch_size == 2)].iloc[0]
-    assert cell.mean_error == pytest.approx(6.0) and cell.std_error == pytest.approx(0.1)
-    assert cell.num_seeds == 3
-    assert list(table.normalization.unique()) == ["batchnorm", "groupnorm"]
-    assert list(table[table.normalization == "groupnorm"].batch_size) == [32, 16, 8, 4, 2]
-    assert paper_shaped(table).loc["batchnorm", 2] == "6.0 ± 0.1"
-
-
-def test_findings_say_plainly_whether_bn_degrades_and_gn_stays_flat():
-    degrading = " ".join(findings(error_table(synthetic_trials(bn_slope=2.0))))
-    assert "BN degrades as the batch shrinks here" in degrading and "GN stays flat" in degrading
-    assert "GN beats BN by 8.0 points" in degrading
-    flat = " ".join(findings(error_table(synthetic_trials(bn_slope=0.0))))
-    assert "BN does NOT clearly degrade" in flat
-
-
 def test_small_preset_run_reports_exactly_what_its_child_runs_logged(store, tmp_path):
     spec = bn_vs_gn_spec(name="study-small", normalizations=("batchnorm", "groupnorm"), batch_sizes=(16, 4),
                          seeds=(0, 1), num_epochs=1, num_train=64, num_val=30, num_test=50, num_filters=8)
@@ -81,27 +58,40 @@ def test_small_preset_run_reports_exactly_what_its_child_runs_logged(store, tmp_
     assert len(report.trials) == 8 and not report.failed
 
     parent = store.client.get_run(report.parent_run_id)
-    assert {"study/error_table.csv", "study/error_table.json", "study/paper_shaped.csv",
-            "study/error_vs_batch_size.png", "study/report.md"} <= store.artifacts(parent.info.run_id)
-    csv = store.client.download_artifacts(parent.info.run_id, "study/error_table.csv", str(tmp_path))
-    table = pd.read_csv(csv)
+    tables = ["updates", "cells", "best_val_cells", "changes", "interactions"]
+    assert ({f"study/{t}.{ext}" for t in tables for ext in ("csv", "json")}
+            | {"study/error_vs_batch_size.png", "study/interaction_vs_batch_size.png", "study/report.md"}
+            ) <= store.artifacts(parent.info.run_id)
+
+    def table(name: str) -> pd.DataFrame:
+        return pd.read_csv(store.client.download_artifacts(parent.info.run_id, f"study/{name}.csv", str(tmp_path)))
 
     children = [r for r in store.runs("cnncore-sweeps")
                 if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 8
-    for _, cell in table.iterrows():
-        errors = [100 * (1 - r.data.metrics["test_acc"]) for r in children
-                  if r.data.params["normalization"] == cell.normalization
-                  and int(r.data.params["batch_size"]) == cell.batch_size]
-        assert len(errors) == cell.num_seeds == 2
-        assert cell.mean_error == pytest.approx(np.mean(errors))
-        assert cell.std_error == pytest.approx(np.std(errors, ddof=1))
-    assert len(table) == 4
+    error = {(r.data.params["normalization"], int(r.data.params["batch_size"]), int(r.data.params["seed"])):
+             100 * (1 - r.data.metrics["test_acc"]) for r in children}
+    cells = table("cells")
+    assert len(cells) == 4
+    for cell in cells.itertuples():
+        errors = [error[cell.normalization, cell.batch_size, seed] for seed in (0, 1)]
+        low, high = stats.t.interval(0.95, 1, loc=np.mean(errors), scale=np.std(errors, ddof=1) / math.sqrt(2))
+        assert cell.n == 2 and cell.mean == pytest.approx(np.mean(errors))
+        assert (cell.low, cell.high) == (pytest.approx(low), pytest.approx(high))
+    # No batch 32 here: changes are measured from the largest batch run, 16.
+    (interaction,) = table("interactions").itertuples()
+    by_seed = [(error["batchnorm", 4, s] - error["batchnorm", 16, s])
+               - (error["groupnorm", 4, s] - error["groupnorm", 16, s]) for s in (0, 1)]
+    assert (interaction.batch_size, interaction.reference, interaction.n) == (4, 16, 2)
+    assert interaction.mean == pytest.approx(np.mean(by_seed))
+    updates = table("updates").set_index("batch_size")["iterations_per_epoch"].to_dict()
+    assert updates == {16: 4, 4: 16}  # 64 training images
 
     markdown = report.study_report
     text = store.client.download_artifacts(parent.info.run_id, "study/report.md", str(tmp_path))
     assert open(text).read() == markdown
-    assert "## What held and what did not" in markdown and f"{PAPER_ERROR['batchnorm'][2]}" in markdown
+    assert "All 8 planned trials finished." in markdown and "## The answer" in markdown
+    assert f"{PAPER_ERROR['batchnorm'][2]}" in markdown
     # The learning rate each child trained with is the scaled one.
     for r in children:
         assert float(r.data.params["learning_rate"]) == pytest.approx(0.02 * int(r.data.params["batch_size"]) / 32)
