@@ -1,4 +1,4 @@
-"""Argument checks shared by the layers: one helper per kind of argument.
+"""Argument checks shared by the layers, the optimisers and the Solver: one helper per kind of argument.
 
 Each raises ``ValueError`` naming the argument, what was expected and what came,
 so a shape mistake is reported where it was made rather than deep in a matmul.
@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 
@@ -254,3 +258,67 @@ def groups(G, C: int) -> int:
         raise ValueError(f"G={G} groups must divide the {C} channels (C % G = {C % G}, expected 0)")
     return G
 
+
+
+# ---------------------------------------------------------------------------
+# The Solver's data and options
+# ---------------------------------------------------------------------------
+
+DATA_KEYS = ("X_train", "y_train", "X_val", "y_val")
+
+
+def training_data(data, input_dim=None, num_classes: int | None = None) -> tuple:
+    """(X_train, y_train, X_val, y_val) of a Solver's data dict, checked.
+
+    Each X must be a float32 or float64 array (the model casts to its own dtype),
+    non-empty, finite (NaN or inf would surface only as "loss became nan" some
+    iterations later) and of images (N, *input_dim) when input_dim is given;
+    each y integer labels (N,), >= 0 and < num_classes when it is given.
+    """
+    if not isinstance(data, Mapping):
+        raise ValueError(f"data must be a dict with keys {', '.join(DATA_KEYS)}, got {type(data).__name__}")
+    missing = [k for k in DATA_KEYS if k not in data]
+    if missing:
+        raise ValueError(f"data is missing {', '.join(missing)}; expected keys {', '.join(DATA_KEYS)}")
+    for split in ("train", "val"):
+        x_name, y_name = f"X_{split}", f"y_{split}"
+        X, y = data[x_name], data[y_name]
+        require_float_array(x_name, X)
+        if len(X) != len(y):
+            raise ValueError(f"{x_name} has {len(X)} rows but {y_name} has {len(y)}")
+        if len(X) == 0:
+            raise ValueError(f"{x_name} is empty")
+        if input_dim is not None and tuple(X.shape[1:]) != tuple(input_dim):
+            raise ValueError(f"{x_name} holds images of shape {tuple(X.shape[1:])} but the model's "
+                             f"input_dim is {tuple(input_dim)}")
+        require_finite(x_name, X)
+        require_labels(y, len(X), num_classes, name=y_name, x_name=x_name)
+    return tuple(data[k] for k in DATA_KEYS)
+
+
+def require_increasing_fractions(name: str, values) -> tuple[float, ...]:
+    """values as a tuple of floats, strictly increasing, each in (0, 1)."""
+    if isinstance(values, (str, bytes, Mapping)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"{name} must be a sequence of fractions in (0, 1), got {values!r}")
+    fractions = tuple(require_real(f"{name}[{i}]", f, low=0, high=1, low_open=True, high_open=True)
+                      for i, f in enumerate(values))
+    if any(later <= earlier for earlier, later in zip(fractions, fractions[1:])):
+        raise ValueError(f"{name} must be strictly increasing, got {list(fractions)}")
+    return fractions
+
+
+def require_writable_file(name: str, path) -> None:
+    """path must name a file whose folder can be created and written to: the folder is
+    created if need be, and a temporary file written in it and removed."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{name} {str(path)!r} is a folder; expected the path of a file to write")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"{name} {str(path)!r} cannot be written: its folder {str(folder)!r} cannot be "
+                         f"created or written to ({exc.strerror or exc})") from exc
