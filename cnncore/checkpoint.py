@@ -74,9 +74,16 @@ def model_config_of(model) -> dict | None:
     if not isinstance(config, dict):
         raise ValueError(f"model.config must be a dict to be recorded in checkpoints, got {type(config).__name__}")
     try:
-        return json.loads(json.dumps(config, sort_keys=True))
+        return json.loads(json.dumps(config, sort_keys=True, default=_numpy_to_python))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"model.config must be JSON-serialisable to be recorded in checkpoints: {exc}") from exc
+
+
+def _numpy_to_python(value):
+    """NumPy scalars and arrays as the Python values JSON can write (a weight_scale of np.float32, say)."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} {value!r} is not JSON-serialisable")
 
 
 def has_state_dict(model) -> bool:

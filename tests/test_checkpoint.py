@@ -281,3 +281,18 @@ def test_bad_resume_is_refused_before_the_checkpoint_folder_is_created(tmp_path)
     with pytest.raises(NpzFileError):
         make_solver(checkpoint_path=tmp_path / "new" / "ckpt.npz", resume_from=tmp_path / "none.npz")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_model_config_with_numpy_scalars_is_recorded_as_plain_json(tmp_path):
+    model = ConfiguredNet()
+    model.config["weight_scale"] = np.float32(0.5)
+    path = tmp_path / "ckpt.npz"
+    make_solver(model, num_epochs=1, checkpoint_path=path).train()
+    assert json.loads(read_npz(path)["model_config"].item())["weight_scale"] == 0.5
+
+
+def test_model_config_that_json_cannot_write_is_refused_at_construction():
+    model = ConfiguredNet()
+    model.config["activation"] = object()
+    with pytest.raises(ValueError, match=r"model.config must be JSON-serialisable"):
+        make_solver(model)

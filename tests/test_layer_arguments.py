@@ -140,7 +140,8 @@ def _wrong_shapes(shape):
 def test_backward_refuses_dout_of_another_shape_naming_dout_and_both_shapes(forward, backward, args, which):
     out, cache = forward(*copy.deepcopy(args))
     bad = _wrong_shapes(out.shape)[which]
-    message = rf"dout must have shape {re.escape(str(out.shape))}, the shape of the forward's output, got {re.escape(str(bad))}"
+    message = (rf"dout must have shape {re.escape(str(out.shape))}, the shape of the forward's output, "
+               rf"got {re.escape(str(bad))}")
     with pytest.raises(ValueError, match=message):
         backward(np.ones(bad), cache)
 

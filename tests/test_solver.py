@@ -6,7 +6,6 @@ import pickle
 import numpy as np
 import pytest
 from solver_helpers import (
-    BATCH_SIZE,
     ITERATIONS_PER_EPOCH,
     DivergingNet,
     ParamsOnlyNet,
@@ -273,8 +272,8 @@ def _set_first(value):
                  id="y_train-too-large"),
     pytest.param(TwoLayerNet, "train", _set_first(-1), r"y_train must hold labels >= 0, got values in \[-1, 2\]",
                  id="y_train-negative-without-num_classes"),
-    pytest.param(TwoLayerNet, "val", lambda y: y.astype(float), r"y_val must hold integer class labels, got dtype float64",
-                 id="y_val-float"),
+    pytest.param(TwoLayerNet, "val", lambda y: y.astype(float),
+                 r"y_val must hold integer class labels, got dtype float64", id="y_val-float"),
     pytest.param(TwoLayerNet, "train", lambda y: y[:, None], r"y_train must have shape \(300,\) to match X_train, "
                  r"got \(300, 1\)", id="y_train-2d"),
 ])
