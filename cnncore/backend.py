@@ -126,11 +126,3 @@ def sliding_windows(x, window_shape: tuple[int, ...], axis: tuple[int, ...]):
     strides = tuple(x.strides) + tuple(x.strides[ax] for ax in axis)
     return xp.lib.stride_tricks.as_strided(x, tuple(out_shape) + tuple(window_shape), strides)
 
-
-def scatter_add(target, index, values) -> None:
-    """``target[index] += values`` with repeated indices accumulated, in place."""
-    xp = array_module(target)
-    if xp is np:
-        np.add.at(target, index, values)
-    else:
-        xp.add.at(target, index, values)

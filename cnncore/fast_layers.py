@@ -28,6 +28,11 @@ relu), so the full-size activation is neither written nor kept.
 
 Every function takes its array module from its inputs, so CuPy arrays run here
 unchanged on a GPU.
+
+Arguments are checked as in ``cnncore.layers``, with the same messages: x and w
+must be float32 or float64 arrays (float16, integer and bool arrays are refused,
+naming the argument and its dtype; a dtype check, not a pass over memory), and
+every backward checks that dout has the shape of its forward's output.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import math
 from . import checks
 from .backend import array_module, chunk_bytes, sliding_windows
 from .layers import _running_stats, _update_running_stats
+
 
 # ---------------------------------------------------------------------------
 # Convolution
@@ -212,8 +218,7 @@ def conv_forward_fast(x, w, b, conv_param):
     x: (N, C, H, W); w: (F, C, HH, WW); b: (F,); conv_param: 'stride', 'pad'.
     Returns (out, cache): out (N, F, H', W'); cache (x, w, b, conv_param).
     """
-    N, F, Ho, Wo = checks.conv_output_shape(x, w, conv_param)
-    _check_bias(b, F)
+    N, F, Ho, Wo = checks.conv_forward_inputs(x, w, b, conv_param)
     out = array_module(x).empty((N, F, Ho, Wo), dtype=x.dtype)
     _convolve(x, w, b, conv_param["stride"], conv_param["pad"], out)
     return out, (x, w, b, conv_param)
@@ -401,6 +406,7 @@ def conv_backward_fast(dout, cache, need_dx: bool = True):
     layer of a network has nothing upstream that needs it.
     """
     x, w, b, conv_param = cache
+    checks.require_dout_shape(dout, checks.conv_output_shape(x, w, conv_param))
     N, F, Ho, Wo = dout.shape
     grads = _ConvBackward(x, w, conv_param, need_dx)
     dout3 = dout.reshape(N, F, Ho * Wo)
@@ -411,11 +417,6 @@ def conv_backward_fast(dout, cache, need_dx: bool = True):
     for rows, R in _row_columns(x, w.shape, conv_param["stride"], conv_param["pad"], Ho, Wo):
         grads.add(rows, dout3[rows], R)
     return grads.result()
-
-
-def _check_bias(b, F):
-    if b.shape != (F,):
-        raise ValueError(f"b must have shape ({F},) to match w's {F} filters, got {tuple(b.shape)}")
 
 
 # ---------------------------------------------------------------------------
@@ -506,6 +507,7 @@ def _max_pool(x, pool_param):
     """(out, winner) of _pool_argmax for the whole batch, a few images at a time,
     so that each chunk's strided views and temporaries stay in cache."""
     xp = array_module(x)
+    checks.require_float_array("x", x)
     shape = checks.pool_output_shape(x, pool_param)
     out = xp.empty(shape, dtype=x.dtype)
     winner = xp.empty(shape, dtype=_winner_dtype(xp, pool_param))
@@ -535,6 +537,7 @@ def max_pool_backward_fast(dout, cache):
     max_pool_forward_naive.
     """
     x, pool_param = cache
+    checks.require_dout_shape(dout, checks.pool_output_shape(x, pool_param))
     winner = getattr(cache, "winner", None)
     if winner is None:
         winner = _max_pool(x, pool_param)[1]
@@ -598,19 +601,21 @@ def spatial_batchnorm_forward_fast(x, gamma, beta, bn_param):
     Neither x - mean nor x_hat is stored: the cache keeps x itself, which costs
     no memory, and the backward needs only per-channel affine maps of it.
     """
+    checks.require_float_array("x", x)
     checks.require_ndim("x", x, 4, "(N, C, H, W)")
     xp = array_module(x)
     N, C, H, W = x.shape
     g = checks.affine_params("gamma", gamma, C)
     bt = checks.affine_params("beta", beta, C)
-    mode, running_mean, running_var = _running_stats(bn_param, C, xp, x.dtype)
+    mode, eps, momentum = checks.bn_settings(bn_param, x.shape, N * H * W)
+    running_mean, running_var = _running_stats(bn_param, C, xp, x.dtype)
     chunks = _image_chunks(x, 3)
     if mode == "train":
         mean, var = _channel_mean_var(x, chunks)
-        _update_running_stats(bn_param, mean, var)
+        _update_running_stats(bn_param, mean, var, momentum)
     else:
         mean, var = running_mean, running_var
-    inv_std = 1 / xp.sqrt(var + bn_param.get("eps", 1e-5))
+    inv_std = 1 / xp.sqrt(var + eps)
     scale = g * inv_std
     offset = bt - mean * scale
     out = xp.empty_like(x)
@@ -661,6 +666,7 @@ def spatial_batchnorm_backward_fast(dout, cache):
     and in float32 only for inputs whose mean is large against their spread.
     """
     x, mean, inv_std, g, mode, gamma_shape, beta_shape = cache
+    checks.require_dout_shape(dout, x.shape)
     xp = array_module(dout)
     N, C, H, W = dout.shape
     M = N * H * W
@@ -695,13 +701,14 @@ def spatial_groupnorm_forward_fast(x, gamma, beta, G, gn_param):
     Returns (out, cache): out (N, C, H, W); cache (x_hat, inv_std (N, G, 1), gamma
     as (1, C, 1, 1), G, gamma.shape, beta.shape), which either backward accepts.
     """
+    checks.require_float_array("x", x)
     checks.require_ndim("x", x, 4, "(N, C, H, W)")
     xp = array_module(x)
     N, C, H, W = x.shape
     checks.groups(G, C)
     g = checks.affine_params("gamma", gamma, C).reshape(1, C, 1, 1)
     bt = checks.affine_params("beta", beta, C).reshape(1, C, 1, 1)
-    eps = gn_param.get("eps", 1e-5)
+    eps = checks.norm_eps("gn_param", gn_param)
     L = C // G * H * W
     x_hat, out = xp.empty_like(x), xp.empty_like(x)
     inv_std = xp.empty((N, G), dtype=x.dtype)
@@ -727,6 +734,7 @@ def spatial_groupnorm_backward_fast(dout, cache):
     per-(image, channel) sums that dgamma and dbeta need.
     """
     x_hat, inv_std, g, G, gamma_shape, beta_shape = cache
+    checks.require_dout_shape(dout, x_hat.shape)
     xp = array_module(dout)
     N, C, H, W = dout.shape
     sums = xp.empty((N, C), dtype=dout.dtype)
@@ -769,8 +777,7 @@ def conv_relu_pool_forward_fast(x, w, b, conv_param, pool_param):
     to rounding; cache for conv_relu_pool_backward_fast.
     """
     xp = array_module(x)
-    N, F, Ho, Wo = checks.conv_output_shape(x, w, conv_param)
-    _check_bias(b, F)
+    N, F, Ho, Wo = checks.conv_forward_inputs(x, w, b, conv_param)
     convolve = _ConvForward(w, conv_param["stride"], Ho)
     out = None
     for rows, R in _row_columns(x, w.shape, conv_param["stride"], conv_param["pad"], Ho, Wo):
@@ -796,6 +803,7 @@ def conv_relu_pool_backward_fast(dout, cache, need_dx: bool = True):
     winners the forward recorded, channels last, and used while it is in cache.
     """
     x, w, b, conv_param, pool_param, out, winner = cache
+    checks.require_dout_shape(dout, out.shape)
     xp = array_module(x)
     dpooled = dout * (out > 0)  # relu's gradient, on the pooled map
     F, _, HH, WW = w.shape

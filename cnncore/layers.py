@@ -6,7 +6,15 @@ convolution and pooling here are the naive loops, kept for reading and checking;
 ``cnncore.fast_layers`` holds their vectorised twins.
 
 Conventions shared by all layers:
+- layers compute on float32 or float64 arrays: x (and w for affine and conv) of
+  float16, integer or bool dtype is refused with a ValueError naming the argument
+  and its dtype, never silently widened or truncated (the naive conv would round
+  its sums to integers; float16 has already lost what the layer would compute with);
 - inputs are never modified; outputs keep the input dtype (float32 stays float32);
+- every backward checks that dout has the shape of its forward's output, so a
+  mismatched gradient fails naming dout rather than broadcasting into a wrong result;
+- normalisation layers refuse eps <= 0, and batch norm a momentum outside [0, 1]
+  and an empty batch in train mode, before bn_param is touched;
 - gamma and beta may be given as (C,) or (1, C, 1, 1), and their gradients come
   back in the shape given;
 - ``bn_param`` carries the running statistics between calls, as in the seed: it
@@ -31,6 +39,8 @@ def affine_forward(x, w, b):
     x: (N, d_1, ..., d_k) with D = d_1 * ... * d_k; w: (D, M); b: (M,).
     Returns (out, cache): out (N, M); cache (x, w, b).
     """
+    checks.require_float_array("x", x)
+    checks.require_float_array("w", w)
     D = int(np.prod(x.shape[1:]))
     if w.ndim != 2 or w.shape[0] != D:
         raise ValueError(f"w must have shape ({D}, M) to match x of shape {tuple(x.shape)}, got {tuple(w.shape)}")
@@ -43,6 +53,7 @@ def affine_forward(x, w, b):
 def affine_backward(dout, cache):
     """dout: (N, M). Returns (dx, dw, db) shaped like x, w, b."""
     x, w, b = cache
+    checks.require_dout_shape(dout, (x.shape[0], w.shape[1]))
     x2 = x.reshape(x.shape[0], -1)
     dx = (dout @ w.T).reshape(x.shape)
     dw = x2.T @ dout
@@ -55,12 +66,14 @@ def relu_forward(x):
 
     x: array of any shape. Returns (out, cache): out has x's shape and dtype; cache is x.
     """
+    checks.require_float_array("x", x)
     return array_module(x).maximum(x, 0), x
 
 
 def relu_backward(dout, cache):
     """dx = dout where the input was positive, else 0 (the subgradient at 0 is 0)."""
     x = cache
+    checks.require_dout_shape(dout, x.shape)
     return dout * (x > 0)
 
 
@@ -70,6 +83,7 @@ def relu_backward(dout, cache):
 
 
 def _check_loss_inputs(x, y):
+    checks.require_float_array("x", x)
     checks.require_ndim("x", x, 2, "(N, C) class scores")
     checks.require_labels(y, x.shape[0], x.shape[1])
     checks.require_finite("x", x)
@@ -148,27 +162,30 @@ def batchnorm_forward(x, gamma, beta, bn_param):
 
     x: (N, D); gamma, beta: (D,) scale and shift.
     bn_param: dict with 'mode' ('train' or 'test'), optional 'eps' (1e-5),
-      'momentum' (0.9, the weight of the OLD running value) and 'running_mean',
-      'running_var' (D,) (zeros on first use). In train mode the batch statistics
+      'momentum' (0.9, the weight of the OLD running value, in [0, 1]) and
+      'running_mean', 'running_var' (D,) (zeros on first use); eps must be > 0,
+      and train mode needs N >= 1. In train mode the batch statistics
       (biased variance) normalise x and update the running ones:
       running = momentum * running + (1 - momentum) * batch. In test mode the
       running statistics normalise x.
     Returns (out, cache): out (N, D); cache for batchnorm_backward.
     """
+    checks.require_float_array("x", x)
     checks.require_ndim("x", x, 2, "(N, D)")
-    return _batchnorm_forward(x, gamma, beta, bn_param, gamma_name="gamma")
+    return _batchnorm_forward(x, gamma, beta, bn_param, x.shape)
 
 
-def _batchnorm_forward(x2, gamma, beta, bn_param, gamma_name):
+def _batchnorm_forward(x2, gamma, beta, bn_param, x_shape):
+    """Batch norm of x2 (M, D), the rows of x (x_shape) that share each feature's statistics."""
     xp = array_module(x2)
     D = x2.shape[1]
-    g = checks.affine_params(gamma_name, gamma, D)
+    g = checks.affine_params("gamma", gamma, D)
     bt = checks.affine_params("beta", beta, D)
-    mode, running_mean, running_var = _running_stats(bn_param, D, xp, x2.dtype)
-    eps = bn_param.get("eps", 1e-5)
+    mode, eps, momentum = checks.bn_settings(bn_param, x_shape, x2.shape[0])
+    running_mean, running_var = _running_stats(bn_param, D, xp, x2.dtype)
     if mode == "train":
         x_hat, mean, var, inv_std = _normalize(x2, 0, eps)
-        _update_running_stats(bn_param, mean[0], var[0])
+        _update_running_stats(bn_param, mean[0], var[0], momentum)
     else:
         inv_std = 1 / xp.sqrt(running_var + eps)
         x_hat = (x2 - running_mean) * inv_std
@@ -179,18 +196,16 @@ def _batchnorm_forward(x2, gamma, beta, bn_param, gamma_name):
 
 
 def _running_stats(bn_param, D, xp, dtype):
-    """(mode, running_mean, running_var) of bn_param; the running statistics start
-    as zeros (D,) on first use and are stored there, in either mode."""
-    mode = checks.bn_mode(bn_param)
+    """(running_mean, running_var) of bn_param; they start as zeros (D,) on first
+    use and are stored there, in either mode. Call after checks.bn_settings."""
     for key in ("running_mean", "running_var"):
         if bn_param.get(key) is None:
             bn_param[key] = xp.zeros(D, dtype=dtype)
-    return mode, bn_param["running_mean"], bn_param["running_var"]
+    return bn_param["running_mean"], bn_param["running_var"]
 
 
-def _update_running_stats(bn_param, mean, var):
+def _update_running_stats(bn_param, mean, var, momentum):
     """running = momentum * running + (1 - momentum) * batch, for the mean and the variance."""
-    momentum = bn_param.get("momentum", 0.9)
     bn_param["running_mean"] = momentum * bn_param["running_mean"] + (1 - momentum) * mean
     bn_param["running_var"] = momentum * bn_param["running_var"] + (1 - momentum) * var
 
@@ -203,6 +218,7 @@ def batchnorm_backward(dout, cache):
     x_hat = xc / s; out = gamma * x_hat + beta. Each line below undoes one of those.
     """
     x_hat, inv_std, g, mode, gamma_shape, beta_shape = cache
+    checks.require_dout_shape(dout, x_hat.shape)
     dgamma, dbeta = _affine_param_grads(dout, x_hat, gamma_shape, beta_shape)
     dx_hat = dout * g
     if mode == "test":
@@ -225,6 +241,7 @@ def batchnorm_backward_alt(dout, cache):
     dx = inv_std * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat)), dx_hat = dout * gamma.
     """
     x_hat, inv_std, g, mode, gamma_shape, beta_shape = cache
+    checks.require_dout_shape(dout, x_hat.shape)
     dgamma, dbeta = _affine_param_grads(dout, x_hat, gamma_shape, beta_shape)
     dx_hat = dout * g
     if mode == "test":
@@ -243,21 +260,23 @@ def _affine_param_grads(dout, x_hat, gamma_shape, beta_shape):
 def layernorm_forward(x, gamma, beta, ln_param):
     """Layer normalisation: each sample normalised over its D features.
 
-    x: (N, D); gamma, beta: (D,); ln_param: dict with optional 'eps' (1e-5).
+    x: (N, D); gamma, beta: (D,); ln_param: dict with optional 'eps' (1e-5, > 0).
     Same in train and test: there are no running statistics.
     Returns (out, cache): out (N, D).
     """
+    checks.require_float_array("x", x)
     checks.require_ndim("x", x, 2, "(N, D)")
     D = x.shape[1]
     g = checks.affine_params("gamma", gamma, D)
     bt = checks.affine_params("beta", beta, D)
-    x_hat, _, _, inv_std = _normalize(x, 1, ln_param.get("eps", 1e-5))
+    x_hat, _, _, inv_std = _normalize(x, 1, checks.norm_eps("ln_param", ln_param))
     return g * x_hat + bt, (x_hat, inv_std, g, gamma.shape, beta.shape)
 
 
 def layernorm_backward(dout, cache):
     """dout: (N, D). Returns (dx, dgamma, dbeta)."""
     x_hat, inv_std, g, gamma_shape, beta_shape = cache
+    checks.require_dout_shape(dout, x_hat.shape)
     dgamma, dbeta = _affine_param_grads(dout, x_hat, gamma_shape, beta_shape)
     return _normalize_backward(dout * g, x_hat, inv_std, 1), dgamma, dbeta
 
@@ -275,8 +294,10 @@ def dropout_forward(x, dropout_param):
       'mode' ('train' or 'test') and optional 'seed' (same seed, same mask).
     In train mode each unit is kept with probability p and scaled by 1/p, so the
     expected output equals x and test mode is the identity.
-    Returns (out, cache): out like x; cache (dropout_param, mask).
+    Returns (out, cache): out like x; cache (dropout_param, mask, x.shape), mask
+    None in test mode.
     """
+    checks.require_float_array("x", x)
     p = dropout_param.get("p")
     if p is None or not 0 < p <= 1:
         raise ValueError(f"dropout_param['p'] (keep probability) must be in (0, 1], got {p!r}")
@@ -284,16 +305,17 @@ def dropout_forward(x, dropout_param):
     if mode not in ("train", "test"):
         raise ValueError(f"dropout_param['mode'] must be 'train' or 'test', got {mode!r}")
     if mode == "test":
-        return x, (dropout_param, None)
+        return x, (dropout_param, None, x.shape)
     xp = array_module(x)
     rng = xp.random.default_rng(dropout_param.get("seed"))
     mask = (rng.random(x.shape) < p).astype(x.dtype) / x.dtype.type(p)
-    return x * mask, (dropout_param, mask)
+    return x * mask, (dropout_param, mask, x.shape)
 
 
 def dropout_backward(dout, cache):
     """dx = dout * mask in train mode, dout in test mode."""
-    _, mask = cache
+    _, mask, shape = cache
+    checks.require_dout_shape(dout, shape)
     return dout if mask is None else dout * mask
 
 
@@ -311,8 +333,7 @@ def conv_forward_naive(x, w, b, conv_param):
     Returns (out, cache): out (N, F, H', W') with H' = 1 + (H + 2*pad - HH) // stride
     (and likewise W'); cache (x, w, b, conv_param).
     """
-    N, F, Ho, Wo = checks.conv_output_shape(x, w, conv_param)
-    _check_bias(b, F)
+    N, F, Ho, Wo = checks.conv_forward_inputs(x, w, b, conv_param)
     s, pad = conv_param["stride"], conv_param["pad"]
     _, _, HH, WW = w.shape
     x_pad = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
@@ -329,6 +350,7 @@ def conv_forward_naive(x, w, b, conv_param):
 def conv_backward_naive(dout, cache):
     """dout: (N, F, H', W'). Returns (dx, dw, db) shaped like x, w, b."""
     x, w, b, conv_param = cache
+    checks.require_dout_shape(dout, checks.conv_output_shape(x, w, conv_param))
     s, pad = conv_param["stride"], conv_param["pad"]
     N, F, Ho, Wo = dout.shape
     _, _, HH, WW = w.shape
@@ -347,11 +369,6 @@ def conv_backward_naive(dout, cache):
     return dx, dw, db
 
 
-def _check_bias(b, F):
-    if b.shape != (F,):
-        raise ValueError(f"b must have shape ({F},) to match w's {F} filters, got {tuple(b.shape)}")
-
-
 def max_pool_forward_naive(x, pool_param):
     """Max pooling, by loops.
 
@@ -360,6 +377,7 @@ def max_pool_forward_naive(x, pool_param):
     rows/columns past the last whole window are ignored (as in torch's max_pool2d).
     Returns (out, cache): out (N, C, H', W'); cache (x, pool_param).
     """
+    checks.require_float_array("x", x)
     N, C, Ho, Wo = checks.pool_output_shape(x, pool_param)
     ph, pw, s = pool_param["pool_height"], pool_param["pool_width"], pool_param["stride"]
     out = np.empty((N, C, Ho, Wo), dtype=x.dtype)
@@ -377,6 +395,7 @@ def max_pool_backward_naive(dout, cache):
     conserved. Overlapping windows add their gradients where they share an input.
     """
     x, pool_param = cache
+    checks.require_dout_shape(dout, checks.pool_output_shape(x, pool_param))
     ph, pw, s = pool_param["pool_height"], pool_param["pool_width"], pool_param["stride"]
     N, C, Ho, Wo = dout.shape
     dx = np.zeros_like(x)
@@ -399,20 +418,24 @@ def spatial_batchnorm_forward(x, gamma, beta, bn_param):
     """Batch normalisation per channel, over the batch and both spatial axes.
 
     x: (N, C, H, W); gamma, beta: (C,) or (1, C, 1, 1); bn_param as in batchnorm_forward.
-    Returns (out, cache): out (N, C, H, W).
+    Returns (out, cache): out (N, C, H, W); cache (batchnorm's cache for the
+    (N*H*W, C) rows, x.shape).
     """
+    checks.require_float_array("x", x)
     checks.require_ndim("x", x, 4, "(N, C, H, W)")
     N, C, H, W = x.shape
     x2 = x.transpose(0, 2, 3, 1).reshape(-1, C)
-    out2, cache = _batchnorm_forward(x2, gamma, beta, bn_param, gamma_name="gamma")
-    return out2.reshape(N, H, W, C).transpose(0, 3, 1, 2), cache
+    out2, cache = _batchnorm_forward(x2, gamma, beta, bn_param, x.shape)
+    return out2.reshape(N, H, W, C).transpose(0, 3, 1, 2), (cache, x.shape)
 
 
 def spatial_batchnorm_backward(dout, cache):
     """dout: (N, C, H, W). Returns (dx, dgamma, dbeta), the latter two shaped like gamma/beta."""
+    rows_cache, x_shape = cache
+    checks.require_dout_shape(dout, x_shape)
     N, C, H, W = dout.shape
     dout2 = dout.transpose(0, 2, 3, 1).reshape(-1, C)
-    dx2, dgamma, dbeta = batchnorm_backward_alt(dout2, cache)
+    dx2, dgamma, dbeta = batchnorm_backward_alt(dout2, rows_cache)
     return dx2.reshape(N, H, W, C).transpose(0, 3, 1, 2), dgamma, dbeta
 
 
@@ -421,17 +444,18 @@ def spatial_groupnorm_forward(x, gamma, beta, G, gn_param):
     each group normalised over its C/G channels and all H x W positions.
 
     x: (N, C, H, W); gamma, beta: (C,) or (1, C, 1, 1), per channel; G divides C;
-    gn_param: dict with optional 'eps' (1e-5). G=1 is layer norm over (C, H, W),
+    gn_param: dict with optional 'eps' (1e-5, > 0). G=1 is layer norm over (C, H, W),
     G=C is instance norm. No running statistics: train and test are the same.
     Returns (out, cache): out (N, C, H, W).
     """
+    checks.require_float_array("x", x)
     checks.require_ndim("x", x, 4, "(N, C, H, W)")
     N, C, H, W = x.shape
     checks.groups(G, C)
     g = checks.affine_params("gamma", gamma, C).reshape(1, C, 1, 1)
     bt = checks.affine_params("beta", beta, C).reshape(1, C, 1, 1)
     xg = x.reshape(N, G, -1)
-    x_hat, _, _, inv_std = _normalize(xg, 2, gn_param.get("eps", 1e-5))
+    x_hat, _, _, inv_std = _normalize(xg, 2, checks.norm_eps("gn_param", gn_param))
     x_hat = x_hat.reshape(N, C, H, W)
     return g * x_hat + bt, (x_hat, inv_std, g, G, gamma.shape, beta.shape)
 
@@ -439,6 +463,7 @@ def spatial_groupnorm_forward(x, gamma, beta, G, gn_param):
 def spatial_groupnorm_backward(dout, cache):
     """dout: (N, C, H, W). Returns (dx, dgamma, dbeta), the latter two shaped like gamma/beta."""
     x_hat, inv_std, g, G, gamma_shape, beta_shape = cache
+    checks.require_dout_shape(dout, x_hat.shape)
     N, C, H, W = dout.shape
     dgamma = (dout * x_hat).sum(axis=(0, 2, 3)).reshape(gamma_shape)
     dbeta = dout.sum(axis=(0, 2, 3)).reshape(beta_shape)

@@ -23,33 +23,30 @@ The model must provide:
   model.loss(X) -> scores: an array (N, num_classes), computed in test mode.
 It may also provide state_dict() -> dict[str, array] and load_state_dict(d),
 covering buffers beyond the parameters (batch-norm running statistics, say);
-the Solver then uses them wherever it saves or restores a whole model.
+the Solver then uses them wherever it saves or restores a whole model. A
+`num_classes` attribute bounds the labels, and a `config` dict is recorded in
+checkpoints, so that a resume into a model configured otherwise is refused.
 
 Additions to CS231n's Solver, all off by default: a seeded random generator
 for reproducible runs, per-iteration and per-check callbacks, a tqdm progress
 bar in place of prints, pickle-free .npz checkpoints that resume a run bit for
-bit, and a NonFiniteLossError that stops a diverging run at once.
+bit (cnncore.checkpoint), a NonFiniteLossError that stops a diverging run at
+once, step decay of the learning rate at fractions of training (lr_steps), and
+the final model kept beside the best one (final_state).
+
+Every argument (data, options, optim_config, checkpoint folders, the checkpoint
+to resume) is checked at construction, before any training or file writing.
 """
 
-import json
 import math
-import numbers
-import os
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from cnncore import optim
-from cnncore.backend import device_of, to_device, to_numpy
+from cnncore import checkpoint, checks, optim
+from cnncore.backend import to_numpy
 from cnncore.checks import NonFiniteError
-
-DATA_KEYS = ("X_train", "y_train", "X_val", "y_val")
-
-# Bumped whenever the checkpoint layout changes, so an old file fails clearly.
-CHECKPOINT_FORMAT = 1
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -91,13 +88,15 @@ class Solver:
 
     Required arguments:
       model: the model to train (model.params is updated as training goes).
-      data: dict with "X_train", "y_train", "X_val", "y_val"; X arrays have one
-        row per example, y arrays hold the integer labels.
+      data: dict with "X_train", "y_train", "X_val", "y_val"; X arrays are
+        float32 or float64 with one row per example, finite; y arrays hold the
+        integer labels (N,), >= 0 and < model.num_classes when the model has it.
 
     Optional arguments (CS231n's):
       update_rule: name of an update rule in cnncore.optim; default "sgd".
       optim_config: dict of hyperparameters for the update rule, copied for
-        every parameter; every rule takes "learning_rate".
+        every parameter; every rule takes "learning_rate". A key the rule does
+        not have (a misspelling such as "lr") is refused.
       lr_decay: after each epoch the learning rate is multiplied by this; 1.0.
       batch_size: minibatch size for the loss and gradient; 100.
       num_epochs: epochs to train for; 10.
@@ -115,13 +114,21 @@ class Solver:
       seed: int or None; seeds the numpy Generator that draws the minibatches
         and the accuracy-check subsamples. The same seed, model and data give
         the same histories bit for bit. None: fresh OS entropy.
+      lr_steps: fractions of training, strictly increasing in (0, 1); empty by
+        default. After update number round(f * total) (at least 1) for each
+        fraction f, of total = num_epochs * iterations per epoch, the learning
+        rate is multiplied by lr_step_factor, on top of lr_decay: the Group
+        Normalization paper's division by 10 at fixed points of training. The
+        steps follow from the iteration count, so a resumed run with the same
+        num_epochs takes them at the same updates.
+      lr_step_factor: the factor of each step, in (0, 1]; 0.1.
       on_iteration: callable(dict) or None, called after every update with
         {"iteration", "epoch", "loss", "learning_rate"}.
       on_epoch: callable(dict) or None, called after every accuracy check
         (first iteration, each epoch end, last iteration) with
         {"epoch", "iteration", "train_acc", "val_acc", "best_val_acc", "loss"}.
       checkpoint_path: str or Path or None; at each epoch end the whole
-        training state is written there atomically (see save_checkpoint).
+        training state is written there atomically (cnncore.checkpoint).
       resume_from: str or Path or None; a checkpoint to load before training
         (see load_checkpoint).
 
@@ -133,13 +140,18 @@ class Solver:
     val_acc_history (lists of floats), epoch, iteration, best_val_acc,
     best_params (copies of model.params at the best check), best_state (a copy
     of model.state_dict() there, or None when the model has no state_dict),
-    optim_configs (one update-rule config per parameter name).
+    optim_configs (one update-rule config per parameter name), and
+    final_state: the model at the end of training, before the best one is
+    swapped in (a copy of model.state_dict(), or of model.params for a model
+    without one; None until train() completes). To evaluate the final model,
+    model.load_state_dict(solver.final_state) (or model.params =
+    solver.final_state).
     """
 
     def __init__(self, model, data, **kwargs):
         self.model = model
-        self.X_train, self.y_train, self.X_val, self.y_val = _unpack_data(data)
-        _check_images_fit_model(model, self.X_train, self.X_val)
+        self.X_train, self.y_train, self.X_val, self.y_val = checks.training_data(
+            data, getattr(model, "input_dim", None), getattr(model, "num_classes", None))
 
         self.update_rule = kwargs.pop("update_rule", "sgd")
         self.optim_config = kwargs.pop("optim_config", {})
@@ -153,6 +165,8 @@ class Solver:
         self.verbose = kwargs.pop("verbose", True)
 
         self.seed = kwargs.pop("seed", None)
+        self.lr_steps = kwargs.pop("lr_steps", ())
+        self.lr_step_factor = kwargs.pop("lr_step_factor", 0.1)
         self.on_iteration = kwargs.pop("on_iteration", None)
         self.on_epoch = kwargs.pop("on_epoch", None)
         self.checkpoint_path = kwargs.pop("checkpoint_path", None)
@@ -167,22 +181,32 @@ class Solver:
         # for checkpoints.
         self.update_rule_name = self.update_rule
         self.update_rule = optim.get_update_rule(self.update_rule)
+        optim.check_config(self.update_rule_name, self.optim_config, "optim_config")
+        self._model_config = checkpoint.model_config_of(model)
 
+        # Everything is checked before the first write: the checkpoint to
+        # resume is read and matched, then the checkpoint folders are tried,
+        # and only then does anything change.
+        resumed = None if resume_from is None else self._read_checkpoint(resume_from)
+        for name, path in self._checkpoint_paths(epoch=1).items():
+            checks.require_writable_file(name, path)
         self._reset()
-        if resume_from is not None:
-            self.load_checkpoint(resume_from)
+        if resumed is not None:
+            self._restore(resumed)
 
     def _validate_options(self):
         """Reject bad options here, before any training time is spent."""
-        _check_positive_int("batch_size", self.batch_size)
-        _check_positive_int("num_epochs", self.num_epochs)
-        _check_positive_int("print_every", self.print_every)
-        _check_positive_int("num_train_samples", self.num_train_samples, optional=True)
-        _check_positive_int("num_val_samples", self.num_val_samples, optional=True)
-        _check_positive_int("seed", self.seed, optional=True, minimum=0)
-        if not isinstance(self.lr_decay, numbers.Real) or not self.lr_decay > 0:
-            raise ValueError(f"lr_decay must be a number > 0, got {self.lr_decay!r}")
-        self.lr_decay = float(self.lr_decay)  # a NumPy float64 would upcast float32 rates
+        checks.require_positive_int("batch_size", self.batch_size)
+        checks.require_positive_int("num_epochs", self.num_epochs)
+        checks.require_positive_int("print_every", self.print_every)
+        checks.require_int("num_train_samples", self.num_train_samples, minimum=1, optional=True)
+        checks.require_int("num_val_samples", self.num_val_samples, minimum=1, optional=True)
+        checks.require_int("seed", self.seed, minimum=0, optional=True)
+        # Python floats: a NumPy float64 would upcast float32 rates.
+        self.lr_decay = checks.require_real("lr_decay", self.lr_decay, low=0, low_open=True)
+        self.lr_step_factor = checks.require_real("lr_step_factor", self.lr_step_factor, low=0, high=1,
+                                                  low_open=True)
+        self.lr_steps = checks.require_increasing_fractions("lr_steps", self.lr_steps)
         if not isinstance(self.optim_config, Mapping):
             raise ValueError(f"optim_config must be a dict, got {self.optim_config!r}")
         for name in ("on_iteration", "on_epoch"):
@@ -200,6 +224,7 @@ class Solver:
         self.best_val_acc = 0
         self.best_params = {}
         self.best_state = None
+        self.final_state = None
         self.loss_history = []
         self.train_acc_history = []
         self.val_acc_history = []
@@ -256,22 +281,28 @@ class Solver:
 
         Accuracy is checked at the first iteration, at each epoch end and at
         the last iteration; each epoch end also decays the learning rate and
-        saves the checkpoints asked for. At the end model.params (and the
-        model's state, when it has a state_dict) are set to the best seen.
+        saves the checkpoints asked for. At the end, final_state keeps the
+        model as training left it, and model.params (and the model's state,
+        when it has a state_dict) are set to the best seen.
         """
         iterations_per_epoch = max(self.X_train.shape[0] // self.batch_size, 1)
         num_iterations = self.num_epochs * iterations_per_epoch
+        step_iterations = [max(1, round(f * num_iterations)) for f in self.lr_steps]
         with self._progress_bar(num_iterations) as bar:
             for t in range(self.iteration, num_iterations):
                 self._step()
                 self._after_update(t, bar)
+                for _ in range(step_iterations.count(self.iteration)):
+                    self._scale_learning_rate(self.lr_step_factor)
                 epoch_end = (t + 1) % iterations_per_epoch == 0
                 if epoch_end:
-                    self._end_epoch()
+                    self.epoch += 1
+                    self._scale_learning_rate(self.lr_decay)
                 if t == 0 or epoch_end or t == num_iterations - 1:
                     self._check_and_record(bar)
                 if epoch_end:
                     self._save_checkpoints()
+        self.final_state = _copy_arrays(self._model_state())
         self._swap_in_best()
 
     def _after_update(self, t, bar):
@@ -287,10 +318,9 @@ class Solver:
                 "learning_rate": self._learning_rate(),
             })
 
-    def _end_epoch(self):
-        self.epoch += 1
+    def _scale_learning_rate(self, factor):
         for config in self.optim_configs.values():
-            config["learning_rate"] *= self.lr_decay
+            config["learning_rate"] *= factor
 
     def _check_and_record(self, bar):
         """Measure train and val accuracy, keep the best model, report."""
@@ -339,7 +369,7 @@ class Solver:
     def _snapshot_best(self):
         self.best_params = _copy_arrays(self.model.params)
         self.best_state = (_copy_arrays(self.model.state_dict())
-                           if _has_state_dict(self.model) else None)
+                           if checkpoint.has_state_dict(self.model) else None)
 
     def _swap_in_best(self):
         """Put the best model seen into self.model; False if there is none yet."""
@@ -363,56 +393,31 @@ class Solver:
 
     # ------------------------------------------------------------ checkpoints
 
-    def _save_checkpoints(self):
-        """Save to checkpoint_path and/or the checkpoint_name file, if asked."""
-        paths = []
+    def _checkpoint_paths(self, epoch):
+        """{option name: path} of the checkpoints written at the end of epoch."""
+        paths = {}
         if self.checkpoint_path is not None:
-            paths.append(self.checkpoint_path)
+            paths["checkpoint_path"] = self.checkpoint_path
         if self.checkpoint_name is not None:
-            paths.append(f"{self.checkpoint_name}_epoch_{self.epoch}.npz")
-        for path in paths:
+            paths["checkpoint_name"] = f"{self.checkpoint_name}_epoch_{epoch}.npz"
+        return paths
+
+    def _save_checkpoints(self):
+        for path in self._checkpoint_paths(self.epoch).values():
             self.save_checkpoint(path)
 
     def save_checkpoint(self, path):
         """Write the whole training state to the .npz file `path`, atomically.
 
-        The file is written beside `path` and moved over it with os.replace,
-        so a crash never leaves a half-written checkpoint. Nothing is pickled:
-        np.load(path, allow_pickle=False) reads it. Keys:
-          format, manifest (JSON: the names below, and per optimiser entry
-            whether it is an "array", a "python" or a "numpy" scalar),
-          update_rule, epoch, iteration, learning_rate, best_val_acc,
-          loss_history, train_acc_history, val_acc_history,
-          rng_state (JSON of the generator's bit_generator.state),
-          model/<name> (model.state_dict(), or model.params without one),
-          best_params/<name>, best_state/<name> (when there is a best state),
-          optim/<param>/<key> (every entry of every parameter's config; scalars
-            as 0-d arrays of their dtype).
+        The keys are listed in cnncore.checkpoint; nothing is pickled.
         """
-        arrays = {}
-        manifest = {
-            "model": _put_arrays(arrays, "model", self._model_state()),
-            "best_params": _put_arrays(arrays, "best_params", self.best_params),
-            "best_state": (None if self.best_state is None
-                           else _put_arrays(arrays, "best_state", self.best_state)),
-            "optim": {p: _put_config(arrays, f"optim/{p}", config)
-                      for p, config in self.optim_configs.items()},
-        }
-        lr = self._learning_rate()
-        arrays.update(
-            format=np.asarray(CHECKPOINT_FORMAT),
-            manifest=np.asarray(json.dumps(manifest)),
-            update_rule=np.asarray(self.update_rule_name),
-            epoch=np.asarray(self.epoch),
-            iteration=np.asarray(self.iteration),
-            learning_rate=np.asarray(math.nan if lr is None else float(lr)),
-            best_val_acc=np.asarray(float(self.best_val_acc)),
-            loss_history=np.asarray(self.loss_history, dtype=np.float64),
-            train_acc_history=np.asarray(self.train_acc_history, dtype=np.float64),
-            val_acc_history=np.asarray(self.val_acc_history, dtype=np.float64),
-            rng_state=np.asarray(json.dumps(self._rng.bit_generator.state)),
-        )
-        _write_npz_atomically(path, arrays)
+        checkpoint.save(path, checkpoint.TrainingState(
+            update_rule=self.update_rule_name, epoch=self.epoch, iteration=self.iteration,
+            best_val_acc=self.best_val_acc, loss_history=self.loss_history,
+            train_acc_history=self.train_acc_history, val_acc_history=self.val_acc_history,
+            rng_state=self._rng.bit_generator.state, model_state=self._model_state(),
+            model_config=self._model_config, best_params=self.best_params, best_state=self.best_state,
+            optim_configs=self.optim_configs))
 
     def load_checkpoint(self, path):
         """Restore the training state saved by save_checkpoint.
@@ -422,182 +427,31 @@ class Solver:
         back, so train() continues from the next epoch up to num_epochs and
         gives the same results as a run that was never interrupted.
 
-        Raises ValueError if the file's format or update rule differ from this
-        solver's, or its parameter names or shapes do not match the model.
+        Raises npz_io.NpzFileError naming the file when it is missing, empty,
+        truncated or corrupt, and ValueError when its format or update rule
+        differ from this solver's, its model configuration (model.config)
+        differs from the model's (listing the differing keys), or its
+        parameter names or shapes do not match the model. Nothing is changed
+        before these checks pass.
         """
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-        if "format" not in arrays or "manifest" not in arrays:
-            raise ValueError(f"{path} is not a Solver checkpoint (no format or manifest entry)")
-        if arrays["format"].item() != CHECKPOINT_FORMAT:
-            raise ValueError(f"checkpoint {path} has format {arrays['format'].item()}; "
-                             f"this Solver reads format {CHECKPOINT_FORMAT}")
-        saved_rule = arrays["update_rule"].item()
-        if saved_rule != self.update_rule_name:
-            raise ValueError(f"checkpoint {path} was trained with update_rule {saved_rule!r}, "
-                             f"this Solver uses {self.update_rule_name!r}")
-        manifest = json.loads(arrays["manifest"].item())
-        model_state = _take_arrays(arrays, "model", manifest["model"])
-        _check_matches_model(path, model_state, self._model_state(), set(manifest["optim"]))
+        self._restore(self._read_checkpoint(path))
 
-        self._load_model_state(model_state)
-        self.optim_configs = {p: _take_config(arrays, f"optim/{p}", kinds)
-                              for p, kinds in manifest["optim"].items()}
-        self.best_params = _take_arrays(arrays, "best_params", manifest["best_params"])
-        self.best_state = (None if manifest["best_state"] is None
-                           else _take_arrays(arrays, "best_state", manifest["best_state"]))
-        self.best_val_acc = arrays["best_val_acc"].item()
-        self.epoch = arrays["epoch"].item()
-        self.iteration = arrays["iteration"].item()
-        self.loss_history = arrays["loss_history"].tolist()
-        self.train_acc_history = arrays["train_acc_history"].tolist()
-        self.val_acc_history = arrays["val_acc_history"].tolist()
-        self._rng.bit_generator.state = json.loads(arrays["rng_state"].item())
+    def _read_checkpoint(self, path):
+        state = checkpoint.load(path)
+        checkpoint.check_resumable(path, state, update_rule=self.update_rule_name,
+                                   model_state=self._model_state(), model_config=self._model_config)
+        return state
+
+    def _restore(self, state):
+        checkpoint.load_model_state(self.model, state.model_state)
+        for name in ("optim_configs", "best_params", "best_state", "best_val_acc", "epoch", "iteration",
+                     "loss_history", "train_acc_history", "val_acc_history"):
+            setattr(self, name, getattr(state, name))
+        self._rng.bit_generator.state = state.rng_state
 
     def _model_state(self):
-        return self.model.state_dict() if _has_state_dict(self.model) else self.model.params
-
-    def _load_model_state(self, state):
-        """Load host arrays into the model, on the device its parameters live on."""
-        device = device_of(next(iter(self.model.params.values())))
-        state = {k: to_device(v, device) for k, v in state.items()}
-        if _has_state_dict(self.model):
-            self.model.load_state_dict(state)
-        else:
-            self.model.params.update(state)
-
-
-# ---------------------------------------------------------------- validation
-
-def _unpack_data(data):
-    """(X_train, y_train, X_val, y_val) from the data dict, checked."""
-    if not isinstance(data, Mapping):
-        raise ValueError(f"data must be a dict with keys {', '.join(DATA_KEYS)}, "
-                         f"got {type(data).__name__}")
-    missing = [k for k in DATA_KEYS if k not in data]
-    if missing:
-        raise ValueError(f"data is missing {', '.join(missing)}; "
-                         f"expected keys {', '.join(DATA_KEYS)}")
-    for split in ("train", "val"):
-        X, y = data[f"X_{split}"], data[f"y_{split}"]
-        if len(X) != len(y):
-            raise ValueError(f"X_{split} has {len(X)} rows but y_{split} has {len(y)}")
-        if len(X) == 0:
-            raise ValueError(f"X_{split} is empty")
-    return tuple(data[k] for k in DATA_KEYS)
-
-
-def _check_images_fit_model(model, *arrays):
-    """A model that declares input_dim (C, H, W) gets (N, C, H, W) images, checked
-    here so a mismatch fails before training rather than at the first step."""
-    input_dim = getattr(model, "input_dim", None)
-    if input_dim is None:
-        return
-    for name, X in zip(("X_train", "X_val"), arrays):
-        if tuple(X.shape[1:]) != tuple(input_dim):
-            raise ValueError(f"{name} holds images of shape {tuple(X.shape[1:])} but the model's "
-                             f"input_dim is {tuple(input_dim)}")
-
-
-def _check_positive_int(name, value, optional=False, minimum=1):
-    if optional and value is None:
-        return
-    if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
-            or value < minimum):
-        expected = "an int >= 0" if minimum == 0 else "a positive int"
-        expected += " or None" if optional else ""
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
-
-
-# --------------------------------------------------------------- checkpoints
-
-def _has_state_dict(model):
-    return callable(getattr(model, "state_dict", None)) and callable(
-        getattr(model, "load_state_dict", None))
+        return checkpoint.model_state(self.model)
 
 
 def _copy_arrays(arrays):
     return {k: v.copy() for k, v in arrays.items()}
-
-
-def _put_arrays(out, prefix, arrays):
-    """Store arrays under "<prefix>/<name>" on the host; returns the names."""
-    for name, value in arrays.items():
-        out[f"{prefix}/{name}"] = to_numpy(value)
-    return list(arrays)
-
-
-def _take_arrays(arrays, prefix, names):
-    return {name: arrays[f"{prefix}/{name}"] for name in names}
-
-
-def _put_config(out, prefix, config):
-    """Store an update-rule config under "<prefix>/<key>"; returns {key: kind}.
-
-    The kind records how to rebuild each entry: "array" as an array, "numpy"
-    as a NumPy scalar of its dtype, "python" as a Python scalar (the saved
-    0-d array keeps the dtype either way, so floats come back bit for bit).
-    """
-    kinds = {}
-    for key, value in config.items():
-        # np.generic first: np.float64 is also a Python float.
-        if isinstance(value, np.generic):
-            kinds[key] = "numpy"
-        elif isinstance(value, (bool, int, float, str)):
-            kinds[key] = "python"
-        elif hasattr(value, "shape") and hasattr(value, "dtype"):
-            kinds[key] = "array"
-        else:
-            raise TypeError(f"cannot checkpoint optim config entry {prefix}/{key}: "
-                            f"{type(value).__name__} is not an array or a scalar")
-        out[f"{prefix}/{key}"] = to_numpy(value)
-    return kinds
-
-
-def _take_config(arrays, prefix, kinds):
-    rebuild = {"array": lambda a: a, "numpy": lambda a: a[()], "python": lambda a: a.item()}
-    return {key: rebuild[kind](arrays[f"{prefix}/{key}"]) for key, kind in kinds.items()}
-
-
-def _check_matches_model(path, saved, current, saved_params):
-    """ValueError unless the saved model state fits the current one.
-
-    Every entry of the current state must be saved, with the same shape. The
-    checkpoint may hold more entries than the model, as long as they are not
-    parameters: a fresh model creates buffers such as batch norm's running
-    statistics only on its first forward pass.
-    """
-    problems = []
-    missing = sorted(set(current) - set(saved))
-    unexpected = sorted((set(saved) - set(current)) & saved_params)
-    if missing:
-        problems.append(f"missing from the checkpoint: {missing}")
-    if unexpected:
-        problems.append(f"parameters not in the model: {unexpected}")
-    for name in sorted(set(saved) & set(current)):
-        if tuple(saved[name].shape) != tuple(current[name].shape):
-            problems.append(f"{name} has shape {tuple(saved[name].shape)} in the "
-                            f"checkpoint but {tuple(current[name].shape)} in the model")
-    if problems:
-        raise ValueError(f"checkpoint {path} does not match the model: " + "; ".join(problems))
-
-
-def _write_npz_atomically(path, arrays):
-    """np.savez to a temporary file beside path, then os.replace it over path."""
-    # An object array would be pickled and then refused by np.load(allow_pickle=False):
-    # fail now, while the cause is known.
-    pickled = [k for k, a in arrays.items() if a.dtype.hasobject]
-    if pickled:
-        raise TypeError(f"cannot checkpoint object arrays without pickle: {pickled}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

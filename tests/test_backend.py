@@ -93,14 +93,3 @@ def test_sliding_windows_equals_numpy_sliding_window_view(branch, case):
         got = backend.sliding_windows(x, window, axis)
     np.testing.assert_array_equal(got, np.lib.stride_tricks.sliding_window_view(x, window, axis=axis))
 
-
-def test_scatter_add_accumulates_repeated_indices():
-    target = np.zeros(4)
-    backend.scatter_add(target, np.array([0, 2, 0, 0]), np.array([1.0, 2.0, 3.0, 4.0]))
-    np.testing.assert_array_equal(target, [8.0, 0.0, 2.0, 0.0])  # plain target[idx] += v would give 4 at 0
-
-
-def test_scatter_add_with_a_tuple_index_into_2d():
-    target = np.ones((2, 3))
-    backend.scatter_add(target, (np.array([1, 1, 0]), np.array([2, 2, 0])), np.array([1.0, 2.0, 5.0]))
-    np.testing.assert_array_equal(target, [[6.0, 1.0, 1.0], [1.0, 1.0, 4.0]])

@@ -171,3 +171,73 @@ def test_get_update_rule_returns_the_named_rule(name):
 def test_get_update_rule_rejects_unknown_names(bad):
     with pytest.raises(ValueError, match=r"update_rule must be one of .*'adam'.*'sgd'"):
         optim.get_update_rule(bad)
+
+
+# ---------------------------------------------------------------------------
+# Hyperparameters: declared per rule, checked on every call
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(optim.UPDATE_RULES))
+def test_rule_keeps_exactly_its_declared_hyperparameters_and_state_in_config(name):
+    _, config = optim.UPDATE_RULES[name](_w(), _dw())
+    declared = optim.RULES[name]
+    assert set(config) == set(declared.hyperparameters) | set(declared.state)
+
+
+OUT_OF_RANGE = [
+    pytest.param(rule, "learning_rate", value, r"config\['learning_rate'\] must be a finite number > 0",
+                 id=f"{rule}-learning_rate-{value}")
+    for rule in sorted(optim.UPDATE_RULES) for value in (-1e-3, 0.0, float("nan"), float("inf"))
+] + [
+    pytest.param(rule, key, value, rf"config\['{key}'\] must be a finite number >= 0 and < 1, got {value}",
+                 id=f"{rule}-{key}-{value}")
+    for rule, key in (("sgd_momentum", "momentum"), ("rmsprop", "decay_rate"), ("adam", "beta1"), ("adam", "beta2"))
+    for value in (1.5, 1.0, -0.1)
+] + [
+    pytest.param(rule, "epsilon", value, rf"config\['epsilon'\] must be a finite number > 0, got {value}",
+                 id=f"{rule}-epsilon-{value}")
+    for rule in ("rmsprop", "adam") for value in (0.0, -1e-8)
+] + [
+    pytest.param("sgd", "learning_rate", "1e-3", r"config\['learning_rate'\] must be a finite number > 0, got '1e-3'",
+                 id="sgd-learning_rate-string"),
+]
+
+
+@pytest.mark.parametrize("rule, key, value, message", OUT_OF_RANGE)
+def test_rule_refuses_a_hyperparameter_out_of_range_naming_it_with_config_unchanged(rule, key, value, message):
+    config = {key: value}
+    w, dw = _w(), _dw()
+    with pytest.raises(ValueError, match=message):
+        optim.UPDATE_RULES[rule](w, dw, config)
+    assert list(config) == [key] and config[key] is value  # no default filled in, nothing replaced
+    np.testing.assert_array_equal(w, _w())
+
+
+def test_sgd_momentum_with_momentum_zero_is_sgd():
+    next_w, _ = optim.sgd_momentum(_w(), _dw(), {"learning_rate": 1e-3, "momentum": 0.0})
+    np.testing.assert_array_equal(next_w, optim.sgd(_w(), _dw(), {"learning_rate": 1e-3})[0])
+
+
+def test_check_config_refuses_a_misspelled_key_naming_it_the_rule_and_its_hyperparameters():
+    with pytest.raises(ValueError, match=r"optim_config has the key 'lr', which is not a hyperparameter of "
+                                         r"update_rule 'adam'; its hyperparameters are learning_rate, beta1, beta2, "
+                                         r"epsilon"):
+        optim.check_config("adam", {"lr": 1.0}, "optim_config")
+
+
+def test_check_config_refuses_state_entries_that_are_not_hyperparameters():
+    with pytest.raises(ValueError, match=r"optim_config has the key 'velocity'"):
+        optim.check_config("sgd_momentum", {"velocity": np.zeros(3)}, "optim_config")
+
+
+def test_check_config_refuses_a_nan_learning_rate_naming_the_callers_name_for_the_config():
+    with pytest.raises(ValueError, match=r"optim_config\['learning_rate'\] must be a finite number > 0, got nan"):
+        optim.check_config("sgd", {"learning_rate": float("nan")}, "optim_config")
+
+
+def test_check_config_accepts_every_rules_defaults_and_leaves_the_config_alone():
+    for name, rule in optim.RULES.items():
+        config = dict(rule.hyperparameters)
+        optim.check_config(name, config)
+        assert config == rule.hyperparameters

@@ -1,120 +1,22 @@
-"""Solver: learning, reproducibility, checkpoints, callbacks, failures, options."""
+"""Solver: learning, reproducibility, callbacks, failures, options (checkpoints: test_checkpoint.py)."""
 
 import math
 import pickle
 
 import numpy as np
 import pytest
+from solver_helpers import (
+    ITERATIONS_PER_EPOCH,
+    DivergingNet,
+    ParamsOnlyNet,
+    ThreeClassNet,
+    TwoLayerNet,
+    assert_same_run,
+    make_data,
+    make_solver,
+)
 
 from cnncore.solver import NonFiniteLossError, Solver
-
-NUM_CLASSES, INPUT_DIM = 3, 4
-BATCH_SIZE = 50
-NUM_TRAIN = 300
-ITERATIONS_PER_EPOCH = NUM_TRAIN // BATCH_SIZE
-
-
-class TwoLayerNet:
-    """affine - relu - affine - softmax, with a running input mean as a buffer.
-
-    The buffer stands in for batch norm's running statistics: it is in
-    state_dict() but not in params, so tests see whether it travels with them;
-    and like them it only exists after the first training forward pass.
-    """
-
-    def __init__(self, hidden_dim=16, dtype=np.float64, seed=0):
-        rng = np.random.default_rng(seed)
-        self.params = {
-            "W1": (0.1 * rng.standard_normal((INPUT_DIM, hidden_dim))).astype(dtype),
-            "b1": np.zeros(hidden_dim, dtype),
-            "W2": (0.1 * rng.standard_normal((hidden_dim, NUM_CLASSES))).astype(dtype),
-            "b2": np.zeros(NUM_CLASSES, dtype),
-        }
-        self.input_mean = None
-
-    def state_dict(self):
-        buffers = {} if self.input_mean is None else {"input_mean": self.input_mean}
-        return {**self.params, **buffers}
-
-    def load_state_dict(self, state):
-        self.input_mean = state.get("input_mean")
-        self.params = {k: v for k, v in state.items() if k != "input_mean"}
-
-    def loss(self, X, y=None):
-        p = self.params
-        hidden = np.maximum(X @ p["W1"] + p["b1"], 0)
-        scores = hidden @ p["W2"] + p["b2"]
-        if y is None:
-            return scores
-        previous = 0 if self.input_mean is None else self.input_mean
-        self.input_mean = 0.9 * previous + 0.1 * X.mean(axis=0)
-        n = X.shape[0]
-        shifted = scores - scores.max(axis=1, keepdims=True)
-        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        dscores = np.exp(log_probs)
-        dscores[np.arange(n), y] -= 1
-        dscores /= n
-        dhidden = (dscores @ p["W2"].T) * (hidden > 0)
-        grads = {"W1": X.T @ dhidden, "b1": dhidden.sum(axis=0),
-                 "W2": hidden.T @ dscores, "b2": dscores.sum(axis=0)}
-        return -log_probs[np.arange(n), y].mean(), grads
-
-
-class ParamsOnlyNet(TwoLayerNet):
-    """The same net without state_dict: the Solver must fall back on params."""
-
-    state_dict = None
-    load_state_dict = None
-
-
-class DivergingNet(TwoLayerNet):
-    """Returns a non-finite loss at the given 1-based training call."""
-
-    def __init__(self, bad_call, bad_loss=math.nan):
-        super().__init__()
-        self.bad_call, self.bad_loss, self.calls = bad_call, bad_loss, 0
-
-    def loss(self, X, y=None):
-        out = super().loss(X, y)
-        if y is None:
-            return out
-        self.calls += 1
-        return (self.bad_loss if self.calls == self.bad_call else out[0]), out[1]
-
-
-def make_data(seed=0, num_val=90, dtype=np.float64):
-    """Three well separated Gaussian blobs: a net of this size reaches ~100%."""
-    rng = np.random.default_rng(seed)
-    centers = 3.0 * rng.standard_normal((NUM_CLASSES, INPUT_DIM))
-
-    def split(n):
-        y = rng.integers(NUM_CLASSES, size=n)
-        X = centers[y] + 0.5 * rng.standard_normal((n, INPUT_DIM))
-        return X.astype(dtype), y
-
-    X_train, y_train = split(NUM_TRAIN)
-    X_val, y_val = split(num_val)
-    return {"X_train": X_train, "y_train": y_train, "X_val": X_val, "y_val": y_val}
-
-
-def make_solver(model=None, data=None, **options):
-    defaults = dict(update_rule="adam", optim_config={"learning_rate": 1e-2},
-                    batch_size=BATCH_SIZE, num_epochs=2, verbose=False, seed=0,
-                    num_train_samples=100, num_val_samples=50, lr_decay=0.9)
-    return Solver(model or TwoLayerNet(), data or make_data(), **{**defaults, **options})
-
-
-def assert_same_run(a, b):
-    """Two solvers (and their models) hold identical results, bit for bit."""
-    assert a.loss_history == b.loss_history
-    assert a.train_acc_history == b.train_acc_history
-    assert a.val_acc_history == b.val_acc_history
-    assert (a.epoch, a.iteration, a.best_val_acc) == (b.epoch, b.iteration, b.best_val_acc)
-    state_a, state_b = a._model_state(), b._model_state()
-    assert state_a.keys() == state_b.keys()
-    for name in state_a:
-        np.testing.assert_array_equal(state_a[name], state_b[name], err_msg=name)
-
 
 # ------------------------------------------------------------------ training
 
@@ -201,108 +103,6 @@ def test_reset_then_train_repeats_a_seeded_run():
     assert solver.loss_history == first
 
 
-# --------------------------------------------------------------- checkpoints
-
-@pytest.mark.parametrize("model_class", [TwoLayerNet, ParamsOnlyNet])
-@pytest.mark.parametrize("resume", ["resume_from", "load_checkpoint"])
-def test_resumed_run_matches_uninterrupted_run_bit_for_bit(tmp_path, model_class, resume):
-    straight = make_solver(model_class(), num_epochs=4)
-    straight.train()
-
-    path = tmp_path / "run.npz"
-    make_solver(model_class(), num_epochs=2, checkpoint_path=path).train()
-    # A fresh model with other weights: everything must come from the file.
-    if resume == "resume_from":
-        resumed = make_solver(model_class(seed=99), num_epochs=4, resume_from=path)
-    else:
-        resumed = make_solver(model_class(seed=99), num_epochs=4, seed=123)
-        resumed.load_checkpoint(path)
-    assert resumed.epoch == 2
-    resumed.train()
-
-    assert_same_run(straight, resumed)
-    for name, config in straight.optim_configs.items():
-        assert config["t"] == resumed.optim_configs[name]["t"]
-        np.testing.assert_array_equal(config["m"], resumed.optim_configs[name]["m"])
-        assert config["learning_rate"] == resumed.optim_configs[name]["learning_rate"]
-
-
-def test_checkpoint_loads_without_pickle_and_holds_the_state(tmp_path):
-    path = tmp_path / "ckpt.npz"
-    solver = make_solver(num_epochs=2, checkpoint_path=path)
-    solver.train()
-    with np.load(path, allow_pickle=False) as f:
-        files = set(f.files)
-        assert f["epoch"].item() == 2
-        assert f["iteration"].item() == 2 * ITERATIONS_PER_EPOCH
-        assert f["learning_rate"].item() == pytest.approx(1e-2 * 0.9**2)
-        assert f["optim/W1/t"].dtype == np.int64 and f["optim/W1/t"].shape == ()
-        assert len(f["loss_history"]) == 2 * ITERATIONS_PER_EPOCH
-    expected = {"format", "manifest", "update_rule", "epoch", "iteration", "learning_rate",
-                "best_val_acc", "loss_history", "train_acc_history", "val_acc_history",
-                "rng_state", "model/input_mean", "best_state/input_mean", "best_params/W1",
-                "optim/W1/m", "optim/W1/v", "optim/W1/beta1"}
-    assert expected <= files
-    assert "best_params/input_mean" not in files
-
-
-def test_checkpoint_is_written_atomically_without_leftovers(tmp_path):
-    path = tmp_path / "sub" / "ckpt.npz"
-    make_solver(num_epochs=3, checkpoint_path=str(path)).train()
-    assert [p.name for p in path.parent.iterdir()] == ["ckpt.npz"]
-
-
-def test_checkpoint_name_writes_one_file_per_epoch(tmp_path):
-    make_solver(num_epochs=2, checkpoint_name=str(tmp_path / "net")).train()
-    names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["net_epoch_1.npz", "net_epoch_2.npz"]
-
-
-def test_checkpoint_for_another_architecture_is_rejected(tmp_path):
-    path = tmp_path / "ckpt.npz"
-    make_solver(num_epochs=1, checkpoint_path=path).train()
-    with pytest.raises(ValueError, match=r"does not match the model: W1 has shape \(4, 16\)"):
-        make_solver(TwoLayerNet(hidden_dim=8), resume_from=path)
-
-
-def _trained_net():
-    model = TwoLayerNet()
-    data = make_data()
-    model.loss(data["X_train"][:2], data["y_train"][:2])  # creates the buffer
-    return model
-
-
-def _net_without_b2():
-    model = TwoLayerNet()
-    del model.params["b2"]
-    return model
-
-
-@pytest.mark.parametrize("make_model, message", [
-    (_trained_net, r"missing from the checkpoint: \['input_mean'\]"),
-    (_net_without_b2, r"parameters not in the model: \['b2'\]"),
-])
-def test_checkpoint_with_other_names_is_rejected(tmp_path, make_model, message):
-    path = tmp_path / "ckpt.npz"
-    make_solver(ParamsOnlyNet(), num_epochs=1, checkpoint_path=path).train()
-    with pytest.raises(ValueError, match=message):
-        make_solver(make_model(), resume_from=path)
-
-
-def test_checkpoint_with_another_update_rule_is_rejected(tmp_path):
-    path = tmp_path / "ckpt.npz"
-    make_solver(num_epochs=1, checkpoint_path=path).train()
-    with pytest.raises(ValueError, match="update_rule 'adam'"):
-        make_solver(update_rule="sgd", resume_from=path)
-
-
-def test_file_that_is_not_a_checkpoint_is_rejected(tmp_path):
-    path = tmp_path / "other.npz"
-    np.savez(path, W1=np.zeros(3))
-    with pytest.raises(ValueError, match="not a Solver checkpoint"):
-        make_solver(resume_from=path)
-
-
 # ----------------------------------------------------------------- callbacks
 
 def test_callbacks_are_called_per_iteration_and_per_check():
@@ -386,15 +186,15 @@ def test_bad_data_is_rejected(change, message):
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("batch_size", 0, "batch_size must be a positive int, got 0"),
-    ("batch_size", 2.5, "batch_size must be a positive int"),
-    ("num_epochs", -1, "num_epochs must be a positive int, got -1"),
-    ("num_epochs", True, "num_epochs must be a positive int"),
+    ("batch_size", 0, "batch_size must be a positive integer, got 0"),
+    ("batch_size", 2.5, "batch_size must be a positive integer"),
+    ("num_epochs", -1, "num_epochs must be a positive integer, got -1"),
+    ("num_epochs", True, "num_epochs must be a positive integer"),
     ("update_rule", "nesterov", "update_rule must be one of .*'sgd_momentum'; got 'nesterov'"),
-    ("lr_decay", 0, "lr_decay must be a number > 0, got 0"),
-    ("lr_decay", -0.5, "lr_decay must be a number > 0"),
-    ("num_train_samples", 0, "num_train_samples must be a positive int or None"),
-    ("seed", -1, "seed must be an int >= 0 or None"),
+    ("lr_decay", 0, "lr_decay must be a finite number > 0, got 0"),
+    ("lr_decay", -0.5, "lr_decay must be a finite number > 0"),
+    ("num_train_samples", 0, "num_train_samples must be a positive integer or None"),
+    ("seed", -1, "seed must be a non-negative integer or None"),
     ("on_epoch", "print", "on_epoch must be callable or None"),
 ])
 def test_bad_options_are_rejected(option, value, message):
@@ -430,3 +230,167 @@ def test_overflowing_scores_stop_training_as_a_non_finite_loss():
     with pytest.raises(NonFiniteLossError, match="at iteration 1") as info:
         solver.train()
     assert info.value.iteration == 1
+
+
+# -------------------------------------------------------- data, checked at construction
+
+@pytest.mark.parametrize("dtype", [np.int64, np.float16, object])
+@pytest.mark.parametrize("array", ["X_train", "X_val"])
+def test_data_that_is_not_float32_or_float64_is_refused_naming_the_array(array, dtype):
+    data = make_data()
+    data[array] = data[array].astype(dtype)
+    with pytest.raises(ValueError, match=rf"{array} must be a float32 or float64 array, got dtype {np.dtype(dtype)}"):
+        make_solver(data=data)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("array", ["X_train", "X_val"])
+def test_data_with_nan_or_inf_is_refused_naming_the_array(array, bad):
+    data = make_data()
+    data[array][7, 2] = bad
+    with pytest.raises(ValueError, match=rf"{array} must be finite, got NaN or inf"):
+        make_solver(data=data)
+
+
+def _labels(split, change):
+    data = make_data()
+    data[f"y_{split}"] = change(data[f"y_{split}"].copy())
+    return data
+
+
+def _set_first(value):
+    def change(y):
+        y[0] = value
+        return y
+    return change
+
+
+@pytest.mark.parametrize("model, split, change, message", [
+    pytest.param(ThreeClassNet, "val", _set_first(3), r"y_val must hold labels in \[0, 3\), got values in \[0, 3\]",
+                 id="y_val-too-large"),
+    pytest.param(ThreeClassNet, "train", _set_first(7), r"y_train must hold labels in \[0, 3\), got values in \[0, 7\]",
+                 id="y_train-too-large"),
+    pytest.param(TwoLayerNet, "train", _set_first(-1), r"y_train must hold labels >= 0, got values in \[-1, 2\]",
+                 id="y_train-negative-without-num_classes"),
+    pytest.param(TwoLayerNet, "val", lambda y: y.astype(float),
+                 r"y_val must hold integer class labels, got dtype float64", id="y_val-float"),
+    pytest.param(TwoLayerNet, "train", lambda y: y[:, None], r"y_train must have shape \(300,\) to match X_train, "
+                 r"got \(300, 1\)", id="y_train-2d"),
+])
+def test_labels_are_checked_at_construction_naming_the_array(model, split, change, message):
+    with pytest.raises(ValueError, match=message):
+        make_solver(model(), data=_labels(split, change))
+
+
+def test_labels_up_to_num_classes_minus_one_are_accepted():
+    data = make_data()
+    assert data["y_val"].max() == 2
+    make_solver(ThreeClassNet(), data=data)
+
+
+# ------------------------------------------------------------------ optim_config
+
+@pytest.mark.parametrize("rule, config, message", [
+    ("adam", {"lr": 1.0}, r"optim_config has the key 'lr', which is not a hyperparameter of update_rule 'adam'; "
+                          r"its hyperparameters are learning_rate, beta1, beta2, epsilon"),
+    ("sgd", {"learning_rate": 1e-2, "momentum": 0.9}, r"optim_config has the key 'momentum'.*update_rule 'sgd'"),
+    ("sgd", {"learning_rate": np.nan}, r"optim_config\['learning_rate'\] must be a finite number > 0, got nan"),
+    ("adam", {"learning_rate": np.inf}, r"optim_config\['learning_rate'\] must be a finite number > 0, got inf"),
+    ("sgd_momentum", {"momentum": 1.5}, r"optim_config\['momentum'\] must be a finite number >= 0 and < 1, got 1.5"),
+    ("rmsprop", {"learning_rate": -1e-3}, r"optim_config\['learning_rate'\] must be a finite number > 0, got -0.001"),
+], ids=["misspelled", "another-rules-key", "nan-rate", "inf-rate", "momentum-above-1", "negative-rate"])
+def test_bad_optim_config_is_refused_at_construction_naming_the_key(rule, config, message):
+    with pytest.raises(ValueError, match=message):
+        make_solver(update_rule=rule, optim_config=config)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_lr_decay_is_refused(value):
+    with pytest.raises(ValueError, match=rf"lr_decay must be a finite number > 0, got {value}"):
+        make_solver(lr_decay=value)
+
+
+# ------------------------------------------------------------------ lr_steps
+
+def _rates_used(**options):
+    rates = []
+    solver = make_solver(on_iteration=lambda info: rates.append(info["learning_rate"]), **options)
+    solver.train()
+    return solver, rates
+
+
+def test_lr_steps_multiply_the_rate_by_the_factor_after_each_fraction_of_training():
+    # 4 epochs of 6 updates: steps after updates round(0.25 * 24) = 6 and round(0.5 * 24) = 12.
+    _, rates = _rates_used(num_epochs=4, lr_decay=1.0, lr_steps=[0.25, 0.5], lr_step_factor=0.1)
+    assert rates == [1e-2] * 6 + [1e-2 * 0.1] * 6 + [1e-2 * 0.1 * 0.1] * 12
+
+
+def test_lr_steps_compose_with_lr_decay():
+    # A step at update round(0.4 * 18) = 7, inside the second epoch; decays after 6, 12, 18.
+    solver, rates = _rates_used(num_epochs=3, lr_decay=0.5, lr_steps=(0.4,), lr_step_factor=0.2)
+    assert rates[5:8] == [1e-2, 1e-2 * 0.5, 1e-2 * 0.5 * 0.2]
+    assert rates[12] == 1e-2 * 0.5 * 0.2 * 0.5
+    assert solver._learning_rate() == 1e-2 * 0.5 * 0.2 * 0.5 * 0.5
+
+
+def test_lr_steps_are_off_by_default():
+    _, rates = _rates_used(num_epochs=2, lr_decay=1.0)
+    assert set(rates) == {1e-2}
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("lr_steps", [0.5, 0.5], r"lr_steps must be strictly increasing, got \[0.5, 0.5\]"),
+    ("lr_steps", [0.6, 0.3], r"lr_steps must be strictly increasing"),
+    ("lr_steps", [0.0, 0.5], r"lr_steps\[0\] must be a finite number > 0 and < 1, got 0.0"),
+    ("lr_steps", (0.5, 1.0), r"lr_steps\[1\] must be a finite number > 0 and < 1, got 1.0"),
+    ("lr_steps", "0.5", r"lr_steps must be a sequence of fractions in \(0, 1\), got '0.5'"),
+    ("lr_steps", 0.5, r"lr_steps must be a sequence of fractions"),
+    ("lr_step_factor", 0, r"lr_step_factor must be a finite number > 0 and <= 1, got 0"),
+    ("lr_step_factor", 10, r"lr_step_factor must be a finite number > 0 and <= 1, got 10"),
+    ("lr_step_factor", np.nan, r"lr_step_factor must be a finite number > 0 and <= 1, got nan"),
+])
+def test_bad_lr_steps_are_refused(option, value, message):
+    with pytest.raises(ValueError, match=message):
+        make_solver(**{option: value})
+
+
+# ------------------------------------------------------------------ final model
+
+class _LastUpdate:
+    """on_iteration callback keeping a copy of the model's state after each update."""
+
+    def __init__(self, model):
+        self.model, self.state = model, None
+
+    def __call__(self, info):
+        self.state = {k: v.copy() for k, v in self.model.state_dict().items()}
+
+
+def test_final_state_is_the_model_after_the_last_update_and_best_params_are_swapped_in():
+    model = TwoLayerNet()
+    last = _LastUpdate(model)
+    solver = make_solver(model, num_epochs=3, on_iteration=last)
+    assert solver.final_state is None
+    solver.train()
+    assert solver.final_state.keys() == last.state.keys() == {"W1", "b1", "W2", "b2", "input_mean"}
+    for name, value in last.state.items():
+        np.testing.assert_array_equal(solver.final_state[name], value, err_msg=name)
+    for name, best in solver.best_params.items():
+        np.testing.assert_array_equal(model.params[name], best)
+    assert all(solver.final_state[k] is not v for k, v in model.params.items())  # copies, not the model's arrays
+
+
+def test_final_state_of_a_model_without_state_dict_is_a_copy_of_its_params():
+    solver = make_solver(ParamsOnlyNet(), num_epochs=2)
+    solver.train()
+    assert solver.final_state.keys() == solver.best_params.keys()
+
+
+def test_final_model_loaded_back_scores_the_last_checks_validation_accuracy():
+    # The last accuracy check runs after the last update, on the whole validation set here.
+    model = TwoLayerNet()
+    solver = make_solver(model, num_epochs=3, num_val_samples=None)
+    solver.train()
+    data = make_data()
+    model.load_state_dict(solver.final_state)
+    assert solver.check_accuracy(data["X_val"], data["y_val"]) == solver.val_acc_history[-1]
