@@ -22,7 +22,7 @@ from .config import TrainConfig
 from .figures import confusion_figure
 from .load_data import load_dataset
 from .tracking import Run, tracked_flow_run
-from .training import Fitted, fit, score_test_split
+from .training import fit, score_test_split
 
 NUM_EXAMPLE_IMAGES = 5
 
@@ -36,9 +36,7 @@ class TrainResult(BaseModel):
     config: TrainConfig
 
 
-@task(name="fit model", cache_policy=NO_CACHE)
-def fit_model(run: Run, config: TrainConfig, data: dict) -> Fitted:
-    return fit(run, config, data)
+fit_model = task(fit, name="fit model", cache_policy=NO_CACHE)
 
 
 @task(name="evaluate on test", cache_policy=NO_CACHE)

@@ -7,6 +7,7 @@ Exit code 2 for parameters refused before any work, 1 for a run that failed;
 from __future__ import annotations
 
 import contextlib
+import re
 import typing
 from collections.abc import Iterator
 
@@ -47,9 +48,27 @@ def one_line_errors() -> Iterator[None]:
         from pydantic import ValidationError
 
         if isinstance(exc, ValidationError):
-            from .options import describe_validation_error
-
             fail(describe_validation_error(exc), 2)
         if isinstance(exc, ValueError) or type(exc).__module__.startswith(("flows.", "cnncore.")):
             fail(str(exc), 1)  # the project's own errors say what went wrong and what to do
         fail(f"{type(exc).__name__}: {exc}", 1)
+
+
+# Boilerplate in a nested pydantic error's text: its count line, [type=...] and docs link.
+_PYDANTIC_NOISE = re.compile(r"\d+ validation errors? for \w+\s*|\s*\[type=[^\]]*\]|\s*For further information visit \S+|Value error, ")
+
+
+def describe_validation_error(exc, options: list | None = None,
+                              root: tuple[str, ...] = ()) -> str:
+    """One line for a pydantic ValidationError: each problem as `--flag: message (got value)`
+    (options: the FlowOptions that name the flags)."""
+    flags = {o.path: o.flag for o in options or []}
+    problems = []
+    for error in exc.errors():
+        loc = (*root, *(str(part) for part in error["loc"]))
+        # A model-level error (loc is just the parameter) names no field.
+        where = flags.get(loc) or ".".join(loc[1:])
+        message = _PYDANTIC_NOISE.sub("", error["msg"].removeprefix("Value error, "))
+        got = "" if error["type"] in ("value_error", "missing") else f" (got {error.get('input')!r})"
+        problems.append(f"{where}: {message}{got}" if where else f"{message}{got}")
+    return "invalid parameters: " + "; ".join(problems)

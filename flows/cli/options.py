@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from .errors import CliError
+from .errors import CliError, describe_validation_error
 
 @dataclasses.dataclass(frozen=True)
 class FlowOption:
@@ -254,25 +254,6 @@ def collect_parameters(options: list[FlowOption], given: dict[str, Any], params_
             value = yaml.safe_load(value)
         _put(params, option.path, value)
     return params
-
-
-# Boilerplate in a nested pydantic error's text: its count line, [type=...] and docs link.
-_PYDANTIC_NOISE = re.compile(r"\d+ validation errors? for \w+\s*|\s*\[type=[^\]]*\]|\s*For further information visit \S+|Value error, ")
-
-
-def describe_validation_error(exc: ValidationError, options: list[FlowOption] | None = None,
-                              root: tuple[str, ...] = ()) -> str:
-    """One line: each problem as `--flag: message (got value)`."""
-    flags = {o.path: o.flag for o in options or []}
-    problems = []
-    for error in exc.errors():
-        loc = (*root, *(str(part) for part in error["loc"]))
-        # A model-level error (loc is just the parameter) names no field.
-        where = flags.get(loc) or ".".join(loc[1:])
-        message = _PYDANTIC_NOISE.sub("", error["msg"].removeprefix("Value error, "))
-        got = "" if error["type"] in ("value_error", "missing") else f" (got {error.get('input')!r})"
-        problems.append(f"{where}: {message}{got}" if where else f"{message}{got}")
-    return "invalid parameters: " + "; ".join(problems)
 
 
 def validate_parameters(flow, params: dict, options: list[FlowOption]) -> dict:
