@@ -15,7 +15,6 @@ import dataclasses
 import inspect
 import json
 import os
-import re
 import types
 import typing
 from pathlib import Path

@@ -1,0 +1,34 @@
+"""The one door to MLflow: every write and every read of runs goes through this package.
+
+    store = tracking.connect(tracking_uri)             # checks that the store answers first
+    with store.start_run("cnncore-sweeps", "bn-vs-gn", params=...) as parent:
+        with parent.child("bn-vs-gn/00 batchnorm", params=config.model_dump()) as run:
+            run.log_metrics({"test_acc": 0.97})
+    records = store.find_runs(parent.experiment_id, {"sweep_role": "trial"})   # list[RunRecord]
+
+- ``store``: where runs go (``connect``, the URI rules), and ``Store``, one MLflow
+  store named by its URI (cheap, picklable: a trial worker process rebuilds its own
+  client from the URI), whose reads return ``RunRecord``s, plain data.
+- ``run``: ``Run``, a handle bound to one run id; it logs, finishes, fails and opens
+  child runs. As a context manager it ends the run FINISHED, or FAILED (KILLED on
+  an interrupt) with the reason when the body raises. To change what or how runs
+  log, this is the file.
+- ``patience``: how long a call waits for a tracking server that stopped answering
+  (``CNNCORE_TRACKING_WAIT_S``), and ``TrackingUnavailableError`` after that.
+
+Everything goes through an explicit ``MlflowClient`` and run ids, never MLflow's
+active-run stack, so task threads log to the runs they are handed (the stack is
+thread-local). Code that holds a value in memory uses it, rather than reading a
+parameter back as a string. Nothing outside this package imports mlflow, except
+flows/serving.py, the served model's own code file.
+"""
+
+from .patience import TrackingUnavailableError
+from .run import TAG_FAILURE_REASON, TAG_MODEL_URI, Run, tracked_flow_run
+from .store import (DEFAULT_STORE, DEFAULT_UI_URL, FAILED, FINISHED, KILLED, REPO_ROOT, RUNNING, RunRecord, Store,
+                    connect, default_tracking_uri, failure_reason, is_server, resolve_tracking_uri, sqlite_path)
+
+__all__ = ["DEFAULT_STORE", "DEFAULT_UI_URL", "FAILED", "FINISHED", "KILLED", "REPO_ROOT", "RUNNING", "Run",
+           "RunRecord", "Store", "TAG_FAILURE_REASON", "TAG_MODEL_URI", "TrackingUnavailableError", "connect",
+           "default_tracking_uri", "failure_reason", "is_server", "resolve_tracking_uri", "sqlite_path",
+           "tracked_flow_run"]

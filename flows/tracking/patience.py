@@ -1,0 +1,104 @@
+"""How long the flows wait for a tracking server that stops answering, and what they do then.
+
+MLflow's own HTTP client retries a failed request 7 times with exponential
+backoff (about 4 minutes, more when the server hangs instead of refusing), and a
+sweep makes hundreds of requests: a server that went away blocked a sweep for over
+10 minutes. Here every call into MLflow (a method of Store or Run) is retried on
+connection failures, with backoff, until one deadline: ``CNNCORE_TRACKING_WAIT_S``
+seconds (60 by default), which rides out a restart or a short network blip. When it
+runs out, the call raises ``TrackingUnavailableError``, and the store is marked down
+in this process: later calls try once and fail at once instead of waiting again, so
+a flow that is already failing reports it promptly. A call that gets through marks
+the store up again.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import time
+
+WAIT_ENV = "CNNCORE_TRACKING_WAIT_S"
+DEFAULT_WAIT_S = 60.0
+# One attempt's own limit (MLflow's default is 120 s): a server that accepts
+# connections but never answers still fails within the wait.
+REQUEST_TIMEOUT_S = "15"
+_FIRST_DELAY_S, _MAX_DELAY_S = 0.5, 8.0
+
+_down: set[str] = set()
+_down_lock = threading.Lock()
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The MLflow tracking store does not answer."""
+
+
+def wait_s() -> float:
+    """The configured wait, from $CNNCORE_TRACKING_WAIT_S (seconds, >= 0)."""
+    text = os.environ.get(WAIT_ENV)
+    if text is None:
+        return DEFAULT_WAIT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ValueError(f"{WAIT_ENV} must be a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def hand_retries_to_us() -> None:
+    """Turn MLflow's own HTTP retries off (unless the user set them): the deadline here replaces them."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", REQUEST_TIMEOUT_S)
+
+
+def is_connection_failure(exc: BaseException) -> bool:
+    """Whether exc says the server could not be reached (refused, reset, timed out, 502-504), not that
+    it refused the request."""
+    if isinstance(exc, TrackingUnavailableError):
+        return True
+    try:
+        import requests
+
+        if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+            return True
+    except ImportError:  # pragma: no cover - requests comes with mlflow
+        pass
+    text = str(exc)
+    return ("API request to" in text and ("failed with exception" in text or "failed with timeout exception" in text)
+            or "Max retries exceeded" in text)
+
+
+def patient(method):
+    """Retry the Store/Run method on connection failures until the wait runs out (see the module docstring)."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        uri = self.uri if hasattr(self, "uri") else self.store.uri
+        with _down_lock:
+            deadline = time.monotonic() + (0.0 if uri in _down else wait_s())
+        delay = _FIRST_DELAY_S
+        while True:
+            try:
+                result = method(self, *args, **kwargs)
+            except Exception as exc:
+                if not is_connection_failure(exc):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    with _down_lock:
+                        _down.add(uri)
+                    if isinstance(exc, TrackingUnavailableError):
+                        raise
+                    raise TrackingUnavailableError(
+                        f"the MLflow tracking server at {uri} stopped answering (waited {wait_s():.0f} s, "
+                        f"${WAIT_ENV}): {exc}") from exc
+                time.sleep(delay)
+                delay = min(2 * delay, _MAX_DELAY_S)
+                continue
+            with _down_lock:
+                _down.discard(uri)
+            return result
+
+    return call

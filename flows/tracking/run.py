@@ -1,0 +1,230 @@
+"""Everything a flow logs to one MLflow run goes through ``Run``: values, artifacts, models, status."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .patience import patient
+from .store import (FAILED, FINISHED, KILLED, MAX_TAG_CHARS, MLFLOW_DATASET_CONTEXT, MLFLOW_RUN_NAME, RUNNING,
+                    RunRecord, Store, connect, failure_reason, prefect_tags)
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from mlflow import MlflowClient
+
+SERVING_CODE = Path(__file__).resolve().parents[1] / "serving.py"
+TAG_FAILURE_REASON = "failure_reason"
+TAG_MODEL_URI = "model_uri"
+# MLflow's limit: a param value holds at most 6000 characters.
+_MAX_PARAM_CHARS = 6000
+_DATASET_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Run:
+    """A handle bound to one run of a store: everything a flow logs to that run goes through it."""
+
+    store: Store
+    id: str
+    experiment_id: str = field(compare=False)
+
+    @property
+    def _client(self) -> MlflowClient:
+        return self.store.client
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.finish()
+        else:
+            self.fail(exc)
+
+    @patient
+    def child(self, name: str, *, params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None) -> Run:
+        """A new RUNNING run in this run's experiment, nested under it."""
+        return self.store._create_run(self.experiment_id, name, parent_id=self.id, params=params, tags=tags)
+
+    @patient
+    def record(self) -> RunRecord:
+        return self.store.record(self.id)
+
+    # ------------------------------------------------------------ status
+
+    @patient
+    def finish(self) -> None:
+        self._client.set_terminated(self.id, FINISHED)
+
+    @patient
+    def fail(self, exc: BaseException) -> None:
+        """FAILED (KILLED for an interrupt), with a failure_reason tag and the traceback as an artifact."""
+        self._client.set_tag(self.id, TAG_FAILURE_REASON, failure_reason(exc))
+        self._client.log_text(self.id, "".join(traceback.format_exception(exc)), "failure/traceback.txt")
+        self._client.set_terminated(self.id, KILLED if isinstance(exc, KeyboardInterrupt) else FAILED)
+
+    @patient
+    def reopen(self) -> None:
+        """Set the run back to RUNNING (resuming it) and retag it with the current flow run."""
+        self._client.update_run(self.id, status=RUNNING)
+        self.set_tags(prefect_tags())
+
+    @patient
+    def delete(self) -> None:
+        self._client.delete_run(self.id)
+
+    # ------------------------------------------------------------ values
+
+    @patient
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        # log_batch splits into MLflow's per-request limits itself.
+        self._client.log_batch(self.id, params=[Param(k, str(v)[:_MAX_PARAM_CHARS]) for k, v in params.items()])
+
+    @patient
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self._client.log_batch(self.id, tags=[RunTag(k, str(v)[:MAX_TAG_CHARS]) for k, v in tags.items()])
+
+    @patient
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = _now_ms()
+        self._client.log_batch(self.id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    @patient
+    def log_metric_history(self, key: str, values: list[float], first_step: int = 0) -> None:
+        """values[i] logged as `key` at step first_step + i, in one request."""
+        from mlflow.entities import Metric
+
+        now = _now_ms()
+        self._client.log_batch(self.id, metrics=[Metric(key, float(v), now, first_step + i)
+                                                 for i, v in enumerate(values)])
+
+    # ------------------------------------------------------------ artifacts
+
+    @patient
+    def log_figure(self, figure, artifact_file: str) -> None:
+        self._client.log_figure(self.id, figure, artifact_file)
+
+    @patient
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._client.log_text(self.id, text, artifact_file)
+
+    @patient
+    def log_table(self, table: pd.DataFrame, name: str) -> None:
+        """The table as <name>.csv and as an MLflow table <name>.json, both replaced if present."""
+        self._client.log_text(self.id, table.to_csv(index=False), f"{name}.csv")
+        artifact = f"{name}.json"
+        folder = str(Path(artifact).parent) if "/" in artifact else None
+        if artifact in {f.path for f in self._client.list_artifacts(self.id, folder)}:
+            # MlflowClient.log_table would append the rows to the old table (a resumed
+            # sweep's summary): write the file in its format instead; it stays registered.
+            self._client.log_text(self.id, table.to_json(orient="split", index=False, date_format="iso"), artifact)
+        else:
+            self._client.log_table(self.id, table, artifact)
+
+    @patient
+    def log_datasets(self, name: str, data: dict, source: str | None = None) -> None:
+        """The train, val and test splits as the run's dataset inputs (name, shape, digest)."""
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+
+        inputs = []
+        for split, context in (("train", "training"), ("val", "validation"), ("test", "testing")):
+            if f"X_{split}" not in data:
+                continue
+            dataset = mlflow.data.from_numpy(features=data[f"X_{split}"], targets=data[f"y_{split}"],
+                                             name=f"{name}-{split}", source=source)
+            inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+        # The store inserts a dataset on first use with check-then-insert: two threads
+        # logging the same new dataset race on its unique key, so one at a time.
+        with _DATASET_LOCK:
+            self._client.log_inputs(self.id, datasets=inputs)
+
+    @patient
+    def log_model(self, net, mean: np.ndarray, images: np.ndarray) -> str:
+        """Log the net as an MLflow pyfunc model (and its .npz under checkpoint/); returns the model URI.
+
+        The model is "models from code" (flows/serving.py, nothing pickled): it
+        takes raw float images (N, C, H, W), subtracts the training mean and
+        returns the predicted labels (N,) as int64. images: a few raw images,
+        the input example and the source of the signature.
+        """
+        import mlflow
+        from mlflow.models import Model, infer_signature
+
+        import cnncore
+
+        example = np.asarray(images, dtype=np.float64)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = net.save(Path(tmp) / "model.npz")
+            mean_file = Path(tmp) / "mean.npy"
+            np.save(mean_file, np.asarray(mean, dtype=np.float64), allow_pickle=False)
+            labels = net.predict(example - mean.reshape(1, -1, 1, 1))
+            logged = self._client.create_logged_model(self.experiment_id, name="model", source_run_id=self.id)
+            info = Model.log(
+                artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=self.id, model_id=logged.model_id,
+                python_model=str(SERVING_CODE),
+                artifacts={"checkpoint": str(checkpoint), "mean": str(mean_file)},
+                code_paths=[str(Path(cnncore.__file__).parent)],
+                signature=infer_signature(example, labels),
+                input_example=example,
+                pip_requirements=[f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}"],
+            )
+            self._client.log_artifact(self.id, str(checkpoint), "checkpoint")
+        self.set_tags({TAG_MODEL_URI: info.model_uri})
+        return info.model_uri
+
+    # ------------------------------------------------------------ links
+
+    @property
+    def url(self) -> str:
+        return self.store.run_url(self.experiment_id, self.id)
+
+    @patient
+    def link_flow_run(self) -> None:
+        """A Prefect link artifact on the current flow run pointing at this MLflow run."""
+        from prefect.artifacts import create_link_artifact
+        from prefect.runtime import flow_run
+
+        name = self._client.get_run(self.id).data.tags.get(MLFLOW_RUN_NAME, self.id)
+        create_link_artifact(
+            link=self.url,
+            link_text=f"MLflow run {name}",
+            key=f"mlflow-{flow_run.flow_name or 'run'}".lower().replace("_", "-"),
+            description=f"MLflow run `{self.id}` in the store `{self.store.uri}`; "
+                        f"open the UI with `{self.store.ui_command()}`.",
+        )
+
+
+@contextlib.contextmanager
+def tracked_flow_run(experiment: str, run_name: str, *, tracking_uri: str | None = None,
+                     parent_run_id: str | None = None, params: dict[str, Any] | None = None,
+                     tags: dict[str, Any] | None = None) -> Iterator[Run]:
+    """The MLflow run of the current flow run, linked from it; FAILED with the reason if the body raises.
+
+    Connects first, so an unreachable store fails before anything is written.
+    """
+    store = connect(tracking_uri)
+    experiment_id = store.experiment_id(experiment)
+    with store._create_run(experiment_id, run_name, parent_id=parent_run_id, params=params, tags=tags) as run:
+        run.link_flow_run()
+        yield run
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

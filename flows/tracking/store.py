@@ -1,0 +1,279 @@
+"""Where runs go, and the store itself: reads return plain RunRecords.
+
+Where runs go: a ``tracking_uri`` argument, else ``MLFLOW_TRACKING_URI``, else the
+repository's own store, ``sqlite:///<repo>/mlruns/mlflow.db``, with artifacts under
+``<repo>/mlruns/artifacts/<experiment>``. ``connect`` checks that the store answers
+before anything is written, so an unreachable server fails the flow at once with a
+clear message and leaves no half-made experiment or run behind.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from .patience import TrackingUnavailableError, hand_retries_to_us, patient
+
+if TYPE_CHECKING:  # mlflow is imported where used: `cnnflow --help` should not wait for it
+    from mlflow import MlflowClient
+
+    from .run import Run
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_STORE = REPO_ROOT / "mlruns"
+# Where `mlflow ui` serves a local sqlite store; links to local runs point here.
+DEFAULT_UI_URL = "http://127.0.0.1:5000"
+
+TAG_FLOW_RUN_ID = "prefect.flow_run_id"
+TAG_FLOW_RUN_NAME = "prefect.flow_run_name"
+TAG_FLOW_NAME = "prefect.flow_name"
+
+FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
+# MLflow's own tags (mlflow.utils.mlflow_tags), spelled out so that reading them needs no mlflow import.
+MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"
+MLFLOW_RUN_NAME = "mlflow.runName"
+MLFLOW_DATASET_CONTEXT = "mlflow.data.context"
+
+# MLflow's limit: a tag holds at most 8000 characters.
+MAX_TAG_CHARS = 8000
+
+_CLIENTS: dict[tuple[int, str], MlflowClient] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
+    """The argument, else $MLFLOW_TRACKING_URI, else the repository's sqlite store."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI, else None."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri.removeprefix("sqlite:///"))
+
+
+def is_server(tracking_uri: str) -> bool:
+    return urlparse(tracking_uri).scheme in ("http", "https")
+
+
+def connect(tracking_uri: str | None = None, timeout_s: float = 5.0) -> Store:
+    """The resolved store, after checking that it answers.
+
+    A sqlite store gets its folder and tables created here (once, before any
+    fan-out: parallel first writers would race on the schema migration).
+    Raises TrackingUnavailableError within about timeout_s when a tracking
+    server does not answer its /health endpoint, or a sqlite file cannot be made.
+    """
+    uri = resolve_tracking_uri(tracking_uri)
+    if is_server(uri):
+        hand_retries_to_us()
+        _require_healthy_server(uri, timeout_s)
+    store = Store(uri)
+    try:
+        if (db := sqlite_path(uri)) is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        store.client.search_experiments(max_results=1)
+    except Exception as exc:
+        raise TrackingUnavailableError(f"the MLflow store {uri} cannot be used: {exc}. Nothing was logged.") from exc
+    # Model.log uploads through MLflow's process-wide URI; every flow in a process
+    # connects before logging, so the global agrees with the client.
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return store
+
+
+def _require_healthy_server(uri: str, timeout_s: float) -> None:
+    health = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(health, timeout=timeout_s) as response:
+            if response.status == 200:
+                return
+            problem = f"GET {health} answered {response.status}"
+    except (OSError, urllib.error.URLError) as exc:
+        problem = f"GET {health} failed: {exc}"
+    raise TrackingUnavailableError(
+        f"the MLflow tracking server at {uri} is unreachable ({problem}). Nothing was logged. "
+        f"Start the server, or unset MLFLOW_TRACKING_URI to log to the local store {default_tracking_uri()}."
+    )
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line saying what went wrong: the exception's type and message."""
+    return f"{type(exc).__name__}: {exc}"[:MAX_TAG_CHARS]
+
+
+def prefect_tags() -> dict[str, str]:
+    """The current Prefect flow run's id, name and flow name (none outside a flow run)."""
+    from prefect.runtime import flow_run
+
+    tags = {TAG_FLOW_RUN_ID: flow_run.id, TAG_FLOW_RUN_NAME: flow_run.name, TAG_FLOW_NAME: flow_run.flow_name}
+    return {k: str(v) for k, v in tags.items() if v}
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run as read from the store: plain values, nothing to call back into MLflow."""
+
+    id: str
+    name: str
+    experiment_id: str
+    status: str
+    start_time_ms: int
+    parent_id: str | None
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+
+    @classmethod
+    def of(cls, run) -> RunRecord:
+        tags = dict(run.data.tags)
+        return cls(id=run.info.run_id, name=run.info.run_name or tags.get(MLFLOW_RUN_NAME, ""),
+                   experiment_id=run.info.experiment_id, status=run.info.status,
+                   start_time_ms=run.info.start_time or 0, parent_id=tags.get(MLFLOW_PARENT_RUN_ID),
+                   params=dict(run.data.params), metrics=dict(run.data.metrics), tags=tags)
+
+
+@dataclass(frozen=True)
+class Store:
+    """One MLflow store, addressed by its URI. Safe to share between threads and to send to processes."""
+
+    uri: str
+
+    @property
+    def client(self) -> MlflowClient:
+        """This process's client for the store (made once per process and URI)."""
+        key = (os.getpid(), self.uri)
+        with _CLIENTS_LOCK:
+            if key not in _CLIENTS:
+                from mlflow import MlflowClient
+
+                _CLIENTS[key] = MlflowClient(self.uri)
+            return _CLIENTS[key]
+
+    # ------------------------------------------------------------ experiments
+
+    @patient
+    def experiment_id(self, name: str) -> str:
+        """The id of the experiment called name, created if absent.
+
+        On a sqlite store its artifacts live beside the database, under artifacts/<name>.
+        """
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if (db := sqlite_path(self.uri)) is not None:
+            location = (db.parent / "artifacts" / name).as_uri()
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            # Created meanwhile by another process: use theirs.
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    @patient
+    def experiment_names(self, names: list[str] | None = None) -> dict[str, str]:
+        """{experiment id: name} of the named experiments (ValueError naming the missing), or of all."""
+        if not names:
+            return {e.experiment_id: e.name for e in self.client.search_experiments()}
+        found = {name: self.client.get_experiment_by_name(name) for name in names}
+        missing = [name for name, e in found.items() if e is None]
+        if missing:
+            known = sorted(e.name for e in self.client.search_experiments())
+            raise ValueError(f"no experiment named {missing} in {self.uri}; known: {known}")
+        return {e.experiment_id: e.name for e in found.values()}
+
+    # ------------------------------------------------------------ runs
+
+    def start_run(self, experiment: str, name: str, *, parent_id: str | None = None,
+                  params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None) -> Run:
+        """A new RUNNING run in the experiment (by name), tagged with the Prefect flow run, nested under
+        the run parent_id if given."""
+        return self._create_run(self.experiment_id(experiment), name, parent_id=parent_id, params=params, tags=tags)
+
+    @patient
+    def _create_run(self, experiment_id: str, name: str, *, parent_id: str | None, params: dict[str, Any] | None,
+                    tags: dict[str, Any] | None) -> Run:
+        all_tags = {**prefect_tags(), **(tags or {})}
+        if parent_id:
+            all_tags[MLFLOW_PARENT_RUN_ID] = parent_id
+        created = self.client.create_run(experiment_id, run_name=name,
+                                         tags={k: str(v)[:MAX_TAG_CHARS] for k, v in all_tags.items()})
+        from .run import Run
+
+        run = Run(self, created.info.run_id, experiment_id)
+        if params:
+            run.log_params(params)
+        return run
+
+    @patient
+    def run(self, run_id: str) -> Run:
+        """A handle on an existing run."""
+        from .run import Run
+
+        return Run(self, run_id, self.client.get_run(run_id).info.experiment_id)
+
+    @patient
+    def record(self, run_id: str) -> RunRecord:
+        return RunRecord.of(self.client.get_run(run_id))
+
+    @patient
+    def find_runs(self, experiment_id: str, tags: dict[str, str], parent_id: str | None = None) -> list[RunRecord]:
+        """Every active run of the experiment whose tags equal the given ones (and nested under the run
+        parent_id, if given), oldest first."""
+        if parent_id is not None:
+            tags = {**tags, MLFLOW_PARENT_RUN_ID: parent_id}
+        conditions = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        return self._search([experiment_id], conditions, ["attributes.start_time ASC"])
+
+    @patient
+    def recent_runs(self, experiment_ids: list[str], limit: int) -> list[RunRecord]:
+        """The most recent active runs of the experiments, newest first."""
+        if not experiment_ids:
+            return []
+        found = self.client.search_runs(experiment_ids, max_results=limit, order_by=["attributes.start_time DESC"])
+        return [RunRecord.of(r) for r in found]
+
+    def _search(self, experiment_ids: list[str], conditions: str, order_by: list[str]) -> list[RunRecord]:
+        from mlflow.entities import ViewType
+
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs(experiment_ids, conditions, run_view_type=ViewType.ACTIVE_ONLY,
+                                           order_by=order_by, page_token=token)
+            runs.extend(RunRecord.of(r) for r in page)
+            token = page.token
+            if not token:
+                return runs
+
+    # ------------------------------------------------------------ links
+
+    def run_url(self, experiment_id: str, run_id: str) -> str:
+        """The run's page in the MLflow UI (for a local store, where `mlflow ui` serves it)."""
+        base = self.uri if is_server(self.uri) else DEFAULT_UI_URL
+        return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+    def ui_command(self) -> str:
+        """The shell command that opens the MLflow UI on this store."""
+        if is_server(self.uri):
+            return f"open {self.uri} (the tracking server serves the UI)"
+        db = sqlite_path(self.uri)
+        if db is not None:
+            return f"mlflow ui --backend-store-uri {self.uri} --default-artifact-root {(db.parent / 'artifacts').as_uri()}"
+        return f"mlflow ui --backend-store-uri {self.uri}"
