@@ -154,12 +154,13 @@ class Classifier:
         return self.copy_bn_params() if bn_params is None else bn_params
 
     def _with_mode(self, bn_params: list, mode: str) -> list:
+        """bn_params with every batch norm layer's mode set to mode."""
         if mode not in ("train", "test"):
             raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
-        if len(bn_params) != len(self.norm_layers()):
-            raise ValueError(f"bn_params must hold one dict per norm layer ({len(self.norm_layers())}), "
-                             f"got {len(bn_params)}")
-        for layer, bn_param in zip(self.norm_layers(), bn_params):
+        layers = self.norm_layers()
+        if len(bn_params) != len(layers):
+            raise ValueError(f"bn_params must hold one dict per norm layer ({len(layers)}), got {len(bn_params)}")
+        for layer, bn_param in zip(layers, bn_params):
             if layer.kind == "batchnorm":
                 bn_param["mode"] = mode
         return bn_params
@@ -181,8 +182,8 @@ class Classifier:
     def state_dict(self) -> dict[str, np.ndarray]:
         """Parameters, and running_mean{i}, running_var{i} of each batch norm layer i, as host NumPy copies."""
         state = {k: np.array(to_numpy(v)) for k, v in self.params.items()}
-        for (i, key), value in self._running_stats().items():
-            state[f"{key}{i}"] = np.array(to_numpy(value))
+        for name, bn_param, key in self._running_stat_slots():
+            state[name] = np.array(to_numpy(bn_param[key]))
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -195,27 +196,25 @@ class Classifier:
         match this model.
         """
         state = self._renamed_legacy(state)
-        expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        slots = self._running_stat_slots()
+        expected = {k: tuple(v.shape) for k, v in self.params.items()}
+        expected.update({name: tuple(bn_param[key].shape) for name, bn_param, key in slots})
         given = {k: tuple(np.shape(v)) for k, v in state.items()}
-        params = {k: expected[k] for k in self.params}
-        problems = [k for k in expected if k in given and given[k] != expected[k]]
-        problems += [k for k in params if k not in given] + [k for k in given if k not in expected]
+        problems = [k for k in self.params if k not in given] + [k for k in given if k not in expected]
+        problems += [k for k in expected if k in given and given[k] != expected[k]]
         if problems:
             raise ValueError(f"state does not match this model ({', '.join(sorted(set(problems)))}): "
                              f"expected {expected}, got {given}")
-        self.params = self._as_params({k: state[k] for k in params})
-        for (i, key), _ in self._running_stats().items():
-            if f"{key}{i}" in state:
-                self.bn_params[self._position(i)][key] = self.xp.asarray(state[f"{key}{i}"], dtype=self.dtype)
+        self.params = self._as_params({k: state[k] for k in self.params})
+        for name, bn_param, key in slots:
+            if name in state:
+                bn_param[key] = self.xp.asarray(state[name], dtype=self.dtype)
 
-    def _running_stats(self) -> dict:
-        """{(i, 'running_mean' | 'running_var'): array} for each batch norm layer i."""
-        return {(layer.index, key): bn_param[key]
+    def _running_stat_slots(self) -> list[tuple[str, dict, str]]:
+        """(state name, bn_param, key) for the running mean and variance of each batch norm layer."""
+        return [(f"{key}{layer.index}", bn_param, key)
                 for layer, bn_param in zip(self.norm_layers(), self.bn_params) if layer.kind == "batchnorm"
-                for key in ("running_mean", "running_var")}
-
-    def _position(self, index: int) -> int:
-        return [layer.index for layer in self.norm_layers()].index(index)
+                for key in ("running_mean", "running_var")]
 
     def _renamed_legacy(self, state: dict) -> dict:
         batchnorms = [layer.index for layer in self.norm_layers() if layer.kind == "batchnorm"]

@@ -304,6 +304,8 @@ class ConvNet(_ConvClassifier):
         inputs, out = [], X
         if self.normalization == "none":
             return inputs
+        # Each conv runs twice, alone and in its block: a diagnostic's cost, which keeps
+        # the training path's sandwiches as they are.
         for i in range(1, self.num_blocks + 1):
             inputs.append(self._conv_output(i, out))
             out, _ = self._conv_block_forward(i, out, bn_params)

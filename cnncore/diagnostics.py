@@ -59,8 +59,8 @@ def sample_batch_moments(model, X, batch_size: int, num_batches: int = 200, seed
     Draws num_batches batches of batch_size distinct images of X (each uniformly
     without replacement, independently of the others, from default_rng(seed)),
     passes each through the model in train mode on copies of its bn_params (so
-    every batch norm layer normalises with the batch's own statistics, as in
-    training, and the model's running statistics stay as they are), and records
+    every batch norm layer normalises with the batch's own statistics, and dropout
+    drops, as in training; the model's running statistics stay as they are), and records
     the per-channel mean and biased variance of every norm layer's input.
     Returns one LayerMoments per norm layer, in forward order.
     """

@@ -6,8 +6,10 @@ import math
 import numpy as np
 import pytest
 
+from cnncore import layers
 from cnncore.cnn import ConvNet, ThreeLayerConvNet
 from cnncore.gradient_check import eval_numerical_gradient, rel_error
+from cnncore.layer_utils import FAST_LAYERS, NAIVE_LAYERS
 
 NORMS = [None, "batchnorm", "groupnorm", "layernorm", "instancenorm"]
 
@@ -156,3 +158,24 @@ def test_float32_in_float32_out():
     assert isinstance(loss, float) and net.loss(X).dtype == np.float32
     assert all(g.dtype == np.float32 for g in grads.values())
     assert all(v.dtype == np.float32 for p in net.bn_params for v in p.values() if hasattr(v, "dtype"))
+
+
+def test_use_fast_picks_the_fast_or_the_naive_layers():
+    assert deep_net().layers is FAST_LAYERS and deep_net(use_fast=False).layers is NAIVE_LAYERS
+    assert deep_net(use_fast=False).layers.conv_forward is layers.conv_forward_naive
+
+
+def test_norm_inputs_are_each_blocks_convolution_output():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((3, 2, 10, 10))
+    net = deep_net("batchnorm")
+    inputs = net.norm_inputs(X, "train")
+    assert [a.shape for a in inputs] == [(3, 2, 10, 10), (3, 4, 5, 5), (3, 4, 2, 2)]
+    expected, _ = layers.conv_forward_naive(X, net.params["W1"], net.params["b1"], net.conv_param)
+    np.testing.assert_allclose(inputs[0], expected, rtol=1e-12, atol=1e-14)
+    # Block 2's input came through block 1 in train mode, with X's own batch statistics.
+    a, _ = layers.spatial_batchnorm_forward(expected, net.params["gamma1"], net.params["beta1"], {"mode": "train"})
+    pooled, _ = layers.max_pool_forward_naive(np.maximum(a, 0), {"pool_height": 2, "pool_width": 2, "stride": 2})
+    expected2, _ = layers.conv_forward_naive(pooled, net.params["W2"], net.params["b2"], net.conv_param)
+    np.testing.assert_allclose(inputs[1], expected2, rtol=1e-12, atol=1e-14)
+    assert all(np.all(p["running_mean"] == 0) for p in net.bn_params)  # the model's statistics untouched

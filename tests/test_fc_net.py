@@ -145,3 +145,16 @@ def test_bad_fully_connected_arguments_are_named(kwargs, message):
 def test_two_layer_net_names_a_bad_hidden_dim():
     with pytest.raises(ValueError, match="hidden_dim must be a positive integer, got -3"):
         TwoLayerNet(hidden_dim=-3)
+
+
+@pytest.mark.parametrize("normalization", ["batchnorm", "layernorm"])
+def test_norm_inputs_are_each_hidden_layers_affine_output(normalization):
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((5, 12))
+    net = with_random_biases(fc_net(normalization), rng)
+    first, second = net.norm_inputs(X, "train")
+    p = net.params
+    np.testing.assert_allclose(first, X @ p["W1"] + p["b1"], rtol=1e-13)
+    assert second.shape == (5, 5)
+    assert [layer.kind for layer in net.norm_layers()] == (
+        ["batchnorm"] * 2 if normalization == "batchnorm" else ["groupnorm"] * 2)
