@@ -1,31 +1,35 @@
-"""The three-layer convolutional network of CS231n assignment 2, with optional normalisation.
+"""Convolutional networks: CS231n's three-layer net, and a deeper net built of the same blocks.
 
-    conv - [norm] - relu - 2x2 max pool - affine - relu - affine - softmax
+    ThreeLayerConvNet: conv - [norm] - relu - 2x2 max pool - affine - relu - affine - softmax
+    ConvNet:           {conv - [norm] - relu - 2x2 max pool} x L - affine - relu - affine - softmax
 
-The norm layer, after the convolution, is spatial batch norm or spatial group
-norm (layer norm and instance norm being group norm with G=1 and G=C).
+The norm layer, after each convolution, is spatial batch norm or spatial group
+norm (layer norm and instance norm being group norm with G=1 and G=C). Each block
+is one sandwich of cnncore.layer_utils, chosen once at construction.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
 
-from . import checks, fast_layers, layers
-from .backend import require_device, to_numpy
+from . import checks
+from .classifier import Classifier, NormLayer
 from .layer_utils import (
+    FAST_LAYERS,
+    NAIVE_LAYERS,
     POOL_2X2,
     affine_relu_backward,
     affine_relu_forward,
-    conv_relu_pool_backward,
+    conv_bn_relu_pool_forward,
+    conv_gn_relu_pool_forward,
+    conv_pool_block_backward,
     conv_relu_pool_forward,
 )
+from .layers import affine_backward, affine_forward
 
 NORMALIZATIONS = ("none", "batchnorm", "groupnorm", "layernorm", "instancenorm")
-_DTYPES = {"float32": np.float32, "float64": np.float64}
 
 
 def canonical_normalization(normalization) -> str:
@@ -36,15 +40,123 @@ def canonical_normalization(normalization) -> str:
     return name
 
 
-def canonical_dtype(dtype) -> type:
-    """np.float32 or np.float64 from a dtype or its name, else ValueError."""
-    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
-    if name not in _DTYPES:
-        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
-    return _DTYPES[name]
+class _ConvClassifier(Classifier):
+    """What the conv nets share: argument checks, parameters, and the conv blocks.
+
+    Block i (1-based) has W{i} (F_i, C_{i-1}, k, k), b{i} (F_i,) and, with a norm
+    layer, gamma{i}, beta{i} (F_i,). Its conv has stride 1 and pad (k - 1) // 2, so
+    it keeps H and W; its 2x2 pool halves them, flooring odd sizes. The hidden
+    affine layer W{L+1}, b{L+1} and the scores' W{L+2}, b{L+2} follow.
+    """
+
+    def _setup_conv(self, input_dim, num_filters: tuple, filter_size, hidden_dim, num_classes, weight_scale, reg,
+                    dtype, normalization, num_groups, use_fast, seed, device) -> None:
+        dims = tuple(input_dim) if not isinstance(input_dim, (str, bytes)) and hasattr(input_dim, "__len__") else ()
+        if len(dims) != 3:
+            raise ValueError(f"input_dim must be (C, H, W), got {input_dim!r}")
+        C, H, W = (checks.require_positive_int(f"input_dim[{i}]", d) for i, d in enumerate(dims))
+        filters = tuple(checks.require_positive_int(f"num_filters[{i}]", F) for i, F in enumerate(num_filters))
+        if not filters:
+            raise ValueError("num_filters must name at least one block's filters, got ()")
+        filter_size = checks.require_positive_int("filter_size", filter_size)
+        hidden_dim = checks.require_positive_int("hidden_dim", hidden_dim)
+        if filter_size % 2 == 0:
+            raise ValueError(f"filter_size must be odd so the conv keeps H and W, got {filter_size}")
+        num_groups = checks.require_positive_int("num_groups", num_groups)
+        self.normalization = canonical_normalization(normalization)
+        self.groups = [self._groups_of_block(num_groups, F, filters) for F in filters]
+        self.input_dim = (C, H, W)
+        self.use_fast = bool(use_fast)
+        self.layers = FAST_LAYERS if use_fast else NAIVE_LAYERS
+        self.conv_param = {"stride": 1, "pad": (filter_size - 1) // 2}
+        self._setup(config={"input_dim": [C, H, W], "num_filters": list(filters), "filter_size": filter_size,
+                            "hidden_dim": hidden_dim, "normalization": self.normalization, "num_groups": num_groups},
+                    num_classes=num_classes, weight_scale=weight_scale, reg=reg, dtype=dtype, device=device)
+
+        for i in range(len(filters)):
+            if H < 2 or W < 2:
+                raise ValueError(f"num_filters={num_filters!r} asks for {len(filters)} 2x2 max pools, but "
+                                 f"input_dim={input_dim!r} leaves {H}x{W} maps before pool {i + 1}: they would "
+                                 "shrink below 1x1")
+            H, W = H // 2, W // 2
+        channels = (C, *filters)
+        weights = [(F, channels[i], filter_size, filter_size) for i, F in enumerate(filters)]
+        weights += [(filters[-1] * H * W, hidden_dim), (hidden_dim, self.num_classes)]
+        # Weights first, in order, from one generator: ThreeLayerConvNet's draws, so one
+        # block and the same seed give the same parameters.
+        rng = np.random.default_rng(seed)
+        params = {}
+        for i, shape in enumerate(weights, start=1):
+            params[f"W{i}"] = self.weight_scale * rng.standard_normal(shape)
+            params[f"b{i}"] = np.zeros(shape[0] if i <= len(filters) else shape[-1])
+        if self.normalization != "none":
+            for i, F in enumerate(filters, start=1):
+                params[f"gamma{i}"], params[f"beta{i}"] = np.ones(F), np.zeros(F)
+        self.params = self._as_params(params)
+        self.num_blocks = len(filters)
+        self.bn_params = [self._new_bn_param(F) if self.normalization == "batchnorm" else {}
+                          for F in filters] if self.normalization != "none" else []
+        self._block_forward = {"none": self._plain_block, "batchnorm": self._batchnorm_block}.get(
+            self.normalization, self._groupnorm_block)
+
+    def _groups_of_block(self, num_groups, F, filters):
+        """G of a block with F filters: None without group norm, 1 for layer norm, F for instance norm."""
+        if self.normalization in ("none", "batchnorm"):
+            return None
+        G = {"layernorm": 1, "instancenorm": F}.get(self.normalization, num_groups)
+        if F % G:
+            raise ValueError(f"num_groups={G} groups must divide the {F} channels of every block "
+                             f"(num_filters={filters!r}; {F} % {G} = {F % G}, expected 0)")
+        return G
+
+    def _check_input_shape(self, X) -> None:
+        if X.ndim != 4 or tuple(X.shape[1:]) != self.input_dim:
+            raise ValueError(
+                f"X must have shape (N, {', '.join(map(str, self.input_dim))}) to match input_dim, "
+                f"got {tuple(X.shape)}"
+            )
+
+    def norm_layers(self) -> list[NormLayer]:
+        if self.normalization == "none":
+            return []
+        kind = "batchnorm" if self.normalization == "batchnorm" else "groupnorm"
+        return [NormLayer(i, kind, G) for i, G in enumerate(self.groups, start=1)]
+
+    # ------------------------------------------------------------------
+    # Block i: conv - [norm] - relu - 2x2 max pool, one sandwich
+    # ------------------------------------------------------------------
+
+    def _conv_block_forward(self, i, x, bn_params):
+        """Block i on x: (out, cache), through the sandwich of the model's normalisation."""
+        return self._block_forward(i, x, bn_params[i - 1] if bn_params else None)
+
+    def _conv_block_backward(self, i, dout, cache, grads, need_dx=True):
+        """Fills grads with W{i}, b{i} (gamma{i}, beta{i}); returns dx (None unless need_dx)."""
+        dx, *block_grads = conv_pool_block_backward(dout, cache, need_dx=need_dx)
+        grads.update(zip((f"W{i}", f"b{i}", f"gamma{i}", f"beta{i}"), block_grads))
+        return dx
+
+    def _plain_block(self, i, x, _):
+        # On the fast layers conv, relu and pool are fused: the full-size map is never stored.
+        return conv_relu_pool_forward(x, self.params[f"W{i}"], self.params[f"b{i}"], self.conv_param, POOL_2X2,
+                                      self.layers)
+
+    def _batchnorm_block(self, i, x, bn_param):
+        p = self.params
+        return conv_bn_relu_pool_forward(x, p[f"W{i}"], p[f"b{i}"], p[f"gamma{i}"], p[f"beta{i}"], self.conv_param,
+                                         bn_param, POOL_2X2, self.layers)
+
+    def _groupnorm_block(self, i, x, gn_param):
+        p = self.params
+        return conv_gn_relu_pool_forward(x, p[f"W{i}"], p[f"b{i}"], p[f"gamma{i}"], p[f"beta{i}"], self.conv_param,
+                                         self.groups[i - 1], gn_param, POOL_2X2, self.layers)
+
+    def _conv_output(self, i, x):
+        """Block i's convolution alone: the input of its norm layer."""
+        return self.layers.conv_forward(x, self.params[f"W{i}"], self.params[f"b{i}"], self.conv_param)[0]
 
 
-class ThreeLayerConvNet:
+class ThreeLayerConvNet(_ConvClassifier):
     """conv - [norm] - relu - 2x2 max pool - affine - relu - affine - softmax.
 
     Input: minibatches of N images of shape (C, H, W). The convolution has stride 1
@@ -86,189 +198,115 @@ class ThreeLayerConvNet:
         seed: seeds the weight initialisation.
         device: 'cpu' (NumPy) or 'cuda' (CuPy).
         """
-        if len(tuple(input_dim)) != 3:
-            raise ValueError(f"input_dim must be (C, H, W), got {input_dim!r}")
-        C, H, W = (checks.require_positive_int("input_dim", int(d)) for d in input_dim)
-        for name, value in (("num_filters", num_filters), ("filter_size", filter_size),
-                            ("hidden_dim", hidden_dim), ("num_classes", num_classes)):
-            checks.require_positive_int(name, value)
-        if filter_size % 2 == 0:
-            raise ValueError(f"filter_size must be odd so the conv keeps H and W, got {filter_size}")
-        if H < 2 or W < 2:
-            raise ValueError(f"input_dim's H and W must be at least 2 for the 2x2 pool, got {input_dim!r}")
-        if reg < 0:
-            raise ValueError(f"reg must be >= 0, got {reg!r}")
-        self.normalization = canonical_normalization(normalization)
-        self.num_groups = {"layernorm": 1, "instancenorm": num_filters}.get(self.normalization, num_groups)
-        if self.normalization == "groupnorm":
-            checks.groups(num_groups, num_filters)
-        self.dtype = canonical_dtype(dtype)
-        self.xp = require_device(device)
-        self.device = device
-        self.input_dim = (C, H, W)
-        self.reg = float(reg)
-        self.use_fast = use_fast
-        self.config = {
-            "input_dim": [C, H, W], "num_filters": num_filters, "filter_size": filter_size,
-            "hidden_dim": hidden_dim, "num_classes": num_classes, "weight_scale": weight_scale,
-            "reg": self.reg, "dtype": np.dtype(self.dtype).name, "normalization": self.normalization,
-            "num_groups": self.num_groups,
-        }
-        self.conv_param = {"stride": 1, "pad": (filter_size - 1) // 2}
-        self.bn_param = {"mode": "train"}
-        self.gn_param = {}
+        F = checks.require_positive_int("num_filters", num_filters)
+        self._setup_conv(input_dim, (F,), filter_size, hidden_dim, num_classes, weight_scale, reg, dtype,
+                         normalization, num_groups, use_fast, seed, device)
+        # G as the norm uses it: 1 for layer norm, F for instance norm.
+        self.num_groups = self.groups[0] or num_groups
+        self.config.update(num_filters=F, num_groups=self.num_groups)
 
-        rng = np.random.default_rng(seed)
-        pooled = num_filters * (H // 2) * (W // 2)
-        shapes = {
-            "W1": (num_filters, C, filter_size, filter_size),
-            "W2": (pooled, hidden_dim),
-            "W3": (hidden_dim, num_classes),
-        }
-        params = {}
-        for i, (name, shape) in enumerate(shapes.items(), start=1):
-            params[name] = weight_scale * rng.standard_normal(shape)
-            params[f"b{i}"] = np.zeros(shape[-1] if i > 1 else num_filters)
-        if self.normalization != "none":
-            params["gamma1"] = np.ones(num_filters)
-            params["beta1"] = np.zeros(num_filters)
-        self.params = {k: self.xp.asarray(v, dtype=self.dtype) for k, v in params.items()}
+    @property
+    def bn_param(self) -> dict | None:
+        """Batch norm's bn_param, running statistics included (None without batch norm)."""
+        return self.bn_params[0] if self.normalization == "batchnorm" else None
 
-    # ------------------------------------------------------------------
-    # Forward and backward
-    # ------------------------------------------------------------------
-
-    def _layers(self):
-        """(conv, pool, batch norm, group norm), each a (forward, backward) pair: the
-        fast twins, or the naive loops and reference norms when use_fast is False."""
-        if self.use_fast:
-            f = fast_layers
-            return ((f.conv_forward_fast, f.conv_backward_fast),
-                    (f.max_pool_forward_fast, f.max_pool_backward_fast),
-                    (f.spatial_batchnorm_forward_fast, f.spatial_batchnorm_backward_fast),
-                    (f.spatial_groupnorm_forward_fast, f.spatial_groupnorm_backward_fast))
-        return ((layers.conv_forward_naive, layers.conv_backward_naive),
-                (layers.max_pool_forward_naive, layers.max_pool_backward_naive),
-                (layers.spatial_batchnorm_forward, layers.spatial_batchnorm_backward),
-                (layers.spatial_groupnorm_forward, layers.spatial_groupnorm_backward))
-
-    def _check_input(self, X, y):
-        if X.ndim != 4 or tuple(X.shape[1:]) != self.input_dim:
-            raise ValueError(
-                f"X must have shape (N, {', '.join(map(str, self.input_dim))}) to match input_dim, "
-                f"got {tuple(X.shape)}"
-            )
-        if y is not None and len(y) != len(X):
-            raise ValueError(f"y has {len(y)} labels but X has {len(X)} images")
-
-    def loss(self, X, y=None):
-        """Scores, or the loss and its gradients.
-
-        X: (N, C, H, W) images; y: (N,) integer labels, or None.
-        Returns, if y is None: scores (N, num_classes), computed in test mode (batch
-        norm uses its running statistics). Otherwise (loss, grads): the softmax loss
-        plus L2 regularisation as a Python float, and grads with the keys and shapes
-        of self.params.
-        """
-        self._check_input(X, y)
-        xp = self.xp
-        X = xp.asarray(X, dtype=self.dtype)
-        mode = "test" if y is None else "train"
+    def _forward(self, X, mode, bn_params):
         p = self.params
-        (conv_f, conv_b), (pool_f, pool_b), batchnorm, groupnorm = self._layers()
+        conv_out, conv_cache = self._conv_block_forward(1, X, bn_params)
+        hidden, hidden_cache = affine_relu_forward(conv_out, p["W2"], p["b2"])
+        scores, scores_cache = affine_forward(hidden, p["W3"], p["b3"])
+        return scores, (conv_cache, hidden_cache, scores_cache)
 
-        # Max pooling commutes with relu (max is monotone), so the relu acts on the
-        # pooled map, a quarter of the size; the fused layer also never stores the
-        # full-size activation.
-        fused = self.use_fast and self.normalization == "none"
-        if fused:
-            r, conv_cache = conv_relu_pool_forward(X, p["W1"], p["b1"], self.conv_param, POOL_2X2)
-        else:
-            a, conv_cache = conv_f(X, p["W1"], p["b1"], self.conv_param)
-            norm_cache = None
-            if self.normalization == "batchnorm":
-                self.bn_param["mode"] = mode
-                a, norm_cache = batchnorm[0](a, p["gamma1"], p["beta1"], self.bn_param)
-            elif self.normalization != "none":
-                a, norm_cache = groupnorm[0](a, p["gamma1"], p["beta1"], self.num_groups, self.gn_param)
-            pooled, pool_cache = pool_f(a, POOL_2X2)
-            r, relu_cache = layers.relu_forward(pooled)
-        h, hidden_cache = affine_relu_forward(r, p["W2"], p["b2"])
-        scores, scores_cache = layers.affine_forward(h, p["W3"], p["b3"])
-        if y is None:
-            return scores
-
-        y = xp.asarray(y)
-        data_loss, dscores = layers.softmax_loss(scores, y)
-        weights = ("W1", "W2", "W3") if self.reg else ()  # reg=0: no passes over the weights
-        # Summed on the array's device and read back once: each float() is a GPU sync.
-        loss = data_loss + 0.5 * self.reg * sum((p[w] * p[w]).sum() for w in weights)
-
+    def _backward(self, dscores, cache):
+        conv_cache, hidden_cache, scores_cache = cache
         grads = {}
-        dh, grads["W3"], grads["b3"] = layers.affine_backward(dscores, scores_cache)
-        dr, grads["W2"], grads["b2"] = affine_relu_backward(dh, hidden_cache)
+        dhidden, grads["W3"], grads["b3"] = affine_backward(dscores, scores_cache)
+        dconv_out, grads["W2"], grads["b2"] = affine_relu_backward(dhidden, hidden_cache)
         # Nothing upstream of the first layer needs dX.
-        if fused:
-            _, grads["W1"], grads["b1"] = conv_relu_pool_backward(dr, conv_cache, need_dx=False)
-        else:
-            da = pool_b(layers.relu_backward(dr, relu_cache), pool_cache)
-            if self.normalization == "batchnorm":
-                da, grads["gamma1"], grads["beta1"] = batchnorm[1](da, norm_cache)
-            elif self.normalization != "none":
-                da, grads["gamma1"], grads["beta1"] = groupnorm[1](da, norm_cache)
-            if self.use_fast:
-                _, grads["W1"], grads["b1"] = conv_b(da, conv_cache, need_dx=False)
-            else:
-                _, grads["W1"], grads["b1"] = conv_b(da, conv_cache)
-        for w in weights:
-            grads[w] = grads[w] + self.reg * p[w]
-        return float(loss), grads
+        self._conv_block_backward(1, dconv_out, conv_cache, grads, need_dx=False)
+        return grads
 
-    def predict(self, X, batch_size: int = 500) -> np.ndarray:
-        """Predicted class labels (N,) as a NumPy int64 array, computed in batches."""
-        labels = [to_numpy(self.xp.argmax(self.loss(X[i : i + batch_size]), axis=1))
-                  for i in range(0, len(X), batch_size)]
-        return np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, dtype=np.int64)
+    def _norm_inputs(self, X, mode, bn_params):
+        return [self._conv_output(1, X)] if self.normalization != "none" else []
 
-    # ------------------------------------------------------------------
-    # State: parameters plus batch norm's running statistics
-    # ------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Parameters and running statistics as host NumPy copies."""
-        state = {k: np.array(to_numpy(v)) for k, v in self.params.items()}
-        for key in ("running_mean", "running_var"):
-            if key in self.bn_param:
-                state[f"bn_{key}"] = np.array(to_numpy(self.bn_param[key]))
-        return state
+class ConvNet(_ConvClassifier):
+    """{conv - [norm] - relu - 2x2 max pool} x L - affine - relu - affine - softmax.
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore parameters (and running statistics) saved by state_dict.
+    One block per entry of num_filters. Parameters: W1..WL, b1..bL (and gamma1..gammaL,
+    beta1..betaL with a norm layer) for the blocks, W{L+1}, b{L+1} for the hidden
+    affine layer and W{L+2}, b{L+2} for the scores: one block has ThreeLayerConvNet's
+    names, and with the same seed and arguments its parameters, loss and gradients.
+    Batch norm's running statistics live in ``self.bn_params`` (one dict per block).
+    """
 
-        Raises ValueError when names or shapes don't match this model.
+    def __init__(
+        self,
+        input_dim=(3, 32, 32),
+        num_filters: Sequence[int] | int = (32,),
+        filter_size: int = 7,
+        hidden_dim: int = 100,
+        num_classes: int = 10,
+        weight_scale: float = 1e-3,
+        reg: float = 0.0,
+        dtype=np.float32,
+        normalization: str | None = None,
+        num_groups: int = 4,
+        use_fast: bool = True,
+        seed: int | None = None,
+        device: str = "cpu",
+    ):
         """
-        expected = {k: tuple(v.shape) for k, v in self.params.items()}
-        given = {k: tuple(v.shape) for k, v in state.items() if not k.startswith("bn_")}
-        if given != expected:
-            raise ValueError(f"state does not match this model: expected parameters {expected}, got {given}")
-        self.params = {k: self.xp.asarray(state[k], dtype=self.dtype) for k in expected}
-        for key in ("running_mean", "running_var"):
-            if f"bn_{key}" in state:
-                self.bn_param[key] = self.xp.asarray(state[f"bn_{key}"], dtype=self.dtype)
+        input_dim: (C, H, W) of one image.
+        num_filters: filters of each block, e.g. (16, 32, 64) (an int F is (F,)); each
+          block's 2x2 pool halves H and W, which must stay at least 1.
+        filter_size: every conv's filters are filter_size x filter_size (odd).
+        hidden_dim, num_classes: widths of the two affine layers.
+        weight_scale: standard deviation of the initial weights (biases start at 0).
+        reg: L2 strength; the loss adds 0.5 * reg * sum(W**2) over every W.
+        dtype: float32 or float64, for parameters and computation.
+        normalization: None/'none', 'batchnorm', 'groupnorm' (num_groups groups in every
+          block, as Wu & He use one G for all layers; it must divide every block's
+          filters), 'layernorm' (G=1) or 'instancenorm' (G=F of each block).
+        use_fast: the vectorised layers (False: the naive loops, for checking).
+        seed: seeds the weight initialisation.
+        device: 'cpu' (NumPy) or 'cuda' (CuPy).
+        """
+        if isinstance(num_filters, (int, np.integer)) and not isinstance(num_filters, bool):
+            num_filters = (num_filters,)
+        if isinstance(num_filters, (str, bytes)) or not isinstance(num_filters, Sequence):
+            raise ValueError(f"num_filters must be a sequence of positive integers such as (16, 32), "
+                             f"got {num_filters!r}")
+        self._setup_conv(input_dim, tuple(num_filters), filter_size, hidden_dim, num_classes, weight_scale, reg,
+                         dtype, normalization, num_groups, use_fast, seed, device)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write config and state to an .npz file (no pickle). Returns the path."""
-        path = Path(path)
-        arrays = {f"state/{k}": v for k, v in self.state_dict().items()}
-        np.savez(path, config=np.array(json.dumps(self.config)), **arrays)
-        return path
+    def _forward(self, X, mode, bn_params):
+        L, p = self.num_blocks, self.params
+        out, block_caches = X, []
+        for i in range(1, L + 1):
+            out, cache = self._conv_block_forward(i, out, bn_params)
+            block_caches.append(cache)
+        hidden, hidden_cache = affine_relu_forward(out, p[f"W{L + 1}"], p[f"b{L + 1}"])
+        scores, scores_cache = affine_forward(hidden, p[f"W{L + 2}"], p[f"b{L + 2}"])
+        return scores, (block_caches, hidden_cache, scores_cache)
 
-    @classmethod
-    def load(cls, path: str | os.PathLike, device: str = "cpu") -> ThreeLayerConvNet:
-        """Rebuild a model saved by save()."""
-        with np.load(path, allow_pickle=False) as f:
-            config = json.loads(str(f["config"]))
-            state = {k.removeprefix("state/"): f[k] for k in f.files if k.startswith("state/")}
-        model = cls(**{**config, "input_dim": tuple(config["input_dim"])}, device=device)
-        model.load_state_dict(state)
-        return model
+    def _backward(self, dscores, cache):
+        block_caches, hidden_cache, scores_cache = cache
+        L, grads = self.num_blocks, {}
+        dhidden, grads[f"W{L + 2}"], grads[f"b{L + 2}"] = affine_backward(dscores, scores_cache)
+        dout, grads[f"W{L + 1}"], grads[f"b{L + 1}"] = affine_relu_backward(dhidden, hidden_cache)
+        for i in range(L, 0, -1):
+            # Nothing upstream of the first block needs dX.
+            dout = self._conv_block_backward(i, dout, block_caches[i - 1], grads, need_dx=i > 1)
+        return grads
+
+    def _norm_inputs(self, X, mode, bn_params):
+        inputs, out = [], X
+        if self.normalization == "none":
+            return inputs
+        # Each conv runs twice, alone and in its block: a diagnostic's cost, which keeps
+        # the training path's sandwiches as they are.
+        for i in range(1, self.num_blocks + 1):
+            inputs.append(self._conv_output(i, out))
+            out, _ = self._conv_block_forward(i, out, bn_params)
+        return inputs

@@ -1,28 +1,66 @@
 """Sandwich layers: common stacks of layers composed into one forward/backward pair.
 
-Built from the fast layers in ``cnncore.fast_layers`` (convolution, pooling,
-spatial norms) and the others in ``cnncore.layers``. Each forward returns
-``(out, cache)``; each backward takes ``(dout, cache)`` and returns the
-gradients of the forward's array inputs, in order.
+Each forward returns ``(out, cache)``; each backward takes ``(dout, cache)`` and
+returns the gradients of the forward's array inputs, in order.
+
+The convolution sandwiches take ``layers``, the implementations they compose:
+FAST_LAYERS (the default: the vectorised conv, pool and spatial norms of
+``cnncore.fast_layers``) or NAIVE_LAYERS (the loops and reference norms of
+``cnncore.layers``, for checking). The cache remembers which, so the backward
+always matches its forward.
 """
 
 from __future__ import annotations
 
-from .fast_layers import (
-    conv_backward_fast,
-    conv_forward_fast,
-    conv_relu_pool_backward_fast,
-    conv_relu_pool_forward_fast,
-    max_pool_backward_fast,
-    max_pool_forward_fast,
-    spatial_batchnorm_backward_fast,
-    spatial_batchnorm_forward_fast,
-    spatial_groupnorm_backward_fast,
-    spatial_groupnorm_forward_fast,
-)
+from dataclasses import dataclass
+from typing import Callable
+
+from . import fast_layers, layers as reference
 from .layers import affine_backward, affine_forward, relu_backward, relu_forward
 
 POOL_2X2 = {"pool_height": 2, "pool_width": 2, "stride": 2}
+
+
+def _conv_backward_naive(dout, cache, need_dx=True):
+    """layers.conv_backward_naive with conv_backward_fast's need_dx (dx is computed, then dropped)."""
+    dx, dw, db = reference.conv_backward_naive(dout, cache)
+    return (dx if need_dx else None), dw, db
+
+
+@dataclass(frozen=True)
+class LayerSet:
+    """The conv, max pool and spatial norm implementations that the conv sandwiches compose.
+
+    fuses_conv_relu_pool: whether conv_relu_pool runs the fused conv-relu-pool of
+    fast_layers, which never stores the full-size activation, instead of the chain.
+    """
+
+    name: str
+    conv_forward: Callable
+    conv_backward: Callable  # (dout, cache, need_dx=True) -> (dx or None, dw, db)
+    pool_forward: Callable
+    pool_backward: Callable
+    batchnorm_forward: Callable
+    batchnorm_backward: Callable
+    groupnorm_forward: Callable
+    groupnorm_backward: Callable
+    fuses_conv_relu_pool: bool
+
+
+FAST_LAYERS = LayerSet(
+    "fast", fast_layers.conv_forward_fast, fast_layers.conv_backward_fast,
+    fast_layers.max_pool_forward_fast, fast_layers.max_pool_backward_fast,
+    fast_layers.spatial_batchnorm_forward_fast, fast_layers.spatial_batchnorm_backward_fast,
+    fast_layers.spatial_groupnorm_forward_fast, fast_layers.spatial_groupnorm_backward_fast,
+    fuses_conv_relu_pool=True,
+)
+NAIVE_LAYERS = LayerSet(
+    "naive", reference.conv_forward_naive, _conv_backward_naive,
+    reference.max_pool_forward_naive, reference.max_pool_backward_naive,
+    reference.spatial_batchnorm_forward, reference.spatial_batchnorm_backward,
+    reference.spatial_groupnorm_forward, reference.spatial_groupnorm_backward,
+    fuses_conv_relu_pool=False,
+)
 
 
 def affine_relu_forward(x, w, b):
@@ -38,73 +76,81 @@ def affine_relu_backward(dout, cache):
     return affine_backward(relu_backward(dout, relu_cache), fc_cache)
 
 
-def conv_relu_forward(x, w, b, conv_param):
+def conv_relu_forward(x, w, b, conv_param, layers=FAST_LAYERS):
     """conv -> relu. x: (N, C, H, W); w: (F, C, HH, WW); b: (F,). Returns (out (N, F, H', W'), cache)."""
-    a, conv_cache = conv_forward_fast(x, w, b, conv_param)
+    a, conv_cache = layers.conv_forward(x, w, b, conv_param)
     out, relu_cache = relu_forward(a)
-    return out, (conv_cache, relu_cache)
+    return out, (layers, conv_cache, relu_cache)
 
 
 def conv_relu_backward(dout, cache):
     """Returns (dx, dw, db)."""
-    conv_cache, relu_cache = cache
-    return conv_backward_fast(relu_backward(dout, relu_cache), conv_cache)
+    layers, conv_cache, relu_cache = cache
+    return layers.conv_backward(relu_backward(dout, relu_cache), conv_cache)
 
 
-def conv_relu_pool_forward(x, w, b, conv_param, pool_param=POOL_2X2):
+def conv_relu_pool_forward(x, w, b, conv_param, pool_param=POOL_2X2, layers=FAST_LAYERS):
     """conv -> relu -> max pool (2x2, stride 2 unless pool_param says otherwise).
 
-    Fused (see conv_relu_pool_forward_fast): the full-size activation is never stored.
-    Returns (out (N, F, H'', W''), cache).
+    On FAST_LAYERS fused (see conv_relu_pool_forward_fast): the full-size activation
+    is never stored. Returns (out (N, F, H'', W''), cache).
     """
-    return conv_relu_pool_forward_fast(x, w, b, conv_param, pool_param)
+    if layers.fuses_conv_relu_pool:
+        out, cache = fast_layers.conv_relu_pool_forward_fast(x, w, b, conv_param, pool_param)
+        return out, (fast_layers.conv_relu_pool_backward_fast, cache)
+    return _conv_norm_relu_pool_forward(x, w, b, conv_param, pool_param, layers, None, None, ())
 
 
-def conv_relu_pool_backward(dout, cache, need_dx=True):
-    """Returns (dx, dw, db); dx is None when need_dx is False."""
-    return conv_relu_pool_backward_fast(dout, cache, need_dx=need_dx)
-
-
-def conv_bn_relu_pool_forward(x, w, b, gamma, beta, conv_param, bn_param, pool_param=POOL_2X2):
+def conv_bn_relu_pool_forward(x, w, b, gamma, beta, conv_param, bn_param, pool_param=POOL_2X2,
+                              layers=FAST_LAYERS):
     """conv -> spatial batch norm -> relu -> max pool. gamma, beta: (F,) or (1, F, 1, 1).
 
     Returns (out, cache); bn_param's running statistics are updated in train mode.
     """
-    a, conv_cache = conv_forward_fast(x, w, b, conv_param)
-    an, norm_cache = spatial_batchnorm_forward_fast(a, gamma, beta, bn_param)
-    return _pool_relu_forward(an, pool_param, conv_cache, norm_cache)
+    return _conv_norm_relu_pool_forward(x, w, b, conv_param, pool_param, layers, layers.batchnorm_forward,
+                                        layers.batchnorm_backward, (gamma, beta, bn_param))
 
 
-def conv_bn_relu_pool_backward(dout, cache, need_dx=True):
-    """Returns (dx, dw, db, dgamma, dbeta)."""
-    return _conv_norm_relu_pool_backward(dout, cache, spatial_batchnorm_backward_fast, need_dx)
-
-
-def conv_gn_relu_pool_forward(x, w, b, gamma, beta, conv_param, G, gn_param, pool_param=POOL_2X2):
+def conv_gn_relu_pool_forward(x, w, b, gamma, beta, conv_param, G, gn_param, pool_param=POOL_2X2,
+                              layers=FAST_LAYERS):
     """conv -> spatial group norm (G groups) -> relu -> max pool.
 
     Returns (out, cache).
     """
-    a, conv_cache = conv_forward_fast(x, w, b, conv_param)
-    an, norm_cache = spatial_groupnorm_forward_fast(a, gamma, beta, G, gn_param)
-    return _pool_relu_forward(an, pool_param, conv_cache, norm_cache)
+    return _conv_norm_relu_pool_forward(x, w, b, conv_param, pool_param, layers, layers.groupnorm_forward,
+                                        layers.groupnorm_backward, (gamma, beta, G, gn_param))
 
 
-def conv_gn_relu_pool_backward(dout, cache, need_dx=True):
-    """Returns (dx, dw, db, dgamma, dbeta)."""
-    return _conv_norm_relu_pool_backward(dout, cache, spatial_groupnorm_backward_fast, need_dx)
+def conv_pool_block_backward(dout, cache, need_dx=True):
+    """The backward of every conv-[norm]-relu-pool sandwich above: each cache names its own.
+
+    Returns (dx, dw, db), plus (dgamma, dbeta) after a norm; dx is None when need_dx is False.
+    """
+    backward, inner = cache
+    return backward(dout, inner, need_dx=need_dx)
 
 
-def _pool_relu_forward(an, pool_param, conv_cache, norm_cache):
-    """relu -> max pool, as max pool -> relu: they commute, and the pooled map is smaller."""
-    pooled, pool_cache = max_pool_forward_fast(an, pool_param)
+conv_relu_pool_backward = conv_bn_relu_pool_backward = conv_gn_relu_pool_backward = conv_pool_block_backward
+
+
+def _conv_norm_relu_pool_forward(x, w, b, conv_param, pool_param, layers, norm_forward, norm_backward, norm_args):
+    """conv -> [norm] -> max pool -> relu: relu and max pool commute (max is monotone),
+    and the pooled map is a quarter of the size."""
+    a, conv_cache = layers.conv_forward(x, w, b, conv_param)
+    norm_cache = None
+    if norm_forward is not None:
+        a, norm_cache = norm_forward(a, *norm_args)
+    pooled, pool_cache = layers.pool_forward(a, pool_param)
     out, relu_cache = relu_forward(pooled)
-    return out, (conv_cache, norm_cache, pool_cache, relu_cache)
+    return out, (_conv_norm_relu_pool_backward, (layers, conv_cache, norm_backward, norm_cache, pool_cache,
+                                                 relu_cache))
 
 
-def _conv_norm_relu_pool_backward(dout, cache, norm_backward, need_dx):
-    conv_cache, norm_cache, pool_cache, relu_cache = cache
-    dan = max_pool_backward_fast(relu_backward(dout, relu_cache), pool_cache)
-    da, dgamma, dbeta = norm_backward(dan, norm_cache)
-    dx, dw, db = conv_backward_fast(da, conv_cache, need_dx=need_dx)
-    return dx, dw, db, dgamma, dbeta
+def _conv_norm_relu_pool_backward(dout, cache, need_dx):
+    layers, conv_cache, norm_backward, norm_cache, pool_cache, relu_cache = cache
+    da = layers.pool_backward(relu_backward(dout, relu_cache), pool_cache)
+    norm_grads = ()
+    if norm_backward is not None:
+        da, *norm_grads = norm_backward(da, norm_cache)
+    dx, dw, db = layers.conv_backward(da, conv_cache, need_dx=need_dx)
+    return (dx, dw, db, *norm_grads)

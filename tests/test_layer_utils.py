@@ -170,3 +170,30 @@ def test_conv_bn_relu_pool_updates_the_running_stats_of_the_conv_output():
     # The sandwich's fast conv and the naive one differ by rounding (~1e-15 absolute).
     np.testing.assert_allclose(bn_param["running_mean"], 0.1 * a.mean(axis=(0, 2, 3)), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(bn_param["running_var"], 0.1 * a.var(axis=(0, 2, 3)), rtol=1e-10, atol=1e-12)
+
+
+CONV_CASES = [case for case in CASES if case.id.startswith("conv")]
+
+
+@pytest.mark.parametrize("name, forward, backward, args, chain, db_vanishes", CONV_CASES)
+def test_sandwich_on_the_naive_layers_equals_the_one_on_the_fast_layers(name, forward, backward, args, chain,
+                                                                        db_vanishes):
+    fast_out, fast_cache = forward(*copy.deepcopy(args))
+    naive_out, naive_cache = forward(*copy.deepcopy(args), layers=layer_utils.NAIVE_LAYERS)
+    _assert_same(naive_out, fast_out, "out")
+    dout = np.random.default_rng(6).standard_normal(fast_out.shape)
+    for i, (got, expected) in enumerate(zip(backward(dout, naive_cache), backward(dout, fast_cache))):
+        if not (db_vanishes and i == 2):  # both ~1e-16: rounding noise
+            _assert_same(got, expected, f"gradient {i}")
+
+
+@pytest.mark.parametrize("name, forward, backward, args, chain, db_vanishes",
+                         [case for case in CONV_CASES if "pool" in case.id])
+def test_naive_pool_sandwich_without_dx_returns_none_and_the_same_parameter_grads(name, forward, backward, args,
+                                                                                  chain, db_vanishes):
+    out, cache = forward(*copy.deepcopy(args), layers=layer_utils.NAIVE_LAYERS)
+    dout = np.random.default_rng(8).standard_normal(out.shape)
+    full, skipped = backward(dout, cache), backward(dout, cache, need_dx=False)
+    assert skipped[0] is None
+    for got, expected in zip(skipped[1:], full[1:]):
+        np.testing.assert_array_equal(got, expected)

@@ -1,0 +1,247 @@
+"""How noisy are a model's normalisation statistics, and what does the noise cost?
+
+Each function reads a model through the norm-layer protocol (see cnncore.classifier:
+norm_layers, bn_params, norm_inputs, scores, copy_bn_params) and never changes it:
+every forward pass computes with copies of its bn_params, so the parameters and the
+running statistics are the same afterwards. Results are dicts of floats keyed
+'norm{i}/<what>' per layer (i as in gamma{i}) or by name, ready to log as metrics.
+
+A norm layer's input is (N, C, H, W) after a convolution and (N, D) after an affine
+layer; a "channel" is axis 1, and batch norm pools each channel over every other
+axis: N*H*W values, or N.
+
+Layer by layer:
+  sample_batch_moments -> effective_sample_sizes, log_variance_spreads
+  group_log_variances -> group_statistics_spread
+Whole net:
+  train_test_error, recompute_bn_statistics, recomputed_statistics_error
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import checks
+from .backend import array_module, to_numpy
+
+
+@dataclass(frozen=True)
+class LayerMoments:
+    """Per-channel statistics of one norm layer's input over K batches.
+
+    name, kind: the layer's ('norm{i}', 'batchnorm' or 'groupnorm').
+    nominal: the values each batch statistic pools per channel (b*H*W, or b).
+    means, variances: (K, C), each batch's per-channel mean and biased variance:
+      what batch norm computes in train mode (for a group-kind layer, what it
+      would compute there).
+    """
+
+    name: str
+    kind: str
+    nominal: int
+    means: np.ndarray
+    variances: np.ndarray
+
+
+def channel_moments(a) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and biased variance of a (N, C, ...) over every axis but 1, in float64 on the host."""
+    a = np.asarray(to_numpy(a), dtype=np.float64)
+    axes = (0, *range(2, a.ndim))
+    return a.mean(axis=axes), a.var(axis=axes)
+
+
+def sample_batch_moments(model, X, batch_size: int, num_batches: int = 200, seed: int = 0) -> list[LayerMoments]:
+    """The batch statistics each norm layer sees in training, over num_batches batches.
+
+    Draws num_batches batches of batch_size distinct images of X (each uniformly
+    without replacement, independently of the others, from default_rng(seed)),
+    passes each through the model in train mode on copies of its bn_params (so
+    every batch norm layer normalises with the batch's own statistics, and dropout
+    drops, as in training; the model's running statistics stay as they are), and records
+    the per-channel mean and biased variance of every norm layer's input.
+    Returns one LayerMoments per norm layer, in forward order.
+    """
+    batch_size = checks.require_int("batch_size", batch_size, minimum=2, maximum=len(X))
+    num_batches = checks.require_int("num_batches", num_batches, minimum=2)
+    rng = np.random.default_rng(seed)
+    layers = model.norm_layers()
+    moments, nominal = [[] for _ in layers], [0] * len(layers)
+    for _ in range(num_batches):
+        batch = X[rng.choice(len(X), batch_size, replace=False)]
+        for k, a in enumerate(model.norm_inputs(batch, "train")):
+            moments[k].append(channel_moments(a))
+            nominal[k] = a.shape[0] * math.prod(a.shape[2:])
+    return [LayerMoments(layer.name, layer.kind, nominal[k], np.stack([m[0] for m in moments[k]]),
+                         np.stack([m[1] for m in moments[k]]))
+            for k, layer in enumerate(layers)]
+
+
+def effective_sample_size(means: np.ndarray, variances: np.ndarray) -> np.ndarray:
+    """n_eff per channel: Var(the feature) / Var(the batch mean), from K equal batches.
+
+    means, variances: (K, C) per-batch means and biased variances of the same
+    number of values each. Var(the feature) is that of all K batches' values
+    pooled (the mean of the batch variances plus the variance of the batch means);
+    Var(the batch mean) is the sample variance (ddof=1) of the K means. For
+    independent values n_eff is the count each batch pools; values that move
+    together (the positions of one image) make it smaller. Returns (C,).
+    """
+    pooled = variances.mean(axis=0) + means.var(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return pooled / means.var(axis=0, ddof=1)
+
+
+def effective_sample_sizes(moments: list[LayerMoments]) -> dict[str, float]:
+    """Per layer, 'norm{i}/n_eff': the median over channels of effective_sample_size,
+    and 'norm{i}/nominal': the count each batch statistic pools (b*H*W, or b).
+
+    The estimate of Var(the batch mean) from K batches has a relative standard
+    error of about sqrt(2 / (K - 1)) per channel (10% at K=200); the median over
+    channels is steadier.
+    """
+    metrics = {}
+    for m in moments:
+        metrics[f"{m.name}/n_eff"] = _median(effective_sample_size(m.means, m.variances))
+        metrics[f"{m.name}/nominal"] = float(m.nominal)
+    return metrics
+
+
+def log_variance_spreads(moments: list[LayerMoments]) -> dict[str, float]:
+    """Per layer, 'norm{i}/log_var_spread': the median over channels of the standard
+    deviation (ddof=1) over the K batches of log(batch variance).
+
+    It is the relative noise of the scale batch norm divides by: for n independent
+    Gaussian values about sqrt(2 / (n - 1)).
+    """
+    metrics = {}
+    for m in moments:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            metrics[f"{m.name}/log_var_spread"] = _median(np.log(m.variances).std(axis=0, ddof=1))
+    return metrics
+
+
+def group_log_variances(a, num_groups: int) -> np.ndarray:
+    """log(each sample's group variance), (N, G), as group norm computes the variance.
+
+    a: (N, C, ...) a norm layer's input; each sample's C channels split into num_groups
+    groups, each group's biased variance taken over its C/G channels and every position.
+    """
+    a = np.asarray(to_numpy(a), dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return np.log(a.reshape(len(a), num_groups, -1).var(axis=2))
+
+
+def group_statistics_spread(model, X, batch_size: int = 500) -> dict[str, float]:
+    """Per group-kind norm layer (group, layer or instance norm), 'norm{i}/group_log_var_spread':
+    the standard deviation (ddof=1) over every image of X of log(the image's group
+    variance) (see group_log_variances), median over groups.
+
+    It is how much the scale group norm divides by moves from one image to the next.
+    The images pass in test mode, batch_size at a time (group norm is the same in
+    both modes); layers of the other kinds are left out.
+    """
+    checks.require_positive_int("batch_size", batch_size)
+    layers = [(k, layer) for k, layer in enumerate(model.norm_layers()) if layer.kind == "groupnorm"]
+    logs = {k: [] for k, _ in layers}
+    for i in range(0, len(X), batch_size) if layers else ():
+        inputs = model.norm_inputs(X[i : i + batch_size], "test")
+        for k, layer in layers:
+            logs[k].append(group_log_variances(inputs[k], layer.num_groups))
+    return {f"{layer.name}/group_log_var_spread": _median(np.concatenate(logs[k]).std(axis=0, ddof=1))
+            for k, layer in layers}
+
+
+def train_test_error(model, X, y, batch_size: int, seed: int = 0) -> dict[str, float]:
+    """The error on X in train mode, in batches of the training batch size, against test mode.
+
+    X is shuffled (default_rng(seed)) and cut into batches of batch_size, the last
+    filled up with images from the start (predicted once, in their first batch), so
+    every batch holds batch_size images as in training. Each batch is scored twice
+    on copies of bn_params: in train mode (batch norm with the batch's statistics,
+    dropout on) and in test mode (running statistics). Returns 'train_mode_error'
+    and 'test_mode_error', fractions of X misclassified. Group norm has no running
+    statistics: both are the same.
+    """
+    y = np.asarray(to_numpy(y))
+    if len(y) != len(X):
+        raise ValueError(f"y has {len(y)} labels but X has {len(X)} images")
+    batch_size = checks.require_int("batch_size", batch_size, minimum=1, maximum=len(X))
+    order = np.random.default_rng(seed).permutation(len(X))
+    order = np.concatenate([order, order[: -len(X) % batch_size]])
+    wrong = {"train": 0, "test": 0}
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        first = slice(0, min(batch_size, len(X) - start))  # the images not scored before
+        for mode in wrong:
+            labels = _labels(model.scores(X[batch], mode))[first]
+            wrong[mode] += int((labels != y[batch][first]).sum())
+    return {f"{mode}_mode_error": count / len(X) for mode, count in wrong.items()}
+
+
+def recompute_bn_statistics(model, X_train, batch_size: int = 500) -> list:
+    """Copies of the model's bn_params with each batch norm layer's running mean and
+    variance replaced by the exact statistics of its input over all of X_train.
+
+    Layer by layer in forward order: layer k's input is computed in test mode with
+    the layers before it already recomputed, batch_size images at a time, and its
+    per-channel mean and biased variance pooled over every image and position.
+    """
+    checks.require_positive_int("batch_size", batch_size)
+    bn_params = model.copy_bn_params()
+    for k, layer in enumerate(model.norm_layers()):
+        if layer.kind != "batchnorm":
+            continue
+        count, mean, m2 = 0, 0.0, 0.0  # Chan et al.'s pairwise update: no cancellation
+        for i in range(0, len(X_train), batch_size):
+            a = model.norm_inputs(X_train[i : i + batch_size], "test", bn_params)[k]
+            n = a.shape[0] * math.prod(a.shape[2:])
+            batch_mean, batch_var = channel_moments(a)
+            delta, total = batch_mean - mean, count + n
+            mean, m2 = mean + delta * n / total, m2 + batch_var * n + delta**2 * count * n / total
+            count = total
+        old = bn_params[k]["running_mean"]
+        xp = array_module(old)
+        bn_params[k]["running_mean"] = xp.asarray(mean, dtype=old.dtype)
+        bn_params[k]["running_var"] = xp.asarray(m2 / count, dtype=old.dtype)
+    return bn_params
+
+
+def recomputed_statistics_error(model, X_train, X, y, batch_size: int = 500) -> dict[str, float]:
+    """The test-mode error on X with the running averages against exact training-set statistics.
+
+    Returns 'running_error' (the model as it is), 'recomputed_error' (every batch
+    norm layer's running mean and variance replaced by recompute_bn_statistics), and
+    per batch norm layer how far the running averages were from those statistics:
+    'norm{i}/mean_gap', the median over channels of |running mean - mean| / std, and
+    'norm{i}/log_var_gap', the median over channels of |log(running var / var)|.
+    """
+    y = np.asarray(to_numpy(y))
+    if len(y) != len(X):
+        raise ValueError(f"y has {len(y)} labels but X has {len(X)} images")
+    recomputed = recompute_bn_statistics(model, X_train, batch_size)
+    metrics = {}
+    for error_name, bn_params in (("running_error", model.copy_bn_params()), ("recomputed_error", recomputed)):
+        labels = np.concatenate([_labels(model.scores(X[i : i + batch_size], "test", bn_params))
+                                 for i in range(0, len(X), batch_size)])
+        metrics[error_name] = float(np.mean(labels != y))
+    for layer, own, exact in zip(model.norm_layers(), model.bn_params, recomputed):
+        if layer.kind == "batchnorm":
+            mean, var = (np.asarray(to_numpy(exact[k]), dtype=np.float64) for k in ("running_mean", "running_var"))
+            run_mean, run_var = (np.asarray(to_numpy(own[k]), dtype=np.float64) for k in ("running_mean", "running_var"))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                metrics[f"{layer.name}/mean_gap"] = _median(np.abs(run_mean - mean) / np.sqrt(var))
+                metrics[f"{layer.name}/log_var_gap"] = _median(np.abs(np.log(run_var / var)))
+    return metrics
+
+
+def _labels(scores) -> np.ndarray:
+    return np.asarray(to_numpy(array_module(scores).argmax(scores, axis=1)))
+
+
+def _median(values: np.ndarray) -> float:
+    """The median of the finite-or-infinite values (NaN from constant channels left out); NaN if none."""
+    values = values[~np.isnan(values)]
+    return float(np.median(values)) if values.size else math.nan

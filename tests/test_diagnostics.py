@@ -1,0 +1,187 @@
+"""Diagnostics of normalisation statistics, on inputs whose answers are known.
+
+The nets here pass their input straight to the first norm layer (an identity weight:
+a 1x1 convolution or a square affine layer with zero bias), so the features the
+statistics are taken of are the constructed ones.
+"""
+
+import math
+
+import numpy as np
+import pytest
+from scipy.special import polygamma
+
+from cnncore import diagnostics
+from cnncore.cnn import ConvNet, ThreeLayerConvNet
+from cnncore.fc_net import FullyConnectedNet
+
+BATCH, BATCHES, CHANNELS = 8, 400, 16
+# Var(batch mean) is estimated from K=400 batches: relative standard error sqrt(2/399) = 7%
+# per channel; the median over 16 channels has about 1.25 * 7% / 4 = 2.2%. 10% is over
+# four standard errors (six seeds of these tests came within 4.1%).
+N_EFF_TOL = 0.10
+
+
+def identity_conv_net(normalization="batchnorm", channels=4, size=4, **kw):
+    """A three-layer net whose norm layer sees its input images unchanged (1x1 identity conv)."""
+    net = ThreeLayerConvNet(input_dim=(channels, size, size), num_filters=channels, filter_size=1, hidden_dim=5,
+                            num_classes=3, weight_scale=0.3, dtype=np.float64, normalization=normalization,
+                            seed=0, **kw)
+    net.params["W1"] = np.eye(channels).reshape(channels, channels, 1, 1)
+    return net
+
+
+def identity_fc_net(normalization="batchnorm", features=16):
+    net = FullyConnectedNet([features], input_dim=features, num_classes=3, normalization=normalization,
+                            weight_scale=0.3, dtype=np.float64, seed=0)
+    net.params["W1"] = np.eye(features)
+    return net
+
+
+def trigamma(x):
+    return float(polygamma(1, x))
+
+
+def test_iid_gaussian_features_give_n_eff_close_to_the_batch_size_in_fc_batch_norm():
+    X = np.random.default_rng(0).standard_normal((4000, 16))
+    moments = diagnostics.sample_batch_moments(identity_fc_net(), X, BATCH, BATCHES, seed=1)
+    metrics = diagnostics.effective_sample_sizes(moments)
+    assert metrics["norm1/nominal"] == BATCH
+    assert metrics["norm1/n_eff"] == pytest.approx(BATCH, rel=N_EFF_TOL)
+
+
+def test_a_feature_constant_within_each_image_gives_n_eff_close_to_b_not_bhw():
+    per_image = np.random.default_rng(0).standard_normal((2000, CHANNELS, 1, 1))
+    X = np.broadcast_to(per_image, (2000, CHANNELS, 4, 4)).copy()
+    moments = diagnostics.sample_batch_moments(identity_conv_net(channels=CHANNELS), X, BATCH, BATCHES, seed=1)
+    metrics = diagnostics.effective_sample_sizes(moments)
+    assert metrics["norm1/nominal"] == BATCH * 4 * 4
+    assert metrics["norm1/n_eff"] == pytest.approx(BATCH, rel=N_EFF_TOL)
+
+
+def test_a_feature_iid_over_positions_gives_n_eff_close_to_bhw():
+    X = np.random.default_rng(0).standard_normal((2000, CHANNELS, 4, 4))
+    moments = diagnostics.sample_batch_moments(identity_conv_net(channels=CHANNELS), X, BATCH, BATCHES, seed=1)
+    assert diagnostics.effective_sample_sizes(moments)["norm1/n_eff"] == pytest.approx(BATCH * 4 * 4, rel=N_EFF_TOL)
+
+
+def test_log_batch_variance_spread_follows_the_chi_square_law():
+    # The biased variance of n Gaussian values is sigma^2 * chi2(n - 1) / n, so the
+    # standard deviation of its log is sqrt(trigamma((n - 1) / 2)): 0.126 for n = 128.
+    X = np.random.default_rng(0).standard_normal((2000, CHANNELS, 4, 4))
+    moments = diagnostics.sample_batch_moments(identity_conv_net(channels=CHANNELS), X, BATCH, BATCHES, seed=1)
+    expected = math.sqrt(trigamma((BATCH * 4 * 4 - 1) / 2))
+    # The sample std of K=400 values has relative standard error 1/sqrt(2*399) = 3.5% per
+    # channel, about 1.1% for the median over 16 channels.
+    assert diagnostics.log_variance_spreads(moments)["norm1/log_var_spread"] == pytest.approx(expected, rel=0.06)
+
+
+def test_group_log_variances_are_each_samples_group_variances():
+    rng = np.random.default_rng(0)
+    pattern = rng.standard_normal((1, 1, 12))
+    scales = np.exp(rng.standard_normal((5, 3, 1)))
+    a = (scales * pattern).reshape(5, 6, 2, 3)  # 3 groups of 2 channels, each a scaled copy of pattern
+    expected = np.log(scales[..., 0] ** 2 * pattern.var())
+    np.testing.assert_allclose(diagnostics.group_log_variances(a, 3), expected, rtol=1e-12)
+
+
+def test_group_statistics_spread_follows_the_chi_square_law():
+    # Group norm with G=2 of 4 channels on 4x4 maps: each group variance pools m = 32
+    # values, so the std over images of its log is sqrt(trigamma((m - 1) / 2)); over
+    # 3000 images the sample std has relative standard error 1.3%; 6% is over four.
+    X = np.random.default_rng(0).standard_normal((3000, 4, 4, 4))
+    net = identity_conv_net("groupnorm", num_groups=2)
+    spread = diagnostics.group_statistics_spread(net, X, batch_size=700)["norm1/group_log_var_spread"]
+    assert spread == pytest.approx(math.sqrt(trigamma(31 / 2)), rel=0.06)
+
+
+def test_group_statistics_spread_leaves_out_batch_norm_layers():
+    X = np.random.default_rng(0).standard_normal((10, 4, 4, 4))
+    assert diagnostics.group_statistics_spread(identity_conv_net("batchnorm"), X) == {}
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ConvNet(input_dim=(3, 8, 8), num_filters=(4, 4), filter_size=3, hidden_dim=8, num_classes=3,
+                    weight_scale=0.3, normalization="groupnorm", num_groups=2, dtype=np.float64, seed=0),
+    lambda: identity_fc_net("layernorm"),
+], ids=["conv-groupnorm", "fc-layernorm"])
+def test_group_kind_norms_have_equal_train_and_test_mode_errors(make):
+    net = make()
+    rng = np.random.default_rng(0)
+    shape = (3, 8, 8) if isinstance(net, ConvNet) else (16,)
+    X, y = rng.standard_normal((53, *shape)), rng.integers(0, 3, 53)
+    errors = diagnostics.train_test_error(net, X, y, batch_size=4)
+    assert errors["train_mode_error"] == errors["test_mode_error"]
+    assert errors["test_mode_error"] == np.mean(net.predict(X) != y)
+
+
+def test_batch_norm_whose_running_statistics_are_its_only_batchs_has_equal_train_and_test_errors():
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((40, 16)) * 2 + 1, rng.integers(0, 3, 40)
+    net = identity_fc_net()
+    net.bn_params[0]["running_mean"], net.bn_params[0]["running_var"] = X.mean(axis=0), X.var(axis=0)
+    errors = diagnostics.train_test_error(net, X, y, batch_size=40)
+    assert errors["train_mode_error"] == errors["test_mode_error"]
+    # In batches of 4 the batch statistics differ from the running ones, and so do the scores.
+    assert not np.allclose(net.scores(X[:4], "train"), net.scores(X[:4], "test"))
+
+
+def test_recomputed_equals_running_when_the_running_statistics_are_the_true_ones():
+    rng = np.random.default_rng(0)
+    X_train = rng.standard_normal((300, 4, 4, 4)) * 3 + 2
+    X, y = rng.standard_normal((50, 4, 4, 4)) * 3 + 2, rng.integers(0, 3, 50)
+    net = identity_conv_net()
+    net.bn_param["running_mean"] = X_train.mean(axis=(0, 2, 3))
+    net.bn_param["running_var"] = X_train.var(axis=(0, 2, 3))
+    metrics = diagnostics.recomputed_statistics_error(net, X_train, X, y, batch_size=64)
+    assert metrics["recomputed_error"] == metrics["running_error"]
+    # Pooled over 5 chunks against one pass: equal to rounding.
+    assert metrics["norm1/mean_gap"] < 1e-12 and metrics["norm1/log_var_gap"] < 1e-12
+
+
+def test_statistics_are_recomputed_layer_by_layer():
+    rng = np.random.default_rng(0)
+    X_train = rng.standard_normal((120, 3, 8, 8))
+    net = ConvNet(input_dim=(3, 8, 8), num_filters=(4, 4), filter_size=3, hidden_dim=8, num_classes=3,
+                  weight_scale=0.3, normalization="batchnorm", dtype=np.float64, seed=0)
+    recomputed = diagnostics.recompute_bn_statistics(net, X_train, batch_size=50)
+    first = net.norm_inputs(X_train, "test")[0]
+    np.testing.assert_allclose(recomputed[0]["running_mean"], first.mean(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(recomputed[0]["running_var"], first.var(axis=(0, 2, 3)), rtol=1e-12)
+    # The second layer's input is computed with the first layer's recomputed statistics,
+    # not with its running ones (zeros here, which give very different inputs).
+    bn_params = net.copy_bn_params()
+    bn_params[0].update(running_mean=recomputed[0]["running_mean"], running_var=recomputed[0]["running_var"])
+    second = net.norm_inputs(X_train, "test", bn_params)[1]
+    np.testing.assert_allclose(recomputed[1]["running_mean"], second.mean(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(recomputed[1]["running_var"], second.var(axis=(0, 2, 3)), rtol=1e-12)
+    assert not np.allclose(net.norm_inputs(X_train, "test")[1].var(axis=(0, 2, 3)), second.var(axis=(0, 2, 3)))
+
+
+def test_no_diagnostic_changes_the_model():
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((60, 3, 8, 8)), rng.integers(0, 3, 60)
+    net = ConvNet(input_dim=(3, 8, 8), num_filters=(4, 4), filter_size=3, hidden_dim=8, num_classes=3,
+                  weight_scale=0.3, normalization="batchnorm", dtype=np.float64, seed=0)
+    net.loss(X[:20], y[:20])  # running statistics away from their zeros
+    net.loss(X[:5])  # and every bn_param in test mode
+    before = net.state_dict()
+    modes = [p["mode"] for p in net.bn_params]
+    moments = diagnostics.sample_batch_moments(net, X, 4, 5)
+    diagnostics.effective_sample_sizes(moments), diagnostics.log_variance_spreads(moments)
+    diagnostics.train_test_error(net, X, y, 8)
+    diagnostics.recomputed_statistics_error(net, X, X, y, batch_size=25)
+    after = net.state_dict()
+    assert after.keys() == before.keys()
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+    assert [p["mode"] for p in net.bn_params] == modes
+
+
+def test_batch_sizes_beyond_the_images_and_mismatched_labels_are_named():
+    X = np.zeros((10, 16))
+    net = identity_fc_net()
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 2 and <= 10, got 11"):
+        diagnostics.sample_batch_moments(net, X, 11)
+    with pytest.raises(ValueError, match="y has 9 labels but X has 10 images"):
+        diagnostics.train_test_error(net, X, np.zeros(9, dtype=int), 2)
