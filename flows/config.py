@@ -27,6 +27,7 @@ DatasetName = Literal[KNOWN_DATASETS]
 Normalization = Literal[NORMALIZATIONS]
 UpdateRule = Literal[tuple(UPDATE_RULES)]
 FloatDType = Literal["float32", "float64"]
+MAX_EPOCHS = 1000
 
 
 class _Frozen(BaseModel):
@@ -65,13 +66,15 @@ class TrainConfig(_Subsets):
     num_filters: PositiveInt = Field(16, description="Convolution filters.")
     filter_size: PositiveInt = Field(3, description="Convolution filter size (odd, so H and W are kept).")
     hidden_dim: PositiveInt = Field(64, description="Units in the hidden affine layer.")
-    weight_scale: PositiveFloat = Field(1e-2, description="Standard deviation of the initial weights.")
-    reg: NonNegativeFloat = Field(0.0, description="L2 regularisation strength.")
+    weight_scale: PositiveFloat = Field(1e-2, allow_inf_nan=False, description="Standard deviation of the initial weights.")
+    reg: NonNegativeFloat = Field(0.0, allow_inf_nan=False, description="L2 regularisation strength.")
     update_rule: UpdateRule = Field("adam", description="Optimiser.")
-    learning_rate: PositiveFloat = Field(3e-3, description="Initial learning rate.")
-    lr_decay: float = Field(1.0, gt=0.0, le=1.0, description="Learning-rate factor applied after each epoch.")
+    learning_rate: PositiveFloat = Field(3e-3, allow_inf_nan=False, description="Initial learning rate.")
+    lr_decay: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False,
+                            description="Learning-rate factor applied after each epoch.")
     batch_size: PositiveInt = Field(32, description="Minibatch size.")
-    num_epochs: PositiveInt = Field(3, description="Training epochs.")
+    # 1000 epochs of the largest dataset here (CIFAR-10) is weeks on a CPU: more is a typo.
+    num_epochs: PositiveInt = Field(3, le=MAX_EPOCHS, description="Training epochs.")
     dtype: FloatDType = Field("float32", description="Floating-point type of data and weights.")
     seed: NonNegativeInt = Field(0, description="Seed of the weight initialisation and minibatch order.")
     device: Literal["cpu", "cuda"] = Field("cpu", description="Where to train: cpu, or cuda (needs CuPy and a GPU).")
@@ -129,8 +132,8 @@ class Interval(_Frozen):
     Integer fields get the sample rounded to the nearest integer.
     """
 
-    low: float = Field(description="Lower end of the range.")
-    high: float = Field(description="Upper end of the range.")
+    low: float = Field(allow_inf_nan=False, description="Lower end of the range.")
+    high: float = Field(allow_inf_nan=False, description="Upper end of the range.")
     log: bool = Field(False, description="Sample log-uniformly.")
 
     @model_validator(mode="after")
@@ -181,6 +184,9 @@ class SweepSpec(_Frozen):
 
     @model_validator(mode="after")
     def _valid_space(self) -> SweepSpec:
+        if not self.space:
+            raise ValueError("space names no field to sweep; give at least one, e.g. batch_size: [8, 32] "
+                             "(--space batch_size=8,32)")
         unknown = sorted(set(self.space) - set(TrainConfig.model_fields))
         if unknown:
             raise ValueError(f"space has fields {unknown} that TrainConfig lacks; known: {sorted(TrainConfig.model_fields)}")

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from pydantic import AfterValidator, NonNegativeInt
 
 from cnncore import fast_layers, layer_utils, layers
 from cnncore.cnn import ThreeLayerConvNet
@@ -227,19 +229,21 @@ def log_gradient_errors(run: Run, results: list[CheckResult]) -> pd.DataFrame:
     return table
 
 
-def _select(only: list[str] | None) -> list[str]:
-    if only is None:
-        return list(CHECKS)
-    unknown = sorted(set(only) - set(CHECKS))
+def _known_checks(names: list[str]) -> list[str]:
+    unknown = sorted(set(names) - set(CHECKS))
     if unknown:
         raise ValueError(f"unknown gradient checks {unknown}; known: {sorted(CHECKS)}")
-    return list(dict.fromkeys(only))
+    return names
+
+
+# Checked against CHECKS when the flow's parameters are validated, before any work.
+CheckNames = Annotated[list[str], AfterValidator(_known_checks)]
 
 
 @flow(name="gradient-check", log_prints=True)
 def gradient_check(
-    only: list[str] | None = None,
-    seed: int = 0,
+    only: CheckNames | None = None,
+    seed: NonNegativeInt = 0,
     experiment: str = "cnncore-gradient-check",
     tracking_uri: str | None = None,
     parent_run_id: str | None = None,
@@ -256,7 +260,7 @@ def gradient_check(
         tracking_uri: MLflow tracking URI; else $MLFLOW_TRACKING_URI, else the project's sqlite store.
         parent_run_id: MLflow run to nest this run under.
     """
-    selected = _select(only)
+    selected = list(dict.fromkeys(only)) if only else list(CHECKS)
     params = {"seed": seed, "checks": ",".join(selected), "layer_threshold": LAYER_THRESHOLD,
               "net_threshold": NET_THRESHOLD, "zero_gradient_threshold": ZERO_GRADIENT_THRESHOLD}
     with tracked_flow_run(experiment, "gradient-check", tracking_uri=tracking_uri,

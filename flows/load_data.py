@@ -18,6 +18,7 @@ from collections import OrderedDict
 import numpy as np
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from pydantic import NonNegativeInt, PositiveInt
 
 from cnncore import data as datasets
 
@@ -76,11 +77,11 @@ def log_dataset(run: Run, spec: DataSpec, data: dict) -> None:
 @flow(name="load-data", log_prints=True)
 def load_data(
     dataset: DatasetName = "digits",
-    num_train: int | None = None,
-    num_val: int | None = None,
-    num_test: int | None = None,
+    num_train: PositiveInt | None = None,
+    num_val: PositiveInt | None = None,
+    num_test: PositiveInt | None = None,
     dtype: FloatDType = "float32",
-    seed: int = 0,
+    seed: NonNegativeInt = 0,
     experiment: str = "cnncore-data",
     tracking_uri: str | None = None,
     parent_run_id: str | None = None,

@@ -80,18 +80,32 @@ def background_server(command: list[str], health_url: str, *, env: dict | None =
                       stop_grace_s: float = 10.0) -> Iterator[subprocess.Popen]:
     """Start command in a new process group, wait until health_url answers, stop the group on exit.
 
-    Stopping sends SIGTERM to the group, then SIGKILL after stop_grace_s.
+    Stopping sends SIGTERM to the group, then SIGKILL after stop_grace_s. A watchdog
+    process stops the group too if this process dies without stopping it (kill -9).
     """
     out = open(log, "ab") if log else subprocess.DEVNULL
     process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                start_new_session=True)
+    watchdog = start_watchdog(process)
     try:
         wait_until_healthy(health_url, timeout_s, process, log)
         yield process
     finally:
         stop_process_group(process, stop_grace_s)
+        watchdog.kill()
+        watchdog.wait()
         if log:
             out.close()
+
+
+def start_watchdog(process: subprocess.Popen) -> subprocess.Popen:
+    """A small process that kills process's group once this process is gone (see flows.shutdown).
+
+    In a session of its own, so a Ctrl-C at the terminal reaches this process, not the watchdog.
+    """
+    return subprocess.Popen([sys.executable, "-m", "flows.shutdown", str(os.getpid()), str(process.pid)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, cwd=Path(__file__).resolve().parents[1])
 
 
 def mlflow_server_command(backend_store_uri: str, port: int, *, artifacts_destination: str | None = None,

@@ -21,6 +21,7 @@ from cnncore.solver import Solver
 from .config import TrainConfig
 from .figures import learning_curves_figure
 from .load_data import dataset_source
+from .shutdown import StopRequest
 from .tracking import Run
 
 # Losses are sent to MLflow in batches of this many iterations (one request each):
@@ -56,13 +57,16 @@ def build_net(config: TrainConfig, data: dict) -> ThreeLayerConvNet:
 class _MetricStream:
     """The Solver's callbacks, sending loss per iteration and accuracies per epoch to one run."""
 
-    def __init__(self, run: Run):
+    def __init__(self, run: Run, stop: StopRequest | None = None):
         self.run = run
+        self.stop = stop
         self.losses: list[float] = []
         self.first_step = 1
         self.epochs: list[int] = []
 
     def on_iteration(self, info: dict) -> None:
+        if self.stop:
+            self.stop.check()  # a stopping sweep ends training in its threads here
         self.losses.append(info["loss"])
         if len(self.losses) >= LOSS_BATCH:
             self.flush()
@@ -85,15 +89,16 @@ def run_title(config: TrainConfig) -> str:
             f"lr={config.learning_rate:g} {config.update_rule}")
 
 
-def fit(run: Run, config: TrainConfig, data: dict, *, source: str | None = None) -> Fitted:
+def fit(run: Run, config: TrainConfig, data: dict, *, source: str | None = None,
+        stop: StopRequest | None = None) -> Fitted:
     """Train a fresh net on data with the Solver, logging everything a training run logs to run.
 
     Raises the Solver's NonFiniteLossError when the loss diverges (after sending
-    the losses up to that point).
+    the losses up to that point), and stop's reason at the next iteration once stop is set.
     """
     run.log_datasets(config.dataset, data, source=source or dataset_source(config.data_spec()))
     net = build_net(config, data)
-    stream = _MetricStream(run)
+    stream = _MetricStream(run, stop)
     solver = Solver(net, data, update_rule=config.update_rule, optim_config={"learning_rate": config.learning_rate},
                     lr_decay=config.lr_decay, batch_size=config.batch_size, num_epochs=config.num_epochs,
                     num_train_samples=NUM_TRAIN_SAMPLES, verbose=False, seed=config.seed,

@@ -29,8 +29,8 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks i
 
 @app.command()
 def ui(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1; 0 picks a free one. The links the flows "
-                                           "leave in Prefect point at 5000.")] = 5000,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port on 127.0.0.1; 0 picks a free one. The links "
+                                                            "the flows leave in Prefect point at 5000.")] = 5000,
     backend_store_uri: Annotated[Optional[str], typer.Option(
         help="MLflow store to show; default: $MLFLOW_TRACKING_URI when it is a database URI, "
              "else the project's sqlite store (mlruns/mlflow.db).")] = None,
@@ -39,6 +39,7 @@ def ui(
     """Start the MLflow UI on 127.0.0.1 for the project's store, print its address, and keep it up until Ctrl-C."""
     with one_line_errors():
         from .. import tracking
+        from ..shutdown import termination_as_interrupt
         from ..servers import background_server, free_port, mlflow_server_command, port_is_taken
 
         uri = backend_store_uri or tracking.resolve_tracking_uri()
@@ -57,12 +58,13 @@ def ui(
         command = mlflow_server_command(uri, port, default_artifact_root=artifacts)
         typer.echo(f"starting the MLflow UI on {uri} ...", err=True)
         try:
-            with background_server(command, f"{address}/health", timeout_s=timeout) as process:
+            with termination_as_interrupt(), background_server(command, f"{address}/health",
+                                                               timeout_s=timeout) as process:
                 typer.echo(f"MLflow UI: {address}  (Ctrl-C stops it)")
                 code = process.wait()
                 raise CliError(f"the MLflow UI exited with code {code}")
-        except KeyboardInterrupt:
-            typer.echo("stopped", err=True)
+        except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP: the server is stopped on the way out
+            typer.echo(f"{exc or 'stopped'}: the MLflow UI is stopped", err=True)
 
 
 @app.command()

@@ -34,6 +34,22 @@ def fail(message: str, exit_code: int = 1) -> typing.NoReturn:
 
 
 @contextlib.contextmanager
+def stopped_by_signals() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP unwind the command (runs marked KILLED, servers and workers stopped),
+    then exit with 128 + the signal's number and one line saying so."""
+    import signal
+
+    from ..shutdown import Interrupted, termination_as_interrupt
+
+    try:
+        with termination_as_interrupt():
+            yield
+    except Interrupted as exc:
+        fail(f"{exc}: unfinished MLflow runs were marked KILLED; running the same command again resumes "
+             "a sweep", 128 + signal.Signals[exc.signal_name].value)
+
+
+@contextlib.contextmanager
 def one_line_errors() -> Iterator[None]:
     """Turn any exception into `error: ...` on stderr and a non-zero exit (unless --debug)."""
     try:
@@ -50,7 +66,8 @@ def one_line_errors() -> Iterator[None]:
         if isinstance(exc, ValidationError):
             fail(describe_validation_error(exc), 2)
         if isinstance(exc, ValueError) or type(exc).__module__.startswith(("flows.", "cnncore.")):
-            fail(str(exc), 1)  # the project's own errors say what went wrong and what to do
+            # The project's own errors say what went wrong and what to do; some say how bad.
+            fail(str(exc), getattr(exc, "exit_code", 1))
         fail(f"{type(exc).__name__}: {exc}", 1)
 
 

@@ -240,9 +240,10 @@ def collect_parameters(options: list[FlowOption], given: dict[str, Any], params_
     for option in options:
         value = given.get(option.ident)
         if option.kind == "mapping":
-            mapping = read_mapping_file(given[option.ident + "_file"]) if given.get(option.ident + "_file") else {}
+            file = given.get(option.ident + "_file")
+            mapping = read_mapping_file(file) if file else {}
             mapping.update(parse_assignment(item) for item in (value or []))
-            if mapping:
+            if mapping or file:  # an empty file is passed on, for the flow to refuse, never dropped
                 _put(params, option.path, mapping)
             continue
         if value is None or (option.kind == "list" and not value):

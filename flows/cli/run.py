@@ -19,7 +19,7 @@ import typer
 from typer.core import TyperGroup
 
 from ..deployments import entrypoint_module, load_entrypoint
-from .errors import Settings, fail, one_line_errors
+from .errors import Settings, fail, one_line_errors, stopped_by_signals
 from .options import FlowOption, collect_parameters, flow_options, validate_parameters
 
 # The flows `cnnflow run` knows: command name -> entrypoint.
@@ -99,7 +99,7 @@ def summarize(result) -> str:
 
 
 def run_flow(flow, options: list[FlowOption], given: dict[str, Any]) -> None:
-    with one_line_errors():
+    with one_line_errors(), stopped_by_signals():
         params = collect_parameters(options, given, given.get("params"))
         validated = validate_parameters(flow, params, options)
         _check_tracking_server(flow, validated)
@@ -153,9 +153,11 @@ def build_run_command(command_name: str, flow) -> click.Command:
                                           "given too add to it or override its keys.")))
             continue
         metavar = "JSON" if option.kind == "json" else None
+        # A boolean is a pair of flags, --x/--no-x, never a value to type.
+        flag = f"{option.flag}/--no-{option.flag[2:]}" if option.annotation is bool else option.flag
         parameters.append(inspect.Parameter(
             option.ident, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[option.annotation],
-            default=typer.Option(None, option.flag, help=option.help, metavar=metavar, show_default=False,
+            default=typer.Option(None, flag, help=option.help, metavar=metavar, show_default=False,
                                  rich_help_panel=option.panel)))
 
     def command(**given):

@@ -10,61 +10,89 @@ runs to the same Prefect API and logs to the same MLflow server, and Dask's nann
 already starts workers with one BLAS thread.
 
 A trial whose training fails (a diverging loss raises NonFiniteLossError) is marked
-FAILED with a failure_reason tag and returned, not raised: the sweep goes on.
+FAILED with a failure_reason tag and returned, not raised: the sweep goes on. A
+tracking server that stops answering, or a signal, stops the whole sweep instead
+(see run_trials); worker processes end themselves if the sweep's process dies.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 from concurrent.futures import Executor, ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Literal
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from threadpoolctl import threadpool_limits
 
 from ..config import SweepSpec, TrainConfig
 from ..load_data import load_data_once
-from ..tracking import FINISHED, Run, failure_reason
+from ..shutdown import StopRequest, exit_with_parent
+from ..tracking import FINISHED, Run, TrackingUnavailableError, failure_reason
 from ..training import fit, score_test_split
 from .resume import trial_tags
 from .results import TrialResult, trial_name
 
 
-def train_trial(run: Run, config: TrainConfig) -> dict[str, float]:
-    """Train one trial into its (already started) run and score it on the test split.
+# Seconds a worker gets to stop its training after a SIGINT before it is terminated.
+WORKER_STOP_GRACE_S = 10
 
-    Runs in a trial worker process, or in the calling thread; returns best_val_acc,
-    test_acc and wall_time_s.
+
+def train_trial(run: Run, config: TrainConfig, stop: StopRequest | None = None) -> dict[str, float]:
+    """Train one trial into its (already started) run, score it on the test split, and finish the run.
+
+    Runs in a trial worker process, or in the calling thread (where stop, when set,
+    ends the training at the next iteration). The run is marked FINISHED here, by
+    whoever trained it, so a trial that completed stays complete even if the sweep's
+    own process dies next. Returns best_val_acc, test_acc and wall_time_s.
     """
     data = load_data_once(config.data_spec())
-    fitted = fit(run, config, data)
+    fitted = fit(run, config, data, stop=stop)
     test_acc, _ = score_test_split(fitted.net, data)
     run.log_metrics({"test_acc": test_acc})
+    run.finish()
     return {"best_val_acc": fitted.best_val_acc, "test_acc": test_acc, "wall_time_s": fitted.wall_time_s}
 
 
 @task(name="run trial", task_run_name="trial {index}", cache_policy=NO_CACHE)
-def run_trial(parent: Run, spec: SweepSpec, index: int, config: TrainConfig,
-              processes: Executor | None = None) -> TrialResult:
-    """Train one configuration as a child run (in one of the worker processes, when given); a failure
-    marks the run FAILED and is returned, not raised."""
+def run_trial(parent: Run, spec: SweepSpec, index: int, config: TrainConfig, processes: Executor | None,
+              stop: StopRequest) -> TrialResult | None:
+    """Train one configuration as a child run (in one of the worker processes, when given).
+
+    A training failure marks the run FAILED and is returned, not raised. A sweep that
+    is stopping (stop set: a signal, or the tracking server gone) starts no new trial
+    (None) and marks the one in progress KILLED with the reason. A tracking server
+    that stopped answering is raised, so the sweep stops.
+    """
+    if stop:
+        return None
     name = trial_name(spec, index, config)
     result = {"index": index, "key": config.key(), "run_name": name, "config": config}
     run = parent.child(name, params=config.model_dump(), tags=trial_tags(spec, config))
     try:
         if processes is None:
-            scores = train_trial(run, config)
+            scores = train_trial(run, config, stop)
         else:
             scores = processes.submit(train_trial, run, config).result()
-    except Exception as exc:
-        run.fail(exc)
+    except TrackingUnavailableError as exc:
+        stop.set(exc)
+        raise
+    except BaseException as exc:
+        reason = stop.reason or exc  # a worker killed by a stopping sweep reports a broken pool, not why
+        with contextlib.suppress(TrackingUnavailableError):
+            run.fail(reason)
+        if stop:
+            return None
+        if not isinstance(exc, Exception):
+            raise
         get_run_logger().warning(f"trial {name} failed: {failure_reason(exc)}")
         return TrialResult(**result, run_id=run.id, status="FAILED", failure_reason=failure_reason(exc))
-    run.finish()
     return TrialResult(**result, run_id=run.id, status=FINISHED, **scores)
 
 
@@ -77,9 +105,11 @@ def prefect_task_runner(max_workers: int, dask_address: str | None):
     return DaskTaskRunner(address=dask_address)
 
 
-def limit_blas_threads(threads: int) -> None:
-    """A trial worker process's initializer: BLAS gets this process's share of the cores."""
+def start_trial_worker(threads: int, leader_pid: int) -> None:
+    """A trial worker process's initializer: BLAS gets this process's share of the cores, and the
+    process ends itself if the sweep's process dies (kill -9 included)."""
     threadpool_limits(limits=threads, user_api="blas")
+    exit_with_parent(leader_pid)
 
 
 def training_processes(trials_in: str, max_workers: int, blas_threads: int,
@@ -94,28 +124,69 @@ def training_processes(trials_in: str, max_workers: int, blas_threads: int,
     """
     if trials_in == "threads" or dask_address is not None:
         return None
-    return ProcessPoolExecutor(max_workers, mp_context=get_context("spawn"), initializer=limit_blas_threads,
-                               initargs=(blas_threads,))
+    return ProcessPoolExecutor(max_workers, mp_context=get_context("spawn"), initializer=start_trial_worker,
+                               initargs=(blas_threads, os.getpid()))
+
+
+def stop_workers(processes: Executor | None) -> None:
+    """Cancel the queued trainings and end the running ones (their trials are then marked KILLED)."""
+    if processes is None:
+        return
+    # ProcessPoolExecutor has no public way to interrupt busy workers. A SIGINT makes the training in a
+    # worker raise KeyboardInterrupt, which the pool hands back as that trial's result, and the worker
+    # then exits cleanly at shutdown (a terminated one would leave its semaphores to the resource
+    # tracker, which complains on stderr). A worker that does not stop within the grace is terminated.
+    workers = list((getattr(processes, "_processes", None) or {}).values())
+    for worker in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.pid, signal.SIGINT)
+
+    def terminate_stragglers() -> None:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+
+    deadline = threading.Timer(WORKER_STOP_GRACE_S, terminate_stragglers)
+    deadline.start()
+    processes.shutdown(wait=True, cancel_futures=True)
+    deadline.cancel()
 
 
 def run_trials(parent: Run, spec: SweepSpec, todo: dict[int, TrainConfig], max_workers: int,
                dask_address: str | None = None,
                trials_in: Literal["processes", "threads"] = "processes") -> list[TrialResult]:
-    """The trials in todo (by index), max_workers at a time, locally or on the Dask cluster at dask_address."""
+    """The trials in todo (by index), max_workers at a time, locally or on the Dask cluster at dask_address.
+
+    Stops early, raising, when the tracking server stops answering or the sweep is
+    interrupted (Ctrl-C, SIGTERM, SIGHUP): no new trial starts, the ones in progress
+    are ended and marked KILLED, and a rerun of the sweep resumes from what finished.
+    """
     blas_threads = max(1, (os.cpu_count() or 1) // max_workers)
     processes = training_processes(trials_in, max_workers, blas_threads, dask_address) if todo else None
+    stop = StopRequest()
+    results: dict[int, TrialResult] = {}
     with (threadpool_limits(limits=blas_threads, user_api="blas"),
           prefect_task_runner(max_workers, dask_address) as runner, processes or contextlib.nullcontext()):
-        futures = {index: runner.submit(run_trial, parameters=dict(
-            parent=parent, spec=spec, index=index, config=config, processes=processes))
+        futures = {runner.submit(run_trial, parameters=dict(
+            parent=parent, spec=spec, index=index, config=config, processes=processes, stop=stop)): index
             for index, config in todo.items()}
-        results = []
-        for index, future in futures.items():
-            try:
-                results.append(future.result())
-            except Exception as exc:  # the trial task itself broke (not the training): report, go on
-                config = todo[index]
-                results.append(TrialResult(index=index, key=config.key(), run_id="", status="FAILED",
-                                           run_name=trial_name(spec, index, config), config=config,
-                                           failure_reason=failure_reason(exc)))
-        return results
+        try:
+            for future in as_completed(list(futures)):
+                index = futures[future]
+                try:
+                    if (result := future.result()) is not None:
+                        results[index] = result
+                except TrackingUnavailableError:
+                    raise
+                except Exception as exc:  # the trial task itself broke (not the training): report, go on
+                    config = todo[index]
+                    results[index] = TrialResult(index=index, key=config.key(), run_id="", status="FAILED",
+                                                 run_name=trial_name(spec, index, config), config=config,
+                                                 failure_reason=failure_reason(exc))
+        except BaseException as exc:
+            stop.set(exc)
+            stop_workers(processes)
+            raise
+        if stop:  # a trial saw the tracking server go
+            stop.check()
+    return [results[i] for i in sorted(results)]

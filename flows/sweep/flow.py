@@ -13,6 +13,7 @@ from ..config import SweepSpec
 from ..load_data import load_data_once, load_dataset, log_dataset
 from ..study import PRESETS, preset_spec
 from ..tracking import connect
+from . import lease
 from .executors import run_trials
 from .results import SweepReport, TrialResult, best_trial
 from .resume import find_finished_trials, open_sweep_run, skipped_trial
@@ -59,8 +60,9 @@ def sweep(
         spec = spec.model_copy(update={"name": f"{spec.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"})
     trials = spec.trials()
     store = connect(tracking_uri)
-    parent, resumed = open_sweep_run(store, experiment, spec, trials, parent_run_id)
-    with parent:
+    owner = lease.new_owner()
+    parent, resumed = open_sweep_run(store, experiment, spec, trials, parent_run_id, owner)
+    with parent, lease.held(parent, owner):
         parent.link_flow_run()
         finished = find_finished_trials(parent, spec, trials)
         skipped = [skipped_trial(spec, i, c, finished[c.key()]) for i, c in enumerate(trials) if c.key() in finished]

@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from ..config import SweepSpec, TrainConfig
 from ..tracking import FINISHED, Run, RunRecord, Store
+from . import lease
 from .results import TrialResult, trial_name
 
 TAG_SWEEP = "sweep_name"
@@ -27,23 +28,62 @@ def trial_tags(spec: SweepSpec, config: TrainConfig) -> dict[str, str]:
     return {TAG_SWEEP: spec.name, TAG_ROLE: "trial", TAG_TRIAL_KEY: config.key()}
 
 
+class SweepChangedError(ValueError):
+    """A sweep name rerun with another base configuration than the sweep it names."""
+
+    exit_code = 2
+
+
+def base_params(spec: SweepSpec) -> dict[str, str]:
+    """The base configuration as the parent run's parameters hold it (strings, as MLflow stores them)."""
+    return {f"base.{k}": str(v) for k, v in spec.base.model_dump().items()}
+
+
+def check_same_base(record: RunRecord, spec: SweepSpec) -> None:
+    """Refuse to resume a sweep whose base differs: its trials would mix two configurations under one parent."""
+    here = base_params(spec)
+    changed = {k: (record.params[k], v) for k, v in here.items() if k in record.params and record.params[k] != v}
+    if changed:
+        listed = ", ".join(f"{k.removeprefix('base.')}: {old} there, {new} here" for k, (old, new) in changed.items())
+        raise SweepChangedError(
+            f"sweep {spec.name!r} already exists with another base configuration ({listed}), and resuming it "
+            f"would mix the two. Give this sweep a new --name, or run it with --no-resume to start a fresh, "
+            f"dated sweep.")
+
+
 @task(name="open sweep run", cache_policy=NO_CACHE)
 def open_sweep_run(store: Store, experiment: str, spec: SweepSpec, trials: list[TrainConfig],
-                   parent_run_id: str | None) -> tuple[Run, bool]:
-    """The sweep's parent run: the one made by an earlier run of this sweep (reopened), else a new one.
+                   parent_run_id: str | None, owner: str) -> tuple[Run, bool]:
+    """The sweep's parent run, leased to owner: the one an earlier run of this sweep made (reopened),
+    else a new one.
 
+    Raises SweepChangedError when the earlier sweep had another base configuration,
+    and lease.SweepBusyError when another live process holds the sweep.
     Returns (run, resumed).
     """
     tags = {TAG_SWEEP: spec.name, TAG_ROLE: "parent"}
-    earlier = store.find_runs(store.experiment_id(experiment), tags)
+    experiment_id = store.experiment_id(experiment)
+    earlier = store.find_runs(experiment_id, tags)
     if earlier:
-        run = store.run(earlier[-1].id)
+        record = earlier[-1]
+        check_same_base(record, spec)
+        if (holder := lease.live_holder(record, owner)) is not None:
+            raise lease.busy_error(spec.name, holder)
+        run = store.run(record.id)
+        run.set_tags(lease.lease_tags(owner))
+        lease.confirm(run, spec.name, owner)
         run.reopen()
         return run, True
     params = {"search": spec.search, "seed": spec.seed, "num_trials": len(trials),
               "space": json.dumps({k: v if isinstance(v, list) else v.model_dump() for k, v in spec.space.items()}),
-              **{f"base.{k}": v for k, v in spec.base.model_dump().items()}}
-    return store.start_run(experiment, spec.name, parent_id=parent_run_id, params=params, tags=tags), False
+              **base_params(spec)}
+    run = store.start_run(experiment, spec.name, parent_id=parent_run_id, params=params,
+                          tags={**tags, **lease.lease_tags(owner)})
+    first = store.find_runs(experiment_id, tags)[0]  # two new parents at once: the older one stays
+    if first.id != run.id:
+        run.delete()
+        raise lease.busy_error(spec.name, first.tags.get(lease.TAG_OWNER, "unknown"))
+    return run, False
 
 
 @task(name="find finished trials", cache_policy=NO_CACHE)

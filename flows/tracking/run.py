@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..shutdown import interruption
 from .patience import patient
 from .store import (FAILED, FINISHED, KILLED, MAX_TAG_CHARS, MLFLOW_DATASET_CONTEXT, MLFLOW_RUN_NAME, RUNNING,
                     RunRecord, Store, connect, failure_reason, prefect_tags)
@@ -68,10 +69,11 @@ class Run:
 
     @patient
     def fail(self, exc: BaseException) -> None:
-        """FAILED (KILLED for an interrupt), with a failure_reason tag and the traceback as an artifact."""
-        self._client.set_tag(self.id, TAG_FAILURE_REASON, failure_reason(exc))
+        """FAILED, or KILLED for an interrupt (a signal), with a failure_reason tag and the traceback."""
+        interrupted = interruption(exc)
+        self._client.set_tag(self.id, TAG_FAILURE_REASON, failure_reason(interrupted or exc))
         self._client.log_text(self.id, "".join(traceback.format_exception(exc)), "failure/traceback.txt")
-        self._client.set_terminated(self.id, KILLED if isinstance(exc, KeyboardInterrupt) else FAILED)
+        self._client.set_terminated(self.id, KILLED if interrupted else FAILED)
 
     @patient
     def reopen(self) -> None:

@@ -9,10 +9,13 @@ clear message and leaves no half-made experiment or run behind.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -83,7 +86,10 @@ def connect(tracking_uri: str | None = None, timeout_s: float = 5.0) -> Store:
     try:
         if (db := sqlite_path(uri)) is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
-        store.client.search_experiments(max_results=1)
+            with _initialising(db):
+                store.client.search_experiments(max_results=1)
+        else:
+            store.client.search_experiments(max_results=1)
     except Exception as exc:
         raise TrackingUnavailableError(f"the MLflow store {uri} cannot be used: {exc}. Nothing was logged.") from exc
     # Model.log uploads through MLflow's process-wide URI; every flow in a process
@@ -92,6 +98,21 @@ def connect(tracking_uri: str | None = None, timeout_s: float = 5.0) -> Store:
 
     mlflow.set_tracking_uri(uri)
     return store
+
+
+@contextlib.contextmanager
+def _initialising(db: Path) -> Iterator[None]:
+    """Hold an exclusive lock beside a sqlite store while this process opens it for the first time.
+
+    MLflow creates and migrates the tables of a new store on first use; two processes
+    doing that at once fail with errors such as "table span_metrics already exists".
+    """
+    with open(db.with_name(db.name + ".init.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _require_healthy_server(uri: str, timeout_s: float) -> None:

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from prefect.exceptions import ParameterTypeError
 
 from cnncore import layers
 from flows.gradient_check import CHECKS, GradientCheckError, LayerCheck, gradient_check
@@ -44,10 +45,8 @@ def test_a_wrong_gradient_fails_the_flow_run_and_its_mlflow_run(store, monkeypat
 
 
 def test_unknown_check_name_fails_before_any_mlflow_run(store):
-    state = gradient_check(only=["conv_forward_fastest"], tracking_uri=store.uri, return_state=True)
-    assert state.is_failed()
-    with pytest.raises(ValueError, match="unknown gradient checks \\['conv_forward_fastest'\\]"):
-        state.result()
+    with pytest.raises(ParameterTypeError, match="unknown gradient checks \\['conv_forward_fastest'\\]"):
+        gradient_check(only=["conv_forward_fastest"], tracking_uri=store.uri)
     assert store.experiments() == []
 
 

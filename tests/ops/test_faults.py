@@ -1,0 +1,269 @@
+"""Faults against real processes: signals, kill -9, a tracking server that goes away, two runs at once.
+
+Each fault must end in a clear state: a message, a non-zero exit, no process left
+behind, no run left RUNNING that a resume does not repair, no finished run lost.
+The sweeps here run as `cnnflow run sweep` subprocesses, each in a session of its
+own so that the whole tree of processes it started can be found by its group id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from flows.servers import free_port, mlflow_server_command, port_is_taken, stop_process_group, wait_until_healthy
+
+pytestmark = pytest.mark.slow
+
+CNNFLOW = Path(sys.executable).with_name("cnnflow")
+NUM_TRIALS = 6
+# About 3 s of training per trial: long enough to interrupt a sweep in the middle of a trial.
+SWEEP = ["--space", "seed=" + ",".join(map(str, range(NUM_TRIALS))), "--num-train", "1000", "--num-epochs", "16",
+         "--batch-size", "10", "--num-filters", "8", "--experiment", "faults"]
+
+
+def processes_in_group(group_id: int) -> list[int]:
+    """The live (not zombie) processes whose process group is group_id, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                state, _, group = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+                if int(group) == group_id and state != "Z":
+                    found.append(int(entry.name))
+    return found
+
+
+def wait_for(condition, timeout_s: float, what: str, interval_s: float = 0.25):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"not within {timeout_s:.0f} s: {what}")
+
+
+def start_sweep(env: dict, name: str, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([str(CNNFLOW), "run", "sweep", "--name", name, *SWEEP, *extra], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def finish(process: subprocess.Popen, timeout_s: float) -> tuple[int, str]:
+    """(exit code, stderr) of a process, which must end within timeout_s."""
+    try:
+        _, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        stop_process_group(process, 5)
+        raise AssertionError(f"still running after {timeout_s:.0f} s")
+    return process.returncode, stderr
+
+
+class Runs:
+    """The sweep's runs, read from the store (sqlite file or server) in this process."""
+
+    def __init__(self, uri: str, experiment: str = "faults"):
+        self.client, self.experiment = MlflowClient(uri), experiment
+
+    def all(self) -> list:
+        found = self.client.get_experiment_by_name(self.experiment)
+        return [] if found is None else list(self.client.search_runs([found.experiment_id]))
+
+    def parent(self, name: str):
+        return next((r for r in self.all() if r.data.tags.get("sweep_role") == "parent"
+                     and r.data.tags.get("sweep_name") == name), None)
+
+    def children(self, name: str) -> list:
+        return [r for r in self.all() if r.data.tags.get("sweep_role") == "trial"
+                and r.data.tags.get("sweep_name") == name]
+
+    def statuses(self, name: str) -> list[str]:
+        return sorted(r.info.status for r in self.children(name))
+
+
+@pytest.fixture
+def sqlite_env(tmp_path, ops_env, prefect_server) -> tuple[dict, str]:
+    store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    return {**ops_env, "PREFECT_API_URL": prefect_server, "MLFLOW_TRACKING_URI": store}, store
+
+
+def assert_resume_finishes(env: dict, runs: Runs, name: str, kept: dict[str, str]) -> None:
+    """Rerunning the sweep finishes it: every trial FINISHED once, nothing RUNNING, the finished kept."""
+    code, stderr = finish(start_sweep(env, name), 240)
+    assert code == 0, stderr[-2000:]
+    children = runs.children(name)
+    assert sorted(r.info.status for r in children) == ["FINISHED"] * NUM_TRIALS
+    assert runs.parent(name).info.status == "FINISHED"
+    assert not [r for r in runs.all() if r.info.status == "RUNNING"]
+    finished_ids = {r.info.run_id for r in children}
+    assert set(kept) <= finished_ids, "a run that had finished before the fault was lost or redone"
+
+
+def test_sigterm_stops_the_sweep_kills_its_runs_and_leaves_no_process(sqlite_env):
+    env, store = sqlite_env
+    runs = Runs(store)
+    sweep = start_sweep(env, "sigterm")
+    wait_for(lambda: "FINISHED" in runs.statuses("sigterm"), 180, "a first trial finished")
+    finished = {r.info.run_id: r.info.status for r in runs.children("sigterm") if r.info.status == "FINISHED"}
+    signalled_ms = time.time() * 1000
+    sweep.send_signal(signal.SIGTERM)
+
+    code, stderr = finish(sweep, 60)
+    assert code == 128 + signal.SIGTERM
+    assert stderr.strip().splitlines()[-1].startswith("error: stopped by SIGTERM")
+    wait_for(lambda: not processes_in_group(sweep.pid), 10, "the sweep's worker processes gone")
+    parent = runs.parent("sigterm")
+    assert parent.info.status == "KILLED" and parent.data.tags["failure_reason"] == "Interrupted: stopped by SIGTERM"
+    children = runs.children("sigterm")
+    assert {r.info.status for r in children} <= {"FINISHED", "KILLED"}
+    for r in children:
+        if r.info.status == "KILLED":
+            assert r.data.tags["failure_reason"] == "Interrupted: stopped by SIGTERM"
+    # No trial was started once the signal had come (allowing for clocks read in two processes).
+    assert max(r.info.start_time for r in children) < signalled_ms + 500
+    assert_resume_finishes(env, runs, "sigterm", finished)
+
+
+def test_kill_9_of_the_sweep_takes_its_workers_along_and_a_resume_repairs_it(sqlite_env):
+    env, store = sqlite_env
+    runs = Runs(store)
+    sweep = start_sweep(env, "kill9")
+    wait_for(lambda: "FINISHED" in runs.statuses("kill9") and "RUNNING" in runs.statuses("kill9"), 180,
+             "a trial finished and another in progress")
+    assert len(processes_in_group(sweep.pid)) > 1  # the leader and its trial workers
+    finished = {r.info.run_id: r.info.status for r in runs.children("kill9") if r.info.status == "FINISHED"}
+    os.kill(sweep.pid, signal.SIGKILL)
+    sweep.wait(10)
+
+    wait_for(lambda: not processes_in_group(sweep.pid), 10, "the trial workers ended with their parent")
+    assert "RUNNING" in runs.statuses("kill9")  # what kill -9 leaves: only a resume can repair it
+    assert_resume_finishes(env, runs, "kill9", finished)
+
+
+def test_the_same_sweep_name_twice_at_once_the_second_refuses_and_the_first_finishes(sqlite_env):
+    env, store = sqlite_env
+    runs = Runs(store)
+    first = start_sweep(env, "twice")
+    wait_for(lambda: runs.parent("twice") is not None, 120, "the first sweep's parent run")
+    code, stderr = finish(start_sweep(env, "twice"), 120)
+    assert code == 1
+    assert "sweep 'twice' is being run by another process right now" in stderr.strip().splitlines()[-1]
+    code, stderr = finish(first, 240)
+    assert code == 0, stderr[-2000:]
+    assert runs.statuses("twice") == ["FINISHED"] * NUM_TRIALS
+
+
+def test_two_sweeps_on_a_fresh_sqlite_store_both_finish(sqlite_env):
+    env, store = sqlite_env
+    runs = Runs(store)
+    a, b = start_sweep(env, "fresh-a", "--space", "seed=0,1"), start_sweep(env, "fresh-b", "--space", "seed=0,1")
+    for process in (a, b):
+        code, stderr = finish(process, 240)
+        assert code == 0, stderr[-2000:]
+    assert runs.statuses("fresh-a") == runs.statuses("fresh-b") == ["FINISHED"] * 2
+
+
+# ---------------------------------------------------------------- a tracking server that goes away
+
+
+class RestartableServer:
+    """A real `mlflow server` on one port and one store, that a test can stop and start again."""
+
+    def __init__(self, root: Path, env: dict):
+        self.port, self.env, self.root = free_port(), env, root
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        command = mlflow_server_command(f"sqlite:///{self.root / 'mlflow.db'}", self.port,
+                                        artifacts_destination=str(self.root / "artifacts"))
+        log = open(self.root / "server.log", "ab")
+        self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        wait_until_healthy(f"{self.url}/health", 90, self.process, self.root / "server.log")
+
+    def stop(self) -> None:
+        stop_process_group(self.process, 3)
+        wait_for(lambda: not port_is_taken(self.port), 20, "the server's port free")
+
+
+@pytest.fixture
+def server(tmp_path, ops_env):
+    restartable = RestartableServer(tmp_path, ops_env)
+    restartable.start()
+    yield restartable
+    if restartable.process is not None:
+        stop_process_group(restartable.process, 3)
+
+
+def test_a_tracking_server_gone_stops_the_sweep_in_bounded_time_and_a_resume_finishes(server, ops_env,
+                                                                                       prefect_server):
+    env = {**ops_env, "PREFECT_API_URL": prefect_server, "MLFLOW_TRACKING_URI": server.url,
+           "CNNCORE_TRACKING_WAIT_S": "8"}
+    runs = Runs(server.url)
+    sweep = start_sweep(env, "outage")
+    wait_for(lambda: runs.statuses("outage").count("FINISHED") >= 2, 180, "two trials finished")
+    finished = {r.info.run_id: r.info.status for r in runs.children("outage") if r.info.status == "FINISHED"}
+    server.stop()
+    stopped = time.monotonic()
+
+    code, stderr = finish(sweep, 120)
+    assert code == 1
+    assert time.monotonic() - stopped < 60  # the 8 s wait, a trial's training, and the exit
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the MLflow tracking server at") and "stopped answering" in last
+    wait_for(lambda: not processes_in_group(sweep.pid), 10, "the sweep's worker processes gone")
+
+    server.start()
+    assert_resume_finishes(env, runs, "outage", finished)
+
+
+def test_a_short_tracking_server_blip_is_ridden_out(server, ops_env, prefect_server):
+    env = {**ops_env, "PREFECT_API_URL": prefect_server, "MLFLOW_TRACKING_URI": server.url,
+           "CNNCORE_TRACKING_WAIT_S": "60"}
+    runs = Runs(server.url)
+    sweep = start_sweep(env, "blip")
+    wait_for(lambda: "FINISHED" in runs.statuses("blip"), 180, "a first trial finished")
+    server.stop()
+    time.sleep(3)
+    server.start()
+
+    code, stderr = finish(sweep, 240)
+    assert code == 0, stderr[-2000:]
+    assert runs.statuses("blip") == ["FINISHED"] * NUM_TRIALS
+    assert runs.parent("blip").info.status == "FINISHED"
+
+
+# ---------------------------------------------------------------- cnnflow ui
+
+
+def start_ui(tmp_path, ops_env) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    ui = subprocess.Popen([str(CNNFLOW), "ui", "--port", str(port), "--backend-store-uri",
+                           f"sqlite:///{tmp_path / 'mlflow.db'}"], env=ops_env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert ui.stdout.readline().startswith("MLflow UI: http://127.0.0.1:")  # bounded by its own --timeout
+    return ui, port
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_ui_stops_its_server_on_sigterm_and_sighup(tmp_path, ops_env, sig):
+    ui, port = start_ui(tmp_path, ops_env)
+    ui.send_signal(sig)
+    assert ui.wait(timeout=30) == 0
+    assert not port_is_taken(port)
+    assert not processes_in_group(ui.pid)
+
+
+def test_a_killed_ui_takes_its_server_along(tmp_path, ops_env):
+    ui, port = start_ui(tmp_path, ops_env)
+    os.kill(ui.pid, signal.SIGKILL)
+    ui.wait(10)
+    wait_for(lambda: not port_is_taken(port), 20, "the MLflow server's port free after its parent died")
