@@ -92,7 +92,7 @@ def patient(method):
                     if isinstance(exc, TrackingUnavailableError):
                         raise
                     raise TrackingUnavailableError(
-                        f"the MLflow tracking server at {uri} stopped answering (waited {wait_s():.0f} s, "
+                        f"the MLflow tracking server at {uri} stopped answering (waited {wait_s():g} s, "
                         f"${WAIT_ENV}): {exc}") from exc
                 time.sleep(delay)
                 delay = min(2 * delay, _MAX_DELAY_S)

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from flows.sweep import executors
+from flows.sweep.resume import SweepChangedError
 from flows.config import SweepSpec
 from flows.load_data import load_data_once
 from flows.sweep import sweep
@@ -149,3 +150,18 @@ def test_trial_test_acc_is_measured_on_the_test_split(store, tiny, monkeypatch):
     [run] = children(store, report.parent_run_id)
     assert run.data.metrics["test_acc"] == pytest.approx(test_acc) == pytest.approx(report.trials[0].test_acc)
     assert test_acc != pytest.approx(val_acc)
+
+
+def test_a_changed_base_under_an_existing_name_is_refused_with_the_choices(store, tiny):
+    spec = SweepSpec(name="moving", base=tiny, space={"seed": [0]})
+    first = sweep(spec=spec, tracking_uri=store.uri, trials_in="threads")
+    changed = spec.model_copy(update={"base": tiny.model_copy(update={"num_epochs": 2})})
+
+    with pytest.raises(SweepChangedError) as refused:
+        sweep(spec=changed, tracking_uri=store.uri, trials_in="threads")
+    message = str(refused.value)
+    assert "num_epochs: 1 there, 2 here" in message and "new --name" in message and "--no-resume" in message
+    assert [r.info.run_id for r in store.runs("cnncore-sweeps")
+            if r.data.tags["sweep_role"] == "parent"] == [first.parent_run_id]  # nothing new was made
+    fresh = sweep(spec=changed, tracking_uri=store.uri, trials_in="threads", resume=False)
+    assert fresh.parent_run_id != first.parent_run_id and not fresh.failed

@@ -255,3 +255,35 @@ def test_ui_prints_its_loopback_address_serves_the_store_and_stops_cleanly(tmp_p
             urllib.request.urlopen(match.group(1) + "/health", timeout=5)
     finally:
         stop_process_group(ui)
+
+
+# ---------------------------------------------------------------- degenerate specs, refused before any work
+
+
+@pytest.mark.parametrize("args, words", [
+    (["run", "train", "--learning-rate", "inf"], "--learning-rate: Input should be a finite number"),
+    (["run", "train", "--num-epochs", "5000"], "--num-epochs: Input should be less than or equal to 1000"),
+    (["run", "load-data", "--num-train", "0"], "--num-train: Input should be greater than 0"),
+    (["run", "gradient-check", "--only", "bogus"], "unknown gradient checks ['bogus']"),
+    (["run", "sweep", "--space-file", "EMPTY"], "space names no field to sweep"),
+    (["run", "sweep", "--params", "EMPTY_SPACE"], "space names no field to sweep"),
+])
+def test_degenerate_parameters_are_refused_at_once(tmp_path, monkeypatch, args, words):
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    (tmp_path / "empty_space.yaml").write_text("spec: {space: {}}\n")
+    args = [{"EMPTY": str(tmp_path / "empty.yaml"), "EMPTY_SPACE": str(tmp_path / "empty_space.yaml")}.get(a, a)
+            for a in args]
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # a flow that started would start a server: slow
+    started = time.monotonic()
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: invalid parameters:") and words in line
+    assert time.monotonic() - started < 5
+
+
+def test_ui_port_out_of_range_is_refused_in_one_line():
+    result = runner.invoke(cli.app, ["ui", "--port", "70000"])
+    assert result.exit_code == 2
+    assert "Invalid value for '--port': Input should be less than or equal to 65535" in result.output
+    assert "Traceback" not in result.output and "OverflowError" not in result.output
