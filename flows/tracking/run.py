@@ -167,7 +167,7 @@ class Run:
         the input example and the source of the signature.
         """
         import mlflow
-        from mlflow.models import Model, infer_signature
+        from mlflow.models import Model, ModelSignature, infer_signature
 
         import cnncore
 
@@ -183,7 +183,8 @@ class Run:
                 python_model=str(SERVING_CODE),
                 artifacts={"checkpoint": str(checkpoint), "mean": str(mean_file)},
                 code_paths=[str(Path(cnncore.__file__).parent)],
-                signature=infer_signature(example, labels),
+                # Outputs only: an input schema admits one dtype, and the model takes float32 and float64.
+                signature=ModelSignature(outputs=infer_signature(example, labels).outputs),
                 input_example=example,
                 pip_requirements=[f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}"],
             )

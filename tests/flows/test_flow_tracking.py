@@ -71,3 +71,21 @@ def test_logged_model_predicts_the_same_classes_as_the_in_memory_net(store, tiny
     assert len(set(expected)) > 1  # a net that learned something, not one constant class
     assert store.client.get_run(run_id).data.tags[tracking.TAG_MODEL_URI] == model_uri
     assert "checkpoint/model.npz" in store.artifacts(run_id)
+
+
+def test_served_model_takes_float32_and_float64_and_refuses_nan(store, tiny):
+    data = load_data_once(tiny.data_spec())
+    net = ThreeLayerConvNet(input_dim=(1, 8, 8), num_filters=4, filter_size=3, hidden_dim=16, seed=0)
+    run = tracking.connect(store.uri).start_run("serving", "dtypes")
+    raw = data["X_test"] + data["mean"].reshape(1, -1, 1, 1)
+    model = mlflow.pyfunc.load_model(run.log_model(net, data["mean"], raw[:3]))
+
+    expected = net.predict(data["X_test"])
+    np.testing.assert_array_equal(model.predict(raw.astype(np.float64)), expected)
+    np.testing.assert_array_equal(model.predict(raw.astype(np.float32)), expected)
+    poisoned = raw.astype(np.float64)
+    poisoned[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="images must be finite"):
+        model.predict(poisoned)
+    with pytest.raises(ValueError, match="images must be a float32 or float64 array, got dtype float16"):
+        model.predict(raw.astype(np.float16))
