@@ -78,6 +78,8 @@ from .mnist import (  # noqa: F401
 )
 
 KNOWN_DATASETS = ("digits", "cifar10", "mnist")
+# (C, H, W) of one image of each dataset, as load_dataset returns it.
+IMAGE_SHAPES = {"digits": (1, 8, 8), "cifar10": (3, 32, 32), "mnist": (1, 28, 28)}
 
 MNIST_NUM_VAL = 5000
 # The t10k-only split: val and test are carved out stratified, train is the rest.

@@ -2,9 +2,10 @@
 
 The run holds every TrainConfig field as a parameter; what ``training.fit`` logs
 (loss per iteration, train/val accuracy per epoch, best_val_acc, wall time,
-images/s, the learning curves); ``test_acc`` and the test confusion matrix as a
-figure and a table; the net as an MLflow pyfunc model (flows/serving.py) and as
-its .npz checkpoint.
+images/s, the learning curves); ``test_acc`` (the best-validation net, the one
+served), ``final_test_acc`` (the net after the last update) and the test
+confusion matrix as a figure and a table; the best-validation net as an MLflow
+pyfunc model (flows/serving.py) and as its .npz checkpoint.
 
     python -m flows.train                   # the default configuration
     cnnflow run train --normalization groupnorm --num-epochs 5
@@ -22,7 +23,7 @@ from .config import TrainConfig
 from .figures import confusion_figure
 from .load_data import load_dataset
 from .tracking import Run, tracked_flow_run
-from .training import fit, score_test_split
+from .training import Fitted, fit, log_test_scores, score_test_split
 
 NUM_EXAMPLE_IMAGES = 5
 
@@ -40,12 +41,13 @@ fit_model = task(fit, name="fit model", cache_policy=NO_CACHE)
 
 
 @task(name="evaluate on test", cache_policy=NO_CACHE)
-def evaluate_on_test(run: Run, net, data: dict) -> float:
-    """test_acc, and the confusion matrix on the test split as a figure and a table."""
-    test_acc, predicted = score_test_split(net, data)
+def evaluate_on_test(run: Run, fitted: Fitted, data: dict) -> float:
+    """test_acc (the best-validation net) and final_test_acc (the final net), and the best net's
+    confusion matrix on the test split as a figure and a table. Returns test_acc."""
+    test_acc = log_test_scores(run, fitted, data)["test_acc"]
+    _, predicted = score_test_split(fitted.net, data)
     names = [str(n) for n in data["class_names"]]
     counts = confusion_matrix(data["y_test"], predicted, labels=range(len(names)))
-    run.log_metrics({"test_acc": test_acc})
     run.log_figure(confusion_figure(counts, names, f"test accuracy {test_acc:.3f}"), "confusion_matrix.png")
     run.log_table(pd.DataFrame(counts, index=names, columns=names).rename_axis("true").reset_index(),
                   "confusion_matrix")
@@ -81,7 +83,7 @@ def train(
                           params=config.model_dump(), tags={"trial_key": config.key()}) as run:
         data = load_dataset(config.data_spec())
         fitted = fit_model(run, config, data)
-        test_acc = evaluate_on_test(run, fitted.net, data)
+        test_acc = evaluate_on_test(run, fitted, data)
         model_uri = log_served_model(run, fitted.net, data)
     print(f"{name}: best val acc {fitted.best_val_acc:.3f}, test acc {test_acc:.3f}, "
           f"{fitted.images_per_s:.0f} images/s; model {model_uri}")

@@ -3,8 +3,15 @@
 ``fit`` is what every training run logs (the train flow's run, a sweep trial's
 child run): the dataset inputs, ``loss`` per iteration and ``train_acc``/``val_acc``
 per epoch as step metrics, ``best_val_acc``, ``wall_time_s`` and ``images_per_s``,
-the device, and the learning curves. ``score_test_split`` is the one rule for the test
-score: the net in test mode (batch norm with its running statistics) on the test split.
+the device, and the learning curves. It keeps both nets CS231n's Solver ends with:
+the best on the validation set (``net``) and the last one trained (``final_net``).
+
+``score_test_split`` is the one rule for a test score: the net in test mode (batch
+norm with its running statistics) on the test split. ``log_test_scores`` logs both
+nets' scores: ``test_acc`` (the best-validation net, which the train flow and the
+pipeline serve) and ``final_test_acc`` (the final net, which the study measures, as
+the Group Normalization paper does). ``log_diagnostics`` logs, under ``diag/``, how
+noisy the final net's normalization statistics are (cnncore.diagnostics).
 """
 
 from __future__ import annotations
@@ -14,8 +21,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cnncore import diagnostics
 from cnncore.backend import device_name
-from cnncore.cnn import ThreeLayerConvNet
+from cnncore.classifier import Classifier
+from cnncore.cnn import ConvNet, ThreeLayerConvNet
+from cnncore.fc_net import FullyConnectedNet
 from cnncore.solver import Solver
 
 from .config import TrainConfig
@@ -29,13 +39,22 @@ from .tracking import Run
 LOSS_BATCH = 100
 # Train accuracy is measured on this many training images at each check, as in CS231n.
 NUM_TRAIN_SAMPLES = 1000
+# Random training batches over which the statistics of each norm layer are measured: the
+# effective sample size then has a relative standard error of about sqrt(2 / 199) = 10%.
+DIAGNOSTIC_BATCHES = 200
+DIAGNOSTICS_PREFIX = "diag/"
 
 
 @dataclass
 class Fitted:
-    """A trained net (its best parameters on the validation set) and the run's histories."""
+    """The nets a training run ends with, and its histories.
 
-    net: ThreeLayerConvNet
+    net: the parameters that did best on the validation set (CS231n's Solver swaps them in);
+    final_net: the parameters after the last update.
+    """
+
+    net: Classifier
+    final_net: Classifier
     loss_history: list[float]
     train_acc_history: list[float]
     val_acc_history: list[float]
@@ -45,13 +64,18 @@ class Fitted:
     epochs: list[int] = field(default_factory=list)
 
 
-def build_net(config: TrainConfig, data: dict) -> ThreeLayerConvNet:
-    return ThreeLayerConvNet(
-        input_dim=data["X_train"].shape[1:], num_filters=config.num_filters, filter_size=config.filter_size,
-        hidden_dim=config.hidden_dim, num_classes=len(data["class_names"]), weight_scale=config.weight_scale,
-        reg=config.reg, dtype=config.dtype, normalization=config.normalization, num_groups=config.num_groups,
-        seed=config.seed, device=config.device,
-    )
+def build_net(config: TrainConfig, data: dict) -> Classifier:
+    """The configuration's net, sized for data's images and classes."""
+    common = dict(num_classes=len(data["class_names"]), weight_scale=config.weight_scale, reg=config.reg,
+                  dtype=config.dtype, normalization=config.normalization, seed=config.seed, device=config.device)
+    if config.model == "fc_net":
+        return FullyConnectedNet([config.hidden_dim] * config.depth, input_dim=int(np.prod(data["X_train"].shape[1:])),
+                                 **common)
+    conv = dict(input_dim=data["X_train"].shape[1:], filter_size=config.filter_size, hidden_dim=config.hidden_dim,
+                num_groups=config.num_groups, **common)
+    if config.depth == 1:  # CS231n's own class; ConvNet with one block computes the same, bit for bit
+        return ThreeLayerConvNet(num_filters=config.num_filters, **conv)
+    return ConvNet(num_filters=(config.num_filters,) * config.depth, **conv)
 
 
 class _MetricStream:
@@ -100,7 +124,8 @@ def fit(run: Run, config: TrainConfig, data: dict, *, source: str | None = None,
     net = build_net(config, data)
     stream = _MetricStream(run, stop)
     solver = Solver(net, data, update_rule=config.update_rule, optim_config={"learning_rate": config.learning_rate},
-                    lr_decay=config.lr_decay, batch_size=config.batch_size, num_epochs=config.num_epochs,
+                    lr_decay=config.lr_decay, lr_steps=config.lr_steps, batch_size=config.batch_size,
+                    num_epochs=config.num_epochs,
                     num_train_samples=NUM_TRAIN_SAMPLES, verbose=False, seed=config.seed,
                     on_iteration=stream.on_iteration, on_epoch=stream.on_epoch)
     start = time.perf_counter()
@@ -112,8 +137,10 @@ def fit(run: Run, config: TrainConfig, data: dict, *, source: str | None = None,
     images_per_s = solver.iteration * config.batch_size / wall
     run.log_metrics({"best_val_acc": solver.best_val_acc, "wall_time_s": wall, "images_per_s": images_per_s})
     run.set_tags({"device": config.device, "device_name": device_name(config.device)})
-    fitted = Fitted(net, list(solver.loss_history), list(solver.train_acc_history), list(solver.val_acc_history),
-                    float(solver.best_val_acc), wall, images_per_s, stream.epochs)
+    final_net = build_net(config, data)
+    final_net.load_state_dict(solver.final_state)
+    fitted = Fitted(net, final_net, list(solver.loss_history), list(solver.train_acc_history),
+                    list(solver.val_acc_history), float(solver.best_val_acc), wall, images_per_s, stream.epochs)
     run.log_figure(learning_curves_figure(fitted.loss_history, fitted.epochs, fitted.train_acc_history,
                                           fitted.val_acc_history, run_title(config)), "learning_curves.png")
     return fitted
@@ -123,3 +150,35 @@ def score_test_split(net, data: dict) -> tuple[float, np.ndarray]:
     """(accuracy, predicted labels) of net on the test split, in test mode."""
     predicted = net.predict(data["X_test"])
     return float(np.mean(predicted == data["y_test"])), predicted
+
+
+def log_test_scores(run: Run, fitted: Fitted, data: dict) -> dict[str, float]:
+    """test_acc of the best-validation net and final_test_acc of the final net, logged and returned."""
+    scores = {"test_acc": score_test_split(fitted.net, data)[0],
+              "final_test_acc": score_test_split(fitted.final_net, data)[0]}
+    run.log_metrics(scores)
+    return scores
+
+
+def log_diagnostics(run: Run, net: Classifier, config: TrainConfig, data: dict) -> dict[str, float]:
+    """How noisy net's normalization statistics are at the training batch size, and what that costs.
+
+    Logged as diag/<name> (and returned without the prefix): per norm layer i,
+    norm{i}/n_eff and norm{i}/nominal (effective and nominal sample size of the batch
+    statistics over DIAGNOSTIC_BATCHES training batches), norm{i}/log_var_spread, and
+    for group norm norm{i}/group_log_var_spread (over the training images); for the
+    whole net, train_mode_error and test_mode_error (the test split in batches of the
+    training batch size) and, for batch norm, running_error against recomputed_error
+    (running averages against statistics recomputed over the training split). Errors
+    are fractions, as cnncore.diagnostics returns them.
+    """
+    X_train, X_test, y_test = data["X_train"], data["X_test"], data["y_test"]
+    batch = min(config.batch_size, len(X_train))
+    moments = diagnostics.sample_batch_moments(net, X_train, batch, DIAGNOSTIC_BATCHES, seed=config.seed)
+    found = {**diagnostics.effective_sample_sizes(moments), **diagnostics.log_variance_spreads(moments),
+             **diagnostics.group_statistics_spread(net, X_train),
+             **diagnostics.train_test_error(net, X_test, y_test, min(batch, len(X_test)), seed=config.seed)}
+    if config.normalization == "batchnorm":
+        found.update(diagnostics.recomputed_statistics_error(net, X_train, X_test, y_test))
+    run.log_metrics({f"{DIAGNOSTICS_PREFIX}{name}": value for name, value in found.items()})
+    return found

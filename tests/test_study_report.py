@@ -144,7 +144,7 @@ def diagnostics(n_eff_at_2: float, train_mode_at_2: float) -> pd.DataFrame:
     for batch in BATCHES:
         for seed in SEEDS:
             rows += [("batchnorm", batch, seed, "n_eff", 1, n_eff_at_2 * batch / 2 + seed),
-                     ("batchnorm", batch, seed, "nominal_count", 1, 64 * batch),
+                     ("batchnorm", batch, seed, "nominal", 1, 64 * batch),
                      ("batchnorm", batch, seed, "train_mode_error", np.nan, 3 + (train_mode_at_2 if batch == 2 else 0)),
                      ("batchnorm", batch, seed, "test_mode_error", np.nan, 3.0)]
     return pd.DataFrame(rows, columns=["normalization", "batch_size", "seed", "metric", "layer", "value"])

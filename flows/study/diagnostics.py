@@ -7,7 +7,7 @@ Any metric present is summarised (median over seeds); these are interpreted:
 - n_eff (per layer): the effective sample size of the layer's batch statistics at the
   training batch size, Var(feature) / Var(batch mean). The batch mean's sd is
   1/sqrt(n_eff) of the feature's sd.
-- nominal_count (per layer): the values the statistic pools (b*H*W, or b).
+- nominal (per layer): the values the statistic pools (b*H*W, or b).
 - train_mode_error - test_mode_error (whole model): how far the model the test scores
   (running statistics) is from the one training saw (batch statistics).
 - recomputed_error - running_error (whole model): what exact statistics over the
@@ -87,7 +87,7 @@ def _n_eff_sentence(norm: str, batch: int, layers: pd.DataFrame) -> str | None:
     if "n_eff" not in layers.columns or layers["n_eff"].isna().all():
         return None
     layers = layers.dropna(subset=["n_eff"])
-    nominal = layers["nominal_count"] if "nominal_count" in layers.columns else pd.Series(math.nan, layers.index)
+    nominal = layers["nominal"] if "nominal" in layers.columns else pd.Series(math.nan, layers.index)
     single = len(layers) == 1
     parts = [f"{_count(n)} at " + ("its only norm layer" if single else f"layer {int(layer)}")
              + ("" if math.isnan(c) else f" (pooling {_count(c)} values)")

@@ -35,7 +35,7 @@ from ..config import SweepSpec, TrainConfig
 from ..load_data import load_data_once
 from ..shutdown import StopRequest, exit_with_parent
 from ..tracking import FINISHED, Run, TrackingUnavailableError, failure_reason
-from ..training import fit, score_test_split
+from ..training import fit, log_diagnostics, log_test_scores
 from .resume import trial_tags
 from .results import TrialResult, trial_name
 
@@ -44,20 +44,22 @@ from .results import TrialResult, trial_name
 WORKER_STOP_GRACE_S = 10
 
 
-def train_trial(run: Run, config: TrainConfig, stop: StopRequest | None = None) -> dict[str, float]:
+def train_trial(run: Run, config: TrainConfig, stop: StopRequest | None = None) -> dict:
     """Train one trial into its (already started) run, score it on the test split, and finish the run.
 
     Runs in a trial worker process, or in the calling thread (where stop, when set,
     ends the training at the next iteration). The run is marked FINISHED here, by
     whoever trained it, so a trial that completed stays complete even if the sweep's
-    own process dies next. Returns best_val_acc, test_acc and wall_time_s.
+    own process dies next. Returns best_val_acc, test_acc (the best-validation net),
+    final_test_acc (the final net), wall_time_s and, when config.diagnostics, the
+    final net's diagnostics.
     """
     data = load_data_once(config.data_spec())
     fitted = fit(run, config, data, stop=stop)
-    test_acc, _ = score_test_split(fitted.net, data)
-    run.log_metrics({"test_acc": test_acc})
+    scores = log_test_scores(run, fitted, data)
+    found = log_diagnostics(run, fitted.final_net, config, data) if config.diagnostics else {}
     run.finish()
-    return {"best_val_acc": fitted.best_val_acc, "test_acc": test_acc, "wall_time_s": fitted.wall_time_s}
+    return {"best_val_acc": fitted.best_val_acc, **scores, "wall_time_s": fitted.wall_time_s, "diagnostics": found}
 
 
 @task(name="run trial", task_run_name="trial {index}", cache_policy=NO_CACHE)

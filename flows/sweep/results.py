@@ -18,8 +18,10 @@ class TrialResult(BaseModel):
     status: Literal["FINISHED", "FAILED"]
     skipped: bool = False  # finished in an earlier run of the sweep
     best_val_acc: float | None = None
-    test_acc: float | None = None
+    test_acc: float | None = None  # the best-validation net's
+    final_test_acc: float | None = None  # the final net's
     wall_time_s: float | None = None
+    diagnostics: dict[str, float] = {}  # cnncore.diagnostics of the final net, when the config asked
     failure_reason: str | None = None
     config: TrainConfig
 

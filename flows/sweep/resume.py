@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from ..config import SweepSpec, TrainConfig
 from ..tracking import FINISHED, Run, RunRecord, Store
+from ..training import DIAGNOSTICS_PREFIX
 from . import lease
 from .results import TrialResult, trial_name
 
@@ -109,4 +110,7 @@ def skipped_trial(spec: SweepSpec, index: int, config: TrainConfig, record: RunR
     return TrialResult(index=index, key=config.key(), run_id=record.id,
                        run_name=record.name or trial_name(spec, index, config), status=FINISHED, skipped=True,
                        best_val_acc=metrics.get("best_val_acc"), test_acc=metrics.get("test_acc"),
-                       wall_time_s=metrics.get("wall_time_s"), config=config)
+                       final_test_acc=metrics.get("final_test_acc"), wall_time_s=metrics.get("wall_time_s"),
+                       diagnostics={k.removeprefix(DIAGNOSTICS_PREFIX): v for k, v in metrics.items()
+                                    if k.startswith(DIAGNOSTICS_PREFIX)},
+                       config=config)

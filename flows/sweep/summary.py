@@ -62,14 +62,42 @@ def artifact_key(text: str) -> str:
 def study_trials(results: list[TrialResult]) -> pd.DataFrame:
     """The study's trial records, from the results the sweep holds: one row per FINISHED trial.
 
-    Errors in percent: test_error is the final model's, best_val_test_error the
-    best-validation checkpoint's (NaN until trials log it).
+    Errors in percent: test_error is the final net's (the study's measure, as the
+    paper's), best_val_test_error the best-validation net's.
     """
     rows = [{"normalization": r.config.normalization, "batch_size": r.config.batch_size, "seed": r.config.seed,
-             "test_error": 100.0 * (1.0 - r.test_acc), "best_val_test_error": float("nan"), "run_id": r.run_id}
-            for r in results if r.status == FINISHED and r.test_acc is not None]
+             "test_error": _percent_error(r.final_test_acc), "best_val_test_error": _percent_error(r.test_acc),
+             "run_id": r.run_id}
+            for r in results if r.status == FINISHED and r.final_test_acc is not None]
     return pd.DataFrame(rows, columns=["normalization", "batch_size", "seed", "test_error", "best_val_test_error",
                                        "run_id"])
+
+
+def _percent_error(accuracy: float | None) -> float:
+    return float("nan") if accuracy is None else 100.0 * (1.0 - accuracy)
+
+
+# Diagnostics that are fractions of images, reported in percent like the errors.
+_ERROR_DIAGNOSTICS = ("train_mode_error", "test_mode_error", "running_error", "recomputed_error")
+
+
+def study_diagnostics(results: list[TrialResult]) -> pd.DataFrame | None:
+    """The diagnostics the trials measured, one row per (trial, metric, layer); None when none did.
+
+    A per-layer metric 'norm{i}/<what>' becomes metric <what> at layer i; whole-net
+    metrics have layer NaN; errors are in percent.
+    """
+    rows = []
+    for r in results:
+        if r.status != FINISHED:
+            continue
+        for name, value in r.diagnostics.items():
+            layer, _, metric = name.rpartition("/")
+            rows.append({"normalization": r.config.normalization, "batch_size": r.config.batch_size,
+                         "seed": r.config.seed, "metric": metric,
+                         "layer": float(layer.removeprefix("norm")) if layer else float("nan"),
+                         "value": 100.0 * value if metric in _ERROR_DIAGNOSTICS else value})
+    return pd.DataFrame(rows) if rows else None
 
 
 @task(name="write study report", cache_policy=NO_CACHE)
@@ -79,7 +107,7 @@ def write_study_report(parent: Run, spec: SweepSpec, results: list[TrialResult],
     Artifacts: study/<table> (CSV and MLflow table) and study/<figure>.png for each of
     the study's tables and figures, and study/report.md. Returns the report.
     """
-    study = build_study(study_trials(results), spec, num_train=num_train)
+    study = build_study(study_trials(results), spec, diagnostics=study_diagnostics(results), num_train=num_train)
     for name, table in study.tables.items():
         parent.log_table(table, f"study/{name}")
     for name, figure in study.figures.items():
