@@ -41,7 +41,8 @@ class PostgresUnavailable(RuntimeError):
 
 def postgres_bin_dir() -> Path:
     """The newest /usr/lib/postgresql/<version>/bin with initdb and pg_ctl (Debian's layout)."""
-    found = [d for d in Path("/usr/lib/postgresql").glob("*/bin") if (d / "initdb").exists() and (d / "pg_ctl").exists()]
+    found = [d for d in Path("/usr/lib/postgresql").glob("*/bin")
+             if (d / "initdb").exists() and (d / "pg_ctl").exists()]
     if not found:
         raise PostgresUnavailable("no initdb and pg_ctl under /usr/lib/postgresql/*/bin "
                                   "(`apt-get install postgresql` installs them; .ci/run does)")

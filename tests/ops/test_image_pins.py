@@ -26,7 +26,8 @@ CONSTRAINTS = REPO_ROOT / "docker" / "constraints.txt"
 CONSTRAINT_OPTION = "-c docker/constraints.txt"
 IMAGE_EXTRAS = ("dask", "postgres")
 # What the image's services import: the flows and the CLI, the servers, the Dask runner, both Postgres drivers.
-IMAGE_IMPORTS = "import cnncore, flows.cli, flows.train, flows.sweep, mlflow.server, prefect, prefect_dask, psycopg2, asyncpg"
+IMAGE_IMPORTS = ("import cnncore, flows.cli, flows.train, flows.sweep, mlflow.server, prefect, prefect_dask, "
+                 "psycopg2, asyncpg")
 
 
 def instructions(dockerfile: Path) -> list[tuple[str, str]]:
@@ -83,7 +84,8 @@ def test_every_declared_dependency_is_pinned_at_a_version_it_allows():
 
 def test_the_dockerfile_resolves_every_dependency_under_the_constraints():
     steps = instructions(DOCKERFILE)
-    copied = [i for i, (keyword, arguments) in enumerate(steps) if keyword == "COPY" and "docker/constraints.txt" in arguments]
+    copied = [i for i, (keyword, arguments) in enumerate(steps)
+              if keyword == "COPY" and "docker/constraints.txt" in arguments]
     resolving = [i for i, (keyword, arguments) in enumerate(steps) if keyword == "RUN" and "pip install" in arguments
                  and "--no-deps" not in arguments]
     assert copied and resolving and copied[0] < resolving[0]

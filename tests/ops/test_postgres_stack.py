@@ -133,8 +133,9 @@ def test_the_deployments_are_registered_for_the_work_pool_in_the_postgres_backed
 
 def test_an_ad_hoc_train_run_executes_on_the_worker_and_finishes_in_the_postgres_backed_mlflow(
         worker, client_env, pg_prefect, pg_mlflow, cluster):
-    trigger = subprocess.run([*PREFECT, "deployment", "run", "train/nightly", "-p", f"config={json.dumps(TINY_CONFIG)}"],
-                             capture_output=True, text=True, env=client_env, timeout=120)
+    trigger = subprocess.run([*PREFECT, "deployment", "run", "train/nightly", "-p",
+                              f"config={json.dumps(TINY_CONFIG)}"], capture_output=True, text=True, env=client_env,
+                             timeout=120)
     flow_run_id = flow_run_id_of(trigger)
 
     def finished():
@@ -160,6 +161,8 @@ def test_an_ad_hoc_train_run_executes_on_the_worker_and_finishes_in_the_postgres
 
 def test_two_sweeps_at_once_both_finish_with_every_run_in_the_postgres_backed_mlflow(
         tmp_path, client_env, pg_mlflow, cluster):
+    # One experiment, as two scheduled sweeps share cnncore-sweeps: both create it and log the same
+    # datasets to it at once, from the trials' worker processes (the default), all against one database.
     names = ["ops-postgres-A", "ops-postgres-B"]
     logs = {name: tmp_path / f"{name}.log" for name in names}
     sweeps = {}
