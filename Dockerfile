@@ -11,11 +11,13 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 
-# Dependencies first, so a code change does not reinstall them.
+# Dependencies first, so a code change does not reinstall them; every one pinned
+# by docker/constraints.txt to the versions tests/ops/test_image_pins.py installs.
 COPY pyproject.toml README.md ./
+COPY docker/constraints.txt ./docker/
 RUN mkdir cnncore flows \
     && touch cnncore/__init__.py flows/__init__.py \
-    && pip install ".[dask,postgres]" \
+    && pip install ".[dask,postgres]" -c docker/constraints.txt \
     && pip uninstall -y cnncore
 
 COPY cnncore ./cnncore

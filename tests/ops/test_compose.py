@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 import shutil
 import subprocess
@@ -14,6 +15,8 @@ from .conftest import REPO_ROOT
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 STACK = {"postgres", "prefect-server", "mlflow", "worker"}
+# compose interpolates the whole file, so every command needs the password set.
+WITH_PASSWORD = {**os.environ, "POSTGRES_PASSWORD": "only-for-config"}
 
 
 def compose_command() -> list[str] | None:
@@ -44,15 +47,41 @@ def services() -> dict:
 @pytest.mark.parametrize("profile", [[], ["--profile", "dask"]], ids=["stack", "with-dask"])
 def test_compose_config_validates(compose, profile):
     done = subprocess.run([*compose, "-f", str(COMPOSE_FILE), *profile, "config", "--quiet"],
-                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+                          capture_output=True, text=True, cwd=REPO_ROOT, env=WITH_PASSWORD, timeout=120)
     assert done.returncode == 0, done.stderr
 
 
 def test_compose_config_resolves_every_service(compose):
     done = subprocess.run([*compose, "-f", str(COMPOSE_FILE), "config", "--services"],
-                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+                          capture_output=True, text=True, cwd=REPO_ROOT, env=WITH_PASSWORD, timeout=120)
     assert done.returncode == 0, done.stderr
     assert STACK <= set(done.stdout.split())
+
+
+def test_compose_refuses_to_start_without_a_postgres_password_and_says_how_to_set_it(compose, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "POSTGRES_PASSWORD"}
+    no_env_file = tmp_path / "empty.env"  # a developer's own .env beside the compose file would set it
+    no_env_file.write_text("")
+    done = subprocess.run([*compose, "--env-file", str(no_env_file), "-f", str(COMPOSE_FILE), "config", "--quiet"],
+                          capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=120)
+    assert done.returncode != 0
+    assert "set POSTGRES_PASSWORD in the environment or in .env" in done.stderr
+
+
+def test_the_postgres_password_has_no_default():
+    uses = re.findall(r"\$\{POSTGRES_PASSWORD([^}]*)\}", COMPOSE_FILE.read_text())
+    assert uses
+    for use in uses:
+        assert use.startswith(":?"), f"${{POSTGRES_PASSWORD{use}}} gives the password a default"
+
+
+def test_no_database_url_or_command_line_carries_the_password(services):
+    for name, service in services.items():
+        command = " ".join(service.get("command", []))
+        assert "POSTGRES_PASSWORD" not in command and "PGPASSWORD" not in command, name
+        for key, value in service.get("environment", {}).items():
+            # user:password@ in a URL; the servers read the password from PGPASSWORD instead.
+            assert not re.search(r"://[^/@:]+:[^/@]+@", str(value)), f"{name}'s {key} holds a password"
 
 
 def test_every_published_port_is_bound_to_loopback(services):
@@ -77,7 +106,9 @@ def test_prefect_server_is_backed_by_postgres(services):
 def test_mlflow_server_uses_postgres_served_artifacts_on_a_volume_and_allowed_hosts(services):
     mlflow = services["mlflow"]
     command = " ".join(mlflow["command"])
-    assert "--backend-store-uri=postgresql://" in command
+    # The store URI comes from the environment (`mlflow server` reads MLFLOW_BACKEND_STORE_URI), out of `ps`.
+    assert "--backend-store-uri" not in command
+    assert mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://")
     assert "--serve-artifacts" in command
     destination = re.search(r"--artifacts-destination=(\S+)", command).group(1)
     volume, _, mount = next(v for v in mlflow["volumes"] if v.endswith(destination)).partition(":")
