@@ -152,10 +152,17 @@ class Run:
             dataset = mlflow.data.from_numpy(features=data[f"X_{split}"], targets=data[f"y_{split}"],
                                              name=f"{name}-{split}", source=source)
             inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
-        # The store inserts a dataset on first use with check-then-insert: two threads
-        # logging the same new dataset race on its unique key, so one at a time.
+        # The store inserts a dataset on first use with check-then-insert: two writers logging
+        # the same new dataset race on its unique key. Threads of this process take turns; a
+        # writer in another process (a second sweep, a trial worker, a Dask worker) that loses
+        # the race has its insert rolled back, and once more finds the dataset and only links it.
+        from mlflow.exceptions import MlflowException
+
         with _DATASET_LOCK:
-            self._client.log_inputs(self.id, datasets=inputs)
+            try:
+                self._client.log_inputs(self.id, datasets=inputs)
+            except MlflowException:
+                self._client.log_inputs(self.id, datasets=inputs)
 
     @patient
     def log_model(self, net, mean: np.ndarray, images: np.ndarray) -> str:
