@@ -231,8 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         workdir = Path(tmp)
         port = free_port()
         server = f"http://127.0.0.1:{port}"
-        command = mlflow_server_command(f"sqlite:///{workdir / 'mlflow.db'}", port,
-                                        artifacts_destination=str(workdir / "artifacts"))
+        command, _ = mlflow_server_command(f"sqlite:///{workdir / 'mlflow.db'}", port,
+                                           artifacts_destination=str(workdir / "artifacts"))
         with background_server(command, f"{server}/health", log=workdir / "server.log"):
             print(f"mlflow server at {server}")
             run_sweep(server, workdir)

@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 
 class ServerError(RuntimeError):
@@ -109,12 +110,21 @@ def start_watchdog(process: subprocess.Popen) -> subprocess.Popen:
 
 
 def mlflow_server_command(backend_store_uri: str, port: int, *, artifacts_destination: str | None = None,
-                          default_artifact_root: str | None = None, host: str = "127.0.0.1") -> list[str]:
-    """`mlflow server` on host:port with one worker, for the given stores."""
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,
-               "--host", host, "--port", str(port), "--workers", "1"]
+                          default_artifact_root: str | None = None,
+                          host: str = "127.0.0.1") -> tuple[list[str], dict[str, str]]:
+    """`mlflow server` on host:port with one worker, for the given stores: (command, environment to add).
+
+    A store URI that holds a password goes in the environment (MLFLOW_BACKEND_STORE_URI,
+    which mlflow server reads), not on the command line, where `ps` would show it.
+    """
+    command = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1"]
+    env = {}
+    if urlparse(backend_store_uri).password:
+        env["MLFLOW_BACKEND_STORE_URI"] = backend_store_uri
+    else:
+        command += ["--backend-store-uri", backend_store_uri]
     if artifacts_destination:
         command += ["--serve-artifacts", "--artifacts-destination", artifacts_destination]
     elif default_artifact_root:
         command += ["--default-artifact-root", default_artifact_root]
-    return command
+    return command, env

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -55,11 +56,11 @@ def ui(
         if port_is_taken(port):
             raise CliError(f"port {port} on 127.0.0.1 is taken; choose another with --port (0 picks a free one)")
         address = f"http://127.0.0.1:{port}"
-        command = mlflow_server_command(uri, port, default_artifact_root=artifacts)
+        command, env = mlflow_server_command(uri, port, default_artifact_root=artifacts)
         typer.echo(f"starting the MLflow UI on {uri} ...", err=True)
         try:
-            with termination_as_interrupt(), background_server(command, f"{address}/health",
-                                                               timeout_s=timeout) as process:
+            with termination_as_interrupt(), background_server(command, f"{address}/health", timeout_s=timeout,
+                                                               env={**os.environ, **env}) as process:
                 typer.echo(f"MLflow UI: {address}  (Ctrl-C stops it)")
                 code = process.wait()
                 raise CliError(f"the MLflow UI exited with code {code}")

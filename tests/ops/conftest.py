@@ -52,7 +52,7 @@ def mlflow_server(tmp_path_factory, ops_env) -> str:
     """A real `mlflow server` (sqlite store, served artifacts) on a free 127.0.0.1 port; yields its URL."""
     def command(root, port):
         return mlflow_server_command(f"sqlite:///{root / 'mlflow.db'}", port,
-                                     artifacts_destination=str(root / "artifacts"))
+                                     artifacts_destination=str(root / "artifacts"))[0]
 
     with loopback_server(tmp_path_factory, ops_env, "mlflow-server", command, "/health") as url:
         yield url

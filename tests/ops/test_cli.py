@@ -20,7 +20,7 @@ from flows import cli
 from flows.cli import options as cli_options
 from flows.cli import run as cli_run
 from flows.deployments import load_entrypoint
-from flows.servers import free_port, stop_process_group
+from flows.servers import free_port, mlflow_server_command, stop_process_group
 from flows.config import SweepSpec, TrainConfig
 from flows.train import train
 
@@ -287,3 +287,11 @@ def test_ui_port_out_of_range_is_refused_in_one_line():
     assert result.exit_code == 2
     assert "Invalid value for '--port': Input should be less than or equal to 65535" in result.output
     assert "Traceback" not in result.output and "OverflowError" not in result.output
+
+
+def test_a_store_password_goes_to_the_mlflow_server_in_its_environment_not_its_command_line():
+    command, env = mlflow_server_command("postgresql+psycopg2://cnn:s3cret@db:5432/mlflow", 5000)
+    assert not any("s3cret" in part for part in command)
+    assert env == {"MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg2://cnn:s3cret@db:5432/mlflow"}
+    command, env = mlflow_server_command("sqlite:////tmp/mlflow.db", 5000)
+    assert command[command.index("--backend-store-uri") + 1] == "sqlite:////tmp/mlflow.db" and env == {}

@@ -182,8 +182,8 @@ class RestartableServer:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        command = mlflow_server_command(f"sqlite:///{self.root / 'mlflow.db'}", self.port,
-                                        artifacts_destination=str(self.root / "artifacts"))
+        command, _ = mlflow_server_command(f"sqlite:///{self.root / 'mlflow.db'}", self.port,
+                                           artifacts_destination=str(self.root / "artifacts"))
         log = open(self.root / "server.log", "ab")
         self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
