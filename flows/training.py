@@ -163,10 +163,11 @@ def log_test_scores(run: Run, fitted: Fitted, data: dict) -> dict[str, float]:
 def log_diagnostics(run: Run, net: Classifier, config: TrainConfig, data: dict) -> dict[str, float]:
     """How noisy net's normalization statistics are at the training batch size, and what that costs.
 
-    Logged as diag/<name> (and returned without the prefix): per norm layer i,
+    Logged as diag/<name> (and returned without the prefix): per batch norm layer i,
     norm{i}/n_eff and norm{i}/nominal (effective and nominal sample size of the batch
-    statistics over DIAGNOSTIC_BATCHES training batches), norm{i}/log_var_spread, and
-    for group norm norm{i}/group_log_var_spread (over the training images); for the
+    statistics over DIAGNOSTIC_BATCHES training batches) and norm{i}/log_var_spread; per
+    group, layer or instance norm layer i, norm{i}/group_log_var_spread (over the
+    training images); for the
     whole net, train_mode_error and test_mode_error (the test split in batches of the
     training batch size) and, for batch norm, running_error against recomputed_error
     (running averages against statistics recomputed over the training split). Errors
@@ -174,7 +175,9 @@ def log_diagnostics(run: Run, net: Classifier, config: TrainConfig, data: dict) 
     """
     X_train, X_test, y_test = data["X_train"], data["X_test"], data["y_test"]
     batch = min(config.batch_size, len(X_train))
-    moments = diagnostics.sample_batch_moments(net, X_train, batch, DIAGNOSTIC_BATCHES, seed=config.seed)
+    # Batch statistics are batch norm's alone: a group-kind layer normalises each image by itself.
+    moments = [m for m in diagnostics.sample_batch_moments(net, X_train, batch, DIAGNOSTIC_BATCHES, seed=config.seed)
+               if m.kind == "batchnorm"]
     found = {**diagnostics.effective_sample_sizes(moments), **diagnostics.log_variance_spreads(moments),
              **diagnostics.group_statistics_spread(net, X_train),
              **diagnostics.train_test_error(net, X_test, y_test, min(batch, len(X_test)), seed=config.seed)}

@@ -8,6 +8,9 @@ Any metric present is summarised (median over seeds); these are interpreted:
   training batch size, Var(feature) / Var(batch mean). The batch mean's sd is
   1/sqrt(n_eff) of the feature's sd.
 - nominal (per layer): the values the statistic pools (b*H*W, or b).
+- log_var_spread (per batch norm layer): the sd over batches of the log batch variance.
+- group_log_var_spread (per group, layer or instance norm layer): the sd over images of
+  the log of each image's group variance: what those norms divide by moves this much.
 - train_mode_error - test_mode_error (whole model): how far the model the test scores
   (running statistics) is from the one training saw (batch statistics).
 - recomputed_error - running_error (whole model): what exact statistics over the
@@ -105,6 +108,17 @@ def _n_eff_sentence(norm: str, batch: int, layers: pd.DataFrame) -> str | None:
             f"{', '.join(parts)}: {meaning}.")
 
 
+def _group_sentence(norm: str, batch: int, layers: pd.DataFrame) -> str | None:
+    """What a group-kind norm (GN, LN, IN) divides by: each image's own statistics, and how much they vary."""
+    if "group_log_var_spread" not in layers.columns or layers["group_log_var_spread"].isna().all():
+        return None
+    spreads = layers.dropna(subset=["group_log_var_spread"])
+    parts = ", ".join(f"{s:.2f} at layer {int(layer)}" for layer, s in zip(spreads["layer"], spreads["group_log_var_spread"]))
+    return (f"{short_label(norm)} normalises each image by its own group statistics, whatever the batch (at batch "
+            f"{batch} the log of an image's group variance has a standard deviation over images of {parts}): "
+            f"it has no batch statistics to lose.")
+
+
 def _gap_sentence(norm: str, batch: int, row: pd.Series, delta: float) -> list[str]:
     label, seeds = short_label(norm), int(row["num_seeds"])
     out = []
@@ -132,8 +146,9 @@ def explanations(layers: pd.DataFrame, model: pd.DataFrame, delta: float) -> lis
                  *model.loc[model["normalization"] == norm, "batch_size"]]
         batch = int(min(sizes))
         at = layers[(layers["normalization"] == norm) & (layers["batch_size"] == batch)]
-        sentence = _n_eff_sentence(norm, batch, at) if not at.empty else None
-        lines += [sentence] if sentence else []
+        for describe in (_n_eff_sentence, _group_sentence):
+            sentence = describe(norm, batch, at) if not at.empty else None
+            lines += [sentence] if sentence else []
         rows = model[(model["normalization"] == norm) & (model["batch_size"] == batch)]
         if not rows.empty:
             lines += _gap_sentence(norm, batch, rows.iloc[0], delta)

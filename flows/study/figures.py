@@ -64,3 +64,12 @@ def interaction_figure(table: pd.DataFrame, delta: float, a_label: str, b_label:
                  f"paired over {_seeds_phrase(rows['n'])}")
     ax.legend()
     return fig
+
+
+def stamp(fig: Figure, provenance: dict[str, str] | None) -> Figure:
+    """Write where the figure came from (commit, versions, command) in small type along its foot."""
+    if provenance:
+        text = " | ".join(f"{key} {value}" for key, value in provenance.items() if key != "date")
+        fig.text(0.005, 0.002, text, fontsize=5.5, color="0.35", ha="left", va="bottom", wrap=True)
+        fig.get_layout_engine().set(rect=(0, 0.04, 1, 0.96))
+    return fig

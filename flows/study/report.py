@@ -2,9 +2,9 @@
 
 build_study(trials, spec) is the one entry point. Its markdown, in order: title;
 provenance; the design (what was run, updates per batch size, what error is
-measured, what did not finish); the answer (the BN-vs-GN interaction at every
-batch size with its interval, MDE and verdict, then BN against the other
-normalizations); each normalization's own change; the error table beside the
+measured, what did not finish); the answer (the interaction of BN with GN, or with
+LN where no GN was run, at every batch size with its interval, MDE and verdict,
+then BN against the other normalizations); each normalization's own change; the error table beside the
 paper's Table 2; the best-validation checkpoint's errors; the diagnostics; how to
 read the verdicts.
 """
@@ -18,16 +18,18 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from cnncore.checks import require_real
+from cnncore.data import IMAGE_SHAPES
 
 from ..config import SweepSpec
 from . import diagnostics as diag
-from .figures import error_figure, interaction_figure
+from .figures import error_figure, interaction_figure, stamp
 from .presets import BATCH_SIZES, LABELS, NORMALIZATIONS, PAPER_ERROR, short_label
 from .statistics import (ABOVE, BELOW, DELTA, KEYS, NO_SEED, ONE_SEED, WITHIN, Cell, Change, Interaction, POWER,
                          as_table, cell_estimates, changes, interactions, read_interval, reference_batch,
                          require_trials)
 
-PRIMARY = ("batchnorm", "groupnorm")
+# BN against the first of these that the study ran: the paper's GN, else the positive control's LN.
+COMPARED_WITH = ("groupnorm", "layernorm", "instancenorm", "none")
 PAPER_CITATION = "Wu & He, Group Normalization, ECCV 2018, Table 2: ResNet-50, ImageNet val error (%)"
 
 
@@ -55,7 +57,10 @@ def build_study(trials: pd.DataFrame, spec: SweepSpec, diagnostics: pd.DataFrame
     missing = sorted(planned - set(map(tuple, finished[KEYS].values.tolist())))
     num_train = spec.base.num_train if num_train is None else num_train
     tables = {"updates": updates_table(spec, num_train)}
-    parts = [f"# BN vs GN across batch sizes: {spec.base.dataset}", provenance_section(provenance),
+    run_norms = {t.normalization for t in spec.trials()}
+    primary = ("batchnorm", next((n for n in COMPARED_WITH if n in run_norms), "groupnorm"))
+    parts = [f"# {' vs '.join(map(short_label, primary))} across batch sizes: {spec.base.dataset}, "
+             f"{net_words(spec)}", provenance_section(provenance),
              design_section(spec, tables["updates"], len(planned), missing, num_train)]
     figures = {}
     if finished.empty:
@@ -73,17 +78,18 @@ def build_study(trials: pd.DataFrame, spec: SweepSpec, diagnostics: pd.DataFrame
         tables["changes"] = _ordered(as_table(norm_changes, Change))
         tables["interactions"] = as_table([x for rows in pair_rows.values() for x in rows], Interaction)
         figures["error_vs_batch_size"] = error_figure(tables["cells"], spec.name)
-        if pair_rows.get(PRIMARY):
+        if pair_rows.get(primary):
             figures["interaction_vs_batch_size"] = interaction_figure(
-                as_table(pair_rows[PRIMARY], Interaction), delta, *map(short_label, PRIMARY))
-        parts += [answer_section(pair_rows, reference, delta), changes_section(norm_changes, reference, delta),
+                as_table(pair_rows[primary], Interaction), delta, *map(short_label, primary))
+        parts += [answer_section(pair_rows, primary, reference, delta), changes_section(norm_changes, reference, delta),
                   errors_section(tables["cells"], tables["best_val_cells"])]
     if diagnostics is not None:
         tables["diagnostics_layers"] = diag.layer_summary(diagnostics)
         tables["diagnostics_model"] = diag.model_summary(diagnostics)
     parts += [diagnostics_section(tables.get("diagnostics_layers"), tables.get("diagnostics_model"), delta),
               method_section(delta)]
-    return StudyResult("\n\n".join(parts) + "\n", tables, figures)
+    return StudyResult("\n\n".join(parts) + "\n", tables,
+                       {name: stamp(figure, provenance) for name, figure in figures.items()})
 
 
 # ---------------------------------------------------------------- formatting
@@ -178,9 +184,9 @@ def design_section(spec: SweepSpec, updates: pd.DataFrame, num_planned: int, mis
         "",
         f"Sweep `{spec.name}` on {base.dataset}: {', '.join(map(short_label, norms))} x batch size "
         f"{', '.join(map(str, updates['batch_size']))} x seeds {', '.join(map(str, seeds))}; "
-        f"{base.num_epochs} epochs at every batch size; {base.update_rule} at learning rate {rule}; "
-        f"{base.num_filters} filters {base.filter_size}x{base.filter_size}, hidden layer {base.hidden_dim}, "
-        f"group norm with G={base.num_groups} ({base.num_filters // base.num_groups} channels per group); "
+        f"{base.num_epochs} epoch{'s' * (base.num_epochs != 1)} at every batch size; {base.update_rule} at learning rate {rule}"
+        + (f", divided by 10 after {', '.join(f'{f:.0%}' for f in base.lr_steps)} of training" if base.lr_steps
+           else "") + f"; {net_words(spec, detailed=True)}; "
         + (f"{num_train} training images." if num_train else "the number of training images was not given."),
         "",
         "Measured: the test error (%) of the final model (after the last epoch) on the test split "
@@ -198,6 +204,24 @@ def design_section(spec: SweepSpec, updates: pd.DataFrame, num_planned: int, mis
     else:
         lines.append(f"All {num_planned} planned trials finished.")
     return "\n".join(lines)
+
+
+def net_words(spec: SweepSpec, detailed: bool = False) -> str:
+    """The net in words: "a 3-block convnet" or, detailed, its layers and where its norms sit."""
+    base = spec.base
+    if base.model == "fc_net":
+        short = f"a fully connected net of {base.depth} hidden layer{'s' * (base.depth != 1)}"
+        return short + (f" of {base.hidden_dim} units, each affine-norm-relu" if detailed else "")
+    short = "the three-layer convnet" if base.depth == 1 else f"a {base.depth}-block convnet"
+    if not detailed:
+        return short
+    _, height, _ = IMAGE_SHAPES[base.dataset]
+    maps = " / ".join(f"{height // 2 ** i}x{height // 2 ** i}" for i in range(base.depth))
+    groups = (f", group norm with G={base.num_groups} ({base.num_filters // base.num_groups} channels per group)"
+              if "groupnorm" in {t.normalization for t in spec.trials()} else "")
+    return (f"{short}: {base.depth} conv-norm-relu-pool block{'s' * (base.depth != 1)} of {base.num_filters} "
+            f"filters {base.filter_size}x{base.filter_size} (norm layers on {maps} maps), then a hidden layer of "
+            f"{base.hidden_dim}{groups}")
 
 
 def _interaction_statement(x: Interaction, delta: float) -> str:
@@ -242,10 +266,11 @@ def _pair_table(rows: list[Interaction], with_pair: bool) -> str:
     return markdown_table(table)
 
 
-def answer_section(pair_rows: dict[tuple[str, str], list[Interaction]], reference: int, delta: float) -> str:
-    a, b = map(short_label, PRIMARY)
+def answer_section(pair_rows: dict[tuple[str, str], list[Interaction]], pair: tuple[str, str], reference: int,
+                   delta: float) -> str:
+    a, b = map(short_label, pair)
     lines = [f"## The answer: does {a} lose more than {b} as the batch shrinks?", ""]
-    primary = pair_rows.get(PRIMARY, [])
+    primary = pair_rows.get(pair, [])
     if not primary:
         lines.append(f"Not answerable from this run: it needs {a} and {b} at batch {reference} and at a smaller "
                      f"batch, each with finished trials.")
@@ -263,7 +288,7 @@ def answer_section(pair_rows: dict[tuple[str, str], list[Interaction]], referenc
             "",
             *(f"- {_interaction_statement(x, delta)}" for x in primary),
         ]
-    controls = [x for pair, rows in pair_rows.items() if pair != PRIMARY for x in rows]
+    controls = [x for other, rows in pair_rows.items() if other != pair for x in rows]
     if controls:
         lines += ["", f"The same interaction of {a} against each other normalization run (none of them uses "
                       f"batch statistics, so each is a baseline {a}'s loss can be measured against):", "",

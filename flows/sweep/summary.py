@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from ..config import SweepSpec
 from ..figures import sweep_comparison_figure
+from ..provenance import provenance
 from ..study import build_study
 from ..tracking import FINISHED, Run
 from .results import TrialResult, best_trial
@@ -107,7 +108,8 @@ def write_study_report(parent: Run, spec: SweepSpec, results: list[TrialResult],
     Artifacts: study/<table> (CSV and MLflow table) and study/<figure>.png for each of
     the study's tables and figures, and study/report.md. Returns the report.
     """
-    study = build_study(study_trials(results), spec, diagnostics=study_diagnostics(results), num_train=num_train)
+    study = build_study(study_trials(results), spec, diagnostics=study_diagnostics(results),
+                        provenance=provenance(), num_train=num_train)
     for name, table in study.tables.items():
         parent.log_table(table, f"study/{name}")
     for name, figure in study.figures.items():

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from ..provenance import run_tags
 from .patience import TrackingUnavailableError, hand_retries_to_us, patient
 
 if TYPE_CHECKING:  # mlflow is imported where used: `cnnflow --help` should not wait for it
@@ -231,7 +232,7 @@ class Store:
     @patient
     def _create_run(self, experiment_id: str, name: str, *, parent_id: str | None, params: dict[str, Any] | None,
                     tags: dict[str, Any] | None) -> Run:
-        all_tags = {**prefect_tags(), **(tags or {})}
+        all_tags = {**run_tags(), **prefect_tags(), **(tags or {})}
         if parent_id:
             all_tags[MLFLOW_PARENT_RUN_ID] = parent_id
         created = self.client.create_run(experiment_id, run_name=name,

@@ -1,0 +1,74 @@
+"""Where a result came from: the commit, the package versions, the command, the user.
+
+Every MLflow run carries these as tags (MLflow's own source tags, which its UI
+shows), and every study report and figure states them, so that a number can be
+traced to the code and the command that produced it.
+"""
+
+from __future__ import annotations
+
+import functools
+import getpass
+import platform
+import shlex
+import subprocess
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("cnncore", "numpy", "mlflow", "prefect")
+
+
+@functools.cache
+def git_commit() -> str:
+    """The checkout's commit (short hash), with "-dirty" when tracked files differ from it; "unknown" outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+@functools.cache
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in PACKAGES:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def command() -> str:
+    """The command line this process was started with, as a shell would take it (the program by its name)."""
+    argv = [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv and sys.argv[0] else ["python"]
+    return shlex.join(argv)
+
+
+def user() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return "unknown"
+
+
+def provenance(command_line: str | None = None) -> dict[str, str]:
+    """commit, versions (one line), command and date (UTC), for a report's header or a figure's footer."""
+    return {"commit": git_commit(),
+            "versions": ", ".join(f"{name} {version}" for name, version in versions().items()),
+            "command": command_line or command(),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def run_tags() -> dict[str, str]:
+    """MLflow's source tags for a run of this process: its commit, its command as the source, its user."""
+    return {"mlflow.source.git.commit": git_commit(), "mlflow.source.name": command(),
+            "mlflow.source.type": "LOCAL", "mlflow.user": user()}
