@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-slow test-all bench bench-torch clean
+.PHONY: run test test-slow test-all studies bench bench-torch clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,13 +18,27 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# The slow tier: the compose stack run natively on Postgres (needs Debian's `postgresql`,
-# else it skips saying so) and the Docker image's pinned dependencies in a fresh venv.
+# The slow tier: faults against real processes (signals, kill -9, a tracking server killed
+# mid-sweep, two runs at once), the compose stack run natively on Postgres (needs Debian's
+# `postgresql`, else it skips saying so), the Docker image's pinned dependencies in a fresh
+# venv, and the small study presets checked against their committed numbers.
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m ''
+
+# The study reports under docs/studies/: each preset run (resuming what already finished in
+# the experiment `studies`), then its report, figures and tables exported. The MNIST presets
+# read the MNIST files from $$CNNCORE_DATA_DIR (README). `make studies SIZE=-small` runs the
+# small versions, whose trials the slow tests compare with what the code produces now.
+STUDIES := bn-vs-gn:bn-vs-gn-digits mnist-fc-control:mnist-fc-control mnist-convnet:mnist-convnet
+studies: $(STAMP)
+	set -e; for study in $(STUDIES); do \
+	  preset=$${study%%:*}$(SIZE); name=$${study##*:}$(SIZE); \
+	  $(BIN)/cnnflow run sweep --preset $$preset --experiment studies; \
+	  $(BIN)/cnnflow report $$name --experiment studies --to docs/studies/$$name > /dev/null; \
+	done
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_layers.py

@@ -183,7 +183,8 @@ def test_interaction_figure_has_the_zero_line_and_the_delta_band():
 
 def test_tables_hold_each_normalization_and_batch():
     tables = build_study(synthetic_trials(5.0), spec()).tables
-    assert set(tables) == {"updates", "cells", "best_val_cells", "changes", "interactions"}
+    assert set(tables) == {"updates", "cells", "best_val_cells", "changes", "interactions", "trials"}
+    assert len(tables["trials"]) == len(synthetic_trials(5.0))  # the records the report was built from
     assert len(tables["cells"]) == 6 and list(tables["cells"]["normalization"][:3]) == ["batchnorm"] * 3
     assert list(tables["cells"]["batch_size"][:3]) == [32, 8, 2]
     assert len(tables["changes"]) == 4 and len(tables["interactions"]) == 2
@@ -193,4 +194,11 @@ def test_no_finished_trial_gives_a_report_that_says_so():
     empty = synthetic_trials(0.0).iloc[:0]
     result = build_study(empty, spec())
     assert "No trial finished: there is nothing to compare." in result.markdown and not result.figures
+    assert "![" not in result.markdown  # no link to a figure that was not drawn
     assert "18 trials planned, 0 finished; 18 did not finish" in result.markdown
+
+
+def test_the_report_links_the_figures_it_was_drawn_with():
+    result = build_study(synthetic_trials(5.0), spec())
+    for name in ("interaction_vs_batch_size", "error_vs_batch_size"):
+        assert name in result.figures and f"]({name}.png)" in result.markdown

@@ -111,3 +111,22 @@ def runs(
             typer.echo(json.dumps(rows, indent=2))
         else:
             print_runs_table(rows)
+
+
+@app.command()
+def report(
+    name: Annotated[str, typer.Argument(help="The study's sweep name, e.g. mnist-fc-control.")],
+    to: Annotated[Optional[Path], typer.Option(help="Folder to copy the report, its figures and tables into.")] = None,
+    experiment: Annotated[Optional[list[str]], typer.Option(
+        "--experiment", "-e", help="Experiment to look in; repeatable. Default: every experiment.")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(
+        help="MLflow tracking URI; else $MLFLOW_TRACKING_URI, else the project's sqlite store.")] = None,
+):
+    """Print a study's report (the latest sweep of that name); --to also copies its figures and tables."""
+    with one_line_errors():
+        from .report import export_study, find_study
+
+        run, record = find_study(tracking_uri, name, experiment)
+        typer.echo(export_study(run, to).rstrip())
+        if to is not None:
+            typer.echo(f"\nwritten to {to}/ (report.md, figures, tables) from run {record.id}", err=True)

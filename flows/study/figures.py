@@ -39,8 +39,8 @@ def error_figure(cells: pd.DataFrame, name: str) -> Figure:
         (line,) = ax.plot(rows["batch_size"], rows["mean"], "o-", label=LABELS.get(norm, norm))
         ax.fill_between(rows["batch_size"], rows["low"], rows["high"], color=line.get_color(), alpha=0.2, lw=0)
     _batch_axis(ax, cells["batch_size"])
-    ax.set(ylabel="test error (%)",
-           title=f"{name}: final model's test error, mean and 95% CI over {_seeds_phrase(cells['n'])}")
+    ax.set_ylabel("test error (%)")
+    ax.set_title(f"{name}\nfinal model's test error: mean and 95% CI over {_seeds_phrase(cells['n'])}", fontsize=10)
     ax.legend()
     return fig
 
@@ -59,9 +59,9 @@ def interaction_figure(table: pd.DataFrame, delta: float, a_label: str, b_label:
     ax.plot(rows["batch_size"], rows["mean"], "o-", color="C3", label="mean over seeds")
     _batch_axis(ax, [*rows["batch_size"], *rows["reference"]])
     reference = int(rows["reference"].iloc[0])
-    ax.set(ylabel=f"extra error of {a_label} over {b_label} (points)",
-           title=f"({a_label}(b) - {a_label}({reference})) - ({b_label}(b) - {b_label}({reference})), "
-                 f"paired over {_seeds_phrase(rows['n'])}")
+    ax.set_ylabel(f"extra error of {a_label} over {b_label} (points)")
+    ax.set_title(f"({a_label}(b) - {a_label}({reference})) - ({b_label}(b) - {b_label}({reference}))\n"
+                 f"mean and 95% CI, paired over {_seeds_phrase(rows['n'])}", fontsize=10)
     ax.legend()
     return fig
 

@@ -81,8 +81,12 @@ def build_study(trials: pd.DataFrame, spec: SweepSpec, diagnostics: pd.DataFrame
         if pair_rows.get(primary):
             figures["interaction_vs_batch_size"] = interaction_figure(
                 as_table(pair_rows[primary], Interaction), delta, *map(short_label, primary))
-        parts += [answer_section(pair_rows, primary, reference, delta), changes_section(norm_changes, reference, delta),
-                  errors_section(tables["cells"], tables["best_val_cells"])]
+        tables["trials"] = finished.sort_values(KEYS, ignore_index=True)
+        parts += [answer_section(pair_rows, primary, reference, delta)
+                  + _figure_link(figures, "interaction_vs_batch_size", "the interaction against batch size"),
+                  changes_section(norm_changes, reference, delta),
+                  errors_section(tables["cells"], tables["best_val_cells"])
+                  + _figure_link(figures, "error_vs_batch_size", "test error against batch size")]
     if diagnostics is not None:
         tables["diagnostics_layers"] = diag.layer_summary(diagnostics)
         tables["diagnostics_model"] = diag.model_summary(diagnostics)
@@ -93,6 +97,11 @@ def build_study(trials: pd.DataFrame, spec: SweepSpec, diagnostics: pd.DataFrame
 
 
 # ---------------------------------------------------------------- formatting
+
+
+def _figure_link(figures: dict[str, Figure], name: str, text: str) -> str:
+    """A markdown image beside the report: report.md and the figures are written to one folder."""
+    return f"\n\n![{text}]({name}.png)" if name in figures else ""
 
 
 def _cell_table(finished: pd.DataFrame, measure: str) -> pd.DataFrame:

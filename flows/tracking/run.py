@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 import threading
 import time
@@ -140,6 +141,12 @@ class Run:
             self._client.log_table(self.id, table, artifact)
 
     @patient
+    def download(self, artifact_path: str, dest: str | Path) -> Path:
+        """Copy an artifact (a file or a folder) of the run into dest; returns the local path."""
+        with _quiet_downloads():
+            return Path(self._client.download_artifacts(self.id, artifact_path, str(dest)))
+
+    @patient
     def log_datasets(self, name: str, data: dict, source: str | None = None) -> None:
         """The train, val and test splits as the run's dataset inputs (name, shape, digest)."""
         import mlflow.data
@@ -234,6 +241,20 @@ def tracked_flow_run(experiment: str, run_name: str, *, tracking_uri: str | None
     with store._create_run(experiment_id, run_name, parent_id=parent_run_id, params=params, tags=tags) as run:
         run.link_flow_run()
         yield run
+
+
+@contextlib.contextmanager
+def _quiet_downloads() -> Iterator[None]:
+    """No progress bar: MLflow draws one per download, which buries a command's own output."""
+    previous = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = previous
 
 
 def _now_ms() -> int:

@@ -265,6 +265,14 @@ class Store:
         return self._search([experiment_id], conditions, ["attributes.start_time ASC"])
 
     @patient
+    def latest_run(self, tags: dict[str, str], experiment_ids: list[str] | None = None) -> RunRecord | None:
+        """The most recent active run with these tags, in the given experiments (default: all), or None."""
+        ids = experiment_ids or list(self.experiment_names())
+        found = self._search(ids, " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items()),
+                             ["attributes.start_time DESC"]) if ids else []
+        return found[0] if found else None
+
+    @patient
     def recent_runs(self, experiment_ids: list[str], limit: int) -> list[RunRecord]:
         """The most recent active runs of the experiments, newest first."""
         if not experiment_ids:
