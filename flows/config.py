@@ -12,7 +12,7 @@ import hashlib
 import itertools
 import json
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
@@ -33,7 +33,21 @@ MAX_EPOCHS = 1000
 
 
 class _Frozen(BaseModel):
+    """Frozen, no unknown fields, and a clear word for a field under its old name."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Old field name -> the new one. Each seed is named for what it seeds; `seed` alone was ambiguous.
+    renamed: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_old_names(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            old = sorted(set(data) & set(cls.renamed))
+            if old:
+                raise ValueError("; ".join(f"{name} is now called {cls.renamed[name]} "
+                                           f"({cls.model_fields[cls.renamed[name]].description})" for name in old))
+        return data
 
 
 class _Subsets(_Frozen):
@@ -49,8 +63,10 @@ class _Subsets(_Frozen):
 class DataSpec(_Subsets):
     """Which images to load: cnncore.data.load_dataset's arguments (hashable, so a memo key)."""
 
+    renamed: ClassVar[dict[str, str]] = {"seed": "data_seed"}
+
     dtype: FloatDType = Field("float32", description="Floating-point type of the images.")
-    seed: NonNegativeInt = Field(0, description="Seed of the train/val/test split and subsets.")
+    data_seed: NonNegativeInt = Field(0, description="Seed of the train/val/test split and subsets.")
 
 
 class TrainConfig(_Subsets):
@@ -60,10 +76,12 @@ class TrainConfig(_Subsets):
     filters, then affine-relu-affine: with depth 1, CS231n's ThreeLayerConvNet) or
     CS231n's FullyConnectedNet (`depth` hidden layers of `hidden_dim` units, each
     affine-[norm]-relu). The defaults reach about 96% validation accuracy on digits in
-    a few seconds. `data_seed` fixes the train/val/test split and subsets; `seed`
-    fixes the weight initialisation and the minibatch order, so a sweep over `seed`
+    a few seconds. `data_seed` fixes the train/val/test split and subsets; `train_seed`
+    fixes the weight initialisation and the minibatch order, so a sweep over `train_seed`
     compares runs on the same data.
     """
+
+    renamed: ClassVar[dict[str, str]] = {"seed": "train_seed"}
 
     model: ModelName = Field("convnet", description="The net: convnet (conv blocks, then two affine layers) or "
                                                     "fc_net (CS231n's FullyConnectedNet).")
@@ -91,7 +109,7 @@ class TrainConfig(_Subsets):
     # 1000 epochs of the largest dataset here (CIFAR-10) is weeks on a CPU: more is a typo.
     num_epochs: PositiveInt = Field(3, le=MAX_EPOCHS, description="Training epochs.")
     dtype: FloatDType = Field("float32", description="Floating-point type of data and weights.")
-    seed: NonNegativeInt = Field(0, description="Seed of the weight initialisation and minibatch order.")
+    train_seed: NonNegativeInt = Field(0, description="Seed of the weight initialisation and minibatch order.")
     device: Literal["cpu", "cuda"] = Field("cpu", description="Where to train: cpu, or cuda (needs CuPy and a GPU).")
     diagnostics: bool = Field(False, description="After training, measure how noisy the normalization statistics "
                                                  "were and what that cost (logged as diag/ metrics; studies do).")
@@ -143,7 +161,7 @@ class TrainConfig(_Subsets):
 
     def data_spec(self) -> DataSpec:
         return DataSpec(dataset=self.dataset, num_train=self.num_train, num_val=self.num_val,
-                        num_test=self.num_test, dtype=self.dtype, seed=self.data_seed)
+                        num_test=self.num_test, dtype=self.dtype, data_seed=self.data_seed)
 
     def effective(self) -> dict[str, Any]:
         """The fields that change the result: num_groups only counts for groupnorm, the conv's
@@ -192,7 +210,7 @@ class SweepSpec(_Frozen):
     base: the configuration every trial starts from.
     space: field name -> a list of values (grid or random) or an Interval (random only).
     search: "grid" takes every combination; "random" draws num_trials configurations
-      with numpy's default_rng(seed), each field independently.
+      with numpy's default_rng(search_seed), each field independently.
     lr_reference_batch: when set, each trial's learning rate is scaled linearly with
       its batch size, learning_rate x batch_size / lr_reference_batch (Goyal et al.'s
       rule, used by the Group Normalization paper with 32 as the reference).
@@ -201,6 +219,8 @@ class SweepSpec(_Frozen):
     Trials with the same effective configuration (see TrainConfig.effective) are
     run once. Every trial is validated here, before any work starts.
     """
+
+    renamed: ClassVar[dict[str, str]] = {"seed": "search_seed"}
 
     name: str = Field(default="bn-vs-gn", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100,
                       description="Name of the sweep (its MLflow parent run and Prefect artifacts).")
@@ -211,7 +231,7 @@ class SweepSpec(_Frozen):
     search: Literal["grid", "random"] = Field(
         "grid", description="grid: every combination; random: --num-trials seeded draws.")
     num_trials: PositiveInt | None = Field(None, description="Trials of a random search.")
-    seed: NonNegativeInt = Field(0, description="Seed of a random search's draws.")
+    search_seed: NonNegativeInt = Field(0, description="Seed of a random search's draws.")
     lr_reference_batch: PositiveInt | None = Field(
         None, description="Scale each trial's learning rate by batch_size / this (linear scaling rule).")
     study: Literal["bn-vs-gn"] | None = Field(
@@ -264,7 +284,7 @@ class SweepSpec(_Frozen):
         return list(trials.values())
 
     def _random_overrides(self) -> list[dict[str, Any]]:
-        rng = np.random.default_rng(self.seed)
+        rng = np.random.default_rng(self.search_seed)
         integer = {k for k, f in TrainConfig.model_fields.items() if f.annotation is int}
         overrides = []
         for _ in range(self.num_trials):

@@ -243,7 +243,7 @@ CheckNames = Annotated[list[str], AfterValidator(_known_checks)]
 @flow(name="gradient-check", log_prints=True)
 def gradient_check(
     only: CheckNames | None = None,
-    seed: NonNegativeInt = 0,
+    input_seed: NonNegativeInt = 0,
     experiment: str = "cnncore-gradient-check",
     tracking_uri: str | None = None,
     parent_run_id: str | None = None,
@@ -255,17 +255,17 @@ def gradient_check(
 
     Args:
         only: Run only the checks with this name; repeatable. Default: every check.
-        seed: Seed of the random inputs of the checks.
+        input_seed: Seed of the random inputs of the checks.
         experiment: MLflow experiment to log to.
         tracking_uri: MLflow tracking URI; else $MLFLOW_TRACKING_URI, else the project's sqlite store.
         parent_run_id: MLflow run to nest this run under.
     """
     selected = list(dict.fromkeys(only)) if only else list(CHECKS)
-    params = {"seed": seed, "checks": ",".join(selected), "layer_threshold": LAYER_THRESHOLD,
+    params = {"input_seed": input_seed, "checks": ",".join(selected), "layer_threshold": LAYER_THRESHOLD,
               "net_threshold": NET_THRESHOLD, "zero_gradient_threshold": ZERO_GRADIENT_THRESHOLD}
     with tracked_flow_run(experiment, "gradient-check", tracking_uri=tracking_uri,
                           parent_run_id=parent_run_id, params=params) as run:
-        results = [r for layer in selected for r in check_gradients(layer, seed)]
+        results = [r for layer in selected for r in check_gradients(layer, input_seed)]
         log_gradient_errors(run, results)
         failed = [r for r in results if not r.passed]
         if failed:

@@ -41,7 +41,7 @@ def load_data_once(spec: DataSpec) -> dict:
             _memo.move_to_end(spec)
             return _memo[spec]
         data = datasets.load_dataset(spec.dataset, num_train=spec.num_train, num_val=spec.num_val,
-                                     num_test=spec.num_test, dtype=spec.dtype, seed=spec.seed)
+                                     num_test=spec.num_test, dtype=spec.dtype, seed=spec.data_seed)
         for value in data.values():
             if isinstance(value, np.ndarray):
                 value.setflags(write=False)
@@ -81,7 +81,7 @@ def load_data(
     num_val: PositiveInt | None = None,
     num_test: PositiveInt | None = None,
     dtype: FloatDType = "float32",
-    seed: NonNegativeInt = 0,
+    data_seed: NonNegativeInt = 0,
     experiment: str = "cnncore-data",
     tracking_uri: str | None = None,
     parent_run_id: str | None = None,
@@ -97,12 +97,13 @@ def load_data(
         num_val: Validation images to use (a seeded subset); the loader's split when unset.
         num_test: Test images to use (a seeded subset); all when unset.
         dtype: Floating-point type of the images.
-        seed: Seed of the train/val/test split and subsets.
+        data_seed: Seed of the train/val/test split and subsets.
         experiment: MLflow experiment to log to.
         tracking_uri: MLflow tracking URI; else $MLFLOW_TRACKING_URI, else the project's sqlite store.
         parent_run_id: MLflow run to nest this run under.
     """
-    spec = DataSpec(dataset=dataset, num_train=num_train, num_val=num_val, num_test=num_test, dtype=dtype, seed=seed)
+    spec = DataSpec(dataset=dataset, num_train=num_train, num_val=num_val, num_test=num_test, dtype=dtype,
+                    data_seed=data_seed)
     with tracked_flow_run(experiment, f"load-data-{dataset}", tracking_uri=tracking_uri,
                           parent_run_id=parent_run_id, params=spec.model_dump()) as run:
         data = load_dataset(spec)

@@ -67,7 +67,7 @@ class Fitted:
 def build_net(config: TrainConfig, data: dict) -> Classifier:
     """The configuration's net, sized for data's images and classes."""
     common = dict(num_classes=len(data["class_names"]), weight_scale=config.weight_scale, reg=config.reg,
-                  dtype=config.dtype, normalization=config.normalization, seed=config.seed, device=config.device)
+                  dtype=config.dtype, normalization=config.normalization, seed=config.train_seed, device=config.device)
     if config.model == "fc_net":
         return FullyConnectedNet([config.hidden_dim] * config.depth, input_dim=int(np.prod(data["X_train"].shape[1:])),
                                  **common)
@@ -126,7 +126,7 @@ def fit(run: Run, config: TrainConfig, data: dict, *, source: str | None = None,
     solver = Solver(net, data, update_rule=config.update_rule, optim_config={"learning_rate": config.learning_rate},
                     lr_decay=config.lr_decay, lr_steps=config.lr_steps, batch_size=config.batch_size,
                     num_epochs=config.num_epochs,
-                    num_train_samples=NUM_TRAIN_SAMPLES, verbose=False, seed=config.seed,
+                    num_train_samples=NUM_TRAIN_SAMPLES, verbose=False, seed=config.train_seed,
                     on_iteration=stream.on_iteration, on_epoch=stream.on_epoch)
     start = time.perf_counter()
     try:
@@ -176,11 +176,11 @@ def log_diagnostics(run: Run, net: Classifier, config: TrainConfig, data: dict) 
     X_train, X_test, y_test = data["X_train"], data["X_test"], data["y_test"]
     batch = min(config.batch_size, len(X_train))
     # Batch statistics are batch norm's alone: a group-kind layer normalises each image by itself.
-    moments = [m for m in diagnostics.sample_batch_moments(net, X_train, batch, DIAGNOSTIC_BATCHES, seed=config.seed)
+    moments = [m for m in diagnostics.sample_batch_moments(net, X_train, batch, DIAGNOSTIC_BATCHES, seed=config.train_seed)
                if m.kind == "batchnorm"]
     found = {**diagnostics.effective_sample_sizes(moments), **diagnostics.log_variance_spreads(moments),
              **diagnostics.group_statistics_spread(net, X_train),
-             **diagnostics.train_test_error(net, X_test, y_test, min(batch, len(X_test)), seed=config.seed)}
+             **diagnostics.train_test_error(net, X_test, y_test, min(batch, len(X_test)), seed=config.train_seed)}
     if config.normalization == "batchnorm":
         found.update(diagnostics.recomputed_statistics_error(net, X_train, X_test, y_test))
     run.log_metrics({f"{DIAGNOSTICS_PREFIX}{name}": value for name, value in found.items()})

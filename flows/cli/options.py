@@ -133,8 +133,8 @@ def _flags(paths: list[tuple[str, ...]]) -> list[str]:
 
     The flow's parameter name is left out (train(config) gives `--batch-size`,
     not `--config-batch-size`) unless two parameters clash. Where names clash,
-    a single shallowest path keeps the short name: a sweep's own `--seed`, and
-    `--base-seed` for the seed of its base TrainConfig.
+    a single shallowest path keeps the short name: a sweep's own `--name`, and
+    `--base-name` for a field of the same name in its base, were there one.
     """
     parts = [p[1:] or p for p in paths]
     depth = [1] * len(paths)
@@ -263,8 +263,11 @@ def validate_parameters(flow, params: dict, options: list[FlowOption]) -> dict:
     signature = inspect.signature(fn)
     unknown = sorted(set(params) - set(signature.parameters))
     if unknown:
+        # A parameter named for what it seeds (data_seed, input_seed) was `seed` before.
+        hints = [f"; {name} is now called {found[0]}" for name in unknown
+                 if len(found := [p for p in signature.parameters if p.endswith(f"_{name}")]) == 1]
         raise CliError(f"unknown parameters {unknown}; {flow.name if hasattr(flow, 'name') else fn.__name__} "
-                       f"takes {sorted(signature.parameters)}", 2)
+                       f"takes {sorted(signature.parameters)}{''.join(hints)}", 2)
     validated = {}
     for name, value in params.items():
         try:

@@ -71,7 +71,7 @@ def bn_vs_gn_spec(dataset: str = "digits", seeds: tuple[int, ...] = tuple(range(
     return SweepSpec(
         name=name or f"bn-vs-gn-{dataset}",
         base=TrainConfig(**base),
-        space={"normalization": list(normalizations), "batch_size": list(batch_sizes), "seed": list(seeds)},
+        space={"normalization": list(normalizations), "batch_size": list(batch_sizes), "train_seed": list(seeds)},
         lr_reference_batch=REFERENCE_BATCH,
         study="bn-vs-gn",
     )
@@ -106,7 +106,7 @@ def mnist_fc_control_spec(seeds: tuple[int, ...] = tuple(range(10)), num_epochs:
         name=name,
         base=TrainConfig(**base),
         space={"normalization": ["batchnorm", "layernorm", "none"], "batch_size": list(batch_sizes),
-               "seed": list(seeds)},
+               "train_seed": list(seeds)},
         lr_reference_batch=REFERENCE_BATCH,
         study="bn-vs-gn",
     )

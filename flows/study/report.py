@@ -53,7 +53,7 @@ def build_study(trials: pd.DataFrame, spec: SweepSpec, diagnostics: pd.DataFrame
     """
     delta = require_real("delta", delta, low=0)
     finished = require_trials(trials).dropna(subset=["test_error"])
-    planned = {(t.normalization, t.batch_size, t.seed) for t in spec.trials()}
+    planned = {(t.normalization, t.batch_size, t.train_seed) for t in spec.trials()}
     missing = sorted(planned - set(map(tuple, finished[KEYS].values.tolist())))
     num_train = spec.base.num_train if num_train is None else num_train
     tables = {"updates": updates_table(spec, num_train)}
@@ -183,7 +183,7 @@ def design_section(spec: SweepSpec, updates: pd.DataFrame, num_planned: int, mis
                    num_train: int | None) -> str:
     base, trials = spec.base, spec.trials()
     norms = _ordered_names(t.normalization for t in trials)
-    seeds = sorted({t.seed for t in trials})
+    seeds = sorted({t.train_seed for t in trials})
     rule = (f"{base.learning_rate:g} x b/{spec.lr_reference_batch}" if spec.lr_reference_batch
             else f"{base.learning_rate:g} at every batch size")
     test_images = f"{base.num_test} test images, one image = {100 / base.num_test:.2f} points" if base.num_test \

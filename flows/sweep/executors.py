@@ -64,13 +64,14 @@ def train_trial(run: Run, config: TrainConfig, stop: StopRequest | None = None) 
 
 @task(name="run trial", task_run_name="trial {index}", cache_policy=NO_CACHE)
 def run_trial(parent: Run, spec: SweepSpec, index: int, config: TrainConfig, processes: Executor | None,
-              stop: StopRequest) -> TrialResult | None:
+              stop: StopRequest | None) -> TrialResult | None:
     """Train one configuration as a child run (in one of the worker processes, when given).
 
     A training failure marks the run FAILED and is returned, not raised. A sweep that
     is stopping (stop set: a signal, or the tracking server gone) starts no new trial
     (None) and marks the one in progress KILLED with the reason. A tracking server
-    that stopped answering is raised, so the sweep stops.
+    that stopped answering is raised, so the sweep stops. On a Dask cluster there is
+    no stop to share (None): the cluster's own cancellation ends its tasks.
     """
     if stop:
         return None
@@ -83,10 +84,11 @@ def run_trial(parent: Run, spec: SweepSpec, index: int, config: TrainConfig, pro
         else:
             scores = processes.submit(train_trial, run, config).result()
     except TrackingUnavailableError as exc:
-        stop.set(exc)
+        if stop is not None:
+            stop.set(exc)
         raise
     except BaseException as exc:
-        reason = stop.reason or exc  # a worker killed by a stopping sweep reports a broken pool, not why
+        reason = (stop.reason if stop else None) or exc  # a worker stopped by the sweep reports why it stopped
         with contextlib.suppress(TrackingUnavailableError):
             run.fail(reason)
         if stop:
@@ -170,7 +172,8 @@ def run_trials(parent: Run, spec: SweepSpec, todo: dict[int, TrainConfig], max_w
     with (threadpool_limits(limits=blas_threads, user_api="blas"),
           prefect_task_runner(max_workers, dask_address) as runner, processes or contextlib.nullcontext()):
         futures = {runner.submit(run_trial, parameters=dict(
-            parent=parent, spec=spec, index=index, config=config, processes=processes, stop=stop)): index
+            parent=parent, spec=spec, index=index, config=config, processes=processes,
+            stop=stop if dask_address is None else None)): index
             for index, config in todo.items()}
         try:
             for future in as_completed(list(futures)):

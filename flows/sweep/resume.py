@@ -75,7 +75,7 @@ def open_sweep_run(store: Store, experiment: str, spec: SweepSpec, trials: list[
         lease.confirm(run, spec.name, owner)
         run.reopen()
         return run, True
-    params = {"search": spec.search, "seed": spec.seed, "num_trials": len(trials),
+    params = {"search": spec.search, "search_seed": spec.search_seed, "num_trials": len(trials),
               "space": json.dumps({k: v if isinstance(v, list) else v.model_dump() for k, v in spec.space.items()}),
               **base_params(spec)}
     run = store.start_run(experiment, spec.name, parent_id=parent_run_id, params=params,

@@ -66,7 +66,7 @@ def study_trials(results: list[TrialResult]) -> pd.DataFrame:
     Errors in percent: test_error is the final net's (the study's measure, as the
     paper's), best_val_test_error the best-validation net's.
     """
-    rows = [{"normalization": r.config.normalization, "batch_size": r.config.batch_size, "seed": r.config.seed,
+    rows = [{"normalization": r.config.normalization, "batch_size": r.config.batch_size, "seed": r.config.train_seed,
              "test_error": _percent_error(r.final_test_acc), "best_val_test_error": _percent_error(r.test_acc),
              "run_id": r.run_id}
             for r in results if r.status == FINISHED and r.final_test_acc is not None]
@@ -95,7 +95,7 @@ def study_diagnostics(results: list[TrialResult]) -> pd.DataFrame | None:
         for name, value in r.diagnostics.items():
             layer, _, metric = name.rpartition("/")
             rows.append({"normalization": r.config.normalization, "batch_size": r.config.batch_size,
-                         "seed": r.config.seed, "metric": metric,
+                         "seed": r.config.train_seed, "metric": metric,
                          "layer": float(layer.removeprefix("norm")) if layer else float("nan"),
                          "value": 100.0 * value if metric in _ERROR_DIAGNOSTICS else value})
     return pd.DataFrame(rows) if rows else None

@@ -48,9 +48,9 @@ def test_grid_takes_every_distinct_combination_in_order():
 def test_random_search_is_reproducible_from_its_seed():
     space = {"learning_rate": Interval(low=1e-4, high=1e-1, log=True), "batch_size": Interval(low=4, high=64),
              "normalization": ["batchnorm", "groupnorm"]}
-    first = SweepSpec(search="random", num_trials=6, seed=3, space=space).trials()
-    again = SweepSpec(search="random", num_trials=6, seed=3, space=space).trials()
-    other = SweepSpec(search="random", num_trials=6, seed=4, space=space).trials()
+    first = SweepSpec(search="random", num_trials=6, search_seed=3, space=space).trials()
+    again = SweepSpec(search="random", num_trials=6, search_seed=3, space=space).trials()
+    other = SweepSpec(search="random", num_trials=6, search_seed=4, space=space).trials()
     assert first == again and first != other
     assert all(1e-4 <= t.learning_rate <= 1e-1 and isinstance(t.batch_size, int) for t in first)
 

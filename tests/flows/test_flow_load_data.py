@@ -24,14 +24,14 @@ def load_count(calls_to):
 
 
 def test_load_data_returns_the_solver_dict_and_records_its_splits(store):
-    state = load_data(num_train=100, num_test=40, seed=1, tracking_uri=store.uri, return_state=True)
+    state = load_data(num_train=100, num_test=40, data_seed=1, tracking_uri=store.uri, return_state=True)
     data = state.result()
     assert data["X_train"].shape == (100, 1, 8, 8) and data["X_test"].shape == (40, 1, 8, 8)
     assert data["X_train"].dtype == np.float32 and data["y_train"].dtype == np.int64
 
     [run] = store.runs("cnncore-data")
     assert run.info.status == "FINISHED"
-    assert run.data.params["num_train"] == "100" and run.data.params["seed"] == "1"
+    assert run.data.params["num_train"] == "100" and run.data.params["data_seed"] == "1"
     assert run.data.metrics["num_train"] == 100 and run.data.metrics["num_classes"] == 10
     inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
     assert set(inputs) == {"digits-train", "digits-val", "digits-test"}
@@ -57,7 +57,7 @@ def test_same_arguments_load_once_and_give_read_only_arrays(load_count):
 
 
 def test_a_sweep_of_several_trials_loads_its_data_once(store, tiny, load_count):
-    spec = SweepSpec(name="load-once", base=tiny, space={"seed": [0, 1, 2]})
+    spec = SweepSpec(name="load-once", base=tiny, space={"train_seed": [0, 1, 2]})
     # One process (trials in threads): each worker process would keep its own memo.
     report = sweep(spec=spec, tracking_uri=store.uri, trials_in="threads")
     assert [t.status for t in report.trials] == ["FINISHED"] * 3

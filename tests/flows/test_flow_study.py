@@ -20,18 +20,54 @@ from flows.sweep import sweep
 def test_preset_grid_is_the_papers_design():
     spec = preset_spec("bn-vs-gn")
     trials = spec.trials()
-    cells = {(t.normalization, t.batch_size, t.seed) for t in trials}
-    assert cells == {(n, b, s) for n in NORMALIZATIONS for b in (32, 16, 8, 4, 2) for s in (0, 1, 2)}
-    assert len(trials) == 75
-    assert NORMALIZATIONS == ("batchnorm", "groupnorm", "layernorm", "instancenorm", "none")
-    assert set(NORMALIZATIONS) == set(NET_NORMALIZATIONS)
-    # Same epochs everywhere; the learning rate scales linearly with the batch size (0.02 x N/32).
-    assert {t.num_epochs for t in trials} == {spec.base.num_epochs}
+    cells = {(t.normalization, t.batch_size, t.train_seed) for t in trials}
+    assert cells == {(n, b, s) for n in ("batchnorm", "groupnorm", "layernorm", "instancenorm", "none")
+                     for b in (32, 16, 8, 4, 2) for s in range(10)}
+    assert len(trials) == 250
+    # The same epochs at every batch size: the preset's 10, and the grid does not vary them.
+    assert "num_epochs" not in spec.space and {t.num_epochs for t in trials} == {10}
+    # The learning rate scales linearly with the batch size (0.02 x N/32).
     for t in trials:
-        assert math.isclose(t.learning_rate, spec.base.learning_rate * t.batch_size / 32)
+        assert math.isclose(t.learning_rate, 0.02 * t.batch_size / 32)
     # Group norm: 16 channels per group (the paper's ablation) on the 32 filters.
     assert spec.base.num_filters == 32 and {t.num_groups for t in trials if t.normalization == "groupnorm"} == {2}
     assert spec.base.update_rule == "sgd_momentum" and spec.study == "bn-vs-gn"
+    assert all(t.diagnostics for t in trials) and {t.depth for t in trials} == {1}
+
+
+def test_the_study_orders_the_nets_normalizations_with_no_norm_last():
+    assert set(NORMALIZATIONS) == set(NET_NORMALIZATIONS) and NORMALIZATIONS[-1] == "none"
+    assert NORMALIZATIONS[:2] == ("batchnorm", "groupnorm")
+
+
+def test_the_transfer_preset_is_a_three_block_convnet_on_mnist_bn_against_gn():
+    spec = preset_spec("mnist-convnet")
+    trials = spec.trials()
+    assert {(t.model, t.depth, t.dataset, t.filter_size) for t in trials} == {("convnet", 3, "mnist", 3)}
+    assert {t.normalization for t in trials} == {"batchnorm", "groupnorm"}
+    assert {t.batch_size for t in trials} == {32, 16, 8, 4, 2} and len({t.train_seed for t in trials}) >= 5
+    assert {t.num_epochs for t in trials} == {5} and all(t.diagnostics for t in trials)
+    assert {t.num_groups for t in trials if t.normalization == "groupnorm"} == {2}
+
+
+def test_the_positive_control_is_cs231n_fully_connected_net_with_bn_ln_and_none():
+    spec = preset_spec("mnist-fc-control")
+    trials = spec.trials()
+    assert {(t.model, t.depth, t.hidden_dim, t.dataset) for t in trials} == {("fc_net", 4, 100, "mnist")}
+    assert {t.normalization for t in trials} == {"batchnorm", "layernorm", "none"}
+    assert {t.batch_size for t in trials} == {32, 16, 8, 4, 2} and len({t.train_seed for t in trials}) >= 5
+    for t in trials:
+        assert math.isclose(t.learning_rate, 0.005 * t.batch_size / 32)
+
+
+@pytest.mark.parametrize("preset", ["bn-vs-gn", "mnist-convnet", "mnist-fc-control"])
+def test_a_small_preset_is_its_full_design_cut_down(preset):
+    full, small = preset_spec(preset), preset_spec(f"{preset}-small")
+    assert small.name == f"{full.name}-small"
+    assert {t.normalization for t in small.trials()} == {t.normalization for t in full.trials()}
+    assert {t.batch_size for t in small.trials()} == {32, 4} and {t.train_seed for t in small.trials()} == {0, 1}
+    assert (small.base.model, small.base.depth) == (full.base.model, full.base.depth)
+    assert small.base.num_train == 600 and small.base.num_epochs == 1
 
 
 def test_cifar10_preset_runs_the_same_design_with_the_seeds_net():
@@ -69,7 +105,7 @@ def test_small_preset_run_reports_exactly_what_its_child_runs_logged(store, tmp_
     children = [r for r in store.runs("cnncore-sweeps")
                 if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 8
-    error = {(r.data.params["normalization"], int(r.data.params["batch_size"]), int(r.data.params["seed"])):
+    error = {(r.data.params["normalization"], int(r.data.params["batch_size"]), int(r.data.params["train_seed"])):
              100 * (1 - r.data.metrics["test_acc"]) for r in children}
     cells = table("cells")
     assert len(cells) == 4
@@ -112,4 +148,4 @@ def test_preset_parameter_replaces_the_spec(store, monkeypatch):
     report = sweep(preset="bn-vs-gn", tracking_uri=store.uri, trials_in="threads")
     assert seen == {"preset": "bn-vs-gn", "dataset": "digits"}
     assert report.name == "study-tiny" and report.study_report.startswith("# BN vs GN")
-    assert io.StringIO(report.study_report).readline().strip() == "# BN vs GN across batch sizes: digits"
+    assert io.StringIO(report.study_report).readline().strip() == "# BN vs GN across batch sizes: digits, the three-layer convnet"

@@ -73,7 +73,7 @@ def test_diverging_trial_is_failed_with_its_reason_and_the_others_finish(store, 
 
 
 def test_trials_run_concurrently_as_children_tagged_with_the_flow_run(store, tiny):
-    spec = SweepSpec(name="together", base=tiny, space={"normalization": ["batchnorm", "groupnorm"], "seed": [0, 1]})
+    spec = SweepSpec(name="together", base=tiny, space={"normalization": ["batchnorm", "groupnorm"], "train_seed": [0, 1]})
     state = sweep(spec=spec, tracking_uri=store.uri, max_workers=2, return_state=True)
     report = state.result()
 
@@ -87,13 +87,13 @@ def test_trials_run_concurrently_as_children_tagged_with_the_flow_run(store, tin
 
 
 def test_rerun_skips_finished_trials_and_reruns_unfinished_ones(store, tiny, fits):
-    spec = SweepSpec(name="resume", base=tiny, space={"seed": [0, 1, 2]})
+    spec = SweepSpec(name="resume", base=tiny, space={"train_seed": [0, 1, 2]})
     # Trained in the task threads, so the spy sees every fit (worker processes are another test's).
     first = sweep(spec=spec, tracking_uri=store.uri, trials_in="threads")
     assert len(fits) == 3
     # What an interruption leaves: trial 0 finished, trial 1 cut off while RUNNING,
     # trial 2 never started (its run gone), the parent still RUNNING.
-    by_seed = {t.config.seed: t.run_id for t in first.trials}
+    by_seed = {t.config.train_seed: t.run_id for t in first.trials}
     store.client.update_run(by_seed[1], status="RUNNING")
     store.client.delete_run(by_seed[2])
     store.client.update_run(first.parent_run_id, status="RUNNING")
@@ -101,7 +101,7 @@ def test_rerun_skips_finished_trials_and_reruns_unfinished_ones(store, tiny, fit
 
     second = sweep(spec=spec, tracking_uri=store.uri, trials_in="threads")
 
-    assert sorted(config.seed for _, config, _ in fits) == [1, 2]
+    assert sorted(config.train_seed for _, config, _ in fits) == [1, 2]
     assert second.parent_run_id == first.parent_run_id
     assert [t.skipped for t in second.trials] == [True, False, False]
     assert second.trials[0].run_id == by_seed[0]
@@ -120,7 +120,7 @@ def test_sweep_with_an_unknown_field_fails_before_any_mlflow_run(store):
 
 
 def test_resume_false_starts_a_fresh_sweep_under_a_dated_name(store, tiny):
-    spec = SweepSpec(name="weekly", base=tiny, space={"seed": [0]})
+    spec = SweepSpec(name="weekly", base=tiny, space={"train_seed": [0]})
     first = sweep(spec=spec, tracking_uri=store.uri, trials_in="threads")
     fresh = sweep(spec=spec, tracking_uri=store.uri, trials_in="threads", resume=False)
     assert fresh.parent_run_id != first.parent_run_id
@@ -140,7 +140,7 @@ def test_trial_test_acc_is_measured_on_the_test_split(store, tiny, monkeypatch):
         return fitted
 
     monkeypatch.setattr(executors, "fit", keeping_the_net)
-    report = sweep(spec=SweepSpec(name="test-split", base=config, space={"seed": [0]}), tracking_uri=store.uri,
+    report = sweep(spec=SweepSpec(name="test-split", base=config, space={"train_seed": [0]}), tracking_uri=store.uri,
                    trials_in="threads")
 
     [net] = nets
@@ -153,7 +153,7 @@ def test_trial_test_acc_is_measured_on_the_test_split(store, tiny, monkeypatch):
 
 
 def test_a_changed_base_under_an_existing_name_is_refused_with_the_choices(store, tiny):
-    spec = SweepSpec(name="moving", base=tiny, space={"seed": [0]})
+    spec = SweepSpec(name="moving", base=tiny, space={"train_seed": [0]})
     first = sweep(spec=spec, tracking_uri=store.uri, trials_in="threads")
     changed = spec.model_copy(update={"base": tiny.model_copy(update={"num_epochs": 2})})
 

@@ -47,19 +47,40 @@ def test_train_options_are_generated_from_every_train_config_field():
     assert {"--experiment", "--tracking-uri", "--run-name"} <= flags
 
 
-def test_flag_clashes_keep_the_shallowest_name_short():
-    def sweep_like(spec: SweepSpec = SweepSpec(), experiment: str = "x"):
-        pass
-
-    flags = {o.path: o.flag for o in cli_options.flow_options(sweep_like)}
-    assert flags[("spec", "seed")] == "--seed"
-    assert flags[("spec", "base", "seed")] == "--base-seed"
-    assert flags[("spec", "base", "batch_size")] == "--batch-size"
-    assert flags[("spec", "space")] == "--space"
-
-
 class Small(BaseModel):
     seed: int = 0
+
+
+class Outer(BaseModel):
+    seed: int = 0
+    inner: Small = Small()
+    batch_size: int = 8
+
+
+def test_flag_clashes_keep_the_shallowest_name_short():
+    def flow_like(outer: Outer = Outer(), experiment: str = "x"):
+        pass
+
+    flags = {o.path: o.flag for o in cli_options.flow_options(flow_like)}
+    assert flags[("outer", "seed")] == "--seed"
+    assert flags[("outer", "inner", "seed")] == "--inner-seed"
+    assert flags[("outer", "batch_size")] == "--batch-size"
+
+
+def test_the_sweep_seeds_say_what_they_seed():
+    flags = {o.path: o.flag for o in run_options("sweep")}
+    assert flags[("spec", "search_seed")] == "--search-seed"
+    assert flags[("spec", "base", "train_seed")] == "--train-seed"
+    assert flags[("spec", "base", "data_seed")] == "--data-seed"
+    assert not [flag for flag in flags.values() if flag == "--seed"]
+
+
+def test_an_old_seed_name_in_a_params_file_is_refused_with_its_new_name(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("spec: {seed: 3, base: {seed: 1}}\n")
+    result = invoke("run", "sweep", "--params", str(params))
+    assert result.exit_code == 2
+    assert "seed is now called search_seed" in result.output
 
 
 def test_two_model_parameters_with_the_same_fields_get_their_parameter_names():
@@ -295,3 +316,11 @@ def test_a_store_password_goes_to_the_mlflow_server_in_its_environment_not_its_c
     assert env == {"MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg2://cnn:s3cret@db:5432/mlflow"}
     command, env = mlflow_server_command("sqlite:////tmp/mlflow.db", 5000)
     assert command[command.index("--backend-store-uri") + 1] == "sqlite:////tmp/mlflow.db" and env == {}
+
+
+def test_an_old_flow_parameter_name_is_refused_with_its_new_name(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("seed: 1\n")
+    result = invoke("run", "load-data", "--params", str(params))
+    assert result.exit_code == 2
+    assert result.output.strip().endswith("seed is now called data_seed")

@@ -82,7 +82,8 @@ def test_serve_registers_the_schedules_and_runs_an_ad_hoc_trigger(tmp_path, ops_
         def served():
             assert serving.poll() is None, log.read_text()[-3000:]
             found = deployments_on(prefect_server)
-            # Served deployments point at their flow by module (flows.sweep.sweep); `prefect deploy`'s by file.
+            # Served deployments name their flow by dotted path (flows.sweep.flow.sweep); prefect.yaml's
+            # (what `prefect deploy` registered) as module:function.
             ready = EXPECTED <= set(found) and all(
                 found[n]["schedules"] and ":" not in found[n]["entrypoint"] for n in EXPECTED)
             return found if ready else None

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 CNNFLOW = Path(sys.executable).with_name("cnnflow")
 NUM_TRIALS = 6
 # About 3 s of training per trial: long enough to interrupt a sweep in the middle of a trial.
-SWEEP = ["--space", "seed=" + ",".join(map(str, range(NUM_TRIALS))), "--num-train", "1000", "--num-epochs", "16",
+SWEEP = ["--space", "train_seed=" + ",".join(map(str, range(NUM_TRIALS))), "--num-train", "1000", "--num-epochs", "16",
          "--batch-size", "10", "--num-filters", "8", "--experiment", "faults"]
 
 
@@ -163,7 +163,7 @@ def test_the_same_sweep_name_twice_at_once_the_second_refuses_and_the_first_fini
 def test_two_sweeps_on_a_fresh_sqlite_store_both_finish(sqlite_env):
     env, store = sqlite_env
     runs = Runs(store)
-    a, b = start_sweep(env, "fresh-a", "--space", "seed=0,1"), start_sweep(env, "fresh-b", "--space", "seed=0,1")
+    a, b = start_sweep(env, "fresh-a", "--space", "train_seed=0,1"), start_sweep(env, "fresh-b", "--space", "train_seed=0,1")
     for process in (a, b):
         code, stderr = finish(process, 240)
         assert code == 0, stderr[-2000:]
