@@ -39,32 +39,48 @@ def confusion_figure(counts: np.ndarray, class_names: list[str], title: str) -> 
     return fig
 
 
-def sweep_comparison_figure(table: pd.DataFrame, x_name: str | None, title: str) -> Figure:
-    """Best validation accuracy per normalization (one line each) against x_name, a swept field.
+def sweep_comparison_figure(table: pd.DataFrame, x_name: str | None, name: str) -> Figure:
+    """Test error (%) of the best-validation nets per normalization, one line each, against x_name.
 
-    table: one row per trial with columns status, normalization, best_val_acc and x_name;
-    failed trials are left out. Several trials at one point (other swept fields, seeds)
-    are averaged.
+    table: one row per trial with columns status, normalization, test_acc, x_name and
+    the other swept fields; failed trials are left out. Each point is the mean of the
+    trials there (seeds, and any other swept field: the title names them), with a 95%
+    t-interval band. A numeric x spanning a factor of 8 or more is drawn on a log2 axis
+    ticked at the values run (batch sizes 2..32 read as 2, 4, 8, 16, 32).
     """
+    from scipy import stats
+
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
-    done = table[table["status"] == "FINISHED"]
-    if x_name is None:
-        means = done.groupby("normalization")["best_val_acc"].mean()
-        ax.bar(means.index, means.values)
-        ax.set(xlabel="normalization")
-    else:
-        numeric = all(isinstance(v, Real) for v in table[x_name])
-        categories = {v: i for i, v in enumerate(dict.fromkeys(table[x_name]))}
-        for norm, group in done.groupby("normalization"):
-            means = group.groupby(x_name, sort=True)["best_val_acc"].mean()
-            xs = means.index if numeric else [categories[v] for v in means.index]
-            ax.plot(xs, means.values, "o-", label=norm)
-        if numeric and (values := np.asarray(table[x_name], dtype=float)).min() > 0 and values.max() / values.min() >= 8:
-            ax.set_xscale("log")
-        if not numeric:
-            ax.set_xticks(list(categories.values()), [str(v) for v in categories])
-        ax.set(xlabel=x_name)
-        ax.legend(title="normalization")
-    ax.set(ylabel="best validation accuracy", title=title)
+    done = table[table["status"] == "FINISHED"].assign(test_error=lambda t: 100.0 * (1.0 - t["test_acc"]))
+    x_values = list(dict.fromkeys(table[x_name])) if x_name else []
+    numeric = x_name is not None and all(isinstance(v, Real) and not isinstance(v, bool) for v in x_values)
+    positions = {v: (v if numeric else i) for i, v in enumerate(x_values)}
+    for norm, group in done.groupby("normalization", sort=False):
+        points = group.groupby(x_name, sort=True)["test_error"] if x_name else group.groupby("normalization")["test_error"]
+        xs, means, lows, highs = [], [], [], []
+        for value, errors in points:
+            n, mean = len(errors), float(errors.mean())
+            half = float(stats.t.ppf(0.975, n - 1) * errors.std(ddof=1) / np.sqrt(n)) if n > 1 else np.nan
+            xs.append(positions[value] if x_name else 0)
+            means.append(mean)
+            lows.append(mean - half)
+            highs.append(mean + half)
+        (line,) = ax.plot(xs, means, "o-", label=norm)
+        ax.fill_between(xs, lows, highs, color=line.get_color(), alpha=0.2, lw=0)
+    if numeric and min(x_values) > 0 and max(x_values) / min(x_values) >= 8:
+        ax.set_xscale("log", base=2)
+        ax.minorticks_off()
+    if x_name:
+        ax.set_xticks([positions[v] for v in x_values], [f"{v:g}" if numeric else str(v) for v in x_values])
+        ax.set_xlabel(x_name)
+    averaged = [k for k in table.columns if k not in ("trial", "run_name", "normalization", x_name, "status",
+                                                       "skipped", "best_val_acc", "test_acc", "final_test_acc",
+                                                       "wall_time_s", "failure_reason", "run_id", "trial_key")]
+    over = " and ".join(averaged) if averaged else "the trials at each point"
+    failed = int((table["status"] != "FINISHED").sum())
+    ax.set_ylabel("test error (%) of the best-validation net")
+    ax.set_title(f"sweep {name}: {len(done)} trials" + (f", {failed} failed (not shown)" if failed else "")
+                 + f"\neach point: mean and 95% CI over {over}", fontsize=10)
+    ax.legend(title="normalization")
     return fig

@@ -20,10 +20,10 @@ from typing import Annotated
 
 import numpy as np
 import pandas as pd
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from pydantic import AfterValidator, NonNegativeInt
+from pydantic import AfterValidator, BaseModel, NonNegativeInt
 
 from cnncore import fast_layers, layer_utils, layers
 from cnncore.cnn import ThreeLayerConvNet
@@ -247,11 +247,12 @@ def gradient_check(
     experiment: str = "cnncore-gradient-check",
     tracking_uri: str | None = None,
     parent_run_id: str | None = None,
-) -> dict[str, float]:
+) -> GradientCheckReport:
     """Check every layer's gradients against numerical ones; fail if any error is over its threshold.
 
-    Returns {metric name: error}. Raises GradientCheckError, after logging every
-    error, when some check fails; its MLflow run is then FAILED with the reason.
+    Returns the run and every error ({metric name: error}). Raises GradientCheckError,
+    after logging every error, when some check fails; its MLflow run is then FAILED
+    with the reason.
 
     Args:
         only: Run only the checks with this name; repeatable. Default: every check.
@@ -272,9 +273,23 @@ def gradient_check(
             raise GradientCheckError(f"{len(failed)} of {len(results)} gradients are wrong: " + "; ".join(
                 f"{r.metric} {r.measure} error {r.error:.2e} > {r.threshold:.0e}" for r in failed))
     worst = max(results, key=lambda r: r.error / r.threshold)
-    print(f"{len(results)} gradients checked; the closest to its threshold is {worst.metric} "
-          f"({worst.error:.2e}, threshold {worst.threshold:.0e})")
-    return {r.metric: r.error for r in results}
+    report = GradientCheckReport(run_id=run.id, url=run.url, errors={r.metric: r.error for r in results},
+                                 closest=worst.metric, closest_error=worst.error, closest_threshold=worst.threshold)
+    get_run_logger().info(report.summary())
+    return report
+
+
+class GradientCheckReport(BaseModel):
+    run_id: str
+    url: str
+    errors: dict[str, float]  # {metric name: worst error}
+    closest: str  # the metric nearest its threshold
+    closest_error: float
+    closest_threshold: float
+
+    def summary(self) -> str:
+        return (f"{len(self.errors)} gradients checked, all under their thresholds; the closest is {self.closest} "
+                f"({self.closest_error:.2e}, threshold {self.closest_threshold:.0e}); {self.url}")
 
 
 if __name__ == "__main__":

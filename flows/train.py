@@ -14,7 +14,7 @@ pyfunc model (flows/serving.py) and as its .npz checkpoint.
 from __future__ import annotations
 
 import pandas as pd
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 from sklearn.metrics import confusion_matrix
@@ -30,10 +30,13 @@ NUM_EXAMPLE_IMAGES = 5
 
 class TrainResult(BaseModel):
     run_id: str
+    url: str = ""  # the run's page in the MLflow UI
     model_uri: str
-    test_acc: float
+    test_acc: float  # the best-validation net's (the one served)
+    final_test_acc: float | None = None  # the final net's
     best_val_acc: float
     wall_time_s: float
+    images_per_s: float | None = None
     config: TrainConfig
 
 
@@ -41,17 +44,18 @@ fit_model = task(fit, name="fit model", cache_policy=NO_CACHE)
 
 
 @task(name="evaluate on test", cache_policy=NO_CACHE)
-def evaluate_on_test(run: Run, fitted: Fitted, data: dict) -> float:
+def evaluate_on_test(run: Run, fitted: Fitted, data: dict) -> dict[str, float]:
     """test_acc (the best-validation net) and final_test_acc (the final net), and the best net's
-    confusion matrix on the test split as a figure and a table. Returns test_acc."""
-    test_acc = log_test_scores(run, fitted, data)["test_acc"]
+    confusion matrix on the test split as a figure and a table. Returns both scores."""
+    scores = log_test_scores(run, fitted, data)
+    test_acc = scores["test_acc"]
     _, predicted = score_test_split(fitted.net, data)
     names = [str(n) for n in data["class_names"]]
     counts = confusion_matrix(data["y_test"], predicted, labels=range(len(names)))
     run.log_figure(confusion_figure(counts, names, f"test accuracy {test_acc:.3f}"), "confusion_matrix.png")
     run.log_table(pd.DataFrame(counts, index=names, columns=names).rename_axis("true").reset_index(),
                   "confusion_matrix")
-    return test_acc
+    return scores
 
 
 @task(name="log served model", cache_policy=NO_CACHE)
@@ -68,6 +72,7 @@ def train(
     run_name: str | None = None,
     tracking_uri: str | None = None,
     parent_run_id: str | None = None,
+    system_metrics: bool = False,
 ) -> TrainResult:
     """Train one configuration and record it as one MLflow run.
 
@@ -77,18 +82,28 @@ def train(
         run_name: MLflow run name; default: train-<normalization>.
         tracking_uri: MLflow tracking URI; else $MLFLOW_TRACKING_URI, else the project's sqlite store.
         parent_run_id: MLflow run to nest this run under.
+        system_metrics: Record the machine's CPU, memory and disk use in the run (MLflow's system metrics).
     """
     name = run_name or f"train-{config.normalization}"
     with tracked_flow_run(experiment, name, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
-                          params=config.model_dump(), tags={"trial_key": config.key()}) as run:
+                          params=config.model_dump(), tags={"trial_key": config.key()},
+                          system_metrics=system_metrics) as run:
         data = load_dataset(config.data_spec())
         fitted = fit_model(run, config, data)
-        test_acc = evaluate_on_test(run, fitted, data)
+        scores = evaluate_on_test(run, fitted, data)
         model_uri = log_served_model(run, fitted.net, data)
-    print(f"{name}: best val acc {fitted.best_val_acc:.3f}, test acc {test_acc:.3f}, "
-          f"{fitted.images_per_s:.0f} images/s; model {model_uri}")
-    return TrainResult(run_id=run.id, model_uri=model_uri, test_acc=test_acc, best_val_acc=fitted.best_val_acc,
-                       wall_time_s=fitted.wall_time_s, config=config)
+    result = TrainResult(run_id=run.id, url=run.url, model_uri=model_uri, test_acc=scores["test_acc"],
+                         final_test_acc=scores["final_test_acc"], best_val_acc=fitted.best_val_acc,
+                         wall_time_s=fitted.wall_time_s, images_per_s=fitted.images_per_s, config=config)
+    get_run_logger().info(summary_line(name, result))
+    return result
+
+
+def summary_line(name: str, result: TrainResult) -> str:
+    """One line: the run's test errors, how fast it trained, and where to see it."""
+    final = "" if result.final_test_acc is None else f", final net {100 * (1 - result.final_test_acc):.2f}%"
+    return (f"{name}: test error {100 * (1 - result.test_acc):.2f}% (best-validation net{final}), "
+            f"best val acc {result.best_val_acc:.3f}, {result.wall_time_s:.1f} s of training; {result.url}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from concurrent.futures import Executor, ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Literal
@@ -33,6 +34,7 @@ from threadpoolctl import threadpool_limits
 
 from ..config import SweepSpec, TrainConfig
 from ..load_data import load_data_once
+from ..progress import say
 from ..shutdown import StopRequest, exit_with_parent
 from ..tracking import FINISHED, Run, TrackingUnavailableError, failure_reason
 from ..training import fit, log_diagnostics, log_test_scores
@@ -132,6 +134,22 @@ def training_processes(trials_in: str, max_workers: int, blas_threads: int,
                                initargs=(blas_threads, os.getpid()))
 
 
+def warm_up(data_specs: list) -> int:
+    """Run in each worker process before any trial: import the training code and load the data, so
+    that a trial's run counts its training, not the seconds a fresh process spends getting ready."""
+    for spec in data_specs:
+        load_data_once(spec)
+    return os.getpid()
+
+
+def start_workers(processes: Executor, max_workers: int, todo: dict[int, TrainConfig]) -> None:
+    specs = list(dict.fromkeys(config.data_spec() for config in todo.values()))
+    started = time.perf_counter()
+    for future in [processes.submit(warm_up, specs) for _ in range(min(max_workers, len(todo)))]:
+        future.result()
+    say(f"{min(max_workers, len(todo))} worker processes ready in {time.perf_counter() - started:.1f} s")
+
+
 def stop_workers(processes: Executor | None) -> None:
     """Cancel the queued trainings and end the running ones (their trials are then marked KILLED)."""
     if processes is None:
@@ -156,6 +174,34 @@ def stop_workers(processes: Executor | None) -> None:
     deadline.cancel()
 
 
+class Progress:
+    """One line per finished trial: its configuration and error, the count, the failures, the time left."""
+
+    def __init__(self, total: int, final: bool):
+        self.total, self.final, self.count, self.failed = total, final, 0, 0
+        self.started = time.perf_counter()
+
+    def done(self, result: TrialResult) -> None:
+        self.count += 1
+        c = result.config
+        what = f"{c.normalization} batch {c.batch_size} seed {c.train_seed}"
+        if result.status == FINISHED:
+            accuracy = result.final_test_acc if self.final else result.test_acc
+            outcome = f"test error {100 * (1 - accuracy):.2f}%" + (" (final net)" if self.final else "")
+        else:
+            self.failed += 1
+            outcome = f"FAILED: {result.failure_reason}"
+        elapsed = time.perf_counter() - self.started
+        left = elapsed / self.count * (self.total - self.count)
+        say(f"[{self.count}/{self.total}] {what}: {outcome}"
+            + (f"; {self.failed} failed" if self.failed else "")
+            + (f"; about {_duration(left)} left" if self.count < self.total else f"; all done in {_duration(elapsed)}"))
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
 def run_trials(parent: Run, spec: SweepSpec, todo: dict[int, TrainConfig], max_workers: int,
                dask_address: str | None = None,
                trials_in: Literal["processes", "threads"] = "processes") -> list[TrialResult]:
@@ -171,11 +217,14 @@ def run_trials(parent: Run, spec: SweepSpec, todo: dict[int, TrainConfig], max_w
     results: dict[int, TrialResult] = {}
     with (threadpool_limits(limits=blas_threads, user_api="blas"),
           prefect_task_runner(max_workers, dask_address) as runner, processes or contextlib.nullcontext()):
-        futures = {runner.submit(run_trial, parameters=dict(
-            parent=parent, spec=spec, index=index, config=config, processes=processes,
-            stop=stop if dask_address is None else None)): index
-            for index, config in todo.items()}
         try:
+            if processes is not None:
+                start_workers(processes, max_workers, todo)
+            futures = {runner.submit(run_trial, parameters=dict(
+                parent=parent, spec=spec, index=index, config=config, processes=processes,
+                stop=stop if dask_address is None else None)): index
+                for index, config in todo.items()}
+            progress = Progress(len(todo), final=spec.study is not None)
             for future in as_completed(list(futures)):
                 index = futures[future]
                 try:
@@ -188,6 +237,8 @@ def run_trials(parent: Run, spec: SweepSpec, todo: dict[int, TrainConfig], max_w
                     results[index] = TrialResult(index=index, key=config.key(), run_id="", status="FAILED",
                                                  run_name=trial_name(spec, index, config), config=config,
                                                  failure_reason=failure_reason(exc))
+                if index in results:
+                    progress.done(results[index])
         except BaseException as exc:
             stop.set(exc)
             stop_workers(processes)

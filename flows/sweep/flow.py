@@ -11,15 +11,19 @@ from pydantic import PositiveInt
 
 from ..config import SweepSpec
 from ..load_data import load_data_once, load_dataset, log_dataset
+from ..progress import say
 from ..study import PRESETS, preset_spec
 from ..tracking import connect
 from . import lease
 from .executors import run_trials
 from .results import SweepReport, TrialResult, best_trial
 from .resume import find_finished_trials, open_sweep_run, skipped_trial
-from .summary import summarise_sweep, write_study_report
+from .summary import publish_comparison, summarise_sweep, write_study_report
 
 __all__ = ["SweepReport", "TrialResult", "sweep"]
+
+STUDY_TITLE = "Test error (%) of the final model: mean and 95% CI over seeds (the study's table)"
+COMPARISON_TITLE = "Test error (%) of the best-validation nets: mean and 95% CI over seeds"
 
 
 @flow(name="sweep", flow_run_name="sweep-{spec.name}", log_prints=True)
@@ -33,6 +37,7 @@ def sweep(
     trials_in: Literal["processes", "threads"] = "processes",
     preset: Literal[PRESETS] | None = None,
     resume: bool = True,
+    system_metrics: bool = False,
 ) -> SweepReport:
     """Run every trial of spec, skipping those finished by an earlier run of the same sweep name.
 
@@ -51,6 +56,7 @@ def sweep(
             study's table, figure and report on the parent run.
         resume: Rerunning a sweep name resumes that sweep; false starts a fresh one named
             <name>-<UTC date and time>, as scheduled runs need.
+        system_metrics: Record the machine's CPU, memory and disk use in the sweep's parent run.
     """
     start = time.perf_counter()
     if preset is not None:
@@ -62,7 +68,7 @@ def sweep(
     store = connect(tracking_uri)
     owner = lease.new_owner()
     parent, resumed = open_sweep_run(store, experiment, spec, trials, parent_run_id, owner)
-    with parent, lease.held(parent, owner):
+    with parent, lease.held(parent, owner), parent.system_metrics(system_metrics):
         parent.link_flow_run()
         finished = find_finished_trials(parent, spec, trials)
         skipped = [skipped_trial(spec, i, c, finished[c.key()]) for i, c in enumerate(trials) if c.key() in finished]
@@ -71,22 +77,24 @@ def sweep(
             # Load and record each dataset once, before the fan-out: the trials then
             # find both the arrays and the experiment's dataset record made.
             log_dataset(parent, data_spec, load_dataset(data_spec))
-        print(f"sweep {spec.name}: {len(trials)} trials, {len(skipped)} already finished"
-              f"{' (resumed)' if resumed else ''}, {len(todo)} to run, "
-              + (f"on the Dask cluster at {dask_address}" if dask_address else f"{max_workers} at a time"))
+        say(f"sweep {spec.name}: {len(trials)} trials, {len(skipped)} already finished"
+            f"{' (resumed)' if resumed else ''}, {len(todo)} to run, "
+            + (f"on the Dask cluster at {dask_address}" if dask_address else f"{max_workers} at a time"))
         results = sorted(skipped + run_trials(parent, spec, todo, max_workers, dask_address, trials_in),
                          key=lambda r: r.index)
         summarise_sweep(parent, spec, results)
-        study = None
         if spec.study:
             # The design paragraph counts updates per batch size from the training split's size.
             num_train = len(load_data_once(spec.base.data_spec())["y_train"])
             study = write_study_report(parent, spec, results, num_train)
+            comparison, title, report_text = study.tables.get("cells"), STUDY_TITLE, study.markdown
+        else:
+            comparison, title, report_text = publish_comparison(parent, spec, results), COMPARISON_TITLE, None
         parent.log_metrics({"wall_time_s": time.perf_counter() - start})
-    report = SweepReport(name=spec.name, parent_run_id=parent.id, trials=results, best=best_trial(results),
-                         wall_time_s=time.perf_counter() - start, study_report=study)
+    report = SweepReport(name=spec.name, parent_run_id=parent.id, url=parent.url, trials=results,
+                         best=best_trial(results), wall_time_s=time.perf_counter() - start, study_report=report_text,
+                         comparison_title=title,
+                         comparison=[] if comparison is None else comparison.to_dict("records"))
     for r in report.failed:
-        print(f"FAILED {r.run_name}: {r.failure_reason}")
-    if report.best is not None:
-        print(f"best: {report.best.run_name}, val acc {report.best.best_val_acc:.3f}")
+        say(f"FAILED {r.run_name}: {r.failure_reason}")
     return report

@@ -29,10 +29,15 @@ class TrialResult(BaseModel):
 class SweepReport(BaseModel):
     name: str
     parent_run_id: str
+    url: str = ""  # the parent run's page in the MLflow UI
     trials: list[TrialResult]
     best: TrialResult | None
     wall_time_s: float
     study_report: str | None = None  # the markdown report of a study preset
+    comparison_title: str = ""
+    # What the sweep found, one record per configuration: the study's cell table, or for another grid
+    # one row per combination of the swept fields other than the seed.
+    comparison: list[dict] = []
 
     @property
     def failed(self) -> list[TrialResult]:

@@ -11,14 +11,15 @@ from __future__ import annotations
 import re
 
 import pandas as pd
-from prefect.artifacts import create_table_artifact
 from prefect import task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from ..config import SweepSpec
 from ..figures import sweep_comparison_figure
 from ..provenance import provenance
-from ..study import build_study
+from ..study import StudyResult, build_study, estimate
+from ..study.report import markdown_table
 from ..tracking import FINISHED, Run
 from .results import TrialResult, best_trial
 
@@ -34,15 +35,48 @@ def summary_table(spec: SweepSpec, results: list[TrialResult]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def comparison_table(spec: SweepSpec, results: list[TrialResult]) -> pd.DataFrame:
+    """What the sweep says, for a grid that is not a study: one row per combination of the swept fields
+    other than the seed, with the test error (%) of its best-validation nets, mean and 95% t-interval over
+    the seeds that finished, and how many finished out of how many ran."""
+    fields = [k for k in dict.fromkeys(["normalization", *spec.swept()]) if k != "train_seed"]
+    rows = {}
+    for r in sorted(results, key=lambda r: r.index):
+        key = tuple(getattr(r.config, k) for k in fields)
+        rows.setdefault(key, []).append(r)
+    table = []
+    for key, trials in rows.items():
+        errors = [_percent_error(r.test_acc) for r in trials if r.status == FINISHED and r.test_acc is not None]
+        found = estimate(errors) if errors else None
+        table.append({**dict(zip(fields, key)), "trials": len(trials), "finished": len(errors),
+                      "test_error": found.mean if found else float("nan"),
+                      "low": found.low if found else float("nan"), "high": found.high if found else float("nan")})
+    return pd.DataFrame(table)
+
+
+def comparison_markdown(table: pd.DataFrame, spec: SweepSpec, best: TrialResult | None, url: str) -> str:
+    """The comparison as the Prefect artifact shows it: a title, the table, the best trial, the link."""
+    lines = [f"# Sweep {spec.name}", "",
+             "Test error (%) of each configuration's best-validation nets: mean and 95% CI over its seeds.", "",
+             markdown_table(table.assign(**{"95% CI": [_interval(lo, hi) for lo, hi in zip(table["low"], table["high"])]})
+                            .drop(columns=["low", "high"]).round({"test_error": 2})), ""]
+    if best is not None:
+        lines.append(f"Best trial: {best.run_name}, validation accuracy {best.best_val_acc:.3f}.")
+    lines += ["", f"MLflow: {url}"]
+    return "\n".join(lines)
+
+
+def _interval(low: float, high: float) -> str:
+    return "—" if pd.isna(low) else f"[{low:.2f}, {high:.2f}]"
+
+
 @task(name="summarise sweep", cache_policy=NO_CACHE)
 def summarise_sweep(parent: Run, spec: SweepSpec, results: list[TrialResult]) -> pd.DataFrame:
     """The parent's summary table (CSV and MLflow table), comparison figure and totals."""
     table = summary_table(spec, results)
     parent.log_table(table, "summary")
-    x_name = next((k for k in spec.swept() if k != "normalization"), None)
-    done, failed = (table["status"] == FINISHED).sum(), (table["status"] != FINISHED).sum()
-    title = f"sweep {spec.name}: {done} trials" + (f", {failed} failed (not shown)" if failed else "")
-    parent.log_figure(sweep_comparison_figure(table, x_name, title), "comparison.png")
+    x_name = next((k for k in spec.swept() if k not in ("normalization", "train_seed")), None)
+    parent.log_figure(sweep_comparison_figure(table, x_name, spec.name), "comparison.png")
     finished = [r for r in results if r.status == FINISHED]
     metrics = {"num_trials": len(results), "num_finished": len(finished), "num_failed": len(results) - len(finished),
                "num_skipped": sum(r.skipped for r in results)}
@@ -50,8 +84,17 @@ def summarise_sweep(parent: Run, spec: SweepSpec, results: list[TrialResult]) ->
         metrics["best_val_acc"] = best.best_val_acc
         parent.set_tags({"best_run_id": best.run_id, "best_trial_key": best.key})
     parent.log_metrics(metrics)
-    create_table_artifact(table.drop(columns=["run_id", "trial_key"]).to_dict("records"),
-                          key=artifact_key(f"sweep-{spec.name}"), description=f"Trials of sweep {spec.name}")
+    return table
+
+
+@task(name="publish comparison", cache_policy=NO_CACHE)
+def publish_comparison(parent: Run, spec: SweepSpec, results: list[TrialResult]) -> pd.DataFrame:
+    """The comparison table of a grid that is not a study, on the parent run and as the sweep's Prefect
+    markdown artifact (a study publishes its report instead)."""
+    table = comparison_table(spec, results)
+    parent.log_table(table, "comparison")
+    create_markdown_artifact(comparison_markdown(table, spec, best_trial(results), parent.url),
+                             key=artifact_key(f"sweep-{spec.name}"), description=f"What sweep {spec.name} found")
     return table
 
 
@@ -102,11 +145,12 @@ def study_diagnostics(results: list[TrialResult]) -> pd.DataFrame | None:
 
 
 @task(name="write study report", cache_policy=NO_CACHE)
-def write_study_report(parent: Run, spec: SweepSpec, results: list[TrialResult], num_train: int) -> str:
-    """The study's tables, figures and markdown report on the parent run (flows.study.build_study).
+def write_study_report(parent: Run, spec: SweepSpec, results: list[TrialResult], num_train: int) -> StudyResult:
+    """The study's tables, figures and markdown report on the parent run (flows.study.build_study), and the
+    report as the sweep's Prefect markdown artifact.
 
     Artifacts: study/<table> (CSV and MLflow table) and study/<figure>.png for each of
-    the study's tables and figures, and study/report.md. Returns the report.
+    the study's tables and figures, and study/report.md.
     """
     study = build_study(study_trials(results), spec, diagnostics=study_diagnostics(results),
                         provenance=provenance(), num_train=num_train)
@@ -115,4 +159,6 @@ def write_study_report(parent: Run, spec: SweepSpec, results: list[TrialResult],
     for name, figure in study.figures.items():
         parent.log_figure(figure, f"study/{name}.png")
     parent.log_text(study.markdown, "study/report.md")
-    return study.markdown
+    create_markdown_artifact(study.markdown + f"\n\nMLflow: {parent.url}", key=artifact_key(f"study-{spec.name}"),
+                             description=f"The study's report: sweep {spec.name}")
+    return study

@@ -206,6 +206,22 @@ class Run:
         self.set_tags({TAG_MODEL_URI: info.model_uri})
         return info.model_uri
 
+    @contextlib.contextmanager
+    def system_metrics(self, enabled: bool = True, interval_s: float = 10.0) -> Iterator[None]:
+        """While the block runs, MLflow samples this machine's CPU, memory and disk into the run's
+        system/ metrics every interval_s seconds (when enabled)."""
+        if not enabled:
+            yield
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(self.id, sampling_interval=interval_s, tracking_uri=self.store.uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
+
     # ------------------------------------------------------------ links
 
     @property
@@ -231,14 +247,16 @@ class Run:
 @contextlib.contextmanager
 def tracked_flow_run(experiment: str, run_name: str, *, tracking_uri: str | None = None,
                      parent_run_id: str | None = None, params: dict[str, Any] | None = None,
-                     tags: dict[str, Any] | None = None) -> Iterator[Run]:
+                     tags: dict[str, Any] | None = None, system_metrics: bool = False) -> Iterator[Run]:
     """The MLflow run of the current flow run, linked from it; FAILED with the reason if the body raises.
 
     Connects first, so an unreachable store fails before anything is written.
+    system_metrics: sample the machine's CPU, memory and disk into the run meanwhile.
     """
     store = connect(tracking_uri)
     experiment_id = store.experiment_id(experiment)
-    with store._create_run(experiment_id, run_name, parent_id=parent_run_id, params=params, tags=tags) as run:
+    with (store._create_run(experiment_id, run_name, parent_id=parent_run_id, params=params, tags=tags) as run,
+          run.system_metrics(system_metrics)):
         run.link_flow_run()
         yield run
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -44,6 +45,9 @@ MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"
 MLFLOW_RUN_NAME = "mlflow.runName"
 MLFLOW_DATASET_CONTEXT = "mlflow.data.context"
 
+# MLflow 3's UI opens an experiment in the view its kind names: this one is the runs table and
+# charts ("Model training"); an experiment without the tag may open in the GenAI view.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # MLflow's limit: a tag holds at most 8000 characters.
 MAX_TAG_CHARS = 8000
 
@@ -194,6 +198,9 @@ class Store:
         """
         found = self.client.get_experiment_by_name(name)
         if found is not None:
+            for key, value in EXPERIMENT_KIND.items():  # made before the tag, or by another tool
+                if found.tags.get(key) != value:
+                    self.client.set_experiment_tag(found.experiment_id, key, value)
             return found.experiment_id
         location = None
         if (db := sqlite_path(self.uri)) is not None:
@@ -201,7 +208,7 @@ class Store:
         from mlflow.exceptions import MlflowException
 
         try:
-            return self.client.create_experiment(name, artifact_location=location)
+            return self.client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
         except MlflowException:
             # Created meanwhile by another process: use theirs.
             found = self.client.get_experiment_by_name(name)
@@ -300,10 +307,23 @@ class Store:
         return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
     def ui_command(self) -> str:
-        """The shell command that opens the MLflow UI on this store."""
+        """The shell command that opens the MLflow UI on this store, from any shell (the venv's cnnflow)."""
         if is_server(self.uri):
             return f"open {self.uri} (the tracking server serves the UI)"
-        db = sqlite_path(self.uri)
-        if db is not None:
-            return f"mlflow ui --backend-store-uri {self.uri} --default-artifact-root {(db.parent / 'artifacts').as_uri()}"
-        return f"mlflow ui --backend-store-uri {self.uri}"
+        cnnflow = Path(sys.executable).with_name("cnnflow")
+        command = str(cnnflow) if cnnflow.exists() else "cnnflow"
+        return command + ("" if self.uri == default_tracking_uri() else f" --backend-store-uri {self.uri}")
+
+    @patient
+    def register_model(self, name: str, model_uri: str, run_id: str, alias: str) -> int:
+        """Register model_uri as a new version of the registered model name and point alias at it;
+        returns the version."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException:  # registered before
+            pass
+        version = self.client.create_model_version(name, model_uri, run_id=run_id)
+        self.client.set_registered_model_alias(name, alias, version.version)
+        return int(version.version)

@@ -1,5 +1,6 @@
 """Where runs go, and failing fast when the store does not answer."""
 
+import re
 import socket
 import time
 
@@ -89,3 +90,30 @@ def test_served_model_takes_float32_and_float64_and_refuses_nan(store, tiny):
         model.predict(poisoned)
     with pytest.raises(ValueError, match="images must be a float32 or float64 array, got dtype float16"):
         model.predict(raw.astype(np.float16))
+
+
+def test_experiments_are_model_training_experiments_in_the_mlflow_ui(store):
+    tracked = tracking.connect(store.uri)
+    made = tracked.experiment_id("made-here")
+    assert store.client.get_experiment(made).tags["mlflow.experimentKind"] == "custom_model_development"
+    older = store.client.create_experiment("made-elsewhere")  # no kind: the UI may open it in GenAI mode
+    assert tracked.experiment_id("made-elsewhere") == older
+    assert store.client.get_experiment(older).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_runs_carry_their_commit_command_and_user(store, tiny):
+    run = tracking.connect(store.uri).start_run("provenance", "tagged")
+    tags = store.client.get_run(run.id).data.tags
+    assert re.fullmatch(r"[0-9a-f]{12}(-dirty)?|unknown", tags["mlflow.source.git.commit"])
+    assert tags["mlflow.source.name"] and tags["mlflow.user"]
+
+
+def test_system_metrics_are_recorded_only_when_asked(store):
+    tracked = tracking.connect(store.uri)
+    quiet, sampled = tracked.start_run("system", "off"), tracked.start_run("system", "on")
+    with quiet.system_metrics(False):
+        time.sleep(0.3)
+    with sampled.system_metrics(True, interval_s=0.2):
+        time.sleep(1.0)
+    assert not [m for m in store.client.get_run(quiet.id).data.metrics if m.startswith("system/")]
+    assert "system/cpu_utilization_percentage" in store.client.get_run(sampled.id).data.metrics
