@@ -40,6 +40,7 @@ class StudyResult:
     markdown: str
     tables: dict[str, pd.DataFrame]
     figures: dict[str, Figure]
+    answer: str = ""  # the report's answer in one paragraph, for a terminal
 
 
 def build_study(trials: pd.DataFrame, spec: SweepSpec, diagnostics: pd.DataFrame | None = None,
@@ -62,9 +63,9 @@ def build_study(trials: pd.DataFrame, spec: SweepSpec, diagnostics: pd.DataFrame
     parts = [f"# {' vs '.join(map(short_label, primary))} across batch sizes: {spec.base.dataset}, "
              f"{net_words(spec)}", provenance_section(provenance),
              design_section(spec, tables["updates"], len(planned), missing, num_train)]
-    figures = {}
+    figures, answer = {}, "No trial finished: there is nothing to compare."
     if finished.empty:
-        parts.append("No trial finished: there is nothing to compare.")
+        parts.append(answer)
     else:
         reference = reference_batch(finished)
         present = _ordered_names(finished["normalization"])
@@ -82,6 +83,7 @@ def build_study(trials: pd.DataFrame, spec: SweepSpec, diagnostics: pd.DataFrame
             figures["interaction_vs_batch_size"] = interaction_figure(
                 as_table(pair_rows[primary], Interaction), delta, *map(short_label, primary))
         tables["trials"] = finished.sort_values(KEYS, ignore_index=True)
+        answer = short_answer(pair_rows.get(primary, []), primary, reference)
         parts += [answer_section(pair_rows, primary, reference, delta)
                   + _figure_link(figures, "interaction_vs_batch_size", "the interaction against batch size"),
                   changes_section(norm_changes, reference, delta),
@@ -93,7 +95,7 @@ def build_study(trials: pd.DataFrame, spec: SweepSpec, diagnostics: pd.DataFrame
     parts += [diagnostics_section(tables.get("diagnostics_layers"), tables.get("diagnostics_model"), delta),
               method_section(delta)]
     return StudyResult("\n\n".join(parts) + "\n", tables,
-                       {name: stamp(figure, provenance) for name, figure in figures.items()})
+                       {name: stamp(figure, provenance) for name, figure in figures.items()}, answer)
 
 
 # ---------------------------------------------------------------- formatting
@@ -273,6 +275,15 @@ def _pair_table(rows: list[Interaction], with_pair: bool) -> str:
                            "95% CI": _ci(x.estimate.low, x.estimate.high), "MDE": _num(x.estimate.mde),
                            "verdict": x.verdict} for x in rows])
     return markdown_table(table)
+
+
+def short_answer(rows: list[Interaction], pair: tuple[str, str], reference: int) -> str:
+    """The answer section's question and its "in short" line."""
+    a, b = map(short_label, pair)
+    question = f"Does {a} lose more than {b} as the batch shrinks from {reference}?"
+    if not rows:
+        return f"{question} Not answerable from this run."
+    return f"{question} In short: {_by_verdict(rows, 'batch')}.{_overall_null(rows)}"
 
 
 def answer_section(pair_rows: dict[tuple[str, str], list[Interaction]], pair: tuple[str, str], reference: int,

@@ -87,13 +87,14 @@ def sweep(
             # The design paragraph counts updates per batch size from the training split's size.
             num_train = len(load_data_once(spec.base.data_spec())["y_train"])
             study = write_study_report(parent, spec, results, num_train)
-            comparison, title, report_text = study.tables.get("cells"), STUDY_TITLE, study.markdown
+            comparison, title, report_text, answer = study.tables.get("cells"), STUDY_TITLE, study.markdown, study.answer
         else:
-            comparison, title, report_text = publish_comparison(parent, spec, results), COMPARISON_TITLE, None
+            comparison, title, report_text, answer = (publish_comparison(parent, spec, results), COMPARISON_TITLE,
+                                                      None, "")
         parent.log_metrics({"wall_time_s": time.perf_counter() - start})
     report = SweepReport(name=spec.name, parent_run_id=parent.id, url=parent.url, trials=results,
                          best=best_trial(results), wall_time_s=time.perf_counter() - start, study_report=report_text,
-                         comparison_title=title,
+                         comparison_title=title, answer=answer,
                          comparison=[] if comparison is None else comparison.to_dict("records"))
     for r in report.failed:
         say(f"FAILED {r.run_name}: {r.failure_reason}")

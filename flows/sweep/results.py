@@ -35,6 +35,7 @@ class SweepReport(BaseModel):
     wall_time_s: float
     study_report: str | None = None  # the markdown report of a study preset
     comparison_title: str = ""
+    answer: str = ""  # a study's answer in one paragraph
     # What the sweep found, one record per configuration: the study's cell table, or for another grid
     # one row per combination of the swept fields other than the seed.
     comparison: list[dict] = []

@@ -68,6 +68,7 @@ def test_a_small_preset_is_its_full_design_cut_down(preset):
     assert {t.batch_size for t in small.trials()} == {32, 4} and {t.train_seed for t in small.trials()} == {0, 1}
     assert (small.base.model, small.base.depth) == (full.base.model, full.base.depth)
     assert small.base.num_train == 600 and small.base.num_epochs == 1
+    assert small.base.num_test == (500 if preset.startswith("mnist") else None)
 
 
 def test_cifar10_preset_runs_the_same_design_with_the_seeds_net():
