@@ -92,7 +92,10 @@ def sweep(
             comparison, title, report_text, answer = (publish_comparison(parent, spec, results), COMPARISON_TITLE,
                                                       None, "")
         parent.log_metrics({"wall_time_s": time.perf_counter() - start})
-    report = SweepReport(name=spec.name, parent_run_id=parent.id, url=parent.url, trials=results,
+    # The link lands on the answer: the study's interaction figure, or the comparison figure.
+    figure = "study/interaction_vs_batch_size.png" if spec.study and "interaction_vs_batch_size" in study.figures \
+        else "comparison.png"
+    report = SweepReport(name=spec.name, parent_run_id=parent.id, url=parent.url_of(figure), trials=results,
                          best=best_trial(results), wall_time_s=time.perf_counter() - start, study_report=report_text,
                          comparison_title=title, answer=answer,
                          comparison=[] if comparison is None else comparison.to_dict("records"))

@@ -228,6 +228,10 @@ class Run:
     def url(self) -> str:
         return self.store.run_url(self.experiment_id, self.id)
 
+    def url_of(self, artifact: str) -> str:
+        """The run's page in the MLflow UI, opened on one of its artifacts."""
+        return self.store.run_url(self.experiment_id, self.id, artifact)
+
     @patient
     def link_flow_run(self) -> None:
         """A Prefect link artifact on the current flow run pointing at this MLflow run."""

@@ -301,10 +301,12 @@ class Store:
 
     # ------------------------------------------------------------ links
 
-    def run_url(self, experiment_id: str, run_id: str) -> str:
-        """The run's page in the MLflow UI (for a local store, where `mlflow ui` serves it)."""
+    def run_url(self, experiment_id: str, run_id: str, artifact: str | None = None) -> str:
+        """The run's page in the MLflow UI (for a local store, where `cnnflow ui` serves it), opened on
+        one of its artifacts when given (the Artifacts tab, that file shown)."""
         base = self.uri if is_server(self.uri) else DEFAULT_UI_URL
-        return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        page = f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        return page + (f"/artifactPath/{artifact}" if artifact else "")
 
     def ui_command(self) -> str:
         """The shell command that opens the MLflow UI on this store, from any shell (the venv's cnnflow)."""
