@@ -15,7 +15,7 @@ import math
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, NonNegativeFloat, NonNegativeInt, PositiveFloat,
                       PositiveInt, field_validator, model_validator)
 
 from cnncore.backend import require_device
@@ -237,6 +237,7 @@ class SweepSpec(_Frozen):
     study: Literal["bn-vs-gn"] | None = Field(
         None, description="Write this study's table, figure and report on the sweep's parent run "
                           "(bn-vs-gn: the Group Normalization paper's batch-size comparison).")
+    _trials: tuple[str, list[TrainConfig]] | None = PrivateAttr(default=None)  # (fingerprint, trials)
 
     @model_validator(mode="after")
     def _valid_space(self) -> SweepSpec:
@@ -265,7 +266,18 @@ class SweepSpec(_Frozen):
         return [k for k, v in self.space.items() if isinstance(v, Interval) or len(set(map(repr, v))) > 1]
 
     def trials(self) -> list[TrainConfig]:
-        """The trial configurations, in order, without repeats."""
+        """The trial configurations, in order, without repeats (built when the spec was validated).
+
+        The grid is itertools.product over the space in its own order, not scikit-learn's
+        ParameterGrid, which sorts the keys: the trials' order is their index, their run
+        names and their place in a resumed sweep.
+        """
+        fingerprint = self.model_dump_json(exclude={"name"})  # a model_copy(update=...) is not revalidated
+        if self._trials is None or self._trials[0] != fingerprint:
+            self._trials = (fingerprint, self._build_trials())
+        return list(self._trials[1])
+
+    def _build_trials(self) -> list[TrainConfig]:
         if self.search == "grid":
             names = list(self.space)
             overrides = [dict(zip(names, values)) for values in itertools.product(*self.space.values())]

@@ -54,15 +54,16 @@ def build_study(trials: pd.DataFrame, spec: SweepSpec, diagnostics: pd.DataFrame
     """
     delta = require_real("delta", delta, low=0)
     finished = require_trials(trials).dropna(subset=["test_error"])
-    planned = {(t.normalization, t.batch_size, t.train_seed) for t in spec.trials()}
+    planned_trials = spec.trials()
+    planned = {(t.normalization, t.batch_size, t.train_seed) for t in planned_trials}
     missing = sorted(planned - set(map(tuple, finished[KEYS].values.tolist())))
     num_train = spec.base.num_train if num_train is None else num_train
-    tables = {"updates": updates_table(spec, num_train)}
-    run_norms = {t.normalization for t in spec.trials()}
+    tables = {"updates": updates_table(spec, planned_trials, num_train)}
+    run_norms = {t.normalization for t in planned_trials}
     primary = ("batchnorm", next((n for n in COMPARED_WITH if n in run_norms), "groupnorm"))
     parts = [f"# {' vs '.join(map(short_label, primary))} across batch sizes: {spec.base.dataset}, "
-             f"{net_words(spec)}", provenance_section(provenance),
-             design_section(spec, tables["updates"], len(planned), missing, num_train)]
+             f"{net_words(spec, planned_trials)}", provenance_section(provenance),
+             design_section(spec, planned_trials, tables["updates"], len(planned), missing, num_train)]
     figures, answer = {}, "No trial finished: there is nothing to compare."
     if finished.empty:
         parts.append(answer)
@@ -166,14 +167,14 @@ def provenance_section(provenance: dict[str, str] | None) -> str:
     return "\n".join(["Provenance:", "", *(f"- {key}: `{value}`" for key, value in provenance.items())])
 
 
-def updates_table(spec: SweepSpec, num_train: int | None) -> pd.DataFrame:
+def updates_table(spec: SweepSpec, trials: list, num_train: int | None) -> pd.DataFrame:
     """Per batch size: its learning rate, and the Solver's iterations per epoch and updates in all.
 
     The Solver runs max(num_train // batch_size, 1) iterations per epoch; without
     num_train those columns are NaN.
     """
     rows = []
-    for batch in sorted({t.batch_size for t in spec.trials()}, reverse=True):
+    for batch in sorted({t.batch_size for t in trials}, reverse=True):
         rate = spec.base.learning_rate * (batch / spec.lr_reference_batch if spec.lr_reference_batch else 1.0)
         per_epoch = math.nan if num_train is None else max(num_train // batch, 1)
         rows.append({"batch_size": batch, "learning_rate": rate, "iterations_per_epoch": per_epoch,
@@ -181,9 +182,9 @@ def updates_table(spec: SweepSpec, num_train: int | None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def design_section(spec: SweepSpec, updates: pd.DataFrame, num_planned: int, missing: list[tuple],
+def design_section(spec: SweepSpec, trials: list, updates: pd.DataFrame, num_planned: int, missing: list[tuple],
                    num_train: int | None) -> str:
-    base, trials = spec.base, spec.trials()
+    base = spec.base
     norms = _ordered_names(t.normalization for t in trials)
     seeds = sorted({t.train_seed for t in trials})
     rule = (f"{base.learning_rate:g} x b/{spec.lr_reference_batch}" if spec.lr_reference_batch
@@ -197,7 +198,7 @@ def design_section(spec: SweepSpec, updates: pd.DataFrame, num_planned: int, mis
         f"{', '.join(map(str, updates['batch_size']))} x seeds {', '.join(map(str, seeds))}; "
         f"{base.num_epochs} epoch{'s' * (base.num_epochs != 1)} at every batch size; {base.update_rule} at learning rate {rule}"
         + (f", divided by 10 after {', '.join(f'{f:.0%}' for f in base.lr_steps)} of training" if base.lr_steps
-           else "") + f"; {net_words(spec, detailed=True)}; "
+           else "") + f"; {net_words(spec, trials, detailed=True)}; "
         + (f"{num_train} training images." if num_train else "the number of training images was not given."),
         "",
         "Measured: the test error (%) of the final model (after the last epoch) on the test split "
@@ -217,7 +218,7 @@ def design_section(spec: SweepSpec, updates: pd.DataFrame, num_planned: int, mis
     return "\n".join(lines)
 
 
-def net_words(spec: SweepSpec, detailed: bool = False) -> str:
+def net_words(spec: SweepSpec, trials: list, detailed: bool = False) -> str:
     """The net in words: "a 3-block convnet" or, detailed, its layers and where its norms sit."""
     base = spec.base
     if base.model == "fc_net":
@@ -229,7 +230,7 @@ def net_words(spec: SweepSpec, detailed: bool = False) -> str:
     _, height, _ = IMAGE_SHAPES[base.dataset]
     maps = " / ".join(f"{height // 2 ** i}x{height // 2 ** i}" for i in range(base.depth))
     groups = (f", group norm with G={base.num_groups} ({base.num_filters // base.num_groups} channels per group)"
-              if "groupnorm" in {t.normalization for t in spec.trials()} else "")
+              if "groupnorm" in {t.normalization for t in trials} else "")
     return (f"{short}: {base.depth} conv-norm-relu-pool block{'s' * (base.depth != 1)} of {base.num_filters} "
             f"filters {base.filter_size}x{base.filter_size} (norm layers on {maps} maps), then a hidden layer of "
             f"{base.hidden_dim}{groups}")
