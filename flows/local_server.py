@@ -272,7 +272,8 @@ def _start(home: Path, port: int, timeout_s: float, say: Callable[[str], None]) 
     if log_path.exists() and log_path.stat().st_size > LOG_LIMIT_BYTES:
         log_path.replace(home / f"{LOG_FILE}.1")
     (home / "prefect").mkdir(exist_ok=True)
-    say(f"starting the local Prefect server at http://{HOST}:{port} (once; about 10 s; log {log_path})")
+    say(f"starting the local Prefect server at http://{HOST}:{port}, once (about 10 s): it stays up for later "
+        f"runs; `cnnflow server stop` stops it (log: {log_path})")
     with open(log_path, "ab") as log:
         process = subprocess.Popen(server_command(port), env=server_environment(home), cwd=home,
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
