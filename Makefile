@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-slow test-all studies bench bench-torch clean
+.PHONY: run ui test test-slow test-all studies bench bench-cli bench-torch clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/cnnflow run pipeline
+
+# The MLflow UI on the project's store, at http://127.0.0.1:5000, until Ctrl-C.
+ui: $(STAMP)
+	$(BIN)/cnnflow ui
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -42,6 +46,10 @@ studies: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_layers.py
+
+# How fast cnnflow starts: its help texts and the fixed cost of a run before training.
+bench-cli: $(STAMP)
+	$(BIN)/python benchmarks/bench_cli.py
 
 # cnncore against PyTorch CPU (installs the optional `bench` extra, torch==2.13.0);
 # OpenBLAS's CPU overrides, where set, slow a current numpy: unset for this command only.

@@ -44,8 +44,6 @@ import logging
 import os
 
 import numpy as np
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from .checks import require_float_dtype, require_int
 from .cifar10 import (  # noqa: F401  (re-exported: cnncore.data is the public door)
@@ -210,6 +208,8 @@ def _subsample(split, count, arg: str, seed: int, stream: int):
 
 def _stratified_carve(X, y, count: int, seed: int):
     """((X_rest, y_rest), (X_out, y_out)): `count` images taken out of (X, y), stratified by class."""
+    from sklearn.model_selection import train_test_split  # scikit-learn costs ~1 s to import: only when used
+
     X_rest, X_out, y_rest, y_out = train_test_split(X, y, test_size=count, stratify=y, random_state=seed)
     return (X_rest, y_rest), (X_out, y_out)
 
@@ -245,6 +245,8 @@ def _digits_splits(seed: int):
 
     X has shape (N, 1, 8, 8) float64 in 0..16 and y int64; N is 1,197 / 300 / 300.
     """
+    from sklearn.datasets import load_digits
+
     digits = load_digits()
     X = digits.images[:, None, :, :]
     y = digits.target.astype(np.int64)

@@ -1,25 +1,52 @@
-"""The lines a user must see while a flow runs: progress and summaries, one plain line each.
+"""The lines a person running a flow must see (progress, summaries), said through one logger.
 
-``say(text)`` logs the line on the ``cnncore.progress`` logger at INFO; inside a
-Prefect run it also goes to the run's logger, so the Prefect UI shows it beside
-the run. The `cnnflow` command shows these lines plainly in the terminal and keeps
-Prefect's own INFO chatter for --verbose.
+    from flows.progress import say
+    say(f"trial 3/8: val acc 0.912")
+
+``say(text)`` logs text at INFO on the ``cnncore.progress`` logger. The ``cnnflow``
+console shows these records plainly (no time, no level) while it hides Prefect's own
+INFO lines unless ``--verbose``. Inside a Prefect flow or task run the line also goes
+to that run's logs in the Prefect API (the UI shows it under the run), without a second
+copy on the console. Outside ``cnnflow`` it is an ordinary log record: shown wherever
+logging shows INFO records (Prefect's logging configuration does, on stderr).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 
-LOGGER = logging.getLogger("cnncore.progress")
+PROGRESS_LOGGER = "cnncore.progress"
+
+logger = logging.getLogger(PROGRESS_LOGGER)
+# The root logger's WARNING level (Prefect's configuration, and Python's default) would drop these
+# INFO records before any handler saw them.
+logger.setLevel(logging.INFO)
 
 
 def say(text: str) -> None:
-    LOGGER.info(text)
-    try:
-        from prefect.context import FlowRunContext, TaskRunContext
-        from prefect.logging import get_run_logger
+    """Log text at INFO on the cnncore.progress logger; inside a Prefect run, also in that run's logs."""
+    logger.info(text)
+    _to_run_logs(text)
 
-        if FlowRunContext.get() or TaskRunContext.get():
-            get_run_logger().info(text)
-    except ImportError:  # pragma: no cover - prefect comes with the project
-        pass
+
+def _to_run_logs(text: str) -> None:
+    """Hand text to the handlers of the current run's logger (the Prefect API's), not to its ancestors
+    (the console, which has the cnncore.progress record already)."""
+    if "prefect.context" not in sys.modules:  # Prefect not even imported: no run to log to
+        return
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if TaskRunContext.get() is None and FlowRunContext.get() is None:
+        return
+    from prefect.logging import get_run_logger
+
+    run_logger = get_run_logger()
+    if not run_logger.isEnabledFor(logging.INFO):
+        return
+    message, kwargs = run_logger.process(text, {})
+    record = run_logger.logger.makeRecord(run_logger.logger.name, logging.INFO, __file__, 0, message, (), None,
+                                          extra=kwargs.get("extra"))
+    for handler in run_logger.logger.handlers:
+        if record.levelno >= handler.level:
+            handler.handle(record)

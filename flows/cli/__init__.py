@@ -5,9 +5,12 @@
     cnnflow serve            # the deployments of prefect.yaml, on their schedules
     cnnflow ui               # the MLflow UI on the project's store, at 127.0.0.1
     cnnflow runs             # recent MLflow runs: params and accuracies
+    cnnflow server status    # the local Prefect server `cnnflow run` uses (start, stop, status)
 
-- ``app``: the top level and the commands that are not flows (ui, serve, runs);
+- ``app``: the top level (--debug, --verbose) and the commands that are not flows (ui, serve, runs, report);
 - ``run``: `cnnflow run FLOW`, a command per flow, imported only when used;
+- ``server``: `cnnflow server start|stop|status` (flows.local_server);
+- ``console``: what the terminal shows: quiet by default, everything with --verbose;
 - ``options``: the options generated from a flow's typed parameters, and their values parsed back;
 - ``errors``: one-line errors and exit codes (2: parameters refused, 1: a failed run);
 - ``runs_table``: the `cnnflow runs` table.

@@ -1,4 +1,4 @@
-"""The `cnnflow` command: its top level and the commands that are not flows (ui, serve, runs)."""
+"""The `cnnflow` command: its top level and the commands that are not flows (ui, serve, runs, report, server)."""
 
 from __future__ import annotations
 
@@ -12,20 +12,33 @@ import typer
 from ..deployments import PREFECT_YAML
 from .errors import CliError, Settings, one_line_errors
 from .run import run_app
+from .server import server_app
 
 app = typer.Typer(
     name="cnnflow",
     help="Run, schedule and inspect cnncore's Prefect flows, tracked in MLflow.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 app.add_typer(run_app, name="run")
+app.add_typer(server_app, name="server")
 
 
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False):
+def _main(
+    debug: Annotated[bool, typer.Option("--debug/--no-debug", help="Show tracebacks instead of one-line errors.")]
+    = False,
+    verbose: Annotated[bool, typer.Option("--verbose/--no-verbose", "-v", help=(
+        "Show everything Prefect and MLflow say (Prefect's INFO lines, MLflow's progress bars); by default "
+        "only warnings, errors and the flows' progress lines."))] = False,
+):
     Settings.debug = debug
+    Settings.verbose = verbose
+    # Before any command imports MLflow or Prefect's server, which read these once.
+    from .console import quiet_environment
+
+    quiet_environment(verbose)
 
 
 @app.command()
@@ -62,10 +75,22 @@ def ui(
             with termination_as_interrupt(), background_server(command, f"{address}/health", timeout_s=timeout,
                                                                env={**os.environ, **env}) as process:
                 typer.echo(f"MLflow UI: {address}  (Ctrl-C stops it)")
+                _mention_local_prefect_ui()
                 code = process.wait()
                 raise CliError(f"the MLflow UI exited with code {code}")
         except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP: the server is stopped on the way out
             typer.echo(f"{exc or 'stopped'}: the MLflow UI is stopped", err=True)
+
+
+def _mention_local_prefect_ui() -> None:
+    """Where the flow runs are, when they go to the local Prefect server (PREFECT_API_URL unset)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from ..local_server import server_status
+
+    local = server_status()
+    if local.answering:
+        typer.echo(f"Prefect UI: {local.state.ui_url}  (the local Prefect server; `cnnflow server stop` stops it)")
 
 
 @app.command()

@@ -26,6 +26,7 @@ class Settings:
     """Process-wide switches set by the top-level options."""
 
     debug = False
+    verbose = False
 
 
 def fail(message: str, exit_code: int = 1) -> typing.NoReturn:

@@ -8,9 +8,9 @@ so `cnnflow run --help` answers at once.
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import inspect
-import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,7 +19,8 @@ import typer
 from typer.core import TyperGroup
 
 from ..deployments import entrypoint_module, load_entrypoint
-from .errors import Settings, fail, one_line_errors, stopped_by_signals
+from .console import configure_prefect_console
+from .errors import CliError, Settings, fail, one_line_errors, stopped_by_signals
 from .options import FlowOption, collect_parameters, flow_options, validate_parameters
 
 # The flows `cnnflow run` knows: command name -> entrypoint.
@@ -31,6 +32,8 @@ FLOWS = {
     "load-data": "flows.load_data:load_data",
 }
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+# The environment's say on --local-server/--no-local-server (false, 0, no: the temporary server).
+LOCAL_SERVER_ENV = "CNNCORE_LOCAL_SERVER"
 
 
 def flow_summary(entrypoint: str) -> str:
@@ -42,32 +45,6 @@ def flow_summary(entrypoint: str) -> str:
         if isinstance(node, ast.FunctionDef) and node.name == attr:
             return " ".join((ast.get_docstring(node) or "").split("\n\n")[0].split())
     return ""
-
-
-class _NoTracebackFormatter(logging.Formatter):
-    """Wraps a handler's formatter so that log records print without their traceback."""
-
-    def __init__(self, inner: logging.Formatter):
-        super().__init__()
-        self.inner = inner
-
-    def format(self, record: logging.LogRecord) -> str:
-        plain = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None, "stack_info": None})
-        return self.inner.format(plain)
-
-
-def _quiet_prefect_tracebacks() -> None:
-    """Prefect logs a failed run's traceback to the console; the CLI says it in one line instead.
-
-    The traceback still reaches the Prefect API (the UI's logs) and MLflow (the
-    failure artifact); only the terminal copy goes.
-    """
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    for logger in (logging.getLogger(), *(logging.getLogger(n) for n in logging.root.manager.loggerDict)):
-        for handler in getattr(logger, "handlers", []):
-            if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, _NoTracebackFormatter):
-                handler.setFormatter(_NoTracebackFormatter(handler.formatter or logging.Formatter()))
 
 
 def _plain(value):
@@ -103,14 +80,30 @@ def run_flow(flow, options: list[FlowOption], given: dict[str, Any]) -> None:
         params = collect_parameters(options, given, given.get("params"))
         validated = validate_parameters(flow, params, options)
         _check_tracking_server(flow, validated)
-        if not Settings.debug:
-            import prefect.logging.configuration  # noqa: F401  (Prefect configures logging on import)
-
-            _quiet_prefect_tracebacks()
-        result = flow(**validated)
+        with _prefect_server(flow, given.get("local_server", True)):
+            configure_prefect_console(verbose=Settings.verbose, tracebacks=Settings.debug)
+            result = flow(**validated)
         text = summarize(result)
         if text:
             typer.echo(text)
+
+
+def _prefect_server(flow, local_server: bool):
+    """Where the flow reports: PREFECT_API_URL when Prefect has one (environment or profile); else the local
+    server (flows.local_server), started if need be; with --no-local-server, Prefect's temporary server."""
+    from prefect import Flow
+    from prefect.settings import get_current_settings
+
+    if not isinstance(flow, Flow) or get_current_settings().api.url or not local_server:
+        return contextlib.nullcontext()
+    from ..local_server import ServerError, ensure_server, prefect_api
+
+    try:
+        state, _ = ensure_server(say=lambda text: typer.echo(text, err=True))
+    except ServerError as exc:
+        raise CliError(f"the local Prefect server did not start: {exc} (`--no-local-server` runs the flow "
+                       "with a temporary server inside this process instead)") from exc
+    return prefect_api(state.api_url)
 
 
 def _check_tracking_server(flow, params: dict) -> None:
@@ -137,7 +130,16 @@ def build_run_command(command_name: str, flow) -> click.Command:
             default=typer.Option(None, "--params", metavar="FILE", rich_help_panel="Input files",
                                  help="YAML or JSON file of the flow's parameters, shaped as in prefect.yaml's "
                                       "`parameters:`; options given on the command line override it."),
-        )
+        ),
+        inspect.Parameter(
+            "local_server", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+            default=typer.Option(True, "--local-server/--no-local-server", envvar=LOCAL_SERVER_ENV,
+                                 rich_help_panel="Prefect server",
+                                 help="With PREFECT_API_URL unset: report to cnnflow's long-lived local Prefect "
+                                      "server (`cnnflow server`), started by the first run that needs it; "
+                                      "--no-local-server: a temporary server inside this process instead, about "
+                                      "10 s per run, its flow runs gone with it."),
+        ),
     ]
     for option in options:
         if option.kind == "mapping":

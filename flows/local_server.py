@@ -1,0 +1,319 @@
+"""cnnflow's local Prefect server: one long-lived `prefect server start` on 127.0.0.1, started once and reused.
+
+Without PREFECT_API_URL, Prefect starts a temporary server inside every process that
+runs a flow: 7-13 s per command, and the flow runs vanish with it. Instead `cnnflow run`
+uses this server, starting it on first use (`ensure_server`); it outlives the command
+that started it (the one exception to "everything a command starts dies with it") until
+`cnnflow server stop`.
+
+Everything lives in the server's home, $CNNCORE_SERVER_HOME, else
+~/.cache/cnncore/prefect-server (under $XDG_CACHE_HOME when set):
+
+    prefect/       its PREFECT_HOME: the server's own sqlite database, never the user's
+    server.json    the state: pid, port, API URL and the process's start time, while it runs
+    server.log     what the server prints (Prefect's banner included)
+    server.lock    held while a server is started: two commands at once start one server
+
+The server runs in a session of its own (so a Ctrl-C or a closed terminal does not
+reach it), bound to loopback only, with Prefect's analytics off. It is stopped by its
+process group: SIGTERM, then SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from .servers import ServerError, free_port, port_is_taken, wait_until_healthy
+
+HOME_ENV = "CNNCORE_SERVER_HOME"
+HOST = "127.0.0.1"
+# Not Prefect's 4200, which a user's own `prefect server start` takes; a free port when this one is taken.
+DEFAULT_PORT = 4242
+# A cold start creates the database and runs its migrations: about 10 s on 2 cores, more on a busy machine.
+START_TIMEOUT_S = 120.0
+STOP_GRACE_S = 10.0
+# The log is appended to at each start and started afresh past this size.
+LOG_LIMIT_BYTES = 5_000_000
+
+STATE_FILE = "server.json"
+LOG_FILE = "server.log"
+LOCK_FILE = "server.lock"
+
+# The processes this one started, so that stopping them here also reaps them (no zombie stays in the group).
+_started: dict[int, subprocess.Popen] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerState:
+    """What server.json records about a running server."""
+
+    pid: int
+    port: int
+    created: float  # the process's start time (psutil), which a recycled pid would not share
+
+    @property
+    def ui_url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        """What PREFECT_API_URL must say to use this server."""
+        return f"{self.ui_url}/api"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerStatus:
+    """The local server as found: running (its process alive) and answering, or a state left behind."""
+
+    home: Path
+    state: ServerState | None
+    running: bool = False
+    answering: bool = False
+
+    @property
+    def stale(self) -> bool:
+        """A state file whose process is gone (killed, crashed, or the machine restarted)."""
+        return self.state is not None and not self.running
+
+    def describe(self) -> str:
+        """One line for a person."""
+        log = self.home / LOG_FILE
+        if self.state is None:
+            return f"the local Prefect server is not running (home {self.home})"
+        if self.stale:
+            return (f"the local Prefect server is not running: {self.home / STATE_FILE} names pid {self.state.pid}, "
+                    f"which is gone (a stale state; `cnnflow server stop` removes it; log {log})")
+        if not self.answering:
+            return (f"the local Prefect server (pid {self.state.pid}) runs but {self.state.api_url}/health does not "
+                    f"answer: starting, or stuck (log {log}; `cnnflow server stop` stops it)")
+        return f"the local Prefect server runs at {self.state.ui_url} (API {self.state.api_url}, pid {self.state.pid})"
+
+
+def server_home() -> Path:
+    """$CNNCORE_SERVER_HOME, else the cnncore cache folder's prefect-server/."""
+    if os.environ.get(HOME_ENV):
+        return Path(os.environ[HOME_ENV]).expanduser()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "cnncore" / "prefect-server"
+
+
+# ---------------------------------------------------------------- the state file
+
+
+def read_state(home: Path) -> ServerState | None:
+    """The state in home, or None when there is none (or it cannot be read: a half-written or foreign file)."""
+    try:
+        data = json.loads((home / STATE_FILE).read_text())
+        return ServerState(pid=int(data["pid"]), port=int(data["port"]), created=float(data["created"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_state(home: Path, state: ServerState) -> None:
+    data = {**dataclasses.asdict(state), "api_url": state.api_url, "ui_url": state.ui_url}
+    partial = home / f".{STATE_FILE}.{os.getpid()}"
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(partial, home / STATE_FILE)  # a reader sees the old file or the new one, never half of one
+
+
+def _remove_state(home: Path) -> None:
+    (home / STATE_FILE).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- processes
+
+
+def _created(pid: int) -> float | None:
+    """The start time of process pid, or None when there is no such process (or it is a zombie)."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        return None if process.status() == psutil.STATUS_ZOMBIE else process.create_time()
+    except psutil.Error:
+        return None
+
+
+def _is_alive(state: ServerState) -> bool:
+    """The state's process still runs, and is the same process (not a recycled pid)."""
+    created = _created(state.pid)
+    return created is not None and abs(created - state.created) < 0.5
+
+
+def _answers(state: ServerState, timeout_s: float = 2.0) -> bool:
+    try:
+        wait_until_healthy(f"{state.api_url}/health", timeout_s)
+        return True
+    except ServerError:
+        return False
+
+
+def _group_alive(group_id: int) -> bool:
+    """Some process of the group is not yet gone (reaping the ones this process started)."""
+    if (process := _started.get(group_id)) is not None:
+        process.poll()
+    import psutil
+
+    for process in psutil.process_iter(["status"]):
+        with contextlib.suppress(psutil.Error):
+            if process.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(process.pid) == group_id:
+                return True
+    return False
+
+
+def _stop_group(group_id: int, grace_s: float) -> None:
+    """SIGTERM the process group, then SIGKILL what is left after grace_s."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group_id, sig)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if not _group_alive(group_id):
+                _started.pop(group_id, None)
+                return
+            time.sleep(0.1)
+    raise ServerError(f"the local Prefect server's process group {group_id} is still there after SIGKILL")
+
+
+def server_command(port: int) -> list[str]:
+    return [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port)]
+
+
+def server_environment(home: Path) -> dict[str, str]:
+    """The server's environment: this one without the user's Prefect settings (a PREFECT_HOME, a profile or a
+    database URL there would point it at the user's own database), its own PREFECT_HOME, no analytics."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT="false", PREFECT_SERVER_LOGGING_LEVEL="WARNING")
+    return env
+
+
+# ---------------------------------------------------------------- start, status, stop
+
+
+def server_status(home: Path | None = None) -> ServerStatus:
+    """The local server as it is now; changes nothing."""
+    home = home or server_home()
+    state = read_state(home)
+    if state is None or not _is_alive(state):
+        return ServerStatus(home, state)
+    return ServerStatus(home, state, running=True, answering=_answers(state))
+
+
+@contextlib.contextmanager
+def _start_lock(home: Path, timeout_s: float, waiting: Callable[[str], None]) -> Iterator[None]:
+    """Held while a server is looked for and started: a second command waits, then finds the first's server."""
+    with open(home / LOCK_FILE, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            waiting("another command is starting the local Prefect server; waiting for it")
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise ServerError(f"{home / LOCK_FILE} stayed locked for {timeout_s:.0f} s") from None
+                    time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def ensure_server(home: Path | None = None, port: int | None = None, timeout_s: float = START_TIMEOUT_S,
+                  say: Callable[[str], None] = lambda text: None) -> tuple[ServerState, bool]:
+    """The local server, started when it is not running: (its state, whether this call started it).
+
+    port: where to start it; None takes DEFAULT_PORT, or a free port when that one is
+    taken; 0 a free port. A server already running is reused wherever it listens.
+    say: told, in one line, when a server is started or waited for.
+    Raises ServerError when the server does not answer within timeout_s (with the
+    tail of its log), or a port asked for is taken.
+    """
+    home = home or server_home()
+    home.mkdir(parents=True, exist_ok=True)
+    with _start_lock(home, timeout_s + STOP_GRACE_S, say):
+        found = server_status(home)
+        if found.running:
+            if not found.answering:  # another start may still be running its migrations
+                wait_until_healthy(f"{found.state.api_url}/health", timeout_s, log=home / LOG_FILE)
+            return found.state, False
+        if found.stale:
+            say(f"the local Prefect server (pid {found.state.pid}) is gone; starting a new one")
+            _remove_state(home)
+        return _start(home, _choose_port(port), timeout_s, say), True
+
+
+def _choose_port(port: int | None) -> int:
+    if port is None:
+        return free_port(HOST) if port_is_taken(DEFAULT_PORT, HOST) else DEFAULT_PORT
+    if port == 0:
+        return free_port(HOST)
+    if port_is_taken(port, HOST):
+        raise ServerError(f"port {port} on {HOST} is taken; choose another (0 picks a free one)")
+    return port
+
+
+def _start(home: Path, port: int, timeout_s: float, say: Callable[[str], None]) -> ServerState:
+    log_path = home / LOG_FILE
+    if log_path.exists() and log_path.stat().st_size > LOG_LIMIT_BYTES:
+        log_path.replace(home / f"{LOG_FILE}.1")
+    (home / "prefect").mkdir(exist_ok=True)
+    say(f"starting the local Prefect server at http://{HOST}:{port}, once (about 10 s): it stays up for later "
+        f"runs; `cnnflow server stop` stops it (log: {log_path})")
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(server_command(port), env=server_environment(home), cwd=home,
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    _started[process.pid] = process
+    state = ServerState(pid=process.pid, port=port, created=_created(process.pid) or time.time())
+    _write_state(home, state)
+    try:
+        wait_until_healthy(f"{state.api_url}/health", timeout_s, process, log_path)
+    except BaseException:  # a failed start (or a Ctrl-C during it) leaves no server and no state behind
+        _stop_group(process.pid, STOP_GRACE_S)
+        _remove_state(home)
+        raise
+    return state
+
+
+def stop_server(home: Path | None = None, grace_s: float = STOP_GRACE_S) -> ServerStatus:
+    """Stop the local server's process group and remove its state; returns what was found before.
+
+    Safe to repeat: with no server it does nothing; a stale state is removed.
+    """
+    home = home or server_home()
+    found = server_status(home)
+    if found.running:
+        _stop_group(found.state.pid, grace_s)
+    if found.state is not None:
+        _remove_state(home)
+    return found
+
+
+@contextlib.contextmanager
+def prefect_api(api_url: str) -> Iterator[None]:
+    """Within the block, Prefect in this process and the processes it starts report to api_url.
+
+    Prefect reads its settings once, at import, so the URL goes into a temporary
+    settings context; the environment variable is for child processes.
+    """
+    from unittest import mock
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with mock.patch.dict(os.environ, {"PREFECT_API_URL": api_url}), temporary_settings({PREFECT_API_URL: api_url}):
+        yield

@@ -1,0 +1,232 @@
+"""`cnnflow server` and `cnnflow run` without PREFECT_API_URL: one long-lived local Prefect server, started once.
+
+Real processes throughout: `cnnflow` subprocesses with a temporary $CNNCORE_SERVER_HOME,
+real `prefect server start` processes, found and checked by pid and process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from flows import local_server
+
+from .conftest import rest
+
+CNNFLOW = Path(sys.executable).with_name("cnnflow")
+TINY_TRAIN = ["--num-train", "120", "--num-val", "40", "--num-test", "40", "--num-epochs", "1",
+              "--num-filters", "4", "--hidden-dim", "16", "--batch-size", "20"]
+# A cold start creates the server's database: about 10 s on 2 cores; a loaded CI machine takes longer.
+START_TIMEOUT_S = 180
+
+
+def cnnflow(env: dict, *args: str, timeout: float = START_TIMEOUT_S) -> subprocess.CompletedProcess:
+    return subprocess.run([str(CNNFLOW), *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def server_env(ops_env: dict, home: Path) -> dict:
+    """A cnnflow environment with no PREFECT_API_URL and the local server's home in home."""
+    return {**ops_env, "CNNCORE_SERVER_HOME": str(home), "COLUMNS": "200"}
+
+
+def live_group_members(group_id: int) -> list[int]:
+    """The pids of the live (not zombie) processes in a process group."""
+    found = []
+    for process in psutil.process_iter(["status"]):
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if process.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(process.pid) == group_id:
+                found.append(process.pid)
+    return found
+
+
+def servers_in(home: Path) -> list[int]:
+    """The pids of the `prefect server start` processes whose PREFECT_HOME is the local server's in home."""
+    pids = []
+    for process in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if "server" in (process.info["cmdline"] or []) and \
+                    process.environ().get("PREFECT_HOME") == str(home / "prefect"):
+                pids.append(process.pid)
+    return pids
+
+
+def kill_servers_in(home: Path) -> None:
+    """Whatever a failed test left running in home, gone."""
+    for pid in servers_in(home):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def state_pid(home: Path) -> int:
+    return json.loads((home / local_server.STATE_FILE).read_text())["pid"]
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory, ops_env):
+    """A local server started by `cnnflow server start` in a temporary home: (env, home, start's result)."""
+    home = tmp_path_factory.mktemp("local-server")
+    env = server_env(ops_env, home)
+    try:
+        started = cnnflow(env, "server", "start")
+        assert started.returncode == 0, started.stderr
+        yield env, home, started
+    finally:
+        cnnflow(env, "server", "stop", timeout=60)
+        kill_servers_in(home)
+
+
+# ---------------------------------------------------------------- no server
+
+
+def test_status_without_a_server_says_so_and_exits_1(tmp_path, ops_env):
+    done = cnnflow(server_env(ops_env, tmp_path), "server", "status")
+    assert done.returncode == 1
+    assert done.stdout.strip() == f"the local Prefect server is not running (home {tmp_path})"
+
+
+def test_stop_without_a_server_does_nothing_and_succeeds(tmp_path, ops_env):
+    for _ in range(2):
+        done = cnnflow(server_env(ops_env, tmp_path), "server", "stop")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "the local Prefect server was not running"
+
+
+def test_a_stale_state_is_reported_by_status_and_removed_by_stop(tmp_path, ops_env):
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (tmp_path / local_server.STATE_FILE).write_text(json.dumps({"pid": gone.pid, "port": 1, "created": 0.0}))
+    env = server_env(ops_env, tmp_path)
+
+    status = cnnflow(env, "server", "status")
+    assert status.returncode == 1
+    assert f"names pid {gone.pid}, which is gone (a stale state" in status.stdout
+
+    stopped = cnnflow(env, "server", "stop")
+    assert stopped.returncode == 0
+    assert f"removed the stale state naming pid {gone.pid}" in stopped.stdout
+    assert not (tmp_path / local_server.STATE_FILE).exists()
+
+
+def test_the_server_environment_holds_none_of_the_users_prefect_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", "sqlite+aiosqlite:////home/someone/.prefect/prefect.db")
+    monkeypatch.setenv("PREFECT_PROFILE", "work")
+    env = local_server.server_environment(tmp_path)
+    assert {k for k in env if k.startswith("PREFECT_")} == {
+        "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT",
+        "PREFECT_SERVER_LOGGING_LEVEL"}
+    assert env["PREFECT_HOME"] == str(tmp_path / "prefect") and env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+
+
+def test_the_server_listens_on_loopback_only():
+    command = local_server.server_command(4242)
+    assert command[command.index("--host") + 1] == "127.0.0.1"
+
+
+# ---------------------------------------------------------------- one running server
+
+
+def test_start_says_the_api_url_and_status_finds_the_server_answering(running):
+    env, home, started = running
+    api_url = started.stdout.strip()
+    assert api_url.startswith("http://127.0.0.1:") and api_url.endswith("/api")
+    with urllib.request.urlopen(api_url + "/health", timeout=10) as response:
+        assert response.status == 200
+    status = cnnflow(env, "server", "status", "--output", "json")
+    assert status.returncode == 0, status.stdout
+    found = json.loads(status.stdout)
+    assert found["api_url"] == api_url and found["running"] and found["answering"]
+    assert found["pid"] == state_pid(home)
+
+
+def test_a_second_start_reuses_the_running_server(running):
+    env, home, started = running
+    again = cnnflow(env, "server", "start")
+    assert again.returncode == 0
+    assert again.stdout == started.stdout
+    assert f"already running: the local Prefect server (pid {state_pid(home)})" in again.stderr
+    assert servers_in(home) == [state_pid(home)]
+
+
+def test_the_server_outlives_the_command_that_started_it_in_a_session_of_its_own(running):
+    _, home, _ = running
+    pid = state_pid(home)
+    server = psutil.Process(pid)
+    assert server.is_running() and server.status() != psutil.STATUS_ZOMBIE
+    assert os.getsid(pid) == pid and os.getpgid(pid) == pid  # no terminal's Ctrl-C or hang-up reaches it
+
+
+def test_run_without_prefect_api_url_reports_to_the_running_server(running, tmp_path):
+    env, home, started = running
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    done = subprocess.run([str(CNNFLOW), "run", "train", *TINY_TRAIN, "--run-name", "via-local-server"],
+                          capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "starting the local Prefect server" not in done.stderr
+    assert servers_in(home) == [state_pid(home)]  # the same server, no second one
+    flow_runs = rest(started.stdout.strip(), "/flow_runs/filter", {"limit": 50})
+    assert [run["state_type"] for run in flow_runs] == ["COMPLETED"]
+    flows = rest(started.stdout.strip(), "/flows/filter", {})
+    assert [f["name"] for f in flows] == ["train"]
+
+
+# ---------------------------------------------------------------- start and stop
+
+
+def test_stop_ends_the_servers_whole_process_group_and_removes_the_state(tmp_path, ops_env):
+    env = server_env(ops_env, tmp_path)
+    try:
+        assert cnnflow(env, "server", "start").returncode == 0
+        pid = state_pid(tmp_path)
+        assert live_group_members(pid)
+
+        stopped = cnnflow(env, "server", "stop", timeout=60)
+        assert stopped.returncode == 0
+        assert stopped.stdout.strip() == f"stopped the local Prefect server (pid {pid})"
+        assert live_group_members(pid) == []
+        assert not (tmp_path / local_server.STATE_FILE).exists()
+        assert cnnflow(env, "server", "status").returncode == 1
+    finally:
+        kill_servers_in(tmp_path)
+
+
+@pytest.mark.slow
+def test_two_starts_at_once_give_one_server(tmp_path, ops_env):
+    env = server_env(ops_env, tmp_path)
+    try:
+        starts = [subprocess.Popen([str(CNNFLOW), "server", "start"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+        results = [start.communicate(timeout=START_TIMEOUT_S) for start in starts]
+        assert [start.returncode for start in starts] == [0, 0], results
+        assert results[0][0] == results[1][0]  # one API URL
+        assert servers_in(tmp_path) == [state_pid(tmp_path)]
+        said = sorted(err.splitlines()[-1].split(" the local")[0] for _, err in results)
+        assert said == ["already running:", "started"]
+    finally:
+        cnnflow(env, "server", "stop", timeout=60)
+        kill_servers_in(tmp_path)
+
+
+@pytest.mark.slow
+def test_the_first_run_starts_the_server_and_leaves_it_running(tmp_path, ops_env):
+    home = tmp_path / "server"
+    env = {**server_env(ops_env, home), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    try:
+        done = subprocess.run([str(CNNFLOW), "run", "train", *TINY_TRAIN], capture_output=True, text=True,
+                              env=env, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "starting the local Prefect server at http://127.0.0.1:" in done.stderr
+        status = cnnflow(env, "server", "status")
+        assert status.returncode == 0, status.stdout
+        assert servers_in(home) == [state_pid(home)]
+    finally:
+        cnnflow(env, "server", "stop", timeout=60)
+        kill_servers_in(home)
