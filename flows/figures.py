@@ -7,16 +7,20 @@ safe in task threads, rendered by Agg without choosing a backend.
 from __future__ import annotations
 
 from numbers import Real
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-from matplotlib.figure import Figure
-from sklearn.metrics import ConfusionMatrixDisplay
+
+if TYPE_CHECKING:  # matplotlib, pandas and scikit-learn are imported where a figure is drawn: `--help` waits for none
+    import pandas as pd
+    from matplotlib.figure import Figure
 
 
 def learning_curves_figure(loss_history: list[float], epochs: list[int], train_acc: list[float],
                            val_acc: list[float], title: str) -> Figure:
     """Loss per iteration (left) and train/val accuracy per accuracy check (right)."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(10, 4), layout="constrained")
     loss_ax, acc_ax = fig.subplots(1, 2)
     loss_ax.plot(np.arange(1, len(loss_history) + 1), loss_history, lw=0.8)
@@ -32,6 +36,9 @@ def learning_curves_figure(loss_history: list[float], epochs: list[int], train_a
 
 def confusion_figure(counts: np.ndarray, class_names: list[str], title: str) -> Figure:
     """counts[i, j] (images of class i predicted as j) drawn by scikit-learn's ConfusionMatrixDisplay."""
+    from matplotlib.figure import Figure
+    from sklearn.metrics import ConfusionMatrixDisplay
+
     fig = Figure(figsize=(6, 5.5), layout="constrained")
     ax = fig.subplots()
     ConfusionMatrixDisplay(counts, display_labels=class_names).plot(ax=ax, cmap="Blues", values_format="d")
@@ -48,6 +55,7 @@ def sweep_comparison_figure(table: pd.DataFrame, x_name: str | None, name: str) 
     t-interval band. A numeric x spanning a factor of 8 or more is drawn on a log2 axis
     ticked at the values run (batch sizes 2..32 read as 2, 4, 8, 16, 32).
     """
+    from matplotlib.figure import Figure
     from scipy import stats
 
     fig = Figure(figsize=(7, 4.5), layout="constrained")

@@ -13,11 +13,9 @@ pyfunc model (flows/serving.py) and as its .npz checkpoint.
 
 from __future__ import annotations
 
-import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
-from sklearn.metrics import confusion_matrix
 
 from .config import TrainConfig
 from .figures import confusion_figure
@@ -47,6 +45,9 @@ fit_model = task(fit, name="fit model", cache_policy=NO_CACHE)
 def evaluate_on_test(run: Run, fitted: Fitted, data: dict) -> dict[str, float]:
     """test_acc (the best-validation net) and final_test_acc (the final net), and the best net's
     confusion matrix on the test split as a figure and a table. Returns both scores."""
+    import pandas as pd
+    from sklearn.metrics import confusion_matrix
+
     scores = log_test_scores(run, fitted, data)
     test_acc = scores["test_acc"]
     _, predicted = score_test_split(fitted.net, data)

@@ -34,15 +34,24 @@ def _is_progress(record: logging.LogRecord) -> bool:
     return record.name == PROGRESS_LOGGER or record.name.startswith(PROGRESS_LOGGER + ".")
 
 
+# The flow engine's own account of a run that failed or was stopped: the CLI says the same in one line.
+_ENGINE_FAILURE = ("Encountered exception during execution", "Crash detected!", "Finished in state Failed",
+                   "Finished in state Crashed")
+
+
 class ConsoleFilter(logging.Filter):
-    """Lets through the progress lines, and Prefect's other records at WARNING and above (all when verbose)."""
+    """Lets through the progress lines, and Prefect's other records at WARNING and above except the flow
+    engine's report of the failure the CLI's one-line error gives (everything when verbose)."""
 
     def __init__(self, verbose: bool):
         super().__init__()
         self.verbose = verbose
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return self.verbose or _is_progress(record) or record.levelno >= logging.WARNING
+        if self.verbose or _is_progress(record):
+            return True
+        return record.levelno >= logging.WARNING and not (
+            record.name == "prefect.flow_runs" and record.getMessage().startswith(_ENGINE_FAILURE))
 
 
 class ConsoleFormatter(logging.Formatter):

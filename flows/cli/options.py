@@ -176,7 +176,7 @@ def flow_options(flow) -> list[FlowOption]:
         description = " ".join(documented.get(name, "").split())
         leaves.extend(_leaves(hints.get(name, str), (name,), default, description, "Flow parameters"))
     flags = _flags([leaf[0] for leaf in leaves])
-    reserved = {"--params", "--help", "--local-server", "--no-local-server"}
+    reserved = {"--params", "--help", "--output", "--local-server", "--no-local-server"}
     clash = reserved.intersection(flags)
     if clash:
         raise RuntimeError(f"flow parameters clash with cnnflow's own options: {sorted(clash)}")

@@ -15,12 +15,18 @@ Numbers are rounded here for reading; what the flows log is never rounded.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import io
 import json
 import math
 from typing import Any
 
-OUTPUTS = ("table", "yaml", "json")
+class Output(str, enum.Enum):
+    """How `cnnflow run` prints a flow's result."""
+
+    table = "table"
+    yaml = "yaml"
+    json = "json"
 
 
 def plain(value) -> Any:
@@ -44,14 +50,15 @@ def plain(value) -> Any:
     return str(value)
 
 
-def render(result, output: str = "table", *, width: int = 120, ui_hint: str = "") -> str:
+def render(result, output: Output | str = Output.table, *, width: int = 120, ui_hint: str = "") -> str:
     """The text `cnnflow run` prints for a flow's result. ui_hint: how to open the MLflow UI, when links
     point at a UI that must be started first."""
+    output = Output(output)
     if result is None:
         return ""
-    if output == "json":
+    if output == Output.json:
         return json.dumps(plain(result), indent=2)
-    if output == "yaml":
+    if output == Output.yaml:
         import yaml
 
         return yaml.safe_dump(plain(result), sort_keys=False, width=120).rstrip()
@@ -71,8 +78,12 @@ def _train(result, width: int) -> list[str]:
     final = "" if result.final_test_acc is None else f"; final net {_percent(result.final_test_acc)}"
     speed = "" if result.images_per_s is None else f", {result.images_per_s:,.0f} images/s"
     return [f"test error {_percent(result.test_acc)} (best-validation net{final}); best val acc "
-            f"{result.best_val_acc:.3f}; {result.wall_time_s:.1f} s of training{speed}",
+            f"{result.best_val_acc:.3f}; {_seconds(result.wall_time_s)} of training{speed}",
             f"MLflow run: {result.url}"]
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.2g} s" if value < 10 else f"{value:.0f} s"
 
 
 def _sweep(report, width: int) -> list[str]:
@@ -92,11 +103,13 @@ def _sweep(report, width: int) -> list[str]:
 
 
 def _pipeline(report, width: int) -> list[str]:
-    return [*_sweep(report.sweep, width)[:-1], "",
+    sweep = _sweep(report.sweep, width)
+    return [*sweep[:-1], "",
             f"final training ({report.final.config.num_epochs} epochs of the best configuration): "
             + _train(report.final, width)[0],
-            f"registered model: {report.registered_model}",
-            f"MLflow pipeline run: {report.url}"]
+            f"registered model: {report.registered_model}", "",
+            f"the comparison, in MLflow: {report.sweep.url}",
+            f"the pipeline's run: {report.url}"]
 
 
 def _mapping(result, width: int) -> list[str]:
@@ -125,7 +138,8 @@ def _table(records: list[dict], width: int) -> str:
         if "low" in records[0]:
             table.add_column("95% CI", justify="right")
         for r in records:
-            row = [_number(r[c]) for c in columns]
+            row = [f"{r[c]:.2f}" if c == "test_error" and isinstance(r[c], float) and not math.isnan(r[c])
+                   else _number(r[c]) for c in columns]
             if "low" in r:
                 row.append(_interval(r["low"], r["high"]))
             table.add_row(*row)

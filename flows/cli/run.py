@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import dataclasses
 import inspect
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,6 +21,7 @@ from typer.core import TyperGroup
 from ..deployments import entrypoint_module, load_entrypoint
 from .console import configure_prefect_console
 from .errors import CliError, Settings, fail, one_line_errors, stopped_by_signals
+from .render import Output, render
 from .options import FlowOption, collect_parameters, flow_options, validate_parameters
 
 # The flows `cnnflow run` knows: command name -> entrypoint.
@@ -47,34 +48,6 @@ def flow_summary(entrypoint: str) -> str:
     return ""
 
 
-def _plain(value):
-    """JSON-able data; arrays shown by shape and dtype, not by value."""
-    from pydantic import BaseModel
-
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _plain(dataclasses.asdict(value))
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "shape") and hasattr(value, "dtype"):
-        return f"{value.dtype} array of shape {tuple(value.shape)}" if value.shape else value.item()
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return str(value)
-
-
-def summarize(result) -> str:
-    """A flow's return value as YAML for the terminal."""
-    import yaml
-
-    if result is None:
-        return ""
-    return yaml.safe_dump(_plain(result), sort_keys=False, width=120).rstrip()
-
-
 def run_flow(flow, options: list[FlowOption], given: dict[str, Any]) -> None:
     with one_line_errors(), stopped_by_signals():
         params = collect_parameters(options, given, given.get("params"))
@@ -83,9 +56,18 @@ def run_flow(flow, options: list[FlowOption], given: dict[str, Any]) -> None:
         with _prefect_server(flow, given.get("local_server", True)):
             configure_prefect_console(verbose=Settings.verbose, tracebacks=Settings.debug)
             result = flow(**validated)
-        text = summarize(result)
+        text = render(result, given.get("output") or "table", width=shutil.get_terminal_size((120, 40)).columns,
+                      ui_hint=_ui_hint(validated))
         if text:
             typer.echo(text)
+
+
+def _ui_hint(params: dict) -> str:
+    """How to open the MLflow UI that a local store's links point at ("" for a tracking server, which serves it)."""
+    from .. import tracking
+
+    uri = tracking.resolve_tracking_uri(params.get("tracking_uri"))
+    return "" if tracking.is_server(uri) else f"start it with `{tracking.Store(uri).ui_command()}`"
 
 
 def _prefect_server(flow, local_server: bool):
@@ -131,6 +113,11 @@ def build_run_command(command_name: str, flow) -> click.Command:
                                  help="YAML or JSON file of the flow's parameters, shaped as in prefect.yaml's "
                                       "`parameters:`; options given on the command line override it."),
         ),
+        inspect.Parameter(
+            "output", inspect.Parameter.KEYWORD_ONLY, annotation=Output,
+            default=typer.Option(Output.table, "--output", "-o", rich_help_panel="Output",
+                                 help="table: the run's answer for people (tables, errors, links); yaml or json: "
+                                      "the whole result, for scripts.")),
         inspect.Parameter(
             "local_server", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
             default=typer.Option(True, "--local-server/--no-local-server", envvar=LOCAL_SERVER_ENV,

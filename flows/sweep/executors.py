@@ -177,14 +177,17 @@ def stop_workers(processes: Executor | None) -> None:
 class Progress:
     """One line per finished trial: its configuration and error, the count, the failures, the time left."""
 
-    def __init__(self, total: int, final: bool):
-        self.total, self.final, self.count, self.failed = total, final, 0, 0
+    def __init__(self, spec: SweepSpec, total: int):
+        self.total, self.final, self.count, self.failed = total, spec.study is not None, 0, 0
+        self.swept = [k for k in spec.swept() if k not in ("normalization", "train_seed")]
         self.started = time.perf_counter()
 
     def done(self, result: TrialResult) -> None:
         self.count += 1
         c = result.config
-        what = f"{c.normalization} batch {c.batch_size} seed {c.train_seed}"
+        what = " ".join([c.normalization, *(f"{k}={getattr(c, k):g}" if isinstance(getattr(c, k), float)
+                                             else f"{k}={getattr(c, k)}" for k in self.swept),
+                         f"seed {c.train_seed}"])
         if result.status == FINISHED:
             accuracy = result.final_test_acc if self.final else result.test_acc
             outcome = f"test error {100 * (1 - accuracy):.2f}%" + (" (final net)" if self.final else "")
@@ -224,7 +227,7 @@ def run_trials(parent: Run, spec: SweepSpec, todo: dict[int, TrainConfig], max_w
                 parent=parent, spec=spec, index=index, config=config, processes=processes,
                 stop=stop if dask_address is None else None)): index
                 for index, config in todo.items()}
-            progress = Progress(len(todo), final=spec.study is not None)
+            progress = Progress(spec, len(todo))
             for future in as_completed(list(futures)):
                 index = futures[future]
                 try:

@@ -313,7 +313,7 @@ class Store:
         if is_server(self.uri):
             return f"open {self.uri} (the tracking server serves the UI)"
         cnnflow = Path(sys.executable).with_name("cnnflow")
-        command = str(cnnflow) if cnnflow.exists() else "cnnflow"
+        command = f"{cnnflow if cnnflow.exists() else 'cnnflow'} ui"
         return command + ("" if self.uri == default_tracking_uri() else f" --backend-store-uri {self.uri}")
 
     @patient

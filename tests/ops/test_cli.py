@@ -361,9 +361,6 @@ def test_help_imports_none_of_the_heavy_packages(ops_env, args):
     assert heavy_packages_imported_by(ops_env, *args) == []
 
 
-@pytest.mark.xfail(strict=True, reason="flows/figures.py imports pandas, matplotlib.figure and sklearn.metrics at "
-                                       "module level, and flows/train.py pandas and sklearn.metrics: move them into "
-                                       "the functions that draw and score (lead's files)")
 def test_run_train_help_imports_none_of_the_heavy_packages(ops_env):
     assert heavy_packages_imported_by(ops_env, "run", "train", "--help") == []
 
