@@ -64,7 +64,8 @@ ASSISTANT_WIDTH = """[...document.querySelectorAll('[data-assistant-ui]')]
 
 def by_text(selector: str, text: str) -> str:
     """A JavaScript expression: the first element matching selector whose trimmed text is text."""
-    return f"[...document.querySelectorAll({json.dumps(selector)})].find(e => e.textContent.trim() === {json.dumps(text)})"
+    return (f"[...document.querySelectorAll({json.dumps(selector)})]"
+            f".find(e => e.textContent.trim() === {json.dumps(text)})")
 
 
 class Chromium:
@@ -150,7 +151,8 @@ class Chromium:
         image.save(path, optimize=True)
         mode = "Model training" if self.evaluate(IN_MODEL_TRAINING) else "GenAI"
         assistant = self.evaluate(ASSISTANT_WIDTH)
-        panel = f"Assistant panel open, {assistant / self.width:.0%} of the width" if assistant else "no Assistant panel"
+        panel = (f"Assistant panel open, {assistant / self.width:.0%} of the width" if assistant
+                 else "no Assistant panel")
         print(f"{path}: {path.stat().st_size // 1024} KB; {mode} mode; {panel}")
 
     def close(self) -> None:
