@@ -54,7 +54,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
                   "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0"]
 # The runs table, the figure and the first row of charts fill the top of the page: the screenshots stop below.
-TABLE_HEIGHT, FIGURE_HEIGHT, CHARTS_HEIGHT = 560, 720, 600
+TABLE_HEIGHT, FIGURE_HEIGHT, CHARTS_HEIGHT = 560, 720, 650
 
 # What the page shows, read from the DOM (never written).
 IN_MODEL_TRAINING = "!!document.querySelector('a[href=\"#/models\"]')"  # the sidebar's Model registry: that mode only
