@@ -1,20 +1,24 @@
-"""Screenshots of the MLflow UI comparing BN and GN runs of a sweep, for docs/operations.md.
+"""Screenshots of the MLflow UI as a newcomer first sees it: a sweep's printed link, then BN against GN.
 
     .venv/bin/python docs/screenshots.py            # writes docs/img/mlflow-*.png
 
-What it does, end to end, with nothing faked:
-1. starts a real `mlflow server` on a free 127.0.0.1 port (sqlite store and
-   served artifacts in a temporary folder);
-2. runs a BN-vs-GN sweep against it the way a user would:
-   `cnnflow run sweep ...` with MLFLOW_TRACKING_URI pointing at the server;
-3. drives Debian's headless Chromium through its DevTools protocol (the runs
-   list needs a click to show the child runs under their parent) and saves
-   three screenshots: the runs list, the compare-runs view of the BN and GN
-   children, and the parent run's comparison figure;
-4. stops Chromium and the server by their process group ids.
+What it does, end to end, with nothing faked and no UI state written:
+1. starts a real `mlflow server` on a free 127.0.0.1 port, on a fresh sqlite store
+   with served artifacts in a temporary folder;
+2. runs two sweeps against it the way a user would, `cnnflow run sweep` with
+   MLFLOW_TRACKING_URI pointing at the server: the small BN-vs-GN study preset
+   and a BN/GN x batch-size grid, and reads the link each prints at its end;
+3. drives Debian's headless Chromium over its DevTools protocol, each session on
+   a fresh profile (nothing in localStorage), with real mouse clicks and typed
+   text only: it opens each printed link exactly as printed, then follows the
+   path docs/operations.md describes (close the Assistant, Model training or
+   Runs, Group by -> normalization, the chart view), saving a screenshot per step;
+4. prints, per screenshot, the UI's mode (GenAI or Model training), whether the
+   Assistant panel is open and how much of the width it takes, and the clicks the
+   comparison took from the runs page;
+5. stops Chromium and the server by their process group ids.
 
-Needs `apt-get install chromium`. Screenshots are palette-quantised to stay
-well under 500 KB each.
+Needs `apt-get install chromium`. Screenshots are palette-quantised to stay small.
 """
 
 from __future__ import annotations
@@ -25,13 +29,14 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image
@@ -41,18 +46,33 @@ from flows.servers import background_server, free_port, mlflow_server_command, s
 
 DOCS = Path(__file__).resolve().parent
 CNNFLOW = Path(sys.executable).with_name("cnnflow")
-EXPERIMENT = "bn-vs-gn-demo"
-SWEEP = ["--name", "bn-vs-gn", "--space", "normalization=batchnorm,groupnorm", "--space", "batch_size=4,16,64",
-         "--num-epochs", "2", "--experiment", EXPERIMENT]
+# The study preset's link lands on its interaction figure, the grid's on comparison.png.
+STUDY = ["--preset", "bn-vs-gn-small", "--experiment", "bn-vs-gn-study"]
+GRID = ["--name", "bn-vs-gn", "--space", "normalization=batchnorm,groupnorm", "--space", "batch_size=4,16,64",
+        "--num-epochs", "2", "--experiment", "bn-vs-gn-demo"]
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
                   "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0"]
+# The runs table, the figure and the first row of charts fill the top of the page: the screenshots stop below.
+TABLE_HEIGHT, FIGURE_HEIGHT, CHARTS_HEIGHT = 560, 720, 650
+
+# What the page shows, read from the DOM (never written).
+IN_MODEL_TRAINING = "!!document.querySelector('a[href=\"#/models\"]')"  # the sidebar's Model registry: that mode only
+ASSISTANT_WIDTH = """[...document.querySelectorAll('[data-assistant-ui]')]
+    .map(e => e.getBoundingClientRect().width).filter(w => w > 100).concat([0])[0]"""
+
+
+def by_text(selector: str, text: str) -> str:
+    """A JavaScript expression: the first element matching selector whose trimmed text is text."""
+    return (f"[...document.querySelectorAll({json.dumps(selector)})]"
+            f".find(e => e.textContent.trim() === {json.dumps(text)})")
 
 
 class Chromium:
-    """Headless Chromium on a temporary profile, driven over the DevTools protocol."""
+    """Headless Chromium on a fresh temporary profile, driven over the DevTools protocol."""
 
     def __init__(self, width: int, height: int, timeout_s: float = 60):
+        self.width, self.height, self.clicks = width, height, 0
         self.profile = Path(tempfile.mkdtemp(prefix="chromium-"))
         binary = shutil.which("chromium") or shutil.which("chromium-browser")
         if binary is None:
@@ -90,14 +110,13 @@ class Chromium:
         return result.get("result", {}).get("value")
 
     def load(self, url: str, ready: str, timeout_s: float = 60) -> None:
-        """Load url afresh (the UI reads its saved state at start) and wait until `ready` is truthy."""
-        self.send("Page.navigate", url="about:blank")
+        """Open url as a pasted link would, and wait until `ready` is truthy."""
         self.send("Page.navigate", url=url)
         self.wait_for(ready, timeout_s, url)
 
     def wait_for(self, expression: str, timeout_s: float = 60, what: str = "") -> None:
         deadline = time.monotonic() + timeout_s
-        while not self.evaluate(expression):
+        while not self.evaluate(f"!!({expression})"):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{what or expression}: not ready after {timeout_s:.0f} s")
             time.sleep(0.5)
@@ -105,22 +124,36 @@ class Chromium:
     def click(self, element: str) -> None:
         """A real mouse click at the centre of the element the JavaScript expression finds."""
         point = self.evaluate(f"""(() => {{ const e = {element}; if (!e) return null;
-            e.scrollIntoView({{block: 'center'}}); const r = e.getBoundingClientRect();
+            e.scrollIntoView({{block: 'nearest'}}); const r = e.getBoundingClientRect();
             return [r.x + r.width / 2, r.y + r.height / 2]; }})()""")
         if point is None:
             raise LookupError(f"nothing to click: {element}")
         for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
             self.send("Input.dispatchMouseEvent", type=kind, x=point[0], y=point[1], button="left", clickCount=1)
+        self.clicks += 1
         time.sleep(0.5)
 
-    def screenshot(self, path: Path, settle_s: float = 1.5) -> None:
-        """A PNG of the viewport, quantised to a palette to keep it small."""
+    def type(self, text: str) -> None:
+        """Text typed into the focused element, as from the keyboard."""
+        self.send("Input.insertText", text=text)
+        time.sleep(0.5)
+
+    def screenshot(self, path: Path, settle_s: float = 1.5, height: int | None = None) -> None:
+        """A PNG of the viewport's top `height` pixels (all of it by default), quantised to a palette to
+        keep it small; prints what the page shows."""
+        # The pointer rests on the page's top margin, so no row or chart shows its hover controls.
+        self.send("Input.dispatchMouseEvent", type="mouseMoved", x=self.width // 2, y=2)
         time.sleep(settle_s)
-        data = base64.b64decode(self.send("Page.captureScreenshot", format="png")["data"])
+        clip = {"x": 0, "y": 0, "width": self.width, "height": min(height or self.height, self.height), "scale": 1}
+        data = base64.b64decode(self.send("Page.captureScreenshot", format="png", clip=clip)["data"])
         image = Image.open(io.BytesIO(data)).convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT)
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path, optimize=True)
-        print(f"{path}: {path.stat().st_size // 1024} KB")
+        mode = "Model training" if self.evaluate(IN_MODEL_TRAINING) else "GenAI"
+        assistant = self.evaluate(ASSISTANT_WIDTH)
+        panel = (f"Assistant panel open, {assistant / self.width:.0%} of the width" if assistant
+                 else "no Assistant panel")
+        print(f"{path}: {path.stat().st_size // 1024} KB; {mode} mode; {panel}")
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -129,92 +162,79 @@ class Chromium:
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
-def rest(server: str, path: str, body: dict | None = None, **query) -> dict:
-    url = f"{server}/api/2.0/mlflow{path}" + ("?" + urllib.parse.urlencode(query) if query else "")
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.load(response)
+@contextlib.contextmanager
+def newcomer(width: int, height: int) -> Iterator[Chromium]:
+    """A browser that has never opened MLflow: a fresh profile, closed afterwards."""
+    browser = Chromium(width, height)
+    try:
+        yield browser
+    finally:
+        browser.close()
 
 
-def run_sweep(server: str, workdir: Path) -> None:
+def printed_link(output: str) -> str:
+    """The parent run's link from `cnnflow run sweep`'s output: its "MLflow parent run:" line, or the
+    top-level `url:` of its YAML."""
+    found = re.search(r"^MLflow parent run: (\S+)$", output, re.M) or re.search(r"^url: (\S+)$", output, re.M)
+    if found is None:
+        raise RuntimeError(f"cnnflow run sweep printed no parent run link; its output ended:\n{output[-2000:]}")
+    return found.group(1)
+
+
+def run_sweep(args: list[str], server: str, workdir: Path) -> str:
+    """Run `cnnflow run sweep ARGS` against the server; the link it printed."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": server, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_HOME": str(workdir / "prefect-home")}
     env.pop("PREFECT_API_URL", None)  # a temporary Prefect server is enough for one sweep
-    print("cnnflow run sweep", *SWEEP)
-    subprocess.run([str(CNNFLOW), "run", "sweep", *SWEEP], check=True, env=env, cwd=workdir,
-                   stdout=subprocess.DEVNULL)
+    print("cnnflow run sweep", *args)
+    done = subprocess.run([str(CNNFLOW), "run", "sweep", *args], env=env, cwd=workdir, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"cnnflow run sweep failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    link = printed_link(done.stdout)
+    print(f"  printed: {link}")
+    return link
 
 
-def sweep_runs(server: str) -> tuple[str, dict, list[dict]]:
-    """(experiment id, the parent run, its child runs)."""
-    experiment_id = rest(server, "/experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]["experiment_id"]
-    runs = rest(server, "/runs/search", {"experiment_ids": [experiment_id], "max_results": 100})["runs"]
-    tags = [{t["key"]: t["value"] for t in r["data"]["tags"]} for r in runs]
-    parent = next(r for r, t in zip(runs, tags) if t.get("sweep_role") == "parent")
-    children = [r for r, t in zip(runs, tags) if t.get("mlflow.parentRunId") == parent["info"]["run_id"]]
-    return experiment_id, parent, children
+def open_link(browser: Chromium, link: str, path: Path) -> None:
+    """The printed link as it opens: wait for the figure it names, drawn, then screenshot it."""
+    artifact = link.split("/artifactPath/", 1)[1].split("?", 1)[0]
+    browser.load(link, f"document.body.innerText.includes({json.dumps('/artifacts/' + artifact)}) && "
+                       "[...document.images].some(i => i.complete && i.naturalWidth > 300)")
+    browser.screenshot(path, height=FIGURE_HEIGHT)
 
 
-def ui_state(parent_id: str) -> dict:
-    """The experiment page's saved state: children shown under the parent, BN/GN columns, no auto-refresh."""
-    return {
-        "searchFilter": "", "orderByKey": "attributes.start_time", "orderByAsc": False, "startTime": "ALL",
-        "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
-        "selectedColumns": ["params.`normalization`", "params.`batch_size`", "metrics.`best_val_acc`",
-                            "metrics.`test_acc`"],
-        "columnOrder": ["attributes.`Run Name`"], "columnWidths": {"attributes.`Run Name`": 330},
-        "runsExpanded": {parent_id: True}, "runsPinned": [], "runsHidden": [], "runsVisibilityMap": {},
-        "runsHiddenMode": "FIRST_10_RUNS", "viewMaximized": False, "runListHidden": False,
-        "isAccordionReordered": False, "useGroupedValuesInCharts": True, "hideEmptyCharts": True, "groupBy": None,
-        "groupsExpanded": {}, "autoRefreshEnabled": False,
-        "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""},
-    }
+def take_screenshots(links: dict[str, str], out: Path, width: int, height: int) -> None:
+    # 1. What the study preset's link opens in a browser new to MLflow.
+    with newcomer(width, height) as browser:
+        open_link(browser, links["study"], out / "mlflow-link-study.png")
 
+    # 2. The grid's link, then the path docs/operations.md describes, in one newcomer's browser.
+    with newcomer(width, height) as browser:
+        open_link(browser, links["grid"], out / "mlflow-link.png")
+        if browser.evaluate(ASSISTANT_WIDTH):
+            browser.click("document.querySelector('[data-assistant-ui] button[aria-label=\"Close\"]')")
+        if browser.evaluate(IN_MODEL_TRAINING):  # the link chose the mode: the sidebar leads to the runs
+            browser.click(by_text("nav a, a", "Runs"))
+        else:  # the switch remembers Model training for this browser and opens the experiment's runs
+            browser.click(by_text("[role=button]", "Model training"))
+        browser.wait_for("document.body.innerText.includes('matching runs') && "
+                         "document.body.innerText.includes('bn-vs-gn')", what="the runs page")
+        browser.screenshot(out / "mlflow-runs.png", height=TABLE_HEIGHT)
 
-def take_screenshots(server: str, out: Path, width: int, height: int) -> None:
-    experiment_id, parent, children = sweep_runs(server)
-    parent_id = parent["info"]["run_id"]
-    browser = Chromium(width, height)
-    try:
-        # MLflow 3's UI opens in GenAI mode with its assistant panel; a user switches to "Model training"
-        # and closes the panel once, and the UI remembers. Do the same through its saved state.
-        browser.load(f"{server}/#/experiments/{experiment_id}", "document.body.innerText.includes('Model training')")
-        saved = {"mlflow.workflowType_v1": json.dumps("machine_learning"), "mlflow.assistant.panelOpen_v1": "false",
-                 "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": "true",
-                 f'MLflowLocalStorage-1.1-ExperimentPage-["{experiment_id}"]-ReactComponentState':
-                     json.dumps(ui_state(parent_id))}
-        browser.evaluate(";".join(f"localStorage.setItem({json.dumps(k)}, {json.dumps(v)})" for k, v in saved.items()))
-
-        # 1. The experiment's runs: the sweep's parent run with its six child runs, BN and GN.
-        #    The list is short: a lower window leaves no empty half.
-        browser.send("Emulation.setDeviceMetricsOverride", width=width, height=560, deviceScaleFactor=1, mobile=False)
-        last_child = max(c["info"]["run_name"] for c in children)
-        browser.load(f"{server}/#/experiments/{experiment_id}/runs",
-                     f"document.body.innerText.includes({json.dumps(last_child)})")
-        browser.screenshot(out / "mlflow-runs.png")
-        browser.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
-                     mobile=False)
-
-        # 2. The compare-runs view of the children: BN and GN against batch size and accuracy.
-        ids = json.dumps([c["info"]["run_id"] for c in children])
-        query = urllib.parse.urlencode({"runs": ids, "experiments": json.dumps([experiment_id])})
-        browser.load(f"{server}/#/compare-runs?{query}", "document.querySelectorAll('.du-bois-light-select').length > 1")
-        metrics = "document.querySelectorAll('.du-bois-light-select')[1]"
-        browser.click(f"{metrics}.querySelector('.du-bois-light-select-selection-item-remove')")  # the default: loss
-        browser.click(f"{metrics}.querySelector('.du-bois-light-select-selector')")
-        for name in ("best_val_acc", "test_acc"):
-            browser.click(f"[...document.querySelectorAll('.du-bois-light-select-item-option')]"
-                          f".find(e => e.textContent.trim() === {json.dumps(name)})")
-        browser.click("[...document.querySelectorAll('h1, h2, span')].find(e => e.textContent.startsWith('Comparing'))")
-        browser.screenshot(out / "mlflow-compare.png", settle_s=3)
-
-        # 3. The parent run's comparison figure: best validation accuracy per normalization against batch size.
-        browser.load(f"{server}/#/experiments/{experiment_id}/runs/{parent_id}/artifacts/comparison.png",
-                     "[...document.images].some(i => i.complete && i.naturalWidth > 300)")
-        browser.screenshot(out / "mlflow-comparison-figure.png")
-    finally:
-        browser.close()
+        browser.clicks = 0
+        browser.click(by_text("button", "Group by"))
+        browser.type("norm")
+        normalization = by_text("[role=menu] [role=menuitemcheckbox]", "normalization")
+        browser.wait_for(normalization, what="Group by's normalization")
+        browser.screenshot(out / "mlflow-group-by.png", settle_s=0.5, height=TABLE_HEIGHT)
+        browser.click(normalization)
+        browser.wait_for("document.body.innerText.includes('Group: batchnorm') && "
+                         "document.body.innerText.includes('Group: groupnorm')", what="the groups")
+        browser.screenshot(out / "mlflow-grouped.png", height=TABLE_HEIGHT)
+        browser.click("document.querySelector('input[name=\"runs-view-mode\"][value=\"CHART\"]').closest('label')")
+        browser.wait_for("document.querySelectorAll('.js-plotly-plot').length >= 3", what="the charts")
+        browser.screenshot(out / "mlflow-compare.png", settle_s=3, height=CHARTS_HEIGHT)
+        print(f"BN against GN, grouped and charted: {browser.clicks} clicks from the runs page")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -222,21 +242,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=DOCS / "img", help="folder for the PNGs")
     parser.add_argument("--width", type=int, default=1600)
     parser.add_argument("--height", type=int, default=1000)
-    parser.add_argument("--server", help="use this running MLflow server (with the sweep logged) instead")
+    parser.add_argument("--server", help="run the sweeps against this running MLflow server instead of a fresh one")
     args = parser.parse_args(argv)
-    if args.server:
-        take_screenshots(args.server.rstrip("/"), args.out, args.width, args.height)
-        return
     with tempfile.TemporaryDirectory(prefix="mlflow-screenshots-") as tmp:
         workdir = Path(tmp)
-        port = free_port()
-        server = f"http://127.0.0.1:{port}"
-        command, _ = mlflow_server_command(f"sqlite:///{workdir / 'mlflow.db'}", port,
-                                           artifacts_destination=str(workdir / "artifacts"))
-        with background_server(command, f"{server}/health", log=workdir / "server.log"):
-            print(f"mlflow server at {server}")
-            run_sweep(server, workdir)
-            take_screenshots(server, args.out, args.width, args.height)
+        with contextlib.ExitStack() as stack:
+            server = args.server.rstrip("/") if args.server else None
+            if server is None:
+                port = free_port()
+                server = f"http://127.0.0.1:{port}"
+                command, _ = mlflow_server_command(f"sqlite:///{workdir / 'mlflow.db'}", port,
+                                                   artifacts_destination=str(workdir / "artifacts"))
+                stack.enter_context(background_server(command, f"{server}/health", log=workdir / "server.log"))
+                print(f"mlflow server at {server}")
+            links = {"study": run_sweep(STUDY, server, workdir), "grid": run_sweep(GRID, server, workdir)}
+            take_screenshots(links, args.out, args.width, args.height)
 
 
 if __name__ == "__main__":
