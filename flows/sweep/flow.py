@@ -76,7 +76,7 @@ def sweep(
         for data_spec in dict.fromkeys(c.data_spec() for c in todo.values()):
             # Load and record each dataset once, before the fan-out: the trials then
             # find both the arrays and the experiment's dataset record made.
-            log_dataset(parent, data_spec, load_dataset(data_spec))
+            log_dataset(parent, data_spec, load_dataset(data_spec), sizes=False)  # no metrics on a parent
         say(f"sweep {spec.name}: {len(trials)} trials, {len(skipped)} already finished"
             f"{' (resumed)' if resumed else ''}, {len(todo)} to run, "
             + (f"on the Dask cluster at {dask_address}" if dask_address else f"{max_workers} at a time"))
@@ -91,7 +91,7 @@ def sweep(
         else:
             comparison, title, report_text, answer = (publish_comparison(parent, spec, results), COMPARISON_TITLE,
                                                       None, "")
-        parent.log_metrics({"wall_time_s": time.perf_counter() - start})
+        parent.set_tags({"sweep_wall_time_s": f"{time.perf_counter() - start:.1f}"})
     # The link lands on the answer: the study's interaction figure, or the comparison figure.
     figure = "study/interaction_vs_batch_size.png" if spec.study and "interaction_vs_batch_size" in study.figures \
         else "comparison.png"

@@ -1,9 +1,10 @@
 """What a sweep leaves behind: on its parent run, in Prefect, and in the terminal.
 
 On the parent run: summary.csv and the MLflow table summary.json (one row per
-trial), comparison.png (best validation accuracy per normalization against the
-first other swept field), the totals as metrics, and the best trial as tags. A
-study preset adds its table, figures and report under study/.
+trial), comparison.png (test error per normalization against the first other swept
+field, with 95% intervals), and the totals and the best trial as tags. A grid
+adds its comparison table; a study preset its tables, figures and report under
+study/.
 """
 
 from __future__ import annotations
@@ -78,12 +79,13 @@ def summarise_sweep(parent: Run, spec: SweepSpec, results: list[TrialResult]) ->
     x_name = next((k for k in spec.swept() if k not in ("normalization", "train_seed")), None)
     parent.log_figure(sweep_comparison_figure(table, x_name, spec.name), "comparison.png")
     finished = [r for r in results if r.status == FINISHED]
-    metrics = {"num_trials": len(results), "num_finished": len(finished), "num_failed": len(results) - len(finished),
-               "num_skipped": sum(r.skipped for r in results)}
+    # Tags, not metrics: in the experiment's charts a parent's metric is one more bar ("Unassigned")
+    # beside its trials', under the same names, and each count a chart of its own.
+    totals = {"num_trials": len(results), "num_finished": len(finished), "num_failed": len(results) - len(finished),
+              "num_skipped": sum(r.skipped for r in results)}
     if (best := best_trial(results)) is not None:
-        metrics["best_val_acc"] = best.best_val_acc
-        parent.set_tags({"best_run_id": best.run_id, "best_trial_key": best.key})
-    parent.log_metrics(metrics)
+        totals.update(best_run_id=best.run_id, best_trial_key=best.key, best_trial_val_acc=best.best_val_acc)
+    parent.set_tags(totals)
     return table
 
 

@@ -306,7 +306,9 @@ class Store:
         one of its artifacts when given (the Artifacts tab, that file shown)."""
         base = self.uri if is_server(self.uri) else DEFAULT_UI_URL
         page = f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-        return page + (f"/artifactPath/{artifact}" if artifact else "")
+        # MLflow 3.17's UI takes its view from this parameter (else from the browser's memory, else
+        # GenAI); the experiment's kind tag is not read there.
+        return page + (f"/artifactPath/{artifact}" if artifact else "") + "?workflowType=machine_learning"
 
     def ui_command(self) -> str:
         """The shell command that opens the MLflow UI on this store, from any shell (the venv's cnnflow)."""

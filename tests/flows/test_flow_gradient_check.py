@@ -13,7 +13,7 @@ def test_every_layer_and_the_net_pass_and_are_logged(store):
     errors = report.errors
 
     [run] = store.runs("cnncore-gradient-check")
-    assert report.run_id == run.info.run_id and report.url.endswith(run.info.run_id)
+    assert report.run_id == run.info.run_id and f"/runs/{run.info.run_id}?" in report.url
     assert report.closest_error == errors[report.closest] <= report.closest_threshold
     for name in ("grad_err.conv_forward_naive.w", "grad_err.conv_forward_fast.x", "grad_err.max_pool_forward_fast.x",
                  "grad_err.spatial_groupnorm_forward.gamma", "grad_err.three_layer_net.none.W1",

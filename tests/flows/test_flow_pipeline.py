@@ -24,7 +24,7 @@ def test_pipeline_runs_every_step_under_one_mlflow_run_and_registers_its_champio
     assert final.info.run_id == report.final_run_id and final.data.params["num_epochs"] == "2"
     assert root.data.metrics["test_acc"] == final.data.metrics["test_acc"] == report.test_acc
     assert root.data.tags["model_uri"] == report.model_uri
-    assert report.url.endswith(f"/runs/{report.run_id}")
+    assert report.url.endswith(f"/runs/{report.run_id}?workflowType=machine_learning")  # the Model training view
 
     # The gradient checks sit in their own experiment, pointing at the pipeline's run.
     assert not [m for r in runs for m in r.data.metrics if m.startswith("grad_err.")]

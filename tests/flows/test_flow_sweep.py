@@ -64,7 +64,8 @@ def test_diverging_trial_is_failed_with_its_reason_and_the_others_finish(store, 
     assert report.trials[1].run_id == runs[DIVERGING].info.run_id
     assert re.match(DIVERGED, report.trials[1].failure_reason)
     assert trial_task_states(state) == ["COMPLETED"] * 3
-    assert parent.data.metrics["num_failed"] == 1 and parent.data.metrics["num_finished"] == 2
+    assert parent.data.tags["num_failed"] == "1" and parent.data.tags["num_finished"] == "2"
+    assert not parent.data.metrics  # a parent's numbers are tags: as metrics they would crowd the trials' charts
     assert {"summary.csv", "summary.json", "comparison.png"} <= store.artifacts(parent.info.run_id)
     summary = pd.read_csv(store.client.download_artifacts(parent.info.run_id, "summary.csv", str(tmp_path)))
     assert list(summary["status"]) == ["FINISHED", "FAILED", "FINISHED"]
@@ -109,7 +110,7 @@ def test_rerun_skips_finished_trials_and_reruns_unfinished_ones(store, tiny, fit
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
     assert store.client.get_run(by_seed[1]).info.lifecycle_stage == "deleted"  # the cut-off attempt
     parent = store.client.get_run(first.parent_run_id)
-    assert parent.info.status == "FINISHED" and parent.data.metrics["num_skipped"] == 1
+    assert parent.info.status == "FINISHED" and parent.data.tags["num_skipped"] == "1"
 
 
 def test_sweep_with_an_unknown_field_fails_before_any_mlflow_run(store):

@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 import typer
 from pydantic import BaseModel
 from typer.testing import CliRunner
@@ -258,11 +259,28 @@ def test_console_script_trains_on_small_digits_against_a_temporary_store(tmp_pat
                            "--num-groups", "2", "--experiment", "cli-subprocess"],
                           capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert re.search(r"^test_acc: \d\.\d+$", done.stdout, re.M), done.stdout
-    assert "normalization: groupnorm" in done.stdout
     listed = subprocess.run([str(CNNFLOW), "runs", "--output", "json"], capture_output=True, text=True,
                             env=env, timeout=120)
-    assert [row["experiment"] for row in json.loads(listed.stdout)] == ["cli-subprocess"]
+    [row] = json.loads(listed.stdout)
+    assert row["experiment"] == "cli-subprocess"
+    # It ends with its answer: the errors in one line, then the run's link (and how to open the UI).
+    summary, link = done.stdout.strip().splitlines()[:2]
+    assert re.fullmatch(rf"test error {100 * (1 - row['test_acc']):.2f}% \(best-validation net; final net "
+                        r"\d+\.\d\d%\); best val acc \d\.\d{3}; .* of training, .* images/s", summary), summary
+    assert link == f"MLflow run: http://127.0.0.1:5000/#/experiments/1/runs/{row['run_id']}?workflowType=machine_learning"
+    assert "cnnflow ui --backend-store-uri " + store in done.stdout
+    assert not [line for line in done.stderr.splitlines() if "ERROR" in line], done.stderr
+
+
+@pytest.mark.parametrize("output", ["json", "yaml"])
+def test_console_script_output_for_scripts_parses(tmp_path, ops_env, prefect_server, output):
+    env = _subprocess_env(ops_env, PREFECT_API_URL=prefect_server, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'm.db'}")
+    done = subprocess.run([str(CNNFLOW), "run", "train", *TINY_TRAIN, "--output", output], capture_output=True,
+                          text=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout) if output == "json" else yaml.safe_load(done.stdout)
+    assert 0 <= result["test_acc"] <= 1 and result["config"]["num_train"] == 120
+    assert result["url"].startswith("http://127.0.0.1:5000/#/experiments/")
 
 
 def test_ui_prints_its_loopback_address_serves_the_store_and_stops_cleanly(tmp_path, ops_env):
@@ -490,3 +508,25 @@ def test_a_run_with_a_temporary_server_logs_no_telemetry_error(tmp_path, ops_env
                           text=True, env=env, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [line for line in done.stderr.splitlines() if re.search("ERROR|telemetry", line, re.I)] == []
+
+
+def test_a_sweep_ends_with_its_comparison_table_and_link_and_no_resume_starts_afresh(tmp_path, ops_env,
+                                                                                     prefect_server):
+    env = _subprocess_env(ops_env, PREFECT_API_URL=prefect_server, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'm.db'}")
+    command = [str(CNNFLOW), "run", "sweep", "--name", "cli-grid", *TINY_TRAIN,
+               "--space", "normalization=batchnorm,groupnorm", "--space", "train_seed=0,1", "--num-groups", "2"]
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    assert first.returncode == 0, first.stderr[-3000:]
+    lines = first.stdout.splitlines()
+    header = lines.index("Test error (%) of the best-validation nets: mean and 95% CI over seeds")
+    assert lines[header + 1].split() == ["normalization", "trials", "finished", "test", "error", "95%", "CI"]
+    assert [line.split()[0] for line in lines[header + 2:header + 4]] == ["batchnorm", "groupnorm"]
+    assert re.search(r"^best trial: cli-grid/\d\d ", first.stdout, re.M)
+    assert re.search(r"^MLflow parent run: http://127\.0\.0\.1:5000/#/experiments/\d+/runs/[0-9a-f]+/artifactPath/"
+                     r"comparison\.png\?workflowType=machine_learning$", first.stdout, re.M)
+    # Progress: a line per finished trial on stderr, with the count.
+    assert len(re.findall(r"^\[\d/4\] (batchnorm|groupnorm) seed \d: test error", first.stderr, re.M)) == 4
+
+    again = subprocess.run([*command, "--no-resume"], capture_output=True, text=True, env=env, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert re.search(r"^sweep cli-grid-\d{8}-\d{6}: 4 trials, 0 failed, 0 finished earlier", again.stdout, re.M)
