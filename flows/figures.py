@@ -85,10 +85,12 @@ def sweep_comparison_figure(table: pd.DataFrame, x_name: str | None, name: str) 
     averaged = [k for k in table.columns if k not in ("trial", "run_name", "normalization", x_name, "status",
                                                        "skipped", "best_val_acc", "test_acc", "final_test_acc",
                                                        "wall_time_s", "failure_reason", "run_id", "trial_key")]
+    per_point = int(done.groupby(["normalization", *([x_name] if x_name else [])]).size().max()) if len(done) else 0
     over = " and ".join(averaged) if averaged else "the trials at each point"
     failed = int((table["status"] != "FINISHED").sum())
     ax.set_ylabel("test error (%) of the best-validation net")
     ax.set_title(f"sweep {name}: {len(done)} trials" + (f", {failed} failed (not shown)" if failed else "")
-                 + f"\neach point: mean and 95% CI over {over}", fontsize=10)
+                 + (f"\neach point: mean and 95% CI over {over}" if per_point > 1 else "\neach point: one trial"),
+                 fontsize=10)
     ax.legend(title="normalization")
     return fig
