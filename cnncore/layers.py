@@ -217,10 +217,7 @@ def batchnorm_backward(dout, cache):
     The graph: mu = mean(x); xc = x - mu; var = mean(xc**2); s = sqrt(var + eps);
     x_hat = xc / s; out = gamma * x_hat + beta. Each line below undoes one of those.
     """
-    x_hat, inv_std, g, mode, gamma_shape, beta_shape = cache
-    checks.require_dout_shape(dout, x_hat.shape)
-    dgamma, dbeta = _affine_param_grads(dout, x_hat, gamma_shape, beta_shape)
-    dx_hat = dout * g
+    x_hat, inv_std, dx_hat, dgamma, dbeta, mode = _batchnorm_backward_start(dout, cache)
     if mode == "test":
         return dx_hat * inv_std, dgamma, dbeta
     N = dout.shape[0]
@@ -240,13 +237,19 @@ def batchnorm_backward_alt(dout, cache):
 
     dx = inv_std * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat)), dx_hat = dout * gamma.
     """
-    x_hat, inv_std, g, mode, gamma_shape, beta_shape = cache
-    checks.require_dout_shape(dout, x_hat.shape)
-    dgamma, dbeta = _affine_param_grads(dout, x_hat, gamma_shape, beta_shape)
-    dx_hat = dout * g
+    x_hat, inv_std, dx_hat, dgamma, dbeta, mode = _batchnorm_backward_start(dout, cache)
     if mode == "test":
         return dx_hat * inv_std, dgamma, dbeta
     return _normalize_backward(dx_hat, x_hat, inv_std, 0), dgamma, dbeta
+
+
+def _batchnorm_backward_start(dout, cache):
+    """What both batch norm backwards begin with: the cache unpacked, dout checked, dgamma, dbeta and
+    dx_hat = dout * gamma. Returns (x_hat, inv_std, dx_hat, dgamma, dbeta, mode)."""
+    x_hat, inv_std, g, mode, gamma_shape, beta_shape = cache
+    checks.require_dout_shape(dout, x_hat.shape)
+    dgamma, dbeta = _affine_param_grads(dout, x_hat, gamma_shape, beta_shape)
+    return x_hat, inv_std, dout * g, dgamma, dbeta, mode
 
 
 def _affine_param_grads(dout, x_hat, gamma_shape, beta_shape):
