@@ -51,9 +51,11 @@ def sweep(
         max_workers: Trials trained at once on this machine.
         dask_address: Address of a Dask scheduler (tcp://host:8786) to run the trials on; this machine when unset.
         trials_in: Locally, train each trial in a worker process (no GIL contention) or in its task's thread.
-        preset: A study preset that replaces spec ("bn-vs-gn": the Group Normalization paper's batch-size
-            comparison) on spec.base.dataset, named spec.name when that is not the default; it writes the
-            study's table, figure and report on the parent run.
+        preset: A study preset that replaces spec, named spec.name when that is not the default: bn-vs-gn (the
+            Group Normalization paper's batch-size comparison on the three-layer net, on spec.base.dataset),
+            mnist-convnet (BN against GN on a 3-block convnet), mnist-fc-control (BN against LN and none on
+            CS231n's FullyConnectedNet: the positive control); each with a -small version. A study writes its
+            report, tables and figures on the parent run.
         resume: Rerunning a sweep name resumes that sweep; false starts a fresh one named
             <name>-<UTC date and time>, as scheduled runs need.
         system_metrics: Record the machine's CPU, memory and disk use in the sweep's parent run.

@@ -19,7 +19,8 @@ from .conftest import REPO_ROOT, rest
 
 PREFECT = [sys.executable, "-m", "prefect"]
 CNNFLOW = Path(sys.executable).with_name("cnnflow")
-EXPECTED = {"gradient-check/nightly", "train/nightly", "sweep/weekly-bn-vs-gn", "sweep/weekly-bn-vs-gn-study"}
+EXPECTED = {"gradient-check/nightly", "train/nightly", "sweep/weekly-bn-vs-gn", "sweep/weekly-bn-vs-gn-study",
+            "sweep/monthly-mnist-fc-control", "sweep/monthly-mnist-convnet"}
 # A gradient check of two small layers: a served run that takes seconds.
 QUICK_CHECK = '["relu_forward", "affine_forward"]'
 
