@@ -18,6 +18,7 @@ tracking server that stops answering, or a signal, stops the whole sweep instead
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import threading
@@ -36,7 +37,8 @@ from ..config import SweepSpec, TrainConfig
 from ..load_data import load_data_once
 from ..progress import say
 from ..shutdown import StopRequest, exit_with_parent
-from ..tracking import FINISHED, Run, TrackingUnavailableError, failure_reason
+from ..figures import learning_curves_figure
+from ..tracking import FINISHED, Run, Store, TrackingUnavailableError, failure_reason
 from ..training import fit, log_diagnostics, log_test_scores
 from .resume import trial_tags
 from .results import TrialResult, trial_name
@@ -134,18 +136,21 @@ def training_processes(trials_in: str, max_workers: int, blas_threads: int,
                                initargs=(blas_threads, os.getpid()))
 
 
-def warm_up(data_specs: list) -> int:
-    """Run in each worker process before any trial: import the training code and load the data, so
-    that a trial's run counts its training, not the seconds a fresh process spends getting ready."""
+def warm_up(store: Store, data_specs: list) -> int:
+    """Run in each worker process before any trial: import the training code, load the data, open the
+    tracking store and draw a figure once (matplotlib reads its fonts on the first), so that a trial's
+    run counts its training, not the seconds a fresh process spends getting ready."""
     for spec in data_specs:
         load_data_once(spec)
+    store.experiment_names()
+    learning_curves_figure([1.0], [0], [0.0], [0.0], "warm-up").savefig(io.BytesIO(), format="png")
     return os.getpid()
 
 
-def start_workers(processes: Executor, max_workers: int, todo: dict[int, TrainConfig]) -> None:
+def start_workers(processes: Executor, max_workers: int, todo: dict[int, TrainConfig], store: Store) -> None:
     specs = list(dict.fromkeys(config.data_spec() for config in todo.values()))
     started = time.perf_counter()
-    for future in [processes.submit(warm_up, specs) for _ in range(min(max_workers, len(todo)))]:
+    for future in [processes.submit(warm_up, store, specs) for _ in range(min(max_workers, len(todo)))]:
         future.result()
     say(f"{min(max_workers, len(todo))} worker processes ready in {time.perf_counter() - started:.1f} s")
 
@@ -222,7 +227,7 @@ def run_trials(parent: Run, spec: SweepSpec, todo: dict[int, TrainConfig], max_w
           prefect_task_runner(max_workers, dask_address) as runner, processes or contextlib.nullcontext()):
         try:
             if processes is not None:
-                start_workers(processes, max_workers, todo)
+                start_workers(processes, max_workers, todo, parent.store)
             futures = {runner.submit(run_trial, parameters=dict(
                 parent=parent, spec=spec, index=index, config=config, processes=processes,
                 stop=stop if dask_address is None else None)): index
