@@ -19,6 +19,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("cnncore", "numpy", "mlflow", "prefect")
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
 
 
 @functools.cache
@@ -70,5 +71,5 @@ def provenance(command_line: str | None = None) -> dict[str, str]:
 
 def run_tags() -> dict[str, str]:
     """MLflow's source tags for a run of this process: its commit, its command as the source, its user."""
-    return {"mlflow.source.git.commit": git_commit(), "mlflow.source.name": command(),
+    return {GIT_COMMIT_TAG: git_commit(), "mlflow.source.name": command(),
             "mlflow.source.type": "LOCAL", "mlflow.user": user()}

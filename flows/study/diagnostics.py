@@ -81,8 +81,12 @@ def model_summary(diagnostics: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values(["normalization", "batch_size"], ascending=[True, False], ignore_index=True)
 
 
+# An effective sample size this many times the values pooled means a batch mean that barely moves.
+CONSTANT_MEAN_FACTOR = 1000
+
+
 def _count(x: float) -> str:
-    return f"{x:,.0f}" if x >= 10 else f"{x:.1f}"
+    return "over 100,000" if x >= 1e5 else f"{x:,.0f}" if x >= 10 else f"{x:.1f}"
 
 
 def _n_eff_sentence(norm: str, batch: int, layers: pd.DataFrame) -> str | None:
@@ -104,8 +108,17 @@ def _n_eff_sentence(norm: str, batch: int, layers: pd.DataFrame) -> str | None:
         meaning = f"noisy ({relative}): every step normalises with a noticeably wrong mean and variance"
     else:
         meaning = f"moderately noisy ({relative})"
-    return (f"{short_label(norm)}'s batch statistics at batch {batch} have a median effective sample size of "
-            f"{', '.join(parts)}: {meaning}.")
+    sentence = (f"{short_label(norm)}'s batch statistics at batch {batch} have a median effective sample size "
+                f"of {', '.join(parts)}: {meaning}.")
+    constant = [int(layer) for layer, n, c in zip(layers["layer"], layers["n_eff"], nominal)
+                if not math.isnan(c) and n >= CONSTANT_MEAN_FACTOR * c]
+    if constant and constant != [int(layers["layer"].min())]:
+        which = ", ".join(map(str, constant))
+        sentence += (f" At layer{'s' * (len(constant) > 1)} {which} the batch mean barely moves from one batch to "
+                     f"the next: the norm layer before has already normalised each feature over these same "
+                     f"{batch} images (with 2, to ±1 whatever the images), so what reaches the next layer's batch "
+                     f"mean no longer depends on which images were drawn.")
+    return sentence
 
 
 def _group_sentence(norm: str, batch: int, layers: pd.DataFrame) -> str | None:

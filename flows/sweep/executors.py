@@ -36,6 +36,7 @@ from threadpoolctl import threadpool_limits
 from ..config import SweepSpec, TrainConfig
 from ..load_data import load_data_once
 from ..progress import say
+from ..provenance import git_commit
 from ..shutdown import StopRequest, exit_with_parent
 from ..figures import learning_curves_figure
 from ..tracking import FINISHED, Run, Store, TrackingUnavailableError, failure_reason
@@ -63,7 +64,8 @@ def train_trial(run: Run, config: TrainConfig, stop: StopRequest | None = None) 
     scores = log_test_scores(run, fitted, data)
     found = log_diagnostics(run, fitted.final_net, config, data) if config.diagnostics else {}
     run.finish()
-    return {"best_val_acc": fitted.best_val_acc, **scores, "wall_time_s": fitted.wall_time_s, "diagnostics": found}
+    return {"best_val_acc": fitted.best_val_acc, **scores, "wall_time_s": fitted.wall_time_s, "diagnostics": found,
+            "commit": git_commit()}
 
 
 @task(name="run trial", task_run_name="trial {index}", cache_policy=NO_CACHE)

@@ -22,6 +22,7 @@ class TrialResult(BaseModel):
     final_test_acc: float | None = None  # the final net's
     wall_time_s: float | None = None
     diagnostics: dict[str, float] = {}  # cnncore.diagnostics of the final net, when the config asked
+    commit: str = ""  # the code that trained it (its run's mlflow.source.git.commit)
     failure_reason: str | None = None
     config: TrainConfig
 

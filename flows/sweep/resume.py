@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from ..config import SweepSpec, TrainConfig
 from ..tracking import FINISHED, Run, RunRecord, Store
+from ..provenance import GIT_COMMIT_TAG
 from ..training import DIAGNOSTICS_PREFIX
 from . import lease
 from .results import TrialResult, trial_name
@@ -113,4 +114,5 @@ def skipped_trial(spec: SweepSpec, index: int, config: TrainConfig, record: RunR
                        final_test_acc=metrics.get("final_test_acc"), wall_time_s=metrics.get("wall_time_s"),
                        diagnostics={k.removeprefix(DIAGNOSTICS_PREFIX): v for k, v in metrics.items()
                                     if k.startswith(DIAGNOSTICS_PREFIX)},
+                       commit=record.tags.get(GIT_COMMIT_TAG, ""),
                        config=config)

@@ -154,8 +154,10 @@ def write_study_report(parent: Run, spec: SweepSpec, results: list[TrialResult],
     Artifacts: study/<table> (CSV and MLflow table) and study/<figure>.png for each of
     the study's tables and figures, and study/report.md.
     """
+    # A resumed study's report is made now, from trials some of which earlier code may have trained.
+    trained_at = ", ".join(sorted({r.commit for r in results if r.commit})) or "unknown"
     study = build_study(study_trials(results), spec, diagnostics=study_diagnostics(results),
-                        provenance=provenance(), num_train=num_train)
+                        provenance={**provenance(), "trials trained at commit": trained_at}, num_train=num_train)
     for name, table in study.tables.items():
         parent.log_table(table, f"study/{name}")
     for name, figure in study.figures.items():
