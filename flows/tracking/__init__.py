@@ -13,6 +13,7 @@
   child runs. As a context manager it ends the run FINISHED, or FAILED (KILLED on
   an interrupt) with the reason when the body raises. To change what or how runs
   log, this is the file.
+- ``names``: the run statuses and tags both share, and ``RunRecord``.
 - ``patience``: how long a call waits for a tracking server that stopped answering
   (``CNNCORE_TRACKING_WAIT_S``), and ``TrackingUnavailableError`` after that.
 
@@ -24,9 +25,10 @@ flows/serving.py, the served model's own code file.
 """
 
 from .patience import TrackingUnavailableError
-from .run import TAG_FAILURE_REASON, TAG_MODEL_URI, Run, tracked_flow_run
-from .store import (DEFAULT_STORE, DEFAULT_UI_URL, FAILED, FINISHED, KILLED, REPO_ROOT, RUNNING, RunRecord, Store,
-                    connect, default_tracking_uri, failure_reason, is_server, resolve_tracking_uri, sqlite_path)
+from .names import FAILED, FINISHED, KILLED, RUNNING, RunRecord, failure_reason
+from .run import TAG_FAILURE_REASON, TAG_MODEL_URI, Run
+from .store import (DEFAULT_STORE, DEFAULT_UI_URL, REPO_ROOT, Store, connect, default_tracking_uri, is_server,
+                    resolve_tracking_uri, sqlite_path, tracked_flow_run)
 
 __all__ = ["DEFAULT_STORE", "DEFAULT_UI_URL", "FAILED", "FINISHED", "KILLED", "REPO_ROOT", "RUNNING", "Run",
            "RunRecord", "Store", "TAG_FAILURE_REASON", "TAG_MODEL_URI", "TrackingUnavailableError", "connect",

@@ -11,14 +11,14 @@ import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from ..shutdown import interruption
 from .patience import patient
-from .store import (FAILED, FINISHED, KILLED, MAX_TAG_CHARS, MLFLOW_DATASET_CONTEXT, MLFLOW_RUN_NAME, RUNNING,
-                    RunRecord, Store, connect, failure_reason, prefect_tags)
+from .names import (FAILED, FINISHED, KILLED, MAX_TAG_CHARS, MLFLOW_DATASET_CONTEXT, MLFLOW_RUN_NAME, RUNNING,
+                    RunRecord, failure_reason, prefect_tags)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -32,11 +32,30 @@ _MAX_PARAM_CHARS = 6000
 _DATASET_LOCK = threading.Lock()
 
 
+class RunStore(Protocol):
+    """What a Run needs of the store it belongs to (``store.Store`` is the one implementation); a
+    protocol, so that the store can make Runs without the two modules importing each other."""
+
+    uri: str
+
+    @property
+    def client(self) -> MlflowClient: ...
+
+    def create_run_in(self, experiment_id: str, name: str, *, parent_id: str | None,
+                      params: dict[str, Any] | None, tags: dict[str, Any] | None) -> Run: ...
+
+    def record(self, run_id: str) -> RunRecord: ...
+
+    def run_url(self, experiment_id: str, run_id: str, artifact: str | None = None) -> str: ...
+
+    def ui_command(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class Run:
     """A handle bound to one run of a store: everything a flow logs to that run goes through it."""
 
-    store: Store
+    store: RunStore
     id: str
     experiment_id: str = field(compare=False)
 
@@ -56,7 +75,7 @@ class Run:
     @patient
     def child(self, name: str, *, params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None) -> Run:
         """A new RUNNING run in this run's experiment, nested under it."""
-        return self.store._create_run(self.experiment_id, name, parent_id=self.id, params=params, tags=tags)
+        return self.store.create_run_in(self.experiment_id, name, parent_id=self.id, params=params, tags=tags)
 
     @patient
     def record(self) -> RunRecord:
@@ -246,23 +265,6 @@ class Run:
             description=f"MLflow run `{self.id}` in the store `{self.store.uri}`; "
                         f"open the UI with `{self.store.ui_command()}`.",
         )
-
-
-@contextlib.contextmanager
-def tracked_flow_run(experiment: str, run_name: str, *, tracking_uri: str | None = None,
-                     parent_run_id: str | None = None, params: dict[str, Any] | None = None,
-                     tags: dict[str, Any] | None = None, system_metrics: bool = False) -> Iterator[Run]:
-    """The MLflow run of the current flow run, linked from it; FAILED with the reason if the body raises.
-
-    Connects first, so an unreachable store fails before anything is written.
-    system_metrics: sample the machine's CPU, memory and disk into the run meanwhile.
-    """
-    store = connect(tracking_uri)
-    experiment_id = store.experiment_id(experiment)
-    with (store._create_run(experiment_id, run_name, parent_id=parent_run_id, params=params, tags=tags) as run,
-          run.system_metrics(system_metrics)):
-        run.link_flow_run()
-        yield run
 
 
 @contextlib.contextmanager

@@ -23,33 +23,17 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from ..provenance import run_tags
+from .names import EXPERIMENT_KIND, MAX_TAG_CHARS, MLFLOW_PARENT_RUN_ID, RunRecord, prefect_tags
 from .patience import TrackingUnavailableError, hand_retries_to_us, patient
+from .run import Run
 
 if TYPE_CHECKING:  # mlflow is imported where used: `cnnflow --help` should not wait for it
     from mlflow import MlflowClient
-
-    from .run import Run
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_STORE = REPO_ROOT / "mlruns"
 # Where `mlflow ui` serves a local sqlite store; links to local runs point here.
 DEFAULT_UI_URL = "http://127.0.0.1:5000"
-
-TAG_FLOW_RUN_ID = "prefect.flow_run_id"
-TAG_FLOW_RUN_NAME = "prefect.flow_run_name"
-TAG_FLOW_NAME = "prefect.flow_name"
-
-FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
-# MLflow's own tags (mlflow.utils.mlflow_tags), spelled out so that reading them needs no mlflow import.
-MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"
-MLFLOW_RUN_NAME = "mlflow.runName"
-MLFLOW_DATASET_CONTEXT = "mlflow.data.context"
-
-# MLflow 3's UI opens an experiment in the view its kind names: this one is the runs table and
-# charts ("Model training"); an experiment without the tag may open in the GenAI view.
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-# MLflow's limit: a tag holds at most 8000 characters.
-MAX_TAG_CHARS = 8000
 
 _CLIENTS: dict[tuple[int, str], MlflowClient] = {}
 _CLIENTS_LOCK = threading.Lock()
@@ -135,42 +119,6 @@ def _require_healthy_server(uri: str, timeout_s: float) -> None:
     )
 
 
-def failure_reason(exc: BaseException) -> str:
-    """One line saying what went wrong: the exception's type and message."""
-    return f"{type(exc).__name__}: {exc}"[:MAX_TAG_CHARS]
-
-
-def prefect_tags() -> dict[str, str]:
-    """The current Prefect flow run's id, name and flow name (none outside a flow run)."""
-    from prefect.runtime import flow_run
-
-    tags = {TAG_FLOW_RUN_ID: flow_run.id, TAG_FLOW_RUN_NAME: flow_run.name, TAG_FLOW_NAME: flow_run.flow_name}
-    return {k: str(v) for k, v in tags.items() if v}
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """One run as read from the store: plain values, nothing to call back into MLflow."""
-
-    id: str
-    name: str
-    experiment_id: str
-    status: str
-    start_time_ms: int
-    parent_id: str | None
-    params: dict[str, str]
-    metrics: dict[str, float]
-    tags: dict[str, str]
-
-    @classmethod
-    def of(cls, run) -> RunRecord:
-        tags = dict(run.data.tags)
-        return cls(id=run.info.run_id, name=run.info.run_name or tags.get(MLFLOW_RUN_NAME, ""),
-                   experiment_id=run.info.experiment_id, status=run.info.status,
-                   start_time_ms=run.info.start_time or 0, parent_id=tags.get(MLFLOW_PARENT_RUN_ID),
-                   params=dict(run.data.params), metrics=dict(run.data.metrics), tags=tags)
-
-
 @dataclass(frozen=True)
 class Store:
     """One MLflow store, addressed by its URI. Safe to share between threads and to send to processes."""
@@ -234,18 +182,18 @@ class Store:
                   params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None) -> Run:
         """A new RUNNING run in the experiment (by name), tagged with the Prefect flow run, nested under
         the run parent_id if given."""
-        return self._create_run(self.experiment_id(experiment), name, parent_id=parent_id, params=params, tags=tags)
+        return self.create_run_in(self.experiment_id(experiment), name, parent_id=parent_id, params=params, tags=tags)
 
     @patient
-    def _create_run(self, experiment_id: str, name: str, *, parent_id: str | None, params: dict[str, Any] | None,
-                    tags: dict[str, Any] | None) -> Run:
+    def create_run_in(self, experiment_id: str, name: str, *, parent_id: str | None, params: dict[str, Any] | None,
+                      tags: dict[str, Any] | None) -> Run:
+        """A new RUNNING run in the experiment (by id), tagged with the code's provenance and the Prefect
+        flow run, nested under parent_id if given."""
         all_tags = {**run_tags(), **prefect_tags(), **(tags or {})}
         if parent_id:
             all_tags[MLFLOW_PARENT_RUN_ID] = parent_id
         created = self.client.create_run(experiment_id, run_name=name,
                                          tags={k: str(v)[:MAX_TAG_CHARS] for k, v in all_tags.items()})
-        from .run import Run
-
         run = Run(self, created.info.run_id, experiment_id)
         if params:
             run.log_params(params)
@@ -254,8 +202,6 @@ class Store:
     @patient
     def run(self, run_id: str) -> Run:
         """A handle on an existing run."""
-        from .run import Run
-
         return Run(self, run_id, self.client.get_run(run_id).info.experiment_id)
 
     @patient
@@ -331,3 +277,20 @@ class Store:
         version = self.client.create_model_version(name, model_uri, run_id=run_id)
         self.client.set_registered_model_alias(name, alias, version.version)
         return int(version.version)
+
+
+@contextlib.contextmanager
+def tracked_flow_run(experiment: str, run_name: str, *, tracking_uri: str | None = None,
+                     parent_run_id: str | None = None, params: dict[str, Any] | None = None,
+                     tags: dict[str, Any] | None = None, system_metrics: bool = False) -> Iterator[Run]:
+    """The MLflow run of the current flow run, linked from it; FAILED with the reason if the body raises.
+
+    Connects first, so an unreachable store fails before anything is written.
+    system_metrics: sample the machine's CPU, memory and disk into the run meanwhile.
+    """
+    store = connect(tracking_uri)
+    experiment_id = store.experiment_id(experiment)
+    with (store.create_run_in(experiment_id, run_name, parent_id=parent_run_id, params=params, tags=tags) as run,
+          run.system_metrics(system_metrics)):
+        run.link_flow_run()
+        yield run
