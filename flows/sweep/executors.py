@@ -25,13 +25,15 @@ import threading
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor
 from multiprocessing import get_context
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, TypeVar
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from threadpoolctl import threadpool_limits
+from tqdm import tqdm
 
 from ..config import SweepSpec, TrainConfig
 from ..load_data import load_data_once
@@ -47,6 +49,8 @@ from .results import TrialResult, trial_name
 
 # Seconds a worker gets to stop its training after a SIGINT before it is terminated.
 WORKER_STOP_GRACE_S = 10
+
+T = TypeVar("T")
 
 
 def train_trial(run: Run, config: TrainConfig, stop: StopRequest | None = None) -> dict:
@@ -88,7 +92,7 @@ def run_trial(parent: Run, spec: SweepSpec, index: int, config: TrainConfig, pro
         if processes is None:
             scores = train_trial(run, config, stop)
         else:
-            scores = processes.submit(train_trial, run, config).result()
+            scores = processes.submit(interruptible, train_trial, run, config).result()
     except TrackingUnavailableError as exc:
         if stop is not None:
             stop.set(exc)
@@ -117,9 +121,27 @@ def prefect_task_runner(max_workers: int, dask_address: str | None):
 
 def start_trial_worker(threads: int, leader_pid: int) -> None:
     """A trial worker process's initializer: BLAS gets this process's share of the cores, and the
-    process ends itself if the sweep's process dies (kill -9 included)."""
+    process ends itself if the sweep's process dies (kill -9 included).
+
+    Between trials the worker ignores SIGINT (interruptible listens for it during a
+    trial): an idle worker killed by the sweep's SIGINT would print a traceback and
+    break the pool. tqdm's lock is made a thread lock: its default, a multiprocessing
+    lock, registers a semaphore with the resource tracker, which prints a "leaked
+    semaphore" warning after the sweep's last line whenever a worker is terminated.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tqdm.set_lock(threading.RLock())
     threadpool_limits(limits=threads, user_api="blas")
     exit_with_parent(leader_pid)
+
+
+def interruptible(work: Callable[..., T], *args) -> T:
+    """work(*args) in a trial worker process, where a SIGINT from the sweep (stop_workers) interrupts it."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return work(*args)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def training_processes(trials_in: str, max_workers: int, blas_threads: int,
@@ -163,8 +185,8 @@ def stop_workers(processes: Executor | None) -> None:
         return
     # ProcessPoolExecutor has no public way to interrupt busy workers. A SIGINT makes the training in a
     # worker raise KeyboardInterrupt, which the pool hands back as that trial's result, and the worker
-    # then exits cleanly at shutdown (a terminated one would leave its semaphores to the resource
-    # tracker, which complains on stderr). A worker that does not stop within the grace is terminated.
+    # then exits cleanly at shutdown; an idle worker ignores it (start_trial_worker). A worker that does
+    # not stop within the grace is terminated.
     workers = list((getattr(processes, "_processes", None) or {}).values())
     for worker in workers:
         with contextlib.suppress(ProcessLookupError):
