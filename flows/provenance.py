@@ -24,14 +24,18 @@ GIT_COMMIT_TAG = "mlflow.source.git.commit"
 
 @functools.cache
 def git_commit() -> str:
-    """The checkout's commit (short hash), with "-dirty" when tracked files differ from it; "unknown" outside git."""
+    """The checkout's commit (short hash), with "-dirty" when tracked files differ from it; "unknown" outside git.
+
+    The exported study reports (docs/studies) do not count: they are what the code
+    produces, and `make studies` rewrites one after another.
+    """
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
                               check=True).stdout.strip()
 
     try:
         commit = git("rev-parse", "--short=12", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)docs/studies")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return commit + ("-dirty" if dirty else "")
