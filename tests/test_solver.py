@@ -215,6 +215,7 @@ def test_cs231n_defaults():
     assert (solver.checkpoint_name, solver.print_every, solver.verbose) == (None, 10, True)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # the inf, on purpose
 def test_overflowing_scores_stop_training_as_a_non_finite_loss():
     """A net whose scores overflow to inf fails in softmax_loss's finiteness check; the
     Solver reports that as the non-finite loss it is, at the iteration it happened."""
