@@ -20,9 +20,10 @@ Norm-layer protocol (what cnncore.diagnostics reads):
     layer's bn_param ('mode', 'running_mean', 'running_var'; the running
     statistics exist from construction, zeros until trained), or the (empty)
     parameter dict of a group-kind layer.
-  norm_inputs(X, mode, bn_params=None) -> [array]: the input of each norm layer
-    for the batch X: (N, C, H, W) after a convolution, (N, D) after an affine
-    layer. mode 'train' normalises with batch statistics, 'test' with running ones.
+  norm_inputs(X, mode, bn_params=None, count=None) -> [array]: the input of each
+    norm layer (of the first count) for the batch X: (N, C, H, W) after a
+    convolution, (N, D) after an affine layer. mode 'train' normalises with batch
+    statistics, 'test' with running ones.
   scores(X, mode, bn_params=None) -> (N, num_classes) scores in that mode.
   Both take bn_params to compute with (they set each batch norm dict's 'mode');
   without it they work on copies of the model's, so the model never changes.
@@ -68,7 +69,8 @@ class Classifier:
     It implements:
       _forward(X, mode, bn_params) -> (scores, cache), X already checked and cast;
       _backward(dscores, cache) -> grads of the data loss, keyed like params;
-      _check_input_shape(X); norm_layers(); _norm_inputs(X, mode, bn_params).
+      _check_input_shape(X); norm_layers(); _norm_inputs(X, mode, bn_params, count): the inputs
+        of the first count norm layers, running no layer past the last of them.
     """
 
     params: dict
@@ -131,13 +133,17 @@ class Classifier:
         X = self._checked_input(X, None)
         return self._forward(X, mode, self._with_mode(self._own_or(bn_params), mode))[0]
 
-    def norm_inputs(self, X, mode: str = "train", bn_params: list | None = None) -> list:
+    def norm_inputs(self, X, mode: str = "train", bn_params: list | None = None, count: int | None = None) -> list:
         """The input of each norm layer for the batch X, in the order of norm_layers().
 
         mode and bn_params as for scores(); the model's own statistics never change.
+        count: only the first count layers' inputs (all by default); the forward pass
+        stops there, which is what a layer-by-layer diagnostic needs.
         """
+        num_layers = len(self.norm_layers())
+        count = num_layers if count is None else checks.require_int("count", count, minimum=0, maximum=num_layers)
         X = self._checked_input(X, None)
-        return self._norm_inputs(X, mode, self._with_mode(self._own_or(bn_params), mode))
+        return self._norm_inputs(X, mode, self._with_mode(self._own_or(bn_params), mode), count)
 
     def predict(self, X, batch_size: int = 500) -> np.ndarray:
         """Predicted class labels (N,) as a NumPy int64 array, computed in batches in test mode."""

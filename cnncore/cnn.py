@@ -66,7 +66,6 @@ class _ConvClassifier(Classifier):
         self.normalization = canonical_normalization(normalization)
         self.groups = [self._groups_of_block(num_groups, F, filters) for F in filters]
         self.input_dim = (C, H, W)
-        self.use_fast = bool(use_fast)
         self.layers = FAST_LAYERS if use_fast else NAIVE_LAYERS
         self.conv_param = {"stride": 1, "pad": (filter_size - 1) // 2}
         self._setup(config={"input_dim": [C, H, W], "num_filters": list(filters), "filter_size": filter_size,
@@ -155,6 +154,40 @@ class _ConvClassifier(Classifier):
         """Block i's convolution alone: the input of its norm layer."""
         return self.layers.conv_forward(x, self.params[f"W{i}"], self.params[f"b{i}"], self.conv_param)[0]
 
+    # ------------------------------------------------------------------
+    # The whole net: the blocks, then affine - relu - affine
+    # ------------------------------------------------------------------
+
+    def _forward(self, X, mode, bn_params):
+        L, p = self.num_blocks, self.params
+        out, block_caches = X, []
+        for i in range(1, L + 1):
+            out, cache = self._conv_block_forward(i, out, bn_params)
+            block_caches.append(cache)
+        hidden, hidden_cache = affine_relu_forward(out, p[f"W{L + 1}"], p[f"b{L + 1}"])
+        scores, scores_cache = affine_forward(hidden, p[f"W{L + 2}"], p[f"b{L + 2}"])
+        return scores, (block_caches, hidden_cache, scores_cache)
+
+    def _backward(self, dscores, cache):
+        block_caches, hidden_cache, scores_cache = cache
+        L, grads = self.num_blocks, {}
+        dhidden, grads[f"W{L + 2}"], grads[f"b{L + 2}"] = affine_backward(dscores, scores_cache)
+        dout, grads[f"W{L + 1}"], grads[f"b{L + 1}"] = affine_relu_backward(dhidden, hidden_cache)
+        for i in range(L, 0, -1):
+            # Nothing upstream of the first block needs dX.
+            dout = self._conv_block_backward(i, dout, block_caches[i - 1], grads, need_dx=i > 1)
+        return grads
+
+    def _norm_inputs(self, X, mode, bn_params, count):
+        # Each conv runs twice, alone and in its block: a diagnostic's cost, which keeps
+        # the training path's sandwiches as they are. The blocks stop at the last input asked for.
+        inputs, out = [], X
+        for i in range(1, count + 1):
+            inputs.append(self._conv_output(i, out))
+            if i < count:
+                out, _ = self._conv_block_forward(i, out, bn_params)
+        return inputs
+
 
 class ThreeLayerConvNet(_ConvClassifier):
     """conv - [norm] - relu - 2x2 max pool - affine - relu - affine - softmax.
@@ -210,25 +243,6 @@ class ThreeLayerConvNet(_ConvClassifier):
         """Batch norm's bn_param, running statistics included (None without batch norm)."""
         return self.bn_params[0] if self.normalization == "batchnorm" else None
 
-    def _forward(self, X, mode, bn_params):
-        p = self.params
-        conv_out, conv_cache = self._conv_block_forward(1, X, bn_params)
-        hidden, hidden_cache = affine_relu_forward(conv_out, p["W2"], p["b2"])
-        scores, scores_cache = affine_forward(hidden, p["W3"], p["b3"])
-        return scores, (conv_cache, hidden_cache, scores_cache)
-
-    def _backward(self, dscores, cache):
-        conv_cache, hidden_cache, scores_cache = cache
-        grads = {}
-        dhidden, grads["W3"], grads["b3"] = affine_backward(dscores, scores_cache)
-        dconv_out, grads["W2"], grads["b2"] = affine_relu_backward(dhidden, hidden_cache)
-        # Nothing upstream of the first layer needs dX.
-        self._conv_block_backward(1, dconv_out, conv_cache, grads, need_dx=False)
-        return grads
-
-    def _norm_inputs(self, X, mode, bn_params):
-        return [self._conv_output(1, X)] if self.normalization != "none" else []
-
 
 class ConvNet(_ConvClassifier):
     """{conv - [norm] - relu - 2x2 max pool} x L - affine - relu - affine - softmax.
@@ -279,34 +293,3 @@ class ConvNet(_ConvClassifier):
                              f"got {num_filters!r}")
         self._setup_conv(input_dim, tuple(num_filters), filter_size, hidden_dim, num_classes, weight_scale, reg,
                          dtype, normalization, num_groups, use_fast, seed, device)
-
-    def _forward(self, X, mode, bn_params):
-        L, p = self.num_blocks, self.params
-        out, block_caches = X, []
-        for i in range(1, L + 1):
-            out, cache = self._conv_block_forward(i, out, bn_params)
-            block_caches.append(cache)
-        hidden, hidden_cache = affine_relu_forward(out, p[f"W{L + 1}"], p[f"b{L + 1}"])
-        scores, scores_cache = affine_forward(hidden, p[f"W{L + 2}"], p[f"b{L + 2}"])
-        return scores, (block_caches, hidden_cache, scores_cache)
-
-    def _backward(self, dscores, cache):
-        block_caches, hidden_cache, scores_cache = cache
-        L, grads = self.num_blocks, {}
-        dhidden, grads[f"W{L + 2}"], grads[f"b{L + 2}"] = affine_backward(dscores, scores_cache)
-        dout, grads[f"W{L + 1}"], grads[f"b{L + 1}"] = affine_relu_backward(dhidden, hidden_cache)
-        for i in range(L, 0, -1):
-            # Nothing upstream of the first block needs dX.
-            dout = self._conv_block_backward(i, dout, block_caches[i - 1], grads, need_dx=i > 1)
-        return grads
-
-    def _norm_inputs(self, X, mode, bn_params):
-        inputs, out = [], X
-        if self.normalization == "none":
-            return inputs
-        # Each conv runs twice, alone and in its block: a diagnostic's cost, which keeps
-        # the training path's sandwiches as they are.
-        for i in range(1, self.num_blocks + 1):
-            inputs.append(self._conv_output(i, out))
-            out, _ = self._conv_block_forward(i, out, bn_params)
-        return inputs

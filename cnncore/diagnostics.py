@@ -196,7 +196,7 @@ def recompute_bn_statistics(model, X_train, batch_size: int = 500) -> list:
             continue
         count, mean, m2 = 0, 0.0, 0.0  # Chan et al.'s pairwise update: no cancellation
         for i in range(0, len(X_train), batch_size):
-            a = model.norm_inputs(X_train[i : i + batch_size], "test", bn_params)[k]
+            a = model.norm_inputs(X_train[i : i + batch_size], "test", bn_params, count=k + 1)[k]
             n = a.shape[0] * math.prod(a.shape[2:])
             batch_mean, batch_var = channel_moments(a)
             delta, total = batch_mean - mean, count + n

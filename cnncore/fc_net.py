@@ -151,13 +151,12 @@ class FullyConnectedNet(Classifier):
         dx, grads[f"W{i}"], grads[f"b{i}"] = affine_backward(da, fc_cache)
         return dx
 
-    def _norm_inputs(self, X, mode, bn_params):
+    def _norm_inputs(self, X, mode, bn_params, count):
         inputs, x = [], X
-        if self.normalization is None:
-            return inputs
-        for i in range(1, self.num_layers):
+        for i in range(1, count + 1):
             inputs.append(affine_forward(x, self.params[f"W{i}"], self.params[f"b{i}"])[0])
-            x, _ = self._hidden_forward(i, x, mode, bn_params)
+            if i < count:
+                x, _ = self._hidden_forward(i, x, mode, bn_params)
         return inputs
 
 

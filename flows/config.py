@@ -85,8 +85,8 @@ class TrainConfig(_Subsets):
 
     model: ModelName = Field("convnet", description="The net: convnet (conv blocks, then two affine layers) or "
                                                     "fc_net (CS231n's FullyConnectedNet).")
-    depth: PositiveInt = Field(1, description="convnet: conv-[norm]-relu-pool blocks (1 is ThreeLayerConvNet); "
-                                              "fc_net: hidden layers.")
+    depth: PositiveInt = Field(1, description="convnet: conv-norm-relu-pool blocks, no norm when normalization "
+                                              "is none (1 is ThreeLayerConvNet); fc_net: hidden layers.")
 
     data_seed: NonNegativeInt = Field(0, description="Seed of the train/val/test split and subsets.")
     normalization: Normalization = Field(

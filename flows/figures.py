@@ -46,17 +46,18 @@ def confusion_figure(counts: np.ndarray, class_names: list[str], title: str) -> 
     return fig
 
 
-def sweep_comparison_figure(table: pd.DataFrame, x_name: str | None, name: str) -> Figure:
+def sweep_comparison_figure(table: pd.DataFrame, x_name: str | None, averaged: list[str], name: str) -> Figure:
     """Test error (%) of the best-validation nets per normalization, one line each, against x_name.
 
-    table: one row per trial with columns status, normalization, test_acc, x_name and
-    the other swept fields; failed trials are left out. Each point is the mean of the
-    trials there (seeds, and any other swept field: the title names them), with a 95%
-    t-interval band. A numeric x spanning a factor of 8 or more is drawn on a log2 axis
+    table: one row per trial with columns status, normalization, test_acc and x_name;
+    failed trials are left out. Each point is the mean of the trials there, with a
+    95% t-interval band; averaged names the swept fields it averages over (seeds, and
+    any other), for the title. A numeric x spanning a factor of 8 or more is drawn on a log2 axis
     ticked at the values run (batch sizes 2..32 read as 2, 4, 8, 16, 32).
     """
     from matplotlib.figure import Figure
-    from scipy import stats
+
+    from .study.statistics import estimate
 
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
@@ -66,25 +67,17 @@ def sweep_comparison_figure(table: pd.DataFrame, x_name: str | None, name: str) 
     positions = {v: (v if numeric else i) for i, v in enumerate(x_values)}
     for norm, group in done.groupby("normalization", sort=False):
         points = group.groupby(x_name, sort=True)["test_error"] if x_name else group.groupby("normalization")["test_error"]
-        xs, means, lows, highs = [], [], [], []
-        for value, errors in points:
-            n, mean = len(errors), float(errors.mean())
-            half = float(stats.t.ppf(0.975, n - 1) * errors.std(ddof=1) / np.sqrt(n)) if n > 1 else np.nan
-            xs.append(positions[value] if x_name else 0)
-            means.append(mean)
-            lows.append(mean - half)
-            highs.append(mean + half)
-        (line,) = ax.plot(xs, means, "o-", label=norm)
-        ax.fill_between(xs, lows, highs, color=line.get_color(), alpha=0.2, lw=0)
+        xs = [positions[value] if x_name else 0 for value, _ in points]
+        found = [estimate(errors.to_numpy()) for _, errors in points]
+        (line,) = ax.plot(xs, [e.mean for e in found], "o-", label=norm)
+        ax.fill_between(xs, [e.low for e in found], [e.high for e in found], color=line.get_color(), alpha=0.2,
+                        lw=0)
     if numeric and min(x_values) > 0 and max(x_values) / min(x_values) >= 8:
         ax.set_xscale("log", base=2)
         ax.minorticks_off()
     if x_name:
         ax.set_xticks([positions[v] for v in x_values], [f"{v:g}" if numeric else str(v) for v in x_values])
         ax.set_xlabel(x_name)
-    averaged = [k for k in table.columns if k not in ("trial", "run_name", "normalization", x_name, "status",
-                                                       "skipped", "best_val_acc", "test_acc", "final_test_acc",
-                                                       "wall_time_s", "failure_reason", "run_id", "trial_key")]
     per_point = int(done.groupby(["normalization", *([x_name] if x_name else [])]).size().max()) if len(done) else 0
     over = " and ".join(averaged) if averaged else "the trials at each point"
     failed = int((table["status"] != "FINISHED").sum())

@@ -8,8 +8,9 @@ the main thread, so everything unwinds as it does for Ctrl-C: runs are marked
 KILLED with the reason, servers and workers are stopped.
 
 A ``kill -9`` cannot be caught. For that, the processes a command starts watch
-their parent instead (``exit_with_parent``): a trial worker or a server watchdog
-whose parent is gone ends itself within about a second.
+their parent instead: a trial worker (``exit_with_parent``) whose parent is gone
+ends itself, and a server's watchdog (``python -m flows.shutdown``) kills the
+server's process group, within about a second.
 """
 
 from __future__ import annotations

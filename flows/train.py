@@ -21,7 +21,7 @@ from .config import TrainConfig
 from .figures import confusion_figure
 from .load_data import load_dataset
 from .tracking import Run, tracked_flow_run
-from .training import Fitted, fit, log_test_scores, score_test_split
+from .training import Fitted, fit, log_test_scores
 
 NUM_EXAMPLE_IMAGES = 5
 
@@ -37,6 +37,14 @@ class TrainResult(BaseModel):
     images_per_s: float | None = None
     config: TrainConfig
 
+    def summary(self) -> str:
+        """One line: the test errors, the best validation accuracy and how fast it trained."""
+        final = "" if self.final_test_acc is None else f"; final net {100 * (1 - self.final_test_acc):.2f}%"
+        speed = "" if self.images_per_s is None else f", {self.images_per_s:,.0f} images/s"
+        seconds = f"{self.wall_time_s:.2g} s" if self.wall_time_s < 10 else f"{self.wall_time_s:.0f} s"
+        return (f"test error {100 * (1 - self.test_acc):.2f}% (best-validation net{final}); best val acc "
+                f"{self.best_val_acc:.3f}; {seconds} of training{speed}")
+
 
 fit_model = task(fit, name="fit model", cache_policy=NO_CACHE)
 
@@ -48,9 +56,8 @@ def evaluate_on_test(run: Run, fitted: Fitted, data: dict) -> dict[str, float]:
     import pandas as pd
     from sklearn.metrics import confusion_matrix
 
-    scores = log_test_scores(run, fitted, data)
+    scores, predicted = log_test_scores(run, fitted, data)
     test_acc = scores["test_acc"]
-    _, predicted = score_test_split(fitted.net, data)
     names = [str(n) for n in data["class_names"]]
     counts = confusion_matrix(data["y_test"], predicted, labels=range(len(names)))
     run.log_figure(confusion_figure(counts, names, f"test accuracy {test_acc:.3f}"), "confusion_matrix.png")
@@ -96,15 +103,8 @@ def train(
     result = TrainResult(run_id=run.id, url=run.url, model_uri=model_uri, test_acc=scores["test_acc"],
                          final_test_acc=scores["final_test_acc"], best_val_acc=fitted.best_val_acc,
                          wall_time_s=fitted.wall_time_s, images_per_s=fitted.images_per_s, config=config)
-    get_run_logger().info(summary_line(name, result))
+    get_run_logger().info(f"{name}: {result.summary()}; {result.url}")
     return result
-
-
-def summary_line(name: str, result: TrainResult) -> str:
-    """One line: the run's test errors, how fast it trained, and where to see it."""
-    final = "" if result.final_test_acc is None else f", final net {100 * (1 - result.final_test_acc):.2f}%"
-    return (f"{name}: test error {100 * (1 - result.test_acc):.2f}% (best-validation net{final}), "
-            f"best val acc {result.best_val_acc:.3f}, {result.wall_time_s:.1f} s of training; {result.url}")
 
 
 if __name__ == "__main__":

@@ -152,12 +152,13 @@ def score_test_split(net, data: dict) -> tuple[float, np.ndarray]:
     return float(np.mean(predicted == data["y_test"])), predicted
 
 
-def log_test_scores(run: Run, fitted: Fitted, data: dict) -> dict[str, float]:
-    """test_acc of the best-validation net and final_test_acc of the final net, logged and returned."""
-    scores = {"test_acc": score_test_split(fitted.net, data)[0],
-              "final_test_acc": score_test_split(fitted.final_net, data)[0]}
+def log_test_scores(run: Run, fitted: Fitted, data: dict) -> tuple[dict[str, float], np.ndarray]:
+    """test_acc of the best-validation net and final_test_acc of the final net, logged; returns
+    them and the best-validation net's predicted test labels (for a confusion matrix)."""
+    test_acc, predicted = score_test_split(fitted.net, data)
+    scores = {"test_acc": test_acc, "final_test_acc": score_test_split(fitted.final_net, data)[0]}
     run.log_metrics(scores)
-    return scores
+    return scores, predicted
 
 
 def log_diagnostics(run: Run, net: Classifier, config: TrainConfig, data: dict) -> dict[str, float]:
@@ -176,8 +177,8 @@ def log_diagnostics(run: Run, net: Classifier, config: TrainConfig, data: dict) 
     X_train, X_test, y_test = data["X_train"], data["X_test"], data["y_test"]
     batch = min(config.batch_size, len(X_train))
     # Batch statistics are batch norm's alone: a group-kind layer normalises each image by itself.
-    moments = [m for m in diagnostics.sample_batch_moments(net, X_train, batch, DIAGNOSTIC_BATCHES, seed=config.train_seed)
-               if m.kind == "batchnorm"]
+    moments = (diagnostics.sample_batch_moments(net, X_train, batch, DIAGNOSTIC_BATCHES, seed=config.train_seed)
+               if config.normalization == "batchnorm" else [])
     found = {**diagnostics.effective_sample_sizes(moments), **diagnostics.log_variance_spreads(moments),
              **diagnostics.group_statistics_spread(net, X_train),
              **diagnostics.train_test_error(net, X_test, y_test, min(batch, len(X_test)), seed=config.train_seed)}

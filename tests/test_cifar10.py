@@ -189,9 +189,11 @@ def test_load_dataset_cifar10_default_val_does_not_fit_small_files(cifar, cifar_
 
 
 def test_load_dataset_cifar10_is_seeded(cifar, cifar_root):
-    a, b = (load_dataset("cifar10", data_dir=cifar.cache, download=False, num_val=5, seed=2) for _ in range(2))
+    a, b, c = (load_dataset("cifar10", data_dir=cifar.cache, download=False, num_val=5, seed=s) for s in (2, 2, 3))
     np.testing.assert_array_equal(a["y_val"], b["y_val"])
     np.testing.assert_array_equal(a["X_train"], b["X_train"])
+    assert not np.array_equal(a["X_val"], c["X_val"])
+    assert not np.array_equal(a["X_train"], c["X_train"])
 
 
 def test_load_dataset_downloads_when_files_are_missing(cifar, monkeypatch):

@@ -179,3 +179,16 @@ def test_norm_inputs_are_each_blocks_convolution_output():
     expected2, _ = layers.conv_forward_naive(pooled, net.params["W2"], net.params["b2"], net.conv_param)
     np.testing.assert_allclose(inputs[1], expected2, rtol=1e-12, atol=1e-14)
     assert all(np.all(p["running_mean"] == 0) for p in net.bn_params)  # the model's statistics untouched
+
+
+def test_norm_inputs_of_the_first_count_layers_stop_the_forward_pass_there():
+    X = np.random.default_rng(0).standard_normal((3, 2, 10, 10))
+    net = deep_net("groupnorm")
+    everything = net.norm_inputs(X, "test")
+    for count in range(len(everything) + 1):
+        first = net.norm_inputs(X, "test", count=count)
+        assert len(first) == count
+        for a, b in zip(first, everything):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="count"):
+        net.norm_inputs(X, "test", count=len(everything) + 1)

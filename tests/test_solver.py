@@ -381,10 +381,36 @@ def test_final_state_is_the_model_after_the_last_update_and_best_params_are_swap
     assert all(solver.final_state[k] is not v for k, v in model.params.items())  # copies, not the model's arrays
 
 
+class _LastParams:
+    """on_iteration callback keeping the model's params after each update: copies, and the arrays themselves."""
+
+    def __init__(self, model):
+        self.model, self.values, self.arrays = model, None, None
+
+    def __call__(self, info):
+        self.arrays = dict(self.model.params)
+        self.values = {k: v.copy() for k, v in self.arrays.items()}
+
+
 def test_final_state_of_a_model_without_state_dict_is_a_copy_of_its_params():
-    solver = make_solver(ParamsOnlyNet(), num_epochs=2)
+    model = ParamsOnlyNet()
+    last = _LastParams(model)
+    solver = make_solver(model, num_epochs=2, on_iteration=last)
     solver.train()
     assert solver.final_state.keys() == solver.best_params.keys()
+    # The params as the last update left them, before the best ones were swapped in (here a different model).
+    assert solver.val_acc_history[-1] < solver.best_val_acc, "precondition: the final model is not the best"
+    assert solver.final_state.keys() == last.values.keys() == {"W1", "b1", "W2", "b2"}
+    for name, value in last.values.items():
+        np.testing.assert_array_equal(solver.final_state[name], value, err_msg=name)
+    # Copies: no array shared with the model's last params, its params now, or the best params.
+    for name, kept in solver.final_state.items():
+        for other in (last.arrays[name], model.params[name], solver.best_params[name]):
+            assert kept is not other and not np.shares_memory(kept, other), name
+    for array in last.arrays.values():
+        array += 1.0  # changing the arrays the model trained in leaves the final state as it was
+    for name, value in last.values.items():
+        np.testing.assert_array_equal(solver.final_state[name], value, err_msg=name)
 
 
 def test_final_model_loaded_back_scores_the_last_checks_validation_accuracy():

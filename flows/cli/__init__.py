@@ -13,6 +13,8 @@
 - ``console``: what the terminal shows: quiet by default, everything with --verbose;
 - ``options``: the options generated from a flow's typed parameters, and their values parsed back;
 - ``errors``: one-line errors and exit codes (2: parameters refused, 1: a failed run);
+- ``render``: the answer a run ends with: a table by default, or yaml/json;
+- ``report``: `cnnflow report`, a study's report read back from MLflow and exported;
 - ``runs_table``: the `cnnflow runs` table.
 """
 

@@ -1,4 +1,5 @@
-"""The `cnnflow` command: its top level and the commands that are not flows (ui, serve, runs, report, server)."""
+"""The `cnnflow` command: its top level and the commands that are not flows (ui, serve, runs, report); the
+`server` commands come from server.py, `run` from run.py."""
 
 from __future__ import annotations
 
@@ -60,11 +61,10 @@ def ui(
         if tracking.is_server(uri):
             typer.echo(f"MLFLOW_TRACKING_URI points at a tracking server; its UI is at {uri}")
             return
-        if (db := tracking.sqlite_path(uri)) is not None:
-            db.parent.mkdir(parents=True, exist_ok=True)
-            artifacts = (db.parent / "artifacts").as_uri()
-        else:
-            artifacts = None
+        artifacts = None
+        if (root := tracking.artifact_root(uri)) is not None:
+            root.parent.mkdir(parents=True, exist_ok=True)  # the database's folder
+            artifacts = root.as_uri()
         port = port or free_port()
         if port_is_taken(port):
             raise CliError(f"port {port} on 127.0.0.1 is taken; choose another with --port (0 picks a free one)")

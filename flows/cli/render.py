@@ -75,15 +75,7 @@ def _percent(accuracy: float | None) -> str:
 
 
 def _train(result, width: int) -> list[str]:
-    final = "" if result.final_test_acc is None else f"; final net {_percent(result.final_test_acc)}"
-    speed = "" if result.images_per_s is None else f", {result.images_per_s:,.0f} images/s"
-    return [f"test error {_percent(result.test_acc)} (best-validation net{final}); best val acc "
-            f"{result.best_val_acc:.3f}; {_seconds(result.wall_time_s)} of training{speed}",
-            f"MLflow run: {result.url}"]
-
-
-def _seconds(value: float) -> str:
-    return f"{value:.2g} s" if value < 10 else f"{value:.0f} s"
+    return [result.summary(), f"MLflow run: {result.url}"]
 
 
 def _sweep(report, width: int) -> list[str]:

@@ -25,7 +25,7 @@ def find_study(tracking_uri: str | None, name: str, experiments: list[str] | Non
     record = store.latest_run({"sweep_name": name, "sweep_role": "parent"}, ids)
     if record is None:
         raise CliError(f"no sweep named {name!r} in {store.uri}; `cnnflow runs` lists the runs there")
-    return store.run(record.id), record
+    return store.run_of(record), record
 
 
 def export_study(run, dest: Path | None) -> str:

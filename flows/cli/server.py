@@ -7,12 +7,13 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
+from ..local_server import DEFAULT_PORT, HOME_ENV, START_TIMEOUT_S, STOP_GRACE_S
 from .errors import CliError, one_line_errors
 
 server_app = typer.Typer(
     no_args_is_help=True,
     help="The local Prefect server (127.0.0.1) that `cnnflow run` starts once and reuses while PREFECT_API_URL "
-         "is unset. Its home: $CNNCORE_SERVER_HOME, else ~/.cache/cnncore/prefect-server.",
+         f"is unset. Its home: ${HOME_ENV}, else $XDG_CACHE_HOME (or ~/.cache)/cnncore/prefect-server.",
 )
 
 
@@ -23,9 +24,9 @@ def _tell(text: str) -> None:
 @server_app.command()
 def start(
     port: Annotated[Optional[int], typer.Option(
-        min=0, max=65535, help="Port on 127.0.0.1; 0 picks a free one. Default: 4242, or a free port when "
-                               "4242 is taken.")] = None,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the server to answer.")] = 120.0,
+        min=0, max=65535, help=f"Port on 127.0.0.1; 0 picks a free one. Default: {DEFAULT_PORT}, or a free port "
+                               f"when {DEFAULT_PORT} is taken.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the server to answer.")] = START_TIMEOUT_S,
 ):
     """Start the local Prefect server in the background (or find it running) and print its API URL."""
     with one_line_errors():
@@ -62,7 +63,7 @@ def status(
 
 @server_app.command()
 def stop(
-    grace: Annotated[float, typer.Option(help="Seconds between SIGTERM and SIGKILL.")] = 10.0,
+    grace: Annotated[float, typer.Option(help="Seconds between SIGTERM and SIGKILL.")] = STOP_GRACE_S,
 ):
     """Stop the local Prefect server (its whole process group) and remove its state; nothing to do is no error."""
     with one_line_errors():

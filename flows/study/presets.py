@@ -6,12 +6,19 @@ the learning rate scaled linearly with the batch size (0.1 x N/32) and BN's
 statistics computed per device. At batch 32 the paper also reports layer norm
 (GN with G=1) and instance norm (G=C).
 
-The preset runs that design on the three-layer net: every normalization x batch
-size {32, 16, 8, 4, 2} x seeds, the same epochs for every batch size, the
-learning rate scaled with the batch size, each trial's error measured on the
-test split with the model in test mode (BN with its running statistics). This
-module holds the design; statistics.py and report.py turn the trials' records
-into the study's tables, figures and report.
+Three presets run that design, each crossing its normalizations with batch size
+{32, 16, 8, 4, 2} and seeds, the same epochs at every batch size, the learning
+rate scaled with the batch size, each trial's error measured on the test split
+with the model in test mode (BN with its running statistics):
+
+- ``bn-vs-gn``: the three-layer net, every normalization, on digits (or another dataset);
+- ``mnist-fc-control``: the positive control, CS231n's FullyConnectedNet with BN, LN
+  and none on MNIST, where BN's statistics pool a handful of values;
+- ``mnist-convnet``: the transfer test, a 3-block convnet with BN and GN on MNIST.
+
+Each has a "-small" version for the tests. This module holds the designs;
+statistics.py and report.py turn the trials' records into the study's tables,
+figures and report.
 """
 
 from __future__ import annotations
@@ -19,8 +26,6 @@ from __future__ import annotations
 from cnncore.cnn import NORMALIZATIONS as _NET_NORMALIZATIONS
 
 from ..config import SweepSpec, TrainConfig
-
-PRESETS = ("bn-vs-gn",)
 
 # Table 2 of the paper (ResNet-50, ImageNet val error %), and LN/IN at batch 32 (Sec. 4.1).
 PAPER_ERROR = {

@@ -116,7 +116,8 @@ def _num(x: float, signed: bool = False) -> str:
     return "—" if math.isnan(x) else f"{x:+.2f}" if signed else f"{x:.2f}"
 
 
-def _ci(low: float, high: float) -> str:
+def interval_text(low: float, high: float) -> str:
+    """[low, high] to 2 decimals, or "—" where there is no interval (one seed)."""
     return "—" if math.isnan(low) else f"[{low:.2f}, {high:.2f}]"
 
 
@@ -245,9 +246,9 @@ def _interaction_statement(x: Interaction, delta: float) -> str:
         return f"{at}: cannot tell: no seed finished all four trials.{dropped}"
     if reading == ONE_SEED:
         return f"{at}: cannot tell: one seed (seed {x.seeds[0]}) finished all four trials, so no interval.{dropped}"
-    interval = f"{_ci(e.low, e.high)} ({_seeds(e.n)})"
+    interval = f"{interval_text(e.low, e.high)} ({_seeds(e.n)})"
     if reading in (ABOVE, BELOW):
-        return f"{at}: {x.verdict}, by {abs(e.mean):.2f} points (95% CI {_ci(e.low, e.high)}, {_seeds(e.n)}).{dropped}"
+        return f"{at}: {x.verdict}, by {abs(e.mean):.2f} points (95% CI {interval_text(e.low, e.high)}, {_seeds(e.n)}).{dropped}"
     if reading == WITHIN:
         return (f"{at}: no difference beyond ±{delta:g} points: the interval {interval} lies within "
                 f"±{delta:g}.{dropped}")
@@ -273,7 +274,7 @@ def _overall_null(rows: list[Interaction]) -> str:
 def _pair_table(rows: list[Interaction], with_pair: bool) -> str:
     table = pd.DataFrame([{**({"against": short_label(x.b)} if with_pair else {}), "batch": x.batch_size,
                            "n": x.estimate.n, "interaction (points)": _num(x.estimate.mean, signed=True),
-                           "95% CI": _ci(x.estimate.low, x.estimate.high), "MDE": _num(x.estimate.mde),
+                           "95% CI": interval_text(x.estimate.low, x.estimate.high), "MDE": _num(x.estimate.mde),
                            "verdict": x.verdict} for x in rows])
     return markdown_table(table)
 
@@ -323,7 +324,7 @@ def changes_section(norm_changes: list[Change], reference: int, delta: float) ->
         return "\n".join([*lines, f"No normalization ran at batch {reference} and a smaller batch."])
     table = pd.DataFrame([{"normalization": LABELS.get(c.normalization, c.normalization), "batch": c.batch_size,
                            "n": c.estimate.n, "change (points)": _num(c.estimate.mean, signed=True),
-                           "95% CI": _ci(c.estimate.low, c.estimate.high), "MDE": _num(c.estimate.mde),
+                           "95% CI": interval_text(c.estimate.low, c.estimate.high), "MDE": _num(c.estimate.mde),
                            "verdict": c.verdict} for c in norm_changes])
     by_norm: dict[str, list[Change]] = {}
     for c in norm_changes:
@@ -337,7 +338,7 @@ def changes_section(norm_changes: list[Change], reference: int, delta: float) ->
 def _wide(cells: pd.DataFrame) -> pd.DataFrame:
     """A row per normalization, a column per batch size (largest first): 'mean [low, high]', n where short."""
     full = int(cells["n"].max())
-    text = [f"{m:.2f} {_ci(lo, hi)}".replace(" —", "") + ("" if n == full else f" (n={n})")
+    text = [f"{m:.2f} {interval_text(lo, hi)}".replace(" —", "") + ("" if n == full else f" (n={n})")
             for m, lo, hi, n in zip(cells["mean"], cells["low"], cells["high"], cells["n"])]
     wide = cells.assign(text=text).pivot(index="normalization", columns="batch_size", values="text")
     wide = wide[sorted(wide.columns, reverse=True)].reindex(_ordered_names(wide.index)).fillna("")

@@ -71,13 +71,13 @@ def sweep(
     owner = lease.new_owner()
     parent, resumed = open_sweep_run(store, experiment, spec, trials, parent_run_id, owner)
     with parent, lease.held(parent, owner), parent.system_metrics(system_metrics):
-        parent.link_flow_run()
+        parent.link_flow_run(spec.name)
         finished = find_finished_trials(parent, spec, trials)
         skipped = [skipped_trial(spec, i, c, finished[c.key()]) for i, c in enumerate(trials) if c.key() in finished]
         todo = {i: c for i, c in enumerate(trials) if c.key() not in finished}
         for data_spec in dict.fromkeys(c.data_spec() for c in todo.values()):
-            # Load and record each dataset once, before the fan-out: the trials then
-            # find both the arrays and the experiment's dataset record made.
+            # Load and record each dataset once, before the fan-out: the trials then find the
+            # experiment's dataset record made (and, training in threads, the arrays loaded).
             log_dataset(parent, data_spec, load_dataset(data_spec), sizes=False)  # no metrics on a parent
         say(f"sweep {spec.name}: {len(trials)} trials, {len(skipped)} already finished"
             f"{' (resumed)' if resumed else ''}, {len(todo)} to run, "

@@ -71,7 +71,7 @@ def open_sweep_run(store: Store, experiment: str, spec: SweepSpec, trials: list[
         check_same_base(record, spec)
         if (holder := lease.live_holder(record, owner)) is not None:
             raise lease.busy_error(spec.name, holder)
-        run = store.run(record.id)
+        run = store.run_of(record)
         run.set_tags(lease.lease_tags(owner))
         lease.confirm(run, spec.name, owner)
         run.reopen()
@@ -79,8 +79,8 @@ def open_sweep_run(store: Store, experiment: str, spec: SweepSpec, trials: list[
     params = {"search": spec.search, "search_seed": spec.search_seed, "num_trials": len(trials),
               "space": json.dumps({k: v if isinstance(v, list) else v.model_dump() for k, v in spec.space.items()}),
               **base_params(spec)}
-    run = store.start_run(experiment, spec.name, parent_id=parent_run_id, params=params,
-                          tags={**tags, **lease.lease_tags(owner)})
+    run = store.create_run_in(experiment_id, spec.name, parent_id=parent_run_id, params=params,
+                              tags={**tags, **lease.lease_tags(owner)})
     first = store.find_runs(experiment_id, tags)[0]  # two new parents at once: the older one stays
     if first.id != run.id:
         run.delete()
@@ -100,7 +100,7 @@ def find_finished_trials(parent: Run, spec: SweepSpec, trials: list[TrainConfig]
         if record.status == FINISHED:
             finished[key] = record
         elif key in keys:
-            parent.store.run(record.id).delete()
+            parent.store.run_of(record).delete()
     return finished
 
 

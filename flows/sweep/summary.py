@@ -2,9 +2,9 @@
 
 On the parent run: summary.csv and the MLflow table summary.json (one row per
 trial), comparison.png (test error per normalization against the first other swept
-field, with 95% intervals), and the totals and the best trial as tags. A grid
-adds its comparison table; a study preset its tables, figures and report under
-study/.
+field, with 95% intervals), and the totals and the best trial as tags. A study
+preset adds its tables, figures and report under study/; any other sweep (a grid
+or a random search) its comparison table.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ..config import SweepSpec
 from ..figures import sweep_comparison_figure
 from ..provenance import provenance
 from ..study import StudyResult, build_study, estimate
-from ..study.report import markdown_table
+from ..study.report import interval_text, markdown_table
 from ..tracking import FINISHED, Run
 from .results import TrialResult, best_trial
 
@@ -37,7 +37,7 @@ def summary_table(spec: SweepSpec, results: list[TrialResult]) -> pd.DataFrame:
 
 
 def comparison_table(spec: SweepSpec, results: list[TrialResult]) -> pd.DataFrame:
-    """What the sweep says, for a grid that is not a study: one row per combination of the swept fields
+    """What the sweep says, for a sweep that is not a study: one row per combination of the swept fields
     other than the seed, with the test error (%) of its best-validation nets, mean and 95% t-interval over
     the seeds that finished, and how many finished out of how many ran."""
     fields = [k for k in dict.fromkeys(["normalization", *spec.swept()]) if k != "train_seed"]
@@ -48,10 +48,9 @@ def comparison_table(spec: SweepSpec, results: list[TrialResult]) -> pd.DataFram
     table = []
     for key, trials in rows.items():
         errors = [_percent_error(r.test_acc) for r in trials if r.status == FINISHED and r.test_acc is not None]
-        found = estimate(errors) if errors else None
+        found = estimate(errors)  # NaNs when none finished
         table.append({**dict(zip(fields, key)), "trials": len(trials), "finished": len(errors),
-                      "test_error": found.mean if found else float("nan"),
-                      "low": found.low if found else float("nan"), "high": found.high if found else float("nan")})
+                      "test_error": found.mean, "low": found.low, "high": found.high})
     return pd.DataFrame(table)
 
 
@@ -59,16 +58,12 @@ def comparison_markdown(table: pd.DataFrame, spec: SweepSpec, best: TrialResult 
     """The comparison as the Prefect artifact shows it: a title, the table, the best trial, the link."""
     lines = [f"# Sweep {spec.name}", "",
              "Test error (%) of each configuration's best-validation nets: mean and 95% CI over its seeds.", "",
-             markdown_table(table.assign(**{"95% CI": [_interval(lo, hi) for lo, hi in zip(table["low"], table["high"])]})
+             markdown_table(table.assign(**{"95% CI": list(map(interval_text, table["low"], table["high"]))})
                             .drop(columns=["low", "high"]).round({"test_error": 2})), ""]
     if best is not None:
         lines.append(f"Best trial: {best.run_name}, validation accuracy {best.best_val_acc:.3f}.")
     lines += ["", f"MLflow: {url}"]
     return "\n".join(lines)
-
-
-def _interval(low: float, high: float) -> str:
-    return "—" if pd.isna(low) else f"[{low:.2f}, {high:.2f}]"
 
 
 @task(name="summarise sweep", cache_policy=NO_CACHE)
@@ -77,7 +72,8 @@ def summarise_sweep(parent: Run, spec: SweepSpec, results: list[TrialResult]) ->
     table = summary_table(spec, results)
     parent.log_table(table, "summary")
     x_name = next((k for k in spec.swept() if k not in ("normalization", "train_seed")), None)
-    parent.log_figure(sweep_comparison_figure(table, x_name, spec.name), "comparison.png")
+    averaged = [k for k in spec.swept() if k not in ("normalization", x_name)]
+    parent.log_figure(sweep_comparison_figure(table, x_name, averaged, spec.name), "comparison.png")
     finished = [r for r in results if r.status == FINISHED]
     # Tags, not metrics: in the experiment's charts a parent's metric is one more bar ("Unassigned")
     # beside its trials', under the same names, and each count a chart of its own.

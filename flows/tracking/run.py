@@ -17,7 +17,7 @@ import numpy as np
 
 from ..shutdown import interruption
 from .patience import patient
-from .names import (FAILED, FINISHED, KILLED, MAX_TAG_CHARS, MLFLOW_DATASET_CONTEXT, MLFLOW_RUN_NAME, RUNNING,
+from .names import (FAILED, FINISHED, KILLED, MAX_TAG_CHARS, MLFLOW_DATASET_CONTEXT, RUNNING,
                     RunRecord, failure_reason, prefect_tags)
 
 if TYPE_CHECKING:
@@ -251,13 +251,11 @@ class Run:
         """The run's page in the MLflow UI, opened on one of its artifacts."""
         return self.store.run_url(self.experiment_id, self.id, artifact)
 
-    @patient
-    def link_flow_run(self) -> None:
-        """A Prefect link artifact on the current flow run pointing at this MLflow run."""
+    def link_flow_run(self, name: str) -> None:
+        """A Prefect link artifact on the current flow run pointing at this MLflow run (named name)."""
         from prefect.artifacts import create_link_artifact
         from prefect.runtime import flow_run
 
-        name = self._client.get_run(self.id).data.tags.get(MLFLOW_RUN_NAME, self.id)
         create_link_artifact(
             link=self.url,
             link_text=f"MLflow run {name}",

@@ -55,6 +55,13 @@ def sqlite_path(tracking_uri: str) -> Path | None:
     return Path(tracking_uri.removeprefix("sqlite:///"))
 
 
+def artifact_root(tracking_uri: str) -> Path | None:
+    """Where a sqlite store keeps its artifacts: artifacts/ beside the database (one folder per
+    experiment); None for other stores, which choose their own."""
+    db = sqlite_path(tracking_uri)
+    return None if db is None else db.parent / "artifacts"
+
+
 def is_server(tracking_uri: str) -> bool:
     return urlparse(tracking_uri).scheme in ("http", "https")
 
@@ -150,9 +157,8 @@ class Store:
                 if found.tags.get(key) != value:
                     self.client.set_experiment_tag(found.experiment_id, key, value)
             return found.experiment_id
-        location = None
-        if (db := sqlite_path(self.uri)) is not None:
-            location = (db.parent / "artifacts" / name).as_uri()
+        root = artifact_root(self.uri)
+        location = None if root is None else (root / name).as_uri()
         from mlflow.exceptions import MlflowException
 
         try:
@@ -199,10 +205,9 @@ class Store:
             run.log_params(params)
         return run
 
-    @patient
-    def run(self, run_id: str) -> Run:
-        """A handle on an existing run."""
-        return Run(self, run_id, self.client.get_run(run_id).info.experiment_id)
+    def run_of(self, record: RunRecord) -> Run:
+        """A handle on the run a record was read from (no request: the record knows its experiment)."""
+        return Run(self, record.id, record.experiment_id)
 
     @patient
     def record(self, run_id: str) -> RunRecord:
@@ -292,5 +297,5 @@ def tracked_flow_run(experiment: str, run_name: str, *, tracking_uri: str | None
     experiment_id = store.experiment_id(experiment)
     with (store.create_run_in(experiment_id, run_name, parent_id=parent_run_id, params=params, tags=tags) as run,
           run.system_metrics(system_metrics)):
-        run.link_flow_run()
+        run.link_flow_run(run_name)
         yield run

@@ -13,7 +13,10 @@ def test_every_layer_and_the_net_pass_and_are_logged(store):
     errors = report.errors
 
     [run] = store.runs("cnncore-gradient-check")
+    assert run.info.status == "FINISHED"
     assert report.run_id == run.info.run_id and f"/runs/{run.info.run_id}?" in report.url
+    # Every error the report gives is the metric logged to MLflow, and nothing else was logged.
+    assert run.data.metrics == pytest.approx(errors)
     assert report.closest_error == errors[report.closest] <= report.closest_threshold
     for name in ("grad_err.conv_forward_naive.w", "grad_err.conv_forward_fast.x", "grad_err.max_pool_forward_fast.x",
                  "grad_err.spatial_groupnorm_forward.gamma", "grad_err.three_layer_net.none.W1",

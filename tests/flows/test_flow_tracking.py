@@ -2,7 +2,9 @@
 
 import re
 import socket
+import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import pytest
 import mlflow
 from cnncore.cnn import ThreeLayerConvNet
 from cnncore.solver import Solver
-from flows import tracking
+from flows import provenance, tracking
 from flows.load_data import load_data_once
 from flows.train import train
 
@@ -101,11 +103,67 @@ def test_experiments_are_model_training_experiments_in_the_mlflow_ui(store):
     assert store.client.get_experiment(older).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
+def _git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com",
+                           "-c", "commit.gpgsign=false", *args],
+                          cwd=cwd, capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+
+
+def _head_commit() -> str:
+    """This checkout's HEAD as git_commit() writes it (12 hex digits); the tests run in the repository."""
+    return _git(provenance.REPO_ROOT, "rev-parse", "--short=12", "HEAD")
+
+
 def test_runs_carry_their_commit_command_and_user(store, tiny):
     run = tracking.connect(store.uri).start_run("provenance", "tagged")
     tags = store.client.get_run(run.id).data.tags
     assert re.fullmatch(r"[0-9a-f]{12}(-dirty)?|unknown", tags["mlflow.source.git.commit"])
+    assert re.fullmatch(re.escape(_head_commit()) + r"(-dirty)?", tags["mlflow.source.git.commit"])
     assert tags["mlflow.source.name"] and tags["mlflow.user"]
+
+
+@pytest.fixture
+def fresh_git_commit():
+    """provenance.git_commit() asked again (it is cached per process), and forgotten after the test."""
+    provenance.git_commit.cache_clear()
+
+    def ask() -> str:
+        provenance.git_commit.cache_clear()
+        return provenance.git_commit()
+
+    yield ask
+    provenance.git_commit.cache_clear()
+
+
+def test_git_commit_is_heads_short_hash(fresh_git_commit):
+    assert re.fullmatch(re.escape(_head_commit()) + r"(-dirty)?", fresh_git_commit())
+
+
+def test_git_commit_is_dirty_for_tracked_changes_outside_docs_studies(tmp_path, monkeypatch, fresh_git_commit):
+    # A throwaway repository stands in for the checkout: the real one's tracked files are left alone.
+    repo = tmp_path / "repo"
+    (repo / "docs" / "studies").mkdir(parents=True)
+    (repo / "code.py").write_text("x = 1\n")
+    (repo / "docs" / "studies" / "report.md").write_text("# report\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "first")
+    head = _git(repo, "rev-parse", "--short=12", "HEAD")
+    monkeypatch.setattr(provenance, "REPO_ROOT", repo)
+
+    assert fresh_git_commit() == head
+    (repo / "docs" / "studies" / "report.md").write_text("# report, rewritten by make studies\n")
+    (repo / "untracked.py").write_text("y = 2\n")
+    assert fresh_git_commit() == head  # exported reports and untracked files do not count
+    (repo / "code.py").write_text("x = 2\n")
+    assert fresh_git_commit() == head + "-dirty"
+
+
+def test_git_commit_is_unknown_outside_git(tmp_path, monkeypatch, fresh_git_commit):
+    (tmp_path / "plain").mkdir()
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no looking for a repository above it
+    monkeypatch.setattr(provenance, "REPO_ROOT", tmp_path / "plain")
+    assert fresh_git_commit() == "unknown"
 
 
 def test_system_metrics_are_recorded_only_when_asked(store):

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -110,18 +111,36 @@ def rest(base: str, path: str, body: dict | None = None, **query) -> dict:
         return json.loads(response.read() or b"{}")
 
 
-@pytest.fixture
-def mlflow_rest():
-    return rest
-
-
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# The command as a user types it, from the environment the tests run in.
+CNNFLOW = Path(sys.executable).with_name("cnnflow")
 MLFLOW_API = "/api/2.0/mlflow"
 # Seconds of training per trial: what is under test here is the plumbing, not the accuracy.
 TINY = TrainConfig(num_train=120, num_val=40, num_test=40, num_epochs=1, num_filters=4, hidden_dim=16,
                    batch_size=20, num_groups=2)
 BN_VS_GN = SweepSpec(name="bn-vs-gn-ops", base=TINY,
                      space={"normalization": ["batchnorm", "groupnorm"], "batch_size": [10, 20]})
+
+
+def wait_for(condition, timeout_s: float, what: str, interval_s: float = 0.25):
+    """condition()'s first true value, asked every interval_s; AssertionError if none within timeout_s.
+
+    condition is always asked at least once, and once more after the deadline has passed.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def deployments_on(api: str) -> dict[str, dict]:
+    """{flow/deployment: deployment} as the Prefect server at api has them."""
+    flows = {f["id"]: f["name"] for f in rest(api, "/flows/filter", {})}
+    return {f"{flows[d['flow_id']]}/{d['name']}": d for d in rest(api, "/deployments/filter", {})}
 
 
 def tags(run: dict) -> dict[str, str]:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import yaml
@@ -29,9 +29,8 @@ from flows.config import SweepSpec, TrainConfig
 from flows.progress import say
 from flows.train import train
 
-from .conftest import rest
+from .conftest import CNNFLOW, rest
 
-CNNFLOW = Path(sys.executable).with_name("cnnflow")
 # A few seconds of training: enough to exercise every step of the flow.
 TINY_TRAIN = ["--num-train", "120", "--num-val", "40", "--num-test", "40", "--num-epochs", "1",
               "--num-filters", "4", "--hidden-dim", "16", "--batch-size", "20"]
@@ -353,7 +352,8 @@ def test_an_old_flow_parameter_name_is_refused_with_its_new_name(tmp_path):
 # ---------------------------------------------------------------- quiet by default, --verbose for everything
 
 HEAVY_PACKAGES = ("sklearn", "scipy", "matplotlib", "mlflow", "pandas")
-# `cnnflow ARGS...` in this process, then the packages of argv[1] (comma-separated) it imported.
+# `cnnflow ARGS...` in this process, then the packages of argv[1] (comma-separated) it imported and the exit
+# status the command would have given the shell (sys.exit's None is 0, a message 1).
 IMPORTS_DRIVER = """
 import sys
 from flows.cli import app
@@ -361,26 +361,48 @@ packages = sys.argv[1].split(",")
 sys.argv = ["cnnflow", *sys.argv[2:]]
 try:
     app()
-except SystemExit:
-    pass
+    code = 0
+except SystemExit as stop:
+    code = 0 if stop.code is None else stop.code if isinstance(stop.code, int) else 1
 print("IMPORTED", ",".join(name for name in packages if name in sys.modules))
+print("EXIT", code)
 """
 
 
-def heavy_packages_imported_by(ops_env, *args: str) -> list[str]:
+class DriverRun(NamedTuple):
+    status: int  # the exit status `cnnflow ARGS...` would have given the shell
+    output: str  # its stdout, without the driver's report
+    errors: str  # its stderr
+    imported: list[str]  # the HEAVY_PACKAGES it imported
+
+
+def heavy_packages_imported_by(ops_env, *args: str) -> DriverRun:
+    """`cnnflow ARGS...` run by IMPORTS_DRIVER in a fresh interpreter."""
     done = subprocess.run([sys.executable, "-c", IMPORTS_DRIVER, ",".join(HEAVY_PACKAGES), *args],
                           capture_output=True, text=True, env=_subprocess_env(ops_env), timeout=60)
-    (line,) = [x for x in done.stdout.splitlines() if x.startswith("IMPORTED ")] or [done.stderr]
-    return [name for name in line.removeprefix("IMPORTED ").split(",") if name]
+    lines = done.stdout.splitlines()
+    assert len(lines) >= 2 and lines[-2].startswith("IMPORTED ") and lines[-1].startswith("EXIT "), (
+        done.stdout[-2000:] + done.stderr[-2000:])
+    *output, imported, exited = lines
+    return DriverRun(int(exited.removeprefix("EXIT ")), "\n".join(output), done.stderr,
+                     [name for name in imported.removeprefix("IMPORTED ").split(",") if name])
 
 
-@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["server", "--help"], ["runs", "--help"]])
+def assert_help_without_heavy_packages(ops_env, *args: str) -> None:
+    """`cnnflow ARGS... --help` succeeds, prints its usage and imports none of HEAVY_PACKAGES."""
+    done = heavy_packages_imported_by(ops_env, *args, "--help")
+    assert done.status == 0, done.errors[-2000:]
+    assert f"Usage: {' '.join(['cnnflow', *args])} [OPTIONS]" in done.output, done.output
+    assert done.imported == []
+
+
+@pytest.mark.parametrize("args", [[], ["run"], ["server"], ["runs"]], ids=["cnnflow", "run", "server", "runs"])
 def test_help_imports_none_of_the_heavy_packages(ops_env, args):
-    assert heavy_packages_imported_by(ops_env, *args) == []
+    assert_help_without_heavy_packages(ops_env, *args)
 
 
 def test_run_train_help_imports_none_of_the_heavy_packages(ops_env):
-    assert heavy_packages_imported_by(ops_env, "run", "train", "--help") == []
+    assert_help_without_heavy_packages(ops_env, "run", "train")
 
 
 def test_the_flow_configuration_models_import_without_scikit_learn(ops_env):

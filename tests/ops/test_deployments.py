@@ -5,8 +5,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 from prefect.client.schemas.schedules import CronSchedule
@@ -15,31 +13,13 @@ from flows.cli.options import flow_options, validate_parameters
 from flows.servers import stop_process_group
 from flows.deployments import read_deployments, to_schedule
 
-from .conftest import REPO_ROOT, rest
+from .conftest import CNNFLOW, REPO_ROOT, deployments_on, rest, wait_for
 
 PREFECT = [sys.executable, "-m", "prefect"]
-CNNFLOW = Path(sys.executable).with_name("cnnflow")
 EXPECTED = {"gradient-check/nightly", "train/nightly", "sweep/weekly-bn-vs-gn", "sweep/weekly-bn-vs-gn-study",
             "sweep/monthly-mnist-fc-control", "sweep/monthly-mnist-convnet"}
 # A gradient check of two small layers: a served run that takes seconds.
 QUICK_CHECK = '["relu_forward", "affine_forward"]'
-
-
-def deployments_on(api: str) -> dict[str, dict]:
-    """{flow/deployment: deployment} as the Prefect server has them."""
-    flows = {f["id"]: f["name"] for f in rest(api, "/flows/filter", {})}
-    return {f"{flows[d['flow_id']]}/{d['name']}": d for d in rest(api, "/deployments/filter", {})}
-
-
-def wait_for(condition, timeout_s: float, what: str, interval_s: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(interval_s)
 
 
 def test_prefect_yaml_schedules_gradient_check_train_and_sweep_by_cron():
@@ -89,7 +69,7 @@ def test_serve_registers_the_schedules_and_runs_an_ad_hoc_trigger(tmp_path, ops_
                 found[n]["schedules"] and ":" not in found[n]["entrypoint"] for n in EXPECTED)
             return found if ready else None
 
-        registered = wait_for(served, 90, "cnnflow serve to register prefect.yaml's deployments")
+        registered = wait_for(served, 90, "cnnflow serve to register prefect.yaml's deployments", interval_s=0.5)
         crons = {name: registered[name]["schedules"][0]["schedule"]["cron"] for name in EXPECTED}
         assert crons == {s.full_name: s.schedules[0]["cron"] for s in read_deployments()}
 

@@ -12,7 +12,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,9 +20,10 @@ from mlflow import MlflowClient
 
 from flows.servers import free_port, mlflow_server_command, port_is_taken, stop_process_group, wait_until_healthy
 
+from .conftest import CNNFLOW, wait_for
+
 pytestmark = pytest.mark.slow
 
-CNNFLOW = Path(sys.executable).with_name("cnnflow")
 NUM_TRIALS = 6
 # About 3 s of training per trial: long enough to interrupt a sweep in the middle of a trial.
 SWEEP = ["--space", "train_seed=" + ",".join(map(str, range(NUM_TRIALS))), "--num-train", "1000", "--num-epochs", "16",
@@ -40,15 +40,6 @@ def processes_in_group(group_id: int) -> list[int]:
                 if int(group) == group_id and state != "Z":
                     found.append(int(entry.name))
     return found
-
-
-def wait_for(condition, timeout_s: float, what: str, interval_s: float = 0.25):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"not within {timeout_s:.0f} s: {what}")
 
 
 def start_sweep(env: dict, name: str, *extra: str) -> subprocess.Popen:

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -20,9 +19,8 @@ import pytest
 
 from flows import local_server
 
-from .conftest import rest
+from .conftest import CNNFLOW, rest
 
-CNNFLOW = Path(sys.executable).with_name("cnnflow")
 TINY_TRAIN = ["--num-train", "120", "--num-val", "40", "--num-test", "40", "--num-epochs", "1",
               "--num-filters", "4", "--hidden-dim", "16", "--batch-size", "20"]
 # A cold start creates the server's database: about 10 s on 2 cores; a loaded CI machine takes longer.

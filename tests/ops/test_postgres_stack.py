@@ -23,13 +23,12 @@ import pytest
 from flows.servers import background_server, free_port, stop_process_group
 
 from . import postgres_stack
-from .conftest import MLFLOW_API, REPO_ROOT, SERVER_START_TIMEOUT_S, SERVER_STOP_GRACE_S, TINY, rest, tags
-from .test_deployments import deployments_on, wait_for
+from .conftest import (CNNFLOW, MLFLOW_API, REPO_ROOT, SERVER_START_TIMEOUT_S, SERVER_STOP_GRACE_S, TINY,
+                       deployments_on, rest, tags, wait_for)
 
 pytestmark = pytest.mark.slow
 
 PREFECT = [sys.executable, "-m", "prefect"]
-CNNFLOW = Path(sys.executable).with_name("cnnflow")
 WORK_POOL = "cnncore"
 WORKER_NAME = f"ops-postgres-worker-{uuid.uuid4().hex[:8]}"
 TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")

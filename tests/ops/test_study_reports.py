@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -19,9 +18,10 @@ import pytest
 
 from cnncore.mnist import MNIST_DIRNAME
 
+from .conftest import CNNFLOW
+
 pytestmark = pytest.mark.slow
 
-CNNFLOW = Path(sys.executable).with_name("cnnflow")
 STUDIES = Path(__file__).resolve().parents[2] / "docs" / "studies"
 KEYS = ["normalization", "batch_size", "seed"]
 
