@@ -142,11 +142,9 @@ def load(path: str | os.PathLike) -> TrainingState:
     this format.
     """
     arrays = read_npz(path, "checkpoint")
-    if "format" not in arrays or "manifest" not in arrays:
+    if not is_checkpoint(arrays):
         raise ValueError(f"{path} is not a Solver checkpoint (no format or manifest entry)")
-    if arrays["format"].item() != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint {path} has format {arrays['format'].item()}; "
-                         f"this Solver reads format {CHECKPOINT_FORMAT}")
+    config_text, model_state = saved_model(arrays, path)
     manifest = json.loads(arrays["manifest"].item())
     return TrainingState(
         update_rule=arrays["update_rule"].item(),
@@ -157,13 +155,29 @@ def load(path: str | os.PathLike) -> TrainingState:
         train_acc_history=arrays["train_acc_history"].tolist(),
         val_acc_history=arrays["val_acc_history"].tolist(),
         rng_state=json.loads(arrays["rng_state"].item()),
-        model_state=_take_arrays(arrays, "model", manifest["model"]),
-        model_config=json.loads(arrays["model_config"].item()) if "model_config" in arrays else None,
+        model_state=model_state,
+        model_config=None if config_text is None else json.loads(config_text),
         best_params=_take_arrays(arrays, "best_params", manifest["best_params"]),
         best_state=None if manifest["best_state"] is None else _take_arrays(arrays, "best_state",
                                                                             manifest["best_state"]),
         optim_configs={p: _take_config(arrays, f"optim/{p}", kinds) for p, kinds in manifest["optim"].items()},
     )
+
+
+def is_checkpoint(arrays: dict) -> bool:
+    """Whether the arrays read from an .npz file are a Solver checkpoint's."""
+    return "format" in arrays and "manifest" in arrays
+
+
+def saved_model(arrays: dict, path) -> tuple[str | None, dict]:
+    """(the model's configuration as saved, JSON text, or None when the Solver had none; the model's
+    state) from a checkpoint's arrays, for load() and for loading the model alone."""
+    if arrays["format"].item() != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {path} has format {arrays['format'].item()}; "
+                         f"this Solver reads format {CHECKPOINT_FORMAT}")
+    manifest = json.loads(arrays["manifest"].item())
+    config = arrays["model_config"].item() if "model_config" in arrays else None
+    return config, _take_arrays(arrays, "model", manifest["model"])
 
 
 def check_resumable(path, state: TrainingState, *, update_rule: str, model_state: dict,

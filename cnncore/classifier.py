@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checks, npz_io
+from . import checkpoint, checks, npz_io
 from .backend import require_device, to_numpy
 from .layers import softmax_loss
 
@@ -276,23 +276,23 @@ def _read_model_file(path) -> tuple[dict, dict]:
     (format, manifest, model/<name>, model_config)."""
     arrays = npz_io.read_npz(path, "model file")
     if "config" in arrays:
-        key, prefix = "config", "state/"
-    elif "format" in arrays and "manifest" in arrays:
-        if "model_config" not in arrays:
+        key, text = "config", arrays["config"]
+        state = {k.removeprefix("state/"): v for k, v in arrays.items() if k.startswith("state/")}
+    elif checkpoint.is_checkpoint(arrays):
+        key, (text, state) = "model_config", checkpoint.saved_model(arrays, path)
+        if text is None:
             raise ValueError(f"{path} is a Solver checkpoint without the model's configuration (no model_config "
                              "entry): build the model with its constructor and load the checkpoint with the "
                              "Solver (resume_from) instead")
-        key, prefix = "model_config", "model/"
     else:
         raise ValueError(f"{path} is neither a model file (no config entry) nor a Solver checkpoint "
                          f"(no format and manifest entries); it holds {sorted(arrays)}")
     try:
-        config = json.loads(str(arrays[key]))
+        config = json.loads(str(text))
     except json.JSONDecodeError as exc:
         raise ValueError(f"model file {path}: its {key} entry is not valid JSON ({exc})") from exc
     if not isinstance(config, dict):
         raise ValueError(f"model file {path}: its {key} entry must be a JSON object, got {config!r}")
-    state = {k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)}
     return config, state
 
 

@@ -240,6 +240,13 @@ def _sizes(splits: dict) -> str:
 # --------------------------------------------------------------------------
 
 
+def _stratified_three_ways(X, y, num_val: int, num_test: int, seed: int) -> dict:
+    """{"train", "val", "test": (X, y)}: num_test images carved off stratified by class, then num_val."""
+    rest, test = _stratified_carve(X, y, num_test, seed)
+    train, val = _stratified_carve(*rest, num_val, seed)
+    return {"train": train, "val": val, "test": test}
+
+
 def _digits_splits(seed: int):
     """scikit-learn's 8x8 digits split stratified by class into train/val/test.
 
@@ -250,9 +257,7 @@ def _digits_splits(seed: int):
     digits = load_digits()
     X = digits.images[:, None, :, :]
     y = digits.target.astype(np.int64)
-    rest, test = _stratified_carve(X, y, _DIGITS_NUM_TEST, seed)
-    train, val = _stratified_carve(*rest, _DIGITS_NUM_VAL, seed)
-    splits = {"train": train, "val": val, "test": test}
+    splits = _stratified_three_ways(X, y, _DIGITS_NUM_VAL, _DIGITS_NUM_TEST, seed)
     text = f"scikit-learn's 8x8 digits ({len(y):,} images) split stratified {_sizes(splits)} with seed {seed}"
     return splits, [str(label) for label in digits.target_names], text
 
@@ -283,9 +288,7 @@ def _mnist_splits(num_val, seed: int, data_dir, download: bool):
     *others, last = [path.name for path in found.files]
     names = f"{', '.join(others)} and {last}"
     if found.X_train is None:
-        rest, test = _stratified_carve(found.X_test, found.y_test, MNIST_TEST_ONLY_TEST, seed)
-        train, val = _stratified_carve(*rest, MNIST_TEST_ONLY_VAL, seed)
-        splits = {"train": train, "val": val, "test": test}
+        splits = _stratified_three_ways(found.X_test, found.y_test, MNIST_TEST_ONLY_VAL, MNIST_TEST_ONLY_TEST, seed)
         text = (f"MNIST test set only ({names}, {len(found.y_test):,} images) split stratified "
                 f"{_sizes(splits)} with seed {seed}: {found.note}")
         return splits, list(MNIST_CLASS_NAMES), text

@@ -3,9 +3,22 @@
 
 from .presets import (BATCH_SIZES, CHANNELS_PER_GROUP, LABELS, NORMALIZATIONS, PAPER_ERROR, PRESETS,
                       REFERENCE_BATCH, bn_vs_gn_spec, groups_for, preset_spec, short_label)
-from .report import StudyResult, build_study
-from .statistics import (DELTA, Cell, Change, Estimate, Interaction, cell_estimates, change_verdict, changes,
-                         estimate, interaction_verdict, interactions, minimum_detectable_effect, reference_batch)
+
+# The statistics and the report (scipy, pandas, matplotlib) load when first asked for: a sweep
+# imports this package for its presets, and `cnnflow run sweep --help` should wait for none of them.
+_LAZY = {**dict.fromkeys(("StudyResult", "build_study"), "report"),
+         **dict.fromkeys(("DELTA", "Cell", "Change", "Estimate", "Interaction", "cell_estimates", "change_verdict",
+                          "changes", "estimate", "interaction_verdict", "interactions", "minimum_detectable_effect",
+                          "reference_batch"), "statistics")}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+
 
 __all__ = ["BATCH_SIZES", "CHANNELS_PER_GROUP", "LABELS", "NORMALIZATIONS", "PAPER_ERROR", "PRESETS",
            "REFERENCE_BATCH", "bn_vs_gn_spec", "groups_for", "preset_spec", "short_label", "StudyResult",

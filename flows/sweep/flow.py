@@ -18,7 +18,6 @@ from . import lease
 from .executors import run_trials
 from .results import SweepReport, TrialResult, best_trial
 from .resume import find_finished_trials, open_sweep_run, skipped_trial
-from .summary import publish_comparison, summarise_sweep, write_study_report
 
 __all__ = ["SweepReport", "TrialResult", "sweep"]
 
@@ -84,6 +83,9 @@ def sweep(
             + (f"on the Dask cluster at {dask_address}" if dask_address else f"{max_workers} at a time"))
         results = sorted(skipped + run_trials(parent, spec, todo, max_workers, dask_address, trials_in),
                          key=lambda r: r.index)
+        # Imported here: the summary's pandas, scipy and matplotlib would slow `cnnflow run sweep --help`.
+        from .summary import publish_comparison, summarise_sweep, write_study_report
+
         summarise_sweep(parent, spec, results)
         if spec.study:
             # The design paragraph counts updates per batch size from the training split's size.

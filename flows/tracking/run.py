@@ -72,12 +72,10 @@ class Run:
         else:
             self.fail(exc)
 
-    @patient
     def child(self, name: str, *, params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None) -> Run:
         """A new RUNNING run in this run's experiment, nested under it."""
         return self.store.create_run_in(self.experiment_id, name, parent_id=self.id, params=params, tags=tags)
 
-    @patient
     def record(self) -> RunRecord:
         return self.store.record(self.id)
 

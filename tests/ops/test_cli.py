@@ -401,8 +401,9 @@ def test_help_imports_none_of_the_heavy_packages(ops_env, args):
     assert_help_without_heavy_packages(ops_env, *args)
 
 
-def test_run_train_help_imports_none_of_the_heavy_packages(ops_env):
-    assert_help_without_heavy_packages(ops_env, "run", "train")
+@pytest.mark.parametrize("flow", ["train", "sweep"])
+def test_run_flow_help_imports_none_of_the_heavy_packages(ops_env, flow):
+    assert_help_without_heavy_packages(ops_env, "run", flow)
 
 
 def test_the_flow_configuration_models_import_without_scikit_learn(ops_env):
