@@ -17,6 +17,9 @@ Everything lives in the server's home, $CNNCORE_SERVER_HOME, else
 The server runs in a session of its own (so a Ctrl-C or a closed terminal does not
 reach it), bound to loopback only, with Prefect's analytics off. It is stopped by its
 process group: SIGTERM, then SIGKILL after a grace period.
+
+The home is readable by its owner only (mode 700, the server's files 600): the database
+holds every flow run's parameters and logs.
 """
 
 from __future__ import annotations
@@ -122,7 +125,8 @@ def read_state(home: Path) -> ServerState | None:
 def _write_state(home: Path, state: ServerState) -> None:
     data = {**dataclasses.asdict(state), "api_url": state.api_url, "ui_url": state.ui_url}
     partial = home / f".{STATE_FILE}.{os.getpid()}"
-    partial.write_text(json.dumps(data, indent=2) + "\n")
+    with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
+        file.write(json.dumps(data, indent=2) + "\n")
     os.replace(partial, home / STATE_FILE)  # a reader sees the old file or the new one, never half of one
 
 
@@ -244,7 +248,7 @@ def ensure_server(home: Path | None = None, port: int | None = None, timeout_s: 
     tail of its log), or a port asked for is taken.
     """
     home = home or server_home()
-    home.mkdir(parents=True, exist_ok=True)
+    _private_folder(home)
     with _start_lock(home, timeout_s + STOP_GRACE_S, say):
         found = server_status(home)
         if found.running:
@@ -255,6 +259,13 @@ def ensure_server(home: Path | None = None, port: int | None = None, timeout_s: 
             say(f"the local Prefect server (pid {found.state.pid}) is gone; starting a new one")
             _remove_state(home)
         return _start(home, _choose_port(port), timeout_s, say), True
+
+
+def _private_folder(home: Path) -> None:
+    """home, made if need be, readable by its owner only (a home made before this rule is tightened too)."""
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if home.stat().st_uid == os.getuid():
+        home.chmod(0o700)
 
 
 def _choose_port(port: int | None) -> int:
@@ -271,13 +282,13 @@ def _start(home: Path, port: int, timeout_s: float, say: Callable[[str], None]) 
     log_path = home / LOG_FILE
     if log_path.exists() and log_path.stat().st_size > LOG_LIMIT_BYTES:
         log_path.replace(home / f"{LOG_FILE}.1")
-    (home / "prefect").mkdir(exist_ok=True)
+    (home / "prefect").mkdir(mode=0o700, exist_ok=True)
     say(f"starting the local Prefect server at http://{HOST}:{port}, once (about 10 s): it stays up for later "
         f"runs; `cnnflow server stop` stops it (log: {log_path})")
     with open(log_path, "ab") as log:
         process = subprocess.Popen(server_command(port), env=server_environment(home), cwd=home,
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, umask=0o077)
     _started[process.pid] = process
     state = ServerState(pid=process.pid, port=port, created=_created(process.pid) or time.time())
     _write_state(home, state)

@@ -30,7 +30,9 @@ class Settings:
 
 
 def fail(message: str, exit_code: int = 1) -> typing.NoReturn:
-    typer.echo(f"error: {' '.join(str(message).split())}", err=True)
+    from ..credentials import mask  # the last line of defence: no error shows a store's password
+
+    typer.echo(f"error: {mask(' '.join(str(message).split()))}", err=True)
     raise typer.Exit(exit_code)
 
 
