@@ -219,7 +219,23 @@ def test_no_diagnostic_changes_the_model():
 def test_batch_sizes_beyond_the_images_and_mismatched_labels_are_named():
     X = np.zeros((10, 16))
     net = identity_fc_net()
-    with pytest.raises(ValueError, match="batch_size must be an integer >= 2 and <= 10, got 11"):
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1 and <= 10, got 11"):
         diagnostics.sample_batch_moments(net, X, 11)
     with pytest.raises(ValueError, match="y has 9 labels but X has 10 images"):
         diagnostics.train_test_error(net, X, np.zeros(9, dtype=int), 2)
+
+
+def test_a_ghost_batch_norm_net_is_measured_on_batches_of_its_norm_batch():
+    """Each sampled batch is one normalization group: a net with norm_batch = 2 measured at 2 images
+    gives what the same net without norm_batch gives at 2, and any batch size may be asked for."""
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((41, 4, 4, 4)) * 2 + 1, rng.integers(0, 3, 41)
+    ghost, plain = identity_conv_net(norm_batch=2), identity_conv_net()
+    for net in (ghost, plain):
+        net.bn_param["running_mean"], net.bn_param["running_var"] = np.full(4, 1.0), np.full(4, 4.0)
+    got, want = (diagnostics.sample_batch_moments(net, X, 2, 20, seed=3)[0] for net in (ghost, plain))
+    assert got.nominal == want.nominal == 2 * 4 * 4
+    np.testing.assert_array_equal(got.means, want.means)
+    assert diagnostics.train_test_error(ghost, X, y, 2) == diagnostics.train_test_error(plain, X, y, 2)
+    diagnostics.train_test_error(ghost, X, y, 3)  # 3 images, one group, though norm_batch 2 would not divide them
+    assert ghost.bn_param["norm_batch"] == 2  # the model's own bn_params keep it
