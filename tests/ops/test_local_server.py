@@ -223,6 +223,12 @@ def test_two_starts_at_once_give_one_server(tmp_path, ops_env):
         kill_servers_in(tmp_path)
 
 
+def stop_servers_in(homes: list[Path], envs: list[dict]) -> None:
+    for home, env in zip(homes, envs):
+        cnnflow(env, "server", "stop", timeout=60)
+        kill_servers_in(home)
+
+
 def start_at_once(envs: list[dict], *args: str) -> list[tuple[int, str, str]]:
     """`cnnflow server start ARGS` in each environment, all started together: (exit code, stdout, stderr) each."""
     starts = [subprocess.Popen([str(CNNFLOW), "server", "start", *args], stdout=subprocess.PIPE,
@@ -250,9 +256,7 @@ def test_two_homes_starting_at_once_on_one_port_each_get_their_own_server(tmp_pa
         assert f"port {port} on 127.0.0.1 was taken by another server while the local Prefect server started; " \
                "starting it on a free port instead" in lost[0]
     finally:
-        for home, env in zip(homes, envs):
-            cnnflow(env, "server", "stop", timeout=60)
-            kill_servers_in(home)
+        stop_servers_in(homes, envs)
 
 
 @pytest.mark.slow
@@ -269,9 +273,7 @@ def test_two_homes_asking_for_one_port_at_once_give_one_server_and_one_clear_err
             error.endswith("choose another port (0 picks a free one)"), results[1][2]
         assert sorted(len(servers_in(home)) for home in homes) == [0, 1]
     finally:
-        for home, env in zip(homes, envs):
-            cnnflow(env, "server", "stop", timeout=60)
-            kill_servers_in(home)
+        stop_servers_in(homes, envs)
 
 
 @pytest.mark.slow
