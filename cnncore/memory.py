@@ -168,15 +168,24 @@ def parameter_count(config: dict) -> int | None:
     return None if found is None else sum(found[0])
 
 
-def training_step_bytes(config: dict, batch_size: int, state_per_parameter: int = 2) -> int | None:
-    """Bytes a Solver needs to train the config's net one step at batch_size: the parameters
-    (PARAMETER_COPIES of them, plus state_per_parameter for the update rule: 2 for adam's m and v)
-    and the activations of one step (see CONV_BLOCK_COPIES); None for an unknown model."""
+def training_step_parts(config: dict, batch_size: int, state_per_parameter: int = 2) -> tuple[int, int] | None:
+    """(bytes for the parameters, bytes for one step's activations) a Solver needs to train the config's
+    net one step at batch_size, or None for an unknown model.
+
+    The parameters count PARAMETER_COPIES times (values, gradients, the best kept, the float64 draw),
+    plus state_per_parameter for the update rule (adam's m and v: 2); the activations count
+    CONV_BLOCK_COPIES arrays of each conv block's output and AFFINE_COPIES of each affine layer's.
+    """
     found, itemsize = _layout(config), _itemsize(config)
     if found is None or itemsize is None:
         return None
-    parameters = sum(found[0]) * itemsize * (PARAMETER_COPIES + state_per_parameter)
-    return parameters + batch_size * sum(found[1]) * itemsize
+    return sum(found[0]) * itemsize * (PARAMETER_COPIES + state_per_parameter), batch_size * sum(found[1]) * itemsize
+
+
+def training_step_bytes(config: dict, batch_size: int, state_per_parameter: int = 2) -> int | None:
+    """The sum of training_step_parts, or None for an unknown model."""
+    parts = training_step_parts(config, batch_size, state_per_parameter)
+    return None if parts is None else sum(parts)
 
 
 def construction_bytes(config: dict) -> int | None:
