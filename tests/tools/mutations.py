@@ -23,7 +23,7 @@ TESTS_FOR = {
                      "tests/flows/test_flow_study.py", "tests/flows/test_trial_workers.py"),
     "flows/tracking/": ("tests/flows/test_flow_tracking.py", "tests/flows/test_tracking_patience.py",
                         "tests/flows/test_flow_sweep.py", "tests/flows/test_flow_train.py"),
-    "flows/cli/": ("tests/ops/test_cli.py",),
+    "flows/cli/": ("tests/ops/test_cli_output.py", "tests/ops/test_cli.py"),
     "cnncore/diagnostics.py": ("tests/test_diagnostics.py",),
     "cnncore/checkpoint.py": ("tests/test_checkpoint.py", "tests/test_solver.py"),
     "cnncore/solver.py": ("tests/test_solver.py", "tests/test_checkpoint.py"),
