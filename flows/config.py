@@ -19,7 +19,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, NonNegativeFloa
                       PositiveInt, field_validator, model_validator)
 
 from cnncore.backend import require_device
-from cnncore.cnn import NORMALIZATIONS
+from cnncore.cnn import NORMALIZATIONS, block_maps
 from cnncore.data import IMAGE_SHAPES, KNOWN_DATASETS
 from cnncore.optim import UPDATE_RULES
 
@@ -93,7 +93,9 @@ class TrainConfig(_Subsets):
     model: ModelName = Field("convnet", description="The net: convnet (conv blocks, then two affine layers) or "
                                                     "fc_net (CS231n's FullyConnectedNet).")
     depth: PositiveInt = Field(1, description="convnet: conv-norm-relu-pool blocks, no norm when normalization "
-                                              "is none (1 is ThreeLayerConvNet); fc_net: hidden layers.")
+                                              "is none (1 is ThreeLayerConvNet; a block whose map is under 2 "
+                                              "pixels keeps it, unpooled: 5 on mnist puts the last norm on 1x1 "
+                                              "maps); fc_net: hidden layers.")
 
     data_seed: NonNegativeInt = Field(0, description="Seed of the train/val/test split and subsets.")
     normalization: Normalization = Field(
@@ -175,10 +177,6 @@ class TrainConfig(_Subsets):
                 f"num_groups={self.num_groups} must divide num_filters={self.num_filters} for groupnorm "
                 f"(num_filters % num_groups = {self.num_filters % self.num_groups}, expected 0)"
             )
-        _, height, width = IMAGE_SHAPES[self.dataset]
-        if min(height, width) < 2 ** self.depth:
-            raise ValueError(f"depth={self.depth} halves {self.dataset}'s {height}x{width} images below 1x1; "
-                             f"at most {int(math.log2(min(height, width)))} blocks fit")
         self._check_norm_batch()
         return self
 
@@ -209,7 +207,7 @@ class TrainConfig(_Subsets):
         if self.model == "fc_net":
             return "each hidden layer's features", 1
         _, height, width = IMAGE_SHAPES[self.dataset]
-        h, w = height >> (self.depth - 1), width >> (self.depth - 1)
+        h, w, _ = block_maps(height, width, self.depth)[-1]
         return f"block {self.depth}'s {h}x{w} maps", h * w
 
     @model_validator(mode="after")

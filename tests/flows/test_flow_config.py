@@ -129,3 +129,12 @@ def test_norm_batch_that_does_not_divide_the_batch_or_leaves_one_value_is_refuse
 
 def test_ghost_batch_norm_on_conv_maps_may_normalise_each_image_alone():
     assert TrainConfig(dataset="mnist", depth=3, norm_batch=1).normalization_batch() == 1  # 7x7 maps: 49 values
+
+
+def test_five_conv_blocks_fit_mnist_with_the_last_norm_on_1x1_maps():
+    config = TrainConfig(dataset="mnist", depth=5, norm_batch=2)
+    assert config.depth == 5 and TrainConfig(dataset="digits", depth=5).depth == 5
+    with pytest.raises(ValidationError) as info:
+        TrainConfig(dataset="mnist", depth=5, norm_batch=1)
+    assert "norm_batch=1 with batchnorm computes each statistic of block 5's 1x1 maps over 1 value" in str(info.value)
+    assert "norm_batch >= 2" in str(info.value)

@@ -1,6 +1,7 @@
 """flows/training.py on a real MLflow store: the net a configuration builds and what a trial logs,
 its diagnostics included (no Prefect needed: fit and the loggers are plain functions)."""
 
+import numpy as np
 import pytest
 
 from flows import tracking
@@ -36,3 +37,12 @@ def test_diagnostics_measure_batch_norm_at_the_normalization_batch_not_the_sgd_b
     assert found["norm1/nominal"] == 5 * height * width  # not 25 images' worth
     assert metrics[f"{DIAGNOSTICS_PREFIX}norm1/nominal"] == found["norm1/nominal"]
     assert {"train_mode_error", "test_mode_error", "running_error", "recomputed_error"} <= set(found)
+
+
+def test_depth_5_on_mnist_builds_a_convnet_whose_last_norm_layer_sees_1x1_maps(tiny):
+    config = type(tiny)(**{**tiny.model_dump(), "dataset": "mnist", "depth": 5, "normalization": "groupnorm",
+                           "num_groups": 2})
+    data = {"X_train": np.zeros((4, 1, 28, 28), np.float32), "class_names": list(range(10))}
+    net = build_net(config, data)
+    X = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    assert [a.shape[2:] for a in net.norm_inputs(X)] == [(28, 28), (14, 14), (7, 7), (3, 3), (1, 1)]
