@@ -50,7 +50,7 @@ class _ConvClassifier(Classifier):
     """
 
     def _setup_conv(self, input_dim, num_filters: tuple, filter_size, hidden_dim, num_classes, weight_scale, reg,
-                    dtype, normalization, num_groups, use_fast, seed, device) -> None:
+                    dtype, normalization, num_groups, use_fast, seed, device, norm_batch=None) -> None:
         dims = tuple(input_dim) if not isinstance(input_dim, (str, bytes)) and hasattr(input_dim, "__len__") else ()
         if len(dims) != 3:
             raise ValueError(f"input_dim must be (C, H, W), got {input_dim!r}")
@@ -70,7 +70,8 @@ class _ConvClassifier(Classifier):
         self.conv_param = {"stride": 1, "pad": (filter_size - 1) // 2}
         self._setup(config={"input_dim": [C, H, W], "num_filters": list(filters), "filter_size": filter_size,
                             "hidden_dim": hidden_dim, "normalization": self.normalization, "num_groups": num_groups},
-                    num_classes=num_classes, weight_scale=weight_scale, reg=reg, dtype=dtype, device=device)
+                    num_classes=num_classes, weight_scale=weight_scale, reg=reg, dtype=dtype, device=device,
+                    norm_batch=norm_batch)
 
         for i in range(len(filters)):
             if H < 2 or W < 2:
@@ -216,6 +217,7 @@ class ThreeLayerConvNet(_ConvClassifier):
         use_fast: bool = True,
         seed: int | None = None,
         device: str = "cpu",
+        norm_batch: int | None = None,
     ):
         """
         input_dim: (C, H, W) of one image.
@@ -230,10 +232,12 @@ class ThreeLayerConvNet(_ConvClassifier):
           the naive loops and the reference norms, for checking).
         seed: seeds the weight initialisation.
         device: 'cpu' (NumPy) or 'cuda' (CuPy).
+        norm_batch: batch norm's images per statistics group (ghost batch norm, see
+          layers.batchnorm_forward); None: the whole batch. Ignored by the other norms.
         """
         F = checks.require_positive_int("num_filters", num_filters)
         self._setup_conv(input_dim, (F,), filter_size, hidden_dim, num_classes, weight_scale, reg, dtype,
-                         normalization, num_groups, use_fast, seed, device)
+                         normalization, num_groups, use_fast, seed, device, norm_batch)
         # G as the norm uses it: 1 for layer norm, F for instance norm.
         self.num_groups = self.groups[0] or num_groups
         self.config.update(num_filters=F, num_groups=self.num_groups)
@@ -269,6 +273,7 @@ class ConvNet(_ConvClassifier):
         use_fast: bool = True,
         seed: int | None = None,
         device: str = "cpu",
+        norm_batch: int | None = None,
     ):
         """
         input_dim: (C, H, W) of one image.
@@ -285,6 +290,8 @@ class ConvNet(_ConvClassifier):
         use_fast: the vectorised layers (False: the naive loops, for checking).
         seed: seeds the weight initialisation.
         device: 'cpu' (NumPy) or 'cuda' (CuPy).
+        norm_batch: batch norm's images per statistics group (ghost batch norm, see
+          layers.batchnorm_forward); None: the whole batch. Ignored by the other norms.
         """
         if isinstance(num_filters, (int, np.integer)) and not isinstance(num_filters, bool):
             num_filters = (num_filters,)
@@ -292,4 +299,4 @@ class ConvNet(_ConvClassifier):
             raise ValueError(f"num_filters must be a sequence of positive integers such as (16, 32), "
                              f"got {num_filters!r}")
         self._setup_conv(input_dim, tuple(num_filters), filter_size, hidden_dim, num_classes, weight_scale, reg,
-                         dtype, normalization, num_groups, use_fast, seed, device)
+                         dtype, normalization, num_groups, use_fast, seed, device, norm_batch)
