@@ -40,10 +40,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from . import TELEMETRY_OFF
 from .servers import ServerError, free_port, port_is_taken, wait_until_healthy
-
-# Prefect's client and server send no usage data, and the client writes no device id under PREFECT_HOME.
-TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
 HOME_ENV = "CNNCORE_SERVER_HOME"
 PORT_ENV = "CNNCORE_SERVER_PORT"
