@@ -189,6 +189,23 @@ def bn_settings(bn_param: dict, x_shape: tuple[int, ...], values_per_channel: in
     return mode, eps, momentum
 
 
+def bn_groups(bn_param: dict, mode: str, N: int) -> int:
+    """How many groups batch norm normalises the N images of x in, each with its own statistics:
+    N // bn_param['norm_batch'] in train mode (ghost batch norm), 1 without a norm_batch or in test mode.
+
+    norm_batch (optional; absent or None: the whole batch) must be a positive integer in
+    either mode, and in train mode it must divide N: the groups are consecutive and equal.
+    """
+    g = require_int("bn_param['norm_batch']", bn_param.get("norm_batch"), minimum=1, optional=True)
+    if g is None or mode != "train" or g == N:
+        return 1
+    if N % g:
+        raise ValueError(f"bn_param['norm_batch'] = {g} must divide the batch's {N} images "
+                         f"({N} % {g} = {N % g}, expected 0): ghost batch norm normalises each "
+                         f"consecutive group of {g} images with its own statistics")
+    return N // g
+
+
 def conv_output_shape(x, w, conv_param: dict) -> tuple[int, int, int, int]:
     """Validate a convolution's arguments; return (N, F, H_out, W_out).
 
