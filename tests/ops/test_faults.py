@@ -138,6 +138,20 @@ def test_kill_9_of_the_sweep_takes_its_workers_along_and_a_resume_repairs_it(sql
     assert_resume_finishes(env, runs, "kill9", finished)
 
 
+def test_kill_9_with_no_local_server_takes_prefects_temporary_server_along(tmp_path, ops_env):
+    """Prefect's temporary server runs in the command's own process group; a watchdog kills it with the command."""
+    store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    env = {**ops_env, "MLFLOW_TRACKING_URI": store}  # no PREFECT_API_URL: the temporary server
+    runs = Runs(store)
+    sweep = start_sweep(env, "kill9-temporary", "--no-local-server")
+    wait_for(lambda: "RUNNING" in runs.statuses("kill9-temporary"), 240, "a trial in progress")
+    started = processes_in_group(sweep.pid)
+    assert len(started) > 2  # the command, Prefect's temporary server and the trial workers
+    os.kill(sweep.pid, signal.SIGKILL)
+    sweep.wait(10)
+    wait_for(lambda: not processes_in_group(sweep.pid), 15, "Prefect's temporary server and the workers gone")
+
+
 def test_the_same_sweep_name_twice_at_once_the_second_refuses_and_the_first_finishes(sqlite_env):
     env, store = sqlite_env
     runs = Runs(store)
