@@ -16,7 +16,6 @@ overwritten refuses. A process paused longer than the lease (``TTL_S``) loses it
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -24,7 +23,7 @@ from ..tracking import Run, RunRecord, TrackingUnavailableError, liveness
 
 # One of liveness.CLAIMS: a later run in the experiment repairs a sweep whose process died.
 TAG_OWNER, TAG_EXPIRES = liveness.CLAIMS[1]
-TTL_S = 60.0
+TTL_S = liveness.TTL_S
 # Also how soon a sweep whose trials are busy training notices that its tracking store went away.
 RENEW_S = 5.0
 # How long a claim waits before reading itself back: longer than two racing claims take to write.
@@ -79,23 +78,9 @@ def held(run: Run, owner: str, on_lost: Callable[[BaseException], None] | None =
     on_lost: told, once, when a renewal finds the tracking store gone (TrackingUnavailableError, after
     its wait): the sweep stops then, even while no trial is talking to the store.
     """
-    done = threading.Event()
-
-    def renew() -> None:
-        while not done.wait(RENEW_S):
-            try:
-                run.set_tags(lease_tags(owner))
-            except TrackingUnavailableError as exc:
-                if on_lost is not None:
-                    on_lost(exc)
-                    return
-
-    heartbeat = threading.Thread(target=renew, name=f"lease-{run.id[:8]}", daemon=True)
-    heartbeat.start()
     try:
-        yield
+        with liveness.renewed(run, owner, (TAG_OWNER, TAG_EXPIRES), every_s=RENEW_S, on_lost=on_lost):
+            yield
     finally:
-        done.set()
-        heartbeat.join()
         with contextlib.suppress(TrackingUnavailableError):
             run.set_tags({TAG_EXPIRES: "0"})

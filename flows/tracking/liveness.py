@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .names import RUNNING, RunRecord
 
@@ -90,17 +90,26 @@ def abandoned(record: RunRecord) -> str | None:
 
 
 @contextlib.contextmanager
-def renewed(run, owner: str, tags: tuple[str, str] = CLAIMS[0]) -> Iterator[None]:
-    """Renew the run's claim every RENEW_S seconds while the block runs (a store that stops answering only
-    lets it lapse: the run's own calls report that)."""
+def renewed(run, owner: str, tags: tuple[str, str] = CLAIMS[0], every_s: float | None = None,
+            on_lost: Callable[[BaseException], None] | None = None) -> Iterator[None]:
+    """Renew the run's claim every every_s seconds (RENEW_S) while the block runs.
+
+    on_lost: told, once, when a renewal finds the tracking store gone (TrackingUnavailableError, after its
+    wait), and the renewals stop; without it, a store that stops answering only lets the claim lapse (the
+    run's own calls report that).
+    """
     from .patience import TrackingUnavailableError
 
     done = threading.Event()
 
     def renew() -> None:
-        while not done.wait(RENEW_S):
-            with contextlib.suppress(TrackingUnavailableError):
+        while not done.wait(RENEW_S if every_s is None else every_s):
+            try:
                 run.set_tags(claim_tags(owner, tags=tags))
+            except TrackingUnavailableError as exc:
+                if on_lost is not None:
+                    on_lost(exc)
+                    return
 
     heartbeat = threading.Thread(target=renew, name=f"claim-{run.id[:8]}", daemon=True)
     heartbeat.start()
