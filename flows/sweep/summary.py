@@ -16,6 +16,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from .. import prefect_watch
 from ..config import SweepSpec
 from ..figures import sweep_comparison_figure
 from ..provenance import provenance
@@ -92,8 +93,8 @@ def publish_comparison(parent: Run, spec: SweepSpec, results: list[TrialResult])
     markdown artifact (a study publishes its report instead)."""
     table = comparison_table(spec, results)
     parent.log_table(table, "comparison")
-    create_markdown_artifact(comparison_markdown(table, spec, best_trial(results), parent.url),
-                             key=artifact_key(f"sweep-{spec.name}"), description=f"What sweep {spec.name} found")
+    prefect_watch.optional(create_markdown_artifact, comparison_markdown(table, spec, best_trial(results), parent.url),
+                           key=artifact_key(f"sweep-{spec.name}"), description=f"What sweep {spec.name} found")
     return table
 
 
@@ -160,6 +161,6 @@ def write_study_report(parent: Run, spec: SweepSpec, results: list[TrialResult],
     for name, figure in study.figures.items():
         parent.log_figure(figure, f"study/{name}.png")
     parent.log_text(study.markdown, "study/report.md")
-    create_markdown_artifact(study.markdown + f"\n\nMLflow: {parent.url}", key=artifact_key(f"study-{spec.name}"),
-                             description=f"The study's report: sweep {spec.name}")
+    prefect_watch.optional(create_markdown_artifact, study.markdown + f"\n\nMLflow: {parent.url}",
+                           key=artifact_key(f"study-{spec.name}"), description=f"The study's report: sweep {spec.name}")
     return study

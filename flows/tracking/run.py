@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .. import credentials
+from .. import credentials, prefect_watch
 from ..shutdown import interruption
 from .patience import TrackingUnavailableError, mark_down, patient
 from .names import (FAILED, FINISHED, KILLED, MAX_TAG_CHARS, MLFLOW_DATASET_CONTEXT, RUNNING,
@@ -93,12 +93,14 @@ class Run:
 
     @patient
     def fail(self, exc: BaseException) -> None:
-        """FAILED, or KILLED for an interrupt (a signal), with a failure_reason tag and the traceback."""
+        """FAILED, or KILLED when the work was stopped (a signal; a reason whose stops_work is true, as a lost
+        Prefect server's), with a failure_reason tag and the traceback."""
         interrupted = interruption(exc)
         self._client.set_tag(self.id, TAG_FAILURE_REASON, failure_reason(interrupted or exc))
         self._client.log_text(self.id, credentials.mask("".join(traceback.format_exception(exc))),
                               "failure/traceback.txt")
-        self._client.set_terminated(self.id, KILLED if interrupted else FAILED)
+        stopped = interrupted is not None or getattr(exc, "stops_work", False)
+        self._client.set_terminated(self.id, KILLED if stopped else FAILED)
 
     @patient
     def reopen(self) -> None:
@@ -264,7 +266,8 @@ class Run:
         from prefect.artifacts import create_link_artifact
         from prefect.runtime import flow_run
 
-        create_link_artifact(
+        prefect_watch.optional(  # a lost Prefect server must not fail a run MLflow records
+            create_link_artifact,
             link=self.url,
             link_text=f"MLflow run {name}",
             key=f"mlflow-{flow_run.flow_name or 'run'}".lower().replace("_", "-"),

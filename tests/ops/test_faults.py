@@ -9,6 +9,7 @@ own so that the whole tree of processes it started can be found by its group id.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -159,6 +160,46 @@ def test_a_train_run_killed_with_9_is_repaired_by_the_next_run_in_its_experiment
     assert repaired.data.tags["failure_reason"].startswith(f"the process that ran it (pid {killed.pid} on ")
     assert "marked 1 run KILLED that a process which no longer runs had left RUNNING: killed" in done.stderr
     assert not [r for r in runs.all() if r.info.status == "RUNNING"]
+
+
+def test_the_local_prefect_server_lost_mid_sweep_stops_it_in_one_line_and_a_rerun_finishes_it(tmp_path, ops_env):
+    """Prefect's loss, not MLflow's: within CNNCORE_PREFECT_WAIT_S the sweep stops as for a signal (trials in
+    progress KILLED, finished ones kept), says which server in one line, and leaves no process; once the server
+    is started again, the same command resumes the sweep to FINISHED, without the stale failure reason."""
+    store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    env = {**ops_env, "MLFLOW_TRACKING_URI": store, "CNNCORE_SERVER_HOME": str(tmp_path / "server"),
+           "CNNCORE_PREFECT_WAIT_S": "10"}  # no PREFECT_API_URL: cnnflow's local Prefect server
+    runs = Runs(store)
+    server = subprocess.run([str(CNNFLOW), "server", "start"], env=env, capture_output=True, text=True, timeout=300)
+    assert server.returncode == 0, server.stderr
+    try:
+        sweep = start_sweep(env, "prefect-lost")
+        wait_for(lambda: "FINISHED" in runs.statuses("prefect-lost") and "RUNNING" in runs.statuses("prefect-lost"),
+                 240, "a trial finished and another in progress")
+        state = json.loads((tmp_path / "server" / "server.json").read_text())
+        os.killpg(state["pid"], signal.SIGKILL)
+        gone = time.monotonic()
+        code, stderr = finish(sweep, 180)
+        took = time.monotonic() - gone
+        print(f"lost local Prefect server: the sweep ended {took:.1f} s after it went (wait 10 s)")
+        assert code == 1
+        error_lines = [line for line in stderr.splitlines() if line.startswith("error:") or "| ERROR" in line]
+        assert len(error_lines) == 1 and error_lines[0].startswith("error: the local Prefect server at http://127.0.0.1:")
+        assert "stopped answering at" in error_lines[0] and "$CNNCORE_PREFECT_WAIT_S): the flow stopped there" in \
+            error_lines[0]
+        assert took < 10 + 45  # the wait, a worker's stop, the exit: not Prefect's minutes of retries
+        wait_for(lambda: not processes_in_group(sweep.pid), 10, "the sweep's worker processes gone")
+        statuses = runs.statuses("prefect-lost")
+        assert "FINISHED" in statuses and set(statuses) <= {"FINISHED", "KILLED"}
+        parent = runs.parent("prefect-lost")
+        assert parent.info.status == "KILLED"
+        assert parent.data.tags["failure_reason"].startswith("PrefectServerLostError: the local Prefect server at")
+
+        finished = {r.info.run_id: r.info.status for r in runs.children("prefect-lost") if r.info.status == "FINISHED"}
+        assert_resume_finishes(env, runs, "prefect-lost", finished)  # starts the local server again
+        assert "failure_reason" not in runs.parent("prefect-lost").data.tags
+    finally:
+        subprocess.run([str(CNNFLOW), "server", "stop"], env=env, capture_output=True, timeout=120)
 
 
 def test_kill_9_with_no_local_server_takes_prefects_temporary_server_along(tmp_path, ops_env):
