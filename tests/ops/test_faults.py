@@ -202,6 +202,58 @@ def test_the_local_prefect_server_lost_mid_sweep_stops_it_in_one_line_and_a_reru
         subprocess.run([str(CNNFLOW), "server", "stop"], env=env, capture_output=True, timeout=120)
 
 
+@contextlib.contextmanager
+def small_disk(folder: Path, size: str):
+    """folder as a tmpfs of the given size (root only, where mounts are allowed; else the test skips)."""
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True,
+                          text=True) if os.geteuid() == 0 else None
+    if done is None or done.returncode != 0:
+        pytest.skip(f"a small disk needs a tmpfs mount (as root): {done.stderr.strip() if done else 'not root'}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_naming_the_store_with_the_parent_marked_and_a_rerun_resumes(tmp_path, ops_env,
+                                                                                           prefect_server):
+    disk = tmp_path / "disk"
+    store = f"sqlite:///{disk / 'mlruns' / 'mlflow.db'}"
+    env = {**ops_env, "PREFECT_API_URL": prefect_server, "MLFLOW_TRACKING_URI": store}
+    # The empty store takes about 950 KiB and its reserve 256 KiB: room for a few trials, not for 12.
+    with small_disk(disk, "1600k"):
+        runs = Runs(store)
+        name = "disk-full"
+        sweep = subprocess.Popen([str(CNNFLOW), "run", "sweep", "--name", name, "--experiment", "faults", "--space",
+                                  "train_seed=" + ",".join(map(str, range(12))), "--num-train", "300",
+                                  "--num-epochs", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, start_new_session=True)
+        code, stderr = finish(sweep, 600)
+        assert code == 1
+        last = stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: the MLflow store {store} is full: database or disk is full (") and \
+            last.endswith("Free space there and rerun the command: a sweep resumes from its finished trials"), stderr
+        assert "Traceback" not in stderr and len(stderr.splitlines()) < 60, stderr[-3000:]  # was 1,524 lines
+        wait_for(lambda: not processes_in_group(sweep.pid), 10, "the sweep's worker processes gone")
+        parent = runs.parent(name)
+        assert parent.info.status == "FAILED"  # marked, though the disk is full: its reserve was given back
+        assert not (disk / "mlruns" / "mlflow.db.reserve").exists()
+        finished = {r.info.run_id: r.info.status for r in runs.children(name) if r.info.status == "FINISHED"}
+        assert finished
+
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)  # space freed
+        code, stderr = finish(subprocess.Popen([str(CNNFLOW), "run", "sweep", "--name", name, "--experiment", "faults",
+                                                "--space", "train_seed=" + ",".join(map(str, range(12))),
+                                                "--num-train", "300", "--num-epochs", "2"], env=env,
+                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), 900)
+        assert code == 0, stderr[-2000:]
+        assert runs.statuses(name) == ["FINISHED"] * 12
+        assert set(finished) <= {r.info.run_id for r in runs.children(name)}
+        assert runs.parent(name).info.status == "FINISHED" and "failure_reason" not in runs.parent(name).data.tags
+        assert (disk / "mlruns" / "mlflow.db.reserve").stat().st_size == 256 * 1024  # kept again
+
+
 def test_kill_9_with_no_local_server_takes_prefects_temporary_server_along(tmp_path, ops_env):
     """Prefect's temporary server runs in the command's own process group; a watchdog kills it with the command."""
     store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
