@@ -122,7 +122,7 @@ def run_tests(clone: Clone, tests: tuple[str, ...], slow: bool, timeout_s: float
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", default=[], help="run the mutations whose id starts with one of these")
     parser.add_argument("--file", nargs="*", default=[], help="run the mutations of files under these paths")
