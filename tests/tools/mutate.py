@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -116,8 +117,9 @@ def run_tests(clone: Clone, tests: tuple[str, ...], slow: bool, timeout_s: float
     seconds = time.monotonic() - started
     if process.returncode == 0:
         return "passed", seconds, ""
-    failed = [line.removeprefix("FAILED ").split(" - ")[0] for line in output.splitlines()
-              if line.startswith(("FAILED ", "ERROR "))]
+    # pytest's summary lines ("FAILED tests/x.py::test - reason"), not captured log lines ("ERROR    prefect...").
+    failed = [line.split(" ", 1)[1].split(" - ")[0] for line in output.splitlines()
+              if re.match(r"(FAILED|ERROR) \S+::", line) or re.match(r"ERROR \S+\.py\b", line)]
     return "failed", seconds, failed[0] if failed else output.strip().splitlines()[-1] if output.strip() else ""
 
 

@@ -185,7 +185,7 @@ MUTATIONS: list[Mutation] = [
       "the small presets run batch 8 instead of 4"),
     # ------------------------------------------------------------ fresh: the sweep
     M("resume-running-as-finished", "flows/sweep/resume.py",
-      "if record.status == FINISHED:", "if record.status != FAILED:",
+      "if record.status == FINISHED:", 'if record.status != "FAILED":',
       "a trial left RUNNING by an interruption is taken as finished on a resume"),
     M("resume-delete-other", "flows/sweep/resume.py",
       "elif key in keys:", "elif key not in keys:",
