@@ -90,7 +90,7 @@ def _mention_local_prefect_ui() -> None:
 
     local = server_status()
     if local.answering:
-        typer.echo(f"Prefect UI: {local.state.ui_url}  (the local Prefect server; `cnnflow server stop` stops it)")
+        typer.echo(f"Prefect UI: {local.state.runs_url}  (the local Prefect server; `cnnflow server stop` stops it)")
 
 
 @app.command()

@@ -55,19 +55,43 @@ def run_flow(flow, options: list[FlowOption], given: dict[str, Any]) -> None:
         _check_tracking_server(flow, validated)
         with _prefect_server(flow, given.get("local_server", True)):
             configure_prefect_console(verbose=Settings.verbose, tracebacks=Settings.debug)
-            result = flow(**validated)
+            result, prefect_link = _run_and_link(flow, validated)
         text = render(result, given.get("output") or "table", width=shutil.get_terminal_size((120, 40)).columns,
-                      ui_hint=_ui_hint(validated))
+                      ui_hint=_ui_hint(validated, result), prefect_link=prefect_link)
         if text:
             typer.echo(text)
 
 
-def _ui_hint(params: dict) -> str:
-    """How to open the MLflow UI that a local store's links point at ("" for a tracking server, which serves it)."""
+def _run_and_link(flow, params: dict) -> tuple[Any, str]:
+    """The flow's result, and the link to its flow run in the Prefect UI ("" when the flow run dies with this
+    process: Prefect's temporary server, or not a Prefect flow). The flow's own exception is raised as is."""
+    from prefect import Flow
+    from prefect.settings import get_current_settings
+
+    if not isinstance(flow, Flow):
+        return flow(**params), ""
+    state = flow(**params, return_state=True)
+    result = state.result()
+    ui = get_current_settings().ui_url
+    has_server = bool(get_current_settings().api.url)  # none: Prefect's temporary server, gone with the process
+    link = f"{ui.rstrip('/')}/runs/flow-run/{state.state_details.flow_run_id}" if ui and has_server else ""
+    return result, link
+
+
+def _ui_hint(params: dict, result) -> str:
+    """How to open the MLflow UI that a local store's links point at: "" for a tracking server (which serves
+    it), or when the UI at the links' address already shows the result's run (`cnnflow ui` is up)."""
     from .. import tracking
 
     uri = tracking.resolve_tracking_uri(params.get("tracking_uri"))
-    return "" if tracking.is_server(uri) else f"start it with `{tracking.Store(uri).ui_command()}`"
+    if tracking.is_server(uri):
+        return ""
+    from ..servers import mlflow_ui_shows_run
+
+    run_id = next((getattr(result, a) for a in ("run_id", "parent_run_id") if getattr(result, a, None)), None)
+    if run_id and mlflow_ui_shows_run(tracking.DEFAULT_UI_URL, run_id):
+        return ""
+    return f"start it with `{tracking.Store(uri).ui_command()}`"
 
 
 def _prefect_server(flow, local_server: bool):
