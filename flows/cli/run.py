@@ -18,6 +18,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
+from .. import credentials
 from ..deployments import entrypoint_module, load_entrypoint
 from .console import configure_prefect_console
 from .errors import CliError, Settings, fail, one_line_errors, stopped_by_signals
@@ -52,6 +53,8 @@ def run_flow(flow, options: list[FlowOption], given: dict[str, Any]) -> None:
     with one_line_errors(), stopped_by_signals():
         params = collect_parameters(options, given, given.get("params"))
         validated = validate_parameters(flow, params, options)
+        if validated.get("tracking_uri"):  # the password stays in the environment; the flow run records it masked
+            validated["tracking_uri"] = credentials.masked_for_flow(validated["tracking_uri"])
         _check_tracking_server(flow, validated)
         with _prefect_server(flow, given.get("local_server", True)):
             configure_prefect_console(verbose=Settings.verbose, tracebacks=Settings.debug)
@@ -113,7 +116,7 @@ def _prefect_server(flow, local_server: bool):
 
 
 def _check_tracking_server(flow, params: dict) -> None:
-    """Fail before starting Prefect when the flow would log to a tracking server that does not answer.
+    """Fail before starting Prefect when the flow would log to a tracking server or database that does not answer.
 
     The flow makes the same check itself; doing it here first saves the seconds a
     temporary Prefect server takes to start, only to report the same line.
@@ -123,7 +126,7 @@ def _check_tracking_server(flow, params: dict) -> None:
     from .. import tracking
 
     uri = tracking.resolve_tracking_uri(params.get("tracking_uri"))
-    if tracking.is_server(uri):
+    if tracking.is_server(uri) or tracking.is_database(uri):
         tracking.connect(uri)
 
 
