@@ -12,11 +12,13 @@ import typer
 
 from .. import credentials
 from ..deployments import PREFECT_YAML
+from .completion import CompletionGroup
 from .errors import CliError, Settings, one_line_errors
 from .run import run_app
 from .server import server_app
 
 app = typer.Typer(
+    cls=CompletionGroup,  # --show-completion/--install-completion take the shell's name (completion.py)
     name="cnnflow",
     help="Run, schedule and inspect cnncore's Prefect flows, tracked in MLflow.",
     no_args_is_help=True,
