@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import memory
 from .backend import array_module
 
 
@@ -241,7 +242,9 @@ def conv_forward_inputs(x, w, b, conv_param: dict) -> tuple[int, int, int, int]:
     """Validate every argument of a convolution's forward; return (N, F, H_out, W_out).
 
     x and w must be float32 or float64 arrays, their shapes and conv_param as
-    conv_output_shape requires, and b of shape (F,), one bias per filter.
+    conv_output_shape requires, and b of shape (F,), one bias per filter. The output
+    and the padded input must fit in memory (cnncore.memory): a pad of 10**6 raises
+    MemoryLimitError, a ValueError naming conv_param['pad'], before anything is allocated.
     """
     require_float_array("x", x)
     require_float_array("w", w)
@@ -249,6 +252,12 @@ def conv_forward_inputs(x, w, b, conv_param: dict) -> tuple[int, int, int, int]:
     F = shape[1]
     if tuple(b.shape) != (F,):
         raise ValueError(f"b must have shape ({F},) to match w's {F} filters, got {tuple(b.shape)}")
+    # The output and the padded input: a pad of 10**6 would ask for terabytes before any work.
+    N, C, H, W = x.shape
+    pad = conv_param["pad"]
+    memory.require_fits(x.dtype.itemsize * (math.prod(shape) + N * C * (H + 2 * pad) * (W + 2 * pad)),
+                        f"a convolution of x {tuple(x.shape)} by w {tuple(w.shape)} with conv_param['pad'] = {pad} "
+                        f"(output {shape})")
     return shape
 
 

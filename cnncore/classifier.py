@@ -41,8 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, checks, npz_io
-from .backend import require_device, to_numpy
+from . import checkpoint, checks, memory, npz_io
+from .backend import array_module, require_device, to_numpy
 from .layers import softmax_loss
 
 MODEL_MODULES = ("cnncore.cnn", "cnncore.fc_net", "cnncore.resnet")  # imported by load_model, to know every model class
@@ -166,11 +166,29 @@ class Classifier:
         return self._norm_inputs(X, mode, self._with_mode(self._own_or(bn_params), mode), count)
 
     def predict(self, X, batch_size: int = 500) -> np.ndarray:
-        """Predicted class labels (N,) as a NumPy int64 array, computed in batches in test mode."""
+        """Predicted class labels (N,) as a NumPy int64 array, computed in batches in test mode.
+
+        Raises ValueError when X holds NaN or inf: its scores would be NaN, and argmax
+        would call every such image class 0.
+        """
         checks.require_positive_int("batch_size", batch_size)
-        labels = [to_numpy(self.xp.argmax(self.loss(X[i : i + batch_size]), axis=1))
+        labels = [to_numpy(self.xp.argmax(self.loss(self._finite(X[i : i + batch_size], i)), axis=1))
                   for i in range(0, len(X), batch_size)]
         return np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, dtype=np.int64)
+
+    @staticmethod
+    def _finite(X, offset: int):
+        """X unchanged, or ValueError naming the first image (offset + its index) that holds NaN or inf.
+
+        Only float arrays are looked at; loss() refuses every other input itself.
+        """
+        if getattr(X, "dtype", None) is not None and X.dtype.kind == "f" and X.ndim:
+            finite = array_module(X).isfinite(X.reshape(len(X), -1)).all(axis=1)
+            if not bool(finite.all()):
+                first = offset + int(to_numpy(finite).argmin())
+                raise checks.NonFiniteError(f"X must be finite, but image {first} holds NaN or inf "
+                                            "(its scores would be NaN, and argmax would call it class 0)")
+        return X
 
     def copy_bn_params(self) -> list:
         """Deep copies of bn_params, to compute with without touching the model."""
@@ -349,6 +367,13 @@ def _build(path, classes: dict, config: dict, state: dict, device: str) -> Class
     name = kwargs.pop("model", LEGACY_MODEL)
     if name not in classes:
         raise ValueError(f"model file {path} names an unknown model {name!r}; known: {sorted(classes)}")
+    # Before building: a config edited (or damaged) to num_filters=10**9 would otherwise allocate
+    # hundreds of GiB of weights before load_state_dict could say that they do not fit the file's arrays.
+    needed = memory.construction_bytes(config)
+    if needed is not None:
+        sizes = ", ".join(f"{k}={config[k]}" for k in ("input_dim", "num_filters", "filter_size", "hidden_dim",
+                                                         "hidden_dims") if k in config)
+        memory.require_fits(needed, f"model file {path}: its config ({sizes}) describes a {name} that")
     try:
         model = classes[name](**kwargs, device=device)
     except (TypeError, ValueError) as exc:

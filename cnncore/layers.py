@@ -87,6 +87,8 @@ def relu_backward(dout, cache):
 def _check_loss_inputs(x, y):
     checks.require_float_array("x", x)
     checks.require_ndim("x", x, 2, "(N, C) class scores")
+    if x.shape[0] == 0:  # the loss is a mean over the batch: of nothing, it would be NaN
+        raise ValueError(f"x must hold at least one row of scores, got an empty batch of shape {tuple(x.shape)}")
     checks.require_labels(y, x.shape[0], x.shape[1])
     checks.require_finite("x", x)
 
@@ -94,7 +96,7 @@ def _check_loss_inputs(x, y):
 def softmax_loss(x, y):
     """Softmax (cross-entropy) loss averaged over the batch.
 
-    x: (N, C) scores; y: (N,) integer labels in [0, C).
+    x: (N, C) scores, N >= 1; y: (N,) integer labels in [0, C).
     Returns (loss, dx): loss a scalar of x's dtype, dx (N, C) the gradient of the loss.
     """
     _check_loss_inputs(x, y)
@@ -113,7 +115,7 @@ def softmax_loss(x, y):
 def svm_loss(x, y):
     """Multiclass SVM (hinge) loss with margin 1, averaged over the batch.
 
-    x: (N, C) scores; y: (N,) integer labels in [0, C).
+    x: (N, C) scores, N >= 1; y: (N,) integer labels in [0, C).
     Returns (loss, dx): loss a scalar of x's dtype, dx (N, C).
     """
     _check_loss_inputs(x, y)

@@ -24,6 +24,8 @@ from cnncore.resnet import stage_maps
 from cnncore.data import IMAGE_SHAPES, KNOWN_DATASETS
 from cnncore.optim import UPDATE_RULES
 
+from . import bounds
+
 DatasetName = Literal[KNOWN_DATASETS]
 Normalization = Literal[NORMALIZATIONS]
 UpdateRule = Literal[tuple(UPDATE_RULES)]
@@ -59,6 +61,11 @@ class _Subsets(_Frozen):
     num_val: PositiveInt | None = Field(
         None, description="Validation images to use (a seeded subset); the loader's split when unset.")
     num_test: PositiveInt | None = Field(None, description="Test images to use (a seeded subset); all when unset.")
+
+    @model_validator(mode="after")
+    def _counts_within_data(self) -> _Subsets:
+        bounds.require_counts_within_data(self.dataset, self.num_train, self.num_val, self.num_test)
+        return self
 
 
 class DataSpec(_Subsets):
@@ -214,6 +221,16 @@ class TrainConfig(_Subsets):
         h, w, _ = block_maps(height, width, self.depth)[-1]
         return f"block {self.depth}'s {h}x{w} maps", h * w
 
+    @model_validator(mode="after")
+    def _within_bounds(self) -> TrainConfig:
+        """batch_size within the training images, one training step within memory (flows.bounds)."""
+        train = bounds.require_counts_within_data(self.dataset, self.num_train, self.num_val, self.num_test)
+        if self.batch_size > train:
+            raise ValueError(f"batch_size={self.batch_size:,} is more than the {train:,} training images "
+                             f"({'num_train' if self.num_train else 'the ' + self.dataset + ' training split'}); at most {train:,}")
+        bounds.require_fits_in_memory(self)
+        return self
+
     def data_spec(self) -> DataSpec:
         return DataSpec(dataset=self.dataset, num_train=self.num_train, num_val=self.num_val,
                         num_test=self.num_test, dtype=self.dtype, data_seed=self.data_seed)
@@ -299,6 +316,10 @@ class SweepSpec(_Frozen):
     study: Literal["bn-vs-gn"] | None = Field(
         None, description="Write this study's table, figure and report on the sweep's parent run "
                           "(bn-vs-gn: the Group Normalization paper's batch-size comparison).")
+    max_trials: PositiveInt = Field(
+        bounds.MAX_TRIALS, description="Refuse a search of more trials than this (a grid: the product of its lists' "
+                                       "lengths; a random search: num_trials), counted before any trial is built; "
+                                       "raise it for a bigger search.")
     _trials: tuple[str, list[TrainConfig]] | None = PrivateAttr(default=None)  # (fingerprint, trials)
 
     @model_validator(mode="after")
@@ -320,6 +341,9 @@ class SweepSpec(_Frozen):
                 raise ValueError("num_trials is for random search; a grid runs every combination")
         elif self.num_trials is None:
             raise ValueError("a random search needs num_trials")
+        # Counted, not built: a 10**6-trial grid would take minutes and gigabytes to refuse otherwise.
+        bounds.require_trials_within(bounds.count_trials(self.space, self.search, self.num_trials), self.max_trials,
+                                     self.search, self.space)
         self.trials()  # every trial configuration must validate now, not mid-sweep
         return self
 

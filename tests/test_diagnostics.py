@@ -122,8 +122,46 @@ def test_batch_norm_whose_running_statistics_are_its_only_batchs_has_equal_train
     net.bn_params[0]["running_mean"], net.bn_params[0]["running_var"] = X.mean(axis=0), X.var(axis=0)
     errors = diagnostics.train_test_error(net, X, y, batch_size=40)
     assert errors["train_mode_error"] == errors["test_mode_error"]
+    # Not equal by construction: with running statistics that are not the batch's, test mode scores otherwise.
+    net.bn_params[0]["running_mean"] = X.mean(axis=0) + 3 * X.std(axis=0)
+    shifted = diagnostics.train_test_error(net, X, y, batch_size=40)
+    assert shifted["train_mode_error"] == errors["train_mode_error"] != shifted["test_mode_error"]
     # In batches of 4 the batch statistics differ from the running ones, and so do the scores.
     assert not np.allclose(net.scores(X[:4], "train"), net.scores(X[:4], "test"))
+
+
+def test_train_mode_scores_each_batch_with_its_own_statistics_and_test_mode_with_the_running_ones():
+    """Running statistics far from the data's (zero mean, unit variance for features of mean 3 and sd 2): in
+    one batch of every image, train mode is the net normalising with the whole set's statistics, test mode
+    the net as predict() scores it, and the two disagree."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((60, 16)) * 2 + 3
+    net = identity_fc_net()
+    net.bn_params[0]["running_mean"], net.bn_params[0]["running_var"] = np.zeros(16), np.ones(16)
+    train_labels = net.scores(X, "train").argmax(axis=1)
+    test_labels = net.predict(X)
+    y = train_labels.copy()
+    y[:6] = (y[:6] + 1) % 3  # 6 of 60 wrong in train mode, whatever test mode says
+    errors = diagnostics.train_test_error(net, X, y, batch_size=60)
+    assert errors["train_mode_error"] == pytest.approx(6 / 60)
+    assert errors["test_mode_error"] == pytest.approx(np.mean(test_labels != y))
+    assert np.mean(test_labels != train_labels) > 0.1  # the two modes really do score differently here
+    assert errors["test_mode_error"] != pytest.approx(errors["train_mode_error"])
+
+
+def test_train_mode_error_counts_every_image_once_in_batches_of_the_training_size():
+    """53 images in batches of 4: the last batch is filled from the start, and those images are not
+    counted twice. With batch norm's statistics in train mode taken per batch, each image's label
+    depends on its batch; with a group-kind norm it does not, so the train-mode error is the test
+    mode's exactly, and a count off by the refilled images would show."""
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((53, 16)) * 2 + 3
+    net = identity_fc_net("layernorm")
+    y = rng.integers(0, 3, 53)
+    errors = diagnostics.train_test_error(net, X, y, batch_size=4)
+    expected = np.mean(net.scores(X, "train").argmax(axis=1) != y)
+    assert errors["train_mode_error"] == pytest.approx(expected) and 0 < expected < 1
+    assert errors["test_mode_error"] == pytest.approx(np.mean(net.predict(X) != y))
 
 
 def test_recomputed_equals_running_when_the_running_statistics_are_the_true_ones():
