@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from datetime import datetime, timezone
+from datetime import timezone
 from typing import Literal
 
 from prefect import flow
+from prefect.runtime import flow_run
 from pydantic import PositiveInt
 
 from ..config import SweepSpec
 from ..load_data import load_data_once, load_dataset, log_dataset
-from ..progress import say
+from ..progress import record, say
 from ..study import PRESETS, preset_spec
 from ..tracking import connect
 from . import lease
@@ -25,7 +27,26 @@ STUDY_TITLE = "Test error (%) of the final model: mean and 95% CI over seeds (th
 COMPARISON_TITLE = "Test error (%) of the best-validation nets: mean and 95% CI over seeds"
 
 
-@flow(name="sweep", flow_run_name="sweep-{spec.name}", log_prints=True)
+def resolved_spec(spec: SweepSpec, preset: str | None, resume: bool) -> SweepSpec:
+    """The sweep that runs: preset's design when one is named (called spec.name when that is not the default),
+    its name dated <name>-<UTC date and time of the flow run's start> when not resuming."""
+    if preset is not None:
+        named = spec.name != SweepSpec.model_fields["name"].default
+        spec = preset_spec(preset, dataset=spec.base.dataset, **({"name": spec.name} if named else {}))
+    if not resume:
+        started = flow_run.scheduled_start_time.astimezone(timezone.utc)  # now, outside a flow run
+        spec = spec.model_copy(update={"name": f"{spec.name}-{started:%Y%m%d-%H%M%S}"})
+    return spec
+
+
+def sweep_flow_run_name() -> str:
+    """sweep-<the name the sweep runs under>, so that two sweeps' flow runs (two presets, two dated runs)
+    are told apart in Prefect's UI."""
+    given = {"spec": SweepSpec(), "preset": None, "resume": True, **flow_run.parameters}
+    return f"sweep-{resolved_spec(SweepSpec.model_validate(given['spec']), given['preset'], given['resume']).name}"
+
+
+@flow(name="sweep", flow_run_name=sweep_flow_run_name, log_prints=True)
 def sweep(
     spec: SweepSpec = SweepSpec(),
     experiment: str = "cnncore-sweeps",
@@ -60,11 +81,7 @@ def sweep(
         system_metrics: Record the machine's CPU, memory and disk use in the sweep's parent run.
     """
     start = time.perf_counter()
-    if preset is not None:
-        named = spec.name != SweepSpec.model_fields["name"].default
-        spec = preset_spec(preset, dataset=spec.base.dataset, **({"name": spec.name} if named else {}))
-    if not resume:
-        spec = spec.model_copy(update={"name": f"{spec.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"})
+    spec = resolved_spec(spec, preset, resume)
     trials = spec.trials()
     store = connect(tracking_uri)
     owner = lease.new_owner()
@@ -103,6 +120,6 @@ def sweep(
                          best=best_trial(results), wall_time_s=time.perf_counter() - start, study_report=report_text,
                          comparison_title=title, answer=answer,
                          comparison=[] if comparison is None else comparison.to_dict("records"))
-    for r in report.failed:
-        say(f"FAILED {r.run_name}: {r.failure_reason}")
+    for r in report.failed:  # in the run's logs; the console had each trial's progress line, and `cnnflow` lists them
+        record(f"FAILED {r.run_name}: {r.failure_reason}", logging.WARNING)
     return report
