@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -54,10 +55,13 @@ def ui(
              "else the project's sqlite store (mlruns/mlflow.db).")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the UI to answer.")] = 90.0,
 ):
-    """Start the MLflow UI on 127.0.0.1 for the project's store, print its address, and keep it up until Ctrl-C."""
+    """Start the MLflow UI on 127.0.0.1 for the project's store, print its address, and keep it up until Ctrl-C.
+
+    Stopped by a signal, it stops its server and exits 128 + the signal's number (Ctrl-C 130, SIGTERM 143).
+    """
     with one_line_errors():
         from .. import tracking
-        from ..shutdown import termination_as_interrupt
+        from ..shutdown import interruption, termination_as_interrupt
         from ..servers import background_server, free_port, mlflow_server_command, port_is_taken
 
         uri = tracking.resolve_tracking_uri(backend_store_uri)  # a masked password put back from the environment
@@ -83,7 +87,9 @@ def ui(
                 code = process.wait()
                 raise CliError(f"the MLflow UI exited with code {code}")
         except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP: the server is stopped on the way out
-            typer.echo(f"{exc or 'stopped'}: the MLflow UI is stopped", err=True)
+            stopped = interruption(exc)
+            typer.echo(f"{stopped}: the MLflow UI is stopped", err=True)
+            raise typer.Exit(128 + signal.Signals[stopped.signal_name].value) from None  # 130, 143, 129
 
 
 def _mention_local_prefect_ui() -> None:

@@ -7,6 +7,7 @@ reports under docs/studies/ were made.
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,8 +20,13 @@ KEPT = (".md", ".png", ".csv")  # the MLflow-table copies (.json) of the CSVs st
 def find_study(tracking_uri: str | None, name: str, experiments: list[str] | None):
     """The most recent parent run of the sweep called name that holds a study report."""
     from .. import tracking
+    from ..config import SweepSpec
 
-    store = tracking.connect(tracking_uri)
+    pattern = next(m.pattern for m in SweepSpec.model_fields["name"].metadata if getattr(m, "pattern", None))
+    if not re.fullmatch(pattern, name):
+        raise CliError(f"{name!r} is not a sweep name (letters, digits, '_', '.' and '-', starting with a letter "
+                       "or a digit); `cnnflow runs` lists the runs and their sweeps", 2)
+    store = tracking.connect(tracking_uri, read_only=True)
     ids = list(store.experiment_names(experiments)) if experiments else None
     record = store.latest_run({"sweep_name": name, "sweep_role": "parent"}, ids)
     if record is None:

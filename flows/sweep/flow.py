@@ -15,13 +15,26 @@ from ..config import SweepSpec
 from ..load_data import load_data_once, load_dataset, log_dataset
 from ..progress import record, say
 from ..study import PRESETS, preset_spec
-from ..tracking import connect
+from ..tracking import FINISHED, connect
 from . import lease
 from .executors import run_trials
 from .results import SweepReport, TrialResult, best_trial
 from .resume import find_finished_trials, open_sweep_run, skipped_trial
 
-__all__ = ["SweepReport", "TrialResult", "sweep"]
+__all__ = ["NoTrialFinishedError", "SweepReport", "TrialResult", "sweep"]
+
+
+class NoTrialFinishedError(RuntimeError):
+    """A sweep whose every trial failed: there is no comparison to publish."""
+
+    exit_code = 1
+
+    def __init__(self, name: str, results: list[TrialResult]):
+        reasons = dict.fromkeys(r.failure_reason or "no reason recorded" for r in results)
+        first = next(iter(reasons), "")
+        more = f" (and {len(reasons) - 1} other reasons)" if len(reasons) > 1 else ""
+        super().__init__(f"sweep {name}: none of its {len(results)} trials finished, so there is nothing to compare; "
+                         f"they failed with {first}{more}. The summary on the sweep's parent run lists each trial")
 
 STUDY_TITLE = "Test error (%) of the final model: mean and 95% CI over seeds (the study's table)"
 COMPARISON_TITLE = "Test error (%) of the best-validation nets: mean and 95% CI over seeds"
@@ -61,7 +74,8 @@ def sweep(
 ) -> SweepReport:
     """Run every trial of spec, skipping those finished by an earlier run of the same sweep name.
 
-    Failed trials are in the returned SweepReport, not raised.
+    Failed trials are in the returned SweepReport, not raised; a sweep in which no trial
+    finished has nothing to compare, and raises NoTrialFinishedError (its parent run FAILED).
 
     Args:
         spec: The sweep: a grid or seeded random search over TrainConfig fields.
@@ -103,7 +117,9 @@ def sweep(
         # Imported here: the summary's pandas, scipy and matplotlib would slow `cnnflow run sweep --help`.
         from .summary import publish_comparison, summarise_sweep, write_study_report
 
-        summarise_sweep(parent, spec, results)
+        summarise_sweep(parent, spec, results)  # the summary table says which trials failed, and why
+        if not any(r.status == FINISHED for r in results):
+            raise NoTrialFinishedError(spec.name, results)
         if spec.study:
             # The design paragraph counts updates per batch size from the training split's size.
             num_train = len(load_data_once(spec.base.data_spec())["y_train"])

@@ -97,9 +97,12 @@ class Run:
 
     @patient
     def reopen(self) -> None:
-        """Set the run back to RUNNING (resuming it) and retag it with the current flow run."""
+        """Set the run back to RUNNING (resuming it), retag it with the current flow run, and drop the reason
+        an earlier attempt failed (a finished run must not keep saying it failed)."""
         self._client.update_run(self.id, status=RUNNING)
         self.set_tags(prefect_tags())
+        if TAG_FAILURE_REASON in self._client.get_run(self.id).data.tags:
+            self._client.delete_tag(self.id, TAG_FAILURE_REASON)
 
     @patient
     def delete(self) -> None:

@@ -248,7 +248,8 @@ def start_ui(tmp_path, ops_env) -> tuple[subprocess.Popen, int]:
 def test_ui_stops_its_server_on_sigterm_and_sighup(tmp_path, ops_env, sig):
     ui, port = start_ui(tmp_path, ops_env)
     ui.send_signal(sig)
-    assert ui.wait(timeout=30) == 0
+    assert ui.wait(timeout=30) == 128 + sig  # 143 for SIGTERM, 129 for SIGHUP, as every cnnflow command
+    assert ui.stderr.read().strip().splitlines()[-1] == f"stopped by {sig.name}: the MLflow UI is stopped"
     assert not port_is_taken(port)
     assert not processes_in_group(ui.pid)
 
