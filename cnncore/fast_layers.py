@@ -32,8 +32,8 @@ every backward checks that dout has the shape of its forward's output.
 
 from __future__ import annotations
 
-from . import checks, fast_conv
-from .backend import array_module, chunk_bytes
+from . import backend, checks, fast_conv
+from .backend import array_module
 from .fast_norms import (  # noqa: F401  (the norms' twins, re-exported: fast_layers is the fast layers' API)
     batchnorm_backward_fast,
     batchnorm_forward_fast,
@@ -54,17 +54,6 @@ from .fast_norms import (  # noqa: F401  (the norms' twins, re-exported: fast_la
 def _offset_view(a, i, j, stride, Ho, Wo):
     """a[..., i + stride*h, j + stride*w] for h < Ho, w < Wo: a strided view."""
     return a[..., i : i + stride * (Ho - 1) + 1 : stride, j : j + stride * (Wo - 1) + 1 : stride]
-
-
-def _images_per_chunk(N, bytes_per_image, xp):
-    return max(1, min(N, chunk_bytes(xp) // max(bytes_per_image, 1)))
-
-
-def _image_chunks(x, arrays):
-    """Slices of x's batch: chunks of images over which ``arrays`` arrays like x fit in cache."""
-    N = x.shape[0]
-    n = _images_per_chunk(N, arrays * x[:1].nbytes, array_module(x))
-    return [slice(start, min(start + n, N)) for start in range(0, N, n)]
 
 
 def conv_forward_fast(x, w, b, conv_param):
@@ -184,7 +173,7 @@ def _max_pool(x, pool_param):
     shape = checks.pool_output_shape(x, pool_param)
     out = xp.empty(shape, dtype=x.dtype)
     winner = xp.empty(shape, dtype=_winner_dtype(xp, pool_param))
-    for rows in _image_chunks(x, 4):
+    for rows in backend.image_chunks(x, 4):
         _pool_argmax(x[rows], pool_param, out[rows], winner[rows])
     return out, winner
 
@@ -215,7 +204,7 @@ def max_pool_backward_fast(dout, cache):
     if winner is None:
         winner = _max_pool(x, pool_param)[1]
     dx = array_module(x).empty_like(x)
-    for rows in _image_chunks(x, 4):
+    for rows in backend.image_chunks(x, 4):
         _unpool(dout[rows], winner[rows], pool_param, dx[rows])
     return dx
 

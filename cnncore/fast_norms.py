@@ -18,20 +18,9 @@ one step to the next; a small batch is one chunk.
 
 from __future__ import annotations
 
-from . import checks
-from .backend import array_module, chunk_bytes
+from . import backend, checks
+from .backend import array_module
 from .layers import _running_stats, _update_running_stats
-
-
-def _images_per_chunk(N, bytes_per_image, xp):
-    return max(1, min(N, chunk_bytes(xp) // max(bytes_per_image, 1)))
-
-
-def _image_chunks(x, arrays):
-    """Slices of x's batch: chunks of images over which ``arrays`` arrays like x fit in cache."""
-    N = x.shape[0]
-    n = _images_per_chunk(N, arrays * x[:1].nbytes, array_module(x))
-    return [slice(start, min(start + n, N)) for start in range(0, N, n)]
 
 
 def _ones(xp, n, dtype):
@@ -131,7 +120,7 @@ def _channel_affine(x3, scale, offset, out3, more=None):
     terms = [(y, per_channel(v)) for y, v in terms]
     offset = None if offset is None else per_channel(offset)
     buffer = None
-    for rows in _image_chunks(x3, 2 + len(terms)):
+    for rows in backend.image_chunks(x3, 2 + len(terms)):
         o = out3[rows]
         xp.multiply(terms[0][0][rows], of_images(terms[0][1], rows), out=o)
         for y, v in terms[1:]:
@@ -157,7 +146,7 @@ def _channel_mean_var(x3, groups=1):
     N, C, L = x3.shape
     ones = _ones(xp, L, x3.dtype)
     shift = None if x3.dtype.itemsize >= 8 else (x3[0] @ ones) / L
-    chunks = _image_chunks(x3, 2)
+    chunks = backend.image_chunks(x3, 2)
     if len(chunks) == 1:
         s = x3 if shift is None else x3 - shift[:, None]
         sums, squares = s @ ones, _row_dots(s, s)
@@ -234,7 +223,7 @@ def spatial_groupnorm_forward_fast(x, gamma, beta, G, gn_param):
     inv_std = xp.empty((N, G), dtype=x.dtype)
     ones = _ones(xp, L, x.dtype)
     scale, offset = (_over_pixels(v, H * W).reshape(C * H * W) for v in (g, bt))
-    for rows in _image_chunks(x, 3):
+    for rows in backend.image_chunks(x, 3):
         group_rows = x[rows].reshape(-1, L)  # one row per (image, group)
         x_hat_rows = x_hat[rows].reshape(-1, L)
         xp.subtract(group_rows, ((group_rows @ ones) / L)[:, None], out=x_hat_rows)
@@ -272,7 +261,7 @@ def spatial_groupnorm_backward_fast(dout, cache):
     scale = _over_pixels(gC, L).reshape(C * L)
     dx = xp.empty_like(dout)
     buffer = None
-    for rows in _image_chunks(dout, 3):
+    for rows in backend.image_chunks(dout, 3):
         d = dx[rows]
         xp.multiply(dout[rows].reshape(-1, C * L), scale, out=d.reshape(-1, C * L))
         groups = d.reshape(-1, G, per_group * L)

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cnncore import fast_conv, fast_layers, fast_norms, layers
+from cnncore import backend, fast_conv, fast_layers, layers
 from cnncore.backend import CPU_CHUNK_BYTES
 from cnncore.gradient_check import check_layer_gradients
 
@@ -35,9 +35,7 @@ CHUNK_BYTES = st.sampled_from([1, 2048, CPU_CHUNK_BYTES])
 @contextlib.contextmanager
 def _chunks_of(nbytes):
     """Make the fast layers work on chunks of about nbytes (at least one image each)."""
-    with mock.patch.object(fast_layers, "chunk_bytes", lambda xp: nbytes), \
-            mock.patch.object(fast_conv, "chunk_bytes", lambda xp: nbytes), \
-            mock.patch.object(fast_norms, "chunk_bytes", lambda xp: nbytes):
+    with mock.patch.object(backend, "chunk_bytes", lambda xp: nbytes):
         yield
 
 
@@ -383,12 +381,20 @@ def test_batchnorm_fast_matches_naive_output_gradients_running_stats_and_caches(
     out_fast, cache_fast = fast_layers.batchnorm_forward_fast(x, gamma, beta, fast)
     _assert_all_same([out_fast, fast["running_mean"], fast["running_var"]],
                      [out_naive, naive["running_mean"], naive["running_var"]], ["out", "running_mean", "running_var"])
-    dout = np.random.default_rng(14).standard_normal(x.shape)
-    expected = layers.batchnorm_backward_alt(dout, cache_naive)
-    for backward, cache in ((fast_layers.batchnorm_backward_fast, cache_fast),
-                            (fast_layers.batchnorm_backward_fast, cache_naive),
-                            (layers.batchnorm_backward_alt, cache_fast)):
+    _assert_backwards_agree(fast_layers.batchnorm_backward_fast, layers.batchnorm_backward_alt, cache_fast, cache_naive)
+
+
+def _assert_backwards_agree(fast, naive, cache_fast, cache_naive):
+    """The fast and the naive backward give the naive one's gradients from either forward's cache."""
+    dout = np.random.default_rng(14).standard_normal(_rows_of(cache_naive[0]).shape)
+    expected = naive(dout, cache_naive)
+    for backward, cache in ((fast, cache_fast), (fast, cache_naive), (naive, cache_fast)):
         _assert_all_same(backward(dout, cache), expected, [f"{backward.__name__} {g}" for g in ("dx", "dgamma", "dbeta")])
+
+
+def _rows_of(x_hat):
+    """A feature norm's cached x_hat, (N, D) or ghost batch norm's (groups, n, D), as (N, D)."""
+    return x_hat.reshape(-1, x_hat.shape[-1])
 
 
 @FEW
@@ -398,12 +404,7 @@ def test_layernorm_fast_matches_naive_output_gradients_and_caches(case):
     out_naive, cache_naive = layers.layernorm_forward(x, gamma, beta, {})
     out_fast, cache_fast = fast_layers.layernorm_forward_fast(x, gamma, beta, {})
     _assert_same(out_fast, out_naive, "out")
-    dout = np.random.default_rng(15).standard_normal(x.shape)
-    expected = layers.layernorm_backward(dout, cache_naive)
-    for backward, cache in ((fast_layers.layernorm_backward_fast, cache_fast),
-                            (fast_layers.layernorm_backward_fast, cache_naive),
-                            (layers.layernorm_backward, cache_fast)):
-        _assert_all_same(backward(dout, cache), expected, [f"{backward.__name__} {g}" for g in ("dx", "dgamma", "dbeta")])
+    _assert_backwards_agree(fast_layers.layernorm_backward_fast, layers.layernorm_backward, cache_fast, cache_naive)
 
 
 @pytest.mark.parametrize("forward, backward, param", [
