@@ -156,6 +156,21 @@ def chunk_bytes(xp: ModuleType) -> int:
     return CPU_CHUNK_BYTES if xp is np else 1 << 62
 
 
+def images_per_chunk(N: int, bytes_per_image: int, xp: ModuleType) -> int:
+    """How many of N images of bytes_per_image fit in chunk_bytes(xp) (1 to N), spread over
+    chunks of even sizes so that the last chunk is not a sliver."""
+    n = max(1, min(N, chunk_bytes(xp) // max(bytes_per_image, 1)))
+    return -(-N // -(-N // n))
+
+
+def image_chunks(x, arrays: int) -> list[slice]:
+    """Slices of x's batch (axis 0): chunks of images over which ``arrays`` arrays like x fit
+    in chunk_bytes, the fast layers' unit of work."""
+    N = x.shape[0]
+    n = images_per_chunk(N, arrays * x[:1].nbytes, array_module(x))
+    return [slice(start, min(start + n, N)) for start in range(0, N, n)]
+
+
 def strided_view(a, shape: tuple[int, ...], strides: tuple[int, ...]):
     """A view of a's memory with the given shape and strides (bytes), as ``as_strided``.
 

@@ -35,7 +35,8 @@ takes its array module from its inputs.
 
 from __future__ import annotations
 
-from .backend import array_module, chunk_bytes, strided_view
+from . import backend
+from .backend import array_module, strided_view
 
 
 class Geometry:
@@ -89,13 +90,6 @@ def pitched_wins(stride, taps, F) -> bool:
 
 
 PITCHED_MIN_TAPS_PER_FILTER = 2
-
-
-def images_per_chunk(N, bytes_per_image, xp):
-    """How many images of bytes_per_image fit in chunk_bytes(xp) (1 to N), spread over
-    chunks of even sizes so that the last chunk is not a sliver."""
-    n = max(1, min(N, chunk_bytes(xp) // max(bytes_per_image, 1)))
-    return -(-N // -(-N // n))
 
 
 def _chunks(N, n):
@@ -170,7 +164,7 @@ def column_chunks(x, g: Geometry, bias_row: bool, extra_bytes_per_image: int = 0
         yield slice(0, g.N), x.reshape(g.N, g.C, g.positions)
         return
     per_image = ((g.taps + 1) * g.positions + g.C * (g.H + 2 * g.pad_h + 1) * (g.W + 2 * g.pad_w + 1)) * x.itemsize
-    n = images_per_chunk(g.N, per_image + extra_bytes_per_image, xp)
+    n = backend.images_per_chunk(g.N, per_image + extra_bytes_per_image, xp)
     columns = _Columns(g, n, xp, x.dtype, bias_row)
     for rows, _, _ in _chunks(g.N, n):
         yield rows, columns.of(x[rows])
@@ -378,7 +372,7 @@ class _WinogradTiles:
 def _winograd_chunk_size(g: Geometry, xp, itemsize):
     tiles = -(-g.Ho // 2) * -(-g.Wo // 2)
     per_image = (28 * tiles * g.C + 20 * tiles * g.F) * itemsize
-    return images_per_chunk(g.N, per_image, xp)
+    return backend.images_per_chunk(g.N, per_image, xp)
 
 
 def _output_blocks(a, th, tw):

@@ -1,4 +1,5 @@
-"""Vectorised twins of the naive convolution and max pool in ``cnncore.layers``.
+"""Vectorised twins of the naive layers in ``cnncore.layers``: convolution, max pool, and
+(from ``cnncore.fast_norms``) the normalisation layers.
 
 Same arguments, same results (to rounding: 1e-12 relative in float64), and
 caches that either implementation's backward accepts, with no Python loop over
@@ -31,9 +32,18 @@ every backward checks that dout has the shape of its forward's output.
 
 from __future__ import annotations
 
-from . import checks, fast_conv
-from .backend import array_module, chunk_bytes
-from .layers import _running_stats, _update_running_stats
+from . import backend, checks, fast_conv
+from .backend import array_module
+from .fast_norms import (  # noqa: F401  (the norms' twins, re-exported: fast_layers is the fast layers' API)
+    batchnorm_backward_fast,
+    batchnorm_forward_fast,
+    layernorm_backward_fast,
+    layernorm_forward_fast,
+    spatial_batchnorm_backward_fast,
+    spatial_batchnorm_forward_fast,
+    spatial_groupnorm_backward_fast,
+    spatial_groupnorm_forward_fast,
+)
 
 
 # ---------------------------------------------------------------------------
@@ -44,17 +54,6 @@ from .layers import _running_stats, _update_running_stats
 def _offset_view(a, i, j, stride, Ho, Wo):
     """a[..., i + stride*h, j + stride*w] for h < Ho, w < Wo: a strided view."""
     return a[..., i : i + stride * (Ho - 1) + 1 : stride, j : j + stride * (Wo - 1) + 1 : stride]
-
-
-def _images_per_chunk(N, bytes_per_image, xp):
-    return max(1, min(N, chunk_bytes(xp) // max(bytes_per_image, 1)))
-
-
-def _image_chunks(x, arrays):
-    """Slices of x's batch: chunks of images over which ``arrays`` arrays like x fit in cache."""
-    N = x.shape[0]
-    n = _images_per_chunk(N, arrays * x[:1].nbytes, array_module(x))
-    return [slice(start, min(start + n, N)) for start in range(0, N, n)]
 
 
 def conv_forward_fast(x, w, b, conv_param):
@@ -174,7 +173,7 @@ def _max_pool(x, pool_param):
     shape = checks.pool_output_shape(x, pool_param)
     out = xp.empty(shape, dtype=x.dtype)
     winner = xp.empty(shape, dtype=_winner_dtype(xp, pool_param))
-    for rows in _image_chunks(x, 4):
+    for rows in backend.image_chunks(x, 4):
         _pool_argmax(x[rows], pool_param, out[rows], winner[rows])
     return out, winner
 
@@ -205,246 +204,9 @@ def max_pool_backward_fast(dout, cache):
     if winner is None:
         winner = _max_pool(x, pool_param)[1]
     dx = array_module(x).empty_like(x)
-    for rows in _image_chunks(x, 4):
+    for rows in backend.image_chunks(x, 4):
         _unpool(dout[rows], winner[rows], pool_param, dx[rows])
     return dx
-
-
-# ---------------------------------------------------------------------------
-# Spatial normalisation
-# ---------------------------------------------------------------------------
-# Twins of layers.spatial_batchnorm_* and layers.spatial_groupnorm_*: the same
-# arguments and results. Every per-channel or per-group statistic is a
-# reduction along contiguous rows of x viewed (rows, length): a matrix-vector
-# product for sums, an einsum for sums of products; never a transposed copy.
-# The elementwise steps run chunk by chunk of images, so that the few arrays
-# each chunk touches stay in cache from one step to the next.
-
-
-def _row_sums(a):
-    """a (R, L) -> (R,) row sums, as one matrix-vector product."""
-    return a @ array_module(a).ones(a.shape[1], dtype=a.dtype)
-
-
-def _row_dots(a, b):
-    """a, b (R, L) -> (R,): sum(a * b) along each row, without the product array,
-    as R (1, L) @ (L, 1) products (twice as fast as einsum's 'ij,ij->i' in NumPy 2.4)."""
-    return array_module(a).matmul(a[:, None, :], b[:, :, None]).reshape(a.shape[0])
-
-
-def _per_image_channel(rows_reduction, a, *others):
-    """rows_reduction over each (image, channel) row of a (N, C, H, W) (and of
-    the arrays in others, alike): (N, C)."""
-    N, C = a.shape[:2]
-    return rows_reduction(*(t.reshape(N * C, -1) for t in (a, *others))).reshape(N, C)
-
-
-def _channel(v, image_shape):
-    """(C,) -> (C, H, W) = image_shape, each channel's value repeated over its
-    pixels: one image's worth, to broadcast over the images of (n, C, H, W).
-
-    Elementwise steps with it read two contiguous arrays, which NumPy runs about
-    1.7x as fast as broadcasting a (C, 1, 1) column along each row (NumPy 2.4).
-    """
-    xp = array_module(v)
-    return xp.ascontiguousarray(xp.broadcast_to(v.reshape(-1, 1, 1), image_shape))
-
-
-def spatial_batchnorm_forward_fast(x, gamma, beta, bn_param):
-    """Batch normalisation per channel; the arguments and output of
-    layers.spatial_batchnorm_forward (bn_param's running statistics and norm_batch included).
-
-    x: (N, C, H, W); gamma, beta: (C,) or (1, C, 1, 1).
-    Returns (out, cache): out (N, C, H, W); cache (x, mean, inv_std, gamma (C,), mode,
-    gamma.shape, beta.shape) for spatial_batchnorm_backward_fast, where mean and
-    inv_std are (C,), or (N / norm_batch, C) in train mode with ghost groups (one row
-    per group). The reference layer's cache holds x_hat instead of x: each backward
-    takes its own forward's cache, as the sandwiches of layer_utils pair them.
-
-    Two passes over x and one write of out, the least memory traffic there is:
-    the statistics in one pass (sums and sums of squares of x less a per-channel
-    shift, chunk by chunk in cache), then out = x * scale + offset per channel
-    (per image and channel with ghost groups). Neither x - mean nor x_hat is
-    stored: the cache keeps x itself, which costs no memory, and the backward
-    needs only per-channel affine maps of it.
-    """
-    checks.require_float_array("x", x)
-    checks.require_ndim("x", x, 4, "(N, C, H, W)")
-    xp = array_module(x)
-    N, C, H, W = x.shape
-    g = checks.affine_params("gamma", gamma, C)
-    bt = checks.affine_params("beta", beta, C)
-    mode, eps, momentum = checks.bn_settings(bn_param, x.shape, N * H * W)
-    groups = checks.bn_groups(bn_param, mode, N)
-    running_mean, running_var = _running_stats(bn_param, C, xp, x.dtype)
-    chunks = _image_chunks(x, 3)
-    if mode == "train":
-        mean, var = _channel_mean_var(x, chunks, groups)
-        _update_running_stats(bn_param, mean, var, momentum)
-    else:
-        mean, var = running_mean, running_var
-    inv_std = 1 / xp.sqrt(var + eps)
-    scale = g * inv_std
-    offset = bt - mean * scale
-    out = xp.empty_like(x)
-    scale, offset = (_per_image(v, x.shape) for v in (scale, offset))
-    for rows in chunks:
-        xp.multiply(x[rows], scale[rows], out=out[rows])
-        out[rows] += offset[rows]
-    return out, (x, mean, inv_std, g, mode, gamma.shape, beta.shape)
-
-
-def _per_image(v, x_shape):
-    """A per-channel coefficient v, (C,) or (groups, C) (one row per ghost group of
-    consecutive images), as an array that broadcasts against x[rows] for a slice of images.
-
-    (C,): one contiguous (C, H, W) image, repeated over the images by a view (see _channel);
-    (groups, C): each image's row as (N, C, 1, 1).
-    """
-    xp = array_module(v)
-    N = x_shape[0]
-    if v.ndim == 1:
-        return xp.broadcast_to(_channel(v, x_shape[1:]), x_shape)
-    return xp.repeat(v, N // v.shape[0], axis=0)[:, :, None, None]
-
-
-def _channel_mean_var(x, chunks, groups=1):
-    """Per-channel mean and (biased) variance of x (N, C, H, W) in one pass over memory,
-    as mean(x**2) - mean(x)**2 from per-image sums and sums of squares: (C,) each, or
-    (groups, C) for ghost batch norm's groups of N / groups consecutive images.
-
-    That formula loses about (mean / std)**2 units in the last place to
-    cancellation: nothing that matters in float64, which takes the sums of x
-    itself. Narrower types first shift each chunk by the channel means of the
-    first image, into a buffer that stays in cache (one more elementwise step):
-    with the shift close to the mean, nothing cancels.
-    """
-    xp = array_module(x)
-    N, C, H, W = x.shape
-    shift = None
-    if x.dtype.itemsize < 8:
-        shift = _channel(_per_image_channel(_row_sums, x[:1])[0] / (H * W), x.shape[1:])
-        buffer = xp.empty_like(x[chunks[0]])
-    sums, squares = xp.empty((N, C), dtype=x.dtype), xp.empty((N, C), dtype=x.dtype)
-    for rows in chunks:
-        s = x[rows] if shift is None else xp.subtract(x[rows], shift, out=buffer[: rows.stop - rows.start])
-        sums[rows] = _per_image_channel(_row_sums, s)
-        squares[rows] = _per_image_channel(_row_dots, s, s)
-    M = N // groups * H * W
-    mean = _group_sums(sums, groups) / M
-    var = _group_sums(squares, groups) / M - mean * mean
-    return (mean if shift is None else mean + shift[:, 0, 0]), var
-
-
-def _group_sums(per_image, groups):
-    """(N, C) per-image sums -> (C,) over the batch, or (groups, C) over each ghost group."""
-    if groups == 1:
-        return per_image.sum(axis=0)
-    return per_image.reshape(groups, -1, per_image.shape[1]).sum(axis=1)
-
-
-def spatial_batchnorm_backward_fast(dout, cache):
-    """dout: (N, C, H, W). Returns (dx, dgamma, dbeta), the latter two shaped like gamma/beta.
-
-    With dx_hat = gamma * dout, per channel (and ghost group; train mode):
-    dx = inv_std * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat)),
-    which is dout * a + x * b + c per channel; dx = inv_std * dx_hat in test mode.
-    Two passes over dout and x: the per-channel sums of dout and dout * x (from
-    which dbeta and dgamma follow), then dx. sum(dout * x_hat) is taken as
-    (sum(dout * x) - mean * sum(dout)) * inv_std, which loses about
-    |mean| / std units in the last place to cancellation: nothing in float64,
-    and in float32 only for inputs whose mean is large against their spread.
-    """
-    x, mean, inv_std, g, mode, gamma_shape, beta_shape = cache
-    checks.require_dout_shape(dout, x.shape)
-    xp = array_module(dout)
-    N, C, H, W = dout.shape
-    groups = mean.shape[0] if mean.ndim == 2 else 1
-    M = N // groups * H * W
-    chunks = _image_chunks(dout, 3)
-    sums, dots = xp.empty((N, C), dtype=dout.dtype), xp.empty((N, C), dtype=dout.dtype)
-    for rows in chunks:
-        sums[rows] = _per_image_channel(_row_sums, dout[rows])
-        dots[rows] = _per_image_channel(_row_dots, dout[rows], x[rows])
-    dbeta = _group_sums(sums, groups)
-    dgamma = (_group_sums(dots, groups) - mean * dbeta) * inv_std  # sum(dout * x_hat)
-    a = g * inv_std
-    dx = xp.empty_like(dout)
-    if mode == "test":
-        xp.multiply(dout, _channel(a, dout.shape[1:]), out=dx)
-        return dx, dgamma.reshape(gamma_shape), dbeta.reshape(beta_shape)
-    b = -a * inv_std * dgamma / M  # through x_hat * mean(dx_hat * x_hat), x_hat = (x - mean) * inv_std
-    c = -a * dbeta / M - b * mean
-    x_part = xp.empty_like(x[chunks[0]])
-    a, b, c = (_per_image(v, dout.shape) for v in (a, b, c))
-    for rows in chunks:
-        d, t = dx[rows], x_part[: rows.stop - rows.start]
-        xp.multiply(dout[rows], a[rows], out=d)
-        d += xp.multiply(x[rows], b[rows], out=t)
-        d += c[rows]
-    if groups > 1:  # the groups' parts of dgamma and dbeta, summed
-        dgamma, dbeta = dgamma.sum(axis=0), dbeta.sum(axis=0)
-    return dx, dgamma.reshape(gamma_shape), dbeta.reshape(beta_shape)
-
-
-def spatial_groupnorm_forward_fast(x, gamma, beta, G, gn_param):
-    """Group normalisation; the arguments, output and cache of layers.spatial_groupnorm_forward.
-
-    x: (N, C, H, W); gamma, beta: (C,) or (1, C, 1, 1); G divides C; gn_param: optional 'eps'.
-    Returns (out, cache): out (N, C, H, W); cache (x_hat, inv_std (N, G, 1), gamma
-    as (1, C, 1, 1), G, gamma.shape, beta.shape), which either backward accepts.
-    """
-    checks.require_float_array("x", x)
-    checks.require_ndim("x", x, 4, "(N, C, H, W)")
-    xp = array_module(x)
-    N, C, H, W = x.shape
-    checks.groups(G, C)
-    g = checks.affine_params("gamma", gamma, C).reshape(1, C, 1, 1)
-    bt = checks.affine_params("beta", beta, C).reshape(1, C, 1, 1)
-    eps = checks.norm_eps("gn_param", gn_param)
-    L = C // G * H * W
-    x_hat, out = xp.empty_like(x), xp.empty_like(x)
-    inv_std = xp.empty((N, G), dtype=x.dtype)
-    for rows in _image_chunks(x, 3):
-        group_rows = x[rows].reshape(-1, L)  # one row per (image, group)
-        x_hat_rows = x_hat[rows].reshape(-1, L)
-        xp.subtract(group_rows, (_row_sums(group_rows) / L)[:, None], out=x_hat_rows)
-        inv = 1 / xp.sqrt(_row_dots(x_hat_rows, x_hat_rows) / L + eps)
-        x_hat_rows *= inv[:, None]
-        inv_std[rows] = inv.reshape(-1, G)
-        xp.multiply(x_hat[rows], g, out=out[rows])
-        out[rows] += bt
-    return out, (x_hat, inv_std.reshape(N, G, 1), g, G, gamma.shape, beta.shape)
-
-
-def spatial_groupnorm_backward_fast(dout, cache):
-    """dout: (N, C, H, W). Returns (dx, dgamma, dbeta), the latter two shaped like gamma/beta.
-
-    cache: from either spatial_groupnorm_forward_fast or layers.spatial_groupnorm_forward.
-    With dx_hat = gamma * dout, per group:
-    dx = inv_std * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat)),
-    evaluated in that order, as the reference does; both means come from the
-    per-(image, channel) sums that dgamma and dbeta need.
-    """
-    x_hat, inv_std, g, G, gamma_shape, beta_shape = cache
-    checks.require_dout_shape(dout, x_hat.shape)
-    xp = array_module(dout)
-    N, C, H, W = dout.shape
-    sums = xp.empty((N, C), dtype=dout.dtype)
-    dots = xp.empty((N, C), dtype=dout.dtype)
-    dx = xp.empty_like(dout)
-    for rows in _image_chunks(dout, 3):
-        sums[rows] = _per_image_channel(_row_sums, dout[rows])
-        dots[rows] = _per_image_channel(_row_dots, dout[rows], x_hat[rows])
-        group_means = [(s * g.reshape(C)).reshape(-1, G, C // G).mean(axis=2, keepdims=True) / (H * W)
-                       for s in (sums[rows], dots[rows])]  # mean(dx_hat), mean(dx_hat * x_hat): (n, G, 1)
-        d = dx[rows]
-        xp.multiply(dout[rows], g, out=d)
-        groups = d.reshape(-1, G, C // G * H * W)
-        groups -= group_means[0]
-        groups -= x_hat[rows].reshape(groups.shape) * group_means[1]
-        groups *= inv_std[rows]
-    return dx, dots.sum(axis=0).reshape(gamma_shape), sums.sum(axis=0).reshape(beta_shape)
 
 
 # ---------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cnncore import fast_conv, fast_layers, layers
+from cnncore import backend, fast_conv, fast_layers, layers
 from cnncore.backend import CPU_CHUNK_BYTES
 from cnncore.gradient_check import check_layer_gradients
 
@@ -35,8 +35,7 @@ CHUNK_BYTES = st.sampled_from([1, 2048, CPU_CHUNK_BYTES])
 @contextlib.contextmanager
 def _chunks_of(nbytes):
     """Make the fast layers work on chunks of about nbytes (at least one image each)."""
-    with mock.patch.object(fast_layers, "chunk_bytes", lambda xp: nbytes), \
-            mock.patch.object(fast_conv, "chunk_bytes", lambda xp: nbytes):
+    with mock.patch.object(backend, "chunk_bytes", lambda xp: nbytes):
         yield
 
 
@@ -362,6 +361,64 @@ def test_spatial_groupnorm_backward_fast_matches_numeric_gradient(G):
     assert max(errors.values()) < GRAD_TOL, errors
 
 
+@st.composite
+def feature_norm_cases(draw):
+    """(x (N, D), gamma, beta, norm_batch): batch and layer norm on features, as the
+    FullyConnectedNet uses them; norm_batch any divisor of N with 2+ rows a group, or None."""
+    N, D = draw(st.integers(2, 8)), draw(st.integers(1, 7))
+    norm_batch = draw(st.sampled_from([None] + [g for g in range(2, N + 1) if N % g == 0]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = 3 * rng.standard_normal((N, D)) + rng.standard_normal(D)
+    return x, 1 + rng.standard_normal(D), rng.standard_normal(D), norm_batch
+
+
+@FEW
+@given(feature_norm_cases(), st.sampled_from(["train", "test"]))
+def test_batchnorm_fast_matches_naive_output_gradients_running_stats_and_caches(case, mode):
+    x, gamma, beta, norm_batch = case
+    naive, fast = ({**_bn_param(mode, x.shape[1]), "norm_batch": norm_batch} for _ in range(2))
+    out_naive, cache_naive = layers.batchnorm_forward(x, gamma, beta, naive)
+    out_fast, cache_fast = fast_layers.batchnorm_forward_fast(x, gamma, beta, fast)
+    _assert_all_same([out_fast, fast["running_mean"], fast["running_var"]],
+                     [out_naive, naive["running_mean"], naive["running_var"]], ["out", "running_mean", "running_var"])
+    _assert_backwards_agree(fast_layers.batchnorm_backward_fast, layers.batchnorm_backward_alt, cache_fast, cache_naive)
+
+
+def _assert_backwards_agree(fast, naive, cache_fast, cache_naive):
+    """The fast and the naive backward give the naive one's gradients from either forward's cache."""
+    dout = np.random.default_rng(14).standard_normal(_rows_of(cache_naive[0]).shape)
+    expected = naive(dout, cache_naive)
+    for backward, cache in ((fast, cache_fast), (fast, cache_naive), (naive, cache_fast)):
+        _assert_all_same(backward(dout, cache), expected, [f"{backward.__name__} {g}" for g in ("dx", "dgamma", "dbeta")])
+
+
+def _rows_of(x_hat):
+    """A feature norm's cached x_hat, (N, D) or ghost batch norm's (groups, n, D), as (N, D)."""
+    return x_hat.reshape(-1, x_hat.shape[-1])
+
+
+@FEW
+@given(feature_norm_cases())
+def test_layernorm_fast_matches_naive_output_gradients_and_caches(case):
+    x, gamma, beta, _ = case
+    out_naive, cache_naive = layers.layernorm_forward(x, gamma, beta, {})
+    out_fast, cache_fast = fast_layers.layernorm_forward_fast(x, gamma, beta, {})
+    _assert_same(out_fast, out_naive, "out")
+    _assert_backwards_agree(fast_layers.layernorm_backward_fast, layers.layernorm_backward, cache_fast, cache_naive)
+
+
+@pytest.mark.parametrize("forward, backward, param", [
+    (fast_layers.batchnorm_forward_fast, fast_layers.batchnorm_backward_fast, {"mode": "train"}),
+    (fast_layers.batchnorm_forward_fast, fast_layers.batchnorm_backward_fast, {"mode": "train", "norm_batch": 3}),
+    (fast_layers.layernorm_forward_fast, fast_layers.layernorm_backward_fast, {}),
+], ids=["batchnorm", "ghost-batchnorm", "layernorm"])
+def test_feature_norms_fast_backward_matches_numeric_gradient(forward, backward, param):
+    rng = np.random.default_rng(16)
+    args = [2 * rng.standard_normal((6, 5)) + 1, rng.standard_normal(5), rng.standard_normal(5), param]
+    errors = check_layer_gradients(forward, backward, args, [0, 1, 2])
+    assert max(errors.values()) < GRAD_TOL, errors
+
+
 # ---------------------------------------------------------------------------
 # The shared contract, and argument validation
 # ---------------------------------------------------------------------------
@@ -391,6 +448,10 @@ def _contract_cases():
                            _conv_args((2, 3, 6, 6), (4, 3, 3, 3), 1, 1) + [pool]),
         "groupnorm": (fast_layers.spatial_groupnorm_forward_fast, fast_layers.spatial_groupnorm_backward_fast,
                       [x, gamma, beta, 2, {}]),
+        "affine-batchnorm": (fast_layers.batchnorm_forward_fast, fast_layers.batchnorm_backward_fast,
+                             [x.reshape(4, -1)[:, :4], gamma, beta, _bn_param("train", 4)]),
+        "layernorm": (fast_layers.layernorm_forward_fast, fast_layers.layernorm_backward_fast,
+                      [x.reshape(4, -1)[:, :4], gamma, beta, {}]),
     }
     for mode in ("train", "test"):
         cases[f"batchnorm-{mode}"] = (fast_layers.spatial_batchnorm_forward_fast,
@@ -430,6 +491,12 @@ def _zeros(*shapes):
                      _zeros((2, 6, 2, 2), (6,), (6,), 4, {}), id="groupnorm-G"),
         pytest.param(layers.spatial_groupnorm_forward, fast_layers.spatial_groupnorm_forward_fast,
                      _zeros((2, 6, 2, 2), (6,), (1, 5, 1, 1), 3, {}), id="groupnorm-beta"),
+        pytest.param(layers.batchnorm_forward, fast_layers.batchnorm_forward_fast,
+                     _zeros((4, 3), (3,), (3,), {"mode": "train", "momentum": 1.5}), id="affine-batchnorm-momentum"),
+        pytest.param(layers.batchnorm_forward, fast_layers.batchnorm_forward_fast,
+                     _zeros((4, 3, 2), (3,), (3,), {"mode": "train"}), id="affine-batchnorm-ndim"),
+        pytest.param(layers.layernorm_forward, fast_layers.layernorm_forward_fast,
+                     _zeros((4, 3), (3,), (2,), {}), id="layernorm-beta"),
     ],
 )
 def test_fast_layer_rejects_bad_input_with_the_naive_layer_message(naive, fast, args):

@@ -47,8 +47,7 @@ def _assert_same(got, expected, name):
 @pytest.fixture(params=list(CHUNK_SIZES.values()), ids=list(CHUNK_SIZES))
 def chunk_images(request, monkeypatch):
     """The fast layers work on chunks of this many images (batches here have 3 to 6)."""
-    monkeypatch.setattr(fast_layers, "_images_per_chunk", lambda N, bytes_per_image, xp: min(N, request.param))
-    monkeypatch.setattr(fast_conv, "images_per_chunk", lambda N, bytes_per_image, xp: min(N, request.param))
+    monkeypatch.setattr(backend, "images_per_chunk", lambda N, bytes_per_image, xp: min(N, request.param))
     return request.param
 
 
