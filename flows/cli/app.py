@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import sys
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -156,12 +158,22 @@ def report(
         "--experiment", "-e", help="Experiment to look in; repeatable. Default: every experiment.")] = None,
     tracking_uri: Annotated[Optional[str], typer.Option(
         help="MLflow tracking URI; else $MLFLOW_TRACKING_URI, else the project's sqlite store.")] = None,
+    format: Annotated[Literal["auto", "answer", "md"], typer.Option(
+        "--format", "-f", help="answer: the report's title and answer, drawn for the terminal; md: the whole "
+                               "report as markdown; auto: answer to a terminal, md to a pipe or a file.")] = "auto",
 ):
     """Print a study's report (the latest sweep of that name); --to also copies its figures and tables."""
     with one_line_errors():
-        from .report import export_study, find_study
+        from .report import REPORT, answer_section, export_study, find_study, for_terminal
 
         run, record = find_study(tracking_uri, name, experiment)
-        typer.echo(export_study(run, to).rstrip())
+        markdown = export_study(run, to)
+        if format == "md" or (format == "auto" and not sys.stdout.isatty()):
+            typer.echo(markdown.rstrip())
+        else:
+            width = shutil.get_terminal_size((100, 40)).columns
+            typer.echo(for_terminal(answer_section(markdown), width))
+            typer.echo(f"\nThe whole report: `cnnflow report {name} --format md`, or with its figures and tables "
+                       f"`--to DIR`; in MLflow: {run.url_of(REPORT)}")
         if to is not None:
             typer.echo(f"\nwritten to {to}/ (report.md, figures, tables) from run {record.id}", err=True)
