@@ -14,6 +14,7 @@ from pydantic import PositiveInt
 from ..config import SweepSpec
 from ..load_data import load_data_once, load_dataset, log_dataset
 from ..progress import record, say
+from ..shutdown import StopRequest
 from ..study import PRESETS, preset_spec
 from ..tracking import FINISHED, connect
 from . import lease
@@ -100,7 +101,8 @@ def sweep(
     store = connect(tracking_uri)
     owner = lease.new_owner()
     parent, resumed = open_sweep_run(store, experiment, spec, trials, parent_run_id, owner)
-    with parent, lease.held(parent, owner), parent.system_metrics(system_metrics):
+    stop = StopRequest()  # set by a trial, a signal, or the lease's heartbeat finding the store gone
+    with parent, lease.held(parent, owner, on_lost=stop.set), parent.system_metrics(system_metrics):
         parent.link_flow_run(spec.name)
         finished = find_finished_trials(parent, spec, trials)
         skipped = [skipped_trial(spec, i, c, finished[c.key()]) for i, c in enumerate(trials) if c.key() in finished]
@@ -112,7 +114,7 @@ def sweep(
         say(f"sweep {spec.name}: {len(trials)} trials, {len(skipped)} already finished"
             f"{' (resumed)' if resumed else ''}, {len(todo)} to run, "
             + (f"on the Dask cluster at {dask_address}" if dask_address else f"{max_workers} at a time"))
-        results = sorted(skipped + run_trials(parent, spec, todo, max_workers, dask_address, trials_in),
+        results = sorted(skipped + run_trials(parent, spec, todo, max_workers, dask_address, trials_in, stop),
                          key=lambda r: r.index)
         # Imported here: the summary's pandas, scipy and matplotlib would slow `cnnflow run sweep --help`.
         from .summary import publish_comparison, summarise_sweep, write_study_report
