@@ -29,7 +29,7 @@ from flows.config import SweepSpec, TrainConfig
 from flows.progress import say
 from flows.train import train
 
-from .conftest import CNNFLOW, rest, wait_for
+from .conftest import CNNFLOW, rest, strict_json, wait_for
 
 # A few seconds of training: enough to exercise every step of the flow.
 TINY_TRAIN = ["--num-train", "120", "--num-val", "40", "--num-test", "40", "--num-epochs", "1",
@@ -285,7 +285,7 @@ def test_console_script_output_for_scripts_parses(tmp_path, ops_env, prefect_ser
     done = subprocess.run([str(CNNFLOW), "run", "train", *TINY_TRAIN, "--output", output], capture_output=True,
                           text=True, env=env, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout) if output == "json" else yaml.safe_load(done.stdout)
+    result = strict_json(done.stdout) if output == "json" else yaml.safe_load(done.stdout)
     assert 0 <= result["test_acc"] <= 1 and result["config"]["num_train"] == 120
     assert result["url"].startswith("http://127.0.0.1:5000/#/experiments/")
 

@@ -23,15 +23,9 @@ from flows.sweep.lease import SweepBusyError
 from flows.sweep.resume import SweepChangedError
 from flows.train import TrainResult
 
+from .conftest import strict_json
+
 URL = "http://127.0.0.1:5000/#/experiments/1/runs/abc"
-
-
-def strict_json(text: str):
-    """json.loads that refuses NaN and Infinity, which Python writes but JSON has not."""
-    def refuse(constant):
-        raise ValueError(f"{constant} is not JSON")
-
-    return json.loads(text, parse_constant=refuse)
 
 
 def trial(index: int, normalization: str, seed: int, best_val: float | None, test: float | None,

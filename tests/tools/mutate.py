@@ -1,7 +1,7 @@
 """Fault injection: put small realistic bugs into the code one at a time and see which the tests catch.
 
     .venv/bin/python tests/tools/mutate.py                          # every mutation, fast tier
-    .venv/bin/python tests/tools/mutate.py --only study diag       # ids starting with these words
+    .venv/bin/python tests/tools/mutate.py --only stats diag       # ids starting with these words
     .venv/bin/python tests/tools/mutate.py --file flows/sweep/     # mutations of files under this path
     .venv/bin/python tests/tools/mutate.py --only i19 --tests tests/test_x.py   # other tests than each entry's
     .venv/bin/python tests/tools/mutate.py --rev main --only i19    # the tests of another commit (before/after)
@@ -122,7 +122,7 @@ def run_tests(clone: Clone, tests: tuple[str, ...], slow: bool, timeout_s: float
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", default=[], help="run the mutations whose id starts with one of these")
     parser.add_argument("--file", nargs="*", default=[], help="run the mutations of files under these paths")
