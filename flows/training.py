@@ -142,7 +142,10 @@ def fit(run: Run, config: TrainConfig, data: dict, *, source: str | None = None,
                     on_iteration=stream.on_iteration, on_epoch=stream.on_epoch)
     start = time.perf_counter()
     try:
-        solver.train()
+        # A diverging net overflows on its way to the NaN loss that the Solver reports (NonFiniteLossError,
+        # one line, the run FAILED with it): NumPy's RuntimeWarnings on the way would only bury that line.
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            solver.train()
     finally:
         stream.flush()
     wall = time.perf_counter() - start

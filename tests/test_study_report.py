@@ -120,6 +120,7 @@ def test_one_seed_run_cannot_tell():
     assert answer_row(markdown, 2)[3:] == ["—", "—", "cannot tell: one seed"]
     assert "At batch 2: cannot tell: one seed (seed 0) finished all four trials, so no interval." in markdown
     assert "Nothing can be said: no batch size has two seeds finished in all four trials." in markdown
+    assert "Over 1 seed; (n=k) marks a cell with fewer finished trials." in markdown
 
 
 @pytest.mark.parametrize("num_test, points", [(300, "0.33"), (50, "2.00"), (1000, "0.10")])
@@ -212,6 +213,27 @@ def test_diagnostics_explain_a_positive_from_the_train_test_mode_gap():
     assert re.search(r"effective sample size of [\d.]+ at its only norm layer \(pooling 128 values\): noisy",
                      result.markdown)
     assert result.tables["diagnostics_model"].set_index("batch_size").loc[2, "train_minus_test_mode"] == 40.0
+
+
+def recomputed_diagnostics(running: float, recomputed: float) -> pd.DataFrame:
+    """BN's test error with its running averages and with statistics recomputed over the training set."""
+    rows = [("batchnorm", batch, seed, metric, np.nan, value) for batch in BATCHES for seed in SEEDS
+            for metric, value in (("running_error", running), ("recomputed_error", recomputed))]
+    return pd.DataFrame(rows, columns=["normalization", "batch_size", "seed", "metric", "layer", "value"])
+
+
+@pytest.mark.parametrize("recomputed, meaning", [
+    (1.0, "-2.00 points against the running averages (median of 3 seeds): exact statistics would help: the "
+          "running averages are off."),
+    (5.0, "+2.00 points against the running averages (median of 3 seeds): exact statistics would hurt: the "
+          "running averages are off."),
+    (3.25, "+0.25 points against the running averages (median of 3 seeds): the running averages are as good as "
+           "exact statistics (within ±0.5)."),
+], ids=["help", "hurt", "as-good"])
+def test_recomputed_statistics_are_said_to_help_or_hurt_by_their_sign(recomputed, meaning):
+    result = build_study(synthetic_trials(5.0), spec(), diagnostics=recomputed_diagnostics(3.0, recomputed))
+    assert ("At batch 2, recomputing BN's statistics over the training set changes its test error by " + meaning
+            ) in result.markdown
 
 
 def two_layer_diagnostics(n_eff: tuple[float, float]) -> pd.DataFrame:

@@ -128,6 +128,8 @@ def _check_tracking_server(flow, params: dict) -> None:
     uri = tracking.resolve_tracking_uri(params.get("tracking_uri"))
     if tracking.is_server(uri) or tracking.is_database(uri):
         tracking.connect(uri)
+    else:
+        tracking.require_writable(uri)  # a read-only sqlite store: said now, not after a server start
 
 
 def build_run_command(command_name: str, flow) -> click.Command:

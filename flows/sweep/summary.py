@@ -71,10 +71,11 @@ def summarise_sweep(parent: Run, spec: SweepSpec, results: list[TrialResult]) ->
     """The parent's summary table (CSV and MLflow table), comparison figure and totals."""
     table = summary_table(spec, results)
     parent.log_table(table, "summary")
-    x_name = next((k for k in spec.swept() if k not in ("normalization", "train_seed")), None)
-    averaged = [k for k in spec.swept() if k not in ("normalization", x_name)]
-    parent.log_figure(sweep_comparison_figure(table, x_name, averaged, spec.name), "comparison.png")
     finished = [r for r in results if r.status == FINISHED]
+    if finished:  # with none, an empty figure would pass for a result
+        x_name = next((k for k in spec.swept() if k not in ("normalization", "train_seed")), None)
+        averaged = [k for k in spec.swept() if k not in ("normalization", x_name)]
+        parent.log_figure(sweep_comparison_figure(table, x_name, averaged, spec.name), "comparison.png")
     # Tags, not metrics: in the experiment's charts a parent's metric is one more bar ("Unassigned")
     # beside its trials', under the same names, and each count a chart of its own.
     totals = {"num_trials": len(results), "num_finished": len(finished), "num_failed": len(results) - len(finished),

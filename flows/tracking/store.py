@@ -10,6 +10,7 @@ clear message and leaves no half-made experiment or run behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import shlex
@@ -69,16 +70,19 @@ def is_server(tracking_uri: str) -> bool:
     return urlparse(tracking_uri).scheme in ("http", "https")
 
 
-def connect(tracking_uri: str | None = None, timeout_s: float = 5.0) -> Store:
+def connect(tracking_uri: str | None = None, timeout_s: float = 5.0, *, read_only: bool = False) -> Store:
     """The resolved store, after checking that it answers.
 
     A sqlite store gets its folder and tables created here (once, before any
     fan-out: parallel first writers would race on the schema migration).
     Raises TrackingUnavailableError within about timeout_s when a tracking
-    server does not answer its /health endpoint, or a sqlite file cannot be made.
+    server does not answer its /health endpoint, or a sqlite file cannot be made,
+    or (unless read_only: a command that only reads) written.
     """
     uri = resolve_tracking_uri(tracking_uri)
     credentials.remember(uri)
+    if not read_only:
+        require_writable(uri)
     if is_server(uri):
         hand_retries_to_us()
         _require_healthy_server(uri, timeout_s)
@@ -103,14 +107,37 @@ def connect(tracking_uri: str | None = None, timeout_s: float = 5.0) -> Store:
     return store
 
 
+def require_writable(uri: str) -> None:
+    """TrackingUnavailableError naming a sqlite store when its database (or, for a new one, the folder that
+    would hold it) cannot be written: a read-only mount, another user's files. Other stores: nothing to check."""
+    if (db := sqlite_path(uri)) is None:
+        return
+    target = db if db.exists() else next((p for p in db.parents if p.exists()), None)
+    if target is not None and not os.access(target, os.W_OK):
+        what = "its database file" if target == db else f"the folder {target}"
+        raise TrackingUnavailableError(f"the MLflow store {uri} is read-only here ({what} cannot be written): runs "
+                                       "cannot be logged to it; `cnnflow runs` and `cnnflow report` can read it. "
+                                       "Nothing was logged.")
+
+
 @contextlib.contextmanager
 def _initialising(db: Path) -> Iterator[None]:
     """Hold an exclusive lock beside a sqlite store while this process opens it for the first time.
 
     MLflow creates and migrates the tables of a new store on first use; two processes
     doing that at once fail with errors such as "table span_metrics already exists".
+    A store that exists but whose folder cannot be written (a read-only mount, another
+    user's files) is opened without the lock: nothing will be created there, and the
+    commands that only read (`cnnflow runs`, `cnnflow report`) work.
     """
-    with open(db.with_name(db.name + ".init.lock"), "a") as lock:
+    try:
+        lock = open(db.with_name(db.name + ".init.lock"), "a")
+    except OSError as exc:
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and db.is_file():
+            yield
+            return
+        raise
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -295,15 +322,13 @@ class Store:
         parent_id, if given), oldest first."""
         if parent_id is not None:
             tags = {**tags, MLFLOW_PARENT_RUN_ID: parent_id}
-        conditions = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-        return self._search([experiment_id], conditions, ["attributes.start_time ASC"])
+        return self._search([experiment_id], _tag_filter(tags), ["attributes.start_time ASC"])
 
     @patient
     def latest_run(self, tags: dict[str, str], experiment_ids: list[str] | None = None) -> RunRecord | None:
         """The most recent active run with these tags, in the given experiments (default: all), or None."""
         ids = experiment_ids or list(self.experiment_names())
-        found = self._search(ids, " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items()),
-                             ["attributes.start_time DESC"]) if ids else []
+        found = self._search(ids, _tag_filter(tags), ["attributes.start_time DESC"]) if ids else []
         return found[0] if found else None
 
     @patient
@@ -367,6 +392,21 @@ class Store:
         version = self.client.create_model_version(name, model_uri, run_id=run_id)
         self.client.set_registered_model_alias(name, alias, version.version)
         return int(version.version)
+
+
+def _tag_filter(tags: dict[str, str]) -> str:
+    """An MLflow search filter matching every tag's value exactly, whatever quote the value holds.
+
+    MLflow's filter strings take a value in single or double quotes and no escape, so a value
+    holding both cannot be matched: ValueError naming it, rather than a filter that means another thing.
+    """
+    def literal(value: str) -> str:
+        for quote in ("'", '"'):
+            if quote not in value:
+                return f"{quote}{value}{quote}"
+        raise ValueError(f"{value!r} holds both quote characters (' and \"), which MLflow's run search cannot match")
+
+    return " and ".join(f"tags.`{key}` = {literal(str(value))}" for key, value in tags.items())
 
 
 @contextlib.contextmanager

@@ -136,6 +136,9 @@ def test_small_preset_run_reports_exactly_what_its_child_runs_logged(store, tmp_
     updates = table("updates").set_index("batch_size")["iterations_per_epoch"].to_dict()
     assert updates == {16: 8, 4: 32}  # 128 training images
 
+    # The printed link opens the parent run on the study's answer, its interaction figure.
+    assert report.url.endswith(f"/runs/{report.parent_run_id}/artifactPath/study/interaction_vs_batch_size.png"
+                               "?workflowType=machine_learning")
     markdown = report.study_report
     text = store.client.download_artifacts(parent.info.run_id, "study/report.md", str(tmp_path))
     assert open(text).read() == markdown
