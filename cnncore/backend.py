@@ -27,7 +27,8 @@ def _cupy() -> ModuleType | None:
 def array_module(*arrays) -> ModuleType:
     """The NumPy-API namespace of the given arrays: cupy for CuPy arrays, else numpy."""
     for a in arrays:
-        if type(a).__module__.startswith("cupy"):
+        # Every fast layer asks, several times a call: NumPy arrays answer without a string test.
+        if type(a) is not np.ndarray and type(a).__module__.startswith("cupy"):
             return _cupy()
     return np
 

@@ -219,23 +219,31 @@ def direct_output_chunks(x, w, b, g: Geometry, out=None):
             yield rows, _valid(chunk, g)
 
 
-def direct_gradients(x, w, g: Geometry, fill_dout, need_dx: bool):
-    """(dx or None, dw, db) of the direct convolution, chunk by chunk of images.
-
-    fill_dout(rows, view): writes the output gradient of the images ``rows`` into
-    view (m, F, Ho, Wo), so that a caller can build it while it is in cache.
+def direct_gradients(x, w, g: Geometry, need_dx: bool, dout=None, fill_dout=None):
+    """(dx or None, dw, db) of the direct convolution, chunk by chunk of images, for the
+    gradient of its output: dout (N, F, Ho, Wo), or fill_dout(rows, view) writing the
+    gradient of the images ``rows`` into view (m, F, Ho, Wo), so that a caller can build
+    it while it is in cache.
     """
     xp = array_module(x)
     F, P = g.F, g.positions
     dx = xp.empty((g.N, g.C, g.H, g.W), dtype=x.dtype) if need_dx else None
     fold = g.needs_columns  # db as the product's last column
-    dw_ext = db = dout = None
+    # dout read where it lies when the product's layout is its own; else copied, chunk by chunk
+    dout3 = dout.reshape(g.N, F, P) if dout is not None and not g.extra_columns else None
+    dw_ext = db = buffer = None
     for rows, cols in column_chunks(x, g, fold, 2 * F * P * x.itemsize):
         m = rows.stop - rows.start
-        if dout is None:  # the dropped columns' gradients stay 0
-            dout = (xp.zeros if g.extra_columns else xp.empty)((m, F, P), dtype=x.dtype)
-        dout_m = dout[:m]
-        fill_dout(rows, _valid(dout_m, g))
+        if dout3 is not None:
+            dout_m = dout3[rows]
+        else:
+            if buffer is None:  # the dropped columns' gradients stay 0
+                buffer = (xp.zeros if g.extra_columns else xp.empty)((m, F, P), dtype=x.dtype)
+            dout_m = buffer[:m]
+            if fill_dout is None:
+                _valid(dout_m, g)[...] = dout[rows]
+            else:
+                fill_dout(rows, _valid(dout_m, g))
         # Per image (F, P) @ (P, taps [+ 1]), summed over the chunk's images.
         part = xp.matmul(dout_m, cols.transpose(0, 2, 1)).sum(axis=0)
         if dw_ext is None:
@@ -449,29 +457,33 @@ def winograd_filter_gradient(x, g: Geometry, dout):
 # ---------------------------------------------------------------------------
 
 
-def algorithm(g: Geometry) -> str:
-    """'winograd' or 'direct': the faster for this shape on the CPU.
+def algorithm(g: Geometry, pass_: str = "forward") -> str:
+    """'winograd' or 'direct': the faster for this shape on the CPU, for the forward pass
+    (and dx, itself a convolution) or for the filter gradient (pass_="filter gradient").
 
     Winograd's transforms cost per input and output value, where the
     multiplications it saves grow with channels in and out: it wins with
-    WINOGRAD_MIN_CHANNELS or more of each, on maps its 2x2 tiles cover with
-    little waste (WINOGRAD_MIN_TILE_USE: 7x7 maps need 4x4 tiles, 77% used),
-    once the batch has WINOGRAD_MIN_OUTPUTS output positions to spread its
-    fixed costs over. Measured (1 thread, 3x3 pad 1, forward and dw, float32 and
-    float64): 32 channels in and out on 14x14 maps, Winograd 0.82-0.85x
-    direct's speed at batch 2 (392 outputs), 1.03-1.34x at batch 4 to 32; on
-    7x7 maps 0.57-1.03x at batch 2 to 32; 16 channels 0.71-0.91x; 64 channels
-    on 8x8 maps 0.91x at batch 2, 1.53x at batch 8; on 16x16 at batch 64, 1.02-1.24x.
+    enough of each (WINOGRAD_MIN_CHANNELS; fewer for dw, whose output transform
+    is the small (16, C, F) one), on maps its 2x2 tiles cover with little waste
+    (WINOGRAD_MIN_TILE_USE: 7x7 maps need 4x4 tiles, 77% used), once the batch
+    has WINOGRAD_MIN_OUTPUTS output positions to spread its fixed costs over.
+    Measured (1 thread, float32, 3x3 pad 1, load average 17-20, best of 7
+    interleaved), Winograd's speed against direct's: 32 channels in and out on
+    14x14 maps, batch 4 / 8 / 32: forward 0.96 / 1.07 / 1.01x, dw 1.00 / 1.15 /
+    1.21x, dx 0.87 / 0.93 / 0.85x; on 7x7 maps at batch 32, 0.82-0.98x; 64
+    channels on 8x8 maps at batch 8: 1.16-1.34x, on 16x16 at batch 64: 1.09-1.17x.
     """
-    if not winograd_applies(g) or min(g.C, g.F) < WINOGRAD_MIN_CHANNELS:
+    if not winograd_applies(g):
         return "direct"
+    least = WINOGRAD_MIN_CHANNELS_DW if pass_ == "filter gradient" else WINOGRAD_MIN_CHANNELS
     tiles = 4 * -(-g.Ho // 2) * -(-g.Wo // 2)
-    if g.Ho * g.Wo < WINOGRAD_MIN_TILE_USE * tiles or g.N * g.Ho * g.Wo < WINOGRAD_MIN_OUTPUTS:
+    if min(g.C, g.F) < least or g.Ho * g.Wo < WINOGRAD_MIN_TILE_USE * tiles or g.N * g.Ho * g.Wo < WINOGRAD_MIN_OUTPUTS:
         return "direct"
     return "winograd"
 
 
-WINOGRAD_MIN_CHANNELS = 32
+WINOGRAD_MIN_CHANNELS = 64
+WINOGRAD_MIN_CHANNELS_DW = 32
 WINOGRAD_MIN_TILE_USE = 0.85
 WINOGRAD_MIN_OUTPUTS = 512
 
@@ -498,11 +510,8 @@ def gradients(x, w, stride, pad, need_dx=True, dout=None, fill_dout=None):
     dout (N, F, Ho, Wo), or fill_dout(rows, view) writing each chunk's into view."""
     g = Geometry(x.shape, w.shape, stride, pad)
     xp = array_module(x)
-    if algorithm(g) == "direct":
-        if fill_dout is None:
-            def fill_dout(rows, view):
-                view[...] = dout[rows]
-        return direct_gradients(x, w, g, fill_dout, need_dx)
+    if algorithm(g, "filter gradient") == "direct":
+        return direct_gradients(x, w, g, need_dx, dout, fill_dout)
     if dout is None:
         dout = xp.empty((g.N, g.F, g.Ho, g.Wo), dtype=x.dtype)
         fill_dout(slice(0, g.N), dout)

@@ -130,18 +130,22 @@ def _pool_argmax(x, pool_param, out, winner):
 
 def _pool_argmax_2x2(x, pool_param, out, winner):
     """_pool_argmax for 2x2 windows, as a tree: the maxima of the top and bottom
-    pairs, then of the two; a quarter fewer passes over the strided views."""
+    pairs, then of the two; a quarter fewer passes over the strided views. The
+    comparisons' booleans are read as int8 where they are (bool and int8 share a
+    layout), so the winner costs integer arithmetic and no casts."""
     xp = array_module(x)
     top_left, top_right, bottom_left, bottom_right = (view for _, view in _pool_windows(x, pool_param))
     xp.maximum(top_left, top_right, out=out)
     bottom = xp.maximum(bottom_left, bottom_right)
-    right = (top_right > top_left).astype(winner.dtype)  # offset 1 beats 0
-    below = (bottom > out).astype(winner.dtype)  # the bottom pair beats the top one
+    right = xp.greater(top_right, top_left).view(xp.int8)  # offset 1 beats 0
+    lower_right = xp.greater(bottom_right, bottom_left).view(xp.int8)  # offset 3 beats 2
+    below = xp.greater(bottom, out).view(xp.int8)  # the bottom pair beats the top one
     xp.maximum(out, bottom, out=out)
-    winner[...] = (bottom_right > bottom_left).astype(winner.dtype)
-    winner += 2 - right  # 2 or 3, less the top pair's offset
-    winner *= below
-    winner += right  # offset 0 or 1 above, 2 or 3 below
+    # winner = below ? 2 + lower_right : right, as right + below * (2 + lower_right - right)
+    lower_right -= right
+    lower_right += 2
+    lower_right *= below
+    xp.add(lower_right, right, out=winner)
 
 
 def _winner_dtype(xp, pool_param):

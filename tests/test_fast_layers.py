@@ -43,9 +43,12 @@ NEVER = 1 << 40
 # How each kernel of fast_conv is forced: the thresholds of its choice by shape.
 CONV_PATHS = {
     "chosen by shape": {},
-    "direct, exact grid": {"PITCHED_MIN_TAPS_PER_FILTER": NEVER, "WINOGRAD_MIN_CHANNELS": NEVER},
-    "direct, pitched rows": {"PITCHED_MIN_TAPS_PER_FILTER": -1, "WINOGRAD_MIN_CHANNELS": NEVER},
-    "winograd": {"WINOGRAD_MIN_CHANNELS": 0, "WINOGRAD_MIN_TILE_USE": 0, "WINOGRAD_MIN_OUTPUTS": 0},
+    "direct, exact grid": {"PITCHED_MIN_TAPS_PER_FILTER": NEVER, "WINOGRAD_MIN_CHANNELS": NEVER,
+                           "WINOGRAD_MIN_CHANNELS_DW": NEVER},
+    "direct, pitched rows": {"PITCHED_MIN_TAPS_PER_FILTER": -1, "WINOGRAD_MIN_CHANNELS": NEVER,
+                             "WINOGRAD_MIN_CHANNELS_DW": NEVER},
+    "winograd": {"WINOGRAD_MIN_CHANNELS": 0, "WINOGRAD_MIN_CHANNELS_DW": 0, "WINOGRAD_MIN_TILE_USE": 0,
+                 "WINOGRAD_MIN_OUTPUTS": 0},
 }
 
 
@@ -438,7 +441,7 @@ def _contract_cases():
         "conv-pitched-dx-by-convolution": (fast_layers.conv_forward_fast, fast_layers.conv_backward_fast,
                                            _conv_args((2, 8, 5, 5), (3, 8, 3, 3), 1, 1)),
         "conv-winograd": (fast_layers.conv_forward_fast, fast_layers.conv_backward_fast,
-                          _conv_args((8, 32, 8, 8), (32, 32, 3, 3), 1, 1)),
+                          _conv_args((8, 64, 8, 8), (64, 64, 3, 3), 1, 1)),
         "conv-without-dx": (fast_layers.conv_forward_fast, _conv_backward_without_dx,
                             _conv_args((1, 2, 5, 5), (3, 2, 3, 3), 1, 0)),
         "pool": (fast_layers.max_pool_forward_fast, fast_layers.max_pool_backward_fast, [x, pool]),

@@ -57,6 +57,7 @@ def small_winograd(monkeypatch):
     so that the named shapes, kept small for the naive loops' sake, reach it (the crossover
     fast_conv takes on real shapes is tested on the study nets' layers below)."""
     monkeypatch.setattr(fast_conv, "WINOGRAD_MIN_CHANNELS", 16)
+    monkeypatch.setattr(fast_conv, "WINOGRAD_MIN_CHANNELS_DW", 16)
     monkeypatch.setattr(fast_conv, "WINOGRAD_MIN_OUTPUTS", 0)
     monkeypatch.setattr(fast_conv, "WINOGRAD_MIN_TILE_USE", 0)
 
@@ -226,22 +227,30 @@ def test_each_named_conv_takes_the_kernel_its_comment_says(conv, small_winograd)
         assert g.pitched == (conv in {"7x7-pad3", "3x3-pad1-8-channels", "5x5-pad0-9-channels"})
 
 
-@pytest.mark.parametrize("batch, kernels", [
+@pytest.mark.parametrize("batch, dw_kernels", [
     (2, ["direct, exact grid", "direct, pitched rows", "direct, pitched rows"]),
     (8, ["direct, exact grid", "winograd", "direct, pitched rows"]),
     (32, ["direct, exact grid", "winograd", "direct, pitched rows"]),
 ])
-def test_the_mnist_convnets_layers_take_the_kernels_measured_fastest_for_them(batch, kernels):
+def test_the_mnist_convnets_layers_take_the_kernels_measured_fastest_for_them(batch, dw_kernels):
     """The 3-block MNIST convnet's convolutions (1 -> 32 channels on 28x28, 32 -> 32 on 14x14
-    and on 7x7, all 3x3 pad 1): Winograd only where the crossover measured in fast_conv says."""
+    and on 7x7, all 3x3 pad 1): Winograd only where the crossover measured in fast_conv says,
+    for the filter gradient at batch 8 and up on 14x14 maps; never for 32-channel forwards."""
     layers_ = [((batch, 1, 28, 28), (32, 1, 3, 3)), ((batch, 32, 14, 14), (32, 32, 3, 3)),
                ((batch, 32, 7, 7), (32, 32, 3, 3))]
-    chosen = []
-    for x_shape, w_shape in layers_:
-        g = fast_conv.Geometry(x_shape, w_shape, 1, 1)
-        kind = fast_conv.algorithm(g)
-        chosen.append(kind if kind == "winograd" else f"direct, {'pitched rows' if g.pitched else 'exact grid'}")
-    assert chosen == kernels
+    for pass_, expected in (("forward", [k.replace("winograd", "direct, pitched rows") for k in dw_kernels]),
+                            ("filter gradient", dw_kernels)):
+        chosen = []
+        for x_shape, w_shape in layers_:
+            g = fast_conv.Geometry(x_shape, w_shape, 1, 1)
+            kind = fast_conv.algorithm(g, pass_)
+            chosen.append(kind if kind == "winograd" else f"direct, {'pitched rows' if g.pitched else 'exact grid'}")
+        assert chosen == expected, pass_
+
+
+def test_64_channel_convolutions_take_winograd_forward_too():
+    g = fast_conv.Geometry((8, 64, 8, 8), (64, 64, 3, 3), 1, 1)
+    assert fast_conv.algorithm(g) == fast_conv.algorithm(g, "filter gradient") == "winograd"
 
 
 def test_chunk_budget_is_the_cpu_one_for_numpy_and_unbounded_elsewhere():
