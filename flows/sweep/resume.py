@@ -65,6 +65,7 @@ def open_sweep_run(store: Store, experiment: str, spec: SweepSpec, trials: list[
     """
     tags = {TAG_SWEEP: spec.name, TAG_ROLE: "parent"}
     experiment_id = store.experiment_id(experiment)
+    store.repair_abandoned(experiment_id)  # this sweep's earlier parent too, when kill -9 left it RUNNING
     earlier = store.find_runs(experiment_id, tags)
     if earlier:
         record = earlier[-1]
