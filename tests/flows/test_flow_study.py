@@ -90,15 +90,19 @@ def test_groups_keep_about_sixteen_channels_per_group(filters, groups):
 
 def test_small_preset_run_reports_exactly_what_its_child_runs_logged(store, tmp_path):
     spec = bn_vs_gn_spec(name="study-small", normalizations=("batchnorm", "groupnorm"), batch_sizes=(16, 4),
-                         seeds=(0, 1), num_epochs=1, num_train=64, num_val=30, num_test=50, num_filters=8)
+                         seeds=(0, 1), num_epochs=2, num_train=64, num_val=30, num_test=50, num_filters=8,
+                         lr_steps=[0.5], tail_evals=2)
     report = sweep(spec=spec, tracking_uri=store.uri)
     assert len(report.trials) == 8 and not report.failed
+    assert report.best is None  # a study answers with its contrasts, not with a best trial
 
     parent = store.client.get_run(report.parent_run_id)
-    tables = ["updates", "cells", "best_val_cells", "changes", "interactions"]
+    tables = ["updates", "cells", "final_cells", "best_val_cells", "changes", "primary", "differences",
+              "interactions", "measures", "trials"]
     assert ({f"study/{t}.{ext}" for t in tables for ext in ("csv", "json")}
-            | {"study/error_vs_batch_size.png", "study/interaction_vs_batch_size.png", "study/report.md"}
-            ) <= store.artifacts(parent.info.run_id)
+            | {"study/error_vs_batch_size.png", "study/interaction_vs_batch_size.png", "study/report.md",
+               "study/report.html"}) <= store.artifacts(parent.info.run_id)
+    assert "artifactPath/study/interaction_vs_batch_size.png" in report.url
 
     def table(name: str) -> pd.DataFrame:
         return pd.read_csv(store.client.download_artifacts(parent.info.run_id, f"study/{name}.csv", str(tmp_path)))
@@ -106,29 +110,46 @@ def test_small_preset_run_reports_exactly_what_its_child_runs_logged(store, tmp_
     children = [r for r in store.runs("cnncore-sweeps")
                 if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 8
-    error = {(r.data.params["normalization"], int(r.data.params["batch_size"]), int(r.data.params["train_seed"])):
-             100 * (1 - r.data.metrics["test_acc"]) for r in children}
+    key = {r.info.run_id: (r.data.params["normalization"], int(r.data.params["batch_size"]),
+                           int(r.data.params["train_seed"])) for r in children}
+    # 64 images at batch 16: 4 iterations per epoch, 8 in all; the rate falls at 4, the tail evaluations at 6 and 8
+    # (batch 4: 16 per epoch, 32 in all, at 24 and 32).
+    for r in children:
+        history = store.client.get_metric_history(r.info.run_id, "tail_eval/test_acc")
+        batch = key[r.info.run_id][1]
+        assert sorted(m.step for m in history) == ([6, 8] if batch == 16 else [24, 32])
+        assert r.data.metrics["tail_test_acc"] == pytest.approx(np.mean([m.value for m in history]))
+        precise = store.client.get_metric_history(r.info.run_id, "tail_eval/precise_test_acc")
+        assert (len(precise) == 2) == (key[r.info.run_id][0] == "batchnorm")
+    error = {key[r.info.run_id]: 100 * (1 - r.data.metrics["tail_test_acc"]) for r in children}
     cells = table("cells")
-    assert len(cells) == 4
-    for cell in cells.itertuples():
-        errors = [error[cell.normalization, cell.batch_size, seed] for seed in (0, 1)]
-        low, high = stats.t.interval(0.95, 1, loc=np.mean(errors), scale=np.std(errors, ddof=1) / math.sqrt(2))
+    assert set(cells["normalization"]) == {"batchnorm", "batchnorm-precise", "groupnorm"}
+    for cell in cells.query("normalization != 'batchnorm-precise'").itertuples():
+        errors = [error[cell.normalization, cell.norm_batch, seed] for seed in (0, 1)]
+        sd = np.std(errors, ddof=1)  # 0 when both seeds err on the same test images
+        low, high = stats.t.interval(0.95, 1, loc=np.mean(errors), scale=sd / math.sqrt(2)) if sd else errors
         assert cell.n == 2 and cell.mean == pytest.approx(np.mean(errors))
         assert (cell.low, cell.high) == (pytest.approx(low), pytest.approx(high))
+    final = {key[r.info.run_id]: 100 * (1 - r.data.metrics["final_test_acc"]) for r in children}
+    for cell in table("final_cells").query("normalization == 'groupnorm'").itertuples():
+        assert cell.mean == pytest.approx(np.mean([final["groupnorm", cell.norm_batch, s] for s in (0, 1)]))
     # No batch 32 here: changes are measured from the largest batch run, 16.
     (interaction,) = table("interactions").itertuples()
     by_seed = [(error["batchnorm", 4, s] - error["batchnorm", 16, s])
                - (error["groupnorm", 4, s] - error["groupnorm", 16, s]) for s in (0, 1)]
-    assert (interaction.batch_size, interaction.reference, interaction.n) == (4, 16, 2)
+    assert (interaction.norm_batch, interaction.reference, interaction.n) == (4, 16, 2)
     assert interaction.mean == pytest.approx(np.mean(by_seed))
-    updates = table("updates").set_index("batch_size")["iterations_per_epoch"].to_dict()
+    updates = table("updates").set_index("norm_batch")["iterations_per_epoch"].to_dict()
     assert updates == {16: 4, 4: 16}  # 64 training images
 
     markdown = report.study_report
     text = store.client.download_artifacts(parent.info.run_id, "study/report.md", str(tmp_path))
     assert open(text).read() == markdown
     assert "All 8 planned trials finished." in markdown and "## The answer" in markdown
+    assert markdown.splitlines()[2].startswith("> **A smoke test, not a result: 2 seeds.**")
     assert f"{PAPER_ERROR['batchnorm'][2]}" in markdown
+    page = open(store.client.download_artifacts(parent.info.run_id, "study/report.html", str(tmp_path))).read()
+    assert page.count('<img src="data:image/png;base64,') == 2
     # The learning rate each child trained with is the scaled one.
     for r in children:
         assert float(r.data.params["learning_rate"]) == pytest.approx(0.02 * int(r.data.params["batch_size"]) / 32)
@@ -149,4 +170,5 @@ def test_preset_parameter_replaces_the_spec(store, monkeypatch):
     report = sweep(preset="bn-vs-gn", tracking_uri=store.uri, trials_in="threads")
     assert seen == {"preset": "bn-vs-gn", "dataset": "digits"}
     assert report.name == "study-tiny" and report.study_report.startswith("# BN vs GN")
-    assert io.StringIO(report.study_report).readline().strip() == "# BN vs GN across batch sizes: digits, the three-layer convnet"
+    assert io.StringIO(report.study_report).readline().strip() == \
+        "# BN vs GN: digits, the three-layer convnet, the single-device design"

@@ -1,0 +1,495 @@
+"""The study report's sections, each a markdown string built from the study's records (report.py orders them).
+
+The report answers first: the answer (what the primary contrast says, in words and
+with its numbers), the errors beside the paper's, whether the three measures agree,
+each arm's own change, why (the diagnostics), then the design, the provenance and
+how to read the verdicts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+
+from cnncore.data import IMAGE_SHAPES
+
+from ..config import SweepSpec
+from .presets import BATCH_SIZES, LABELS, PAPER_ERROR
+from .render import estimate_text, interval_text, markdown_table, number, seeds_text
+from .statistics import ALPHA, MEASURES, POWER, Change, Difference, Interaction
+from .trials import PRECISE, Design
+
+ARM_LABELS = {**LABELS, PRECISE: "precise BN"}
+# The arms in the order every table lists them: batch norm, then batch norm read with precise statistics.
+ARMS = ("batchnorm", PRECISE, *(n for n in LABELS if n != "batchnorm"))
+PAPER_CITATION = "Wu & He, Group Normalization, ECCV 2018, Table 2: ResNet-50, ImageNet val error (%)"
+SMOKE_SEEDS = 3  # fewer seeds than this: a smoke test
+
+
+def label(arm: str) -> str:
+    """An arm's name for sentences: "LN (GN, G=1)" -> "LN"; unknown names as they are."""
+    return ARM_LABELS.get(arm, arm).split(" (")[0]
+
+
+def ordered_arms(names) -> list[str]:
+    names = set(names)
+    return [n for n in ARMS if n in names] + sorted(names - set(ARMS))
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every section needs to word its numbers: the sweep, its design, the reference g, the margin of no
+    practical difference, the pair the answer compares (batch norm, the norm it is compared with), the most
+    seeds any cell has."""
+
+    spec: SweepSpec
+    design: Design
+    reference: int
+    delta: float
+    pair: tuple[str, str]
+    seeds: int
+
+    @property
+    def smoke(self) -> bool:
+        return self.seeds < SMOKE_SEEDS
+
+    def at(self, g: int | None) -> str:
+        return self.design.at(g)
+
+    def measure(self, name: str = "test_error") -> str:
+        """The measure in words."""
+        k = self.spec.base.tail_evals
+        if name == "test_error" and k:
+            return f"mean test error over the last {k} evaluations" if k > 1 else "test error at the last evaluation"
+        return {"test_error": "final net's test error", "final_test_error": "final net's test error",
+                "best_val_test_error": "best-validation net's test error"}[name]
+
+
+def smoke_banner(ctx: Context) -> str:
+    return (f"> **A smoke test, not a result: {seeds_text(ctx.seeds)}.** With fewer than {SMOKE_SEEDS} seeds an "
+            f"interval rests on {max(ctx.seeds - 1, 0)} degree{'s' * (ctx.seeds != 2)} of freedom: the intervals "
+            f"below are honest, and far too wide to answer the question. Run the full preset for an answer.")
+
+
+# ---------------------------------------------------------------- the answer
+
+
+def _holm_reading(row) -> str:
+    """'loses' or 'gains' where Holm's correction over the g values still detects the contrast, else ''."""
+    if math.isnan(row.estimate.p) or not row.p_holm < ALPHA:
+        return ""
+    return "loses" if row.estimate.mean > 0 else "gains"
+
+
+def primary_reading(rows: list, ctx: Context) -> str:
+    """The primary contrast in words: where a loss (or gain) survives Holm's correction, by how much; where none
+    does, the most the intervals allow (one-sided bound) and what the run could have detected (MDE)."""
+    a, b = map(label, ctx.pair)
+    what = "" if ctx.design.norm_batch else f" over {b}"
+    verbs = ({"loses": "loses", "gains": "gains"} if ctx.design.norm_batch
+             else {"loses": "loses more than " + b + " by", "gains": "loses less than " + b + " by"})
+    parts = []
+    for reading in ("loses", "gains"):
+        found = [r for r in rows if _holm_reading(r) == reading]
+        if found:
+            parts.append(f"{a} {verbs[reading]} " + "; ".join(
+                f"{abs(r.estimate.mean):.2f} points at {ctx.at(r.norm_batch)} "
+                f"({estimate_text(r.estimate.mean, r.estimate.low, r.estimate.high, r.estimate.n, signed=True)}, "
+                f"Holm-adjusted p = {r.p_holm:.2g})" for r in found))
+    rest = [r for r in rows if not _holm_reading(r)]
+    sized = [r for r in rest if r.estimate.n >= 2]
+    if sized:
+        onset = [r for r in rows if _holm_reading(r) == "loses"]
+        nothing = "no loss detected" if not onset else "none detected"
+        parts.append(f"{nothing} at {ctx.design.at_all(r.norm_batch for r in sized)}, where {a}'s extra error"
+                     f"{what} is at most " + ", ".join(f"{r.estimate.upper:+.2f}" for r in sized)
+                     + f" points (one-sided 95% upper bound{'s' * (len(sized) > 1)}, n={sized[0].estimate.n}); "
+                     f"the run would have detected " + ", ".join(f"{r.estimate.mde:.2f}" for r in sized)
+                     + f" points with {POWER:.0%} power (MDE)")
+    unsized = [r for r in rest if r.estimate.n < 2]
+    if unsized:
+        parts.append(f"nothing can be said at {ctx.design.at_all(r.norm_batch for r in unsized)}: fewer than two "
+                     f"seeds finished every trial it pairs")
+    return "; ".join(parts) + "."
+
+
+def _losers(rows: list) -> list:
+    return [r for r in rows if _holm_reading(r) == "loses"]
+
+
+def onset_sentence(rows: list, ctx: Context) -> str:
+    """Where batch norm starts to lose: the largest g with a loss that survives Holm."""
+    losers = _losers(rows)
+    a = label(ctx.pair[0])
+    if not losers:
+        smallest = min((r.norm_batch for r in rows), default=None)
+        return (f"No loss of {a} is detected down to {ctx.at(smallest)}." if smallest is not None else "")
+    onset = max(losers, key=lambda r: r.norm_batch)
+    return (f"The largest {'g' if ctx.design.norm_batch else 'batch'} at which {a}'s loss is detected: "
+            f"{ctx.at(onset.norm_batch)}.")
+
+
+def difference_reading(rows: list[Difference], ctx: Context) -> str:
+    """BN(g) - B per g in words: where one beats the other (interval excludes 0), by how much."""
+    a, b = map(label, ctx.pair)
+    beats = [r for r in rows if r.estimate.n >= 2 and (r.estimate.low > 0 or r.estimate.high < 0)]
+    if not beats:
+        return f"At no g does either of {a} and {b} beat the other beyond its interval."
+    return "; ".join(f"{label(r.b) if r.estimate.mean > 0 else label(r.a)} beats "
+                     f"{label(r.a) if r.estimate.mean > 0 else label(r.b)} at {ctx.at(r.norm_batch)} by "
+                     f"{abs(r.estimate.mean):.2f} points "
+                     f"({estimate_text(r.estimate.mean, r.estimate.low, r.estimate.high, r.estimate.n, signed=True)})"
+                     for r in beats) + "."
+
+
+def short_answer(primary: list, differences: list[Difference], ctx: Context) -> str:
+    """The answer in one paragraph (the report's "In short", and the terminal's answer)."""
+    a, b = map(label, ctx.pair)
+    if ctx.design.norm_batch:
+        question = (f"Does {a} lose as its statistics batch g shrinks from {ctx.reference}, at a fixed SGD batch "
+                    f"of {ctx.spec.base.batch_size}, and does {b} beat it?")
+    else:
+        question = f"Does {a} lose more than {b} as the batch shrinks from {ctx.reference}?"
+    prefix = f"Smoke test ({seeds_text(ctx.seeds)}), not a result: " if ctx.smoke else ""
+    if not primary:
+        return f"{prefix}{question} Not answerable from this run."
+    text = f"{prefix}{question} In short ({ctx.measure()}): {primary_reading(primary, ctx)}"
+    onset = onset_sentence(primary, ctx)
+    text += f" {onset}" if onset else ""
+    own = [d for d in differences if d.a == ctx.pair[0]]
+    if own:
+        text += f" {difference_reading(own, ctx)}"
+    return text
+
+
+def _contrast_table(rows: list, ctx: Context, value: str, with_bound: bool) -> str:
+    table = pd.DataFrame([{"arm": label(getattr(r, "normalization", getattr(r, "a", ""))), "g": r.norm_batch,
+                           "n": r.estimate.n, value: number(r.estimate.mean, signed=True),
+                           "95% CI": interval_text(r.estimate.low, r.estimate.high),
+                           **({"at most (one-sided 95%)": number(r.estimate.upper, signed=True)} if with_bound else {}),
+                           "MDE": number(r.estimate.mde),
+                           **({"Holm p": "—" if math.isnan(r.p_holm) else f"{r.p_holm:.2g}"}
+                              if hasattr(r, "p_holm") else {}),
+                           "verdict": r.verdict} for r in rows])
+    if not ctx.design.norm_batch:
+        table = table.rename(columns={"g": "batch"})
+    return markdown_table(table)
+
+
+def answer_section(primary: list, precise_primary: list, differences: list[Difference], recovered: list[Difference],
+                   ctx: Context, figure: str) -> str:
+    a, b = map(label, ctx.pair)
+    ref = ctx.at(ctx.reference)
+    if ctx.design.norm_batch:
+        lines = [f"## The answer: does {a} lose as g shrinks, and does {b} beat it?", ""]
+    else:
+        lines = [f"## The answer: does {a} lose more than {b} as the batch shrinks?", ""]
+    lines += [short_answer(primary, differences, ctx), ""]
+    if not primary:
+        lines.append(f"It needs {a} at {ref} and at a smaller g, each with finished trials"
+                     + ("" if ctx.design.norm_batch else f", and {b} at the same batch sizes") + ".")
+        return "\n".join(lines)
+    if ctx.design.norm_batch:
+        lines += [f"**{a}'s extra error at g against {ref}** ({ctx.design.title}: every trial trains with SGD "
+                  f"batches of {ctx.spec.base.batch_size} at one learning rate, and only {a}'s statistics are "
+                  f"computed over g images). Per seed, {a}(g) - {a}({ctx.reference}), in points of "
+                  f"{ctx.measure()}; {b} does not depend on g, so this is also the interaction of {a} with {b}. "
+                  f"Holm's correction runs over the g values of each arm.", ""]
+        value = "extra error (points)"
+    else:
+        lines += [f"**The interaction** ({ctx.design.title}: g is the SGD batch, the learning rate scaled "
+                  f"with it). Per seed, ({a}(b) - {a}({ctx.reference})) - ({b}(b) - {b}({ctx.reference})): how "
+                  f"many more points of {ctx.measure()} {a} gains than {b} when the batch shrinks from "
+                  f"{ctx.reference} to b; positive means {a} loses more. Holm's correction runs over the batch "
+                  f"sizes.", ""]
+        value = "interaction (points)"
+    lines += [_contrast_table(primary + precise_primary, ctx, value, with_bound=True), ""]
+    if figure:
+        lines += [f"![{value.split(' (')[0]} against g]({figure}.png)", ""]
+    if differences:
+        lines += [f"**Does {b} beat {a}?** Per seed, {a}(g) - {b}" + ("" if ctx.design.norm_batch else "(g)")
+                  + f" at the same g: positive means {b} errs less.", "",
+                  _contrast_table(differences, ctx, f"{a} - {b} (points)", with_bound=False), ""]
+    if recovered:
+        lines += [f"**What precise statistics recover.** Per seed, {a}(g) - precise {a}(g): the same trained "
+                  f"net scored with its statistics recomputed over training images instead of the running "
+                  f"averages; positive means precise statistics err less, so that much of {a}'s error is the "
+                  f"mismatch between training's and test's statistics, which recomputing them removes.", "",
+                  _contrast_table(recovered, ctx, "recovered (points)", with_bound=False), ""]
+    return "\n".join(lines).rstrip()
+
+
+# ---------------------------------------------------------------- errors and measures
+
+
+def wide_cells(cells: pd.DataFrame, ctx: Context) -> pd.DataFrame:
+    """A row per arm, a column per g (largest first), each 'mean [low, high], n=k'. An arm independent of g
+    sits in the reference's column, its other columns saying so."""
+    levels = sorted({int(g) for g in cells["norm_batch"].dropna()}, reverse=True)
+    rows = []
+    for arm in ordered_arms(cells["normalization"]):
+        mine = cells[cells["normalization"] == arm]
+        row = {"arm": ARM_LABELS.get(arm, arm)}
+        if mine["norm_batch"].isna().all():
+            c = mine.iloc[0]
+            text = estimate_text(c["mean"], c["low"], c["high"], int(c["n"]))
+            row.update({ctx.design.column(g): text if g == ctx.reference else "same trials" for g in levels})
+        else:
+            by_g = {int(c.norm_batch): estimate_text(c.mean, c.low, c.high, int(c.n)) for c in mine.itertuples()}
+            row.update({ctx.design.column(g): by_g.get(g, "") for g in levels})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def paper_table(ctx: Context) -> pd.DataFrame:
+    paper = pd.DataFrame(PAPER_ERROR).T.reindex(columns=list(BATCH_SIZES))
+    paper = paper.map(lambda v: "" if pd.isna(v) else f"{v:.1f}")
+    paper.columns = [f"{b} images per GPU" for b in paper.columns]
+    return paper.rename(index=LABELS).rename_axis("normalization").reset_index()
+
+
+def errors_section(cells: pd.DataFrame, ctx: Context, figure: str) -> str:
+    lines = [f"## Test error (%): {ctx.measure()}, mean and 95% CI over seeds", "",
+             markdown_table(wide_cells(cells, ctx)), ""]
+    if figure:
+        lines += [f"![test error against g]({figure}.png)", ""]
+    lines += [f"The paper ({PAPER_CITATION}; batch norm's statistics over the images on one GPU, the SGD batch "
+              f"over 8 GPUs), for scale: its ImageNet errors are not comparable with these.", "",
+              markdown_table(paper_table(ctx))]
+    return "\n".join(lines)
+
+
+def _agreement(by_measure: dict[str, list], ctx: Context) -> str:
+    """Whether the measures say the same at every g (the same verdict, means within ±delta of the primary's)
+    and, where not, which way the others lean."""
+    primary = {r.norm_batch: r for r in by_measure["test_error"]}
+    disagree, sizes, leans = [], [], []
+    for name, rows in by_measure.items():
+        if name == "test_error" or not rows:
+            continue
+        paired = [(r, primary[r.norm_batch]) for r in rows if r.norm_batch in primary]
+        for r, p in paired:
+            reading = (f"at {ctx.at(r.norm_batch)} the {ctx.measure(name)} reads "
+                       f"{estimate_text(r.estimate.mean, r.estimate.low, r.estimate.high, r.estimate.n, True)} "
+                       f"against {number(p.estimate.mean, signed=True)}")
+            if r.verdict != p.verdict:
+                disagree.append(f"{reading} ('{r.verdict}' where the primary measure says '{p.verdict}')")
+            elif abs(r.estimate.mean - p.estimate.mean) > ctx.delta:
+                sizes.append(reading)
+        shifts = [r.estimate.mean - p.estimate.mean for r, p in paired if not math.isnan(r.estimate.mean)]
+        if shifts:
+            shift = sum(shifts) / len(shifts)
+            leans.append(f"the {ctx.measure(name)} reads the contrast {abs(shift):.2f} points "
+                         f"{'higher' if shift > 0 else 'lower'} on average over g")
+    if not leans:
+        return "Only the primary measure was recorded for these trials."
+    which_way = "; ".join(leans) + "."
+    if disagree:
+        return "They disagree: " + "; ".join(disagree + sizes) + ". Which way: " + which_way
+    if sizes:
+        return (f"The verdicts agree at every g, but the sizes differ by more than ±{ctx.delta:g} points: "
+                + "; ".join(sizes) + ". Which way: " + which_way)
+    return (f"The measures agree: the same verdict at every g, and means within ±{ctx.delta:g} points of the "
+            f"primary measure's; " + which_way)
+
+
+def measures_section(by_measure: dict[str, list], cells_by_measure: dict[str, pd.DataFrame], ctx: Context) -> str:
+    """The primary contrast under each measure, and the other measures' error tables."""
+    a = label(ctx.pair[0])
+    what = "extra error at g" if ctx.design.norm_batch else f"interaction with {label(ctx.pair[1])}"
+    others = " and the ".join(ctx.measure(name) for name in by_measure if name != "test_error")
+    lines = ["## Do the measures agree?", "",
+             f"The primary measure, fixed before the runs, is the {ctx.measure()}"
+             + (f"; the {others} {'is' if len(by_measure) == 2 else 'are'} reported beside it" if others else "")
+             + f". {a}'s {what}, in points, under each:", ""]
+    levels = [r.norm_batch for r in by_measure["test_error"]]
+    table = pd.DataFrame([{"g" if ctx.design.norm_batch else "batch": g, **{
+        ctx.measure(name): next((estimate_text(r.estimate.mean, r.estimate.low, r.estimate.high, r.estimate.n, True)
+                                 for r in rows if r.norm_batch == g), "—")
+        for name, rows in by_measure.items()}} for g in levels])
+    lines += [markdown_table(table) if levels else "No contrast to compare.", "", _agreement(by_measure, ctx)]
+    for name, cells in cells_by_measure.items():
+        if name == "test_error":
+            continue
+        lines += ["", f"Test error (%), the {ctx.measure(name)}:", ""]
+        lines.append(markdown_table(wide_cells(cells, ctx)) if not cells.empty else "Not recorded for these trials.")
+    return "\n".join(lines)
+
+
+def changes_section(norm_changes: list[Change], ctx: Context) -> str:
+    lines = [f"## Each arm's own change from {ctx.at(ctx.reference)}", ""]
+    if not norm_changes:
+        return "\n".join([*lines, f"No arm that depends on g ran at {ctx.at(ctx.reference)} and a smaller g."])
+    table = pd.DataFrame([{"arm": ARM_LABELS.get(c.normalization, c.normalization), "g": c.norm_batch,
+                           "n": c.estimate.n, "change (points)": number(c.estimate.mean, signed=True),
+                           "95% CI": interval_text(c.estimate.low, c.estimate.high), "MDE": number(c.estimate.mde),
+                           "Holm p": "—" if math.isnan(c.p_holm) else f"{c.p_holm:.2g}",
+                           "verdict": c.verdict} for c in norm_changes])
+    if not ctx.design.norm_batch:
+        table = table.rename(columns={"g": "batch"})
+    lines += [f"Per seed, error(g) - error({ctx.reference}) in points of {ctx.measure()}, paired by seed; flat "
+              f"means the interval lies within ±{ctx.delta:g} points.", "", markdown_table(table)]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- why, design, provenance, method
+
+
+def diagnostics_section(layers: pd.DataFrame | None, model: pd.DataFrame | None, sentences: list[str]) -> str:
+    lines = ["## Why: the normalization statistics", ""]
+    if layers is None:
+        return "\n".join([*lines, "No diagnostics were recorded for this run: the report cannot say why the "
+                                  "normalizations behaved as they did."])
+    lines += [f"- {sentence}" for sentence in sentences]
+    for title, table in (("Per norm layer, median over seeds", layers), ("Whole model, median over seeds", model)):
+        if table is not None and not table.empty:
+            lines += ["", f"{title}:", "", markdown_table(table)]
+    return "\n".join(lines)
+
+
+def updates_table(spec: SweepSpec, trials: list, num_train: int | None, design: Design) -> pd.DataFrame:
+    """Per g: its SGD batch, learning rate, and the Solver's iterations per epoch and updates in all.
+
+    The Solver runs max(num_train // batch_size, 1) iterations per epoch; without
+    num_train those columns are NaN.
+    """
+    rows = []
+    levels = {getattr(t, "norm_batch", None) or t.batch_size if design.norm_batch else t.batch_size: t
+              for t in trials if t.normalization == "batchnorm" or not design.norm_batch}
+    for g in sorted(levels, reverse=True):
+        batch = levels[g].batch_size
+        rate = spec.base.learning_rate * (batch / spec.lr_reference_batch if spec.lr_reference_batch else 1.0)
+        per_epoch = math.nan if num_train is None else max(num_train // batch, 1)
+        rows.append({"norm_batch": g, "batch_size": batch, "learning_rate": rate, "iterations_per_epoch": per_epoch,
+                     "updates": per_epoch * spec.base.num_epochs})
+    return pd.DataFrame(rows)
+
+
+def net_words(spec: SweepSpec, trials: list, detailed: bool = False) -> str:
+    """The net in words: "a 3-block convnet" or, detailed, its layers and where its norms sit."""
+    base = spec.base
+    if base.model == "fc_net":
+        short = f"a fully connected net of {base.depth} hidden layer{'s' * (base.depth != 1)}"
+        return short + (f" of {base.hidden_dim} units, each affine-norm-relu" if detailed else "")
+    if base.model == "resnet":
+        short = "a residual net"
+        return short + (f" ({base.depth} basic block{'s' * (base.depth != 1)} per stage, 3 stages from "
+                        f"{base.num_filters} filters)" if detailed else "")
+    short = "the three-layer convnet" if base.depth == 1 else f"a {base.depth}-block convnet"
+    if not detailed:
+        return short
+    _, height, _ = IMAGE_SHAPES[base.dataset]
+    sizes = [height]
+    for _ in range(base.depth - 1):
+        sizes.append(max(sizes[-1] // 2, 1))
+    maps = " / ".join(f"{h}x{h}" for h in sizes)
+    groups = (f", group norm with G={base.num_groups} ({base.num_filters // base.num_groups} channels per group)"
+              if "groupnorm" in {t.normalization for t in trials} else "")
+    return (f"{short}: {base.depth} conv-norm-relu-pool block{'s' * (base.depth != 1)} of {base.num_filters} "
+            f"filters {base.filter_size}x{base.filter_size} (norm layers on {maps} maps), then a hidden layer of "
+            f"{base.hidden_dim}{groups}")
+
+
+def _schedule(spec: SweepSpec, design: Design) -> str:
+    base = spec.base
+    rule = (f"{base.learning_rate:g} x b/{spec.lr_reference_batch}" if spec.lr_reference_batch
+            else f"{base.learning_rate:g} at every g")
+    steps = (f", divided by 10 after {', '.join(f'{f:.0%}' for f in base.lr_steps)} of training" if base.lr_steps
+             else ", constant")
+    return f"{base.update_rule} at learning rate {rule}{steps}"
+
+
+def _measure_words(spec: SweepSpec, ctx: Context, num_train: int | None) -> str:
+    base = spec.base
+    k = base.tail_evals
+    test = (f"{base.num_test} test images, one image = {100 / base.num_test:.3g} points" if base.num_test
+            else "the whole test split")
+    if not k:
+        return (f"Measured: the test error (%) of the final net on the test split ({test}), in test mode (batch "
+                f"norm with its running statistics). No tail evaluations were configured (tail_evals = 0), so the "
+                f"primary measure is the final net's.")
+    last = base.lr_steps[-1] if base.lr_steps else 0.0
+    start = last + (1 - last) / 2
+    return (f"Measured (fixed before the runs): the {ctx.measure()} on the test split ({test}), in test mode "
+            f"(batch norm with its running statistics), evenly spaced from {start:.1%} of training to its end: the "
+            f"second half of the last learning-rate phase, after the net has settled at its final rate. The paper "
+            f"takes the median of its last 5 epochs' errors, all after its last decay; the mean of points after "
+            f"the last decay is the same idea for a run of a few epochs, and a mean is the estimator the paired "
+            f"t-intervals assume. Beside it, the final net's and the best-validation net's errors. Precise BN: the "
+            f"same evaluations with batch norm's statistics recomputed over 1,000 training images instead of the "
+            f"running averages.")
+
+
+def design_section(spec: SweepSpec, trials: list, updates: pd.DataFrame, num_planned: int, missing: list[tuple],
+                   num_train: int | None, ctx: Context) -> str:
+    base, design = spec.base, ctx.design
+    norms = ordered_arms(t.normalization for t in trials)
+    seeds = sorted({t.train_seed for t in trials})
+    levels = ", ".join(str(g) for g in updates["norm_batch"])
+    if design.norm_batch:
+        varied = (f"{design.title}: SGD batch {base.batch_size} at every trial, batch norm's statistics over g = "
+                  f"{levels} images (ghost batch norm: each step's batch split into groups of g, each normalised "
+                  f"with its own statistics), as the paper's batch norm used the images on one GPU while its "
+                  f"gradient averaged over eight. The other normalizations do not depend on g and run once per seed")
+    else:
+        varied = (f"{design.title}: batch size {levels}, batch norm's statistics over the whole batch, the learning "
+                  f"rate scaled linearly with the batch (what a user on one device lives with; g changes the "
+                  f"gradient noise and the number of updates too)")
+    lines = [
+        "## Design",
+        "",
+        f"Sweep `{spec.name}` on {base.dataset}, {varied}; {', '.join(map(label, norms))} x seeds "
+        f"{', '.join(map(str, seeds))}; {base.num_epochs} epoch{'s' * (base.num_epochs != 1)}; {_schedule(spec, design)}; "
+        f"{net_words(spec, trials, detailed=True)}; "
+        + (f"{num_train} training images." if num_train else "the number of training images was not given."),
+        "",
+        _measure_words(spec, ctx, num_train),
+        "",
+        markdown_table(updates.rename(columns={"norm_batch": "g" if design.norm_batch else "batch",
+                                               "batch_size": "SGD batch", "learning_rate": "learning rate",
+                                               "iterations_per_epoch": "iterations per epoch"})
+                       .drop(columns=[] if design.norm_batch else ["SGD batch"])),
+        "",
+    ]
+    if missing:
+        lines.append(f"{num_planned} trials planned, {num_planned - len(missing)} finished; {len(missing)} did not "
+                     f"finish and {'is' if len(missing) == 1 else 'are'} left out: "
+                     + ", ".join(f"{label(n)}{'' if g is None else ' ' + ctx.at(g)} seed {s}" for n, g, s in missing)
+                     + ".")
+    else:
+        lines.append(f"All {num_planned} planned trials finished.")
+    return "\n".join(lines)
+
+
+def provenance_section(provenance: dict[str, str] | None) -> str:
+    if not provenance:
+        return "## Provenance\n\nNot recorded (no commit, versions, command or date were given to the report)."
+    return "\n".join(["## Provenance", "", *(f"- {key}: `{value}`" for key, value in provenance.items())])
+
+
+def method_section(delta: float) -> str:
+    return "\n".join([
+        "## How to read the verdicts",
+        "",
+        "- Every interval is a 95% t-interval over seeds (n - 1 degrees of freedom), and n says how many; a "
+        "comparison is paired by seed, so only seeds finished in every cell it uses count.",
+        f"- Verdicts come from the interval, never the mean alone: wholly above 0 is a detected rise (degrades, "
+        f"or the first normalization loses more), wholly below 0 a detected fall; an interval containing 0 and "
+        f"lying within ±{delta:g} points (bounds included) rules out a practical difference (flat, or no "
+        f"difference); anything else cannot tell. A detected rise or fall takes precedence over 'within "
+        f"±{delta:g}': an interval such as [0.10, 0.30] is reported as a change, a small one.",
+        "- Holm p: the p-value of the paired t-test against 0, adjusted by Holm's step-down method over the g "
+        "values of the same arm, so the answer's family of contrasts keeps a 5% chance of any false detection. "
+        "The answer counts a loss as detected only where Holm p < 0.05.",
+        "- At most (one-sided 95%): the largest true value the data leave plausible (mean + t(0.95, n-1) x se). "
+        "Where nothing is detected, it bounds how much the arm can lose; it is not the MDE.",
+        f"- MDE: the smallest true effect a two-sided paired t-test at alpha 0.05 detects with {POWER:.0%} power, "
+        f"given n and the observed sd of the paired differences (noncentral t). With few seeds the observed sd is "
+        f"itself uncertain, so the MDE is a guide, not a guarantee. One seed gives no interval and no MDE.",
+        "- Outside the answer's Holm-corrected family each interval is read on its own: where nothing is going on, "
+        "about 1 in 20 of them still excludes 0 by chance. A lone detection among many null cells is weak "
+        "evidence.",
+    ])
+
