@@ -34,6 +34,7 @@ from cnncore.solver import Solver
 from .config import TrainConfig
 from .figures import learning_curves_figure
 from .load_data import dataset_source
+from .provenance import BLAS_TAG, blas
 from .shutdown import StopRequest
 from .tracking import Run
 
@@ -204,7 +205,7 @@ def fit(run: Run, config: TrainConfig, data: dict, *, source: str | None = None,
     wall = time.perf_counter() - start
     images_per_s = solver.iteration * config.batch_size / wall
     run.log_metrics({"best_val_acc": solver.best_val_acc, "wall_time_s": wall, "images_per_s": images_per_s})
-    run.set_tags({"device": config.device, "device_name": device_name(config.device)})
+    run.set_tags({"device": config.device, "device_name": device_name(config.device), BLAS_TAG: blas()})
     final_net = build_net(config, data)
     final_net.load_state_dict(solver.final_state)
     fitted = Fitted(net, final_net, list(solver.loss_history), list(solver.train_acc_history),

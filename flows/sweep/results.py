@@ -28,6 +28,7 @@ class TrialResult(BaseModel):
     wall_time_s: float | None = None
     diagnostics: dict[str, float] = {}  # cnncore.diagnostics of the final net, when the config asked
     commit: str = ""  # the code that trained it (its run's mlflow.source.git.commit)
+    blas: str = ""  # the BLAS that trained it (provenance.blas(): library, kernel, threads)
     failure_reason: str | None = None
     config: TrainConfig
 

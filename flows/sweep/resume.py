@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from ..config import SweepSpec, TrainConfig
 from ..tracking import FINISHED, Run, RunRecord, Store
-from ..provenance import GIT_COMMIT_TAG
+from ..provenance import BLAS_TAG, GIT_COMMIT_TAG
 from ..training import DIAGNOSTICS_PREFIX
 from . import lease
 from .results import TrialResult, trial_name
@@ -116,5 +116,5 @@ def skipped_trial(spec: SweepSpec, index: int, config: TrainConfig, record: RunR
                                                                "final_precise_test_acc")},
                        diagnostics={k.removeprefix(DIAGNOSTICS_PREFIX): v for k, v in metrics.items()
                                     if k.startswith(DIAGNOSTICS_PREFIX)},
-                       commit=record.tags.get(GIT_COMMIT_TAG, ""),
+                       commit=record.tags.get(GIT_COMMIT_TAG, ""), blas=record.tags.get(BLAS_TAG, ""),
                        config=config)

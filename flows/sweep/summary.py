@@ -162,8 +162,10 @@ def write_study_report(parent: Run, spec: SweepSpec, results: list[TrialResult],
     """
     # A resumed study's report is made now, from trials some of which earlier code may have trained.
     trained_at = ", ".join(sorted({r.commit for r in results if r.commit})) or "unknown"
+    trained_with = "; ".join(sorted({r.blas for r in results if r.blas})) or "unknown"
     study = build_study(study_trials(results), spec, diagnostics=study_diagnostics(results),
-                        provenance={**provenance(), "trials trained at commit": trained_at}, num_train=num_train)
+                        provenance={**provenance(), "trials trained at commit": trained_at,
+                                    "trials trained with BLAS": trained_with}, num_train=num_train)
     for name, table in study.tables.items():
         parent.log_table(table, f"study/{name}")
     for name, figure in study.figures.items():

@@ -6,6 +6,10 @@ and tests/test_study_report.py; here a small preset runs end to end.
 
 import io
 import math
+import re
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -13,8 +17,13 @@ import pytest
 from scipy import stats
 
 from cnncore.cnn import NORMALIZATIONS as NET_NORMALIZATIONS
+from cnncore.diagnostics import recomputed_statistics_error
+from flows.config import TrainConfig
+from flows.provenance import blas
 from flows.study import NORMALIZATIONS, PAPER_ERROR, bn_vs_gn_spec, groups_for, preset_spec
 from flows.sweep import sweep
+from flows.tracking import connect
+from flows.training import PRECISE_IMAGES, fit, log_test_scores, score_test_split, tail_iterations
 
 
 def test_preset_grid_is_the_papers_design():
@@ -148,6 +157,9 @@ def test_small_preset_run_reports_exactly_what_its_child_runs_logged(store, tmp_
     assert "All 8 planned trials finished." in markdown and "## The answer" in markdown
     assert markdown.splitlines()[2].startswith("> **A smoke test, not a result: 2 seeds.**")
     assert f"{PAPER_ERROR['batchnorm'][2]}" in markdown
+    assert re.search(r"^- blas: `openblas [\d.]+ \(\w+\), kernel \w+, \d+ threads?`$", markdown, re.M)
+    assert re.search(r"^- trials trained with BLAS: `openblas [\d.]+ \(\w+\), kernel \w+, \d+ threads?`$", markdown,
+                     re.M)
     page = open(store.client.download_artifacts(parent.info.run_id, "study/report.html", str(tmp_path))).read()
     assert page.count('<img src="data:image/png;base64,') == 2
     # The learning rate each child trained with is the scaled one.
@@ -172,3 +184,64 @@ def test_preset_parameter_replaces_the_spec(store, monkeypatch):
     assert report.name == "study-tiny" and report.study_report.startswith("# BN vs GN")
     assert io.StringIO(report.study_report).readline().strip() == \
         "# BN vs GN: digits, the three-layer convnet, the single-device design"
+
+
+# ---------------------------------------------------------------- the measure: tail evaluations
+
+
+def test_tail_iterations_sit_in_the_second_half_of_the_last_learning_rate_phase():
+    """6,000 images at batch 32: 187 iterations per epoch, 935 in 5 epochs; the rate's last step after 75% of
+    training, so the points run from 87.5% (818) to the end (935)."""
+    config = TrainConfig(batch_size=32, num_epochs=5, lr_steps=[0.5, 0.75], tail_evals=3)
+    assert tail_iterations(config, 6000) == [818, 877, 935]
+    assert tail_iterations(config.model_copy(update={"tail_evals": 5}), 6000) == [818, 847, 877, 906, 935]
+    assert tail_iterations(config.model_copy(update={"tail_evals": 1}), 6000) == [935]
+    assert tail_iterations(config.model_copy(update={"tail_evals": 0}), 6000) == []
+    # Without steps the last phase is the whole run: its second half; 2 epochs of 187.
+    assert tail_iterations(TrainConfig(batch_size=32, num_epochs=2, tail_evals=2), 6000) == [187, 374]
+    # More points than iterations: each iteration once.
+    assert tail_iterations(TrainConfig(batch_size=32, num_epochs=1, tail_evals=20), 64) == [1, 2]
+
+
+def test_tail_evaluations_leave_the_training_as_it_was_and_score_the_nets_it_passes(store):
+    """The same trial with and without tail evaluations trains the same net, bit for bit; the last evaluation
+    is the final net's score, with running statistics and with precise ones (recomputed over the first
+    PRECISE_IMAGES training images)."""
+    from flows.load_data import load_data_once
+
+    base = TrainConfig(normalization="batchnorm", num_epochs=2, num_train=300, batch_size=25, lr_steps=[0.5],
+                       update_rule="sgd_momentum", learning_rate=0.02)
+    data = load_data_once(base.data_spec())
+    tracking = connect(store.uri)
+    plain = fit(tracking.start_run("measure", "plain"), base, data)
+    measured_run = tracking.start_run("measure", "measured")
+    measured = fit(measured_run, base.model_copy(update={"tail_evals": 3}), data)
+    assert measured.loss_history == plain.loss_history
+    for name, value in plain.final_net.params.items():
+        assert np.array_equal(measured.final_net.params[name], value)
+    assert sorted(measured.tail) == [18, 21, 24] == sorted(measured.tail_precise)
+    assert measured.tail[24] == pytest.approx(score_test_split(measured.final_net, data)[0], abs=1e-12)
+    precise = recomputed_statistics_error(measured.final_net, data["X_train"][:PRECISE_IMAGES], data["X_test"],
+                                          data["y_test"])
+    assert measured.tail_precise[24] == pytest.approx(1 - precise["recomputed_error"])
+    scores, _ = log_test_scores(measured_run, measured, data)
+    assert scores["tail_test_acc"] == pytest.approx(np.mean(list(measured.tail.values())))
+    assert scores["final_precise_test_acc"] == measured.tail_precise[24]
+    assert store.history(measured_run.id, "tail_eval/test_acc") == sorted(measured.tail.items())
+
+
+def test_tail_evals_enter_a_trials_key_only_when_set():
+    config = TrainConfig()
+    assert "tail_evals" not in config.effective()
+    assert config.key() == TrainConfig(tail_evals=0).key() != TrainConfig(tail_evals=3).key()
+
+
+def test_provenance_names_the_blas_kernel_which_openblas_coretype_changes():
+    """The kernel OpenBLAS picks for the CPU decides a trajectory's last bits: the provenance says which ran."""
+    here = blas()
+    if not here.startswith("openblas"):
+        pytest.skip(f"NumPy's BLAS here is not OpenBLAS: {here}")
+    code = "from flows.provenance import blas; print(blas())"
+    forced = subprocess.run([sys.executable, "-c", code], env={**os.environ, "OPENBLAS_CORETYPE": "SandyBridge"},
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert re.fullmatch(r"openblas [\d.]+ \(\w+\), kernel Sandybridge, \d+ threads?", forced)
