@@ -10,6 +10,12 @@ A norm layer's input is (N, C, H, W) after a convolution and (N, D) after an aff
 layer; a "channel" is axis 1, and batch norm pools each channel over every other
 axis: N*H*W values, or N.
 
+Batch statistics are measured at the normalization batch: the images one batch norm
+statistic pools in training, the SGD batch or, for ghost batch norm, the model's
+norm_batch. Each sampled batch is one such group of images, passed whole (the copies
+of bn_params these functions compute with drop norm_batch), so a model trained with
+norm_batch = g is measured on batches of g images, as its batch norm layers saw them.
+
 Layer by layer:
   sample_batch_moments -> effective_sample_sizes, log_variance_spreads
   group_log_variances -> group_statistics_spread
@@ -56,6 +62,7 @@ def channel_moments(a) -> tuple[np.ndarray, np.ndarray]:
 def sample_batch_moments(model, X, batch_size: int, num_batches: int = 200, seed: int = 0) -> list[LayerMoments]:
     """The batch statistics each norm layer sees in training, over num_batches batches.
 
+    batch_size: the normalization batch (see the module's docstring).
     Draws num_batches batches of batch_size distinct images of X (each uniformly
     without replacement, independently of the others, from default_rng(seed)),
     passes each through the model in train mode on copies of its bn_params (so
@@ -64,14 +71,14 @@ def sample_batch_moments(model, X, batch_size: int, num_batches: int = 200, seed
     the per-channel mean and biased variance of every norm layer's input.
     Returns one LayerMoments per norm layer, in forward order.
     """
-    batch_size = checks.require_int("batch_size", batch_size, minimum=2, maximum=len(X))
+    batch_size = checks.require_int("batch_size", batch_size, minimum=1, maximum=len(X))
     num_batches = checks.require_int("num_batches", num_batches, minimum=2)
     rng = np.random.default_rng(seed)
     layers = model.norm_layers()
     moments, nominal = [[] for _ in layers], [0] * len(layers)
     for _ in range(num_batches):
         batch = X[rng.choice(len(X), batch_size, replace=False)]
-        for k, a in enumerate(model.norm_inputs(batch, "train")):
+        for k, a in enumerate(model.norm_inputs(batch, "train", whole_batch_bn_params(model))):
             moments[k].append(channel_moments(a))
             nominal[k] = a.shape[0] * math.prod(a.shape[2:])
     return [LayerMoments(layer.name, layer.kind, nominal[k], np.stack([m[0] for m in moments[k]]),
@@ -155,8 +162,9 @@ def group_statistics_spread(model, X, batch_size: int = 500) -> dict[str, float]
 
 
 def train_test_error(model, X, y, batch_size: int, seed: int = 0) -> dict[str, float]:
-    """The error on X in train mode, in batches of the training batch size, against test mode.
+    """The error on X in train mode, in batches of the normalization batch, against test mode.
 
+    batch_size: the normalization batch (see the module's docstring).
     X is shuffled (default_rng(seed)) and cut into batches of batch_size, the last
     filled up with images from the start (predicted once, in their first batch), so
     every batch holds batch_size images as in training. Each batch is scored twice
@@ -176,9 +184,17 @@ def train_test_error(model, X, y, batch_size: int, seed: int = 0) -> dict[str, f
         batch = order[start : start + batch_size]
         first = slice(0, min(batch_size, len(X) - start))  # the images not scored before
         for mode in wrong:
-            labels = _labels(model.scores(X[batch], mode))[first]
+            labels = _labels(model.scores(X[batch], mode, whole_batch_bn_params(model)))[first]
             wrong[mode] += int((labels != y[batch][first]).sum())
     return {f"{mode}_mode_error": count / len(X) for mode, count in wrong.items()}
+
+
+def whole_batch_bn_params(model) -> list:
+    """Copies of the model's bn_params without norm_batch: each batch they normalise is one group."""
+    bn_params = model.copy_bn_params()
+    for bn_param in bn_params:
+        bn_param.pop("norm_batch", None)
+    return bn_params
 
 
 def recompute_bn_statistics(model, X_train, batch_size: int = 500) -> list:

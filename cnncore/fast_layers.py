@@ -589,17 +589,21 @@ def _channel(v, image_shape):
 
 def spatial_batchnorm_forward_fast(x, gamma, beta, bn_param):
     """Batch normalisation per channel; the arguments and output of
-    layers.spatial_batchnorm_forward (bn_param's running statistics included).
+    layers.spatial_batchnorm_forward (bn_param's running statistics and norm_batch included).
 
     x: (N, C, H, W); gamma, beta: (C,) or (1, C, 1, 1).
-    Returns (out, cache): out (N, C, H, W); cache (x, mean (C,), inv_std (C,),
-    gamma (C,), mode, gamma.shape, beta.shape) for spatial_batchnorm_backward_fast.
+    Returns (out, cache): out (N, C, H, W); cache (x, mean, inv_std, gamma (C,), mode,
+    gamma.shape, beta.shape) for spatial_batchnorm_backward_fast, where mean and
+    inv_std are (C,), or (N / norm_batch, C) in train mode with ghost groups (one row
+    per group). The reference layer's cache holds x_hat instead of x: each backward
+    takes its own forward's cache, as the sandwiches of layer_utils pair them.
 
     Two passes over x and one write of out, the least memory traffic there is:
     the statistics in one pass (sums and sums of squares of x less a per-channel
-    shift, chunk by chunk in cache), then out = x * scale + offset per channel.
-    Neither x - mean nor x_hat is stored: the cache keeps x itself, which costs
-    no memory, and the backward needs only per-channel affine maps of it.
+    shift, chunk by chunk in cache), then out = x * scale + offset per channel
+    (per image and channel with ghost groups). Neither x - mean nor x_hat is
+    stored: the cache keeps x itself, which costs no memory, and the backward
+    needs only per-channel affine maps of it.
     """
     checks.require_float_array("x", x)
     checks.require_ndim("x", x, 4, "(N, C, H, W)")
@@ -608,10 +612,11 @@ def spatial_batchnorm_forward_fast(x, gamma, beta, bn_param):
     g = checks.affine_params("gamma", gamma, C)
     bt = checks.affine_params("beta", beta, C)
     mode, eps, momentum = checks.bn_settings(bn_param, x.shape, N * H * W)
+    groups = checks.bn_groups(bn_param, mode, N)
     running_mean, running_var = _running_stats(bn_param, C, xp, x.dtype)
     chunks = _image_chunks(x, 3)
     if mode == "train":
-        mean, var = _channel_mean_var(x, chunks)
+        mean, var = _channel_mean_var(x, chunks, groups)
         _update_running_stats(bn_param, mean, var, momentum)
     else:
         mean, var = running_mean, running_var
@@ -619,16 +624,31 @@ def spatial_batchnorm_forward_fast(x, gamma, beta, bn_param):
     scale = g * inv_std
     offset = bt - mean * scale
     out = xp.empty_like(x)
-    scale, offset = _channel(scale, x.shape[1:]), _channel(offset, x.shape[1:])
+    scale, offset = (_per_image(v, x.shape) for v in (scale, offset))
     for rows in chunks:
-        xp.multiply(x[rows], scale, out=out[rows])
-        out[rows] += offset
+        xp.multiply(x[rows], scale[rows], out=out[rows])
+        out[rows] += offset[rows]
     return out, (x, mean, inv_std, g, mode, gamma.shape, beta.shape)
 
 
-def _channel_mean_var(x, chunks):
+def _per_image(v, x_shape):
+    """A per-channel coefficient v, (C,) or (groups, C) (one row per ghost group of
+    consecutive images), as an array that broadcasts against x[rows] for a slice of images.
+
+    (C,): one contiguous (C, H, W) image, repeated over the images by a view (see _channel);
+    (groups, C): each image's row as (N, C, 1, 1).
+    """
+    xp = array_module(v)
+    N = x_shape[0]
+    if v.ndim == 1:
+        return xp.broadcast_to(_channel(v, x_shape[1:]), x_shape)
+    return xp.repeat(v, N // v.shape[0], axis=0)[:, :, None, None]
+
+
+def _channel_mean_var(x, chunks, groups=1):
     """Per-channel mean and (biased) variance of x (N, C, H, W) in one pass over memory,
-    as mean(x**2) - mean(x)**2 from per-chunk sums and sums of squares.
+    as mean(x**2) - mean(x)**2 from per-image sums and sums of squares: (C,) each, or
+    (groups, C) for ghost batch norm's groups of N / groups consecutive images.
 
     That formula loses about (mean / std)**2 units in the last place to
     cancellation: nothing that matters in float64, which takes the sums of x
@@ -647,16 +667,23 @@ def _channel_mean_var(x, chunks):
         s = x[rows] if shift is None else xp.subtract(x[rows], shift, out=buffer[: rows.stop - rows.start])
         sums[rows] = _per_image_channel(_row_sums, s)
         squares[rows] = _per_image_channel(_row_dots, s, s)
-    M = N * H * W
-    mean = sums.sum(axis=0) / M
-    var = squares.sum(axis=0) / M - mean * mean
+    M = N // groups * H * W
+    mean = _group_sums(sums, groups) / M
+    var = _group_sums(squares, groups) / M - mean * mean
     return (mean if shift is None else mean + shift[:, 0, 0]), var
+
+
+def _group_sums(per_image, groups):
+    """(N, C) per-image sums -> (C,) over the batch, or (groups, C) over each ghost group."""
+    if groups == 1:
+        return per_image.sum(axis=0)
+    return per_image.reshape(groups, -1, per_image.shape[1]).sum(axis=1)
 
 
 def spatial_batchnorm_backward_fast(dout, cache):
     """dout: (N, C, H, W). Returns (dx, dgamma, dbeta), the latter two shaped like gamma/beta.
 
-    With dx_hat = gamma * dout, per channel (train mode):
+    With dx_hat = gamma * dout, per channel (and ghost group; train mode):
     dx = inv_std * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat)),
     which is dout * a + x * b + c per channel; dx = inv_std * dx_hat in test mode.
     Two passes over dout and x: the per-channel sums of dout and dout * x (from
@@ -669,14 +696,15 @@ def spatial_batchnorm_backward_fast(dout, cache):
     checks.require_dout_shape(dout, x.shape)
     xp = array_module(dout)
     N, C, H, W = dout.shape
-    M = N * H * W
+    groups = mean.shape[0] if mean.ndim == 2 else 1
+    M = N // groups * H * W
     chunks = _image_chunks(dout, 3)
     sums, dots = xp.empty((N, C), dtype=dout.dtype), xp.empty((N, C), dtype=dout.dtype)
     for rows in chunks:
         sums[rows] = _per_image_channel(_row_sums, dout[rows])
         dots[rows] = _per_image_channel(_row_dots, dout[rows], x[rows])
-    dbeta = sums.sum(axis=0)
-    dgamma = (dots.sum(axis=0) - mean * dbeta) * inv_std  # sum(dout * x_hat)
+    dbeta = _group_sums(sums, groups)
+    dgamma = (_group_sums(dots, groups) - mean * dbeta) * inv_std  # sum(dout * x_hat)
     a = g * inv_std
     dx = xp.empty_like(dout)
     if mode == "test":
@@ -685,12 +713,14 @@ def spatial_batchnorm_backward_fast(dout, cache):
     b = -a * inv_std * dgamma / M  # through x_hat * mean(dx_hat * x_hat), x_hat = (x - mean) * inv_std
     c = -a * dbeta / M - b * mean
     x_part = xp.empty_like(x[chunks[0]])
-    a, b, c = (_channel(v, dout.shape[1:]) for v in (a, b, c))
+    a, b, c = (_per_image(v, dout.shape) for v in (a, b, c))
     for rows in chunks:
         d, t = dx[rows], x_part[: rows.stop - rows.start]
-        xp.multiply(dout[rows], a, out=d)
-        d += xp.multiply(x[rows], b, out=t)
-        d += c
+        xp.multiply(dout[rows], a[rows], out=d)
+        d += xp.multiply(x[rows], b[rows], out=t)
+        d += c[rows]
+    if groups > 1:  # the groups' parts of dgamma and dbeta, summed
+        dgamma, dbeta = dgamma.sum(axis=0), dbeta.sum(axis=0)
     return dx, dgamma.reshape(gamma_shape), dbeta.reshape(beta_shape)
 
 

@@ -55,6 +55,7 @@ class FullyConnectedNet(Classifier):
         dtype=np.float32,
         seed: int | None = None,
         device: str = "cpu",
+        norm_batch: int | None = None,
     ):
         """
         hidden_dims: the width of each hidden layer (possibly none: a linear classifier).
@@ -68,6 +69,8 @@ class FullyConnectedNet(Classifier):
         seed: seeds the weight initialisation and dropout's masks (the same mask at each
           call, as CS231n's gradient checks want).
         device: 'cpu' (NumPy) or 'cuda' (CuPy).
+        norm_batch: batch norm's rows per statistics group (ghost batch norm, see
+          layers.batchnorm_forward); None: the whole batch. Ignored by layer norm.
         """
         if isinstance(hidden_dims, (str, bytes)) or not isinstance(hidden_dims, Sequence):
             raise ValueError(f"hidden_dims must be a sequence of positive integers, got {hidden_dims!r}")
@@ -80,7 +83,8 @@ class FullyConnectedNet(Classifier):
         checks.require_int("seed", seed, minimum=0, optional=True)
         self._setup(config={"hidden_dims": hidden, "input_dim": D, "dropout_keep_ratio": keep,
                             "normalization": self.normalization, "seed": seed},
-                    num_classes=num_classes, weight_scale=weight_scale, reg=reg, dtype=dtype, device=device)
+                    num_classes=num_classes, weight_scale=weight_scale, reg=reg, dtype=dtype, device=device,
+                    norm_batch=norm_batch)
         self.num_layers = len(hidden) + 1
         self.input_size = D
 

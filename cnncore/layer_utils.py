@@ -90,12 +90,12 @@ def conv_relu_backward(dout, cache):
 
 
 def conv_relu_pool_forward(x, w, b, conv_param, pool_param=POOL_2X2, layers=FAST_LAYERS):
-    """conv -> relu -> max pool (2x2, stride 2 unless pool_param says otherwise).
+    """conv -> relu -> max pool (2x2, stride 2 unless pool_param says otherwise; None: no pool).
 
     On FAST_LAYERS fused (see conv_relu_pool_forward_fast): the full-size activation
     is never stored. Returns (out (N, F, H'', W''), cache).
     """
-    if layers.fuses_conv_relu_pool:
+    if layers.fuses_conv_relu_pool and pool_param is not None:
         out, cache = fast_layers.conv_relu_pool_forward_fast(x, w, b, conv_param, pool_param)
         return out, (fast_layers.conv_relu_pool_backward_fast, cache)
     return _conv_norm_relu_pool_forward(x, w, b, conv_param, pool_param, layers, None, None, ())
@@ -103,7 +103,7 @@ def conv_relu_pool_forward(x, w, b, conv_param, pool_param=POOL_2X2, layers=FAST
 
 def conv_bn_relu_pool_forward(x, w, b, gamma, beta, conv_param, bn_param, pool_param=POOL_2X2,
                               layers=FAST_LAYERS):
-    """conv -> spatial batch norm -> relu -> max pool. gamma, beta: (F,) or (1, F, 1, 1).
+    """conv -> spatial batch norm -> relu -> max pool (None: no pool). gamma, beta: (F,) or (1, F, 1, 1).
 
     Returns (out, cache); bn_param's running statistics are updated in train mode.
     """
@@ -113,7 +113,7 @@ def conv_bn_relu_pool_forward(x, w, b, gamma, beta, conv_param, bn_param, pool_p
 
 def conv_gn_relu_pool_forward(x, w, b, gamma, beta, conv_param, G, gn_param, pool_param=POOL_2X2,
                               layers=FAST_LAYERS):
-    """conv -> spatial group norm (G groups) -> relu -> max pool.
+    """conv -> spatial group norm (G groups) -> relu -> max pool (None: no pool).
 
     Returns (out, cache).
     """
@@ -121,8 +121,18 @@ def conv_gn_relu_pool_forward(x, w, b, gamma, beta, conv_param, G, gn_param, poo
                                         layers.groupnorm_backward, (gamma, beta, G, gn_param))
 
 
+def conv_bn_relu_forward(x, w, b, gamma, beta, conv_param, bn_param, layers=FAST_LAYERS):
+    """conv -> spatial batch norm -> relu. Returns (out, cache)."""
+    return conv_bn_relu_pool_forward(x, w, b, gamma, beta, conv_param, bn_param, None, layers)
+
+
+def conv_gn_relu_forward(x, w, b, gamma, beta, conv_param, G, gn_param, layers=FAST_LAYERS):
+    """conv -> spatial group norm (G groups) -> relu. Returns (out, cache)."""
+    return conv_gn_relu_pool_forward(x, w, b, gamma, beta, conv_param, G, gn_param, None, layers)
+
+
 def conv_pool_block_backward(dout, cache, need_dx=True):
-    """The backward of every conv-[norm]-relu-pool sandwich above: each cache names its own.
+    """The backward of every conv-[norm]-relu-[pool] sandwich above: each cache names its own.
 
     Returns (dx, dw, db), plus (dgamma, dbeta) after a norm; dx is None when need_dx is False.
     """
@@ -131,24 +141,28 @@ def conv_pool_block_backward(dout, cache, need_dx=True):
 
 
 conv_relu_pool_backward = conv_bn_relu_pool_backward = conv_gn_relu_pool_backward = conv_pool_block_backward
+conv_bn_relu_backward = conv_gn_relu_backward = conv_pool_block_backward
 
 
 def _conv_norm_relu_pool_forward(x, w, b, conv_param, pool_param, layers, norm_forward, norm_backward, norm_args):
-    """conv -> [norm] -> max pool -> relu: relu and max pool commute (max is monotone),
-    and the pooled map is a quarter of the size."""
+    """conv -> [norm] -> [max pool] -> relu: relu and max pool commute (max is monotone),
+    and the pooled map is a quarter of the size. pool_param None: no pool."""
     a, conv_cache = layers.conv_forward(x, w, b, conv_param)
-    norm_cache = None
+    norm_cache = pool_cache = None
     if norm_forward is not None:
         a, norm_cache = norm_forward(a, *norm_args)
-    pooled, pool_cache = layers.pool_forward(a, pool_param)
-    out, relu_cache = relu_forward(pooled)
+    if pool_param is not None:
+        a, pool_cache = layers.pool_forward(a, pool_param)
+    out, relu_cache = relu_forward(a)
     return out, (_conv_norm_relu_pool_backward, (layers, conv_cache, norm_backward, norm_cache, pool_cache,
                                                  relu_cache))
 
 
 def _conv_norm_relu_pool_backward(dout, cache, need_dx):
     layers, conv_cache, norm_backward, norm_cache, pool_cache, relu_cache = cache
-    da = layers.pool_backward(relu_backward(dout, relu_cache), pool_cache)
+    da = relu_backward(dout, relu_cache)
+    if pool_cache is not None:
+        da = layers.pool_backward(da, pool_cache)
     norm_grads = ()
     if norm_backward is not None:
         da, *norm_grads = norm_backward(da, norm_cache)

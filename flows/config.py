@@ -19,9 +19,11 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, NonNegativeFloa
                       PositiveInt, field_validator, model_validator)
 
 from cnncore.backend import require_device
-from cnncore.cnn import NORMALIZATIONS
+from cnncore.cnn import NORMALIZATIONS, block_maps
 from cnncore.data import IMAGE_SHAPES, KNOWN_DATASETS
 from cnncore.optim import UPDATE_RULES
+
+from . import bounds
 
 DatasetName = Literal[KNOWN_DATASETS]
 Normalization = Literal[NORMALIZATIONS]
@@ -59,6 +61,11 @@ class _Subsets(_Frozen):
         None, description="Validation images to use (a seeded subset); the loader's split when unset.")
     num_test: PositiveInt | None = Field(None, description="Test images to use (a seeded subset); all when unset.")
 
+    @model_validator(mode="after")
+    def _counts_within_data(self) -> _Subsets:
+        bounds.require_counts_within_data(self.dataset, self.num_train, self.num_val, self.num_test)
+        return self
+
 
 class DataSpec(_Subsets):
     """Which images to load: cnncore.data.load_dataset's arguments (hashable, so a memo key)."""
@@ -86,7 +93,9 @@ class TrainConfig(_Subsets):
     model: ModelName = Field("convnet", description="The net: convnet (conv blocks, then two affine layers) or "
                                                     "fc_net (CS231n's FullyConnectedNet).")
     depth: PositiveInt = Field(1, description="convnet: conv-norm-relu-pool blocks, no norm when normalization "
-                                              "is none (1 is ThreeLayerConvNet); fc_net: hidden layers.")
+                                              "is none (1 is ThreeLayerConvNet; a block whose map is under 2 "
+                                              "pixels keeps it, unpooled: 5 on mnist puts the last norm on 1x1 "
+                                              "maps); fc_net: hidden layers.")
 
     data_seed: NonNegativeInt = Field(0, description="Seed of the train/val/test split and subsets.")
     normalization: Normalization = Field(
@@ -106,6 +115,10 @@ class TrainConfig(_Subsets):
         default_factory=list, description="Fractions of training (increasing, in (0, 1)) after which the learning "
                                           "rate is divided by 10, as the Group Normalization paper does.")
     batch_size: PositiveInt = Field(32, description="Minibatch size.")
+    norm_batch: PositiveInt | None = Field(
+        None, description="Images per batch-norm statistics group (ghost batch norm); unset: the whole SGD "
+                          "batch. Must divide batch_size; ignored (and recorded as unset) by the other "
+                          "normalizations.")
     # 1000 epochs of the largest dataset here (CIFAR-10) is weeks on a CPU: more is a typo.
     num_epochs: PositiveInt = Field(3, le=MAX_EPOCHS, description="Training epochs.")
     dtype: FloatDType = Field("float32", description="Floating-point type of data and weights.")
@@ -122,6 +135,16 @@ class TrainConfig(_Subsets):
     @classmethod
     def _none_means_no_norm(cls, value):
         return "none" if value is None else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _norm_batch_is_batch_norms(cls, data: Any) -> Any:
+        """Only batch norm mixes the images of a batch: under the other normalizations norm_batch
+        is unset, so their trials do not differ by it (a grid over norm_batch runs them once)."""
+        if isinstance(data, dict) and data.get("norm_batch") is not None and \
+                data.get("normalization", cls.model_fields["normalization"].default) != "batchnorm":
+            data = {**data, "norm_batch": None}
+        return data
 
     @field_validator("filter_size")
     @classmethod
@@ -151,16 +174,54 @@ class TrainConfig(_Subsets):
         if self.model == "fc_net":
             if self.normalization not in FC_NORMALIZATIONS:
                 raise ValueError(f"normalization={self.normalization!r} is not one of fc_net's {FC_NORMALIZATIONS}")
+            self._check_norm_batch()
             return self
         if self.normalization == "groupnorm" and self.num_filters % self.num_groups:
             raise ValueError(
                 f"num_groups={self.num_groups} must divide num_filters={self.num_filters} for groupnorm "
                 f"(num_filters % num_groups = {self.num_filters % self.num_groups}, expected 0)"
             )
+        self._check_norm_batch()
+        return self
+
+    def normalization_batch(self) -> int:
+        """The images each batch norm statistic is computed over in training: norm_batch, else batch_size."""
+        return self.norm_batch or self.batch_size
+
+    def _check_norm_batch(self) -> None:
+        """norm_batch divides batch_size, and every batch norm layer's statistics pool at least 2 values
+        per channel: over 1, x_hat is 0 whatever the input, the layer outputs its beta, and nothing
+        before it learns."""
+        if self.normalization != "batchnorm":
+            return
+        g = self.normalization_batch()
+        if self.batch_size % g:
+            raise ValueError(f"norm_batch={g} must divide batch_size={self.batch_size} "
+                             f"(batch_size % norm_batch = {self.batch_size % g}, expected 0)")
+        name, values = self._smallest_norm_map()
+        if g * values < 2:
+            what = f"norm_batch={g}" if self.norm_batch is not None else f"batch_size={g}"
+            raise ValueError(f"{what} with batchnorm computes each statistic of {name} over {g * values} value: "
+                             f"normalised, it is 0 whatever the input, so the layer outputs its beta and nothing "
+                             f"before it learns; each statistic needs at least 2 values (norm_batch >= "
+                             f"{-(-2 // values)})")
+
+    def _smallest_norm_map(self) -> tuple[str, int]:
+        """(the norm layer with the smallest maps, its values per image and channel)."""
+        if self.model == "fc_net":
+            return "each hidden layer's features", 1
         _, height, width = IMAGE_SHAPES[self.dataset]
-        if min(height, width) < 2 ** self.depth:
-            raise ValueError(f"depth={self.depth} halves {self.dataset}'s {height}x{width} images below 1x1; "
-                             f"at most {int(math.log2(min(height, width)))} blocks fit")
+        h, w, _ = block_maps(height, width, self.depth)[-1]
+        return f"block {self.depth}'s {h}x{w} maps", h * w
+
+    @model_validator(mode="after")
+    def _within_bounds(self) -> TrainConfig:
+        """batch_size within the training images, one training step within memory (flows.bounds)."""
+        train = bounds.require_counts_within_data(self.dataset, self.num_train, self.num_val, self.num_test)
+        if self.batch_size > train:
+            raise ValueError(f"batch_size={self.batch_size:,} is more than the {train:,} training images "
+                             f"({'num_train' if self.num_train else 'the ' + self.dataset + ' training split'}); at most {train:,}")
+        bounds.require_fits_in_memory(self)
         return self
 
     def data_spec(self) -> DataSpec:
@@ -169,10 +230,13 @@ class TrainConfig(_Subsets):
 
     def effective(self) -> dict[str, Any]:
         """The fields that change the result: num_groups only counts for groupnorm, the conv's
-        sizes only for the convnet."""
+        sizes only for the convnet, norm_batch only when set to less than batch_size (so the
+        keys of trials from before norm_batch existed stay as they were)."""
         fields = self.model_dump()
         if self.normalization != "groupnorm":
             fields.pop("num_groups")
+        if self.norm_batch in (None, self.batch_size):
+            fields.pop("norm_batch")
         if self.model == "fc_net":
             fields.pop("num_filters")
             fields.pop("filter_size")
@@ -243,6 +307,10 @@ class SweepSpec(_Frozen):
     study: Literal["bn-vs-gn"] | None = Field(
         None, description="Write this study's table, figure and report on the sweep's parent run "
                           "(bn-vs-gn: the Group Normalization paper's batch-size comparison).")
+    max_trials: PositiveInt = Field(
+        bounds.MAX_TRIALS, description="Refuse a search of more trials than this (a grid: the product of its lists' "
+                                       "lengths; a random search: num_trials), counted before any trial is built; "
+                                       "raise it for a bigger search.")
     _trials: tuple[str, list[TrainConfig]] | None = PrivateAttr(default=None)  # (fingerprint, trials)
 
     @model_validator(mode="after")
@@ -264,6 +332,9 @@ class SweepSpec(_Frozen):
                 raise ValueError("num_trials is for random search; a grid runs every combination")
         elif self.num_trials is None:
             raise ValueError("a random search needs num_trials")
+        # Counted, not built: a 10**6-trial grid would take minutes and gigabytes to refuse otherwise.
+        bounds.require_trials_within(bounds.count_trials(self.space, self.search, self.num_trials), self.max_trials,
+                                     self.search, self.space)
         self.trials()  # every trial configuration must validate now, not mid-sweep
         return self
 

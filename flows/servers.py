@@ -16,7 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -44,16 +44,17 @@ def _tail(path: Path | None, lines: int = 15) -> str:
 
 
 def wait_until_healthy(url: str, timeout_s: float, process: subprocess.Popen | None = None,
-                       log: Path | None = None) -> None:
-    """Poll url until it answers 200; fail early when process exits, or after timeout_s."""
+                       log: Path | None = None, accept: Callable[[bytes], bool] | None = None) -> None:
+    """Poll url until it answers 200 (with a body that accept, when given, takes); fail early when process
+    exits, or after timeout_s. accept tells the server asked for from another one answering on its port."""
     deadline = time.monotonic() + timeout_s
     while True:
         if process is not None and process.poll() is not None:
             raise ServerError(f"{Path(process.args[0]).name} exited with code {process.returncode} before {url} "
                               f"answered. {_tail(log)}")
-        with contextlib.suppress(OSError, urllib.error.URLError):
+        with contextlib.suppress(OSError, urllib.error.URLError, ValueError):
             with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
+                if response.status == 200 and (accept is None or accept(response.read())):
                     return
         if time.monotonic() > deadline:
             raise ServerError(f"{url} did not answer within {timeout_s:.0f} s. {_tail(log)}")

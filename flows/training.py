@@ -80,7 +80,8 @@ class Fitted:
 def build_net(config: TrainConfig, data: dict) -> Classifier:
     """The configuration's net, sized for data's images and classes."""
     common = dict(num_classes=len(data["class_names"]), weight_scale=config.weight_scale, reg=config.reg,
-                  dtype=config.dtype, normalization=config.normalization, seed=config.train_seed, device=config.device)
+                  dtype=config.dtype, normalization=config.normalization, seed=config.train_seed, device=config.device,
+                  norm_batch=config.norm_batch)
     if config.model == "fc_net":
         return FullyConnectedNet([config.hidden_dim] * config.depth, input_dim=int(np.prod(data["X_train"].shape[1:])),
                                  **common)
@@ -241,7 +242,8 @@ def log_test_scores(run: Run, fitted: Fitted, data: dict) -> tuple[dict[str, flo
 
 
 def log_diagnostics(run: Run, net: Classifier, config: TrainConfig, data: dict) -> dict[str, float]:
-    """How noisy net's normalization statistics are at the training batch size, and what that costs.
+    """How noisy net's normalization statistics are at the normalization batch (the images each batch
+    norm statistic pooled in training: norm_batch, else batch_size), and what that costs.
 
     Logged as diag/<name> (and returned without the prefix): per batch norm layer i,
     norm{i}/n_eff and norm{i}/nominal (effective and nominal sample size of the batch
@@ -249,12 +251,12 @@ def log_diagnostics(run: Run, net: Classifier, config: TrainConfig, data: dict) 
     group, layer or instance norm layer i, norm{i}/group_log_var_spread (over the
     training images); for the
     whole net, train_mode_error and test_mode_error (the test split in batches of the
-    training batch size) and, for batch norm, running_error against recomputed_error
+    normalization batch) and, for batch norm, running_error against recomputed_error
     (running averages against statistics recomputed over the training split). Errors
     are fractions, as cnncore.diagnostics returns them.
     """
     X_train, X_test, y_test = data["X_train"], data["X_test"], data["y_test"]
-    batch = min(config.batch_size, len(X_train))
+    batch = min(config.normalization_batch(), len(X_train))
     # Batch statistics are batch norm's alone: a group-kind layer normalises each image by itself.
     moments = (diagnostics.sample_batch_moments(net, X_train, batch, DIAGNOSTIC_BATCHES, seed=config.train_seed)
                if config.normalization == "batchnorm" else [])

@@ -122,8 +122,46 @@ def test_batch_norm_whose_running_statistics_are_its_only_batchs_has_equal_train
     net.bn_params[0]["running_mean"], net.bn_params[0]["running_var"] = X.mean(axis=0), X.var(axis=0)
     errors = diagnostics.train_test_error(net, X, y, batch_size=40)
     assert errors["train_mode_error"] == errors["test_mode_error"]
+    # Not equal by construction: with running statistics that are not the batch's, test mode scores otherwise.
+    net.bn_params[0]["running_mean"] = X.mean(axis=0) + 3 * X.std(axis=0)
+    shifted = diagnostics.train_test_error(net, X, y, batch_size=40)
+    assert shifted["train_mode_error"] == errors["train_mode_error"] != shifted["test_mode_error"]
     # In batches of 4 the batch statistics differ from the running ones, and so do the scores.
     assert not np.allclose(net.scores(X[:4], "train"), net.scores(X[:4], "test"))
+
+
+def test_train_mode_scores_each_batch_with_its_own_statistics_and_test_mode_with_the_running_ones():
+    """Running statistics far from the data's (zero mean, unit variance for features of mean 3 and sd 2): in
+    one batch of every image, train mode is the net normalising with the whole set's statistics, test mode
+    the net as predict() scores it, and the two disagree."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((60, 16)) * 2 + 3
+    net = identity_fc_net()
+    net.bn_params[0]["running_mean"], net.bn_params[0]["running_var"] = np.zeros(16), np.ones(16)
+    train_labels = net.scores(X, "train").argmax(axis=1)
+    test_labels = net.predict(X)
+    y = train_labels.copy()
+    y[:6] = (y[:6] + 1) % 3  # 6 of 60 wrong in train mode, whatever test mode says
+    errors = diagnostics.train_test_error(net, X, y, batch_size=60)
+    assert errors["train_mode_error"] == pytest.approx(6 / 60)
+    assert errors["test_mode_error"] == pytest.approx(np.mean(test_labels != y))
+    assert np.mean(test_labels != train_labels) > 0.1  # the two modes really do score differently here
+    assert errors["test_mode_error"] != pytest.approx(errors["train_mode_error"])
+
+
+def test_train_mode_error_counts_every_image_once_in_batches_of_the_training_size():
+    """53 images in batches of 4: the last batch is filled from the start, and those images are not
+    counted twice. With batch norm's statistics in train mode taken per batch, each image's label
+    depends on its batch; with a group-kind norm it does not, so the train-mode error is the test
+    mode's exactly, and a count off by the refilled images would show."""
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((53, 16)) * 2 + 3
+    net = identity_fc_net("layernorm")
+    y = rng.integers(0, 3, 53)
+    errors = diagnostics.train_test_error(net, X, y, batch_size=4)
+    expected = np.mean(net.scores(X, "train").argmax(axis=1) != y)
+    assert errors["train_mode_error"] == pytest.approx(expected) and 0 < expected < 1
+    assert errors["test_mode_error"] == pytest.approx(np.mean(net.predict(X) != y))
 
 
 def test_recomputed_equals_running_when_the_running_statistics_are_the_true_ones():
@@ -181,7 +219,23 @@ def test_no_diagnostic_changes_the_model():
 def test_batch_sizes_beyond_the_images_and_mismatched_labels_are_named():
     X = np.zeros((10, 16))
     net = identity_fc_net()
-    with pytest.raises(ValueError, match="batch_size must be an integer >= 2 and <= 10, got 11"):
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1 and <= 10, got 11"):
         diagnostics.sample_batch_moments(net, X, 11)
     with pytest.raises(ValueError, match="y has 9 labels but X has 10 images"):
         diagnostics.train_test_error(net, X, np.zeros(9, dtype=int), 2)
+
+
+def test_a_ghost_batch_norm_net_is_measured_on_batches_of_its_norm_batch():
+    """Each sampled batch is one normalization group: a net with norm_batch = 2 measured at 2 images
+    gives what the same net without norm_batch gives at 2, and any batch size may be asked for."""
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((41, 4, 4, 4)) * 2 + 1, rng.integers(0, 3, 41)
+    ghost, plain = identity_conv_net(norm_batch=2), identity_conv_net()
+    for net in (ghost, plain):
+        net.bn_param["running_mean"], net.bn_param["running_var"] = np.full(4, 1.0), np.full(4, 4.0)
+    got, want = (diagnostics.sample_batch_moments(net, X, 2, 20, seed=3)[0] for net in (ghost, plain))
+    assert got.nominal == want.nominal == 2 * 4 * 4
+    np.testing.assert_array_equal(got.means, want.means)
+    assert diagnostics.train_test_error(ghost, X, y, 2) == diagnostics.train_test_error(plain, X, y, 2)
+    diagnostics.train_test_error(ghost, X, y, 3)  # 3 images, one group, though norm_batch 2 would not divide them
+    assert ghost.bn_param["norm_batch"] == 2  # the model's own bn_params keep it

@@ -103,6 +103,44 @@ def test_in_short_names_the_loss_with_its_interval_n_and_holm_p():
     assert result.answer in result.markdown and "best trial" not in result.markdown.lower()
 
 
+def test_a_detected_interaction_either_way_is_said_with_a_positive_size():
+    """Who loses more is in the words; the size is how much more, a positive number of points."""
+    for bn_extra, loser, winner in ((5.0, "BN", "GN"), (-5.0, "GN", "BN")):
+        result = build_study(synthetic_trials(bn_extra), spec())
+        row = result.tables["interactions"].query("b == 'groupnorm' and norm_batch == 2").iloc[0]
+        assert (row["mean"] > 0) == (bn_extra > 0) and row.verdict == f"{loser} loses more than {winner}"
+        assert (f"{loser} loses more than {winner} by {abs(row['mean']):.2f} points at batch 2 "
+                f"({row['mean']:+.2f} [{row.low:.2f}, {row.high:.2f}], n=3,") in result.answer
+
+
+@pytest.mark.parametrize("num_test, points", [(300, "0.33"), (50, "2.00"), (200, "0.50")])
+def test_the_design_says_what_one_test_image_is_worth(num_test, points):
+    markdown = build_study(synthetic_trials(5.0), spec(num_test=num_test)).markdown
+    assert f"({num_test} test images, one image = {points} points)" in section(markdown, "## Design")
+
+
+def test_the_full_preset_answers_bn_against_gn_with_the_others_as_baselines():
+    """bn-vs-gn runs every normalization: its answer is BN vs GN (the paper's), never BN vs LN, and the
+    other normalizations come after it as baselines."""
+    full = bn_vs_gn_spec(batch_sizes=BATCHES, seeds=SEEDS, num_epochs=2, num_train=100, num_test=300)
+    rng = np.random.default_rng(0)
+    trials = pd.DataFrame([(t.normalization, t.batch_size, t.train_seed, 2.5 + rng.normal(0, 0.4))
+                           for t in full.trials()], columns=["normalization", "batch_size", "seed", "test_error"])
+    assert set(trials.normalization) == {"batchnorm", "groupnorm", "layernorm", "instancenorm", "none"}
+    result = build_study(trials, full)
+    assert result.markdown.startswith("# BN vs GN: digits")
+    answer = section(result.markdown, "## The answer")
+    assert answer.startswith(": does BN lose more than GN as the batch shrinks?")
+    assert "Per seed, (BN(b) - BN(32)) - (GN(b) - GN(32))" in answer
+    assert result.answer.startswith("Does BN lose more than GN as the batch shrinks from 32?")
+    baselines = answer.split("**BN against each other normalization run**")[1]
+    against = [line.split("|")[2].strip() for line in baselines.splitlines() if line.startswith("| BN |")]
+    assert sorted(set(against)) == ["IN", "LN", "no norm"]
+    primary = result.tables["interactions"].query("b == 'groupnorm'")
+    assert list(primary["norm_batch"]) == [8, 2]
+    assert result.figures["interaction_vs_batch_size"].axes[0].get_ylabel() == "extra error of BN over GN (points)"
+
+
 def test_a_null_is_bounded_one_sided_and_its_mde_kept_apart():
     result = build_study(synthetic_trials(0.0, rng_seed=3), spec())
     rows = result.tables["primary"].query("arm == 'batchnorm'")
@@ -217,9 +255,9 @@ def test_report_lists_the_paper_beside_this_run():
 
 def test_updates_follow_the_solvers_iterations_per_epoch():
     """The Solver runs max(N // b, 1) iterations per epoch; 100 images, 2 epochs."""
-    updates = build_study(synthetic_trials(5.0), spec(batch_sizes=(128, 32, 8, 2)),
+    updates = build_study(synthetic_trials(5.0), spec(batch_sizes=(64, 32, 8, 2)),
                           num_train=100).tables["updates"].set_index("norm_batch")
-    assert updates["iterations_per_epoch"].to_dict() == {128: 1, 32: 3, 8: 12, 2: 50}
+    assert updates["iterations_per_epoch"].to_dict() == {64: 1, 32: 3, 8: 12, 2: 50}
     assert updates.loc[2, "updates"] == 100 and updates.loc[2, "learning_rate"] == pytest.approx(0.02 * 2 / 32)
 
 
@@ -262,6 +300,22 @@ def test_n_eff_is_reported_at_the_first_layer_only_never_as_exactness():
     assert layers.loc[(2, 1), "n_eff"] == 100.0 and layers.loc[[(2, 2), (2, 3)], "n_eff"].isna().all()
     assert "64,000,000,000" not in result.markdown and "nearly exact" not in result.markdown
     assert "The largest, 13.0%, is at layer 1." in result.markdown
+
+
+def two_layer_noise(noise: tuple[float, float]) -> pd.DataFrame:
+    """BN with two norm layers at every batch, each with its output noise, every seed alike."""
+    rows = [("batchnorm", batch, seed, metric, layer, value)
+            for batch in BATCHES for seed in SEEDS
+            for layer, level in ((1, noise[0]), (2, noise[1]))
+            for metric, value in (("output_noise", level), ("nominal", 64 * batch))]
+    return pd.DataFrame(rows, columns=["normalization", "batch_size", "seed", "metric", "layer", "value"])
+
+
+@pytest.mark.parametrize("noise, worst", [((0.05, 0.40), 2), ((0.40, 0.05), 1)], ids=["second-noisy", "first-noisy"])
+def test_the_statistics_are_judged_by_their_noisiest_layer(noise, worst):
+    markdown = build_study(synthetic_trials(5.0), spec(), diagnostics=two_layer_noise(noise)).markdown
+    assert (f"is {100 * noise[0]:.1f}% at layer 1 (pooling 128 values per channel), {100 * noise[1]:.1f}% at layer 2 "
+            f"(pooling 128 values per channel). The largest, 40.0%, is at layer {worst}.") in markdown
 
 
 def test_two_values_per_statistic_is_called_degenerate():

@@ -9,8 +9,9 @@ By default (no --verbose):
   in state Completed()") still reach the Prefect API, so the UI has them all.
 With --verbose everything is shown, the progress lines still plainly.
 
-Telemetry is off either way (`os.environ.setdefault`: a value set by the user wins):
-this machine may well be offline, where MLflow and Prefect log errors trying to send it.
+Telemetry is off either way (flows.TELEMETRY_OFF, set when the package is imported; a
+value set by the user wins): this machine may well be offline, where MLflow and Prefect
+log errors trying to send it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import os
 
 from ..progress import PROGRESS_LOGGER
 
-TELEMETRY_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 QUIET = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_LOGGING_LEVEL": "WARNING",
          # MLflow prints two links ("View run ... at", "View experiment at") for every run it ends.
          "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
@@ -28,7 +28,7 @@ QUIET = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_LOGGING_LEVEL"
 
 def quiet_environment(verbose: bool) -> None:
     """Settings read by MLflow (and Prefect's in-process server) at import: call before either is imported."""
-    for key, value in {**TELEMETRY_OFF, **({} if verbose else QUIET)}.items():
+    for key, value in ({} if verbose else QUIET).items():
         os.environ.setdefault(key, value)
 
 

@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from ..local_server import DEFAULT_PORT, HOME_ENV, START_TIMEOUT_S, STOP_GRACE_S
+from ..local_server import DEFAULT_PORT, HOME_ENV, PORT_ENV, START_TIMEOUT_S, STOP_GRACE_S
 from .errors import CliError, one_line_errors
 
 server_app = typer.Typer(
@@ -24,8 +24,8 @@ def _tell(text: str) -> None:
 @server_app.command()
 def start(
     port: Annotated[Optional[int], typer.Option(
-        min=0, max=65535, help=f"Port on 127.0.0.1; 0 picks a free one. Default: {DEFAULT_PORT}, or a free port "
-                               f"when {DEFAULT_PORT} is taken.")] = None,
+        min=0, max=65535, help=f"Port on 127.0.0.1; 0 picks a free one. Default: ${PORT_ENV}, else {DEFAULT_PORT}; "
+                               "a free port when that one is taken.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the server to answer.")] = START_TIMEOUT_S,
 ):
     """Start the local Prefect server in the background (or find it running) and print its API URL."""

@@ -111,7 +111,7 @@ def build_study(trials: pd.DataFrame, spec: SweepSpec, diagnostics: pd.DataFrame
         tables["trials"] = finished.sort_values(["normalization", "norm_batch", "seed"], ignore_index=True)
         answer = sections.short_answer(found.primary, found.differences, ctx)
         parts += [sections.answer_section(found.primary, found.precise_primary, found.differences, found.recovered,
-                                          ctx, answer_figure),
+                                          found.baselines, ctx, answer_figure),
                   sections.errors_section(tables["cells"], ctx, error_name),
                   sections.measures_section(found.by_measure, found.cells_by_measure, ctx),
                   sections.changes_section(found.changes, ctx)]
@@ -144,6 +144,7 @@ class _Found:
     precise_primary: list
     differences: list[Difference]
     recovered: list[Difference]
+    baselines: list
     changes: list[Change]
     by_measure: dict[str, list]
     cells_by_measure: dict[str, pd.DataFrame]
@@ -176,6 +177,10 @@ def _contrasts(long: pd.DataFrame, ctx: Context) -> _Found:
     cells_by_measure = {m: _cell_table(long, m) for m in MEASURES if m in measures or m == "test_error"}
     interaction_rows = [x for other in ordered_arms(present) if other not in (a, PRECISE)
                         for x in interactions(long, a, other, ctx.reference, ctx.delta, (label(a), label(other)))]
+    others = [n for n in ordered_arms(present) if n not in (a, PRECISE, b)]
+    # In the normalization-batch design every baseline's interaction is BN's own change: compare levels instead.
+    baselines = ([d for other in others for d in differences(long, a, other, ctx.delta, (label(a), label(other)))]
+                 if ctx.design.norm_batch else [x for x in interaction_rows if x.b != b])
     measure_rows = [{"measure": m, **row} for m, rows in by_measure.items()
                     for row in as_table(rows, type(rows[0])).to_dict("records")] if primary else []
     tables = {"cells": cells_by_measure["test_error"],
@@ -184,10 +189,11 @@ def _contrasts(long: pd.DataFrame, ctx: Context) -> _Found:
                  if m in cells_by_measure},
               "changes": as_table(norm_changes, Change),
               "primary": _primary_table(primary + precise_primary, ctx),
-              "differences": as_table(diffs + recovered, Difference),
+              "differences": as_table(diffs + recovered + (baselines if ctx.design.norm_batch else []), Difference),
               "interactions": as_table(interaction_rows, Interaction),
               "measures": pd.DataFrame(measure_rows)}
-    return _Found(primary, precise_primary, diffs, recovered, norm_changes, by_measure, cells_by_measure, tables)
+    return _Found(primary, precise_primary, diffs, recovered, baselines, norm_changes, by_measure, cells_by_measure,
+                  tables)
 
 
 def _primary_table(rows: list, ctx: Context) -> pd.DataFrame:

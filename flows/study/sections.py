@@ -88,13 +88,14 @@ def primary_reading(rows: list, ctx: Context) -> str:
     does, the most the intervals allow (one-sided bound) and what the run could have detected (MDE)."""
     a, b = map(label, ctx.pair)
     what = "" if ctx.design.norm_batch else f" over {b}"
-    verbs = ({"loses": "loses", "gains": "gains"} if ctx.design.norm_batch
-             else {"loses": "loses more than " + b + " by", "gains": "loses less than " + b + " by"})
+    # Who loses is in the words, and the size is a positive number of points.
+    verbs = ({"loses": f"{a} loses", "gains": f"{a} gains"} if ctx.design.norm_batch
+             else {"loses": f"{a} loses more than {b} by", "gains": f"{b} loses more than {a} by"})
     parts = []
     for reading in ("loses", "gains"):
         found = [r for r in rows if _holm_reading(r) == reading]
         if found:
-            parts.append(f"{a} {verbs[reading]} " + "; ".join(
+            parts.append(f"{verbs[reading]} " + "; ".join(
                 f"{abs(r.estimate.mean):.2f} points at {ctx.at(r.norm_batch)} "
                 f"({estimate_text(r.estimate.mean, r.estimate.low, r.estimate.high, r.estimate.n, signed=True)}, "
                 f"Holm-adjusted p = {r.p_holm:.2g})" for r in found))
@@ -158,14 +159,15 @@ def short_answer(primary: list, differences: list[Difference], ctx: Context) -> 
     text = f"{prefix}{question} In short ({ctx.measure()}): {primary_reading(primary, ctx)}"
     onset = onset_sentence(primary, ctx)
     text += f" {onset}" if onset else ""
-    own = [d for d in differences if d.a == ctx.pair[0]]
+    own = [d for d in differences if (d.a, d.b) == ctx.pair]
     if own:
         text += f" {difference_reading(own, ctx)}"
     return text
 
 
-def _contrast_table(rows: list, ctx: Context, value: str, with_bound: bool) -> str:
-    table = pd.DataFrame([{"arm": label(getattr(r, "normalization", getattr(r, "a", ""))), "g": r.norm_batch,
+def _contrast_table(rows: list, ctx: Context, value: str, with_bound: bool, against: bool = False) -> str:
+    table = pd.DataFrame([{"arm": label(getattr(r, "normalization", getattr(r, "a", ""))),
+                           **({"against": label(r.b)} if against else {}), "g": r.norm_batch,
                            "n": r.estimate.n, value: number(r.estimate.mean, signed=True),
                            "95% CI": interval_text(r.estimate.low, r.estimate.high),
                            **({"at most (one-sided 95%)": number(r.estimate.upper, signed=True)} if with_bound else {}),
@@ -179,7 +181,10 @@ def _contrast_table(rows: list, ctx: Context, value: str, with_bound: bool) -> s
 
 
 def answer_section(primary: list, precise_primary: list, differences: list[Difference], recovered: list[Difference],
-                   ctx: Context, figure: str) -> str:
+                   baselines: list, ctx: Context, figure: str) -> str:
+    """The answer: the primary contrast (with precise BN's), whether the compared norm beats batch norm, what
+    precise statistics recover, and batch norm against the other normalizations run (baselines: their
+    interactions in the single-device design, their differences in the normalization-batch design)."""
     a, b = map(label, ctx.pair)
     ref = ctx.at(ctx.reference)
     if ctx.design.norm_batch:
@@ -212,6 +217,11 @@ def answer_section(primary: list, precise_primary: list, differences: list[Diffe
         lines += [f"**Does {b} beat {a}?** Per seed, {a}(g) - {b}" + ("" if ctx.design.norm_batch else "(g)")
                   + f" at the same g: positive means {b} errs less.", "",
                   _contrast_table(differences, ctx, f"{a} - {b} (points)", with_bound=False), ""]
+    if baselines:
+        kind = "interaction" if isinstance(baselines[0], Interaction) else "difference"
+        lines += [f"**{a} against each other normalization run** (none of them uses batch statistics, so each is a "
+                  f"baseline {a}'s loss can be measured against): the same {kind}.", "",
+                  _contrast_table(baselines, ctx, f"{kind} (points)", with_bound=False, against=True), ""]
     if recovered:
         lines += [f"**What precise statistics recover.** Per seed, {a}(g) - precise {a}(g): the same trained "
                   f"net scored with its statistics recomputed over training images instead of the running "
@@ -404,7 +414,7 @@ def _schedule(spec: SweepSpec, design: Design) -> str:
 def _measure_words(spec: SweepSpec, ctx: Context, num_train: int | None) -> str:
     base = spec.base
     k = base.tail_evals
-    test = (f"{base.num_test} test images, one image = {100 / base.num_test:.3g} points" if base.num_test
+    test = (f"{base.num_test} test images, one image = {100 / base.num_test:.2f} points" if base.num_test
             else "the whole test split")
     if not k:
         return (f"Measured: the test error (%) of the final net on the test split ({test}), in test mode (batch "

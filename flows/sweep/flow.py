@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import timezone
 from typing import Literal
 
 from prefect import flow
+from prefect.runtime import flow_run
 from pydantic import PositiveInt
 
 from ..config import SweepSpec
@@ -24,7 +25,26 @@ __all__ = ["SweepReport", "TrialResult", "sweep"]
 COMPARISON_TITLE = "Test error (%) of the best-validation nets: mean and 95% CI over seeds"
 
 
-@flow(name="sweep", flow_run_name="sweep-{spec.name}", log_prints=True)
+def resolved_spec(spec: SweepSpec, preset: str | None, resume: bool) -> SweepSpec:
+    """The sweep that runs: preset's design when one is named (called spec.name when that is not the default),
+    its name dated <name>-<UTC date and time of the flow run's start> when not resuming."""
+    if preset is not None:
+        named = spec.name != SweepSpec.model_fields["name"].default
+        spec = preset_spec(preset, dataset=spec.base.dataset, **({"name": spec.name} if named else {}))
+    if not resume:
+        started = flow_run.scheduled_start_time.astimezone(timezone.utc)  # now, outside a flow run
+        spec = spec.model_copy(update={"name": f"{spec.name}-{started:%Y%m%d-%H%M%S}"})
+    return spec
+
+
+def sweep_flow_run_name() -> str:
+    """sweep-<the name the sweep runs under>, so that two sweeps' flow runs (two presets, two dated runs)
+    are told apart in Prefect's UI."""
+    given = {"spec": SweepSpec(), "preset": None, "resume": True, **flow_run.parameters}
+    return f"sweep-{resolved_spec(SweepSpec.model_validate(given['spec']), given['preset'], given['resume']).name}"
+
+
+@flow(name="sweep", flow_run_name=sweep_flow_run_name, log_prints=True)
 def sweep(
     spec: SweepSpec = SweepSpec(),
     experiment: str = "cnncore-sweeps",
@@ -59,11 +79,7 @@ def sweep(
         system_metrics: Record the machine's CPU, memory and disk use in the sweep's parent run.
     """
     start = time.perf_counter()
-    if preset is not None:
-        named = spec.name != SweepSpec.model_fields["name"].default
-        spec = preset_spec(preset, dataset=spec.base.dataset, **({"name": spec.name} if named else {}))
-    if not resume:
-        spec = spec.model_copy(update={"name": f"{spec.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"})
+    spec = resolved_spec(spec, preset, resume)
     trials = spec.trials()
     store = connect(tracking_uri)
     owner = lease.new_owner()

@@ -544,11 +544,25 @@ def test_a_sweep_ends_with_its_comparison_table_and_link_and_no_resume_starts_af
     header = lines.index("Test error (%) of the best-validation nets: mean and 95% CI over seeds")
     assert lines[header + 1].split() == ["normalization", "trials", "finished", "test", "error", "95%", "CI"]
     assert [line.split()[0] for line in lines[header + 2:header + 4]] == ["batchnorm", "groupnorm"]
-    assert re.search(r"^best trial: cli-grid/\d\d ", first.stdout, re.M)
+    # The best trial is the child with the highest best_val_acc (the first of equals), as MLflow holds it.
+    listed = subprocess.run([str(CNNFLOW), "runs", "--output", "json", "-e", "cnncore-sweeps"], capture_output=True,
+                            text=True, env=env, timeout=120)
+    trials = sorted((r for r in json.loads(listed.stdout) if r["parent"] == "cli-grid"), key=lambda r: r["run"])
+    best = max(trials, key=lambda r: r["val_acc"])
+    assert (f"best trial: {best['run']}, val acc {best['val_acc']:.3f}, test error "
+            f"{100 * (1 - best['test_acc']):.2f}%") in lines
     assert re.search(r"^MLflow parent run: http://127\.0\.0\.1:5000/#/experiments/\d+/runs/[0-9a-f]+/artifactPath/"
                      r"comparison\.png\?workflowType=machine_learning$", first.stdout, re.M)
     # Progress: a line per finished trial on stderr, with the count.
     assert len(re.findall(r"^\[\d/4\] (batchnorm|groupnorm) seed \d: test error", first.stderr, re.M)) == 4
+
+    # The same name with another base configuration: refused before any trial, one line, exit status 2.
+    changed = subprocess.run([*command, "--num-epochs", "2"], capture_output=True, text=True, env=env, timeout=240)
+    assert changed.returncode == 2, changed.stderr[-3000:]
+    assert [line for line in changed.stderr.splitlines() if line.startswith("error:")] == [
+        "error: sweep 'cli-grid' already exists with another base configuration (num_epochs: 1 there, 2 here), and "
+        "resuming it would mix the two. Give this sweep a new --name, or run it with --no-resume to start a fresh, "
+        "dated sweep."]
 
     again = subprocess.run([*command, "--no-resume"], capture_output=True, text=True, env=env, timeout=240)
     assert again.returncode == 0, again.stderr[-3000:]
