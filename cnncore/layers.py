@@ -446,6 +446,27 @@ def max_pool_backward_naive(dout, cache):
     return dx
 
 
+def global_avg_pool_forward(x):
+    """Global average pooling: each channel's mean over its H x W positions (ResNet's last pool).
+
+    x: (N, C, H, W). Returns (out, cache): out (N, C); cache x.shape.
+    One reduction, as vectorised as it gets: it has no naive twin.
+    """
+    checks.require_float_array("x", x)
+    checks.require_ndim("x", x, 4, "(N, C, H, W)")
+    return x.mean(axis=(2, 3)), x.shape
+
+
+def global_avg_pool_backward(dout, cache):
+    """dout: (N, C). Returns dx (N, C, H, W): every position gets its channel's dout / (H * W)."""
+    x_shape = cache
+    N, C, H, W = x_shape
+    checks.require_dout_shape(dout, (N, C))
+    dx = array_module(dout).empty(x_shape, dtype=dout.dtype)
+    dx[...] = (dout / (H * W))[:, :, None, None]
+    return dx
+
+
 # ---------------------------------------------------------------------------
 # Spatial normalisation
 # ---------------------------------------------------------------------------

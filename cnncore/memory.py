@@ -125,14 +125,16 @@ def _conv_layout(config: dict) -> tuple[list[int], list[int], list[tuple[int, in
                           (("filter_size", 7), ("hidden_dim", 100), ("num_classes", 10)))
     if dims is None or len(dims) != 3 or None in (filters, k, hidden, classes):
         return None
+    from .cnn import block_maps  # here: cnn imports the layers, whose checks import this module
+
     (C, H, W), k, hidden, classes = dims, k[0], hidden[0], classes[0]
     norm = config.get("normalization") not in (None, "none")
     counts, per_image, blocks = [], [], []
-    for F in filters:
+    for F, (H, W, pools) in zip(filters, block_maps(H, W, len(filters))):
         counts.append(F * C * k * k + F + (2 * F if norm else 0))
         per_image.append(CONV_BLOCK_COPIES * F * H * W)
         blocks.append((F, H, W))
-        C, H, W = F, H // 2, W // 2
+        C, H, W = F, *((H // 2, W // 2) if pools else (H, W))
     counts += [C * H * W * hidden + hidden, hidden * classes + classes]
     per_image.append(AFFINE_COPIES * (hidden + classes))
     return counts, per_image, blocks

@@ -110,6 +110,16 @@ def start_watchdog(process: subprocess.Popen) -> subprocess.Popen:
                             start_new_session=True, cwd=Path(__file__).resolve().parents[1])
 
 
+def mlflow_ui_shows_run(base_url: str, run_id: str, timeout_s: float = 1.0) -> bool:
+    """Whether an MLflow UI answers at base_url and has the run: a link to the run there opens on it."""
+    url = f"{base_url.rstrip('/')}/api/2.0/mlflow/runs/get?run_id={run_id}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status == 200
+    except (OSError, urllib.error.URLError, ValueError):
+        return False
+
+
 def mlflow_server_command(backend_store_uri: str, port: int, *, artifacts_destination: str | None = None,
                           default_artifact_root: str | None = None,
                           host: str = "127.0.0.1") -> tuple[list[str], dict[str, str]]:

@@ -29,6 +29,7 @@ from cnncore.backend import device_name
 from cnncore.classifier import Classifier
 from cnncore.cnn import ConvNet, ThreeLayerConvNet
 from cnncore.fc_net import FullyConnectedNet
+from cnncore.resnet import ResNet
 from cnncore.solver import Solver
 
 from .config import TrainConfig
@@ -85,6 +86,9 @@ def build_net(config: TrainConfig, data: dict) -> Classifier:
     if config.model == "fc_net":
         return FullyConnectedNet([config.hidden_dim] * config.depth, input_dim=int(np.prod(data["X_train"].shape[1:])),
                                  **common)
+    if config.model == "resnet":
+        return ResNet(input_dim=data["X_train"].shape[1:], num_filters=config.num_filters,
+                      blocks_per_stage=config.depth, num_groups=config.num_groups, **common)
     conv = dict(input_dim=data["X_train"].shape[1:], filter_size=config.filter_size, hidden_dim=config.hidden_dim,
                 num_groups=config.num_groups, **common)
     if config.depth == 1:  # CS231n's own class; ConvNet with one block computes the same, bit for bit

@@ -80,6 +80,7 @@ NETS = [
     (ConvNet, dict(input_dim=(1, 28, 28), num_filters=(4, 6, 8), filter_size=3, hidden_dim=10,
                    normalization="batchnorm")),
     (ConvNet, dict(input_dim=(2, 13, 11), num_filters=(3, 3), filter_size=3, hidden_dim=4, num_classes=3)),
+    (ConvNet, dict(input_dim=(1, 28, 28), num_filters=(2, 2, 2, 2, 2), filter_size=3, hidden_dim=4)),  # 1x1 maps
     (FullyConnectedNet, dict(hidden_dims=[7, 5], input_dim=12, normalization="batchnorm")),
     (FullyConnectedNet, dict(hidden_dims=[], input_dim=12, num_classes=4)),
     (FullyConnectedNet, dict(hidden_dims=[9, 9, 9], input_dim=20, normalization="layernorm")),

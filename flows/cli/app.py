@@ -10,6 +10,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
+from .. import credentials
 from ..deployments import PREFECT_YAML
 from .errors import CliError, Settings, one_line_errors
 from .run import run_app
@@ -57,9 +58,10 @@ def ui(
         from ..shutdown import termination_as_interrupt
         from ..servers import background_server, free_port, mlflow_server_command, port_is_taken
 
-        uri = backend_store_uri or tracking.resolve_tracking_uri()
+        uri = tracking.resolve_tracking_uri(backend_store_uri)  # a masked password put back from the environment
+        shown = credentials.mask(uri)
         if tracking.is_server(uri):
-            typer.echo(f"MLFLOW_TRACKING_URI points at a tracking server; its UI is at {uri}")
+            typer.echo(f"MLFLOW_TRACKING_URI points at a tracking server; its UI is at {shown}")
             return
         artifacts = None
         if (root := tracking.artifact_root(uri)) is not None:
@@ -70,7 +72,7 @@ def ui(
             raise CliError(f"port {port} on 127.0.0.1 is taken; choose another with --port (0 picks a free one)")
         address = f"http://127.0.0.1:{port}"
         command, env = mlflow_server_command(uri, port, default_artifact_root=artifacts)
-        typer.echo(f"starting the MLflow UI on {uri} ...", err=True)
+        typer.echo(f"starting the MLflow UI on {shown} ...", err=True)
         try:
             with termination_as_interrupt(), background_server(command, f"{address}/health", timeout_s=timeout,
                                                                env={**os.environ, **env}) as process:
@@ -90,7 +92,7 @@ def _mention_local_prefect_ui() -> None:
 
     local = server_status()
     if local.answering:
-        typer.echo(f"Prefect UI: {local.state.ui_url}  (the local Prefect server; `cnnflow server stop` stops it)")
+        typer.echo(f"Prefect UI: {local.state.runs_url}  (the local Prefect server; `cnnflow server stop` stops it)")
 
 
 @app.command()

@@ -36,14 +36,16 @@ def _is_progress(record: logging.LogRecord) -> bool:
     return record.name == PROGRESS_LOGGER or record.name.startswith(PROGRESS_LOGGER + ".")
 
 
-# The flow engine's own account of a run that failed or was stopped: the CLI says the same in one line.
+# The flow and task engines' own accounts of a run that failed or was stopped, each with a timestamp and the
+# exception's repr: the CLI says the same once, as its error (or a trial's progress line does).
+_ENGINE_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 _ENGINE_FAILURE = ("Encountered exception during execution", "Crash detected!", "Finished in state Failed",
-                   "Finished in state Crashed")
+                   "Finished in state Crashed", "Task run failed with")
 
 
 class ConsoleFilter(logging.Filter):
-    """Lets through the progress lines, and Prefect's other records at WARNING and above except the flow
-    engine's report of the failure the CLI's one-line error gives (everything when verbose)."""
+    """Lets through the progress lines, and Prefect's other records at WARNING and above except the flow and
+    task engines' reports of the failure that the CLI's error gives (everything when verbose)."""
 
     def __init__(self, verbose: bool):
         super().__init__()
@@ -53,7 +55,7 @@ class ConsoleFilter(logging.Filter):
         if self.verbose or _is_progress(record):
             return True
         return record.levelno >= logging.WARNING and not (
-            record.name == "prefect.flow_runs" and record.getMessage().startswith(_ENGINE_FAILURE))
+            record.name in _ENGINE_LOGGERS and record.getMessage().startswith(_ENGINE_FAILURE))
 
 
 class ConsoleFormatter(logging.Formatter):

@@ -24,7 +24,7 @@ def find_study(tracking_uri: str | None, name: str, experiments: list[str] | Non
     ids = list(store.experiment_names(experiments)) if experiments else None
     record = store.latest_run({"sweep_name": name, "sweep_role": "parent"}, ids)
     if record is None:
-        raise CliError(f"no sweep named {name!r} in {store.uri}; `cnnflow runs` lists the runs there")
+        raise CliError(f"no sweep named {name!r} in {store.shown}; `cnnflow runs` lists the runs there")
     return store.run_of(record), record
 
 

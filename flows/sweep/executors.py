@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import signal
 import threading
@@ -28,7 +29,7 @@ from multiprocessing import get_context
 from collections.abc import Callable
 from typing import Literal, TypeVar
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -37,7 +38,7 @@ from tqdm import tqdm
 
 from ..config import SweepSpec, TrainConfig
 from ..load_data import load_data_once
-from ..progress import say
+from ..progress import record, say
 from ..provenance import blas, git_commit
 from ..shutdown import StopRequest, exit_with_parent
 from ..figures import learning_curves_figure
@@ -105,7 +106,8 @@ def run_trial(parent: Run, spec: SweepSpec, index: int, config: TrainConfig, pro
             return None
         if not isinstance(exc, Exception):
             raise
-        get_run_logger().warning(f"trial {name} failed: {failure_reason(exc)}")
+        # For the UI: the console has the trial's progress line, which says the same.
+        record(f"trial {name} failed: {failure_reason(exc)}", logging.WARNING)
         return TrialResult(**result, run_id=run.id, status="FAILED", failure_reason=failure_reason(exc))
     return TrialResult(**result, run_id=run.id, status=FINISHED, **scores)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import timezone
 from typing import Literal
@@ -12,7 +13,7 @@ from pydantic import PositiveInt
 
 from ..config import SweepSpec
 from ..load_data import load_data_once, load_dataset, log_dataset
-from ..progress import say
+from ..progress import record, say
 from ..study import PRESETS, preset_spec
 from ..tracking import connect
 from . import lease
@@ -120,6 +121,6 @@ def sweep(
                          study_report=report_text,
                          comparison_title=title, answer=answer,
                          comparison=[] if comparison is None else comparison.to_dict("records"))
-    for r in report.failed:
-        say(f"FAILED {r.run_name}: {r.failure_reason}")
+    for r in report.failed:  # in the run's logs; the console had each trial's progress line, and `cnnflow` lists them
+        record(f"FAILED {r.run_name}: {r.failure_reason}", logging.WARNING)
     return report

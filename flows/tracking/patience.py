@@ -19,6 +19,8 @@ import os
 import threading
 import time
 
+from .. import credentials
+
 WAIT_ENV = "CNNCORE_TRACKING_WAIT_S"
 DEFAULT_WAIT_S = 60.0
 # One attempt's own limit (MLflow's default is 120 s): a server that accepts
@@ -92,8 +94,8 @@ def patient(method):
                     if isinstance(exc, TrackingUnavailableError):
                         raise
                     raise TrackingUnavailableError(
-                        f"the MLflow tracking server at {uri} stopped answering (waited {wait_s():g} s, "
-                        f"${WAIT_ENV}): {exc}") from exc
+                        f"the MLflow tracking server at {credentials.mask(uri)} stopped answering (waited "
+                        f"{wait_s():g} s, ${WAIT_ENV}): {credentials.mask(str(exc))}") from exc
                 time.sleep(delay)
                 delay = min(2 * delay, _MAX_DELAY_S)
                 continue

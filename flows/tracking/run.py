@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from .. import credentials
 from ..shutdown import interruption
 from .patience import patient
 from .names import (FAILED, FINISHED, KILLED, MAX_TAG_CHARS, MLFLOW_DATASET_CONTEXT, RUNNING,
@@ -90,7 +91,8 @@ class Run:
         """FAILED, or KILLED for an interrupt (a signal), with a failure_reason tag and the traceback."""
         interrupted = interruption(exc)
         self._client.set_tag(self.id, TAG_FAILURE_REASON, failure_reason(interrupted or exc))
-        self._client.log_text(self.id, "".join(traceback.format_exception(exc)), "failure/traceback.txt")
+        self._client.log_text(self.id, credentials.mask("".join(traceback.format_exception(exc))),
+                              "failure/traceback.txt")
         self._client.set_terminated(self.id, KILLED if interrupted else FAILED)
 
     @patient
@@ -258,7 +260,7 @@ class Run:
             link=self.url,
             link_text=f"MLflow run {name}",
             key=f"mlflow-{flow_run.flow_name or 'run'}".lower().replace("_", "-"),
-            description=f"MLflow run `{self.id}` in the store `{self.store.uri}`; "
+            description=f"MLflow run `{self.id}` in the store `{credentials.mask(self.store.uri)}`; "
                         f"open the UI with `{self.store.ui_command()}`.",
         )
 

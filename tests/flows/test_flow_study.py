@@ -97,9 +97,17 @@ def test_groups_keep_about_sixteen_channels_per_group(filters, groups):
     assert groups_for(filters) == groups and filters % groups == 0
 
 
+def percent_errors(children, metric: str) -> dict[tuple[str, int, int], float]:
+    """{(normalization, batch_size, seed): 100 * (1 - metric)} of the sweep's child runs."""
+    return {(r.data.params["normalization"], int(r.data.params["batch_size"]), int(r.data.params["train_seed"])):
+            100 * (1 - r.data.metrics[metric]) for r in children}
+
+
 def test_small_preset_run_reports_exactly_what_its_child_runs_logged(store, tmp_path):
+    # Three epochs: validation accuracy peaks before the end in most trials, so the final net and the
+    # best-validation net differ, and so do their test errors; the tail evaluations are the primary measure.
     spec = bn_vs_gn_spec(name="study-small", normalizations=("batchnorm", "groupnorm"), batch_sizes=(16, 4),
-                         seeds=(0, 1), num_epochs=2, num_train=64, num_val=30, num_test=50, num_filters=8,
+                         seeds=(0, 1), num_epochs=3, num_train=128, num_val=30, num_test=50, num_filters=8,
                          lr_steps=[0.5], tail_evals=2)
     report = sweep(spec=spec, tracking_uri=store.uri)
     assert len(report.trials) == 8 and not report.failed
@@ -119,29 +127,37 @@ def test_small_preset_run_reports_exactly_what_its_child_runs_logged(store, tmp_
     children = [r for r in store.runs("cnncore-sweeps")
                 if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 8
-    key = {r.info.run_id: (r.data.params["normalization"], int(r.data.params["batch_size"]),
-                           int(r.data.params["train_seed"])) for r in children}
-    # 64 images at batch 16: 4 iterations per epoch, 8 in all; the rate falls at 4, the tail evaluations at 6 and 8
-    # (batch 4: 16 per epoch, 32 in all, at 24 and 32).
+    # 128 images at batch 16: 8 iterations per epoch, 24 in all; the rate falls after 12, the tail evaluations
+    # are at 18 and 24 (batch 4: 32 per epoch, 96 in all, at 72 and 96).
     for r in children:
         history = store.client.get_metric_history(r.info.run_id, "tail_eval/test_acc")
-        batch = key[r.info.run_id][1]
-        assert sorted(m.step for m in history) == ([6, 8] if batch == 16 else [24, 32])
+        batch = int(r.data.params["batch_size"])
+        assert sorted(m.step for m in history) == ([18, 24] if batch == 16 else [72, 96])
         assert r.data.metrics["tail_test_acc"] == pytest.approx(np.mean([m.value for m in history]))
         precise = store.client.get_metric_history(r.info.run_id, "tail_eval/precise_test_acc")
-        assert (len(precise) == 2) == (key[r.info.run_id][0] == "batchnorm")
-    error = {key[r.info.run_id]: 100 * (1 - r.data.metrics["tail_test_acc"]) for r in children}
-    cells = table("cells")
-    assert set(cells["normalization"]) == {"batchnorm", "batchnorm-precise", "groupnorm"}
-    for cell in cells.query("normalization != 'batchnorm-precise'").itertuples():
-        errors = [error[cell.normalization, cell.norm_batch, seed] for seed in (0, 1)]
-        sd = np.std(errors, ddof=1)  # 0 when both seeds err on the same test images
-        low, high = stats.t.interval(0.95, 1, loc=np.mean(errors), scale=sd / math.sqrt(2)) if sd else errors
-        assert cell.n == 2 and cell.mean == pytest.approx(np.mean(errors))
-        assert (cell.low, cell.high) == (pytest.approx(low), pytest.approx(high))
-    final = {key[r.info.run_id]: 100 * (1 - r.data.metrics["final_test_acc"]) for r in children}
-    for cell in table("final_cells").query("normalization == 'groupnorm'").itertuples():
-        assert cell.mean == pytest.approx(np.mean([final["groupnorm", cell.norm_batch, s] for s in (0, 1)]))
+        assert (len(precise) == 2) == (r.data.params["normalization"] == "batchnorm")
+    error = percent_errors(children, "tail_test_acc")
+    final_error, best_val_error = percent_errors(children, "final_test_acc"), percent_errors(children, "test_acc")
+    assert sum(final_error[k] != best_val_error[k] for k in error) >= 3  # the measures tell apart here
+    for name, measured in (("cells", error), ("final_cells", final_error), ("best_val_cells", best_val_error)):
+        cells = table(name).query("normalization != 'batchnorm-precise'")
+        assert len(cells) == 4
+        for cell in cells.itertuples():
+            errors = [measured[cell.normalization, cell.norm_batch, seed] for seed in (0, 1)]
+            sd = np.std(errors, ddof=1)  # 0 when both seeds err on the same test images
+            low, high = stats.t.interval(0.95, 1, loc=np.mean(errors), scale=sd / math.sqrt(2)) if sd else errors
+            assert cell.n == 2 and cell.mean == pytest.approx(np.mean(errors))
+            assert (cell.low, cell.high) == (pytest.approx(low), pytest.approx(high))
+    precise = percent_errors([r for r in children if "tail_precise_test_acc" in r.data.metrics],
+                             "tail_precise_test_acc")
+    for cell in table("cells").query("normalization == 'batchnorm-precise'").itertuples():
+        assert cell.mean == pytest.approx(np.mean([precise["batchnorm", cell.norm_batch, s] for s in (0, 1)]))
+    # What the terminal shows (the sweep's comparison) is the study's error table: the primary measure's cells.
+    shown = {row["arm"]: row for row in report.comparison}
+    for norm, arm in (("batchnorm", "BN"), ("groupnorm", "GN")):
+        for batch in (16, 4):
+            assert shown[arm][f"batch {batch}"].startswith(f"{np.mean([error[norm, batch, s] for s in (0, 1)]):.2f} ")
+            assert shown[arm][f"batch {batch}"].endswith(", n=2")
     # No batch 32 here: changes are measured from the largest batch run, 16.
     (interaction,) = table("interactions").itertuples()
     by_seed = [(error["batchnorm", 4, s] - error["batchnorm", 16, s])
@@ -149,7 +165,7 @@ def test_small_preset_run_reports_exactly_what_its_child_runs_logged(store, tmp_
     assert (interaction.norm_batch, interaction.reference, interaction.n) == (4, 16, 2)
     assert interaction.mean == pytest.approx(np.mean(by_seed))
     updates = table("updates").set_index("norm_batch")["iterations_per_epoch"].to_dict()
-    assert updates == {16: 4, 4: 16}  # 64 training images
+    assert updates == {16: 8, 4: 32}  # 128 training images
 
     markdown = report.study_report
     text = store.client.download_artifacts(parent.info.run_id, "study/report.md", str(tmp_path))
@@ -165,6 +181,17 @@ def test_small_preset_run_reports_exactly_what_its_child_runs_logged(store, tmp_
     # The learning rate each child trained with is the scaled one.
     for r in children:
         assert float(r.data.params["learning_rate"]) == pytest.approx(0.02 * int(r.data.params["batch_size"]) / 32)
+
+    # Run again: every trial is read back from MLflow, and the report says what the first run's said.
+    again = sweep(spec=spec, tracking_uri=store.uri)
+    assert [t.skipped for t in again.trials] == [True] * 8
+    measures = ("test_acc", "final_test_acc", "tail_test_acc", "tail_precise_test_acc", "final_precise_test_acc",
+                "blas")
+    assert [[getattr(t, m) for m in measures] for t in again.trials] == [[getattr(t, m) for m in measures]
+                                                                         for t in report.trials]
+    assert again.comparison == report.comparison
+    # Everything but the provenance (its date is the report's own) is what the first run's report said.
+    assert again.study_report.split("## Provenance")[0] == markdown.split("## Provenance")[0]
 
 
 def test_preset_parameter_replaces_the_spec(store, monkeypatch):

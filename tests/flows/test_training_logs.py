@@ -4,6 +4,7 @@ its diagnostics included (no Prefect needed: fit and the loggers are plain funct
 import numpy as np
 import pytest
 
+from cnncore.resnet import ResNet
 from flows import tracking
 from flows.load_data import load_data_once
 from flows.training import DIAGNOSTICS_PREFIX, build_net, fit, log_diagnostics, log_test_scores
@@ -46,3 +47,12 @@ def test_depth_5_on_mnist_builds_a_convnet_whose_last_norm_layer_sees_1x1_maps(t
     net = build_net(config, data)
     X = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
     assert [a.shape[2:] for a in net.norm_inputs(X)] == [(28, 28), (14, 14), (7, 7), (3, 3), (1, 1)]
+
+
+def test_a_resnet_configuration_builds_the_residual_net_it_names(tiny):
+    config = type(tiny)(**{**tiny.model_dump(), "model": "resnet", "dataset": "mnist", "num_filters": 8, "depth": 2,
+                           "norm_batch": 5})
+    data = {"X_train": np.zeros((4, 1, 28, 28), np.float32), "class_names": list(range(10))}
+    net = build_net(config, data)
+    assert isinstance(net, ResNet) and net.config["blocks_per_stage"] == 2 and net.config["num_filters"] == 8
+    assert len(net.norm_layers()) == 1 + 6 * 2 + 2 and {p["norm_batch"] for p in net.bn_params} == {5}
