@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 from cnncore.checks import require_real
 
 from ..config import SweepSpec
+from . import design as closing
 from . import diagnostics as diag
 from . import sections
 from .figures import contrast_figure, error_figure, stamp
@@ -92,8 +93,8 @@ def build_study(trials: pd.DataFrame, spec: SweepSpec, diagnostics: pd.DataFrame
     seeds = int(long.groupby(["normalization", "norm_batch"], dropna=False)["seed"].nunique().max()) \
         if not long.empty else 0
     ctx = Context(spec, design, reference, delta, pair, seeds)
-    tables = {"updates": sections.updates_table(spec, planned_trials, num_train, design)}
-    title = f"# {' vs '.join(map(label, pair))}: {spec.base.dataset}, {sections.net_words(spec, planned_trials)}, " \
+    tables = {"updates": closing.updates_table(spec, planned_trials, num_train, design)}
+    title = f"# {' vs '.join(map(label, pair))}: {spec.base.dataset}, {closing.net_words(spec, planned_trials)}, " \
             f"{design.title}"
     parts, figures, answer, answer_figure = [title], {}, "No trial finished: there is nothing to compare.", ""
     if finished.empty:
@@ -123,9 +124,9 @@ def build_study(trials: pd.DataFrame, spec: SweepSpec, diagnostics: pd.DataFrame
         sentences = diag.explanations(tables["diagnostics_layers"], tables["diagnostics_model"], delta, at=ctx.at)
     parts += [sections.diagnostics_section(tables.get("diagnostics_layers"), tables.get("diagnostics_model"),
                                            sentences),
-              sections.design_section(spec, planned_trials, tables["updates"], len(planned_trials), missing,
+              closing.design_section(spec, planned_trials, tables["updates"], len(planned_trials), missing,
                                       num_train, ctx),
-              sections.provenance_section(provenance), sections.method_section(delta)]
+              closing.provenance_section(provenance), closing.method_section(delta)]
     if ctx.smoke and not finished.empty:
         parts.insert(1, sections.smoke_banner(ctx))
     summary = sections.wide_cells(tables["cells"], ctx) if "cells" in tables else None

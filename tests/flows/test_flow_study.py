@@ -20,7 +20,10 @@ from cnncore.cnn import NORMALIZATIONS as NET_NORMALIZATIONS
 from cnncore.diagnostics import recomputed_statistics_error
 from flows.config import TrainConfig
 from flows.provenance import blas
-from flows.study import NORMALIZATIONS, PAPER_ERROR, bn_vs_gn_spec, groups_for, preset_spec
+from cnncore.cnn import block_maps
+from flows.study import NORMALIZATIONS, PAPER_ERROR, PRESETS, bn_vs_gn_spec, groups_for, preset_spec
+from flows.study.presets import DOSE_PRESETS
+from flows.study.trials import design_of
 from flows.sweep import sweep
 from flows.tracking import connect
 from flows.training import PRECISE_IMAGES, fit, log_test_scores, score_test_split, tail_iterations
@@ -42,6 +45,13 @@ def test_preset_grid_is_the_papers_design():
     assert spec.base.num_filters == 32 and {t.num_groups for t in trials if t.normalization == "groupnorm"} == {2}
     assert spec.base.update_rule == "sgd_momentum" and spec.study == "bn-vs-gn"
     assert all(t.diagnostics for t in trials) and {t.depth for t in trials} == {1}
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if not p.endswith("-small")])
+def test_every_committed_preset_takes_the_papers_step_decay_and_the_tail_measure(preset):
+    """÷10 after 50% and 75% of training; the measure: 3 test-split scorings over the last phase's second half."""
+    for t in preset_spec(preset).trials():
+        assert (t.lr_steps, t.tail_evals) == ([0.5, 0.75], 3) and t.diagnostics
 
 
 def test_the_study_orders_the_nets_normalizations_with_no_norm_last():
@@ -69,15 +79,45 @@ def test_the_positive_control_is_cs231n_fully_connected_net_with_bn_ln_and_none(
         assert math.isclose(t.learning_rate, 0.005 * t.batch_size / 32)
 
 
-@pytest.mark.parametrize("preset", ["bn-vs-gn", "mnist-convnet", "mnist-fc-control"])
+@pytest.mark.parametrize("preset", [p for p in PRESETS if not p.endswith("-small")])
 def test_a_small_preset_is_its_full_design_cut_down(preset):
     full, small = preset_spec(preset), preset_spec(f"{preset}-small")
-    assert small.name == f"{full.name}-small"
+    assert small.name == f"{full.name}-small" and design_of(small) == design_of(full)
     assert {t.normalization for t in small.trials()} == {t.normalization for t in full.trials()}
-    assert {t.batch_size for t in small.trials()} == {32, 4} and {t.train_seed for t in small.trials()} == {0, 1}
+    level = "norm_batch" if design_of(full).norm_batch else "batch_size"
+    assert {getattr(t, level) for t in small.trials() if t.normalization == "batchnorm"} == {32, 4}
+    assert {t.train_seed for t in small.trials()} == {0, 1}
     assert (small.base.model, small.base.depth) == (full.base.model, full.base.depth)
+    assert (small.base.lr_steps, small.base.tail_evals) == (full.base.lr_steps, full.base.tail_evals)
     assert small.base.num_train == 600 and small.base.num_epochs == 1
-    assert small.base.num_test == (500 if preset.startswith("mnist") else None)
+    assert small.base.num_test == (None if preset == "bn-vs-gn" else 500)
+
+
+@pytest.mark.parametrize("preset", DOSE_PRESETS)
+def test_a_normalization_batch_preset_fixes_the_sgd_batch_and_varies_only_batch_norms_statistics(preset):
+    spec = preset_spec(preset)
+    trials = spec.trials()
+    assert design_of(spec).norm_batch and spec.lr_reference_batch is None
+    assert {(t.batch_size, t.learning_rate) for t in trials} == {(32, spec.base.learning_rate)}
+    seeds = {t.train_seed for t in trials}
+    bn = [t for t in trials if t.normalization == "batchnorm"]
+    assert {(t.norm_batch or t.batch_size, t.train_seed) for t in bn} == {(g, s) for g in (32, 16, 8, 4, 2)
+                                                                          for s in seeds}
+    others = [t for t in trials if t.normalization != "batchnorm"]
+    # Every other normalization runs once per seed: its trials do not depend on g.
+    assert others and len(others) == len(seeds) * len({t.normalization for t in others})
+    assert {t.norm_batch for t in others} == {None}
+
+
+def test_the_dose_response_spans_values_pooled_and_norm_layers():
+    """The FC net pools g values per feature; the convnets' last norm layers sit on 7x7, 3x3 and 1x1 maps; the
+    residual net has 9 norm layers."""
+    specs = {name: preset_spec(name).base for name in DOSE_PRESETS}
+    assert (specs["normbatch-fc"].model, specs["normbatch-resnet"].model) == ("fc_net", "resnet")
+    for depth, last in ((3, 7), (4, 3), (5, 1)):
+        base = specs[f"normbatch-convnet{depth}"]
+        assert base.depth == depth and block_maps(28, 28, depth)[-1][:2] == (last, last)
+    assert {b.num_groups for name, b in specs.items() if name != "normbatch-fc"} == {2}
 
 
 def test_cifar10_preset_runs_the_same_design_with_the_seeds_net():

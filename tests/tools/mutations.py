@@ -62,7 +62,7 @@ MUTATIONS: list[Mutation] = [
     M("i19-report-signed-by", "flows/study/sections.py",
       'f"{abs(r.estimate.mean):.2f} points at {ctx.at(r.norm_batch)} "', 'f"{r.estimate.mean:.2f} points at {ctx.at(r.norm_batch)} "',
       "'GN loses more than BN, by -3.82 points'"),
-    M("i19-report-one-image", "flows/study/sections.py",
+    M("i19-report-one-image", "flows/study/design.py",
       "one image = {100 / base.num_test:.2f} points", "one image = {1 / base.num_test:.2f} points",
       "the design paragraph's 'one image = 0.00 points'"),
     M("i19-report-compared-with", "flows/study/report.py",
