@@ -51,12 +51,9 @@ MEASURES = ["test_error", "final_test_error", "best_val_test_error", "precise_te
 # Points of error two runs' cell means may differ by even where neither run has a spread to measure:
 # 5 of the small presets' 500 MNIST test images (digits: 1.7 of its 300).
 AGREE_POINTS = 1.0
-# The small presets whose reports are committed (preset, sweep name), as `make studies SIZE=-small` writes them.
-COMMITTED = [("bn-vs-gn-small", "bn-vs-gn-digits-small"), ("mnist-fc-control-small", "mnist-fc-control-small"),
-             ("mnist-convnet-small", "mnist-convnet-small"), ("normbatch-fc-small", "normbatch-fc-small"),
-             ("normbatch-convnet3-small", "normbatch-convnet3-small"),
-             ("normbatch-convnet5-small", "normbatch-convnet5-small"),
-             ("normbatch-resnet-small", "normbatch-resnet-small")]
+# The small presets whose reports are committed, as `make studies SIZE=-small` writes them: (preset, sweep name).
+COMMITTED = [(name.replace("bn-vs-gn-digits", "bn-vs-gn"), name)
+             for name in sorted(p.parent.name for p in STUDIES.glob("*-small/trials.csv"))]
 
 
 def mnist_available() -> bool:
