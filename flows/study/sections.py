@@ -267,9 +267,13 @@ def errors_section(cells: pd.DataFrame, ctx: Context, figure: str) -> str:
     return "\n".join(lines)
 
 
+def _half_width(est) -> float:
+    return 0.0 if math.isnan(est.low) else (est.high - est.low) / 2
+
+
 def _agreement(by_measure: dict[str, list], ctx: Context) -> str:
-    """Whether the measures say the same at every g (the same verdict, means within ±delta of the primary's)
-    and, where not, which way the others lean."""
+    """Whether the measures say the same at every g (the same verdict, and means that differ by no more than
+    delta or the primary's own half-interval, whichever is larger) and, where not, which way the others lean."""
     primary = {r.norm_batch: r for r in by_measure["test_error"]}
     disagree, sizes, leans = [], [], []
     for name, rows in by_measure.items():
@@ -282,7 +286,7 @@ def _agreement(by_measure: dict[str, list], ctx: Context) -> str:
                        f"against {number(p.estimate.mean, signed=True)}")
             if r.verdict != p.verdict:
                 disagree.append(f"{reading} ('{r.verdict}' where the primary measure says '{p.verdict}')")
-            elif abs(r.estimate.mean - p.estimate.mean) > ctx.delta:
+            elif abs(r.estimate.mean - p.estimate.mean) > max(ctx.delta, _half_width(p.estimate)):
                 sizes.append(reading)
         shifts = [r.estimate.mean - p.estimate.mean for r, p in paired if not math.isnan(r.estimate.mean)]
         if shifts:
@@ -295,10 +299,11 @@ def _agreement(by_measure: dict[str, list], ctx: Context) -> str:
     if disagree:
         return "They disagree: " + "; ".join(disagree + sizes) + ". Which way: " + which_way
     if sizes:
-        return (f"The verdicts agree at every g, but the sizes differ by more than ±{ctx.delta:g} points: "
+        return (f"The verdicts agree at every g, but the sizes differ by more than ±{ctx.delta:g} points and more "
+                f"than the primary measure's own interval: "
                 + "; ".join(sizes) + ". Which way: " + which_way)
-    return (f"The measures agree: the same verdict at every g, and means within ±{ctx.delta:g} points of the "
-            f"primary measure's; " + which_way)
+    return (f"The measures agree: the same verdict at every g, and means within ±{ctx.delta:g} points (or the "
+            f"primary measure's own interval) of the primary measure's; " + which_way)
 
 
 def measures_section(by_measure: dict[str, list], cells_by_measure: dict[str, pd.DataFrame], ctx: Context) -> str:
