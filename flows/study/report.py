@@ -201,7 +201,8 @@ def _primary_table(rows: list, ctx: Context) -> pd.DataFrame:
     """The primary contrast's records, whichever the design, with the arm each belongs to first."""
     kind = Change if ctx.design.norm_batch else Interaction
     table = as_table(rows, kind)
-    return table.insert(0, "arm", table["normalization" if ctx.design.norm_batch else "a"]) or table
+    table.insert(0, "arm", table["normalization" if ctx.design.norm_batch else "a"])
+    return table
 
 
 def _answer_figure(found: _Found, ctx: Context) -> Figure:

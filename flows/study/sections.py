@@ -161,8 +161,13 @@ def short_answer(primary: list, differences: list[Difference], ctx: Context) -> 
     return text
 
 
+def _arm_of(record) -> str:
+    """The arm a contrast belongs to: a Change's normalization, an Interaction's or a Difference's a."""
+    return record.normalization if isinstance(record, Change) else record.a
+
+
 def _contrast_table(rows: list, ctx: Context, value: str, with_bound: bool, against: bool = False) -> str:
-    table = pd.DataFrame([{"arm": label(getattr(r, "normalization", getattr(r, "a", ""))),
+    table = pd.DataFrame([{"arm": label(_arm_of(r)),
                            **({"against": label(r.b)} if against else {}), "g": r.norm_batch,
                            "n": r.estimate.n, value: number(r.estimate.mean, signed=True),
                            "95% CI": interval_text(r.estimate.low, r.estimate.high),
