@@ -372,7 +372,7 @@ def _build(path, classes: dict, config: dict, state: dict, device: str) -> Class
     needed = memory.construction_bytes(config)
     if needed is not None:
         sizes = ", ".join(f"{k}={config[k]}" for k in ("input_dim", "num_filters", "filter_size", "hidden_dim",
-                                                         "hidden_dims") if k in config)
+                                                         "hidden_dims", "blocks_per_stage") if k in config)
         memory.require_fits(needed, f"model file {path}: its config ({sizes}) describes a {name} that")
     try:
         model = classes[name](**kwargs, device=device)

@@ -60,13 +60,14 @@ NUM_STAGES = 3
 @dataclass(frozen=True)
 class ConvUnit:
     """Conv i of the net and the norm layer after it: in_channels -> out_channels, a kh x kw
-    filter with conv_param's stride and pad."""
+    filter with conv_param's stride and pad, and out_size, the (H, W) of its output maps."""
 
     index: int
     in_channels: int
     out_channels: int
     kernel: tuple[int, int]
     conv_param: dict
+    out_size: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,31 @@ def stage_maps(height: int, width: int) -> list[tuple[int, int]]:
     for _ in range(NUM_STAGES - 1):
         maps.append((downsampled(maps[-1][0]), downsampled(maps[-1][1])))
     return maps
+
+
+def layout(C: int, H: int, W: int, F: int, depth: int) -> tuple[ConvUnit, list[Block]]:
+    """The stem and the blocks of a ResNet on (C, H, W) images, F wide in stage 1 with depth
+    blocks per stage, their units numbered in order (what cnncore.memory estimates from too)."""
+    same = {"stride": 1, "pad": 1}
+    index = itertools.count(1)
+    maps = stage_maps(H, W)
+    stem = ConvUnit(next(index), C, F, (3, 3), same, maps[0])
+    blocks, width = [], F
+    for stage in range(NUM_STAGES):
+        out, size = F * 2**stage, maps[stage]
+        for j in range(depth):
+            if stage > 0 and j == 0:  # downsampling the previous stage's maps
+                conv_kernel, projection_kernel = _downsampling_units(*maps[stage - 1])
+                a = ConvUnit(next(index), width, out, conv_kernel, {"stride": 2, "pad": 1}, size)
+                b = ConvUnit(next(index), out, out, (3, 3), same, size)
+                p = ConvUnit(next(index), width, out, projection_kernel, {"stride": 2, "pad": 0}, size)
+            else:
+                a = ConvUnit(next(index), width, out, (3, 3), same, size)
+                b = ConvUnit(next(index), out, out, (3, 3), same, size)
+                p = None
+            blocks.append(Block(a, b, p))
+            width = out
+    return stem, blocks
 
 
 def _downsampling_units(size_h: int, size_w: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -161,7 +187,7 @@ class ResNet(ImageClassifier):
                     num_classes=num_classes, weight_scale=weight_scale, reg=reg, dtype=dtype, device=device,
                     norm_batch=norm_batch)
         self.num_groups = num_groups
-        self.stem, self.blocks = self._layout(C, H, W, F, depth)
+        self.stem, self.blocks = layout(C, H, W, F, depth)
         self.units = [self.stem] + [u for block in self.blocks for u in (block.a, block.b, block.projection) if u]
         self.fc_index = len(self.units) + 1
         # G of each unit's group-kind norm (None for batch norm): 1 for layer norm, C for instance norm.
@@ -174,29 +200,6 @@ class ResNet(ImageClassifier):
 
     def _checked_weight_scale(self, weight_scale):
         return None if weight_scale is None else super()._checked_weight_scale(weight_scale)
-
-    @staticmethod
-    def _layout(C, H, W, F, depth) -> tuple[ConvUnit, list[Block]]:
-        """The stem and the blocks, their units numbered in order."""
-        same = {"stride": 1, "pad": 1}
-        index = itertools.count(1)
-        stem = ConvUnit(next(index), C, F, (3, 3), same)
-        blocks, width, maps = [], F, stage_maps(H, W)
-        for stage in range(NUM_STAGES):
-            out = F * 2**stage
-            for j in range(depth):
-                if stage > 0 and j == 0:  # downsampling the previous stage's maps
-                    conv_kernel, projection_kernel = _downsampling_units(*maps[stage - 1])
-                    a = ConvUnit(next(index), width, out, conv_kernel, {"stride": 2, "pad": 1})
-                    b = ConvUnit(next(index), out, out, (3, 3), same)
-                    p = ConvUnit(next(index), width, out, projection_kernel, {"stride": 2, "pad": 0})
-                else:
-                    a = ConvUnit(next(index), width, out, (3, 3), same)
-                    b = ConvUnit(next(index), out, out, (3, 3), same)
-                    p = None
-                blocks.append(Block(a, b, p))
-                width = out
-        return stem, blocks
 
     def _initial_params(self, F, seed, zero_init_residual) -> dict:
         """Weights in unit order from one generator, then the affine layer; gammas 1 (0 for the last

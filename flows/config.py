@@ -8,6 +8,7 @@ num_filters) fails with pydantic's message before any MLflow run exists.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import itertools
 import json
@@ -335,7 +336,11 @@ class SweepSpec(_Frozen):
                              "(--space batch_size=8,32)")
         unknown = sorted(set(self.space) - set(TrainConfig.model_fields))
         if unknown:
-            raise ValueError(f"space has fields {unknown} that TrainConfig lacks; known: {sorted(TrainConfig.model_fields)}")
+            meant = [f"{name!r}: did you mean {close[0]!r}?" for name in unknown
+                     if (close := difflib.get_close_matches(name, TrainConfig.model_fields, n=1, cutoff=0.6))]
+            raise ValueError(f"space has fields {unknown} that TrainConfig lacks"
+                             + (f" ({'; '.join(meant)})" if meant else "")
+                             + f"; known: {sorted(TrainConfig.model_fields)}")
         empty = sorted(k for k, v in self.space.items() if isinstance(v, list) and not v)
         if empty:
             raise ValueError(f"space gives no values for {empty}")

@@ -3,15 +3,19 @@ gradients in float64 and fast against naive for every normalization, odd shapes,
 norm-layer protocol the diagnostics read, and that it learns."""
 
 import dataclasses
+import json
 import math
 
 import numpy as np
 import pytest
 
+from cnncore import npz_io
+from cnncore.classifier import load_model
 from cnncore.data import load_dataset
 from cnncore.gradient_check import rel_error
 from cnncore.layer_utils import FAST_LAYERS
 from cnncore.layers import softmax_loss
+from cnncore.memory import MemoryLimitError
 from cnncore.resnet import ResNet, stage_maps
 from cnncore.solver import Solver
 
@@ -207,3 +211,14 @@ def test_it_learns_digits(normalization):
     solver.train()
     # Ten classes: chance is 10%. Measured 0.9+ on both (seed 0); 80% leaves room for other BLAS kernels.
     assert solver.best_val_acc >= 0.8
+
+
+def test_a_model_file_whose_config_asks_for_an_enormous_resnet_is_refused_before_building(tmp_path):
+    """cnncore.memory estimates a ResNet from its config: num_filters = 10**5 would be about 10**12
+    weights in stage 3, refused naming the sizes, not allocated."""
+    path = small_resnet().save(tmp_path / "net.npz")
+    arrays = dict(np.load(path))
+    config = {**json.loads(str(arrays["config"])), "num_filters": 10**5}
+    npz_io.write_npz_atomically(path, {**arrays, "config": np.array(json.dumps(config))})
+    with pytest.raises(MemoryLimitError, match=r"num_filters=100000, blocks_per_stage=1\) describes a ResNet"):
+        load_model(path)

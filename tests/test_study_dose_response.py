@@ -32,7 +32,7 @@ def records(loss_at: dict[int, float], other: str, rng_seed: int) -> pd.DataFram
 
 def layers(noise_at: dict[int, tuple[float, ...]], pooled_per_image: tuple[int, ...]) -> pd.DataFrame:
     """A diagnostics_layers table as the preset's report exports it: BN's noise and values pooled per layer."""
-    rows = [{"normalization": "batchnorm", "norm_batch": g, "layer": i + 1, "output_noise": noise,
+    rows = [{"normalization": "batchnorm", "norm_batch": g, "layer": i + 1, "batch_noise": noise,
              "nominal": g * pooled_per_image[i], "num_seeds": len(SEEDS)}
             for g, noises in noise_at.items() for i, noise in enumerate(noises)]
     return pd.DataFrame(rows)

@@ -277,7 +277,7 @@ def diagnostics(noise_at_2: float, train_mode_at_2: float, layers: int = 1, nomi
     for batch in BATCHES:
         for seed in SEEDS:
             for layer in range(1, layers + 1):
-                rows += [("batchnorm", batch, seed, "output_noise", layer, noise_at_2 * 2 / batch + offsets[seed]),
+                rows += [("batchnorm", batch, seed, "batch_noise", layer, noise_at_2 * 2 / batch + offsets[seed]),
                          ("batchnorm", batch, seed, "nominal", layer, nominal_per_image * batch),
                          ("batchnorm", batch, seed, "n_eff", layer, 50.0 * batch if layer == 1 else n_eff_later)]
             rows += [("batchnorm", batch, seed, "train_mode_error", np.nan,
@@ -286,13 +286,13 @@ def diagnostics(noise_at_2: float, train_mode_at_2: float, layers: int = 1, nomi
     return pd.DataFrame(rows, columns=["normalization", "batch_size", "seed", "metric", "layer", "value"])
 
 
-def test_diagnostics_read_the_output_noise_with_the_values_pooled():
+def test_diagnostics_read_the_batch_noise_with_the_values_pooled():
     result = build_study(synthetic_trials(5.0), spec(), diagnostics=diagnostics(0.12, 0.0))
-    assert ("At batch 2, the statistics noise reaching BN's output (RMS of train-mode output minus output under "
-            "population statistics, relative to the latter; median of 3 seeds) is 13.0% at its only norm layer "
-            "(pooling 128 values per channel).") in result.markdown
+    assert ("At batch 2, the statistics noise reaching BN's normalised output (batch_noise: RMS of the train-mode "
+            "output minus the output under population statistics, relative to the latter; median of 3 seeds) is "
+            "13.0% at its only norm layer (pooling 128 values per channel).") in result.markdown
     layers = result.tables["diagnostics_layers"].set_index(["norm_batch", "layer"])
-    assert layers.loc[(2, 1), "output_noise"] == pytest.approx(0.13) and layers.loc[(2, 1), "num_seeds"] == 3
+    assert layers.loc[(2, 1), "batch_noise"] == pytest.approx(0.13) and layers.loc[(2, 1), "num_seeds"] == 3
 
 
 def test_n_eff_is_reported_at_the_first_layer_only_never_as_exactness():
@@ -303,12 +303,34 @@ def test_n_eff_is_reported_at_the_first_layer_only_never_as_exactness():
     assert "The largest, 13.0%, is at layer 1." in result.markdown
 
 
+def recomputed_diagnostics(running: float, recomputed: float) -> pd.DataFrame:
+    """BN's test error with its running averages and with statistics recomputed over the training set."""
+    rows = [("batchnorm", batch, seed, metric, np.nan, value) for batch in BATCHES for seed in SEEDS
+            for metric, value in (("running_error", running), ("recomputed_error", recomputed))]
+    return pd.DataFrame(rows, columns=["normalization", "batch_size", "seed", "metric", "layer", "value"])
+
+
+@pytest.mark.parametrize("recomputed, meaning", [
+    (1.0, "-2.00 points against the running averages (median of 3 seeds): precise statistics would help: the "
+          "running averages are off."),
+    (5.0, "+2.00 points against the running averages (median of 3 seeds): precise statistics would hurt: the "
+          "running averages are off."),
+    (3.25, "+0.25 points against the running averages (median of 3 seeds): the running averages are as good as "
+           "precise statistics (within ±0.5)."),
+], ids=["help", "hurt", "as-good"])
+def test_recomputed_statistics_are_said_to_help_or_hurt_by_their_sign(recomputed, meaning):
+    result = build_study(synthetic_trials(5.0), spec(), diagnostics=recomputed_diagnostics(3.0, recomputed))
+    assert ("At batch 2, recomputing BN's statistics over the training set changes the final net's test error by "
+            + meaning
+            ) in result.markdown
+
+
 def two_layer_noise(noise: tuple[float, float]) -> pd.DataFrame:
-    """BN with two norm layers at every batch, each with its output noise, every seed alike."""
+    """BN with two norm layers at every batch, each with its batch noise, every seed alike."""
     rows = [("batchnorm", batch, seed, metric, layer, value)
             for batch in BATCHES for seed in SEEDS
             for layer, level in ((1, noise[0]), (2, noise[1]))
-            for metric, value in (("output_noise", level), ("nominal", 64 * batch))]
+            for metric, value in (("batch_noise", level), ("nominal", 64 * batch))]
     return pd.DataFrame(rows, columns=["normalization", "batch_size", "seed", "metric", "layer", "value"])
 
 

@@ -5,12 +5,13 @@ row per measurement; layer is the 1-based norm layer, NaN for whole-model metric
 norm_batch is g, NaN for an arm that does not depend on it (see trials.py). Any metric
 present is summarised (median over seeds); these are interpreted:
 
-- output_noise (per batch norm layer): the statistics noise that reaches the layer's
-  output, RMS(train-mode output - output under population statistics) / RMS(output
-  under population statistics), on sampled batches at the trial's g, every batch norm
-  layer before it in train mode too (cnncore.diagnostics): 0 for exact statistics, about
-  sqrt(1.5 / n) for n independent values per statistic, and meaningful behind other
-  norm layers, where n_eff is not. This is the diagnostic the report reads.
+- batch_noise (per norm layer, and batch_noise_max for the net): the statistics noise
+  that reaches the layer's normalised output, RMS(train-mode x_hat - x_hat under
+  population statistics) / RMS(x_hat under population statistics), on sampled batches
+  at the trial's g, every batch norm layer before it in train mode too
+  (cnncore.diagnostics.batch_noise): 0 for exact statistics, about sqrt(1.5 / n) for n
+  independent values per statistic, and meaningful behind other norm layers, where
+  n_eff is not. This is the diagnostic the report reads.
 - nominal (per layer): the values each batch statistic pools per channel (g*H*W, or g).
 - n_eff (per layer): Var(feature) / Var(batch mean). Only the first norm layer's is
   shown: behind another batch norm over the same images the batch mean is already
@@ -34,7 +35,7 @@ import pandas as pd
 from .presets import short_label
 
 COLUMNS = ["normalization", "norm_batch", "seed", "metric", "layer", "value"]
-NOISE = "output_noise"
+NOISE = "batch_noise"
 GAPS = {"train_minus_test_mode": ("train_mode_error", "test_mode_error"),
         "recomputed_minus_running": ("recomputed_error", "running_error")}
 _ANY_G = -1  # stands for a missing g inside the group-bys, which drop NaN keys
@@ -121,9 +122,9 @@ def _noise_sentence(norm: str, at: str, layers: pd.DataFrame) -> str | None:
              + ("" if math.isnan(count) else f" (pooling {_count(count)} values per channel)")
              for layer, noise, count in zip(layers["layer"], layers[NOISE], nominal)]
     worst = layers.loc[layers[NOISE].idxmax()]
-    sentence = (f"At {at}, the statistics noise reaching {short_label(norm)}'s output (RMS of train-mode output "
-                f"minus output under population statistics, relative to the latter; {_seeds(int(worst['num_seeds']))}) "
-                f"is {', '.join(parts)}.")
+    sentence = (f"At {at}, the statistics noise reaching {short_label(norm)}'s normalised output (batch_noise: RMS "
+                f"of the train-mode output minus the output under population statistics, relative to the latter; "
+                f"{_seeds(int(worst['num_seeds']))}) is {', '.join(parts)}.")
     if not single:
         sentence += f" The largest, {100 * worst[NOISE]:.1f}%, is at layer {int(worst['layer'])}."
     return sentence

@@ -21,10 +21,9 @@ class TrialResult(BaseModel):
     test_acc: float | None = None  # the best-validation net's
     final_test_acc: float | None = None  # the final net's
     # The tail evaluations' means (TrainConfig.tail_evals): the studies' measure, and for batch norm the same
-    # with precise statistics; final_precise_test_acc: the final net with precise statistics.
+    # with precise statistics (the final net's precise score is a diagnostic: diag/recomputed_error).
     tail_test_acc: float | None = None
     tail_precise_test_acc: float | None = None
-    final_precise_test_acc: float | None = None
     wall_time_s: float | None = None
     diagnostics: dict[str, float] = {}  # cnncore.diagnostics of the final net, when the config asked
     commit: str = ""  # the code that trained it (its run's mlflow.source.git.commit)

@@ -72,10 +72,11 @@ def summarise_sweep(parent: Run, spec: SweepSpec, results: list[TrialResult]) ->
     """The parent's summary table (CSV and MLflow table), comparison figure and totals."""
     table = summary_table(spec, results)
     parent.log_table(table, "summary")
-    x_name = next((k for k in spec.swept() if k not in ("normalization", "train_seed")), None)
-    averaged = [k for k in spec.swept() if k not in ("normalization", x_name)]
-    parent.log_figure(sweep_comparison_figure(table, x_name, averaged, spec.name), "comparison.png")
     finished = [r for r in results if r.status == FINISHED]
+    if finished:  # with none, an empty figure would pass for a result
+        x_name = next((k for k in spec.swept() if k not in ("normalization", "train_seed")), None)
+        averaged = [k for k in spec.swept() if k not in ("normalization", x_name)]
+        parent.log_figure(sweep_comparison_figure(table, x_name, averaged, spec.name), "comparison.png")
     # Tags, not metrics: in the experiment's charts a parent's metric is one more bar ("Unassigned")
     # beside its trials', under the same names, and each count a chart of its own.
     totals = {"num_trials": len(results), "num_finished": len(finished), "num_failed": len(results) - len(finished),
@@ -109,15 +110,17 @@ def study_trials(results: list[TrialResult]) -> pd.DataFrame:
     Errors in percent: test_error is the study's measure, the mean over the tail
     evaluations (the final net's error for a trial without them); final_test_error the
     final net's, best_val_test_error the best-validation net's; the precise columns batch
-    norm's with statistics recomputed over training images. norm_batch is the trial's
-    (its SGD batch when unset).
+    norm's with statistics recomputed over training images (the tail's over the first
+    training.PRECISE_IMAGES, the final net's over the whole split, a diagnostic). norm_batch
+    is the trial's (its SGD batch when unset).
     """
     rows = [{"normalization": r.config.normalization, "batch_size": r.config.batch_size,
              "norm_batch": getattr(r.config, "norm_batch", None) or r.config.batch_size, "seed": r.config.train_seed,
              "test_error": _percent_error(r.tail_test_acc if r.tail_test_acc is not None else r.final_test_acc),
              "final_test_error": _percent_error(r.final_test_acc), "best_val_test_error": _percent_error(r.test_acc),
              "precise_test_error": _percent_error(r.tail_precise_test_acc),
-             "final_precise_test_error": _percent_error(r.final_precise_test_acc), "run_id": r.run_id}
+             "final_precise_test_error": 100.0 * r.diagnostics.get("recomputed_error", float("nan")),
+             "run_id": r.run_id}
             for r in results if r.status == FINISHED and r.final_test_acc is not None]
     return pd.DataFrame(rows, columns=RECORD_COLUMNS)
 
