@@ -38,7 +38,7 @@ from tqdm import tqdm
 from ..config import SweepSpec, TrainConfig
 from ..load_data import load_data_once
 from ..progress import record, say
-from ..provenance import git_commit
+from ..provenance import blas, git_commit
 from ..shutdown import StopRequest, exit_with_parent, until_stopped
 from ..figures import learning_curves_figure
 from ..tracking import FINISHED, Run, Store, TrackingUnavailableError, failure_reason
@@ -69,7 +69,7 @@ def train_trial(run: Run, config: TrainConfig, stop: StopRequest | None = None) 
     found = log_diagnostics(run, fitted.final_net, config, data) if config.diagnostics else {}
     run.finish()
     return {"best_val_acc": fitted.best_val_acc, **scores, "wall_time_s": fitted.wall_time_s, "diagnostics": found,
-            "commit": git_commit()}
+            "commit": git_commit(), "blas": blas()}
 
 
 @task(name="run trial", task_run_name="trial {index}", cache_policy=NO_CACHE)

@@ -37,7 +37,6 @@ class NoTrialFinishedError(RuntimeError):
         super().__init__(f"sweep {name}: none of its {len(results)} trials finished, so there is nothing to compare; "
                          f"they failed with {first}{more}. The summary on the sweep's parent run lists each trial")
 
-STUDY_TITLE = "Test error (%) of the final model: mean and 95% CI over seeds (the study's table)"
 COMPARISON_TITLE = "Test error (%) of the best-validation nets: mean and 95% CI over seeds"
 
 
@@ -126,16 +125,18 @@ def sweep(
             # The design paragraph counts updates per batch size from the training split's size.
             num_train = len(load_data_once(spec.base.data_spec())["y_train"])
             study = write_study_report(parent, spec, results, num_train)
-            comparison, title, report_text, answer = study.tables.get("cells"), STUDY_TITLE, study.markdown, study.answer
+            comparison, title, report_text, answer = (study.summary, study.summary_title, study.markdown,
+                                                      study.answer)
         else:
             comparison, title, report_text, answer = (publish_comparison(parent, spec, results), COMPARISON_TITLE,
                                                       None, "")
         parent.set_tags({"sweep_wall_time_s": f"{time.perf_counter() - start:.1f}"})
-    # The link lands on the answer: the study's interaction figure, or the comparison figure.
-    figure = "study/interaction_vs_batch_size.png" if spec.study and "interaction_vs_batch_size" in study.figures \
-        else "comparison.png"
+    # The link lands on the answer: the study's figure of its answer, or the comparison figure.
+    figure = f"study/{study.answer_figure}.png" if spec.study and study.answer_figure else "comparison.png"
+    # A study answers with its contrasts: a "best trial" among its cells would mean nothing.
     report = SweepReport(name=spec.name, parent_run_id=parent.id, url=parent.url_of(figure), trials=results,
-                         best=best_trial(results), wall_time_s=time.perf_counter() - start, study_report=report_text,
+                         best=None if spec.study else best_trial(results), wall_time_s=time.perf_counter() - start,
+                         study_report=report_text,
                          comparison_title=title, answer=answer,
                          comparison=[] if comparison is None else comparison.to_dict("records"))
     for r in report.failed:  # in the run's logs; the console had each trial's progress line, and `cnnflow` lists them
