@@ -17,9 +17,10 @@ offer several and pick one per shape:
 - Winograd F(2x2, 3x3) (see _WinogradTiles): 2.25x fewer multiplications for
   stride-1 3x3 filters, paid for with transforms of the input and output tiles.
 
-``algorithm(g)`` picks one by shape; WINOGRAD_MIN_WORK and PITCHED_MIN_TAPS_PER_FILTER
-hold the crossovers, measured on this project's machines by
-``benchmarks/bench_layers.py`` (its "Convolution algorithms" table).
+``algorithm(g, pass_)`` picks one by shape and pass; the WINOGRAD_* thresholds and
+PITCHED_MIN_TAPS_PER_FILTER hold the crossovers, measured on this project's
+machines by ``benchmarks/bench_conv_algorithms.py``, which times every kernel on
+every pass of the nets' convolutions and shows what the rule picks.
 
 The backward passes: dw from the same columns (one batched product per chunk,
 (n, F, P) @ (n, P, C*HH*WW + 1), summed over the images), or from Winograd's
@@ -254,28 +255,57 @@ def direct_gradients(x, w, g: Geometry, need_dx: bool, dout=None, fill_dout=None
             db_part = (dout_m @ xp.ones(P, dtype=x.dtype)).sum(axis=0)
             db = db_part if db is None else db + db_part
         if need_dx:
-            _input_gradient(w, _valid(dout_m, g), g, dx[rows])
+            _input_gradient(w, _valid(dout_m, g), g, dx[rows], dout_m)
     if fold:
         return dx, xp.ascontiguousarray(dw_ext[:, :-1]).reshape(w.shape), dw_ext[:, -1].copy()
     return dx, dw_ext.reshape(w.shape), db
 
 
-def _input_gradient(w, dout, g: Geometry, dx):
+def dx_by_convolution(g: Geometry) -> bool:
+    """Whether dx is a convolution of dout (else col2im; see _input_gradient).
+
+    The convolution copies F*HH*WW rows of dout's columns, col2im adds C*HH*WW rows
+    of column gradients back, each add reading and writing: with few input
+    channels against many filters the convolution copies far more. Measured (1
+    thread, float32, the whole backward, benchmarks/bench_conv_algorithms.py):
+    3 channels in and 32 filters 7x7 at batch 50, col2im 2.8x faster; 1 in and 32
+    out (3x3), 1.6-1.9x; 8, 16, 32 or 64 in and as many out, the convolution
+    1.04-2.0x faster. At stride s > 1 the convolution would read dout dilated by
+    s - 1 zeros, s**2 times the products: col2im always.
+    """
+    return g.stride == 1 and g.C * DX_CONVOLUTION_MAX_FILTERS_PER_CHANNEL >= g.F
+
+
+DX_CONVOLUTION_MAX_FILTERS_PER_CHANNEL = 2
+
+
+def _input_gradient(w, dout, g: Geometry, dx, dout_pitched=None):
     """dx (m, C, H, W) of the images whose output gradient is dout (m, F, Ho, Wo).
 
-    At stride 1, a convolution of dout, padded by HH - 1 - pad, with the flipped
-    filters and the channels swapped: the forward's kernels at the forward's
-    speed. At stride s > 1 that convolution would read dout dilated by s - 1
-    zeros, s**2 times the products, so dx is col2im: the column gradients
-    w.T @ dout summed back onto the inputs they were copied from.
+    A convolution of dout, padded by HH - 1 - pad, with the flipped filters and the
+    channels swapped, run by the forward's kernels; or col2im: the column
+    gradients w.T @ dout summed back onto the inputs they were copied from (see
+    dx_by_convolution). dout_pitched: dout in g's pitched layout (m, F,
+    g.positions), its dropped columns 0, when the caller has it: col2im's sums
+    are then contiguous runs of the padded input, one per tap.
     """
     xp = array_module(dout)
-    if g.stride == 1:
+    if dx_by_convolution(g):
         flipped = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
         convolve(dout, flipped, None, 1, g.HH - 1 - g.pad_h, dx, pad_w=g.WW - 1 - g.pad_w)
         return
     m, s, ph, pw = dout.shape[0], g.stride, g.pad_h, g.pad_w
-    dcols = xp.matmul(w.reshape(g.F, g.taps).T, dout.reshape(m, g.F, -1)).reshape(m, g.C, g.HH, g.WW, g.Ho, g.Wo)
+    w_rows = w.reshape(g.F, g.taps).T
+    if g.pitched and dout_pitched is not None:
+        rows, pitch, P = g.H + 2 * ph, g.pitch, g.positions
+        dcols = xp.matmul(w_rows, dout_pitched).reshape(m, g.C, g.HH, g.WW, P)
+        dx_pad = xp.zeros((m, g.C, rows * pitch + g.WW - 1), dtype=dout.dtype)
+        for i in range(g.HH):
+            for j in range(g.WW):
+                dx_pad[:, :, i * pitch + j : i * pitch + j + P] += dcols[:, :, i, j]
+        dx[...] = dx_pad[:, :, : rows * pitch].reshape(m, g.C, rows, pitch)[:, :, ph : ph + g.H, pw : pw + g.W]
+        return
+    dcols = xp.matmul(w_rows, dout.reshape(m, g.F, -1)).reshape(m, g.C, g.HH, g.WW, g.Ho, g.Wo)
     dx_pad = xp.zeros((m, g.C, g.H + 2 * ph, g.W + 2 * pw), dtype=dout.dtype)
     for i in range(g.HH):
         for j in range(g.WW):
@@ -462,28 +492,32 @@ def algorithm(g: Geometry, pass_: str = "forward") -> str:
     (and dx, itself a convolution) or for the filter gradient (pass_="filter gradient").
 
     Winograd's transforms cost per input and output value, where the
-    multiplications it saves grow with channels in and out: it wins with
-    enough of each (WINOGRAD_MIN_CHANNELS; fewer for dw, whose output transform
-    is the small (16, C, F) one), on maps its 2x2 tiles cover with little waste
-    (WINOGRAD_MIN_TILE_USE: 7x7 maps need 4x4 tiles, 77% used), once the batch
-    has WINOGRAD_MIN_OUTPUTS output positions to spread its fixed costs over.
-    Measured (1 thread, float32, 3x3 pad 1, load average 17-20, best of 7
-    interleaved), Winograd's speed against direct's: 32 channels in and out on
-    14x14 maps, batch 4 / 8 / 32: forward 0.96 / 1.07 / 1.01x, dw 1.00 / 1.15 /
-    1.21x, dx 0.87 / 0.93 / 0.85x; on 7x7 maps at batch 32, 0.82-0.98x; 64
-    channels on 8x8 maps at batch 8: 1.16-1.34x, on 16x16 at batch 64: 1.09-1.17x.
+    multiplications it saves grow with channels in and out. For the forward it
+    wins with WINOGRAD_MIN_CHANNELS of each, on maps its 2x2 tiles cover with
+    little waste (WINOGRAD_MIN_TILE_USE: 7x7 maps need 4x4 tiles, 77% used); for
+    dw, whose output transform is the small (16, C, F) one, from
+    WINOGRAD_MIN_CHANNELS_DW, on any map; either once the batch has
+    WINOGRAD_MIN_OUTPUTS output positions to spread its fixed costs over.
+    Measured by benchmarks/bench_conv_algorithms.py (1 thread, float32, best of 3
+    interleaved, load average 14-20), Winograd's time against the pitched direct
+    path's: 32 channels in and out on 14x14 maps at batch 8 / 32, forward 0.92 /
+    1.00, dx 1.08 / 1.14, dw 0.79 / 0.76 (at batch 2: 1.14-1.37, and 392 outputs);
+    on 7x7 maps at batch 32, forward 1.01, dx 1.23, dw 0.89; 16 channels on 14x14
+    at batch 32, dw 0.93; 64 channels on 8x8 at batch 8, 0.74-0.85 on every pass,
+    at batch 2 1.08-1.21; on 16x16 at batch 64, 0.89-1.00.
     """
-    if not winograd_applies(g):
+    if not winograd_applies(g) or g.N * g.Ho * g.Wo < WINOGRAD_MIN_OUTPUTS:
         return "direct"
-    least = WINOGRAD_MIN_CHANNELS_DW if pass_ == "filter gradient" else WINOGRAD_MIN_CHANNELS
+    if pass_ == "filter gradient":
+        return "winograd" if min(g.C, g.F) >= WINOGRAD_MIN_CHANNELS_DW else "direct"
     tiles = 4 * -(-g.Ho // 2) * -(-g.Wo // 2)
-    if min(g.C, g.F) < least or g.Ho * g.Wo < WINOGRAD_MIN_TILE_USE * tiles or g.N * g.Ho * g.Wo < WINOGRAD_MIN_OUTPUTS:
+    if min(g.C, g.F) < WINOGRAD_MIN_CHANNELS or g.Ho * g.Wo < WINOGRAD_MIN_TILE_USE * tiles:
         return "direct"
     return "winograd"
 
 
 WINOGRAD_MIN_CHANNELS = 64
-WINOGRAD_MIN_CHANNELS_DW = 32
+WINOGRAD_MIN_CHANNELS_DW = 16
 WINOGRAD_MIN_TILE_USE = 0.85
 WINOGRAD_MIN_OUTPUTS = 512
 

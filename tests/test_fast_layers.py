@@ -49,6 +49,10 @@ CONV_PATHS = {
                              "WINOGRAD_MIN_CHANNELS_DW": NEVER},
     "winograd": {"WINOGRAD_MIN_CHANNELS": 0, "WINOGRAD_MIN_CHANNELS_DW": 0, "WINOGRAD_MIN_TILE_USE": 0,
                  "WINOGRAD_MIN_OUTPUTS": 0},
+    "direct, exact grid, dx by col2im": {"PITCHED_MIN_TAPS_PER_FILTER": NEVER, "WINOGRAD_MIN_CHANNELS": NEVER,
+                                         "WINOGRAD_MIN_CHANNELS_DW": NEVER, "DX_CONVOLUTION_MAX_FILTERS_PER_CHANNEL": 0},
+    "direct, pitched rows, dx by col2im": {"PITCHED_MIN_TAPS_PER_FILTER": -1, "WINOGRAD_MIN_CHANNELS": NEVER,
+                                           "WINOGRAD_MIN_CHANNELS_DW": NEVER, "DX_CONVOLUTION_MAX_FILTERS_PER_CHANNEL": 0},
 }
 
 
@@ -83,15 +87,15 @@ def conv_cases(draw, path="chosen by shape"):
     """(x, w, b, conv_param) whose windows tile the padded input, as the layers require.
 
     path "winograd": 3x3 filters at stride 1 (any padding up to 2), where that kernel
-    applies; "direct, pitched rows": stride 1 (dx then is itself a convolution,
-    of dout padded by filter size - 1 - pad, which crops where pad is larger);
-    otherwise any stride, padding and filter.
+    applies; "direct, pitched rows[, dx by col2im]": stride 1 (dx then is itself a
+    convolution, of dout padded by filter size - 1 - pad, which crops where pad is
+    larger, or col2im over pitched rows); otherwise any stride, padding and filter.
     """
     N, F, C = draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(1, 4))
     if path == "winograd":
         stride, pad, HH, WW = 1, draw(st.integers(0, 2)), 3, 3
     else:
-        stride = 1 if path == "direct, pitched rows" else draw(st.integers(1, 3))
+        stride = 1 if path.startswith("direct, pitched rows") else draw(st.integers(1, 3))
         pad, HH, WW = draw(st.integers(0, 2)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
 
     def tiling_size(k):
