@@ -28,7 +28,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -37,19 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_layers import environment  # noqa: E402
+from study_nets import best_interleaved  # noqa: E402
 
 from cnncore import backend, fast_conv  # noqa: E402
 
-NEVER = 1 << 40
-# Each kernel forced by the thresholds of fast_conv's choice.
-KERNELS = {
-    "direct, exact grid": {"PITCHED_MIN_TAPS_PER_FILTER": NEVER, "WINOGRAD_MIN_CHANNELS": NEVER,
-                           "WINOGRAD_MIN_CHANNELS_DW": NEVER},
-    "direct, pitched rows": {"PITCHED_MIN_TAPS_PER_FILTER": -1, "WINOGRAD_MIN_CHANNELS": NEVER,
-                             "WINOGRAD_MIN_CHANNELS_DW": NEVER},
-    "winograd": {"WINOGRAD_MIN_CHANNELS": 0, "WINOGRAD_MIN_CHANNELS_DW": 0, "WINOGRAD_MIN_TILE_USE": 0,
-                 "WINOGRAD_MIN_OUTPUTS": 0},
-}
+KERNELS = ("direct, exact grid", "direct, pitched rows", "winograd")
 # (label, x shape, w shape, stride, pad)
 CASES = [
     *((f"convnet conv1, batch {n}", (n, 1, 28, 28), (32, 1, 3, 3), 1, 1) for n in (2, 8, 32)),
@@ -65,10 +56,6 @@ CASES = [
     ("three-layer net 7x7 on 3 channels, batch 50", (50, 3, 32, 32), (32, 3, 7, 7), 1, 3),
 ]
 PASSES = ("forward", "dw", "dx")
-
-
-def forced(kernel: str):
-    return mock.patch.multiple(fast_conv, **KERNELS[kernel])
 
 
 def applies(kernel: str, g: fast_conv.Geometry) -> bool:
@@ -104,26 +91,8 @@ def chosen_kernel(g: fast_conv.Geometry, pass_: str) -> str:
     return "direct, pitched rows" if g.pitched else "direct, exact grid"
 
 
-def best_times(fns: dict, reps: int, seconds: float) -> dict:
-    """The best process CPU time of one call of each function, the functions taking turns."""
-    calls = {}
-    for name, fn in fns.items():
-        fn()
-        start = time.process_time()
-        fn()
-        calls[name] = max(1, int(seconds / max(time.process_time() - start, 1e-6)))
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start = time.process_time()
-            for _ in range(calls[name]):
-                fn()
-            best[name] = min(best[name], (time.process_time() - start) / calls[name])
-    return best
-
-
 def table(dtype: str, reps: int, seconds: float) -> list[str]:
-    names = list(KERNELS)
+    names = KERNELS
     rows = [f"| conv ({dtype}) | pass | " + " | ".join(f"{k} ms" for k in names)
             + " | fastest | chosen | chosen / fastest |",
             "|---|---|" + "---:|" * len(names) + "---|---|---:|"]
@@ -133,11 +102,11 @@ def table(dtype: str, reps: int, seconds: float) -> list[str]:
 
             def under(kernel, run=run):
                 def timed():
-                    with forced(kernel):
+                    with fast_conv.forced(kernel):
                         run()
                 return timed
 
-            times = best_times({k: under(k) for k in kernels}, reps, seconds)
+            times = best_interleaved({k: under(k) for k in kernels}, reps, seconds)
             fastest = min(times, key=times.get)
             chosen = chosen_kernel(g, pass_)
             cells = " | ".join(f"{times[k] * 1e3:.2f}" if k in times else "—" for k in names)
@@ -158,13 +127,14 @@ def dx_table(dtype: str, reps: int, seconds: float) -> list[str]:
         g = fast_conv.Geometry(x_shape, w_shape, stride, pad)
         dout = rng.standard_normal((g.N, g.F, g.Ho, g.Wo)).astype(dtype)
 
-        def backward(ratio):
+        def backward(method):
             def run():
-                with mock.patch.object(fast_conv, "DX_CONVOLUTION_MAX_FILTERS_PER_CHANNEL", ratio):
+                with fast_conv.forced(f"dx by {method}"):
                     fast_conv.gradients(x, w, stride, pad, dout=dout)
             return run
 
-        times = best_times({"convolution": backward(NEVER), "col2im": backward(0)}, reps, seconds)
+        times = best_interleaved({"convolution": backward("convolution"), "col2im": backward("col2im")}, reps,
+                                 seconds)
         faster = min(times, key=times.get)
         chosen = "convolution" if fast_conv.dx_by_convolution(g) else "col2im"
         rows.append(f"| {label} | {times['convolution'] * 1e3:.2f} | {times['col2im'] * 1e3:.2f} | {faster} "

@@ -36,6 +36,8 @@ takes its array module from its inputs.
 
 from __future__ import annotations
 
+import contextlib
+
 from . import backend
 from .backend import array_module, strided_view
 
@@ -520,6 +522,34 @@ WINOGRAD_MIN_CHANNELS = 64
 WINOGRAD_MIN_CHANNELS_DW = 16
 WINOGRAD_MIN_TILE_USE = 0.85
 WINOGRAD_MIN_OUTPUTS = 512
+
+_NEVER = 1 << 40
+# The thresholds under which one kernel runs wherever it applies (see forced).
+KERNELS = {
+    "direct, exact grid": {"PITCHED_MIN_TAPS_PER_FILTER": _NEVER, "WINOGRAD_MIN_CHANNELS": _NEVER,
+                           "WINOGRAD_MIN_CHANNELS_DW": _NEVER},
+    "direct, pitched rows": {"PITCHED_MIN_TAPS_PER_FILTER": -1, "WINOGRAD_MIN_CHANNELS": _NEVER,
+                             "WINOGRAD_MIN_CHANNELS_DW": _NEVER},
+    "winograd": {"WINOGRAD_MIN_CHANNELS": 0, "WINOGRAD_MIN_CHANNELS_DW": 0, "WINOGRAD_MIN_TILE_USE": 0,
+                 "WINOGRAD_MIN_OUTPUTS": 0},
+    "dx by convolution": {"DX_CONVOLUTION_MAX_FILTERS_PER_CHANNEL": _NEVER},
+    "dx by col2im": {"DX_CONVOLUTION_MAX_FILTERS_PER_CHANNEL": 0},
+}
+
+
+@contextlib.contextmanager
+def forced(*kernels: str):
+    """Within the block, the kernels named (keys of KERNELS, e.g. "winograd", or
+    "direct, pitched rows" and "dx by col2im") run wherever they apply, whatever the
+    shape: for tests and benchmarks that compare kernels. Not thread-safe: it sets
+    this module's thresholds and restores them on leaving."""
+    settings = {name: value for kernel in kernels for name, value in KERNELS[kernel].items()}
+    saved = {name: globals()[name] for name in settings}
+    globals().update(settings)
+    try:
+        yield
+    finally:
+        globals().update(saved)
 
 
 def convolve(x, w, b, stride, pad, out, pad_w=None):

@@ -39,26 +39,20 @@ def _chunks_of(nbytes):
         yield
 
 
-NEVER = 1 << 40
-# How each kernel of fast_conv is forced: the thresholds of its choice by shape.
+# Each kernel of fast_conv, forced (fast_conv.forced), and the choice by shape.
 CONV_PATHS = {
-    "chosen by shape": {},
-    "direct, exact grid": {"PITCHED_MIN_TAPS_PER_FILTER": NEVER, "WINOGRAD_MIN_CHANNELS": NEVER,
-                           "WINOGRAD_MIN_CHANNELS_DW": NEVER},
-    "direct, pitched rows": {"PITCHED_MIN_TAPS_PER_FILTER": -1, "WINOGRAD_MIN_CHANNELS": NEVER,
-                             "WINOGRAD_MIN_CHANNELS_DW": NEVER},
-    "winograd": {"WINOGRAD_MIN_CHANNELS": 0, "WINOGRAD_MIN_CHANNELS_DW": 0, "WINOGRAD_MIN_TILE_USE": 0,
-                 "WINOGRAD_MIN_OUTPUTS": 0},
-    "direct, exact grid, dx by col2im": {"PITCHED_MIN_TAPS_PER_FILTER": NEVER, "WINOGRAD_MIN_CHANNELS": NEVER,
-                                         "WINOGRAD_MIN_CHANNELS_DW": NEVER, "DX_CONVOLUTION_MAX_FILTERS_PER_CHANNEL": 0},
-    "direct, pitched rows, dx by col2im": {"PITCHED_MIN_TAPS_PER_FILTER": -1, "WINOGRAD_MIN_CHANNELS": NEVER,
-                                           "WINOGRAD_MIN_CHANNELS_DW": NEVER, "DX_CONVOLUTION_MAX_FILTERS_PER_CHANNEL": 0},
+    "chosen by shape": (),
+    "direct, exact grid": ("direct, exact grid",),
+    "direct, pitched rows": ("direct, pitched rows",),
+    "winograd": ("winograd",),
+    "direct, exact grid, dx by col2im": ("direct, exact grid", "dx by col2im"),
+    "direct, pitched rows, dx by col2im": ("direct, pitched rows", "dx by col2im"),
 }
 
 
 def conv_path(path):
     """A context in which fast_conv takes the kernel named path wherever it applies."""
-    return mock.patch.multiple(fast_conv, **CONV_PATHS[path]) if CONV_PATHS[path] else contextlib.nullcontext()
+    return fast_conv.forced(*CONV_PATHS[path])
 
 
 def _assert_same(fast, naive, name):

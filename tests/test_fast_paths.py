@@ -257,3 +257,15 @@ def test_64_channel_convolutions_take_winograd_forward_too():
 def test_chunk_budget_is_the_cpu_one_for_numpy_and_unbounded_elsewhere():
     assert backend.chunk_bytes(np) == backend.CPU_CHUNK_BYTES
     assert backend.chunk_bytes(object()) >= 1 << 60
+
+
+def test_forcing_a_kernel_applies_it_within_the_block_and_restores_the_choice_after():
+    g = fast_conv.Geometry((2, 32, 14, 14), (32, 32, 3, 3), 1, 1)  # direct by shape
+    with fast_conv.forced("winograd", "dx by col2im"):
+        assert fast_conv.algorithm(fast_conv.Geometry((2, 32, 14, 14), (32, 32, 3, 3), 1, 1)) == "winograd"
+        assert not fast_conv.dx_by_convolution(g)
+    assert fast_conv.algorithm(g) == "direct" and fast_conv.dx_by_convolution(g)
+    with pytest.raises(KeyError):
+        with fast_conv.forced("fft"):
+            pass
+    assert fast_conv.algorithm(g) == "direct"
