@@ -6,7 +6,8 @@ For each convolution of the nets this project trains (the 3-block MNIST convnet 
 batch 2, 8 and 32, the residual net's units, the benchmarks' own shapes) and each
 pass (the forward; dw; dx, itself a convolution at stride 1), every kernel that
 applies is forced in turn and timed: direct im2col + GEMM on the exact output grid,
-direct on pitched rows (stride 1), Winograd F(2x2, 3x3) (3x3, stride 1). Prints a
+direct on pitched rows (stride 1), Winograd F(2x2, 3x3) (3x3, stride 1), space to
+depth (strided convolutions as stride-1 ones). Prints a
 Markdown table with each kernel's time, the fastest, the one fast_conv chooses by
 shape, and how much slower the chosen is than the fastest (1.00: the rule picked
 the fastest); then, at stride 1, the backward with dx as a convolution of dout
@@ -40,7 +41,7 @@ from study_nets import best_interleaved  # noqa: E402
 
 from cnncore import backend, fast_conv  # noqa: E402
 
-KERNELS = ("direct, exact grid", "direct, pitched rows", "winograd")
+KERNELS = ("direct, exact grid", "direct, pitched rows", "winograd", "space to depth")
 # (label, x shape, w shape, stride, pad)
 CASES = [
     *((f"convnet conv1, batch {n}", (n, 1, 28, 28), (32, 1, 3, 3), 1, 1) for n in (2, 8, 32)),
@@ -48,6 +49,8 @@ CASES = [
     *((f"convnet conv3, batch {n}", (n, 32, 7, 7), (32, 32, 3, 3), 1, 1) for n in (2, 8, 32)),
     ("ResNet stage 1, batch 32", (32, 8, 28, 28), (8, 8, 3, 3), 1, 1),
     ("ResNet downsampling 4x4/2, batch 32", (32, 8, 28, 28), (16, 8, 4, 4), 2, 1),
+    ("ResNet projection 2x2/2, batch 32", (32, 8, 28, 28), (16, 8, 2, 2), 2, 0),
+    ("3x3/2 on 3 channels, batch 100", (100, 3, 31, 31), (25, 3, 3, 3), 2, 1),
     ("ResNet stage 2, batch 32", (32, 16, 14, 14), (16, 16, 3, 3), 1, 1),
     ("ResNet stage 3, batch 32", (32, 32, 7, 7), (32, 32, 3, 3), 1, 1),
     ("64 channels on 8x8, batch 2", (2, 64, 8, 8), (64, 64, 3, 3), 1, 1),
@@ -62,6 +65,8 @@ def applies(kernel: str, g: fast_conv.Geometry) -> bool:
     """Whether forcing kernel changes anything for g (else it is the direct exact grid again)."""
     if kernel == "winograd":
         return fast_conv.winograd_applies(g)
+    if kernel == "space to depth":
+        return g.stride > 1
     return kernel == "direct, exact grid" or g.stride == 1
 
 
@@ -86,6 +91,8 @@ def pass_runs(case, dtype):
 
 
 def chosen_kernel(g: fast_conv.Geometry, pass_: str) -> str:
+    if fast_conv.space_to_depth_wins(g, "gradients" if pass_ == "dw" else "forward"):
+        return "space to depth"
     if fast_conv.algorithm(g, "filter gradient" if pass_ == "dw" else "forward") == "winograd":
         return "winograd"
     return "direct, pitched rows" if g.pitched else "direct, exact grid"

@@ -485,6 +485,116 @@ def winograd_filter_gradient(x, g: Geometry, dout):
 
 
 # ---------------------------------------------------------------------------
+# Strided convolutions by space-to-depth
+# ---------------------------------------------------------------------------
+
+
+class _SpaceToDepth:
+    """A stride-s convolution as a stride-1 one: each s x s block of the padded input
+    becomes s*s*C channels of one pixel, each filter's taps regrouped alike (padded to
+    multiples of s with zeros), so that out[y, x] = sum over the s2d filter's kh x kw
+    taps of the s2d input at (y + i, x + j).
+
+    The stride-1 convolution then takes the fast paths (pitched rows, dx as a
+    convolution of dout) where the strided one copies its columns a few values at
+    a time and scatters dx back with strided adds. Its output may have a row or
+    column more than the strided one's: dropped (and 0 in the backward's dout).
+    """
+
+    def __init__(self, g: Geometry):
+        s = self.s = g.stride
+        self.g = g
+        self.kh, self.kw = -(-g.HH // s), -(-g.WW // s)
+        # s2d rows and columns: the padded input's, rounded up to whole blocks, enough for Ho x Wo
+        self.Hq = max(-(-(g.H + 2 * g.pad_h) // s), g.Ho + self.kh - 1)
+        self.Wq = max(-(-(g.W + 2 * g.pad_w) // s), g.Wo + self.kw - 1)
+        self.geometry = Geometry((g.N, s * s * g.C, self.Hq, self.Wq), (g.F, s * s * g.C, self.kh, self.kw), 1, 0)
+
+    def input(self, x):
+        """x (N, C, H, W) -> (N, s*s*C, Hq, Wq): padded, then each s x s block as channels (one copy)."""
+        g, s, xp = self.g, self.s, array_module(x)
+        padded = xp.zeros((g.N, g.C, self.Hq * s, self.Wq * s), dtype=x.dtype)
+        padded[:, :, g.pad_h : g.pad_h + g.H, g.pad_w : g.pad_w + g.W] = x
+        blocks = padded.reshape(g.N, g.C, self.Hq, s, self.Wq, s).transpose(0, 3, 5, 1, 2, 4)
+        return xp.ascontiguousarray(blocks).reshape(g.N, s * s * g.C, self.Hq, self.Wq)
+
+    def filters(self, w):
+        """w (F, C, HH, WW) -> (F, s*s*C, kh, kw), taps beyond HH x WW 0."""
+        g, s, xp = self.g, self.s, array_module(w)
+        padded = xp.zeros((g.F, g.C, self.kh * s, self.kw * s), dtype=w.dtype)
+        padded[:, :, : g.HH, : g.WW] = w
+        blocks = padded.reshape(g.F, g.C, self.kh, s, self.kw, s).transpose(0, 3, 5, 1, 2, 4)
+        return xp.ascontiguousarray(blocks).reshape(g.F, s * s * g.C, self.kh, self.kw)
+
+    def filter_gradient(self, dw):
+        """The inverse of filters for a gradient: (F, s*s*C, kh, kw) -> (F, C, HH, WW)."""
+        g, s = self.g, self.s
+        taps = dw.reshape(g.F, s, s, g.C, self.kh, self.kw).transpose(0, 3, 4, 1, 5, 2)
+        return array_module(dw).ascontiguousarray(taps.reshape(g.F, g.C, self.kh * s, self.kw * s)[:, :, : g.HH, : g.WW])
+
+    def input_gradient(self, dx, out):
+        """The inverse of input for a gradient: (N, s*s*C, Hq, Wq) -> out (N, C, H, W)."""
+        g, s = self.g, self.s
+        blocks = dx.reshape(g.N, s, s, g.C, self.Hq, self.Wq).transpose(0, 3, 4, 1, 5, 2)
+        out[...] = blocks.reshape(g.N, g.C, self.Hq * s, self.Wq * s)[:, :, g.pad_h : g.pad_h + g.H,
+                                                                      g.pad_w : g.pad_w + g.W]
+
+
+def space_to_depth_wins(g: Geometry, pass_: str = "forward") -> bool:
+    """Whether a strided convolution's pass runs as a stride-1 one by space-to-depth (else
+    im2col on the exact grid, dx by col2im).
+
+    It pays in the backward, where dx becomes a convolution instead of strided
+    scatter-adds, for filters that the stride divides into 2 or more blocks a side:
+    then the regrouped filter has no zero taps. Measured (1 thread, float32, best
+    of 3 interleaved): 4x4 filters at stride 2 (the ResNet's downsampling, 8 or 16
+    channels, batch 2 to 32), the backward 1.10-1.30x faster, the forward 0.84-1.07x;
+    2x2 filters at stride 2 (its projections: 1x1 after), 0.96-1.08x and 0.66-0.94x;
+    3x3 at stride 2 (padded to 4x4, 16/9 of the products), about 0.5x both ways.
+    """
+    if g.stride == 1 or min(g.C, g.F) < SPACE_TO_DEPTH_MIN_CHANNELS:
+        return False
+    if pass_ == "forward":
+        return SPACE_TO_DEPTH_FORWARD
+    blocks = g.HH % g.stride == 0 and g.WW % g.stride == 0 and min(g.HH, g.WW) >= 2 * g.stride
+    return blocks or SPACE_TO_DEPTH_ANY_FILTER
+
+
+SPACE_TO_DEPTH_MIN_CHANNELS = 1
+SPACE_TO_DEPTH_FORWARD = False  # (forced by tests and benchmarks)
+SPACE_TO_DEPTH_ANY_FILTER = False
+
+
+def s2d_output_chunks(x, w, b, g: Geometry, out=None):
+    """Yield (rows, product) as direct_output_chunks does, by space-to-depth."""
+    s2d = _SpaceToDepth(g)
+    for rows, product in output_chunks(s2d.input(x), s2d.filters(w), b, 1, 0):
+        product = product[:, :, : g.Ho, : g.Wo]
+        if out is not None:
+            out[rows] = product
+            product = out[rows]
+        yield rows, product
+
+
+def s2d_gradients(x, w, g: Geometry, need_dx, dout=None, fill_dout=None):
+    """(dx or None, dw, db) of the space-to-depth convolution."""
+    xp = array_module(x)
+    s2d = _SpaceToDepth(g)
+    q = s2d.geometry
+    dout_q = xp.zeros((q.N, q.F, q.Ho, q.Wo), dtype=x.dtype)  # beyond (Ho, Wo): 0
+    if dout is None:
+        fill_dout(slice(0, g.N), dout_q[:, :, : g.Ho, : g.Wo])
+    else:
+        dout_q[:, :, : g.Ho, : g.Wo] = dout
+    dx_q, dw_q, db = gradients(s2d.input(x), s2d.filters(w), 1, 0, need_dx, dout=dout_q)
+    dx = None
+    if need_dx:
+        dx = xp.empty(x.shape, dtype=x.dtype)
+        s2d.input_gradient(dx_q, dx)
+    return dx, s2d.filter_gradient(dw_q), db
+
+
+# ---------------------------------------------------------------------------
 # The choice, and the entry points
 # ---------------------------------------------------------------------------
 
@@ -527,11 +637,14 @@ _NEVER = 1 << 40
 # The thresholds under which one kernel runs wherever it applies (see forced).
 KERNELS = {
     "direct, exact grid": {"PITCHED_MIN_TAPS_PER_FILTER": _NEVER, "WINOGRAD_MIN_CHANNELS": _NEVER,
-                           "WINOGRAD_MIN_CHANNELS_DW": _NEVER},
+                           "WINOGRAD_MIN_CHANNELS_DW": _NEVER, "SPACE_TO_DEPTH_MIN_CHANNELS": _NEVER},
     "direct, pitched rows": {"PITCHED_MIN_TAPS_PER_FILTER": -1, "WINOGRAD_MIN_CHANNELS": _NEVER,
                              "WINOGRAD_MIN_CHANNELS_DW": _NEVER},
     "winograd": {"WINOGRAD_MIN_CHANNELS": 0, "WINOGRAD_MIN_CHANNELS_DW": 0, "WINOGRAD_MIN_TILE_USE": 0,
                  "WINOGRAD_MIN_OUTPUTS": 0},
+    "space to depth": {"SPACE_TO_DEPTH_MIN_CHANNELS": 0, "SPACE_TO_DEPTH_FORWARD": True,
+                       "SPACE_TO_DEPTH_ANY_FILTER": True},
+    "no space to depth": {"SPACE_TO_DEPTH_MIN_CHANNELS": _NEVER},
     "dx by convolution": {"DX_CONVOLUTION_MAX_FILTERS_PER_CHANNEL": _NEVER},
     "dx by col2im": {"DX_CONVOLUTION_MAX_FILTERS_PER_CHANNEL": 0},
 }
@@ -565,6 +678,8 @@ def output_chunks(x, w, b, stride, pad, out=None, pad_w=None):
     convolution with w plus b (unless None), while it is in cache. With out given,
     product is out[rows], written; otherwise a buffer reused from chunk to chunk."""
     g = Geometry(x.shape, w.shape, stride, pad, pad_w)
+    if space_to_depth_wins(g):
+        return s2d_output_chunks(x, w, b, g, out)
     chunks = winograd_output_chunks if algorithm(g) == "winograd" else direct_output_chunks
     return chunks(x, w, b, g, out)
 
@@ -574,6 +689,8 @@ def gradients(x, w, stride, pad, need_dx=True, dout=None, fill_dout=None):
     dout (N, F, Ho, Wo), or fill_dout(rows, view) writing each chunk's into view."""
     g = Geometry(x.shape, w.shape, stride, pad)
     xp = array_module(x)
+    if space_to_depth_wins(g, "gradients"):
+        return s2d_gradients(x, w, g, need_dx, dout, fill_dout)
     if algorithm(g, "filter gradient") == "direct":
         return direct_gradients(x, w, g, need_dx, dout, fill_dout)
     if dout is None:

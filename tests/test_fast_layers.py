@@ -47,6 +47,7 @@ CONV_PATHS = {
     "winograd": ("winograd",),
     "direct, exact grid, dx by col2im": ("direct, exact grid", "dx by col2im"),
     "direct, pitched rows, dx by col2im": ("direct, pitched rows", "dx by col2im"),
+    "space to depth": ("space to depth",),
 }
 
 
@@ -83,13 +84,16 @@ def conv_cases(draw, path="chosen by shape"):
     path "winograd": 3x3 filters at stride 1 (any padding up to 2), where that kernel
     applies; "direct, pitched rows[, dx by col2im]": stride 1 (dx then is itself a
     convolution, of dout padded by filter size - 1 - pad, which crops where pad is
-    larger, or col2im over pitched rows); otherwise any stride, padding and filter.
+    larger, or col2im over pitched rows); "space to depth": stride 2 or 3 (a stride-1
+    convolution of each stride x stride block as channels); otherwise any stride,
+    padding and filter.
     """
     N, F, C = draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(1, 4))
     if path == "winograd":
         stride, pad, HH, WW = 1, draw(st.integers(0, 2)), 3, 3
     else:
-        stride = 1 if path.startswith("direct, pitched rows") else draw(st.integers(1, 3))
+        stride = (1 if path.startswith("direct, pitched rows")
+                  else draw(st.integers(2, 3)) if path == "space to depth" else draw(st.integers(1, 3)))
         pad, HH, WW = draw(st.integers(0, 2)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
 
     def tiling_size(k):

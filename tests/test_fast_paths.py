@@ -269,3 +269,15 @@ def test_forcing_a_kernel_applies_it_within_the_block_and_restores_the_choice_af
         with fast_conv.forced("fft"):
             pass
     assert fast_conv.algorithm(g) == "direct"
+
+
+@pytest.mark.parametrize("w_shape, stride, pad, expected", [
+    ((16, 8, 4, 4), 2, 1, True),  # the ResNet's downsampling: two 2x2 blocks a side, no zero taps
+    ((16, 8, 2, 2), 2, 0, False),  # its projection: one block, 1x1 after
+    ((16, 8, 3, 3), 2, 1, False),  # padded to 4x4: 16/9 of the products
+    ((16, 8, 3, 3), 1, 1, False),  # stride 1: nothing to regroup
+])
+def test_space_to_depth_takes_the_backward_of_strided_convs_whose_filters_it_divides(w_shape, stride, pad, expected):
+    g = fast_conv.Geometry((4, 8, 28, 28), w_shape, stride, pad)
+    assert fast_conv.space_to_depth_wins(g, "gradients") == expected
+    assert not fast_conv.space_to_depth_wins(g)  # the forward: as fast on the exact grid
