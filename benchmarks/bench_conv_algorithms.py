@@ -10,8 +10,9 @@ direct on pitched rows (stride 1), Winograd F(2x2, 3x3) (3x3, stride 1), space t
 depth (strided convolutions as stride-1 ones). Prints a
 Markdown table with each kernel's time, the fastest, the one fast_conv chooses by
 shape, and how much slower the chosen is than the fastest (1.00: the rule picked
-the fastest); then, at stride 1, the backward with dx as a convolution of dout
-against col2im. fast_conv's thresholds (PITCHED_MIN_TAPS_PER_FILTER,
+the fastest); then the whole backward by each way of computing dx: at stride 1 a
+convolution of dout against col2im, at larger strides col2im on the exact grid
+against space to depth. fast_conv's thresholds (PITCHED_MIN_TAPS_PER_FILTER,
 WINOGRAD_MIN_CHANNELS[_DW], WINOGRAD_MIN_TILE_USE, WINOGRAD_MIN_OUTPUTS,
 DX_CONVOLUTION_MAX_FILTERS_PER_CHANNEL) come from these figures; rerun this after
 changing a kernel.
@@ -123,28 +124,32 @@ def table(dtype: str, reps: int, seconds: float) -> list[str]:
 
 
 def dx_table(dtype: str, reps: int, seconds: float) -> list[str]:
-    """The backward (dw and dx) with dx as a convolution of dout against col2im, stride-1 cases."""
-    rows = [f"| conv ({dtype}) | backward, dx by convolution ms | backward, dx by col2im ms | faster | chosen "
-            "| chosen / faster |", "|---|---:|---:|---|---|---:|"]
+    """The whole backward (dw and dx) by each way of computing dx: at stride 1 a convolution of
+    dout against col2im; at larger strides col2im on the exact grid against space to depth."""
+    rows = [f"| conv ({dtype}) | backward, dx one way ms | backward, dx the other way ms | faster | chosen "
+            "| chosen / faster |", "|---|---|---|---|---|---:|"]
     for label, x_shape, w_shape, stride, pad in CASES:
-        if stride != 1:
-            continue
         rng = np.random.default_rng(0)
         x, w = rng.standard_normal(x_shape).astype(dtype), rng.standard_normal(w_shape).astype(dtype)
         g = fast_conv.Geometry(x_shape, w_shape, stride, pad)
         dout = rng.standard_normal((g.N, g.F, g.Ho, g.Wo)).astype(dtype)
+        if stride == 1:
+            ways = {"convolution": ("dx by convolution",), "col2im": ("dx by col2im",)}
+            chosen = "convolution" if fast_conv.dx_by_convolution(g) else "col2im"
+        else:
+            ways = {"col2im on the grid": ("no space to depth",), "space to depth": ("space to depth",)}
+            chosen = "space to depth" if fast_conv.space_to_depth_wins(g, "gradients") else "col2im on the grid"
 
-        def backward(method):
+        def backward(kernels):
             def run():
-                with fast_conv.forced(f"dx by {method}"):
+                with fast_conv.forced(*kernels):
                     fast_conv.gradients(x, w, stride, pad, dout=dout)
             return run
 
-        times = best_interleaved({"convolution": backward("convolution"), "col2im": backward("col2im")}, reps,
-                                 seconds)
+        times = best_interleaved({name: backward(kernels) for name, kernels in ways.items()}, reps, seconds)
         faster = min(times, key=times.get)
-        chosen = "convolution" if fast_conv.dx_by_convolution(g) else "col2im"
-        rows.append(f"| {label} | {times['convolution'] * 1e3:.2f} | {times['col2im'] * 1e3:.2f} | {faster} "
+        first, second = times
+        rows.append(f"| {label} | {first} {times[first] * 1e3:.2f} | {second} {times[second] * 1e3:.2f} | {faster} "
                     f"| {chosen} | {times[chosen] / times[faster]:.2f} |")
     return rows
 
