@@ -178,6 +178,14 @@ def test_malformed_space_assignment_is_refused_with_exit_code_2(assignment):
     assert result.output.strip().splitlines() == [f"error: expected KEY=VALUES, got {assignment!r}"]
 
 
+def test_a_misspelt_space_field_is_refused_with_the_field_meant():
+    result = invoke("run", "sweep", "--space", "normalizaton=batchnorm,groupnorm")
+    assert result.exit_code == 2
+    [line] = result.output.strip().splitlines()
+    assert "space has fields ['normalizaton'] that TrainConfig lacks ('normalizaton': did you mean " \
+           "'normalization'?)" in line
+
+
 def test_unreadable_params_file_is_one_line(tmp_path):
     result = invoke("run", "train", "--params", str(tmp_path / "missing.yaml"))
     assert result.exit_code == 2
@@ -294,7 +302,7 @@ def test_ui_prints_its_loopback_address_serves_the_store_and_stops_cleanly(tmp_p
         with urllib.request.urlopen(match.group(1) + "/health", timeout=10) as response:
             assert response.status == 200
         ui.send_signal(signal.SIGINT)  # as Ctrl-C does
-        assert ui.wait(timeout=30) == 0
+        assert ui.wait(timeout=30) == 130  # 128 + SIGINT, as every cnnflow command stopped by Ctrl-C
         with pytest.raises(OSError):  # the server it started is gone too
             urllib.request.urlopen(match.group(1) + "/health", timeout=5)
     finally:
