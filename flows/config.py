@@ -8,6 +8,7 @@ num_filters) fails with pydantic's message before any MLflow run exists.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import itertools
 import json
@@ -134,6 +135,10 @@ class TrainConfig(_Subsets):
     device: Literal["cpu", "cuda"] = Field("cpu", description="Where to train: cpu, or cuda (needs CuPy and a GPU).")
     diagnostics: bool = Field(False, description="After training, measure how noisy the normalization statistics "
                                                  "were and what that cost (logged as diag/ metrics; studies do).")
+    tail_evals: NonNegativeInt = Field(
+        0, le=50, description="Score the test split this many times over the second half of the last learning-rate "
+                              "phase (after the last --lr-steps step; the whole run without steps), evenly spaced, the "
+                              "last at the end; their mean is the studies' measure (tail_test_acc). 0: none.")
 
     @field_validator("normalization", mode="before")
     @classmethod
@@ -251,6 +256,8 @@ class TrainConfig(_Subsets):
         if self.model == "resnet":
             fields.pop("filter_size")
             fields.pop("hidden_dim")
+        if not self.tail_evals:  # a measurement, not training: unset, the trials of older sweeps keep their keys
+            fields.pop("tail_evals")
         return fields
 
     def key(self) -> str:
@@ -329,7 +336,11 @@ class SweepSpec(_Frozen):
                              "(--space batch_size=8,32)")
         unknown = sorted(set(self.space) - set(TrainConfig.model_fields))
         if unknown:
-            raise ValueError(f"space has fields {unknown} that TrainConfig lacks; known: {sorted(TrainConfig.model_fields)}")
+            meant = [f"{name!r}: did you mean {close[0]!r}?" for name in unknown
+                     if (close := difflib.get_close_matches(name, TrainConfig.model_fields, n=1, cutoff=0.6))]
+            raise ValueError(f"space has fields {unknown} that TrainConfig lacks"
+                             + (f" ({'; '.join(meant)})" if meant else "")
+                             + f"; known: {sorted(TrainConfig.model_fields)}")
         empty = sorted(k for k, v in self.space.items() if isinstance(v, list) and not v)
         if empty:
             raise ValueError(f"space gives no values for {empty}")

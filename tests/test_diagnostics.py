@@ -177,6 +177,21 @@ def test_recomputed_equals_running_when_the_running_statistics_are_the_true_ones
     assert metrics["norm1/mean_gap"] < 1e-12 and metrics["norm1/log_var_gap"] < 1e-12
 
 
+def test_running_statistics_off_by_known_amounts_give_those_gaps():
+    """Running means off by one sd (up in two channels, down in two) and variances off by a factor e^0.5 (up,
+    down): gaps of 1 sd and 0.5 in log variance, whichever way each channel is off."""
+    rng = np.random.default_rng(0)
+    X_train = rng.standard_normal((200, 4, 4, 4)) * 3 + 2
+    X, y = X_train[:30], rng.integers(0, 3, 30)
+    net = identity_conv_net()
+    mean, var = X_train.mean(axis=(0, 2, 3)), X_train.var(axis=(0, 2, 3))
+    net.bn_param["running_mean"] = mean + np.array([1, 1, -1, -1]) * np.sqrt(var)
+    net.bn_param["running_var"] = var * np.exp(np.array([0.5, -0.5, 0.5, -0.5]))
+    metrics = diagnostics.recomputed_statistics_error(net, X_train, X, y, batch_size=64)
+    assert metrics["norm1/mean_gap"] == pytest.approx(1.0, rel=1e-9)
+    assert metrics["norm1/log_var_gap"] == pytest.approx(0.5, rel=1e-9)
+
+
 def test_statistics_are_recomputed_layer_by_layer():
     rng = np.random.default_rng(0)
     X_train = rng.standard_normal((120, 3, 8, 8))

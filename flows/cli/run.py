@@ -56,8 +56,8 @@ def run_flow(flow, options: list[FlowOption], given: dict[str, Any]) -> None:
         if validated.get("tracking_uri"):  # the password stays in the environment; the flow run records it masked
             validated["tracking_uri"] = credentials.masked_for_flow(validated["tracking_uri"])
         _check_tracking_server(flow, validated)
+        configure_prefect_console(verbose=Settings.verbose, tracebacks=Settings.debug)  # the server's lines too
         with _prefect_server(flow, given.get("local_server", True)):
-            configure_prefect_console(verbose=Settings.verbose, tracebacks=Settings.debug)
             result, prefect_link = _run_and_link(flow, validated)
         text = render(result, given.get("output") or "table", width=shutil.get_terminal_size((120, 40)).columns,
                       ui_hint=_ui_hint(validated, result), prefect_link=prefect_link)
@@ -103,8 +103,12 @@ def _prefect_server(flow, local_server: bool):
     from prefect import Flow
     from prefect.settings import get_current_settings
 
-    if not isinstance(flow, Flow) or get_current_settings().api.url or not local_server:
+    if not isinstance(flow, Flow) or get_current_settings().api.url:
         return contextlib.nullcontext()
+    if not local_server:  # Prefect's temporary server, with a limit that grows with the load, dying with us
+        from ..temporary_server import temporary_server
+
+        return temporary_server()
     from ..local_server import ServerError, ensure_server, prefect_api
 
     try:
@@ -128,6 +132,8 @@ def _check_tracking_server(flow, params: dict) -> None:
     uri = tracking.resolve_tracking_uri(params.get("tracking_uri"))
     if tracking.is_server(uri) or tracking.is_database(uri):
         tracking.connect(uri)
+    else:
+        tracking.require_writable(uri)  # a read-only sqlite store: said now, not after a server start
 
 
 def build_run_command(command_name: str, flow) -> click.Command:

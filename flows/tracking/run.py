@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import credentials
 from ..shutdown import interruption
-from .patience import patient
+from .patience import TrackingUnavailableError, mark_down, patient
 from .names import (FAILED, FINISHED, KILLED, MAX_TAG_CHARS, MLFLOW_DATASET_CONTEXT, RUNNING,
                     RunRecord, failure_reason, prefect_tags)
 
@@ -70,7 +70,12 @@ class Run:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc is None:
             self.finish()
-        else:
+            return
+        if isinstance(exc, TrackingUnavailableError):  # a worker's or another thread's finding: no second wait
+            mark_down(self.store.uri, str(exc))
+        # The failure that ended the block is what to report; a store that cannot take the FAILED status
+        # now leaves the run RUNNING, for a rerun to repair.
+        with contextlib.suppress(TrackingUnavailableError):
             self.fail(exc)
 
     def child(self, name: str, *, params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None) -> Run:
@@ -97,9 +102,12 @@ class Run:
 
     @patient
     def reopen(self) -> None:
-        """Set the run back to RUNNING (resuming it) and retag it with the current flow run."""
+        """Set the run back to RUNNING (resuming it), retag it with the current flow run, and drop the reason
+        an earlier attempt failed (a finished run must not keep saying it failed)."""
         self._client.update_run(self.id, status=RUNNING)
         self.set_tags(prefect_tags())
+        if TAG_FAILURE_REASON in self._client.get_run(self.id).data.tags:
+            self._client.delete_tag(self.id, TAG_FAILURE_REASON)
 
     @patient
     def delete(self) -> None:

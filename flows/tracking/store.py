@@ -10,6 +10,7 @@ clear message and leaves no half-made experiment or run behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import shlex
@@ -24,10 +25,12 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 from .. import credentials
+from ..progress import say
 from ..provenance import run_tags
-from .names import EXPERIMENT_KIND, MAX_TAG_CHARS, MLFLOW_PARENT_RUN_ID, RunRecord, prefect_tags
+from . import liveness
+from .names import EXPERIMENT_KIND, KILLED, MAX_TAG_CHARS, MLFLOW_PARENT_RUN_ID, RunRecord, prefect_tags
 from .patience import TrackingUnavailableError, hand_retries_to_us, patient
-from .run import Run
+from .run import TAG_FAILURE_REASON, Run
 
 if TYPE_CHECKING:  # mlflow is imported where used: `cnnflow --help` should not wait for it
     from mlflow import MlflowClient
@@ -69,16 +72,19 @@ def is_server(tracking_uri: str) -> bool:
     return urlparse(tracking_uri).scheme in ("http", "https")
 
 
-def connect(tracking_uri: str | None = None, timeout_s: float = 5.0) -> Store:
+def connect(tracking_uri: str | None = None, timeout_s: float = 5.0, *, read_only: bool = False) -> Store:
     """The resolved store, after checking that it answers.
 
     A sqlite store gets its folder and tables created here (once, before any
     fan-out: parallel first writers would race on the schema migration).
     Raises TrackingUnavailableError within about timeout_s when a tracking
-    server does not answer its /health endpoint, or a sqlite file cannot be made.
+    server does not answer its /health endpoint, or a sqlite file cannot be made,
+    or (unless read_only: a command that only reads) written.
     """
     uri = resolve_tracking_uri(tracking_uri)
     credentials.remember(uri)
+    if not read_only:
+        require_writable(uri)
     if is_server(uri):
         hand_retries_to_us()
         _require_healthy_server(uri, timeout_s)
@@ -103,14 +109,37 @@ def connect(tracking_uri: str | None = None, timeout_s: float = 5.0) -> Store:
     return store
 
 
+def require_writable(uri: str) -> None:
+    """TrackingUnavailableError naming a sqlite store when its database (or, for a new one, the folder that
+    would hold it) cannot be written: a read-only mount, another user's files. Other stores: nothing to check."""
+    if (db := sqlite_path(uri)) is None:
+        return
+    target = db if db.exists() else next((p for p in db.parents if p.exists()), None)
+    if target is not None and not os.access(target, os.W_OK):
+        what = "its database file" if target == db else f"the folder {target}"
+        raise TrackingUnavailableError(f"the MLflow store {uri} is read-only here ({what} cannot be written): runs "
+                                       "cannot be logged to it; `cnnflow runs` and `cnnflow report` can read it. "
+                                       "Nothing was logged.")
+
+
 @contextlib.contextmanager
 def _initialising(db: Path) -> Iterator[None]:
     """Hold an exclusive lock beside a sqlite store while this process opens it for the first time.
 
     MLflow creates and migrates the tables of a new store on first use; two processes
     doing that at once fail with errors such as "table span_metrics already exists".
+    A store that exists but whose folder cannot be written (a read-only mount, another
+    user's files) is opened without the lock: nothing will be created there, and the
+    commands that only read (`cnnflow runs`, `cnnflow report`) work.
     """
-    with open(db.with_name(db.name + ".init.lock"), "a") as lock:
+    try:
+        lock = open(db.with_name(db.name + ".init.lock"), "a")
+    except OSError as exc:
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and db.is_file():
+            yield
+            return
+        raise
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -295,16 +324,32 @@ class Store:
         parent_id, if given), oldest first."""
         if parent_id is not None:
             tags = {**tags, MLFLOW_PARENT_RUN_ID: parent_id}
-        conditions = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-        return self._search([experiment_id], conditions, ["attributes.start_time ASC"])
+        return self._search([experiment_id], _tag_filter(tags), ["attributes.start_time ASC"])
 
     @patient
     def latest_run(self, tags: dict[str, str], experiment_ids: list[str] | None = None) -> RunRecord | None:
         """The most recent active run with these tags, in the given experiments (default: all), or None."""
         ids = experiment_ids or list(self.experiment_names())
-        found = self._search(ids, " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items()),
-                             ["attributes.start_time DESC"]) if ids else []
+        found = self._search(ids, _tag_filter(tags), ["attributes.start_time DESC"]) if ids else []
         return found[0] if found else None
+
+    @patient
+    def repair_abandoned(self, experiment_id: str) -> list[RunRecord]:
+        """Mark KILLED, with the reason, the runs of the experiment that a dead process left RUNNING (see
+        liveness), and their RUNNING children; returns the runs marked."""
+        running = self._search([experiment_id], "attributes.status = 'RUNNING'", ["attributes.start_time ASC"])
+        reasons = {r.id: reason for r in running if (reason := liveness.abandoned(r)) is not None}
+        for record in running:
+            if record.id not in reasons and record.parent_id in reasons:
+                reasons[record.id] = f"its parent run {record.parent_id} was abandoned: {reasons[record.parent_id]}"
+        marked = [r for r in running if r.id in reasons]
+        for record in marked:
+            self.client.set_tag(record.id, TAG_FAILURE_REASON, reasons[record.id][:MAX_TAG_CHARS])
+            self.client.set_terminated(record.id, KILLED)
+        if marked:
+            say(f"marked {len(marked)} run{'s' if len(marked) > 1 else ''} KILLED that a process which no longer "
+                f"runs had left RUNNING: {', '.join(r.name or r.id for r in marked)}")
+        return marked
 
     @patient
     def recent_runs(self, experiment_ids: list[str], limit: int) -> list[RunRecord]:
@@ -369,18 +414,38 @@ class Store:
         return int(version.version)
 
 
+def _tag_filter(tags: dict[str, str]) -> str:
+    """An MLflow search filter matching every tag's value exactly, whatever quote the value holds.
+
+    MLflow's filter strings take a value in single or double quotes and no escape, so a value
+    holding both cannot be matched: ValueError naming it, rather than a filter that means another thing.
+    """
+    def literal(value: str) -> str:
+        for quote in ("'", '"'):
+            if quote not in value:
+                return f"{quote}{value}{quote}"
+        raise ValueError(f"{value!r} holds both quote characters (' and \"), which MLflow's run search cannot match")
+
+    return " and ".join(f"tags.`{key}` = {literal(str(value))}" for key, value in tags.items())
+
+
 @contextlib.contextmanager
 def tracked_flow_run(experiment: str, run_name: str, *, tracking_uri: str | None = None,
                      parent_run_id: str | None = None, params: dict[str, Any] | None = None,
                      tags: dict[str, Any] | None = None, system_metrics: bool = False) -> Iterator[Run]:
     """The MLflow run of the current flow run, linked from it; FAILED with the reason if the body raises.
 
-    Connects first, so an unreachable store fails before anything is written.
+    Connects first, so an unreachable store fails before anything is written. The run claims
+    its process (liveness) while it is open; runs of the experiment that a dead process left
+    RUNNING are marked KILLED first.
     system_metrics: sample the machine's CPU, memory and disk into the run meanwhile.
     """
     store = connect(tracking_uri)
     experiment_id = store.experiment_id(experiment)
+    store.repair_abandoned(experiment_id)
+    owner = liveness.new_owner()
+    tags = {**(tags or {}), **liveness.claim_tags(owner)}
     with (store.create_run_in(experiment_id, run_name, parent_id=parent_run_id, params=params, tags=tags) as run,
-          run.system_metrics(system_metrics)):
+          liveness.renewed(run, owner), run.system_metrics(system_metrics)):
         run.link_flow_run(run_name)
         yield run

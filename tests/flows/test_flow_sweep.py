@@ -146,6 +146,9 @@ def test_rerun_skips_finished_trials_and_reruns_unfinished_ones(store, tiny, fit
     assert store.client.get_run(by_seed[1]).info.lifecycle_stage == "deleted"  # the cut-off attempt
     parent = store.client.get_run(first.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["num_skipped"] == "1"
+    # The parent's tables hold this run's trials once each: replaced, not appended to the first run's.
+    table = store.client.load_table(parent.info.experiment_id, "summary.json", run_ids=[first.parent_run_id])
+    assert sorted(table["trial"]) == [0, 1, 2] and list(table["skipped"]) == [True, False, False]
 
 
 def test_sweep_with_an_unknown_field_fails_before_any_mlflow_run(store):
@@ -217,3 +220,91 @@ def test_a_stopping_sweep_starts_no_queued_trial(store, tiny):
     # Not stopping, the same call trains the trial into a child run.
     done = executors.run_trial.fn(parent, spec, 0, spec.trials()[0], None, StopRequest())
     assert done.status == "FINISHED" and [r.info.run_id for r in children(store, parent.id)] == [done.run_id]
+
+
+def test_a_resumed_sweep_holds_its_parent_running_and_leased_while_it_trains(store, tiny, monkeypatch):
+    """A rerun that adds a seed reopens the finished parent: RUNNING, with a live lease another process would
+    see, while its trials train; FINISHED after."""
+    from flows.sweep import lease
+    from flows.tracking import RunRecord
+
+    spec = SweepSpec(name="reopened", base=tiny, space={"train_seed": [0]})
+    first = sweep(spec=spec, tracking_uri=store.uri, trials_in="threads")
+    assert store.client.get_run(first.parent_run_id).info.status == "FINISHED"
+    seen, real = [], executors.fit
+
+    def watching(run, *args, **kwargs):
+        seen.append(lease.live_holder(RunRecord.of(store.client.get_run(first.parent_run_id)), owner="someone else"))
+        seen.append(store.client.get_run(first.parent_run_id).info.status)
+        return real(run, *args, **kwargs)
+
+    monkeypatch.setattr(executors, "fit", watching)
+    again = sweep(spec=spec.model_copy(update={"space": {"train_seed": [0, 1]}}), tracking_uri=store.uri,
+                  trials_in="threads")
+    assert again.parent_run_id == first.parent_run_id and [t.skipped for t in again.trials] == [True, False]
+    holder, status = seen
+    assert status == "RUNNING" and holder is not None
+    assert store.client.get_run(first.parent_run_id).info.status == "FINISHED"
+
+
+# ---------------------------------------------------------------- what the sweep says, from its results
+
+
+def finished(index: int, normalization: str, seed: int, test_acc: float, final_test_acc: float,
+             diagnostics: dict | None = None) -> TrialResult:
+    config = SweepSpec().base.model_copy(update={"normalization": normalization, "train_seed": seed,
+                                                 "batch_size": 8, "num_groups": 2})
+    return TrialResult(index=index, key=config.key(), run_id=f"r{index}", run_name=f"s/{index:02d}",
+                       status="FINISHED", best_val_acc=0.9, test_acc=test_acc, final_test_acc=final_test_acc,
+                       diagnostics=diagnostics or {}, config=config)
+
+
+def failed(index: int, normalization: str, seed: int) -> TrialResult:
+    config = SweepSpec().base.model_copy(update={"normalization": normalization, "train_seed": seed,
+                                                 "batch_size": 8, "num_groups": 2})
+    return TrialResult(index=index, key=config.key(), run_id=f"r{index}", run_name=f"s/{index:02d}",
+                       status="FAILED", failure_reason="NonFiniteLossError: loss became nan", config=config)
+
+
+def test_a_grids_comparison_is_the_best_validation_nets_error_over_the_seeds_that_finished():
+    from flows.sweep.summary import comparison_table
+
+    spec = SweepSpec(name="grid", space={"normalization": ["batchnorm", "groupnorm"], "train_seed": [0, 1, 2]})
+    results = [finished(0, "batchnorm", 0, 0.90, 0.50), finished(1, "batchnorm", 1, 0.80, 0.40),
+               failed(2, "batchnorm", 2), failed(3, "groupnorm", 0), finished(4, "groupnorm", 1, 0.75, 0.70),
+               failed(5, "groupnorm", 2)]
+    table = comparison_table(spec, results).set_index("normalization")
+    assert table.loc["batchnorm", "trials"] == 3 and table.loc["batchnorm", "finished"] == 2
+    assert table.loc["batchnorm", "test_error"] == pytest.approx(15.0)  # 10 and 20: test_acc's, not the final's
+    assert table.loc["groupnorm", "finished"] == 1 and table.loc["groupnorm", "test_error"] == pytest.approx(25.0)
+    assert np.isnan(table.loc["groupnorm", "low"])  # one seed: no interval
+
+
+def test_a_studys_trials_and_diagnostics_are_in_percent_of_the_final_net():
+    from flows.sweep.summary import study_diagnostics, study_trials
+
+    results = [finished(0, "batchnorm", 0, 0.90, 0.75, {"norm1/n_eff": 12.5, "train_mode_error": 0.25,
+                                                        "test_mode_error": 0.125}),
+               failed(1, "batchnorm", 1)]
+    trials = study_trials(results)
+    assert trials[["seed", "test_error", "best_val_test_error"]].values.tolist() == [[0, 25.0, pytest.approx(10.0)]]
+    rows = study_diagnostics(results).set_index("metric")
+    assert rows.loc["n_eff", "value"] == 12.5 and rows.loc["n_eff", "layer"] == 1.0
+    assert rows.loc["train_mode_error", "value"] == 25.0 and rows.loc["test_mode_error", "value"] == 12.5
+    assert np.isnan(rows.loc["train_mode_error", "layer"])
+
+
+def test_progress_says_each_trials_error_the_failures_so_far_and_the_time_left(caplog, monkeypatch):
+    spec = SweepSpec(name="study", space={"normalization": ["batchnorm"], "train_seed": [0, 1, 2]}, study="bn-vs-gn")
+    now = [100.0]
+    monkeypatch.setattr(executors.time, "perf_counter", lambda: now[0])
+    progress = executors.Progress(spec, 3)
+    with caplog.at_level(logging.INFO, logger=PROGRESS_LOGGER):
+        for result in (finished(0, "batchnorm", 0, 0.90, 0.75), failed(1, "batchnorm", 1),
+                       finished(2, "batchnorm", 2, 0.90, 0.875)):
+            now[0] += 20.0  # a trial every 20 s
+            progress.done(result)
+    assert [r.getMessage() for r in caplog.records if r.name == PROGRESS_LOGGER] == [
+        "[1/3] batchnorm seed 0: test error 25.00% (final net); about 40 s left",
+        "[2/3] batchnorm seed 1: FAILED: NonFiniteLossError: loss became nan; 1 failed; about 20 s left",
+        "[3/3] batchnorm seed 2: test error 12.50% (final net); 1 failed; all done in 60 s"]
