@@ -29,6 +29,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from pydantic import BaseModel, PositiveInt
 
+from .answers import log_answer
 from .config import SweepSpec, TrainConfig
 from .gradient_check import gradient_check
 from .load_data import load_data
@@ -80,7 +81,7 @@ class PipelineReport(BaseModel):
         return self.final.test_acc
 
 
-@flow(name="pipeline", log_prints=True)
+@flow(name="pipeline", log_prints=True, on_completion=[log_answer])
 def pipeline(
     base: TrainConfig = DEFAULT_BASE,
     space: dict[str, list[Any]] = DEFAULT_SPACE,

@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from .answers import log_answer
 from .config import TrainConfig
 from .figures import confusion_figure
 from .load_data import load_dataset
@@ -73,7 +74,7 @@ def log_served_model(run: Run, net, data: dict) -> str:
     return run.log_model(net, data["mean"], raw)
 
 
-@flow(name="train", log_prints=True)
+@flow(name="train", log_prints=True, on_completion=[log_answer])
 def train(
     config: TrainConfig = TrainConfig(),
     experiment: str = "cnncore-train",

@@ -19,9 +19,10 @@ import typer
 from typer.core import TyperGroup
 
 from ..deployments import entrypoint_module, load_entrypoint
+from . import completion
 from .console import configure_prefect_console
 from .errors import CliError, Settings, fail, one_line_errors, stopped_by_signals
-from .render import Output, render
+from ..answers import Output, render
 from .options import FlowOption, collect_parameters, flow_options, validate_parameters
 
 # The flows `cnnflow run` knows: command name -> entrypoint.
@@ -206,8 +207,12 @@ class _LazyFlowGroup(TyperGroup):
         if not self._resolving:  # listed in `cnnflow run --help`: the summary is enough
             summary = flow_summary(FLOWS[name])
             return click.Command(name, help=summary, short_help=summary)
+        if ctx.resilient_parsing and (cached := completion.cached_command(name)) is not None:
+            return cached  # a shell's TAB: the options it completes, without importing the flow
         try:
-            return build_run_command(name, load_entrypoint(FLOWS[name]))
+            command = build_run_command(name, load_entrypoint(FLOWS[name]))
+            completion.remember(name, command)
+            return command
         except Exception as exc:  # a flow that fails to import must not hide the others
             if Settings.debug:
                 raise

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 from flows import tracking
 from flows.cli import run as cli_run
-from flows.cli.render import render
+from flows.answers import render
 from flows.servers import free_port, mlflow_ui_shows_run
 
 from .conftest import MLFLOW_API, rest
