@@ -32,11 +32,11 @@ class Output(str, enum.Enum):
 
 
 def plain(value) -> Any:
-    """JSON-able data; arrays shown by shape and dtype, not by value."""
+    """JSON-able data; arrays shown by shape and dtype, not by value; NaN and infinities as None (null)."""
     from pydantic import BaseModel
 
     if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
+        return plain(value.model_dump(mode="json"))  # pydantic keeps a float field's NaN, which JSON has not
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return plain(dataclasses.asdict(value))
     if isinstance(value, dict):

@@ -24,6 +24,9 @@ A server is this home's only when it says so: its settings (`GET /api/admin/sett
 must name this home's PREFECT_HOME. Two checkouts starting their servers at once (two
 homes) may both try port 4242; the one that loses the port never adopts the winner's
 server (whose database is another checkout's): it starts again on a free port.
+
+The home is readable by its owner only (mode 700, the server's files 600): the database
+holds every flow run's parameters and logs.
 """
 
 from __future__ import annotations
@@ -137,7 +140,8 @@ def read_state(home: Path) -> ServerState | None:
 def _write_state(home: Path, state: ServerState) -> None:
     data = {**dataclasses.asdict(state), "api_url": state.api_url, "ui_url": state.ui_url, "runs_url": state.runs_url}
     partial = home / f".{STATE_FILE}.{os.getpid()}"
-    partial.write_text(json.dumps(data, indent=2) + "\n")
+    with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
+        file.write(json.dumps(data, indent=2) + "\n")
     os.replace(partial, home / STATE_FILE)  # a reader sees the old file or the new one, never half of one
 
 
@@ -279,7 +283,7 @@ def ensure_server(home: Path | None = None, port: int | None = None, timeout_s: 
     tail of its log), or a port asked for is taken.
     """
     home = home or server_home()
-    home.mkdir(parents=True, exist_ok=True)
+    _private_folder(home)
     with _start_lock(home, timeout_s + STOP_GRACE_S, say):
         found = server_status(home)
         if found.running:
@@ -308,6 +312,13 @@ def default_port() -> int:
     return int(text)
 
 
+def _private_folder(home: Path) -> None:
+    """home, made if need be, readable by its owner only (a home made before this rule is tightened too)."""
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if home.stat().st_uid == os.getuid():
+        home.chmod(0o700)
+
+
 def _choose_port(port: int | None) -> int:
     if port is None:
         preferred = default_port()
@@ -327,13 +338,13 @@ def _start(home: Path, port: int, timeout_s: float, say: Callable[[str], None]) 
     log_path = home / LOG_FILE
     if log_path.exists() and log_path.stat().st_size > LOG_LIMIT_BYTES:
         log_path.replace(home / f"{LOG_FILE}.1")
-    (home / "prefect").mkdir(exist_ok=True)
+    (home / "prefect").mkdir(mode=0o700, exist_ok=True)
     say(f"starting the local Prefect server at http://{HOST}:{port}, once (about 10 s): it stays up for later "
         f"runs; `cnnflow server stop` stops it (log: {log_path})")
     with open(log_path, "ab") as log:
         process = subprocess.Popen(server_command(port), env=server_environment(home, port), cwd=home,
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, umask=0o077)
     _started[process.pid] = process
     state = ServerState(pid=process.pid, port=port, created=_created(process.pid) or time.time())
     _write_state(home, state)

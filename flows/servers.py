@@ -100,12 +100,14 @@ def background_server(command: list[str], health_url: str, *, env: dict | None =
             out.close()
 
 
-def start_watchdog(process: subprocess.Popen) -> subprocess.Popen:
-    """A small process that kills process's group once this process is gone (see flows.shutdown).
+def start_watchdog(process: subprocess.Popen, group: bool = True) -> subprocess.Popen:
+    """A small process that kills process's group (or, group=False, the process alone: one that shares this
+    process's group) once this process is gone (see flows.shutdown).
 
     In a session of its own, so a Ctrl-C at the terminal reaches this process, not the watchdog.
     """
-    return subprocess.Popen([sys.executable, "-m", "flows.shutdown", str(os.getpid()), str(process.pid)],
+    return subprocess.Popen([sys.executable, "-m", "flows.shutdown", str(os.getpid()), str(process.pid),
+                             *([] if group else ["--process"])],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, cwd=Path(__file__).resolve().parents[1])
 

@@ -10,13 +10,15 @@ KILLED with the reason, servers and workers are stopped.
 A ``kill -9`` cannot be caught. For that, the processes a command starts watch
 it instead: a trial worker (``exit_with_process``) ends itself as soon as the sweep's
 process is gone, and a server's watchdog (``python -m flows.shutdown``) kills the
-server's process group, within about a second.
+server's process group, or the one server process (``--process``: Prefect's
+temporary server, which runs in the command's own group), within about a second.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import signal
 import threading
 import time
@@ -100,6 +102,22 @@ class StopRequest:
             raise rebuild(*args)
 
 
+def until_stopped(futures: list, stop: StopRequest, poll_s: float = 1.0) -> Iterator:
+    """Each of futures as it completes (as concurrent.futures.as_completed), raising the stop's reason as soon
+    as it is set, even while none completes: a thread that finds the work must end need not wait for it."""
+    done: queue.SimpleQueue = queue.SimpleQueue()
+    for future in futures:
+        future.add_done_callback(done.put)
+    for _ in range(len(futures)):
+        while True:
+            try:
+                future = done.get(timeout=poll_s)
+                break
+            except queue.Empty:
+                stop.check()
+        yield future
+
+
 def exit_with_process(pid: int) -> None:
     """Start a daemon thread that ends this process (os._exit) as soon as process pid has ended.
 
@@ -150,7 +168,36 @@ def _watch_group(leader_pid: int, group_id: int) -> None:
         time.sleep(2)
 
 
-if __name__ == "__main__":  # python -m flows.shutdown LEADER_PID GROUP_ID: a server's watchdog
+def _start_time(pid: int) -> str | None:
+    """The start time of process pid (field 22 of /proc/<pid>/stat), which a recycled pid does not share."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _watch_process(leader_pid: int, pid: int) -> None:
+    """Kill process pid once leader_pid (this process's parent) is gone: for a server started in the leader's
+    own process group (Prefect's temporary server), whose group cannot be killed without the leader's. Returns
+    early when the process ends first."""
+    started = _start_time(pid)
+    while os.getppid() == leader_pid:
+        if started is None or _start_time(pid) != started:
+            return
+        time.sleep(_POLL_S)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if _start_time(pid) != started:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+        time.sleep(2)
+
+
+if __name__ == "__main__":  # python -m flows.shutdown LEADER_PID GROUP_ID [--process]: a server's watchdog
     import sys
 
-    _watch_group(int(sys.argv[1]), int(sys.argv[2]))
+    if sys.argv[3:] == ["--process"]:
+        _watch_process(int(sys.argv[1]), int(sys.argv[2]))
+    else:
+        _watch_group(int(sys.argv[1]), int(sys.argv[2]))

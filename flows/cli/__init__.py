@@ -15,7 +15,8 @@
 - ``errors``: one-line errors and exit codes (2: parameters refused, 1: a failed run);
 - ``report``: `cnnflow report`, a study's report read back from MLflow and exported;
 - ``runs_table``: the `cnnflow runs` table;
-- ``completion``: TAB completion of a flow's options from a cache, without importing the flow.
+- ``completion``: `--show-completion`/`--install-completion` with the shell named or detected;
+- ``completion_cache``: TAB completion of a flow's options from a cache, without importing the flow.
 
 The answer a run ends with is the flows' own (flows.answers); the console script is
 flows.cnnflow, which hands the shell its prompt back as soon as the command is done.

@@ -6,18 +6,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 import typer
 
+from .. import credentials
 from ..deployments import PREFECT_YAML
+from .completion import CompletionGroup
 from .errors import CliError, Settings, one_line_errors
 from .run import run_app
 from .server import server_app
 
 app = typer.Typer(
+    cls=CompletionGroup,  # --show-completion/--install-completion take the shell's name (completion.py)
     name="cnnflow",
     help="Run, schedule and inspect cnncore's Prefect flows, tracked in MLflow.",
     no_args_is_help=True,
@@ -57,15 +61,19 @@ def ui(
              "else the project's sqlite store (mlruns/mlflow.db).")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the UI to answer.")] = 90.0,
 ):
-    """Start the MLflow UI on 127.0.0.1 for the project's store, print its address, and keep it up until Ctrl-C."""
+    """Start the MLflow UI on 127.0.0.1 for the project's store, print its address, and keep it up until Ctrl-C.
+
+    Stopped by a signal, it stops its server and exits 128 + the signal's number (Ctrl-C 130, SIGTERM 143).
+    """
     with one_line_errors():
         from .. import tracking
-        from ..shutdown import termination_as_interrupt
+        from ..shutdown import interruption, termination_as_interrupt
         from ..servers import background_server, free_port, mlflow_server_command, port_is_taken
 
-        uri = backend_store_uri or tracking.resolve_tracking_uri()
+        uri = tracking.resolve_tracking_uri(backend_store_uri)  # a masked password put back from the environment
+        shown = credentials.mask(uri)
         if tracking.is_server(uri):
-            typer.echo(f"MLFLOW_TRACKING_URI points at a tracking server; its UI is at {uri}")
+            typer.echo(f"MLFLOW_TRACKING_URI points at a tracking server; its UI is at {shown}")
             return
         artifacts = None
         if (root := tracking.artifact_root(uri)) is not None:
@@ -76,7 +84,7 @@ def ui(
             raise CliError(f"port {port} on 127.0.0.1 is taken; choose another with --port (0 picks a free one)")
         address = f"http://127.0.0.1:{port}"
         command, env = mlflow_server_command(uri, port, default_artifact_root=artifacts)
-        typer.echo(f"starting the MLflow UI on {uri} ...", err=True)
+        typer.echo(f"starting the MLflow UI on {shown} ...", err=True)
         try:
             with termination_as_interrupt(), background_server(command, f"{address}/health", timeout_s=timeout,
                                                                env={**os.environ, **env},
@@ -86,7 +94,9 @@ def ui(
                 code = process.wait()
                 raise CliError(f"the MLflow UI exited with code {code}")
         except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP: the server is stopped on the way out
-            typer.echo(f"{exc or 'stopped'}: the MLflow UI is stopped", err=True)
+            stopped = interruption(exc)
+            typer.echo(f"{stopped}: the MLflow UI is stopped", err=True)
+            raise typer.Exit(128 + signal.Signals[stopped.signal_name].value) from None  # 130, 143, 129
 
 
 def _mention_local_prefect_ui() -> None:

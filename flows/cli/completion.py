@@ -1,112 +1,90 @@
-"""Fast TAB completion of `cnnflow run FLOW --...`: the flow's options from a cache, not from its import.
+"""`cnnflow --show-completion [SHELL]` and `cnnflow --install-completion [SHELL]`.
 
-A flow's options are generated from its typed parameters (options.py), which takes
-importing the flow, Prefect with it: 1.5-3 s on an idle 2-core machine, far more under
-load, for every TAB. The shell's completion requests parse the command line with
-click's resilient parsing, which is how they are told from a run; for those, the
-options come from a small JSON file under the cache folder instead, written the first
-time a flow's options are generated and thrown away when any of the package's sources
-changes (their sizes and modification times are its key). A run or `--help` always
-imports the flow and builds its options anew.
+Typer's two options are flags that detect the shell among the command's parent
+processes: run outside a shell (a script, a CI step, an editor's terminal task) they
+found none and printed "Shell  not supported.", and a shell named after them was
+ignored. Here a shell named after either option is used as named, with no detection;
+without one, the shell is detected as before, and when none is found the error says
+how to name it. Typer's options stay for the help and for the completion itself
+(`_CNNFLOW_COMPLETE`); this group answers them before Typer parses them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import inspect
-import json
-import os
-from pathlib import Path
-from typing import Literal, Optional
-
 import typer
+from typer.core import TyperGroup
 
-_PACKAGE = Path(__file__).resolve().parents[1]  # flows/
+from .errors import fail
 
-
-def cache_file() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "cnncore" / "completion.json"
-
-
-def sources_key() -> str:
-    """What the generated options depend on: every source file of the package, by size and mtime."""
-    digest = hashlib.sha256()
-    for path in sorted(_PACKAGE.rglob("*.py")):
-        stat = path.stat()
-        digest.update(f"{path.relative_to(_PACKAGE)}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-    return digest.hexdigest()[:16]
+SHELLS = ("bash", "zsh", "fish", "powershell", "pwsh")
+SHOW, INSTALL = "--show-completion", "--install-completion"
+HELP = {
+    "show_completion": f"Print the completion script of SHELL ({', '.join(SHELLS)}), or of the shell this runs "
+                       "in, to copy it or customise the installation: --show-completion [SHELL].",
+    "install_completion": "Install completion for SHELL, or for the shell this runs in: --install-completion "
+                          "[SHELL].",
+}
 
 
-def _describe(command) -> list[dict]:
-    """The options of the command typer built, as plain data."""
-    return [{"opts": list(param.opts), "secondary_opts": list(param.secondary_opts),
-             "is_flag": bool(getattr(param, "is_flag", False)), "multiple": bool(param.multiple),
-             "help": param.help or "", "choices": _choices(param)}
-            for param in command.params if getattr(param, "param_type_name", "") == "option"]
+def requested_shell(args: list[str], option: str, commands: list[str]) -> str | None:
+    """The shell named after option among the top-level options ("" when none is named), or None when the
+    option is not given. `--option NAME` and `--option=NAME` both name one; an option or a command after
+    it names none."""
+    for i, arg in enumerate(args):
+        if not arg.startswith("-"):
+            return None  # a command: what follows is its own
+        if arg.startswith(option + "="):
+            return arg.split("=", 1)[1]
+        if arg == option:
+            following = args[i + 1] if i + 1 < len(args) else ""
+            return "" if following.startswith("-") or following in commands else following
+    return None
 
 
-def _choices(param) -> list[str] | None:
-    """The values an option takes, when they are a choice: typer's type descriptor (typer >= 0.20 has its own
-    click), else click's Choice type."""
-    descriptor = getattr(param, "type_descriptor", None)
-    if descriptor is not None:
-        found = descriptor.choices if descriptor.is_choice else None
-    else:
-        found = getattr(getattr(param, "type", None), "choices", None)
-    return [getattr(c, "value", c) for c in found] if found else None
+def _shell_of(option: str, named: str) -> str:
+    if named:
+        if named not in SHELLS:
+            fail(f"{option}: unknown shell {named!r}; name one of {', '.join(SHELLS)}", 2)
+        return named
+    import shellingham
 
-
-def remember(name: str, command) -> None:
-    """Keep command's options for completing `cnnflow run NAME` (best effort: a cache that cannot be written
-    costs only speed)."""
-    path = cache_file()
     try:
-        cached = json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, ValueError):
-        cached = {}
-    key = sources_key()
-    if cached.get("key") != key:
-        cached = {"key": key, "flows": {}}
-    cached["flows"][name] = _describe(command)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}")
-        partial.write_text(json.dumps(cached))
-        os.replace(partial, path)
-    except OSError:
-        pass
+        detected, _ = shellingham.detect_shell()
+    except shellingham.ShellDetectionFailure:
+        fail(f"{option}: no shell found among this command's parent processes; name it: cnnflow {option} bash "
+             f"(or {', '.join(SHELLS[1:])})", 2)
+    if detected not in SHELLS:
+        fail(f"{option}: this runs in {detected}, which has no completion script; name one of "
+             f"{', '.join(SHELLS)}: cnnflow {option} bash", 2)
+    return detected
 
 
-def cached_command(name: str):
-    """A command with the options cached for `cnnflow run NAME`, enough to complete them (values of a choice
-    included); None when the cache lacks them or is stale."""
-    try:
-        cached = json.loads(cache_file().read_text())
-    except (OSError, ValueError):
-        return None
-    if cached.get("key") != sources_key() or name not in cached.get("flows", {}):
-        return None
-    parameters = [inspect.Parameter(f"option_{i}", inspect.Parameter.KEYWORD_ONLY, annotation=_annotation(d),
-                                    default=typer.Option(None, *_declarations(d), help=d["help"]))
-                  for i, d in enumerate(cached["flows"][name])]
+class CompletionGroup(TyperGroup):
+    """The top-level group of `cnnflow`: answers --show-completion and --install-completion itself."""
 
-    def command(**given) -> None:  # never run: a completion request only parses
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if param.name in HELP:
+                param.help = HELP[param.name]
+        return params
+
+    def parse_args(self, ctx, args):
+        for option in (SHOW, INSTALL):
+            named = requested_shell(args, option, self.list_commands(ctx))
+            if named is not None:
+                self._answer(ctx, option, _shell_of(option, named))
+        return super().parse_args(ctx, args)
+
+    @staticmethod
+    def _answer(ctx, option: str, shell: str) -> None:
+        from typer.completion import get_completion_script, install
+
+        prog_name = ctx.find_root().info_name or "cnnflow"
+        complete_var = f"_{prog_name.replace('-', '_').upper()}_COMPLETE"
+        if option == SHOW:
+            typer.echo(get_completion_script(prog_name=prog_name, complete_var=complete_var, shell=shell))
+        else:
+            shell, path = install(shell=shell, prog_name=prog_name, complete_var=complete_var)
+            typer.echo(f"{shell} completion installed in {path}; it takes effect in a new terminal")
         raise typer.Exit(0)
-
-    command.__signature__ = inspect.Signature(parameters)
-    single = typer.Typer(add_completion=False)
-    single.command(name=name)(command)
-    return typer.main.get_command(single)
-
-
-def _declarations(described: dict) -> list[str]:
-    opts, secondary = described["opts"], described["secondary_opts"]
-    return [*opts[:-1], f"{opts[-1]}/{'/'.join(secondary)}"] if secondary else opts
-
-
-def _annotation(described: dict):
-    if described["is_flag"]:
-        return Optional[bool]
-    value = Literal[tuple(described["choices"])] if described["choices"] else str
-    return Optional[list[value]] if described["multiple"] else Optional[value]

@@ -32,8 +32,11 @@ class Settings:
 
 def fail(message: str, exit_code: int = 1) -> typing.NoReturn:
     """`error: MESSAGE` on stderr, then exit. A message of several lines (a list of URLs tried, say) keeps
-    them, each with its indentation; spaces within a line are collapsed."""
-    lines = [line.rstrip() for line in str(message).strip().splitlines() if line.strip()] or [""]
+    them, each with its indentation; spaces within a line are collapsed. Any store password is masked:
+    the last line of defence, so that no error shows one."""
+    from ..credentials import mask
+
+    lines = [line.rstrip() for line in mask(str(message)).strip().splitlines() if line.strip()] or [""]
     text = "\n".join(line[:len(line) - len(line.lstrip())] + " ".join(line.split()) for line in lines)
     typer.echo(f"error: {text}", err=True)
     raise typer.Exit(exit_code)

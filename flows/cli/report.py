@@ -27,12 +27,17 @@ def find_study(tracking_uri: str | None, name: str, experiments: list[str] | Non
     """The most recent parent run of the sweep called name that holds a study report, and its record; a
     CliError naming the studies the store has when there is none of that name."""
     from .. import tracking
+    from ..config import SweepSpec
 
-    store = tracking.connect(tracking_uri)
+    pattern = next(m.pattern for m in SweepSpec.model_fields["name"].metadata if getattr(m, "pattern", None))
+    if not re.fullmatch(pattern, name):
+        raise CliError(f"{name!r} is not a sweep name (letters, digits, '_', '.' and '-', starting with a letter "
+                       "or a digit); `cnnflow runs` lists the runs and their sweeps", 2)
+    store = tracking.connect(tracking_uri, read_only=True)
     ids = list(store.experiment_names(experiments)) if experiments else None
     record = store.latest_run({"sweep_name": name, "sweep_role": "parent"}, ids)
     if record is None:
-        raise CliError(f"no sweep named {name!r} in {store.uri}. {_studies_there(store, ids)}")
+        raise CliError(f"no sweep named {name!r} in {store.shown}. {_studies_there(store, ids)}")
     return store.run_of(record), record
 
 

@@ -18,8 +18,9 @@ import click
 import typer
 from typer.core import TyperGroup
 
+from .. import credentials
 from ..deployments import entrypoint_module, load_entrypoint
-from . import completion
+from . import completion_cache
 from .console import configure_prefect_console
 from .errors import CliError, Settings, fail, one_line_errors, stopped_by_signals
 from ..answers import Output, render
@@ -53,9 +54,11 @@ def run_flow(flow, options: list[FlowOption], given: dict[str, Any]) -> None:
     with one_line_errors(), stopped_by_signals():
         params = collect_parameters(options, given, given.get("params"))
         validated = validate_parameters(flow, params, options)
+        if validated.get("tracking_uri"):  # the password stays in the environment; the flow run records it masked
+            validated["tracking_uri"] = credentials.masked_for_flow(validated["tracking_uri"])
         _check_tracking_server(flow, validated)
+        configure_prefect_console(verbose=Settings.verbose, tracebacks=Settings.debug)  # the server's lines too
         with _prefect_server(flow, given.get("local_server", True)):
-            configure_prefect_console(verbose=Settings.verbose, tracebacks=Settings.debug)
             result, prefect_link = _run_and_link(flow, validated)
         text = render(result, given.get("output") or "table", width=shutil.get_terminal_size((120, 40)).columns,
                       ui_hint=_ui_hint(validated, result), prefect_link=prefect_link)
@@ -101,8 +104,12 @@ def _prefect_server(flow, local_server: bool):
     from prefect import Flow
     from prefect.settings import get_current_settings
 
-    if not isinstance(flow, Flow) or get_current_settings().api.url or not local_server:
+    if not isinstance(flow, Flow) or get_current_settings().api.url:
         return contextlib.nullcontext()
+    if not local_server:  # Prefect's temporary server, with a limit that grows with the load, dying with us
+        from ..temporary_server import temporary_server
+
+        return temporary_server()
     from ..local_server import ServerError, ensure_server, prefect_api
 
     try:
@@ -114,7 +121,7 @@ def _prefect_server(flow, local_server: bool):
 
 
 def _check_tracking_server(flow, params: dict) -> None:
-    """Fail before starting Prefect when the flow would log to a tracking server that does not answer.
+    """Fail before starting Prefect when the flow would log to a tracking server or database that does not answer.
 
     The flow makes the same check itself; doing it here first saves the seconds a
     temporary Prefect server takes to start, only to report the same line.
@@ -124,8 +131,10 @@ def _check_tracking_server(flow, params: dict) -> None:
     from .. import tracking
 
     uri = tracking.resolve_tracking_uri(params.get("tracking_uri"))
-    if tracking.is_server(uri):
+    if tracking.is_server(uri) or tracking.is_database(uri):
         tracking.connect(uri)
+    else:
+        tracking.require_writable(uri)  # a read-only sqlite store: said now, not after a server start
 
 
 def build_run_command(command_name: str, flow) -> click.Command:
@@ -207,11 +216,11 @@ class _LazyFlowGroup(TyperGroup):
         if not self._resolving:  # listed in `cnnflow run --help`: the summary is enough
             summary = flow_summary(FLOWS[name])
             return click.Command(name, help=summary, short_help=summary)
-        if ctx.resilient_parsing and (cached := completion.cached_command(name)) is not None:
+        if ctx.resilient_parsing and (cached := completion_cache.cached_command(name)) is not None:
             return cached  # a shell's TAB: the options it completes, without importing the flow
         try:
             command = build_run_command(name, load_entrypoint(FLOWS[name]))
-            completion.remember(name, command)
+            completion_cache.remember(name, command)
             return command
         except Exception as exc:  # a flow that fails to import must not hide the others
             if Settings.debug:

@@ -38,7 +38,7 @@ def recent_runs(tracking_uri: str | None, experiments: list[str] | None, limit: 
     """The most recent runs of the store, newest first, as plain rows."""
     from .. import tracking
 
-    store = tracking.connect(tracking_uri)
+    store = tracking.connect(tracking_uri, read_only=True)
     names = store.experiment_names(experiments)
     records = store.recent_runs(list(names), limit)
     run_names = {r.id: r.name for r in records}

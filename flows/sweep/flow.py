@@ -15,16 +15,29 @@ from ..answers import log_answer
 from ..config import SweepSpec
 from ..load_data import load_data_once, load_dataset, log_dataset
 from ..progress import record, say
+from ..shutdown import StopRequest
 from ..study import PRESETS, preset_spec
-from ..tracking import connect
+from ..tracking import FINISHED, connect
 from . import lease
 from .executors import run_trials, start_forkserver
 from .results import SweepReport, TrialResult, best_trial
 from .resume import find_finished_trials, open_sweep_run, skipped_trial
 
-__all__ = ["SweepReport", "TrialResult", "sweep"]
+__all__ = ["NoTrialFinishedError", "SweepReport", "TrialResult", "sweep"]
 
-STUDY_TITLE = "Test error (%) of the final model: mean and 95% CI over seeds (the study's table)"
+
+class NoTrialFinishedError(RuntimeError):
+    """A sweep whose every trial failed: there is no comparison to publish."""
+
+    exit_code = 1
+
+    def __init__(self, name: str, results: list[TrialResult]):
+        reasons = dict.fromkeys(r.failure_reason or "no reason recorded" for r in results)
+        first = next(iter(reasons), "")
+        more = f" (and {len(reasons) - 1} other reasons)" if len(reasons) > 1 else ""
+        super().__init__(f"sweep {name}: none of its {len(results)} trials finished, so there is nothing to compare; "
+                         f"they failed with {first}{more}. The summary on the sweep's parent run lists each trial")
+
 COMPARISON_TITLE = "Test error (%) of the best-validation nets: mean and 95% CI over seeds"
 
 
@@ -62,7 +75,8 @@ def sweep(
 ) -> SweepReport:
     """Run every trial of spec, skipping those finished by an earlier run of the same sweep name.
 
-    Failed trials are in the returned SweepReport, not raised.
+    Failed trials are in the returned SweepReport, not raised; a sweep in which no trial
+    finished has nothing to compare, and raises NoTrialFinishedError (its parent run FAILED).
 
     Args:
         spec: The sweep: a grid or seeded random search over TrainConfig fields.
@@ -90,7 +104,8 @@ def sweep(
     store = connect(tracking_uri)
     owner = lease.new_owner()
     parent, resumed = open_sweep_run(store, experiment, spec, trials, parent_run_id, owner)
-    with parent, lease.held(parent, owner), parent.system_metrics(system_metrics):
+    stop = StopRequest()  # set by a trial, a signal, or the lease's heartbeat finding the store gone
+    with parent, lease.held(parent, owner, on_lost=stop.set), parent.system_metrics(system_metrics):
         parent.link_flow_run(spec.name)
         finished = find_finished_trials(parent, spec, trials)
         skipped = [skipped_trial(spec, i, c, finished[c.key()]) for i, c in enumerate(trials) if c.key() in finished]
@@ -102,7 +117,7 @@ def sweep(
         say(f"sweep {spec.name}: {len(trials)} trials, {len(skipped)} already finished"
             f"{' (resumed)' if resumed else ''}, {len(todo)} to run, "
             + (f"on the Dask cluster at {dask_address}" if dask_address else f"{max_workers} at a time"))
-        results = sorted(skipped + run_trials(parent, spec, todo, max_workers, dask_address, trials_in),
+        results = sorted(skipped + run_trials(parent, spec, todo, max_workers, dask_address, trials_in, stop),
                          key=lambda r: r.index)
         # Imported here (run_trials has it imported while the trials train): the summary's pandas, scipy and
         # matplotlib would slow `cnnflow run sweep --help`.
@@ -110,22 +125,25 @@ def sweep(
 
         say(f"writing the sweep's summary{', figures and study report' if spec.study else ' and figure'} "
             "to its MLflow run")
-
-        summarise_sweep(parent, spec, results)
+        summarise_sweep(parent, spec, results)  # the summary table says which trials failed, and why
+        if not any(r.status == FINISHED for r in results):
+            raise NoTrialFinishedError(spec.name, results)
         if spec.study:
             # The design paragraph counts updates per batch size from the training split's size.
             num_train = len(load_data_once(spec.base.data_spec())["y_train"])
             study = write_study_report(parent, spec, results, num_train)
-            comparison, title, report_text, answer = study.tables.get("cells"), STUDY_TITLE, study.markdown, study.answer
+            comparison, title, report_text, answer = (study.summary, study.summary_title, study.markdown,
+                                                      study.answer)
         else:
             comparison, title, report_text, answer = (publish_comparison(parent, spec, results), COMPARISON_TITLE,
                                                       None, "")
         parent.set_tags({"sweep_wall_time_s": f"{time.perf_counter() - start:.1f}"})
-    # The link lands on the answer: the study's interaction figure, or the comparison figure.
-    figure = "study/interaction_vs_batch_size.png" if spec.study and "interaction_vs_batch_size" in study.figures \
-        else "comparison.png"
+    # The link lands on the answer: the study's figure of its answer, or the comparison figure.
+    figure = f"study/{study.answer_figure}.png" if spec.study and study.answer_figure else "comparison.png"
+    # A study answers with its contrasts: a "best trial" among its cells would mean nothing.
     report = SweepReport(name=spec.name, parent_run_id=parent.id, url=parent.url_of(figure), trials=results,
-                         best=best_trial(results), wall_time_s=time.perf_counter() - start, study_report=report_text,
+                         best=None if spec.study else best_trial(results), wall_time_s=time.perf_counter() - start,
+                         study_report=report_text,
                          comparison_title=title, answer=answer,
                          comparison=[] if comparison is None else comparison.to_dict("records"))
     for r in report.failed:  # in the run's logs; the console had each trial's progress line, and `cnnflow` lists them

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ..config import DataSpec, TrainConfig
 from ..figures import learning_curves_figure
 from ..load_data import load_data_once
-from ..provenance import git_commit
+from ..provenance import blas, git_commit
 from ..shutdown import StopRequest, exit_with_process
 from ..tracking import Run, Store
 from ..training import fit, log_diagnostics, log_test_scores
@@ -89,4 +89,4 @@ def train_trial(run: Run, config: TrainConfig, stop: StopRequest | None = None) 
     found = log_diagnostics(run, fitted.final_net, config, data) if config.diagnostics else {}
     run.finish()
     return {"best_val_acc": fitted.best_val_acc, **scores, "wall_time_s": fitted.wall_time_s, "diagnostics": found,
-            "commit": git_commit()}
+            "commit": git_commit(), "blas": blas()}

@@ -133,10 +133,10 @@ def test_the_estimate_of_each_model_counts_the_parameters_training_builds():
     """Pins flows.bounds.net_config and cnncore.memory to flows.training.build_net: a model added to
     TrainConfig without an estimate, or built otherwise than estimated, fails here."""
     for model in typing.get_args(ModelName):
-        for depth in (1, 2):
+        for dataset, depth in (("digits", 1), ("digits", 2), ("mnist", 5)):
             for normalization in ("none", "batchnorm"):
-                config = TrainConfig(model=model, depth=depth, normalization=normalization, num_filters=6,
-                                     hidden_dim=7, filter_size=3, num_epochs=1)
+                config = TrainConfig(model=model, dataset=dataset, depth=depth, normalization=normalization,
+                                     num_filters=6, hidden_dim=7, filter_size=3, num_epochs=1)
                 shape = IMAGE_SHAPES[config.dataset]
                 data = {"X_train": np.zeros((2, *shape)), "class_names": [str(k) for k in
                                                                            range(NUM_CLASSES[config.dataset])]}

@@ -29,7 +29,7 @@ from flows.config import SweepSpec, TrainConfig
 from flows.progress import say
 from flows.train import train
 
-from .conftest import CNNFLOW, rest
+from .conftest import CNNFLOW, rest, strict_json, wait_for
 
 # A few seconds of training: enough to exercise every step of the flow.
 TINY_TRAIN = ["--num-train", "120", "--num-val", "40", "--num-test", "40", "--num-epochs", "1",
@@ -285,7 +285,7 @@ def test_console_script_output_for_scripts_parses(tmp_path, ops_env, prefect_ser
     done = subprocess.run([str(CNNFLOW), "run", "train", *TINY_TRAIN, "--output", output], capture_output=True,
                           text=True, env=env, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout) if output == "json" else yaml.safe_load(done.stdout)
+    result = strict_json(done.stdout) if output == "json" else yaml.safe_load(done.stdout)
     assert 0 <= result["test_acc"] <= 1 and result["config"]["num_train"] == 120
     assert result["url"].startswith("http://127.0.0.1:5000/#/experiments/")
 
@@ -302,7 +302,7 @@ def test_ui_prints_its_loopback_address_serves_the_store_and_stops_cleanly(tmp_p
         with urllib.request.urlopen(match.group(1) + "/health", timeout=10) as response:
             assert response.status == 200
         ui.send_signal(signal.SIGINT)  # as Ctrl-C does
-        assert ui.wait(timeout=30) == 0
+        assert ui.wait(timeout=30) == 130  # 128 + SIGINT, as every cnnflow command stopped by Ctrl-C
         with pytest.raises(OSError):  # the server it started is gone too
             urllib.request.urlopen(match.group(1) + "/health", timeout=5)
     finally:
@@ -423,13 +423,63 @@ def test_the_flow_configuration_models_import_without_scikit_learn(ops_env):
     assert done.stdout.strip() == "[]", done.stderr
 
 
-def test_shell_completion_can_be_shown_and_completes_flow_options(ops_env):
-    shown = subprocess.run([str(CNNFLOW), "--show-completion", "bash"], capture_output=True, text=True,
-                           env=_subprocess_env(ops_env), timeout=60)
-    assert shown.returncode == 0 and "_CNNFLOW_COMPLETE=complete_bash" in shown.stdout
+# Run as a grandchild of this process whose parent has gone: no shell among its parent processes.
+WITHOUT_A_PARENT_SHELL = """
+import os, subprocess, sys
+if os.fork():
+    os._exit(0)
+os.setsid()
+with open(sys.argv[1], "w") as out, open(sys.argv[2], "w") as err:
+    code = subprocess.call(sys.argv[4:], stdout=out, stderr=err)
+with open(sys.argv[3], "w") as status:
+    status.write(str(code))
+"""
+
+
+def test_shell_completion_can_be_shown_and_completes_flow_options(ops_env, tmp_path):
+    out, err, status = tmp_path / "out", tmp_path / "err", tmp_path / "status"
+    subprocess.run([sys.executable, "-c", WITHOUT_A_PARENT_SHELL, str(out), str(err), str(status), str(CNNFLOW),
+                    "--show-completion", "bash"], env=_subprocess_env(ops_env), timeout=60, check=True)
+    wait_for(status.exists, 60, "cnnflow --show-completion bash to finish")
+    time.sleep(0.1)  # the status file is written, then closed
+    assert status.read_text() == "0", err.read_text()
+    assert "complete -o default -F _cnnflow_completion cnnflow" in out.read_text()
+    assert "_CNNFLOW_COMPLETE=complete_bash" in out.read_text()
     completed = subprocess.run([str(CNNFLOW)], capture_output=True, text=True, timeout=60, env=_subprocess_env(
         ops_env, _CNNFLOW_COMPLETE="complete_bash", COMP_WORDS="cnnflow run train --normaliz", COMP_CWORD="3"))
     assert completed.stdout.split() == ["--normalization"]
+
+
+@pytest.mark.parametrize("args, shell", [(["--show-completion", "zsh"], "zsh"), (["--show-completion=fish"], "fish"),
+                                         (["--show-completion"], "bash")])
+def test_the_completion_script_is_the_named_shells_else_the_detected_ones(monkeypatch, args, shell):
+    import shellingham
+
+    monkeypatch.setattr(shellingham, "detect_shell", lambda *a, **k: ("bash", "/bin/bash"))
+    shown = invoke(*args)
+    assert shown.exit_code == 0
+    assert f"complete_{shell}" in shown.output and "not supported" not in shown.output
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--show-completion"], "--show-completion: no shell found among this command's parent processes; name it: "
+                            "cnnflow --show-completion bash (or zsh, fish, powershell, pwsh)"),
+    (["--install-completion"], "--install-completion: no shell found among this command's parent processes"),
+    (["--show-completion", "tcsh"], "--show-completion: unknown shell 'tcsh'; name one of bash, zsh, fish, "
+                                    "powershell, pwsh"),
+])
+def test_completion_without_a_shell_to_detect_says_how_to_name_one(monkeypatch, args, words):
+    import shellingham
+
+    def no_shell(*args, **kwargs):
+        raise shellingham.ShellDetectionFailure()
+
+    monkeypatch.setattr(shellingham, "detect_shell", no_shell)
+    done = runner.invoke(cli.app, args)
+    assert done.exit_code == 2
+    assert done.output.strip().startswith(f"error: {words}")
+    # Named, the shell needs no detection.
+    assert "complete_bash" in invoke("--show-completion", "bash").output
 
 
 @pytest.fixture
@@ -554,11 +604,25 @@ def test_a_sweep_ends_with_its_comparison_table_and_link_and_no_resume_starts_af
     header = lines.index("Test error (%) of the best-validation nets: mean and 95% CI over seeds")
     assert lines[header + 1].split() == ["normalization", "trials", "finished", "test", "error", "95%", "CI"]
     assert [line.split()[0] for line in lines[header + 2:header + 4]] == ["batchnorm", "groupnorm"]
-    assert re.search(r"^best trial: cli-grid/\d\d ", first.stdout, re.M)
+    # The best trial is the child with the highest best_val_acc (the first of equals), as MLflow holds it.
+    listed = subprocess.run([str(CNNFLOW), "runs", "--output", "json", "-e", "cnncore-sweeps"], capture_output=True,
+                            text=True, env=env, timeout=120)
+    trials = sorted((r for r in json.loads(listed.stdout) if r["parent"] == "cli-grid"), key=lambda r: r["run"])
+    best = max(trials, key=lambda r: r["val_acc"])
+    assert (f"best trial: {best['run']}, val acc {best['val_acc']:.3f}, test error "
+            f"{100 * (1 - best['test_acc']):.2f}%") in lines
     assert re.search(r"^MLflow parent run: http://127\.0\.0\.1:5000/#/experiments/\d+/runs/[0-9a-f]+/artifactPath/"
                      r"comparison\.png\?workflowType=machine_learning$", first.stdout, re.M)
     # Progress: a line per finished trial on stderr, with the count.
     assert len(re.findall(r"^\[\d/4\] (batchnorm|groupnorm) seed \d: test error", first.stderr, re.M)) == 4
+
+    # The same name with another base configuration: refused before any trial, one line, exit status 2.
+    changed = subprocess.run([*command, "--num-epochs", "2"], capture_output=True, text=True, env=env, timeout=240)
+    assert changed.returncode == 2, changed.stderr[-3000:]
+    assert [line for line in changed.stderr.splitlines() if line.startswith("error:")] == [
+        "error: sweep 'cli-grid' already exists with another base configuration (num_epochs: 1 there, 2 here), and "
+        "resuming it would mix the two. Give this sweep a new --name, or run it with --no-resume to start a fresh, "
+        "dated sweep."]
 
     again = subprocess.run([*command, "--no-resume"], capture_output=True, text=True, env=env, timeout=240)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -138,6 +138,43 @@ def test_kill_9_of_the_sweep_takes_its_workers_along_and_a_resume_repairs_it(sql
     assert_resume_finishes(env, runs, "kill9", finished)
 
 
+def test_a_train_run_killed_with_9_is_repaired_by_the_next_run_in_its_experiment(sqlite_env):
+    env, store = sqlite_env
+    runs = Runs(store)
+    train = ["--experiment", "faults", "--num-train", "1000", "--batch-size", "10", "--num-filters", "8"]
+    killed = subprocess.Popen([str(CNNFLOW), "run", "train", *train, "--num-epochs", "50", "--run-name", "killed"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for(lambda: [r for r in runs.all() if r.info.run_name == "killed" and r.data.metrics.get("loss") is not None],
+             180, "the train run logging its loss")
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait(10)
+    (left,) = [r for r in runs.all() if r.info.run_name == "killed"]
+    assert left.info.status == "RUNNING"  # what kill -9 leaves
+
+    done = subprocess.run([str(CNNFLOW), "run", "train", *train, "--num-epochs", "1", "--run-name", "next"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (repaired,) = [r for r in runs.all() if r.info.run_name == "killed"]
+    assert repaired.info.status == "KILLED"
+    assert repaired.data.tags["failure_reason"].startswith(f"the process that ran it (pid {killed.pid} on ")
+    assert "marked 1 run KILLED that a process which no longer runs had left RUNNING: killed" in done.stderr
+    assert not [r for r in runs.all() if r.info.status == "RUNNING"]
+
+
+def test_kill_9_with_no_local_server_takes_prefects_temporary_server_along(tmp_path, ops_env):
+    """Prefect's temporary server runs in the command's own process group; a watchdog kills it with the command."""
+    store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    env = {**ops_env, "MLFLOW_TRACKING_URI": store}  # no PREFECT_API_URL: the temporary server
+    runs = Runs(store)
+    sweep = start_sweep(env, "kill9-temporary", "--no-local-server")
+    wait_for(lambda: "RUNNING" in runs.statuses("kill9-temporary"), 240, "a trial in progress")
+    started = processes_in_group(sweep.pid)
+    assert len(started) > 2  # the command, Prefect's temporary server and the trial workers
+    os.kill(sweep.pid, signal.SIGKILL)
+    sweep.wait(10)
+    wait_for(lambda: not processes_in_group(sweep.pid), 15, "Prefect's temporary server and the workers gone")
+
+
 def test_the_same_sweep_name_twice_at_once_the_second_refuses_and_the_first_finishes(sqlite_env):
     env, store = sqlite_env
     runs = Runs(store)
@@ -216,6 +253,39 @@ def test_a_tracking_server_gone_stops_the_sweep_in_bounded_time_and_a_resume_fin
     assert_resume_finishes(env, runs, "outage", finished)
 
 
+@pytest.mark.parametrize("outage", ["dead", "frozen"])
+def test_a_tracking_server_gone_ends_the_sweep_at_about_the_stated_wait(server, ops_env, prefect_server, outage):
+    """CNNCORE_TRACKING_WAIT_S is the wait, whether the server refuses connections (dead) or accepts them and
+    never answers (frozen: SIGSTOP), and whatever the trials were doing: not one wait per process or per call
+    (the sweep's parent, its lease, each trial worker), nor a request timeout per call once it is known down."""
+    wait_s = 20
+    env = {**ops_env, "PREFECT_API_URL": prefect_server, "MLFLOW_TRACKING_URI": server.url,
+           "CNNCORE_TRACKING_WAIT_S": str(wait_s)}
+    runs = Runs(server.url)
+    name = f"wait-{outage}"
+    sweep = start_sweep(env, name)
+    wait_for(lambda: "FINISHED" in runs.statuses(name), 180, "a first trial finished")
+    if outage == "dead":
+        server.stop()
+    else:
+        os.killpg(server.process.pid, signal.SIGSTOP)
+    gone = time.monotonic()
+    try:
+        code, stderr = finish(sweep, wait_s + 120)
+        took = time.monotonic() - gone
+    finally:
+        if outage == "frozen":
+            os.killpg(server.process.pid, signal.SIGCONT)
+    assert code == 1
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the MLflow tracking server at") and "stopped answering" in last, stderr[-2000:]
+    # The wait, the lease's renewal interval (5 s) before it is noticed, a trial worker's stop (SIGINT) and the
+    # exit; a frozen server adds one request's timeout (15 s) before the first failure is seen.
+    print(f"{outage} tracking server: the sweep ended {took:.1f} s after it went (wait {wait_s} s)")
+    assert took < wait_s + (25 if outage == "dead" else 40), f"ended {took:.0f} s after the server went"
+    wait_for(lambda: not processes_in_group(sweep.pid), 10, "the sweep's worker processes gone")
+
+
 def test_a_short_tracking_server_blip_is_ridden_out(server, ops_env, prefect_server):
     env = {**ops_env, "PREFECT_API_URL": prefect_server, "MLFLOW_TRACKING_URI": server.url,
            "CNNCORE_TRACKING_WAIT_S": "60"}
@@ -248,7 +318,8 @@ def start_ui(tmp_path, ops_env) -> tuple[subprocess.Popen, int]:
 def test_ui_stops_its_server_on_sigterm_and_sighup(tmp_path, ops_env, sig):
     ui, port = start_ui(tmp_path, ops_env)
     ui.send_signal(sig)
-    assert ui.wait(timeout=30) == 0
+    assert ui.wait(timeout=30) == 128 + sig  # 143 for SIGTERM, 129 for SIGHUP, as every cnnflow command
+    assert ui.stderr.read().strip().splitlines()[-1] == f"stopped by {sig.name}: the MLflow UI is stopped"
     assert not port_is_taken(port)
     assert not processes_in_group(ui.pid)
 

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from flows.cli import completion
+from flows.cli import completion_cache
 
 from .conftest import CNNFLOW
 
@@ -19,11 +19,11 @@ WITHOUT_PREFECT = "import sys; sys.modules['prefect'] = None; from flows.cli imp
 
 def test_a_second_tab_completes_the_flows_options_without_importing_the_flow(tmp_path, ops_env):
     env = {**ops_env, "XDG_CACHE_HOME": str(tmp_path), **NORM_TAB}
-    assert not completion.cache_file().is_relative_to(tmp_path)  # this process's own cache is not touched
+    assert not completion_cache.cache_file().is_relative_to(tmp_path)  # this process's own cache is not touched
     first = subprocess.run([str(CNNFLOW)], capture_output=True, text=True, env=env, timeout=120)
     assert first.stdout.split() == ["--normalization", "--norm-batch"]
     cached = json.loads((tmp_path / "cnncore" / "completion.json").read_text())
-    assert cached["key"] == completion.sources_key() and "sweep" in cached["flows"]
+    assert cached["key"] == completion_cache.sources_key() and "sweep" in cached["flows"]
 
     second = subprocess.run([sys.executable, "-c", WITHOUT_PREFECT], capture_output=True, text=True, env=env,
                             timeout=60)
@@ -35,9 +35,9 @@ def test_a_second_tab_completes_the_flows_options_without_importing_the_flow(tmp
 
 def test_a_stale_or_broken_cache_is_not_used(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    path = completion.cache_file()
+    path = completion_cache.cache_file()
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"key": "from-other-sources", "flows": {"sweep": []}}))
-    assert completion.cached_command("sweep") is None
+    assert completion_cache.cached_command("sweep") is None
     path.write_text("{not json")
-    assert completion.cached_command("sweep") is None
+    assert completion_cache.cached_command("sweep") is None
