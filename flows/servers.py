@@ -129,9 +129,12 @@ def mlflow_server_command(backend_store_uri: str, port: int, *, artifacts_destin
 
     A store URI that holds a password goes in the environment (MLFLOW_BACKEND_STORE_URI,
     which mlflow server reads), not on the command line, where `ps` would show it.
+    MLflow 3's server job runner is left off: its Huey consumers (about 8 more processes,
+    1 GiB) serve GenAI jobs and scheduled trace rollups, which nothing here uses; runs,
+    charts and artifacts are served without it.
     """
     command = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1"]
-    env = {}
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     if urlparse(backend_store_uri).password:
         env["MLFLOW_BACKEND_STORE_URI"] = backend_store_uri
     else:

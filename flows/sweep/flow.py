@@ -11,6 +11,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import PositiveInt
 
+from ..answers import log_answer
 from ..config import SweepSpec
 from ..load_data import load_data_once, load_dataset, log_dataset
 from ..progress import record, say
@@ -18,7 +19,7 @@ from ..shutdown import StopRequest
 from ..study import PRESETS, preset_spec
 from ..tracking import FINISHED, connect
 from . import lease
-from .executors import run_trials
+from .executors import run_trials, start_forkserver
 from .results import SweepReport, TrialResult, best_trial
 from .resume import find_finished_trials, open_sweep_run, skipped_trial
 
@@ -59,7 +60,7 @@ def sweep_flow_run_name() -> str:
     return f"sweep-{resolved_spec(SweepSpec.model_validate(given['spec']), given['preset'], given['resume']).name}"
 
 
-@flow(name="sweep", flow_run_name=sweep_flow_run_name, log_prints=True)
+@flow(name="sweep", flow_run_name=sweep_flow_run_name, log_prints=True, on_completion=[log_answer])
 def sweep(
     spec: SweepSpec = SweepSpec(),
     experiment: str = "cnncore-sweeps",
@@ -97,6 +98,9 @@ def sweep(
     start = time.perf_counter()
     spec = resolved_spec(spec, preset, resume)
     trials = spec.trials()
+    start_forkserver(trials_in, dask_address)  # the workers' imports, beside the setup below
+    say(f"sweep {spec.name}: {len(trials)} trials; opening its MLflow run, loading "
+        f"{', '.join(dict.fromkeys(c.dataset for c in trials))}")
     store = connect(tracking_uri)
     owner = lease.new_owner()
     parent, resumed = open_sweep_run(store, experiment, spec, trials, parent_run_id, owner)
@@ -115,9 +119,12 @@ def sweep(
             + (f"on the Dask cluster at {dask_address}" if dask_address else f"{max_workers} at a time"))
         results = sorted(skipped + run_trials(parent, spec, todo, max_workers, dask_address, trials_in, stop),
                          key=lambda r: r.index)
-        # Imported here: the summary's pandas, scipy and matplotlib would slow `cnnflow run sweep --help`.
+        # Imported here (run_trials has it imported while the trials train): the summary's pandas, scipy and
+        # matplotlib would slow `cnnflow run sweep --help`.
         from .summary import publish_comparison, summarise_sweep, write_study_report
 
+        say(f"writing the sweep's summary{', figures and study report' if spec.study else ' and figure'} "
+            "to its MLflow run")
         summarise_sweep(parent, spec, results)  # the summary table says which trials failed, and why
         if not any(r.status == FINISHED for r in results):
             raise NoTrialFinishedError(spec.name, results)

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flows.sweep import executors
+from flows.sweep import worker
 from flows.sweep.resume import SweepChangedError
 from flows.config import SweepSpec
 from flows.load_data import load_data_once
@@ -25,7 +25,7 @@ DIVERGED = r"^(NonFiniteLossError: loss became nan|ValueError: x must be finite)
 @pytest.fixture
 def fits(calls_to):
     """Every fit the sweep really ran: (run, config, data) each."""
-    return calls_to(executors, "fit")
+    return calls_to(worker, "fit")
 
 
 def trial_task_states(flow_state) -> list[str]:
@@ -171,14 +171,14 @@ def test_trial_test_acc_is_measured_on_the_test_split(store, tiny, monkeypatch):
     # Validation and test splits of different sizes, so neither accuracy can pass for the other.
     config = tiny.model_copy(update={"num_val": 49, "num_test": 80, "num_epochs": 2})
     nets = []
-    real = executors.fit
+    real = worker.fit
 
     def keeping_the_net(*args, **kwargs):
         fitted = real(*args, **kwargs)
         nets.append(fitted.net)
         return fitted
 
-    monkeypatch.setattr(executors, "fit", keeping_the_net)
+    monkeypatch.setattr(worker, "fit", keeping_the_net)
     report = sweep(spec=SweepSpec(name="test-split", base=config, space={"train_seed": [0]}), tracking_uri=store.uri,
                    trials_in="threads")
 

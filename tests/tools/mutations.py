@@ -110,7 +110,7 @@ MUTATIONS: list[Mutation] = [
     M("i19-cli-exit-code", "flows/cli/errors.py",
       'fail(str(exc), getattr(exc, "exit_code", 1))', "fail(str(exc), 1)",
       "the project's errors lose their exit code (a changed sweep base exits 1, not 2)"),
-    M("i19-cli-json-nan", "flows/cli/render.py",
+    M("i19-cli-json-nan", "flows/answers.py",
       "    if isinstance(value, float) and not math.isfinite(value):\n        return None\n", "",
       "--output json writes NaN, which is not JSON"),
     M("i19-ckpt-newer-format", "cnncore/checkpoint.py",

@@ -1,6 +1,8 @@
-"""What `cnnflow run` prints when a flow returns: its answer as tables and lines (the default), or the
-whole result as YAML or JSON for scripts (--output yaml|json).
+"""A flow's answer as text: what `cnnflow run` prints when a flow returns, and what a flow run's logs end
+with wherever it ran (`log_answer`, its on_completion hook: a served or scheduled deployment, a worker).
 
+The answer (the default, "table") is tables and lines; --output yaml|json prints the whole
+result instead, for scripts:
 - train: one line with the test errors and the run's link;
 - sweep: the comparison (a study's own table of the final model's error, mean and 95%
   interval over seeds, with the study's answer; for another grid one row per
@@ -155,3 +157,15 @@ def _number(value) -> str:
     if isinstance(value, float):
         return "—" if math.isnan(value) else f"{value:.4g}"
     return str(value)
+
+
+def log_answer(flow, flow_run, state) -> None:
+    """A flow's on_completion hook: its answer, line by line, at the end of its run's logs (in the Prefect UI,
+    and on the console of whatever runs a deployment). `cnnflow run` prints the answer itself and keeps
+    Prefect's INFO lines off its console, so it is not said twice there."""
+    from prefect.logging.loggers import flow_run_logger
+
+    logger = flow_run_logger(flow_run=flow_run, flow=flow)
+    for line in render(state.result(), Output.table).splitlines():
+        if line.strip():
+            logger.info(line)
