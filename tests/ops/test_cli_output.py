@@ -1,4 +1,4 @@
-"""What `cnnflow run` prints when a flow returns (flows.cli.render), and the exit status and line of an
+"""What `cnnflow run` prints when a flow returns (flows.answers), and the exit status and line of an
 error (flows.cli.errors): the text a user reads, from results built here (no flow runs, no server)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from flows import tracking
 from flows.cli import app
 from flows.cli.errors import CliError, one_line_errors
-from flows.cli.render import render
+from flows.answers import render
 from flows.config import TrainConfig
 from flows.pipeline import PipelineReport
 from flows.sweep import SweepReport, TrialResult
