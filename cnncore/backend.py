@@ -161,7 +161,7 @@ def images_per_chunk(N: int, bytes_per_image: int, xp: ModuleType) -> int:
     """How many of N images of bytes_per_image fit in chunk_bytes(xp) (1 to N), spread over
     chunks of even sizes so that the last chunk is not a sliver."""
     n = max(1, min(N, chunk_bytes(xp) // max(bytes_per_image, 1)))
-    return -(-N // -(-N // n))
+    return -(-N // -(-N // n)) if N else 1
 
 
 def image_chunks(x, arrays: int) -> list[slice]:

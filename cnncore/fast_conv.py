@@ -258,6 +258,8 @@ def direct_gradients(x, w, g: Geometry, need_dx: bool, dout=None, fill_dout=None
             db = db_part if db is None else db + db_part
         if need_dx:
             _input_gradient(w, _valid(dout_m, g), g, dx[rows], dout_m)
+    if dw_ext is None:  # an empty batch
+        return dx, xp.zeros(w.shape, dtype=x.dtype), xp.zeros(F, dtype=x.dtype)
     if fold:
         return dx, xp.ascontiguousarray(dw_ext[:, :-1]).reshape(w.shape), dw_ext[:, -1].copy()
     return dx, dw_ext.reshape(w.shape), db

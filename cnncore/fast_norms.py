@@ -77,7 +77,8 @@ def spatial_batchnorm_forward_fast(x, gamma, beta, bn_param):
     """
     scale, offset, cache = batchnorm_map(x, gamma, beta, bn_param)
     out = array_module(x).empty_like(x)
-    _channel_affine(x.reshape(*x.shape[:2], -1), scale, offset, out.reshape(*x.shape[:2], -1))
+    N, C, H, W = x.shape
+    _channel_affine(x.reshape(N, C, H * W), scale, offset, out.reshape(N, C, H * W))
     return out, cache
 
 

@@ -281,3 +281,17 @@ def test_space_to_depth_takes_the_backward_of_strided_convs_whose_filters_it_div
     g = fast_conv.Geometry((4, 8, 28, 28), w_shape, stride, pad)
     assert fast_conv.space_to_depth_wins(g, "gradients") == expected
     assert not fast_conv.space_to_depth_wins(g)  # the forward: as fast on the exact grid
+
+
+@pytest.mark.parametrize("conv", list(CONVS))
+def test_conv_on_an_empty_batch_gives_what_the_naive_loops_give(conv):
+    x_shape, w_shape, conv_param = CONVS[conv]
+    x = np.zeros((0, *x_shape[1:]))
+    w, b = np.random.default_rng(9).standard_normal(w_shape), np.zeros(w_shape[0])
+    out, cache = fast_layers.conv_forward_fast(x, w, b, conv_param)
+    expected, naive_cache = layers.conv_forward_naive(x, w, b, conv_param)
+    assert out.shape == expected.shape
+    dout = np.zeros(out.shape)
+    for got, want in zip(fast_layers.conv_backward_fast(dout, cache), layers.conv_backward_naive(dout, naive_cache)):
+        assert got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
