@@ -15,6 +15,9 @@ and 20 (ratios are ours / torch time; lower is better):
    float32 <= 0.7 at every batch size; float64 rows show it did not regress.
    ghost: ghost batch norm at g = 2 inside batch 32 against plain batch norm at 32
    (the convnet and the ResNet), ours alone. Target: <= 1.2.
+   preset: the mnist-convnet preset's training time extrapolated from each cell's step
+   time (normalization x batch size) and the steps of a trial, on 2 cores. Target:
+   the whole preset in <= 12 minutes (training alone is printed).
    flops: the three-layer net's step at batch 128 (see 1) against its FLOP limit,
    its arithmetic (3.10 GFLOP: the conv's forward and dw, each affine layer's
    forward, dw and dx) at NumPy's square-GEMM rate measured in the same run, and
@@ -103,7 +106,7 @@ THREADS = (1, 2)
 DTYPES = ("float32", "float64")
 BATCH = 128
 LEARNING_RATE = 1e-3
-SECTIONS = ("study", "ghost", "flops", "step", "layers", "memory", "sweep")
+SECTIONS = ("study", "ghost", "preset", "flops", "step", "layers", "memory", "sweep")
 
 
 @dataclass(frozen=True)
@@ -582,6 +585,11 @@ def main(argv=None) -> int:
               f"(1 thread, process CPU time, best of {plan.study_reps} interleaved runs)\n")
         with set_threads(1):
             print("\n".join(study_nets.ghost_table(plan.study_reps)) + "\n")
+    if "preset" in sections:
+        print(f"## The {study_nets.PRESET} preset's training time, from its cells' steps (float32, 1 thread, "
+              f"process CPU time, best of {plan.study_reps} runs)\n")
+        with set_threads(1):
+            print("\n".join(study_nets.preset_table(plan.study_reps)) + "\n")
     if "flops" in sections:
         print(f"## Three-layer net, batch {BATCH}: step against its FLOP limit (1 thread)\n")
         print("\n".join(flop_table(plan)) + "\n")

@@ -243,3 +243,40 @@ def study_table(reps: int, dtypes=("float32", "float64"), with_torch: bool = Tru
                 rows.append(f"| {net.label} | {batch} | {dtype} | {ours * 1e3:.2f} | {torch_ms} "
                             f"| {batch / ours:,.0f} | {ratio} | {verdict} |")
     return rows
+
+
+# ---------------------------------------------------------------------------
+# A preset's training time, extrapolated from its cells' step times
+# ---------------------------------------------------------------------------
+
+PRESET = "mnist-convnet"
+WORKERS = 2  # a sweep's trial processes on the project's 2-core machines
+TARGET_PRESET_MINUTES = 12.0  # issue 20: the full mnist-convnet preset in <= 12 minutes on 2 cores
+
+
+def preset_table(reps: int) -> list[str]:
+    """Markdown rows: each (normalization, batch size) cell of the mnist-convnet preset, its step
+    time (ours, float32, 1 thread), the steps of a trial (epochs x training images // batch, as the
+    Solver counts them, on the 6,000 training images of MNIST's t10k split) and its trials' training
+    seconds; then the preset's training time on WORKERS cores. Training steps only: the per-epoch
+    accuracy checks, the test scores, the diagnostics and the sweep's own costs come on top."""
+    from flows.study.presets import mnist_convnet_spec
+
+    spec = mnist_convnet_spec()
+    seeds, epochs = len(spec.space["train_seed"]), spec.base.num_epochs
+    rows = ["| normalization | batch | step ms | steps a trial | trial training s | cell's trials s |",
+            "|---|---:|---:|---:|---:|---:|"]
+    total = 0.0
+    for normalization in spec.space["normalization"]:
+        net = StudyNet(f"{PRESET} {normalization}", PRESET, normalization)
+        for batch in spec.space["batch_size"]:
+            step = best_interleaved({"ours": our_step(net, batch, "float32")}, reps)["ours"]
+            steps = epochs * max(TRAIN_IMAGES // batch, 1)
+            total += seeds * steps * step
+            rows.append(f"| {normalization} | {batch} | {step * 1e3:.2f} | {steps:,} | {steps * step:.1f} "
+                        f"| {seeds * steps * step:.0f} |")
+    minutes = total / WORKERS / 60
+    rows.append(f"\nThe preset's {len(spec.space['normalization']) * len(spec.space['batch_size']) * seeds} trials "
+                f"train for {total:.0f} s of one core: {minutes:.1f} minutes on {WORKERS} cores, training alone "
+                f"(target for the whole preset: <= {TARGET_PRESET_MINUTES:g} minutes).")
+    return rows

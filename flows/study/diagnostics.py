@@ -101,6 +101,11 @@ def _count(x: float) -> str:
     return f"{x:,.0f}" if x >= 10 else f"{x:.1f}"
 
 
+def _values(x: float) -> str:
+    """A count of values pooled, a whole number."""
+    return f"{round(x):,}"
+
+
 def _seeds(n: int) -> str:
     return f"median of {n} seed{'s' * (n != 1)}"
 
@@ -119,7 +124,7 @@ def _noise_sentence(norm: str, at: str, layers: pd.DataFrame) -> str | None:
     nominal = layers["nominal"] if "nominal" in layers.columns else pd.Series(math.nan, layers.index)
     single = len(layers) == 1
     parts = [f"{100 * noise:.1f}% at " + ("its only norm layer" if single else f"layer {int(layer)}")
-             + ("" if math.isnan(count) else f" (pooling {_count(count)} values per channel)")
+             + ("" if math.isnan(count) else f" (pooling {_values(count)} values per channel)")
              for layer, noise, count in zip(layers["layer"], layers[NOISE], nominal)]
     worst = layers.loc[layers[NOISE].idxmax()]
     sentence = (f"At {at}, the statistics noise reaching {short_label(norm)}'s normalised output (batch_noise: RMS "
@@ -148,7 +153,7 @@ def _first_n_eff_sentence(norm: str, at: str, layers: pd.DataFrame) -> str | Non
     if (measured := _measured(layers, "n_eff")) is None:
         return None
     first = measured.iloc[0]
-    pooled = "" if math.isnan(first.get("nominal", math.nan)) else f" of the {_count(first['nominal'])} values it pools"
+    pooled = "" if math.isnan(first.get("nominal", math.nan)) else f" of the {_values(first['nominal'])} values it pools"
     return (f"At {at}, the first norm layer's batch mean varies as if it were the mean of {_count(first['n_eff'])} "
             f"independent values{pooled} (effective sample size; behind another batch norm layer this measure is "
             f"inflated and is not reported).")

@@ -163,9 +163,11 @@ def test_a_project_error_keeps_its_exit_status_and_is_one_line(error, code, caps
     assert err == f"error: {error}\n"
 
 
-def test_any_other_error_is_one_line_naming_its_type_and_exits_1(capsys):
-    status, err = exit_of(RuntimeError("the dataset\n  went away"), capsys)
-    assert (status, err) == (1, "error: RuntimeError: the dataset went away\n")
+def test_any_other_error_names_its_type_keeps_its_own_lines_and_exits_1(capsys):
+    """One message: the error's own lines (a list of URLs tried, say) each with its indentation, the runs of
+    spaces within a line collapsed, no blank lines."""
+    status, err = exit_of(RuntimeError("the dataset   went away:\n\n  tried   one\n  tried two  "), capsys)
+    assert (status, err) == (1, "error: RuntimeError: the dataset went away:\n  tried one\n  tried two\n")
 
 
 # ---------------------------------------------------------------- commands that read the store
