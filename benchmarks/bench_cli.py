@@ -71,13 +71,25 @@ def stamped_init(self, *args, **kwargs):
     self.on_iteration = on_iteration
 
 solver.Solver.__init__ = stamped_init
-from flows.cli import app
+from flows.cnnflow import main
 sys.argv = ["cnnflow", *sys.argv[1:]]
-app()
+main()
 """
 
+# The console script as the checkout on PYTHONPATH defines it (flows.cnnflow, or flows.cli:app before it).
+CONSOLE_SCRIPT = """
+import sys
+try:
+    from flows.cnnflow import main
+except ImportError:
+    from flows.cli import app as main
+sys.argv[0] = "cnnflow"
+main()
+"""
+
+
 def cnnflow(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from flows.cli import app; app()", *args]
+    return [sys.executable, "-c", CONSOLE_SCRIPT, *args]
 
 
 def timed(command: list[str], env: dict, runs: int, warmup: int = 1) -> list[float]:

@@ -19,8 +19,11 @@ _status = 0
 
 
 def _leave() -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader gone (`cnnflow runs | head -1`), or the stream closed
+            pass
     os._exit(_status)
 
 
