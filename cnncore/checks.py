@@ -278,6 +278,14 @@ def pool_output_shape(x, pool_param: dict) -> tuple[int, int, int, int]:
     return N, C, 1 + (H - ph) // stride, 1 + (W - pw) // stride
 
 
+def image_dims(input_dim) -> tuple[int, int, int]:
+    """input_dim, an image's (C, H, W), as three positive Python ints."""
+    dims = tuple(input_dim) if not isinstance(input_dim, (str, bytes)) and hasattr(input_dim, "__len__") else ()
+    if len(dims) != 3:
+        raise ValueError(f"input_dim must be (C, H, W), got {input_dim!r}")
+    return tuple(require_positive_int(f"input_dim[{i}]", d) for i, d in enumerate(dims))
+
+
 def groups(G, C: int) -> int:
     require_positive_int("G", G)
     if C % G:

@@ -1,6 +1,6 @@
 """What every model shares: the loss's frame, input checks, prediction, state and model files.
 
-A model (ThreeLayerConvNet, ConvNet, FullyConnectedNet, TwoLayerNet) subclasses
+A model (ThreeLayerConvNet, ConvNet, FullyConnectedNet, TwoLayerNet, ResNet) subclasses
 Classifier and supplies its architecture: the parameters, ``_forward`` and
 ``_backward``, its input shape and its norm layers. The rest lives here, once.
 
@@ -45,7 +45,7 @@ from . import checkpoint, checks, memory, npz_io
 from .backend import array_module, require_device, to_numpy
 from .layers import softmax_loss
 
-MODEL_MODULES = ("cnncore.cnn", "cnncore.fc_net")  # imported by load_model, to know every model class
+MODEL_MODULES = ("cnncore.cnn", "cnncore.fc_net", "cnncore.resnet")  # imported by load_model, to know every model class
 LEGACY_MODEL = "ThreeLayerConvNet"  # files written before configs named their model
 LEGACY_RUNNING_STATS = {"bn_running_mean": "running_mean", "bn_running_var": "running_var"}
 
@@ -88,7 +88,7 @@ class Classifier:
         model files and checkpoints) it had before norm_batch existed.
         """
         self.num_classes = checks.require_positive_int("num_classes", num_classes)
-        self.weight_scale = checks.require_real("weight_scale", weight_scale, low=0, low_open=True)
+        self.weight_scale = self._checked_weight_scale(weight_scale)
         self.reg = checks.require_real("reg", reg, low=0)
         self.dtype = np.dtype(checks.require_float_dtype("dtype", dtype)).type
         norm_batch = checks.require_int("norm_batch", norm_batch, minimum=1, optional=True)
@@ -98,6 +98,10 @@ class Classifier:
         ghost = {} if self.norm_batch is None else {"norm_batch": self.norm_batch}
         self.config = {"model": type(self).__name__, **config, **ghost, "num_classes": self.num_classes,
                        "weight_scale": self.weight_scale, "reg": self.reg, "dtype": np.dtype(self.dtype).name}
+
+    def _checked_weight_scale(self, weight_scale):
+        """The standard deviation of the initial weights, a real > 0 (a model may allow more)."""
+        return checks.require_real("weight_scale", weight_scale, low=0, low_open=True)
 
     def _as_params(self, arrays: dict) -> dict:
         return {k: self.xp.asarray(v, dtype=self.dtype) for k, v in arrays.items()}
@@ -287,6 +291,34 @@ class Classifier:
         return _build(path, _model_classes(), config, state, device)
 
 
+class ImageClassifier(Classifier):
+    """A model of images (input_dim = (C, H, W)) whose norm layers share one normalization:
+    'none', 'batchnorm', or a group kind ('groupnorm', 'layernorm', 'instancenorm').
+
+    A subclass sets input_dim and normalization, and implements _norm_groups().
+    """
+
+    input_dim: tuple[int, int, int]
+    normalization: str
+
+    def _norm_groups(self) -> list[tuple[int, int | None]]:
+        """(index i of gamma{i}, groups G or None for batch norm) of each norm layer, in forward order."""
+        raise NotImplementedError
+
+    def _check_input_shape(self, X) -> None:
+        if X.ndim != 4 or tuple(X.shape[1:]) != self.input_dim:
+            raise ValueError(
+                f"X must have shape (N, {', '.join(map(str, self.input_dim))}) to match input_dim, "
+                f"got {tuple(X.shape)}"
+            )
+
+    def norm_layers(self) -> list[NormLayer]:
+        if self.normalization == "none":
+            return []
+        kind = "batchnorm" if self.normalization == "batchnorm" else "groupnorm"
+        return [NormLayer(i, kind, G) for i, G in self._norm_groups()]
+
+
 def load_model(path: str | os.PathLike, device: str = "cpu") -> Classifier:
     """Rebuild whichever model the file at path holds (its config names the class); see Classifier.load."""
     return Classifier.load(path, device)
@@ -340,7 +372,7 @@ def _build(path, classes: dict, config: dict, state: dict, device: str) -> Class
     needed = memory.construction_bytes(config)
     if needed is not None:
         sizes = ", ".join(f"{k}={config[k]}" for k in ("input_dim", "num_filters", "filter_size", "hidden_dim",
-                                                         "hidden_dims") if k in config)
+                                                         "hidden_dims", "blocks_per_stage") if k in config)
         memory.require_fits(needed, f"model file {path}: its config ({sizes}) describes a {name} that")
     try:
         model = classes[name](**kwargs, device=device)

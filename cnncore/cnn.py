@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import checks
-from .classifier import Classifier, NormLayer
+from .classifier import ImageClassifier
 from .layer_utils import (
     FAST_LAYERS,
     NAIVE_LAYERS,
@@ -57,7 +57,7 @@ def canonical_normalization(normalization) -> str:
     return name
 
 
-class _ConvClassifier(Classifier):
+class _ConvClassifier(ImageClassifier):
     """What the conv nets share: argument checks, parameters, and the conv blocks.
 
     Block i (1-based) has W{i} (F_i, C_{i-1}, k, k), b{i} (F_i,) and, with a norm
@@ -69,10 +69,7 @@ class _ConvClassifier(Classifier):
 
     def _setup_conv(self, input_dim, num_filters: tuple, filter_size, hidden_dim, num_classes, weight_scale, reg,
                     dtype, normalization, num_groups, use_fast, seed, device, norm_batch=None) -> None:
-        dims = tuple(input_dim) if not isinstance(input_dim, (str, bytes)) and hasattr(input_dim, "__len__") else ()
-        if len(dims) != 3:
-            raise ValueError(f"input_dim must be (C, H, W), got {input_dim!r}")
-        C, H, W = (checks.require_positive_int(f"input_dim[{i}]", d) for i, d in enumerate(dims))
+        C, H, W = checks.image_dims(input_dim)
         filters = tuple(checks.require_positive_int(f"num_filters[{i}]", F) for i, F in enumerate(num_filters))
         if not filters:
             raise ValueError("num_filters must name at least one block's filters, got ()")
@@ -125,18 +122,8 @@ class _ConvClassifier(Classifier):
                              f"(num_filters={filters!r}; {F} % {G} = {F % G}, expected 0)")
         return G
 
-    def _check_input_shape(self, X) -> None:
-        if X.ndim != 4 or tuple(X.shape[1:]) != self.input_dim:
-            raise ValueError(
-                f"X must have shape (N, {', '.join(map(str, self.input_dim))}) to match input_dim, "
-                f"got {tuple(X.shape)}"
-            )
-
-    def norm_layers(self) -> list[NormLayer]:
-        if self.normalization == "none":
-            return []
-        kind = "batchnorm" if self.normalization == "batchnorm" else "groupnorm"
-        return [NormLayer(i, kind, G) for i, G in enumerate(self.groups, start=1)]
+    def _norm_groups(self) -> list[tuple[int, int | None]]:
+        return list(enumerate(self.groups, start=1))
 
     # ------------------------------------------------------------------
     # Block i: conv - [norm] - relu - 2x2 max pool, one sandwich

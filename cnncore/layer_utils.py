@@ -108,7 +108,7 @@ def conv_bn_relu_pool_forward(x, w, b, gamma, beta, conv_param, bn_param, pool_p
     Returns (out, cache); bn_param's running statistics are updated in train mode.
     """
     return _conv_norm_relu_pool_forward(x, w, b, conv_param, pool_param, layers, layers.batchnorm_forward,
-                                        layers.batchnorm_backward, (gamma, beta, bn_param))
+                                        layers.batchnorm_backward, (gamma, beta, bn_param), "batchnorm")
 
 
 def conv_gn_relu_pool_forward(x, w, b, gamma, beta, conv_param, G, gn_param, pool_param=POOL_2X2,
@@ -118,7 +118,7 @@ def conv_gn_relu_pool_forward(x, w, b, gamma, beta, conv_param, G, gn_param, poo
     Returns (out, cache).
     """
     return _conv_norm_relu_pool_forward(x, w, b, conv_param, pool_param, layers, layers.groupnorm_forward,
-                                        layers.groupnorm_backward, (gamma, beta, G, gn_param))
+                                        layers.groupnorm_backward, (gamma, beta, G, gn_param), "groupnorm")
 
 
 def conv_bn_relu_forward(x, w, b, gamma, beta, conv_param, bn_param, layers=FAST_LAYERS):
@@ -144,10 +144,17 @@ conv_relu_pool_backward = conv_bn_relu_pool_backward = conv_gn_relu_pool_backwar
 conv_bn_relu_backward = conv_gn_relu_backward = conv_pool_block_backward
 
 
-def _conv_norm_relu_pool_forward(x, w, b, conv_param, pool_param, layers, norm_forward, norm_backward, norm_args):
+def _conv_norm_relu_pool_forward(x, w, b, conv_param, pool_param, layers, norm_forward, norm_backward, norm_args,
+                                 norm_kind=None):
     """conv -> [norm] -> [max pool] -> relu: relu and max pool commute (max is monotone),
-    and the pooled map is a quarter of the size. pool_param None: no pool."""
+    and the pooled map is a quarter of the size. pool_param None: no pool. On the fast
+    layers a norm and a 2x2 pool run as one (fast_layers.spatial_norm_pool_forward_fast)."""
     a, conv_cache = layers.conv_forward(x, w, b, conv_param)
+    if layers.fuses_conv_relu_pool and norm_kind and pool_param and fast_layers.pools_in_planes(a.shape, pool_param):
+        pooled, norm_cache, winner = fast_layers.spatial_norm_pool_forward_fast(a, norm_kind, norm_args, pool_param)
+        out, relu_cache = relu_forward(pooled)
+        return out, (_conv_norm_pool_relu_backward, (layers, conv_cache, norm_backward, norm_cache,
+                                                      (winner, pool_param, a.shape), relu_cache))
     norm_cache = pool_cache = None
     if norm_forward is not None:
         a, norm_cache = norm_forward(a, *norm_args)
@@ -156,6 +163,14 @@ def _conv_norm_relu_pool_forward(x, w, b, conv_param, pool_param, layers, norm_f
     out, relu_cache = relu_forward(a)
     return out, (_conv_norm_relu_pool_backward, (layers, conv_cache, norm_backward, norm_cache, pool_cache,
                                                  relu_cache))
+
+
+def _conv_norm_pool_relu_backward(dout, cache, need_dx):
+    layers, conv_cache, norm_backward, norm_cache, (winner, pool_param, a_shape), relu_cache = cache
+    da = fast_layers.unpool_fast(relu_backward(dout, relu_cache), winner, pool_param, a_shape)
+    da, *norm_grads = norm_backward(da, norm_cache)
+    dx, dw, db = layers.conv_backward(da, conv_cache, need_dx=need_dx)
+    return (dx, dw, db, *norm_grads)
 
 
 def _conv_norm_relu_pool_backward(dout, cache, need_dx):
@@ -168,3 +183,95 @@ def _conv_norm_relu_pool_backward(dout, cache, need_dx):
         da, *norm_grads = norm_backward(da, norm_cache)
     dx, dw, db = layers.conv_backward(da, conv_cache, need_dx=need_dx)
     return (dx, dw, db, *norm_grads)
+
+
+# ---------------------------------------------------------------------------
+# Residual networks: a conv and its norm as one unit, and the basic residual block
+# ---------------------------------------------------------------------------
+# A norm spec names a conv's norm layer and its arguments:
+#   None                                        no norm
+#   ("batchnorm", gamma, beta, bn_param)        spatial batch norm (bn_param updated in train mode)
+#   ("groupnorm", gamma, beta, G, gn_param)     spatial group norm, G groups
+# A conv unit is (w, b, conv_param, norm spec).
+
+
+def spatial_norm_forward(x, norm, layers=FAST_LAYERS):
+    """x: (N, C, H, W) through the norm a spec names (identity for None). Returns (out, cache)."""
+    if norm is None:
+        return x, None
+    kind, *args = norm
+    forward, backward = {"batchnorm": (layers.batchnorm_forward, layers.batchnorm_backward),
+                         "groupnorm": (layers.groupnorm_forward, layers.groupnorm_backward)}[kind]
+    out, cache = forward(x, *args)
+    return out, (backward, cache)
+
+
+def spatial_norm_backward(dout, cache):
+    """Returns (dx, dgamma, dbeta), or (dout,) for no norm."""
+    if cache is None:
+        return (dout,)
+    backward, inner = cache
+    return backward(dout, inner)
+
+
+def conv_norm_forward(x, w, b, conv_param, norm=None, layers=FAST_LAYERS):
+    """conv -> [spatial norm] (a residual block's second conv, its projection). Returns (out, cache)."""
+    a, conv_cache = layers.conv_forward(x, w, b, conv_param)
+    out, norm_cache = spatial_norm_forward(a, norm, layers)
+    return out, (layers, conv_cache, norm_cache)
+
+
+def conv_norm_backward(dout, cache, need_dx=True):
+    """Returns (dx, dw, db), plus (dgamma, dbeta) after a norm; dx is None when need_dx is False."""
+    layers, conv_cache, norm_cache = cache
+    da, *norm_grads = spatial_norm_backward(dout, norm_cache)
+    dx, dw, db = layers.conv_backward(da, conv_cache, need_dx=need_dx)
+    return (dx, dw, db, *norm_grads)
+
+
+def conv_norm_relu_forward(x, w, b, conv_param, norm=None, layers=FAST_LAYERS):
+    """conv -> [spatial norm] -> relu (a ResNet's stem, a residual block's first conv). Returns (out, cache)."""
+    a, unit_cache = conv_norm_forward(x, w, b, conv_param, norm, layers)
+    out, relu_cache = relu_forward(a)
+    return out, (unit_cache, relu_cache)
+
+
+def conv_norm_relu_backward(dout, cache, need_dx=True):
+    """Returns (dx, dw, db), plus (dgamma, dbeta) after a norm."""
+    unit_cache, relu_cache = cache
+    return conv_norm_backward(relu_backward(dout, relu_cache), unit_cache, need_dx)
+
+
+def residual_block_forward(x, unit_a, unit_b, shortcut=None, layers=FAST_LAYERS):
+    """A basic residual block (He et al., 2016): relu(norm_b(conv_b(relu(norm_a(conv_a(x))))) + s(x)).
+
+    unit_a, unit_b: the two conv units (w, b, conv_param, norm spec); shortcut: None for
+    the identity (x must then have the block's output shape) or a projection's conv unit.
+    Returns (out, cache).
+    """
+    h, cache_a = conv_norm_relu_forward(x, *unit_a, layers)
+    y, cache_b = conv_norm_forward(h, *unit_b, layers)
+    if shortcut is None:
+        if x.shape != y.shape:
+            raise ValueError(f"an identity shortcut needs the block's output shape {tuple(y.shape)} from x, got "
+                             f"{tuple(x.shape)}: give a projection shortcut")
+        s, cache_s = x, None
+    else:
+        s, cache_s = conv_norm_forward(x, *shortcut, layers)
+    out, relu_cache = relu_forward(y + s)
+    return out, (cache_a, cache_b, cache_s, relu_cache)
+
+
+def residual_block_backward(dout, cache, need_dx=True):
+    """Returns (dx, grads_a, grads_b, grads_shortcut): each grads a tuple (dw, db[, dgamma, dbeta])
+    of its conv unit, () for an identity shortcut; dx is None when need_dx is False."""
+    cache_a, cache_b, cache_s, relu_cache = cache
+    dsum = relu_backward(dout, relu_cache)
+    dh, *grads_b = conv_norm_backward(dsum, cache_b)
+    dx, *grads_a = conv_norm_relu_backward(dh, cache_a, need_dx)
+    grads_s = ()
+    if cache_s is None:
+        dx_s = dsum
+    else:
+        dx_s, *grads_s = conv_norm_backward(dsum, cache_s, need_dx)
+    return (dx + dx_s if need_dx else None), tuple(grads_a), tuple(grads_b), tuple(grads_s)

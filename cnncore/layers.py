@@ -25,6 +25,8 @@ Conventions shared by all layers:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import checks
@@ -43,23 +45,28 @@ def affine_forward(x, w, b):
     """
     checks.require_float_array("x", x)
     checks.require_float_array("w", w)
-    D = int(np.prod(x.shape[1:]))
+    D = math.prod(x.shape[1:])
     if w.ndim != 2 or w.shape[0] != D:
         raise ValueError(f"w must have shape ({D}, M) to match x of shape {tuple(x.shape)}, got {tuple(w.shape)}")
     if b.shape != (w.shape[1],):
         raise ValueError(f"b must have shape ({w.shape[1]},), got {tuple(b.shape)}")
-    out = x.reshape(x.shape[0], D) @ w + b
+    out = x.reshape(x.shape[0], D) @ w
+    out += b
     return out, (x, w, b)
 
 
-def affine_backward(dout, cache):
-    """dout: (N, M). Returns (dx, dw, db) shaped like x, w, b."""
+def affine_backward(dout, cache, need_dx: bool = True):
+    """dout: (N, M). Returns (dx, dw, db) shaped like x, w, b.
+
+    need_dx=False skips the input gradient and returns None for dx: a network's
+    first layer has nothing upstream that needs it.
+    """
     x, w, b = cache
     checks.require_dout_shape(dout, (x.shape[0], w.shape[1]))
     x2 = x.reshape(x.shape[0], -1)
-    dx = (dout @ w.T).reshape(x.shape)
+    dx = (dout @ w.T).reshape(x.shape) if need_dx else None
     dw = x2.T @ dout
-    db = dout.sum(axis=0)
+    db = array_module(dout).ones(dout.shape[0], dtype=dout.dtype) @ dout  # a product: faster than sum(axis=0)
     return dx, dw, db
 
 
@@ -443,6 +450,27 @@ def max_pool_backward_naive(dout, cache):
                     window = x[n, c, i * s : i * s + ph, j * s : j * s + pw]
                     r, q = np.unravel_index(np.argmax(window), window.shape)
                     dx[n, c, i * s + r, j * s + q] += dout[n, c, i, j]
+    return dx
+
+
+def global_avg_pool_forward(x):
+    """Global average pooling: each channel's mean over its H x W positions (ResNet's last pool).
+
+    x: (N, C, H, W). Returns (out, cache): out (N, C); cache x.shape.
+    One reduction, as vectorised as it gets: it has no naive twin.
+    """
+    checks.require_float_array("x", x)
+    checks.require_ndim("x", x, 4, "(N, C, H, W)")
+    return x.mean(axis=(2, 3)), x.shape
+
+
+def global_avg_pool_backward(dout, cache):
+    """dout: (N, C). Returns dx (N, C, H, W): every position gets its channel's dout / (H * W)."""
+    x_shape = cache
+    N, C, H, W = x_shape
+    checks.require_dout_shape(dout, (N, C))
+    dx = array_module(dout).empty(x_shape, dtype=dout.dtype)
+    dx[...] = (dout / (H * W))[:, :, None, None]
     return dx
 
 

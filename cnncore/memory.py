@@ -16,8 +16,8 @@ available memory cannot be read (not Linux, no /proc), only the variable applies
 
 The model estimates (``parameter_count``, ``training_step_bytes``) read a model's
 config, the JSON dict every cnncore net records (``model.config``), so they work
-before the model exists. They know ThreeLayerConvNet, ConvNet, FullyConnectedNet and
-TwoLayerNet; for another class they return None (no estimate, no check), and a test
+before the model exists. They know ThreeLayerConvNet, ConvNet, FullyConnectedNet,
+TwoLayerNet and ResNet; for another class they return None (no estimate, no check), and a test
 pins each known estimate to the parameters a real net has.
 """
 
@@ -154,6 +154,27 @@ def _fc_layout(config: dict) -> tuple[list[int], list[int]] | None:
     return counts, [AFFINE_COPIES * d for d in dims]
 
 
+def _resnet_layout(config: dict) -> tuple[list[int], list[int]] | None:
+    """(parameter counts, activation values per image) of a ResNet's config: each conv unit counts
+    as a conv block (CONV_BLOCK_COPIES arrays of its output), the affine layer as one."""
+    dims = _ints(config.get("input_dim", [3, 32, 32]))
+    F, depth, classes = (_ints(config.get(key, default)) for key, default in
+                         (("num_filters", 8), ("blocks_per_stage", 1), ("num_classes", 10)))
+    if dims is None or len(dims) != 3 or None in (F, depth, classes):
+        return None
+    from .resnet import layout  # here: resnet imports the layers, whose checks import this module
+
+    stem, blocks = layout(*dims, F[0], depth[0])
+    units = [stem] + [u for block in blocks for u in (block.a, block.b, block.projection) if u is not None]
+    norm = config.get("normalization") not in (None, "none")
+    counts = [u.out_channels * (u.in_channels * u.kernel[0] * u.kernel[1] + 1 + (2 if norm else 0)) for u in units]
+    per_image = [CONV_BLOCK_COPIES * u.out_channels * u.out_size[0] * u.out_size[1] for u in units]
+    width = units[-1].out_channels
+    counts.append(width * classes[0] + classes[0])
+    per_image.append(AFFINE_COPIES * (width + classes[0]))
+    return counts, per_image
+
+
 def _layout(config: dict) -> tuple[list[int], list[int]] | None:
     model = config.get("model", "ThreeLayerConvNet")
     if model in ("ThreeLayerConvNet", "ConvNet"):
@@ -161,6 +182,8 @@ def _layout(config: dict) -> tuple[list[int], list[int]] | None:
         return None if found is None else found[:2]
     if model in ("FullyConnectedNet", "TwoLayerNet"):
         return _fc_layout(config)
+    if model == "ResNet":
+        return _resnet_layout(config)
     return None
 
 

@@ -74,6 +74,9 @@ def net_config(config) -> dict[str, Any] | None:
     if config.model == "convnet":
         return {"model": "ConvNet", "input_dim": shape, "num_filters": [config.num_filters] * config.depth,
                 "filter_size": config.filter_size, "hidden_dim": config.hidden_dim, **common}
+    if config.model == "resnet":
+        return {"model": "ResNet", "input_dim": shape, "num_filters": config.num_filters,
+                "blocks_per_stage": config.depth, **common}
     return None
 
 
@@ -86,7 +89,8 @@ def require_fits_in_memory(config) -> None:
     if parts is None:
         return
     parameters, activations = parts
-    sizes = ("num_filters", "filter_size", "hidden_dim") if config.model == "convnet" else ("hidden_dim",)
+    sizes = {"convnet": ("num_filters", "filter_size", "hidden_dim"), "resnet": ("num_filters",)}.get(
+        config.model, ("hidden_dim",))
     options = ", ".join(f"{k}={getattr(config, k):,}" for k in (*sizes, "depth", "batch_size"))
     memory.require_fits(parameters + activations,
                         f"the {config.model} of {options} ({config.dtype}, {config.dataset}: "

@@ -82,6 +82,11 @@ class ServerState:
         """What PREFECT_API_URL must say to use this server."""
         return f"{self.ui_url}/api"
 
+    @property
+    def runs_url(self) -> str:
+        """The UI's page that lists the flow runs by name (the UI's root is a dashboard of counts)."""
+        return f"{self.ui_url}/runs"
+
 
 @dataclasses.dataclass(frozen=True)
 class ServerStatus:
@@ -108,7 +113,8 @@ class ServerStatus:
         if not self.answering:
             return (f"the local Prefect server (pid {self.state.pid}) runs but {self.state.api_url} does not answer "
                     f"as this home's server: starting, or stuck (log {log}; `cnnflow server stop` stops it)")
-        return f"the local Prefect server runs at {self.state.ui_url} (API {self.state.api_url}, pid {self.state.pid})"
+        return (f"the local Prefect server runs; its flow runs: {self.state.runs_url} (API {self.state.api_url}, "
+                f"pid {self.state.pid})")
 
 
 def server_home() -> Path:
@@ -132,7 +138,7 @@ def read_state(home: Path) -> ServerState | None:
 
 
 def _write_state(home: Path, state: ServerState) -> None:
-    data = {**dataclasses.asdict(state), "api_url": state.api_url, "ui_url": state.ui_url}
+    data = {**dataclasses.asdict(state), "api_url": state.api_url, "ui_url": state.ui_url, "runs_url": state.runs_url}
     partial = home / f".{STATE_FILE}.{os.getpid()}"
     with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
         file.write(json.dumps(data, indent=2) + "\n")

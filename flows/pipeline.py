@@ -29,10 +29,13 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from pydantic import BaseModel, PositiveInt
 
+from .answers import log_answer
 from .config import SweepSpec, TrainConfig
 from .gradient_check import gradient_check
 from .load_data import load_data
+from .progress import say
 from .sweep import SweepReport, sweep
+from .sweep.executors import start_forkserver
 from .tracking import tracked_flow_run
 from .train import TrainResult, train
 
@@ -80,7 +83,7 @@ class PipelineReport(BaseModel):
         return self.final.test_acc
 
 
-@flow(name="pipeline", log_prints=True)
+@flow(name="pipeline", log_prints=True, on_completion=[log_answer])
 def pipeline(
     base: TrainConfig = DEFAULT_BASE,
     space: dict[str, list[Any]] = DEFAULT_SPACE,
@@ -111,6 +114,9 @@ def pipeline(
     spec = SweepSpec(name=sweep_name or f"bn-vs-gn-{flow_run.name or 'local'}", base=base, space=space)
     params = {"sweep_name": spec.name, "space": json.dumps(space), "final_num_epochs": final_num_epochs,
               "max_workers": max_workers, **{f"base.{k}": v for k, v in base.model_dump().items()}}
+    start_forkserver()  # the sweep's trial workers' imports, beside the data and the gradient checks
+    say(f"pipeline {name}: {base.dataset}; gradient checks; a sweep of {len(spec.trials())} trials; the best "
+        f"configuration trained {final_num_epochs} epochs")
     with tracked_flow_run(experiment, name, tracking_uri=tracking_uri, params=params,
                           system_metrics=system_metrics) as run:
         common = {"experiment": experiment, "tracking_uri": run.store.shown, "parent_run_id": run.id}
@@ -120,6 +126,7 @@ def pipeline(
         if report.best is None:
             raise RuntimeError(f"every trial of sweep {spec.name} failed; see its summary in run {report.parent_run_id}")
         best = report.best.config.model_copy(update={"num_epochs": final_num_epochs})
+        say(f"final training: {report.best.run_name.split('/', 1)[-1]} for {final_num_epochs} epochs")
         final = train(config=best, run_name=f"final-{best.normalization}", **common)
         model_name = f"cnncore-{best.dataset}"
         version = run.store.register_model(model_name, final.model_uri, final.run_id, CHAMPION)
@@ -139,8 +146,10 @@ def pipeline(
 def gradient_check_for(run) -> str:
     """The gradient checks, in their own experiment (their 71 metrics would bury the pipeline's charts),
     their run pointing at the pipeline's as its parent. Returns the check's run id."""
+    say("gradient checks: every layer, naive and fast, against numerical gradients in float64")
     report = gradient_check(experiment=GRADIENT_CHECK_EXPERIMENT, tracking_uri=run.store.shown,
                             parent_run_id=run.id)
+    say(f"gradient checks: {len(report.errors)} gradients, all under their thresholds")
     run.log_metrics({"grad_err_closest_to_threshold": report.closest_error / report.closest_threshold,
                      "grad_checks": len(report.errors)})
     return report.run_id

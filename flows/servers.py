@@ -112,6 +112,16 @@ def start_watchdog(process: subprocess.Popen, group: bool = True) -> subprocess.
                             start_new_session=True, cwd=Path(__file__).resolve().parents[1])
 
 
+def mlflow_ui_shows_run(base_url: str, run_id: str, timeout_s: float = 1.0) -> bool:
+    """Whether an MLflow UI answers at base_url and has the run: a link to the run there opens on it."""
+    url = f"{base_url.rstrip('/')}/api/2.0/mlflow/runs/get?run_id={run_id}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status == 200
+    except (OSError, urllib.error.URLError, ValueError):
+        return False
+
+
 def mlflow_server_command(backend_store_uri: str, port: int, *, artifacts_destination: str | None = None,
                           default_artifact_root: str | None = None,
                           host: str = "127.0.0.1") -> tuple[list[str], dict[str, str]]:
@@ -119,9 +129,12 @@ def mlflow_server_command(backend_store_uri: str, port: int, *, artifacts_destin
 
     A store URI that holds a password goes in the environment (MLFLOW_BACKEND_STORE_URI,
     which mlflow server reads), not on the command line, where `ps` would show it.
+    MLflow 3's server job runner is left off: its Huey consumers (about 8 more processes,
+    1 GiB) serve GenAI jobs and scheduled trace rollups, which nothing here uses; runs,
+    charts and artifacts are served without it.
     """
     command = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1"]
-    env = {}
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     if urlparse(backend_store_uri).password:
         env["MLFLOW_BACKEND_STORE_URI"] = backend_store_uri
     else:

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from cnncore import fast_layers, layers
+from cnncore import backend, fast_layers, layers
 from cnncore.backend import CPU_CHUNK_BYTES
 from cnncore.gradient_check import check_layer_gradients
 
@@ -32,7 +32,9 @@ SPATIAL = [
 AFFINE = [
     pytest.param(layers.batchnorm_forward, layers.batchnorm_backward, id="affine-graph"),
     pytest.param(layers.batchnorm_forward, layers.batchnorm_backward_alt, id="affine-alt"),
+    pytest.param(fast_layers.batchnorm_forward_fast, fast_layers.batchnorm_backward_fast, id="affine-fast"),
 ]
+AFFINE_FORWARDS = (layers.batchnorm_forward, fast_layers.batchnorm_forward_fast)
 EVERY_LAYER = AFFINE + SPATIAL
 
 
@@ -51,7 +53,7 @@ def _params(C, seed=5, shape=None):
 
 
 def _x_shape(forward, N):
-    return (N, 3) if forward is layers.batchnorm_forward else (N, 3, 4, 5)
+    return (N, 3) if forward in AFFINE_FORWARDS else (N, 3, 4, 5)
 
 
 # ---------------------------------------------------------------------------
@@ -226,7 +228,7 @@ def test_fast_ghost_batchnorm_matches_naive_output_gradients_and_running_stats(c
     x, gamma, beta, g = case
     naive, fast = _bn_param("train", x.shape[1], g), _bn_param("train", x.shape[1], g)
     out_naive, cache_naive = layers.spatial_batchnorm_forward(x, gamma, beta, naive)
-    with mock.patch.object(fast_layers, "chunk_bytes", lambda xp: chunk):
+    with mock.patch.object(backend, "chunk_bytes", lambda xp: chunk):
         out_fast, cache_fast = fast_layers.spatial_batchnorm_forward_fast(x, gamma, beta, fast)
         dout = np.random.default_rng(12).standard_normal(x.shape)
         grads_fast = fast_layers.spatial_batchnorm_backward_fast(dout, cache_fast)
@@ -265,8 +267,8 @@ def test_ghost_batchnorm_keeps_float32_and_never_modifies_its_inputs(forward, ba
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("forward", [layers.batchnorm_forward, layers.spatial_batchnorm_forward,
-                                     fast_layers.spatial_batchnorm_forward_fast])
+@pytest.mark.parametrize("forward", [layers.batchnorm_forward, fast_layers.batchnorm_forward_fast,
+                                     layers.spatial_batchnorm_forward, fast_layers.spatial_batchnorm_forward_fast])
 @pytest.mark.parametrize("mode, norm_batch, message", [
     ("train", 4, r"bn_param\['norm_batch'\] = 4 must divide the batch's 6 images \(6 % 4 = 2, expected 0\)"),
     ("train", 12, r"bn_param\['norm_batch'\] = 12 must divide the batch's 6 images"),
@@ -277,7 +279,7 @@ def test_ghost_batchnorm_keeps_float32_and_never_modifies_its_inputs(forward, ba
     ("train", True, r"bn_param\['norm_batch'\] must be a positive integer or None, got True"),
 ])
 def test_bad_norm_batch_is_refused_naming_it_before_bn_param_is_touched(forward, mode, norm_batch, message):
-    x = _input((6, 3) if forward is layers.batchnorm_forward else (6, 3, 2, 2))
+    x = _input((6, 3) if forward in AFFINE_FORWARDS else (6, 3, 2, 2))
     bn_param = {"mode": mode, "norm_batch": norm_batch, "running_mean": np.zeros(3), "running_var": np.ones(3)}
     with pytest.raises(ValueError, match=message):
         forward(x, np.ones(3), np.zeros(3), bn_param)

@@ -9,6 +9,7 @@ from cnncore.fast_layers import conv_forward_fast
 from cnncore.fc_net import FullyConnectedNet, TwoLayerNet
 from cnncore.layers import conv_forward_naive
 from cnncore.memory import GIB, LIMIT_ENV, MemoryLimitError
+from cnncore.resnet import ResNet
 
 
 @pytest.fixture
@@ -85,6 +86,8 @@ NETS = [
     (FullyConnectedNet, dict(hidden_dims=[], input_dim=12, num_classes=4)),
     (FullyConnectedNet, dict(hidden_dims=[9, 9, 9], input_dim=20, normalization="layernorm")),
     (TwoLayerNet, dict(input_dim=12, hidden_dim=6, num_classes=3)),
+    (ResNet, dict(input_dim=(1, 28, 28), num_filters=4)),
+    (ResNet, dict(input_dim=(3, 7, 9), num_filters=2, blocks_per_stage=2, normalization=None, num_classes=3)),
 ]
 
 

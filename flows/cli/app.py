@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import sys
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -13,11 +15,13 @@ import typer
 
 from .. import credentials
 from ..deployments import PREFECT_YAML
+from .completion import CompletionGroup
 from .errors import CliError, Settings, one_line_errors
 from .run import run_app
 from .server import server_app
 
 app = typer.Typer(
+    cls=CompletionGroup,  # --show-completion/--install-completion take the shell's name (completion.py)
     name="cnnflow",
     help="Run, schedule and inspect cnncore's Prefect flows, tracked in MLflow.",
     no_args_is_help=True,
@@ -42,6 +46,10 @@ def _main(
     from .console import quiet_environment
 
     quiet_environment(verbose)
+
+
+# The UI's server keeps nothing to save (the store is written by the runs): a short grace, then SIGKILL.
+UI_STOP_GRACE_S = 3.0
 
 
 @app.command()
@@ -79,7 +87,8 @@ def ui(
         typer.echo(f"starting the MLflow UI on {shown} ...", err=True)
         try:
             with termination_as_interrupt(), background_server(command, f"{address}/health", timeout_s=timeout,
-                                                               env={**os.environ, **env}) as process:
+                                                               env={**os.environ, **env},
+                                                               stop_grace_s=UI_STOP_GRACE_S) as process:
                 typer.echo(f"MLflow UI: {address}  (Ctrl-C stops it)")
                 _mention_local_prefect_ui()
                 code = process.wait()
@@ -98,7 +107,7 @@ def _mention_local_prefect_ui() -> None:
 
     local = server_status()
     if local.answering:
-        typer.echo(f"Prefect UI: {local.state.ui_url}  (the local Prefect server; `cnnflow server stop` stops it)")
+        typer.echo(f"Prefect UI: {local.state.runs_url}  (the local Prefect server; `cnnflow server stop` stops it)")
 
 
 @app.command()
@@ -154,12 +163,22 @@ def report(
         "--experiment", "-e", help="Experiment to look in; repeatable. Default: every experiment.")] = None,
     tracking_uri: Annotated[Optional[str], typer.Option(
         help="MLflow tracking URI; else $MLFLOW_TRACKING_URI, else the project's sqlite store.")] = None,
+    format: Annotated[Literal["auto", "answer", "md"], typer.Option(
+        "--format", "-f", help="answer: the report's title and answer, drawn for the terminal; md: the whole "
+                               "report as markdown; auto: answer to a terminal, md to a pipe or a file.")] = "auto",
 ):
     """Print a study's report (the latest sweep of that name); --to also copies its figures and tables."""
     with one_line_errors():
-        from .report import export_study, find_study
+        from .report import REPORT, answer_section, export_study, find_study, for_terminal
 
         run, record = find_study(tracking_uri, name, experiment)
-        typer.echo(export_study(run, to).rstrip())
+        markdown = export_study(run, to)
+        if format == "md" or (format == "auto" and not sys.stdout.isatty()):
+            typer.echo(markdown.rstrip())
+        else:
+            width = shutil.get_terminal_size((100, 40)).columns
+            typer.echo(for_terminal(answer_section(markdown), width))
+            typer.echo(f"\nThe whole report: `cnnflow report {name} --format md`, or with its figures and tables "
+                       f"`--to DIR`; in MLflow: {run.url_of(REPORT)}")
         if to is not None:
             typer.echo(f"\nwritten to {to}/ (report.md, figures, tables) from run {record.id}", err=True)

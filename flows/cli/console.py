@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from ..progress import PROGRESS_LOGGER
 
@@ -36,14 +37,16 @@ def _is_progress(record: logging.LogRecord) -> bool:
     return record.name == PROGRESS_LOGGER or record.name.startswith(PROGRESS_LOGGER + ".")
 
 
-# The flow engine's own account of a run that failed or was stopped: the CLI says the same in one line.
+# The flow and task engines' own accounts of a run that failed or was stopped, each with a timestamp and the
+# exception's repr: the CLI says the same once, as its error (or a trial's progress line does).
+_ENGINE_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 _ENGINE_FAILURE = ("Encountered exception during execution", "Crash detected!", "Finished in state Failed",
-                   "Finished in state Crashed")
+                   "Finished in state Crashed", "Task run failed with")
 
 
 class ConsoleFilter(logging.Filter):
-    """Lets through the progress lines, and Prefect's other records at WARNING and above except the flow
-    engine's report of the failure the CLI's one-line error gives (everything when verbose)."""
+    """Lets through the progress lines, and Prefect's other records at WARNING and above except the flow and
+    task engines' reports of the failure that the CLI's error gives (everything when verbose)."""
 
     def __init__(self, verbose: bool):
         super().__init__()
@@ -53,7 +56,7 @@ class ConsoleFilter(logging.Filter):
         if self.verbose or _is_progress(record):
             return True
         return record.levelno >= logging.WARNING and not (
-            record.name == "prefect.flow_runs" and record.getMessage().startswith(_ENGINE_FAILURE))
+            record.name in _ENGINE_LOGGERS and record.getMessage().startswith(_ENGINE_FAILURE))
 
 
 class ConsoleFormatter(logging.Formatter):
@@ -88,3 +91,19 @@ def configure_prefect_console(verbose: bool, tracebacks: bool) -> None:
             handler.addFilter(ConsoleFilter(verbose))
             inner = handler.formatter.inner if isinstance(handler.formatter, ConsoleFormatter) else handler.formatter
             handler.setFormatter(ConsoleFormatter(inner or logging.Formatter(), tracebacks))
+
+
+def silence_after_the_last_word() -> None:
+    """Once the command has printed its answer or its error, nothing more on the console (unless verbose):
+    Prefect's exit handlers, still sending queued events and logs, warn when that takes a while ("EventsWorker
+    - Still processing items"), after the line that should be last. Their records still reach the API."""
+    from .errors import Settings
+
+    if Settings.verbose or "prefect.logging.handlers" not in sys.modules:
+        return
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for logger in (logging.getLogger(), *(logging.getLogger(n) for n in logging.root.manager.loggerDict)):
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.setLevel(logging.CRITICAL + 1)

@@ -13,6 +13,7 @@ import inspect
 import os
 import shutil
 import sys
+import threading
 import typing
 from pathlib import Path
 from typing import Any, Optional
@@ -21,11 +22,12 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from .. import credentials
+from .. import credentials, progress
 from ..deployments import entrypoint_module, load_entrypoint
+from . import completion_cache
 from .console import configure_prefect_console
 from .errors import CliError, Settings, fail, one_line_errors, stopped_by_signals
-from .render import Output, render
+from ..answers import Output, render
 from .options import FlowOption, collect_parameters, flow_options, validate_parameters
 
 # The flows `cnnflow run` knows: command name -> entrypoint.
@@ -39,6 +41,8 @@ FLOWS = {
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 # The environment's say on --local-server/--no-local-server (false, 0, no: the temporary server).
 LOCAL_SERVER_ENV = "CNNCORE_LOCAL_SERVER"
+# Seconds a run may say nothing while it starts before it says that it is starting.
+STARTING_SILENCE_S = 5.0
 
 
 def flow_summary(entrypoint: str) -> str:
@@ -66,11 +70,11 @@ def run_flow(flow, options: list[FlowOption], given: dict[str, Any]) -> None:
         server = _server_name(flow, local_server)
         try:
             with _prefect_server(flow, local_server) as temporary_api_url:
-                result, loss = _run_watched(flow, validated, temporary_api_url, server)
+                result, prefect_link, loss = _run_watched(flow, validated, temporary_api_url, server)
         except PrefectServerLostError as lost:
             _exit_lost(lost)
         text = render(result, given.get("output") or "table", width=shutil.get_terminal_size((120, 40)).columns,
-                      ui_hint=_ui_hint(validated))
+                      ui_hint=_ui_hint(validated, result), prefect_link=prefect_link)
         if text:
             typer.echo(text)
         if loss is not None:  # the flow's answer is above; Prefect could not record its end
@@ -81,15 +85,17 @@ def _exit_lost(loss) -> typing.NoReturn:
     """The Prefect server's loss in one line, and out at once: the flow's workers are stopped and MLflow has it
     all, while Prefect's event and log workers would spend a minute at exit retrying what the server cannot take."""
     typer.echo(f"error: {' '.join(str(loss).split())}", err=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader gone, or the stream closed
+            stream.flush()
     os._exit(loss.exit_code)
 
 
 def _run_watched(flow, validated: dict, api_url: str | None, server: str):
-    """(flow(**validated), the loss of its Prefect server or None), the server watched (flows.prefect_watch): a
-    server lost while the flow failed raises the loss, whatever Prefect's client raised after it (a bare
-    ConnectError); lost while the flow finished, the result comes with the loss, to say after the answer.
+    """(flow(**validated), its Prefect link (_run_and_link), the loss of its Prefect server or None), the server
+    watched (flows.prefect_watch): a server lost while the flow failed raises the loss, whatever Prefect's client
+    raised after it (a bare ConnectError); lost while the flow finished, the result comes with the loss, to say
+    after the answer.
 
     api_url: the server's API, when Prefect's settings do not name it (the temporary server).
     """
@@ -99,7 +105,7 @@ def _run_watched(flow, validated: dict, api_url: str | None, server: str):
 
     with prefect_watch.watching(api_url or PREFECT_API_URL.value(), server):
         try:
-            result = flow(**validated)
+            result, link = _run_and_link(flow, validated)
         except Exception as exc:
             loss = prefect_watch.lost()
             if loss is not None and prefect_watch.stopped_by_loss(exc):
@@ -109,7 +115,7 @@ def _run_watched(flow, validated: dict, api_url: str | None, server: str):
             # Prefect's engine could not record the end of a flow whose body went on without the server.
             raise loss.after_the_flow_finished() from None
     loss = prefect_watch.lost()
-    return result, None if loss is None else loss.after_the_flow_finished()
+    return result, link, None if loss is None else loss.after_the_flow_finished()
 
 
 def _server_name(flow, local_server: bool) -> str:
@@ -121,12 +127,36 @@ def _server_name(flow, local_server: bool) -> str:
     return "the local Prefect server" if local_server else "Prefect's temporary server"
 
 
-def _ui_hint(params: dict) -> str:
-    """How to open the MLflow UI that a local store's links point at ("" for a tracking server, which serves it)."""
+def _run_and_link(flow, params: dict) -> tuple[Any, str]:
+    """The flow's result, and the link to its flow run in the Prefect UI ("" when the flow run dies with this
+    process: Prefect's temporary server, or not a Prefect flow). The flow's own exception is raised as is."""
+    from prefect import Flow
+    from prefect.settings import get_current_settings
+
+    if not isinstance(flow, Flow):
+        return flow(**params), ""
+    state = flow(**params, return_state=True)
+    result = state.result()
+    ui = get_current_settings().ui_url
+    has_server = bool(get_current_settings().api.url)  # none: Prefect's temporary server, gone with the process
+    link = f"{ui.rstrip('/')}/runs/flow-run/{state.state_details.flow_run_id}" if ui and has_server else ""
+    return result, link
+
+
+def _ui_hint(params: dict, result) -> str:
+    """How to open the MLflow UI that a local store's links point at: "" for a tracking server (which serves
+    it), or when the UI at the links' address already shows the result's run (`cnnflow ui` is up)."""
     from .. import tracking
 
     uri = tracking.resolve_tracking_uri(params.get("tracking_uri"))
-    return "" if tracking.is_server(uri) else f"start it with `{tracking.Store(uri).ui_command()}`"
+    if tracking.is_server(uri):
+        return ""
+    from ..servers import mlflow_ui_shows_run
+
+    run_id = next((getattr(result, a) for a in ("run_id", "parent_run_id") if getattr(result, a, None)), None)
+    if run_id and mlflow_ui_shows_run(tracking.DEFAULT_UI_URL, run_id):
+        return ""
+    return f"start it with `{tracking.Store(uri).ui_command()}`"
 
 
 def _prefect_server(flow, local_server: bool):
@@ -144,11 +174,17 @@ def _prefect_server(flow, local_server: bool):
     from ..local_server import ServerError, ensure_server, prefect_api
 
     try:
-        state, _ = ensure_server(say=lambda text: typer.echo(text, err=True))
+        state, _ = ensure_server(say=_tell)
     except ServerError as exc:
         raise CliError(f"the local Prefect server did not start: {exc} (`--no-local-server` runs the flow "
                        "with a temporary server inside this process instead)") from exc
     return prefect_api(state.api_url)
+
+
+def _tell(text: str) -> None:
+    """A line on stderr that counts as the run's first word (no "starting" line after it)."""
+    progress.said_a_line.set()
+    typer.echo(text, err=True)
 
 
 def _check_tracking_server(flow, params: dict) -> None:
@@ -236,6 +272,8 @@ class _LazyFlowGroup(TyperGroup):
 
     def resolve_command(self, ctx, args):
         self._resolving = True
+        if not ctx.resilient_parsing and args and args[0] in FLOWS and not {"--help", "-h"} & set(args):
+            _say_if_slow_to_start(args[0])
         try:
             return super().resolve_command(ctx, args)
         finally:
@@ -247,12 +285,28 @@ class _LazyFlowGroup(TyperGroup):
         if not self._resolving:  # listed in `cnnflow run --help`: the summary is enough
             summary = flow_summary(FLOWS[name])
             return click.Command(name, help=summary, short_help=summary)
+        if ctx.resilient_parsing and (cached := completion_cache.cached_command(name)) is not None:
+            return cached  # a shell's TAB: the options it completes, without importing the flow
         try:
-            return build_run_command(name, load_entrypoint(FLOWS[name]))
+            command = build_run_command(name, load_entrypoint(FLOWS[name]))
+            completion_cache.remember(name, command)
+            return command
         except Exception as exc:  # a flow that fails to import must not hide the others
             if Settings.debug:
                 raise
             return _unavailable_command(name, f"cannot load the flow {FLOWS[name]}: {type(exc).__name__}: {exc}")
+
+
+def _say_if_slow_to_start(name: str) -> None:
+    """One line, if the flow has said nothing STARTING_SILENCE_S after its command was resolved: importing
+    Prefect, MLflow and the flow, and starting the flow run, take 2-4 s on an idle machine but 20-30 s on a
+    loaded one, a silence that would look like a hang."""
+    def say_starting() -> None:
+        if not progress.said_a_line.wait(STARTING_SILENCE_S):
+            typer.echo(f"cnnflow run {name}: starting (loading Prefect, MLflow and the flow; the machine's load "
+                       f"average is {os.getloadavg()[0]:.1f})", err=True)
+
+    threading.Thread(target=say_starting, name="say-if-slow-to-start", daemon=True).start()
 
 
 def _unavailable_command(name: str, reason: str) -> click.Command:

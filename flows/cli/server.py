@@ -37,7 +37,7 @@ def start(
         except ServerError as exc:
             raise CliError(f"the local Prefect server did not start: {exc}") from exc
         _tell(f"{'started' if started else 'already running:'} the local Prefect server (pid {state.pid}); "
-              f"UI {state.ui_url}; `cnnflow server stop` stops it")
+              f"its flow runs: {state.runs_url}; `cnnflow server stop` stops it")
         typer.echo(state.api_url)
 
 
@@ -54,7 +54,8 @@ def status(
             typer.echo(json.dumps({
                 "running": found.running, "answering": found.answering, "stale": found.stale,
                 "pid": found.state.pid if found.state else None,
-                "api_url": found.state.api_url if found.state else None, "home": str(found.home)}, indent=2))
+                "api_url": found.state.api_url if found.state else None,
+                "runs_url": found.state.runs_url if found.state else None, "home": str(found.home)}, indent=2))
         else:
             typer.echo(found.describe())
         if not found.answering:

@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from ..config import SweepSpec, TrainConfig
 from ..tracking import FINISHED, Run, RunRecord, Store
-from ..provenance import GIT_COMMIT_TAG
+from ..provenance import BLAS_TAG, GIT_COMMIT_TAG
 from ..training import DIAGNOSTICS_PREFIX
 from . import lease
 from .results import TrialResult, trial_name
@@ -113,7 +113,8 @@ def skipped_trial(spec: SweepSpec, index: int, config: TrainConfig, record: RunR
                        run_name=record.name or trial_name(spec, index, config), status=FINISHED, skipped=True,
                        best_val_acc=metrics.get("best_val_acc"), test_acc=metrics.get("test_acc"),
                        final_test_acc=metrics.get("final_test_acc"), wall_time_s=metrics.get("wall_time_s"),
+                       **{name: metrics.get(name) for name in ("tail_test_acc", "tail_precise_test_acc")},
                        diagnostics={k.removeprefix(DIAGNOSTICS_PREFIX): v for k, v in metrics.items()
                                     if k.startswith(DIAGNOSTICS_PREFIX)},
-                       commit=record.tags.get(GIT_COMMIT_TAG, ""),
+                       commit=record.tags.get(GIT_COMMIT_TAG, ""), blas=record.tags.get(BLAS_TAG, ""),
                        config=config)

@@ -22,6 +22,7 @@ from ..figures import sweep_comparison_figure
 from ..provenance import provenance
 from ..study import StudyResult, build_study, estimate
 from ..study.report import interval_text, markdown_table
+from ..study.trials import RECORD_COLUMNS
 from ..tracking import FINISHED, Run
 from .results import TrialResult, best_trial
 
@@ -104,17 +105,25 @@ def artifact_key(text: str) -> str:
 
 
 def study_trials(results: list[TrialResult]) -> pd.DataFrame:
-    """The study's trial records, from the results the sweep holds: one row per FINISHED trial.
+    """The study's trial records (flows.study.trials), from the results the sweep holds: one row per FINISHED
+    trial.
 
-    Errors in percent: test_error is the final net's (the study's measure, as the
-    paper's), best_val_test_error the best-validation net's.
+    Errors in percent: test_error is the study's measure, the mean over the tail
+    evaluations (the final net's error for a trial without them); final_test_error the
+    final net's, best_val_test_error the best-validation net's; the precise columns batch
+    norm's with statistics recomputed over training images (the tail's over the first
+    training.PRECISE_IMAGES, the final net's over the whole split, a diagnostic). norm_batch
+    is the trial's (its SGD batch when unset).
     """
-    rows = [{"normalization": r.config.normalization, "batch_size": r.config.batch_size, "seed": r.config.train_seed,
-             "test_error": _percent_error(r.final_test_acc), "best_val_test_error": _percent_error(r.test_acc),
+    rows = [{"normalization": r.config.normalization, "batch_size": r.config.batch_size,
+             "norm_batch": getattr(r.config, "norm_batch", None) or r.config.batch_size, "seed": r.config.train_seed,
+             "test_error": _percent_error(r.tail_test_acc if r.tail_test_acc is not None else r.final_test_acc),
+             "final_test_error": _percent_error(r.final_test_acc), "best_val_test_error": _percent_error(r.test_acc),
+             "precise_test_error": _percent_error(r.tail_precise_test_acc),
+             "final_precise_test_error": 100.0 * r.diagnostics.get("recomputed_error", float("nan")),
              "run_id": r.run_id}
             for r in results if r.status == FINISHED and r.final_test_acc is not None]
-    return pd.DataFrame(rows, columns=["normalization", "batch_size", "seed", "test_error", "best_val_test_error",
-                                       "run_id"])
+    return pd.DataFrame(rows, columns=RECORD_COLUMNS)
 
 
 def _percent_error(accuracy: float | None) -> float:
@@ -138,6 +147,7 @@ def study_diagnostics(results: list[TrialResult]) -> pd.DataFrame | None:
         for name, value in r.diagnostics.items():
             layer, _, metric = name.rpartition("/")
             rows.append({"normalization": r.config.normalization, "batch_size": r.config.batch_size,
+                         "norm_batch": getattr(r.config, "norm_batch", None) or r.config.batch_size,
                          "seed": r.config.train_seed, "metric": metric,
                          "layer": float(layer.removeprefix("norm")) if layer else float("nan"),
                          "value": 100.0 * value if metric in _ERROR_DIAGNOSTICS else value})
@@ -146,21 +156,26 @@ def study_diagnostics(results: list[TrialResult]) -> pd.DataFrame | None:
 
 @task(name="write study report", cache_policy=NO_CACHE)
 def write_study_report(parent: Run, spec: SweepSpec, results: list[TrialResult], num_train: int) -> StudyResult:
-    """The study's tables, figures and markdown report on the parent run (flows.study.build_study), and the
-    report as the sweep's Prefect markdown artifact.
+    """The study's tables, figures and report on the parent run (flows.study.build_study), and the report as
+    the sweep's Prefect markdown artifact, its figures embedded.
 
     Artifacts: study/<table> (CSV and MLflow table) and study/<figure>.png for each of
-    the study's tables and figures, and study/report.md.
+    the study's tables and figures, study/report.md (figures linked beside it, as
+    `cnnflow report --to` exports them) and study/report.html (one page, figures
+    embedded: what MLflow's artifact view shows).
     """
     # A resumed study's report is made now, from trials some of which earlier code may have trained.
     trained_at = ", ".join(sorted({r.commit for r in results if r.commit})) or "unknown"
+    trained_with = "; ".join(sorted({r.blas for r in results if r.blas})) or "unknown"
     study = build_study(study_trials(results), spec, diagnostics=study_diagnostics(results),
-                        provenance={**provenance(), "trials trained at commit": trained_at}, num_train=num_train)
+                        provenance={**provenance(), "trials trained at commit": trained_at,
+                                    "trials trained with BLAS": trained_with}, num_train=num_train)
     for name, table in study.tables.items():
         parent.log_table(table, f"study/{name}")
     for name, figure in study.figures.items():
         parent.log_figure(figure, f"study/{name}.png")
     parent.log_text(study.markdown, "study/report.md")
-    prefect_watch.optional(create_markdown_artifact, study.markdown + f"\n\nMLflow: {parent.url}",
+    parent.log_text(study.html(), "study/report.html")
+    prefect_watch.optional(create_markdown_artifact, study.markdown_with_figures() + f"\n\nMLflow: {parent.url}",
                            key=artifact_key(f"study-{spec.name}"), description=f"The study's report: sweep {spec.name}")
     return study

@@ -29,10 +29,10 @@ from .patience import StoreFullError, TrackingUnavailableError
 from .names import FAILED, FINISHED, KILLED, RUNNING, RunRecord, failure_reason
 from .run import TAG_FAILURE_REASON, TAG_MODEL_URI, Run
 from .store import (DEFAULT_STORE, DEFAULT_UI_URL, REPO_ROOT, Store, artifact_root, connect, default_tracking_uri,
-                    is_database, is_server, require_writable, resolve_tracking_uri, sqlite_path,
+                    import_client, is_database, is_server, require_writable, resolve_tracking_uri, sqlite_path,
                     tracked_flow_run)
 
 __all__ = ["DEFAULT_STORE", "DEFAULT_UI_URL", "FAILED", "FINISHED", "KILLED", "REPO_ROOT", "RUNNING", "Run",
            "RunRecord", "Store", "StoreFullError", "TAG_FAILURE_REASON", "TAG_MODEL_URI", "TrackingUnavailableError",
-           "artifact_root", "connect", "default_tracking_uri", "failure_reason", "is_database", "is_server",
-           "liveness", "require_writable", "resolve_tracking_uri", "sqlite_path", "tracked_flow_run"]
+           "artifact_root", "connect", "default_tracking_uri", "failure_reason", "import_client", "is_database",
+           "is_server", "liveness", "require_writable", "resolve_tracking_uri", "sqlite_path", "tracked_flow_run"]

@@ -138,3 +138,13 @@ def test_five_conv_blocks_fit_mnist_with_the_last_norm_on_1x1_maps():
         TrainConfig(dataset="mnist", depth=5, norm_batch=1)
     assert "norm_batch=1 with batchnorm computes each statistic of block 5's 1x1 maps over 1 value" in str(info.value)
     assert "norm_batch >= 2" in str(info.value)
+
+
+def test_a_resnet_takes_num_filters_as_its_first_stage_width_and_depth_as_blocks_per_stage():
+    config = TrainConfig(model="resnet", dataset="mnist", num_filters=8, depth=1)
+    # filter_size and hidden_dim mean nothing to it: they leave its trials' identity alone.
+    assert config.key() == TrainConfig(model="resnet", dataset="mnist", num_filters=8, filter_size=5,
+                                       hidden_dim=7).key()
+    assert config.key() != TrainConfig(model="resnet", dataset="mnist", num_filters=8, depth=2).key()
+    with pytest.raises(ValidationError, match="num_groups=3 must divide num_filters=8"):
+        TrainConfig(model="resnet", normalization="groupnorm", num_filters=8, num_groups=3)

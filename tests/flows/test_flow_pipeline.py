@@ -20,6 +20,10 @@ def test_pipeline_runs_every_step_under_one_mlflow_run_and_registers_its_champio
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == report.sweep_run_id]
     assert len(trials) == 2 and steps["pipeline-test"].info.run_id == report.sweep_run_id
 
+    # The configuration trained on is the sweep's best: its child with the highest best_val_acc (the first of
+    # equals, in trial order).
+    best = max(sorted(trials, key=lambda r: r.info.run_name), key=lambda r: r.data.metrics["best_val_acc"])
+    assert report.best.normalization == best.data.params["normalization"]
     final = steps[f"final-{report.best.normalization}"]
     assert final.info.run_id == report.final_run_id and final.data.params["num_epochs"] == "2"
     assert root.data.metrics["test_acc"] == final.data.metrics["test_acc"] == report.test_acc

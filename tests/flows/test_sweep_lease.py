@@ -73,6 +73,21 @@ def test_a_lease_of_a_dead_process_on_this_host_is_free_before_it_lapses():
     assert lease.live_holder(record(owner=alive)) is not None
 
 
+def test_a_lease_of_a_dead_process_not_yet_reaped_is_free():
+    """A process that died but whose parent has not reaped it (a zombie) still answers kill(pid, 0)."""
+    import psutil
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 60
+        while psutil.Process(gone.pid).status() != psutil.STATUS_ZOMBIE:  # dead, and not reaped: no wait()
+            assert time.monotonic() < deadline, "the child did not exit"
+            time.sleep(0.05)
+        assert lease.live_holder(record(owner=f"{socket.gethostname()}:{gone.pid}:abcd1234")) is None
+    finally:
+        gone.wait()
+
+
 def test_the_busy_error_names_the_host_and_the_process():
     message = str(lease.busy_error("bn", "node7:4242:abcd1234 (renewed until 12:00:00)"))
     assert "sweep 'bn' is being run by another process right now (host node7, pid 4242" in message

@@ -29,7 +29,7 @@ from flows.config import SweepSpec, TrainConfig
 from flows.progress import say
 from flows.train import train
 
-from .conftest import CNNFLOW, rest
+from .conftest import CNNFLOW, rest, strict_json, wait_for
 
 # A few seconds of training: enough to exercise every step of the flow.
 TINY_TRAIN = ["--num-train", "120", "--num-val", "40", "--num-test", "40", "--num-epochs", "1",
@@ -178,6 +178,14 @@ def test_malformed_space_assignment_is_refused_with_exit_code_2(assignment):
     assert result.output.strip().splitlines() == [f"error: expected KEY=VALUES, got {assignment!r}"]
 
 
+def test_a_misspelt_space_field_is_refused_with_the_field_meant():
+    result = invoke("run", "sweep", "--space", "normalizaton=batchnorm,groupnorm")
+    assert result.exit_code == 2
+    [line] = result.output.strip().splitlines()
+    assert "space has fields ['normalizaton'] that TrainConfig lacks ('normalizaton': did you mean " \
+           "'normalization'?)" in line
+
+
 def test_unreadable_params_file_is_one_line(tmp_path):
     result = invoke("run", "train", "--params", str(tmp_path / "missing.yaml"))
     assert result.exit_code == 2
@@ -277,7 +285,7 @@ def test_console_script_output_for_scripts_parses(tmp_path, ops_env, prefect_ser
     done = subprocess.run([str(CNNFLOW), "run", "train", *TINY_TRAIN, "--output", output], capture_output=True,
                           text=True, env=env, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout) if output == "json" else yaml.safe_load(done.stdout)
+    result = strict_json(done.stdout) if output == "json" else yaml.safe_load(done.stdout)
     assert 0 <= result["test_acc"] <= 1 and result["config"]["num_train"] == 120
     assert result["url"].startswith("http://127.0.0.1:5000/#/experiments/")
 
@@ -336,9 +344,11 @@ def test_ui_port_out_of_range_is_refused_in_one_line():
 def test_a_store_password_goes_to_the_mlflow_server_in_its_environment_not_its_command_line():
     command, env = mlflow_server_command("postgresql+psycopg2://cnn:s3cret@db:5432/mlflow", 5000)
     assert not any("s3cret" in part for part in command)
-    assert env == {"MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg2://cnn:s3cret@db:5432/mlflow"}
+    assert env["MLFLOW_BACKEND_STORE_URI"] == "postgresql+psycopg2://cnn:s3cret@db:5432/mlflow"
     command, env = mlflow_server_command("sqlite:////tmp/mlflow.db", 5000)
-    assert command[command.index("--backend-store-uri") + 1] == "sqlite:////tmp/mlflow.db" and env == {}
+    assert command[command.index("--backend-store-uri") + 1] == "sqlite:////tmp/mlflow.db"
+    assert "MLFLOW_BACKEND_STORE_URI" not in env
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"  # no job runner: 8 processes fewer
 
 
 def test_an_old_flow_parameter_name_is_refused_with_its_new_name(tmp_path):
@@ -413,13 +423,63 @@ def test_the_flow_configuration_models_import_without_scikit_learn(ops_env):
     assert done.stdout.strip() == "[]", done.stderr
 
 
-def test_shell_completion_can_be_shown_and_completes_flow_options(ops_env):
-    shown = subprocess.run([str(CNNFLOW), "--show-completion", "bash"], capture_output=True, text=True,
-                           env=_subprocess_env(ops_env), timeout=60)
-    assert shown.returncode == 0 and "_CNNFLOW_COMPLETE=complete_bash" in shown.stdout
+# Run as a grandchild of this process whose parent has gone: no shell among its parent processes.
+WITHOUT_A_PARENT_SHELL = """
+import os, subprocess, sys
+if os.fork():
+    os._exit(0)
+os.setsid()
+with open(sys.argv[1], "w") as out, open(sys.argv[2], "w") as err:
+    code = subprocess.call(sys.argv[4:], stdout=out, stderr=err)
+with open(sys.argv[3], "w") as status:
+    status.write(str(code))
+"""
+
+
+def test_shell_completion_can_be_shown_and_completes_flow_options(ops_env, tmp_path):
+    out, err, status = tmp_path / "out", tmp_path / "err", tmp_path / "status"
+    subprocess.run([sys.executable, "-c", WITHOUT_A_PARENT_SHELL, str(out), str(err), str(status), str(CNNFLOW),
+                    "--show-completion", "bash"], env=_subprocess_env(ops_env), timeout=60, check=True)
+    wait_for(status.exists, 60, "cnnflow --show-completion bash to finish")
+    time.sleep(0.1)  # the status file is written, then closed
+    assert status.read_text() == "0", err.read_text()
+    assert "complete -o default -F _cnnflow_completion cnnflow" in out.read_text()
+    assert "_CNNFLOW_COMPLETE=complete_bash" in out.read_text()
     completed = subprocess.run([str(CNNFLOW)], capture_output=True, text=True, timeout=60, env=_subprocess_env(
         ops_env, _CNNFLOW_COMPLETE="complete_bash", COMP_WORDS="cnnflow run train --normaliz", COMP_CWORD="3"))
     assert completed.stdout.split() == ["--normalization"]
+
+
+@pytest.mark.parametrize("args, shell", [(["--show-completion", "zsh"], "zsh"), (["--show-completion=fish"], "fish"),
+                                         (["--show-completion"], "bash")])
+def test_the_completion_script_is_the_named_shells_else_the_detected_ones(monkeypatch, args, shell):
+    import shellingham
+
+    monkeypatch.setattr(shellingham, "detect_shell", lambda *a, **k: ("bash", "/bin/bash"))
+    shown = invoke(*args)
+    assert shown.exit_code == 0
+    assert f"complete_{shell}" in shown.output and "not supported" not in shown.output
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--show-completion"], "--show-completion: no shell found among this command's parent processes; name it: "
+                            "cnnflow --show-completion bash (or zsh, fish, powershell, pwsh)"),
+    (["--install-completion"], "--install-completion: no shell found among this command's parent processes"),
+    (["--show-completion", "tcsh"], "--show-completion: unknown shell 'tcsh'; name one of bash, zsh, fish, "
+                                    "powershell, pwsh"),
+])
+def test_completion_without_a_shell_to_detect_says_how_to_name_one(monkeypatch, args, words):
+    import shellingham
+
+    def no_shell(*args, **kwargs):
+        raise shellingham.ShellDetectionFailure()
+
+    monkeypatch.setattr(shellingham, "detect_shell", no_shell)
+    done = runner.invoke(cli.app, args)
+    assert done.exit_code == 2
+    assert done.output.strip().startswith(f"error: {words}")
+    # Named, the shell needs no detection.
+    assert "complete_bash" in invoke("--show-completion", "bash").output
 
 
 @pytest.fixture

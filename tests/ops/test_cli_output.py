@@ -1,17 +1,21 @@
-"""What `cnnflow run` prints when a flow returns (flows.cli.render), and the exit status and line of an
+"""What `cnnflow run` prints when a flow returns (flows.answers), and the exit status and line of an
 error (flows.cli.errors): the text a user reads, from results built here (no flow runs, no server)."""
 
 from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import typer
 import yaml
+from typer.testing import CliRunner
 
+from flows import tracking
+from flows.cli import app
 from flows.cli.errors import CliError, one_line_errors
-from flows.cli.render import render
+from flows.answers import render
 from flows.config import TrainConfig
 from flows.pipeline import PipelineReport
 from flows.sweep import SweepReport, TrialResult
@@ -19,15 +23,9 @@ from flows.sweep.lease import SweepBusyError
 from flows.sweep.resume import SweepChangedError
 from flows.train import TrainResult
 
+from .conftest import strict_json
+
 URL = "http://127.0.0.1:5000/#/experiments/1/runs/abc"
-
-
-def strict_json(text: str):
-    """json.loads that refuses NaN and Infinity, which Python writes but JSON has not."""
-    def refuse(constant):
-        raise ValueError(f"{constant} is not JSON")
-
-    return json.loads(text, parse_constant=refuse)
 
 
 def trial(index: int, normalization: str, seed: int, best_val: float | None, test: float | None,
@@ -165,6 +163,45 @@ def test_a_project_error_keeps_its_exit_status_and_is_one_line(error, code, caps
     assert err == f"error: {error}\n"
 
 
-def test_any_other_error_is_one_line_naming_its_type_and_exits_1(capsys):
-    status, err = exit_of(RuntimeError("the dataset\n  went away"), capsys)
-    assert (status, err) == (1, "error: RuntimeError: the dataset went away\n")
+def test_any_other_error_names_its_type_keeps_its_own_lines_and_exits_1(capsys):
+    """One message: the error's own lines (a list of URLs tried, say) each with its indentation, the runs of
+    spaces within a line collapsed, no blank lines."""
+    status, err = exit_of(RuntimeError("the dataset   went away:\n\n  tried   one\n  tried two  "), capsys)
+    assert (status, err) == (1, "error: RuntimeError: the dataset went away:\n  tried one\n  tried two\n")
+
+
+# ---------------------------------------------------------------- commands that read the store
+
+
+@pytest.fixture
+def store_uri(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def test_report_prints_the_latest_study_of_that_name(store_uri):
+    store = tracking.connect(store_uri)
+    for text in ("# the first study", "# the second study"):
+        run = store.start_run("studies", "digits", tags={"sweep_name": "digits", "sweep_role": "parent"})
+        run.log_text(text + "\n", "study/report.md")
+        run.finish()
+        time.sleep(0.05)  # start times a few milliseconds apart: which is later is not a tie
+    done = invoke("report", "digits", "--tracking-uri", store_uri)
+    assert done.exit_code == 0, done.output
+    assert "# the second study" in done.stdout and "# the first study" not in done.stdout
+    missing = invoke("report", "nonexistent", "--tracking-uri", store_uri)
+    assert missing.exit_code == 1 and "no sweep named 'nonexistent'" in missing.output
+
+
+def test_runs_shows_a_runs_best_validation_accuracy_not_its_last(store_uri):
+    run = tracking.connect(store_uri).start_run("listed", "trained", params={"normalization": "groupnorm"})
+    run.log_metrics({"val_acc": 0.70, "best_val_acc": 0.90, "test_acc": 0.85})
+    run.finish()
+    done = invoke("runs", "--tracking-uri", store_uri, "--output", "json")
+    assert done.exit_code == 0, done.output
+    (row,) = strict_json(done.stdout)
+    assert (row["run"], row["status"], row["val_acc"], row["test_acc"]) == ("trained", "FINISHED", 0.90, 0.85)
+    assert row["params"] == {"normalization": "groupnorm"}

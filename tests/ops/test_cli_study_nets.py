@@ -36,3 +36,13 @@ def test_a_sweep_space_over_norm_batch_parses_to_trials_that_run_group_norm_once
     spec = SweepSpec(**params["spec"])
     assert [(t.normalization, t.norm_batch) for t in spec.trials()] == [
         ("batchnorm", 32), ("batchnorm", 8), ("batchnorm", 2), ("groupnorm", None)]
+
+
+def test_the_model_option_offers_the_resnet_and_checks_its_groups_at_once():
+    (option,) = [o for o in cli_options.flow_options(load_entrypoint(cli_run.FLOWS["train"])) if o.flag == "--model"]
+    assert "resnet" in option.help
+    result = runner.invoke(cli.app, ["run", "train", "--model", "resnet", "--normalization", "groupnorm",
+                                     "--num-filters", "6", "--num-groups", "4"], catch_exceptions=False)
+    assert result.exit_code == 2
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: invalid parameters: num_groups=4 must divide num_filters=6")

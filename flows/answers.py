@@ -1,6 +1,8 @@
-"""What `cnnflow run` prints when a flow returns: its answer as tables and lines (the default), or the
-whole result as YAML or JSON for scripts (--output yaml|json).
+"""A flow's answer as text: what `cnnflow run` prints when a flow returns, and what a flow run's logs end
+with wherever it ran (`log_answer`, its on_completion hook: a served or scheduled deployment, a worker).
 
+The answer (the default, "table") is tables and lines; --output yaml|json prints the whole
+result instead, for scripts:
 - train: one line with the test errors and the run's link;
 - sweep: the comparison (a study's own table of the final model's error, mean and 95%
   interval over seeds, with the study's answer; for another grid one row per
@@ -50,9 +52,10 @@ def plain(value) -> Any:
     return str(value)
 
 
-def render(result, output: Output | str = Output.table, *, width: int = 120, ui_hint: str = "") -> str:
+def render(result, output: Output | str = Output.table, *, width: int = 120, ui_hint: str = "",
+           prefect_link: str = "") -> str:
     """The text `cnnflow run` prints for a flow's result. ui_hint: how to open the MLflow UI, when links
-    point at a UI that must be started first."""
+    point at a UI that must be started first; prefect_link: the flow run in the Prefect UI, said last."""
     output = Output(output)
     if result is None:
         return ""
@@ -67,6 +70,8 @@ def render(result, output: Output | str = Output.table, *, width: int = 120, ui_
              "GradientCheckReport": lambda r, w: [r.summary()]}.get(kind, _mapping)(result, width)
     if ui_hint and any("://" in line for line in lines):
         lines.append(f"(the MLflow UI: {ui_hint})")
+    if prefect_link:
+        lines.append(f"Prefect flow run: {prefect_link}")
     return "\n".join(lines)
 
 
@@ -152,3 +157,15 @@ def _number(value) -> str:
     if isinstance(value, float):
         return "—" if math.isnan(value) else f"{value:.4g}"
     return str(value)
+
+
+def log_answer(flow, flow_run, state) -> None:
+    """A flow's on_completion hook: its answer, line by line, at the end of its run's logs (in the Prefect UI,
+    and on the console of whatever runs a deployment). `cnnflow run` prints the answer itself and keeps
+    Prefect's INFO lines off its console, so it is not said twice there."""
+    from prefect.logging.loggers import flow_run_logger
+
+    logger = flow_run_logger(flow_run=flow_run, flow=flow)
+    for line in render(state.result(), Output.table).splitlines():
+        if line.strip():
+            logger.info(line)
