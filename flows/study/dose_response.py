@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder holding the presets' exported reports (default docs/studies)")
     parser.add_argument("--to", type=Path, default=Path("docs/studies/dose-response"),
                         help="folder to write the report into (default docs/studies/dose-response)")
-    parser.add_argument("--suffix", default="", help="read <preset><suffix> folders, e.g. -small")
+    parser.add_argument("--suffix", default="", help="read <preset><suffix> folders, e.g. --suffix=-small")
     args = parser.parse_args(argv)
     from ..provenance import provenance
 
@@ -266,8 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no normalization-batch preset found under {args.studies} ({', '.join(DOSE_PRESETS)}): run them "
               f"first (make studies)", file=sys.stderr)
         return 1
+    suffix = f" --suffix={args.suffix}" if args.suffix else ""  # "=": a value that starts with "-"
     result = build_dose_response(studies, provenance(
-        f"python -m flows.study.dose_response --studies {args.studies} --to {args.to}"))
+        f"python -m flows.study.dose_response --studies {args.studies}{suffix} --to {args.to}"))
     write(result, args.to)
     print(result.answer)
     print(f"written to {args.to}/", file=sys.stderr)
