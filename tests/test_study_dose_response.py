@@ -132,3 +132,15 @@ def test_the_command_without_any_preset_says_what_to_run(tmp_path, capsys):
     assert main(["--studies", str(tmp_path), "--to", str(tmp_path / "out")]) == 1
     assert "no normalization-batch preset found under" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_two_seed_dose_response_says_it_is_a_smoke_test_before_any_number():
+    two = {name: (trials[trials.seed < 2], diag) for name, (trials, diag) in
+           (("normbatch-fc", FC), ("normbatch-convnet3", CONV))}
+    smoke = build_dose_response(two)
+    assert smoke.answer.startswith("Smoke test (2 seeds), not a result: ")
+    title, blank, banner = smoke.markdown.split("\n")[:3]
+    assert banner.startswith("> **A smoke test, not a result: 2 seeds.**") and "Run the full presets" in banner
+    assert smoke.markdown.index(banner) < smoke.markdown.index("## The answer")
+    full = build_dose_response({"normbatch-fc": FC, "normbatch-convnet3": CONV})
+    assert "smoke" not in full.markdown.lower() and not full.answer.lower().startswith("smoke")
