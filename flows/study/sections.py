@@ -139,7 +139,8 @@ def difference_reading(rows: list[Difference], ctx: Context) -> str:
     a, b = map(label, ctx.pair)
     beats = [r for r in rows if r.estimate.n >= 2 and (r.estimate.low > 0 or r.estimate.high < 0)]
     if not beats:
-        return f"At no g does either of {a} and {b} beat the other beyond its interval."
+        return (f"At no {'g' if ctx.design.norm_batch else 'batch size'} does either of {a} and {b} beat the other "
+                f"beyond its interval.")
     return "; ".join(f"{label(r.b) if r.estimate.mean > 0 else label(r.a)} beats "
                      f"{label(r.a) if r.estimate.mean > 0 else label(r.b)} at {ctx.at(r.norm_batch)} by "
                      f"{abs(r.estimate.mean):.2f} points "
