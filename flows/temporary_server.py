@@ -72,6 +72,18 @@ def temporary_server() -> Iterator[str]:
     try:
         yield server.api_url
     finally:
+        send_what_is_queued()
         server.stop()
         watchdog.kill()
         watchdog.wait()
+
+
+def send_what_is_queued(timeout_s: float = 30.0) -> None:
+    """Wait for Prefect's log and event workers to send what they hold, while the server is still there to
+    take it: stopped first, the server would leave the last logs of the run to fail at exit, printed as
+    "--- Error logging to API ---" after the command's last line (seen under load)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        service.drain_all(timeout=timeout_s, at_exit=False)
