@@ -54,6 +54,11 @@ AGREE_POINTS = 1.0
 # The small presets whose reports are committed, as `make studies SIZE=-small` writes them: (preset, sweep name).
 COMMITTED = [(name.replace("bn-vs-gn-digits", "bn-vs-gn"), name)
              for name in sorted(p.parent.name for p in STUDIES.glob("*-small/trials.csv"))]
+# The small presets whose nets learn in their few updates, so that a broken layer or measure moves their
+# cells far: the slow tier (and CI) reruns these. The small normalization-batch conv nets and ResNet stay
+# near chance (78-91% error after 18 updates), so their rerun checks little for its cost; they carry the
+# `studies` mark, run by `make test-studies` (and `make test-all`).
+LEARNING = {"bn-vs-gn-digits-small", "mnist-fc-control-small", "mnist-convnet-small", "normbatch-fc-small"}
 
 
 def mnist_available() -> bool:
@@ -103,7 +108,8 @@ def test_a_small_preset_reproduces_itself_exactly_on_one_machine(tmp_path, ops_e
     assert len(first) == 6 and first["precise_test_error"].notna().sum() == 4
 
 
-@pytest.mark.parametrize("preset, name", COMMITTED)
+@pytest.mark.parametrize("preset, name", [pytest.param(preset, name, marks=() if name in LEARNING else pytest.mark.studies)
+                                          for preset, name in COMMITTED])
 def test_a_committed_small_preset_agrees_with_a_fresh_run_on_another_kernel(tmp_path, ops_env, prefect_server,
                                                                             preset, name):
     if preset != "bn-vs-gn-small" and not mnist_available():
