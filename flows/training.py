@@ -1,16 +1,18 @@
 """One training run, as every flow does it: build the net, train it with the Solver, log it, score it.
 
 ``fit`` is what every training run logs (the train flow's run, a sweep trial's
-child run): the dataset inputs, ``loss`` per iteration and ``train_acc``/``val_acc``
-per epoch as step metrics, ``best_val_acc``, ``wall_time_s`` and ``images_per_s``,
-the device, and the learning curves. It keeps both nets CS231n's Solver ends with:
+child run): the dataset inputs, ``curves/loss`` per iteration and
+``curves/train_acc``/``curves/val_acc`` per epoch as step metrics,
+``accuracy/best_val_acc``, ``wall_time_s``, ``images_per_s`` and ``batch_size``,
+the device, and the learning curves (flows.metrics has the names and why). It keeps both nets CS231n's Solver ends with:
 the best on the validation set (``net``) and the last one trained (``final_net``).
 
 ``score_test_split`` is the one rule for a test score: the net in test mode (batch
 norm with its running statistics) on the test split. ``log_test_scores`` logs both
-nets' scores: ``test_acc`` (the best-validation net, which the train flow and the
-pipeline serve) and ``final_test_acc`` (the final net, which the study measures, as
-the Group Normalization paper does). ``log_diagnostics`` logs, under ``diag/``, how
+nets' scores: ``accuracy/test_acc`` (the best-validation net, which the train flow
+serves) and ``accuracy/final_test_acc`` (the final net, which the studies, the sweeps'
+comparisons and the pipeline measure, as the Group Normalization paper does).
+``log_diagnostics`` logs, under ``diag/``, how
 noisy the final net's normalization statistics are (cnncore.diagnostics).
 """
 
@@ -31,6 +33,8 @@ from cnncore.solver import Solver
 from .config import TrainConfig
 from .figures import learning_curves_figure
 from .load_data import dataset_source
+from .metrics import (BATCH_SIZE, BEST_VAL_ACC, DIAGNOSTICS_PREFIX, FINAL_TEST_ACC, IMAGES_PER_S, LOSS, TEST_ACC,
+                      TRAIN_ACC, VAL_ACC, WALL_TIME_S)
 from .shutdown import StopRequest
 from .tracking import Run
 
@@ -42,7 +46,6 @@ NUM_TRAIN_SAMPLES = 1000
 # Random training batches over which the statistics of each norm layer are measured: the
 # effective sample size then has a relative standard error of about sqrt(2 / 199) = 10%.
 DIAGNOSTIC_BATCHES = 200
-DIAGNOSTICS_PREFIX = "diag/"
 
 
 @dataclass
@@ -98,12 +101,12 @@ class _MetricStream:
     def on_epoch(self, info: dict) -> None:
         self.flush()
         self.epochs.append(info["epoch"])
-        self.run.log_metrics({"train_acc": info["train_acc"], "val_acc": info["val_acc"]}, step=info["epoch"])
+        self.run.log_metrics({TRAIN_ACC: info["train_acc"], VAL_ACC: info["val_acc"]}, step=info["epoch"])
 
     def flush(self) -> None:
         """Send the buffered losses; iteration i (1-based) is step i."""
         if self.losses:
-            self.run.log_metric_history("loss", self.losses, first_step=self.first_step)
+            self.run.log_metric_history(LOSS, self.losses, first_step=self.first_step)
             self.first_step += len(self.losses)
             self.losses = []
 
@@ -135,7 +138,8 @@ def fit(run: Run, config: TrainConfig, data: dict, *, source: str | None = None,
         stream.flush()
     wall = time.perf_counter() - start
     images_per_s = solver.iteration * config.batch_size / wall
-    run.log_metrics({"best_val_acc": solver.best_val_acc, "wall_time_s": wall, "images_per_s": images_per_s})
+    run.log_metrics({BEST_VAL_ACC: solver.best_val_acc, WALL_TIME_S: wall, IMAGES_PER_S: images_per_s,
+                     BATCH_SIZE: config.batch_size})
     run.set_tags({"device": config.device, "device_name": device_name(config.device)})
     final_net = build_net(config, data)
     final_net.load_state_dict(solver.final_state)
@@ -152,13 +156,19 @@ def score_test_split(net, data: dict) -> tuple[float, np.ndarray]:
     return float(np.mean(predicted == data["y_test"])), predicted
 
 
-def log_test_scores(run: Run, fitted: Fitted, data: dict) -> tuple[dict[str, float], np.ndarray]:
-    """test_acc of the best-validation net and final_test_acc of the final net, logged; returns
-    them and the best-validation net's predicted test labels (for a confusion matrix)."""
+def log_test_scores(run: Run, fitted: Fitted, data: dict) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """test_acc of the best-validation net and final_test_acc of the final net, logged (accuracy/...).
+
+    Returns them, with final_val_acc (the final net's last validation check, which
+    choices between configurations are made by), and each net's predicted test labels
+    ({"best_val": ..., "final": ...}, for a confusion matrix).
+    """
     test_acc, predicted = score_test_split(fitted.net, data)
-    scores = {"test_acc": test_acc, "final_test_acc": score_test_split(fitted.final_net, data)[0]}
-    run.log_metrics(scores)
-    return scores, predicted
+    final_test_acc, final_predicted = score_test_split(fitted.final_net, data)
+    run.log_metrics({TEST_ACC: test_acc, FINAL_TEST_ACC: final_test_acc})
+    final_val_acc = fitted.val_acc_history[-1] if fitted.val_acc_history else None
+    scores = {"test_acc": test_acc, "final_test_acc": final_test_acc, "final_val_acc": final_val_acc}
+    return scores, {"best_val": predicted, "final": final_predicted}
 
 
 def log_diagnostics(run: Run, net: Classifier, config: TrainConfig, data: dict) -> dict[str, float]:

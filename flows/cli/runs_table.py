@@ -5,10 +5,12 @@ from __future__ import annotations
 import sys
 import time
 
+from ..metrics import BEST_VAL_ACC, TEST_ACC, VAL_ACC, read
+
 # Shown by `cnnflow runs`, where a run has them, under these short names.
 KEY_PARAMS = {"normalization": "norm", "batch_size": "bs", "learning_rate": "lr", "num_epochs": "epochs"}
-VAL_METRICS = ("best_val_acc", "val_acc")
-TEST_METRICS = ("test_acc",)
+VAL_METRICS = (BEST_VAL_ACC, VAL_ACC)
+TEST_METRICS = (TEST_ACC,)
 
 
 def recent_runs(tracking_uri: str | None, experiments: list[str] | None, limit: int) -> list[dict]:
@@ -31,8 +33,8 @@ def recent_runs(tracking_uri: str | None, experiments: list[str] | None, limit: 
         "status": r.status,
         "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(r.start_time_ms / 1000)),
         "params": {k: r.params[k] for k in KEY_PARAMS if k in r.params},
-        "val_acc": next((r.metrics[k] for k in VAL_METRICS if k in r.metrics), None),
-        "test_acc": next((r.metrics[k] for k in TEST_METRICS if k in r.metrics), None),
+        "val_acc": next((v for k in VAL_METRICS if (v := read(r.metrics, k)) is not None), None),
+        "test_acc": next((v for k in TEST_METRICS if (v := read(r.metrics, k)) is not None), None),
         "run_id": r.id,
     } for r in records]
 

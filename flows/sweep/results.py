@@ -20,6 +20,7 @@ class TrialResult(BaseModel):
     best_val_acc: float | None = None
     test_acc: float | None = None  # the best-validation net's
     final_test_acc: float | None = None  # the final net's
+    final_val_acc: float | None = None  # the final net's (its last validation check): what choices are made by
     wall_time_s: float | None = None
     diagnostics: dict[str, float] = {}  # cnncore.diagnostics of the final net, when the config asked
     commit: str = ""  # the code that trained it (its run's mlflow.source.git.commit)

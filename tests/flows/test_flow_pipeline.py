@@ -22,7 +22,7 @@ def test_pipeline_runs_every_step_under_one_mlflow_run_and_registers_its_champio
 
     final = steps[f"final-{report.best.normalization}"]
     assert final.info.run_id == report.final_run_id and final.data.params["num_epochs"] == "2"
-    assert root.data.metrics["test_acc"] == final.data.metrics["test_acc"] == report.test_acc
+    assert root.data.metrics["test_acc"] == final.data.metrics["accuracy/test_acc"] == report.test_acc
     assert root.data.tags["model_uri"] == report.model_uri
     assert report.url.endswith(f"/runs/{report.run_id}?workflowType=machine_learning")  # the Model training view
 

@@ -107,7 +107,7 @@ def test_small_preset_run_reports_exactly_what_its_child_runs_logged(store, tmp_
                 if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 8
     error = {(r.data.params["normalization"], int(r.data.params["batch_size"]), int(r.data.params["train_seed"])):
-             100 * (1 - r.data.metrics["test_acc"]) for r in children}
+             100 * (1 - r.data.metrics["accuracy/final_test_acc"]) for r in children}  # the final net: the measure
     cells = table("cells")
     assert len(cells) == 4
     for cell in cells.itertuples():

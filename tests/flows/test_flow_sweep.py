@@ -55,7 +55,8 @@ def test_diverging_trial_is_failed_with_its_reason_and_the_others_finish(store, 
     assert runs[DIVERGING].info.status == "FAILED"
     assert re.match(DIVERGED, runs[DIVERGING].data.tags["failure_reason"])
     assert runs[1e-2].info.status == runs[3e-2].info.status == "FINISHED"
-    assert {"loss", "train_acc", "val_acc", "best_val_acc", "images_per_s"} <= set(runs[1e-2].data.metrics)
+    assert {"curves/loss", "curves/train_acc", "curves/val_acc", "accuracy/best_val_acc", "accuracy/test_acc",
+            "accuracy/final_test_acc", "images_per_s"} <= set(runs[1e-2].data.metrics)
     assert {r.data.tags["trial_key"] for r in runs.values()} == {c.key() for c in spec.trials()}
 
     assert [t.status for t in report.trials] == ["FINISHED", "FAILED", "FINISHED"]
@@ -149,7 +150,7 @@ def test_trial_test_acc_is_measured_on_the_test_split(store, tiny, monkeypatch):
     test_acc = float(np.mean(net.predict(data["X_test"]) == data["y_test"]))
     val_acc = float(np.mean(net.predict(data["X_val"]) == data["y_val"]))
     [run] = children(store, report.parent_run_id)
-    assert run.data.metrics["test_acc"] == pytest.approx(test_acc) == pytest.approx(report.trials[0].test_acc)
+    assert run.data.metrics["accuracy/test_acc"] == pytest.approx(test_acc) == pytest.approx(report.trials[0].test_acc)
     assert test_acc != pytest.approx(val_acc)
 
 

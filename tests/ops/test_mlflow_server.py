@@ -51,18 +51,18 @@ def test_parent_and_child_runs_read_back_over_rest(mlflow_server, server_sweep):
     by_run = {t.run_id: t for t in server_sweep.trials}
     for child in children:
         # The server holds what the flow measured (float64 both ways: exact).
-        assert metrics(child)["best_val_acc"] == by_run[child["info"]["run_id"]].best_val_acc
+        assert metrics(child)["accuracy/best_val_acc"] == by_run[child["info"]["run_id"]].best_val_acc
 
 
 def test_metric_histories_read_back_over_rest(mlflow_server, server_sweep):
     for trial in server_sweep.trials:
         history = rest(mlflow_server, f"{MLFLOW_API}/metrics/get-history", run_id=trial.run_id,
-                       metric_key="loss")["metrics"]
+                       metric_key="curves/loss")["metrics"]
         # 120 images in batches of 10 or 20 for one epoch: one loss per iteration.
         assert len(history) == 120 // trial.config.batch_size
         assert [m["step"] for m in history] == sorted(m["step"] for m in history)
         val = rest(mlflow_server, f"{MLFLOW_API}/metrics/get-history", run_id=trial.run_id,
-                   metric_key="val_acc")["metrics"]
+                   metric_key="curves/val_acc")["metrics"]
         assert val and all(0.0 <= m["value"] <= 1.0 for m in val)
 
 
