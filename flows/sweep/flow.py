@@ -22,7 +22,6 @@ from .resume import find_finished_trials, open_sweep_run, skipped_trial
 __all__ = ["SweepReport", "TrialResult", "sweep"]
 
 STUDY_TITLE = "Test error (%) of the final model: mean and 95% CI over seeds (the study's table)"
-COMPARISON_TITLE = "Test error (%) of the best-validation nets: mean and 95% CI over seeds"
 
 
 @flow(name="sweep", flow_run_name="sweep-{spec.name}", log_prints=True)
@@ -86,22 +85,25 @@ def sweep(
         # Imported here: the summary's pandas, scipy and matplotlib would slow `cnnflow run sweep --help`.
         from .summary import publish_comparison, summarise_sweep, write_study_report
 
-        summarise_sweep(parent, spec, results)
+        grid = summarise_sweep(parent, spec, results)
+        differences, choice = [], None
         if spec.study:
             # The design paragraph counts updates per batch size from the training split's size.
             num_train = len(load_data_once(spec.base.data_spec())["y_train"])
             study = write_study_report(parent, spec, results, num_train)
             comparison, title, report_text, answer = study.tables.get("cells"), STUDY_TITLE, study.markdown, study.answer
         else:
-            comparison, title, report_text, answer = (publish_comparison(parent, spec, results), COMPARISON_TITLE,
-                                                      None, "")
+            choice = publish_comparison(parent, spec, results, grid)
+            comparison, title, report_text, answer = grid.cells, grid.title, None, grid.answer
+            differences = grid.differences.to_dict("records")
         parent.set_tags({"sweep_wall_time_s": f"{time.perf_counter() - start:.1f}"})
     # The link lands on the answer: the study's interaction figure, or the comparison figure.
     figure = "study/interaction_vs_batch_size.png" if spec.study and "interaction_vs_batch_size" in study.figures \
         else "comparison.png"
     report = SweepReport(name=spec.name, parent_run_id=parent.id, url=parent.url_of(figure), trials=results,
                          best=best_trial(results), wall_time_s=time.perf_counter() - start, study_report=report_text,
-                         comparison_title=title, answer=answer,
+                         comparison_title=title, answer=answer, differences=differences,
+                         choice=None if choice is None else choice.as_record(),
                          comparison=[] if comparison is None else comparison.to_dict("records"))
     for r in report.failed:
         say(f"FAILED {r.run_name}: {r.failure_reason}")

@@ -39,8 +39,12 @@ class SweepReport(BaseModel):
     comparison_title: str = ""
     answer: str = ""  # a study's answer in one paragraph
     # What the sweep found, one record per configuration: the study's cell table, or for another grid
-    # one row per combination of the swept fields other than the seed.
+    # one row per normalization and combination of the other swept fields but the seed (flows.sweep.comparison).
     comparison: list[dict] = []
+    # A grid's paired differences between normalizations, one record per column (flows.sweep.comparison).
+    differences: list[dict] = []
+    # A grid's configuration with the lowest validation error, and the rule (flows.sweep.comparison.Choice).
+    choice: dict | None = None
 
     @property
     def failed(self) -> list[TrialResult]:

@@ -1,10 +1,12 @@
 """What a sweep leaves behind: on its parent run, in Prefect, and in the terminal.
 
 On the parent run: summary.csv and the MLflow table summary.json (one row per
-trial), comparison.png (test error per normalization against the first other swept
-field, with 95% intervals), and the totals and the best trial as tags. A study
-preset adds its tables, figures and report under study/; any other sweep (a grid
-or a random search) its comparison table.
+trial), comparison.png (the final nets' test error per normalization against the
+other swept fields, mean and 95% interval over seeds), and the totals as tags. A
+study preset adds its tables, figures and report under study/; any other grid its
+comparison (flows.sweep.comparison): the cells, the paired differences between
+normalizations and their answer, as tables and as the sweep's Prefect markdown
+artifact.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from prefect.cache_policies import NO_CACHE
 from ..config import SweepSpec
 from ..figures import sweep_comparison_figure
 from ..provenance import provenance
-from ..study import StudyResult, build_study, estimate
-from ..study.report import interval_text, markdown_table
+from ..study import StudyResult, build_study
+from ..study.report import markdown_table
 from ..tracking import FINISHED, Run
+from .comparison import Choice, Comparison, choice_text, choose, compare, wide_rows
 from .results import TrialResult, best_trial
 
 
@@ -31,49 +34,33 @@ def summary_table(spec: SweepSpec, results: list[TrialResult]) -> pd.DataFrame:
     for r in sorted(results, key=lambda r: r.index):
         swept = {k: getattr(r.config, k) for k in dict.fromkeys(["normalization", *spec.swept()])}
         rows.append({"trial": r.index, "run_name": r.run_name, **swept, "status": r.status, "skipped": r.skipped,
-                     "best_val_acc": r.best_val_acc, "test_acc": r.test_acc, "wall_time_s": r.wall_time_s,
+                     "best_val_acc": r.best_val_acc, "test_acc": r.test_acc, "final_val_acc": r.final_val_acc,
+                     "final_test_acc": r.final_test_acc, "wall_time_s": r.wall_time_s,
                      "failure_reason": r.failure_reason or "", "run_id": r.run_id, "trial_key": r.key})
     return pd.DataFrame(rows)
 
 
-def comparison_table(spec: SweepSpec, results: list[TrialResult]) -> pd.DataFrame:
-    """What the sweep says, for a sweep that is not a study: one row per combination of the swept fields
-    other than the seed, with the test error (%) of its best-validation nets, mean and 95% t-interval over
-    the seeds that finished, and how many finished out of how many ran."""
-    fields = [k for k in dict.fromkeys(["normalization", *spec.swept()]) if k != "train_seed"]
-    rows = {}
-    for r in sorted(results, key=lambda r: r.index):
-        key = tuple(getattr(r.config, k) for k in fields)
-        rows.setdefault(key, []).append(r)
-    table = []
-    for key, trials in rows.items():
-        errors = [_percent_error(r.test_acc) for r in trials if r.status == FINISHED and r.test_acc is not None]
-        found = estimate(errors)  # NaNs when none finished
-        table.append({**dict(zip(fields, key)), "trials": len(trials), "finished": len(errors),
-                      "test_error": found.mean, "low": found.low, "high": found.high})
-    return pd.DataFrame(table)
+def wide_table(comparison: Comparison) -> pd.DataFrame:
+    """The comparison as it is read (comparison.wide_rows): a row per normalization and per difference."""
+    return pd.DataFrame(wide_rows(comparison.cells.to_dict("records"), comparison.differences.to_dict("records")))
 
 
-def comparison_markdown(table: pd.DataFrame, spec: SweepSpec, best: TrialResult | None, url: str) -> str:
-    """The comparison as the Prefect artifact shows it: a title, the table, the best trial, the link."""
-    lines = [f"# Sweep {spec.name}", "",
-             "Test error (%) of each configuration's best-validation nets: mean and 95% CI over its seeds.", "",
-             markdown_table(table.assign(**{"95% CI": list(map(interval_text, table["low"], table["high"]))})
-                            .drop(columns=["low", "high"]).round({"test_error": 2})), ""]
-    if best is not None:
-        lines.append(f"Best trial: {best.run_name}, validation accuracy {best.best_val_acc:.3f}.")
-    lines += ["", f"MLflow: {url}"]
+def comparison_markdown(comparison: Comparison, spec: SweepSpec, choice: Choice | None, url: str) -> str:
+    """The comparison as the Prefect artifact shows it: the answer first, then the table, the choice, the link."""
+    lines = [f"# Sweep {spec.name}: {comparison.answer}", "", comparison.title + ".", "",
+             markdown_table(wide_table(comparison)), "", f"Lowest validation error: {choice_text(None if choice is None else choice.as_record())}.", "",
+             f"MLflow: {url}"]
     return "\n".join(lines)
 
 
 @task(name="summarise sweep", cache_policy=NO_CACHE)
-def summarise_sweep(parent: Run, spec: SweepSpec, results: list[TrialResult]) -> pd.DataFrame:
-    """The parent's summary table (CSV and MLflow table), comparison figure and totals."""
+def summarise_sweep(parent: Run, spec: SweepSpec, results: list[TrialResult]) -> Comparison:
+    """The parent's summary table (CSV and MLflow table), comparison figure and totals; returns the comparison."""
     table = summary_table(spec, results)
     parent.log_table(table, "summary")
-    x_name = next((k for k in spec.swept() if k not in ("normalization", "train_seed")), None)
-    averaged = [k for k in spec.swept() if k not in ("normalization", x_name)]
-    parent.log_figure(sweep_comparison_figure(table, x_name, averaged, spec.name), "comparison.png")
+    comparison = compare(spec, results)
+    parent.log_figure(sweep_comparison_figure(comparison.cells, comparison.columns, spec.name,
+                                              failed=sum(r.status != FINISHED for r in results)), "comparison.png")
     finished = [r for r in results if r.status == FINISHED]
     # Tags, not metrics: in the experiment's charts a parent's metric is one more bar ("Unassigned")
     # beside its trials', under the same names, and each count a chart of its own.
@@ -82,18 +69,20 @@ def summarise_sweep(parent: Run, spec: SweepSpec, results: list[TrialResult]) ->
     if (best := best_trial(results)) is not None:
         totals.update(best_run_id=best.run_id, best_trial_key=best.key, best_trial_val_acc=best.best_val_acc)
     parent.set_tags(totals)
-    return table
+    return comparison
 
 
 @task(name="publish comparison", cache_policy=NO_CACHE)
-def publish_comparison(parent: Run, spec: SweepSpec, results: list[TrialResult]) -> pd.DataFrame:
-    """The comparison table of a grid that is not a study, on the parent run and as the sweep's Prefect
-    markdown artifact (a study publishes its report instead)."""
-    table = comparison_table(spec, results)
-    parent.log_table(table, "comparison")
-    create_markdown_artifact(comparison_markdown(table, spec, best_trial(results), parent.url),
+def publish_comparison(parent: Run, spec: SweepSpec, results: list[TrialResult], comparison: Comparison) -> Choice | None:
+    """A grid's comparison (not a study's) on the parent run, comparison/cells and comparison/differences
+    (CSV and MLflow tables), and as the sweep's Prefect markdown artifact; returns the configuration with the
+    lowest validation error."""
+    parent.log_table(comparison.cells, "comparison/cells")
+    parent.log_table(comparison.differences, "comparison/differences")
+    choice = choose(spec, results)
+    create_markdown_artifact(comparison_markdown(comparison, spec, choice, parent.url),
                              key=artifact_key(f"sweep-{spec.name}"), description=f"What sweep {spec.name} found")
-    return table
+    return choice
 
 
 def artifact_key(text: str) -> str:

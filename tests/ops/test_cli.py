@@ -541,10 +541,19 @@ def test_a_sweep_ends_with_its_comparison_table_and_link_and_no_resume_starts_af
     first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
     assert first.returncode == 0, first.stderr[-3000:]
     lines = first.stdout.splitlines()
-    header = lines.index("Test error (%) of the best-validation nets: mean and 95% CI over seeds")
-    assert lines[header + 1].split() == ["normalization", "trials", "finished", "test", "error", "95%", "CI"]
-    assert [line.split()[0] for line in lines[header + 2:header + 4]] == ["batchnorm", "groupnorm"]
-    assert re.search(r"^best trial: cli-grid/\d\d ", first.stdout, re.M)
+    # BN against GN at the one batch size run, over the 2 seeds, and their paired difference.
+    header = lines.index("Test error (%) of the final nets: mean and 95% CI over 2 seeds (train_seed 0, 1); "
+                         "BN − GN: paired by seed (positive: GN better)")
+    assert lines[header + 1].split() == ["normalization", "batch", "20"]
+    rows = [line.split() for line in lines[header + 2:header + 5]]
+    assert [row[0] for row in rows] == ["batchnorm", "groupnorm", "BN"]
+    assert re.fullmatch(r"[+-]\d+\.\d\d \[-?\d+\.\d\d, -?\d+\.\d\d\] n=2", " ".join(rows[2][3:]))
+    assert re.search(r"^BN against GN: .*Only 2 seeds per cell: a smoke test, whose intervals mean little\.$",
+                     first.stdout, re.M)
+    # What picks a configuration is said, never a lucky seed's "best trial".
+    assert re.search(r"^lowest validation error: (batchnorm|groupnorm): validation error \d+\.\d\d% \(mean of 2 final "
+                     r"nets\)", first.stdout, re.M)
+    assert "best trial" not in first.stdout
     assert re.search(r"^MLflow parent run: http://127\.0\.0\.1:5000/#/experiments/\d+/runs/[0-9a-f]+/artifactPath/"
                      r"comparison\.png\?workflowType=machine_learning$", first.stdout, re.M)
     # Progress: a line per finished trial on stderr, with the count.
