@@ -64,9 +64,10 @@ from threadpoolctl import threadpool_info, threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import study_nets  # noqa: E402
 from bench_layers import environment, median_seconds, verdict  # noqa: E402
 
-from cnncore import fast_layers, optim  # noqa: E402
+from cnncore import backend, fast_layers, optim  # noqa: E402
 from cnncore.cnn import ThreeLayerConvNet  # noqa: E402
 
 torch = TF = None  # loaded by main(), except in the sweep's child process
@@ -86,7 +87,7 @@ THREADS = (1, 2)
 DTYPES = ("float32", "float64")
 BATCH = 128
 LEARNING_RATE = 1e-3
-SECTIONS = ("step", "layers", "memory", "sweep")
+SECTIONS = ("study", "flops", "step", "layers", "memory", "sweep")
 
 
 @dataclass(frozen=True)
@@ -94,10 +95,11 @@ class Plan:
     step_reps: int
     layer_reps: int
     sweep_trials: int
+    study_reps: int
 
 
-FULL = Plan(step_reps=15, layer_reps=15, sweep_trials=8)
-QUICK = Plan(step_reps=5, layer_reps=3, sweep_trials=4)
+FULL = Plan(step_reps=15, layer_reps=15, sweep_trials=8, study_reps=7)
+QUICK = Plan(step_reps=5, layer_reps=3, sweep_trials=4, study_reps=3)
 
 
 def torch_dtype(dtype: str):
@@ -202,6 +204,39 @@ def step_table(plan: Plan) -> list[str]:
         ours, theirs = times["ours"], times.get("torch")
         rows.append(f"| {threads} | {dtype} | {_ms(ours)} | {_ms(theirs)} | {BATCH / ours:,.0f} "
                     f"| {'—' if theirs is None else f'{BATCH / theirs:,.0f}'} {ratio_cells(ours, theirs, target)}")
+    return rows
+
+
+def step_flops(batch: int = BATCH) -> int:
+    """Multiply-adds x 2 of the three-layer net's training step: the conv's forward and dw
+    (its dx is not needed), each affine layer's forward, dw and dx."""
+    conv = 2 * batch * 32 * 3 * 7 * 7 * 32 * 32
+    affine = 2 * batch * (32 * 16 * 16 * 100 + 100 * 10)
+    return 2 * conv + 3 * affine
+
+
+def gemm_rate(dtype: str, n: int = 1024) -> float:
+    """FLOP/s of NumPy's own square matmul (n x n) at the current BLAS threads: the machine's GEMM rate."""
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((n, n)).astype(dtype), rng.standard_normal((n, n)).astype(dtype)
+    return 2 * n**3 / median_seconds({"gemm": lambda: a @ b}, 5, time.process_time)["gemm"]
+
+
+def flop_table(plan: Plan) -> list[str]:
+    """The three-layer net's step at batch 128 against the time its arithmetic takes at the GEMM rate."""
+    rows = ["| dtype | step GFLOP | GEMM GFLOP/s (square 1024) | FLOP limit ms | ours ms | ours / limit | target |",
+            "|---|---:|---:|---:|---:|---:|---|"]
+    flops = step_flops()
+    with set_threads(1):
+        for dtype in DTYPES:
+            rate = gemm_rate(dtype)
+            ours = median_seconds({"ours": our_step(dtype)}, plan.step_reps, time.process_time)["ours"]
+            rate = max(rate, gemm_rate(dtype))  # measured before and after: the better of the two
+            limit = flops / rate
+            target = "<= 1.5" if dtype == "float32" else "info"
+            result = f"{verdict(ours / limit <= 1.5)} ({target})" if dtype == "float32" else "info"
+            rows.append(f"| {dtype} | {flops / 1e9:.2f} | {rate / 1e9:.1f} | {limit * 1e3:.1f} | {ours * 1e3:.1f} "
+                        f"| {ours / limit:.2f} | {result} |")
     return rows
 
 
@@ -481,6 +516,8 @@ def main(argv=None) -> int:
         print(json.dumps(measure_sweep(args.sweep_child)))
         return 0
     load_torch()
+    # Freed memory kept for reuse, as Solver.train() sets it, on both sides of every comparison.
+    getattr(backend, "retain_freed_memory", lambda: False)()
     if args.peak_memory:
         print(json.dumps(measure_peak(*args.peak_memory)))
         return 0
@@ -495,6 +532,14 @@ def main(argv=None) -> int:
     print(f"Medians of {plan.step_reps} (step) and {plan.layer_reps} (layers) repetitions after a warm-up, ours "
           "and torch taking turns: process CPU time at 1 thread, wall time at 2. Targets apply at 1 thread unless "
           "shown; 'info' rows have none.\n")
+    if "study" in sections:
+        print("## The study nets, one training step (1 thread, process CPU time, best of "
+              f"{plan.study_reps} interleaved runs)\n")
+        with set_threads(1):
+            print("\n".join(study_nets.study_table(plan.study_reps, with_torch=torch is not None)) + "\n")
+    if "flops" in sections:
+        print(f"## Three-layer net, batch {BATCH}: step against its FLOP limit (1 thread)\n")
+        print("\n".join(flop_table(plan)) + "\n")
     if "step" in sections:
         print(f"## Training step, batch {BATCH}\n")
         print("\n".join(step_table(plan)) + "\n")

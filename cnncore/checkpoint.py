@@ -138,30 +138,37 @@ def load(path: str | os.PathLike) -> TrainingState:
     """The training state saved at path.
 
     Raises npz_io.NpzFileError when the file is missing, empty, truncated or
-    corrupt, and ValueError when it is an .npz file but not a checkpoint of
-    this format.
+    corrupt, and ValueError naming the file when it is an .npz file but not a
+    checkpoint of this format, or one whose entries do not hold what they must (a
+    manifest that is not JSON or names an array the file lacks, an rng_state that
+    its NumPy bit generator does not take).
     """
     arrays = read_npz(path, "checkpoint")
     if not is_checkpoint(arrays):
         raise ValueError(f"{path} is not a Solver checkpoint (no format or manifest entry)")
     config_text, model_state = saved_model(arrays, path)
-    manifest = json.loads(arrays["manifest"].item())
-    return TrainingState(
-        update_rule=arrays["update_rule"].item(),
-        epoch=arrays["epoch"].item(),
-        iteration=arrays["iteration"].item(),
-        best_val_acc=arrays["best_val_acc"].item(),
-        loss_history=arrays["loss_history"].tolist(),
-        train_acc_history=arrays["train_acc_history"].tolist(),
-        val_acc_history=arrays["val_acc_history"].tolist(),
-        rng_state=json.loads(arrays["rng_state"].item()),
-        model_state=model_state,
-        model_config=None if config_text is None else json.loads(config_text),
-        best_params=_take_arrays(arrays, "best_params", manifest["best_params"]),
-        best_state=None if manifest["best_state"] is None else _take_arrays(arrays, "best_state",
-                                                                            manifest["best_state"]),
-        optim_configs={p: _take_config(arrays, f"optim/{p}", kinds) for p, kinds in manifest["optim"].items()},
-    )
+    manifest = _manifest(arrays, path)
+    try:
+        best_state = manifest["best_state"]
+        return TrainingState(
+            update_rule=str(_scalar(arrays, "update_rule", path)),
+            epoch=int(_scalar(arrays, "epoch", path)),
+            iteration=int(_scalar(arrays, "iteration", path)),
+            best_val_acc=float(_scalar(arrays, "best_val_acc", path)),
+            loss_history=_entry(arrays, "loss_history", path).tolist(),
+            train_acc_history=_entry(arrays, "train_acc_history", path).tolist(),
+            val_acc_history=_entry(arrays, "val_acc_history", path).tolist(),
+            rng_state=_rng_state(arrays, path),
+            model_state=model_state,
+            model_config=None if config_text is None else _json(config_text, "model_config", path),
+            best_params=_take_arrays(arrays, "best_params", manifest["best_params"], path),
+            best_state=None if best_state is None else _take_arrays(arrays, "best_state", best_state, path),
+            optim_configs={p: _take_config(arrays, f"optim/{p}", kinds, path)
+                           for p, kinds in manifest["optim"].items()},
+        )
+    except (KeyError, TypeError, AttributeError) as exc:  # a manifest of another shape than save() writes
+        raise ValueError(f"checkpoint {path} is corrupt: its manifest does not describe its arrays "
+                         f"({type(exc).__name__}: {exc})") from exc
 
 
 def is_checkpoint(arrays: dict) -> bool:
@@ -172,12 +179,62 @@ def is_checkpoint(arrays: dict) -> bool:
 def saved_model(arrays: dict, path) -> tuple[str | None, dict]:
     """(the model's configuration as saved, JSON text, or None when the Solver had none; the model's
     state) from a checkpoint's arrays, for load() and for loading the model alone."""
-    if arrays["format"].item() != CHECKPOINT_FORMAT:
+    if _scalar(arrays, "format", path) != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint {path} has format {arrays['format'].item()}; "
                          f"this Solver reads format {CHECKPOINT_FORMAT}")
-    manifest = json.loads(arrays["manifest"].item())
-    config = arrays["model_config"].item() if "model_config" in arrays else None
-    return config, _take_arrays(arrays, "model", manifest["model"])
+    names = _manifest(arrays, path).get("model")
+    if not isinstance(names, list):
+        raise ValueError(f"checkpoint {path} is corrupt: its manifest lists no model arrays (model: {names!r})")
+    config = str(_scalar(arrays, "model_config", path)) if "model_config" in arrays else None
+    return config, _take_arrays(arrays, "model", names, path)
+
+
+def _entry(arrays: dict, name: str, path) -> np.ndarray:
+    """The entry called name, or ValueError naming the checkpoint and what it lacks."""
+    if name not in arrays:
+        raise ValueError(f"checkpoint {path} is corrupt: it has no {name!r} entry, which its manifest "
+                         f"or format {CHECKPOINT_FORMAT} names")
+    return arrays[name]
+
+
+def _scalar(arrays: dict, name: str, path):
+    """The 0-d entry called name as a Python scalar, or ValueError naming the checkpoint."""
+    value = _entry(arrays, name, path)
+    if value.shape != ():
+        raise ValueError(f"checkpoint {path} is corrupt: its {name!r} entry must hold one value, "
+                         f"got shape {value.shape}")
+    return value.item()
+
+
+def _json(text: str, name: str, path):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"checkpoint {path} is corrupt: its {name} entry is not valid JSON ({exc})") from exc
+
+
+def _manifest(arrays: dict, path) -> dict:
+    manifest = _json(str(_scalar(arrays, "manifest", path)), "manifest", path)
+    if not isinstance(manifest, dict):
+        raise ValueError(f"checkpoint {path} is corrupt: its manifest must be a JSON object, got {manifest!r}")
+    return manifest
+
+
+def _rng_state(arrays: dict, path) -> dict:
+    """The saved state of the Solver's generator, checked by handing it to a fresh bit generator of its kind
+    (so that a bad one fails here, naming the file, not when the Solver restores it)."""
+    state = _json(str(_scalar(arrays, "rng_state", path)), "rng_state", path)
+    kind = state.get("bit_generator") if isinstance(state, dict) else None
+    generator = getattr(np.random, kind, None) if isinstance(kind, str) else None
+    if not (isinstance(generator, type) and issubclass(generator, np.random.BitGenerator)):
+        raise ValueError(f"checkpoint {path} is corrupt: its rng_state names no NumPy bit generator "
+                         f"(bit_generator: {kind!r})")
+    try:
+        generator().state = state
+    except (TypeError, ValueError, KeyError, OverflowError) as exc:
+        raise ValueError(f"checkpoint {path} is corrupt: its rng_state is not a valid {kind} state "
+                         f"({type(exc).__name__}: {exc})") from exc
+    return state
 
 
 def check_resumable(path, state: TrainingState, *, update_rule: str, model_state: dict,
@@ -241,8 +298,8 @@ def _put_arrays(out, prefix, arrays):
     return list(arrays)
 
 
-def _take_arrays(arrays, prefix, names):
-    return {name: arrays[f"{prefix}/{name}"] for name in names}
+def _take_arrays(arrays, prefix, names, path):
+    return {name: _entry(arrays, f"{prefix}/{name}", path) for name in names}
 
 
 def _put_config(out, prefix, config):
@@ -268,6 +325,10 @@ def _put_config(out, prefix, config):
     return kinds
 
 
-def _take_config(arrays, prefix, kinds):
+def _take_config(arrays, prefix, kinds, path):
     rebuild = {"array": lambda a: a, "numpy": lambda a: a[()], "python": lambda a: a.item()}
-    return {key: rebuild[kind](arrays[f"{prefix}/{key}"]) for key, kind in kinds.items()}
+    unknown = sorted({str(kind) for kind in kinds.values()} - set(rebuild))
+    if unknown:
+        raise ValueError(f"checkpoint {path} is corrupt: its manifest gives {prefix} entries of unknown kinds "
+                         f"{unknown}; expected {sorted(rebuild)}")
+    return {key: rebuild[kind](_entry(arrays, f"{prefix}/{key}", path)) for key, kind in kinds.items()}

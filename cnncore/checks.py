@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import memory
 from .backend import array_module
 
 
@@ -188,6 +189,23 @@ def bn_settings(bn_param: dict, x_shape: tuple[int, ...], values_per_channel: in
     return mode, eps, momentum
 
 
+def bn_groups(bn_param: dict, mode: str, N: int) -> int:
+    """How many groups batch norm normalises the N images of x in, each with its own statistics:
+    N // bn_param['norm_batch'] in train mode (ghost batch norm), 1 without a norm_batch or in test mode.
+
+    norm_batch (optional; absent or None: the whole batch) must be a positive integer in
+    either mode, and in train mode it must divide N: the groups are consecutive and equal.
+    """
+    g = require_int("bn_param['norm_batch']", bn_param.get("norm_batch"), minimum=1, optional=True)
+    if g is None or mode != "train" or g == N:
+        return 1
+    if N % g:
+        raise ValueError(f"bn_param['norm_batch'] = {g} must divide the batch's {N} images "
+                         f"({N} % {g} = {N % g}, expected 0): ghost batch norm normalises each "
+                         f"consecutive group of {g} images with its own statistics")
+    return N // g
+
+
 def conv_output_shape(x, w, conv_param: dict) -> tuple[int, int, int, int]:
     """Validate a convolution's arguments; return (N, F, H_out, W_out).
 
@@ -224,7 +242,9 @@ def conv_forward_inputs(x, w, b, conv_param: dict) -> tuple[int, int, int, int]:
     """Validate every argument of a convolution's forward; return (N, F, H_out, W_out).
 
     x and w must be float32 or float64 arrays, their shapes and conv_param as
-    conv_output_shape requires, and b of shape (F,), one bias per filter.
+    conv_output_shape requires, and b of shape (F,), one bias per filter. The output
+    and the padded input must fit in memory (cnncore.memory): a pad of 10**6 raises
+    MemoryLimitError, a ValueError naming conv_param['pad'], before anything is allocated.
     """
     require_float_array("x", x)
     require_float_array("w", w)
@@ -232,6 +252,12 @@ def conv_forward_inputs(x, w, b, conv_param: dict) -> tuple[int, int, int, int]:
     F = shape[1]
     if tuple(b.shape) != (F,):
         raise ValueError(f"b must have shape ({F},) to match w's {F} filters, got {tuple(b.shape)}")
+    # The output and the padded input: a pad of 10**6 would ask for terabytes before any work.
+    N, C, H, W = x.shape
+    pad = conv_param["pad"]
+    memory.require_fits(x.dtype.itemsize * (math.prod(shape) + N * C * (H + 2 * pad) * (W + 2 * pad)),
+                        f"a convolution of x {tuple(x.shape)} by w {tuple(w.shape)} with conv_param['pad'] = {pad} "
+                        f"(output {shape})")
     return shape
 
 
@@ -250,6 +276,14 @@ def pool_output_shape(x, pool_param: dict) -> tuple[int, int, int, int]:
     if ph > H or pw > W:
         raise ValueError(f"pool_param's window {ph}x{pw} (pool_height x pool_width) does not fit x's {H}x{W}")
     return N, C, 1 + (H - ph) // stride, 1 + (W - pw) // stride
+
+
+def image_dims(input_dim) -> tuple[int, int, int]:
+    """input_dim, an image's (C, H, W), as three positive Python ints."""
+    dims = tuple(input_dim) if not isinstance(input_dim, (str, bytes)) and hasattr(input_dim, "__len__") else ()
+    if len(dims) != 3:
+        raise ValueError(f"input_dim must be (C, H, W), got {input_dim!r}")
+    return tuple(require_positive_int(f"input_dim[{i}]", d) for i, d in enumerate(dims))
 
 
 def groups(G, C: int) -> int:

@@ -12,8 +12,10 @@ that <data_dir>/cifar-10-batches-bin/data_batch_1.bin exists.
 
 from __future__ import annotations
 
+import gzip
 import os
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -118,14 +120,19 @@ def _safe_extract(archive: Path, dest: Path) -> None:
     raises CorruptDatasetError and nothing is extracted.
     """
     dest = dest.resolve()
-    with tarfile.open(archive, "r:gz") as tar:
-        members = tar.getmembers()
-        for member in members:
-            _check_member(member, archive, dest)
-        # The "data" filter (Python >= 3.11.4) re-checks the same and drops
-        # unsafe permission bits; our own check above covers older versions.
-        extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-        tar.extractall(dest, members=members, **extra)
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = tar.getmembers()
+            for member in members:
+                _check_member(member, archive, dest)
+            # The "data" filter (Python >= 3.11.4) re-checks the same and drops
+            # unsafe permission bits; our own check above covers older versions.
+            extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(dest, members=members, **extra)
+    except (EOFError, tarfile.ReadError, zlib.error, gzip.BadGzipFile) as exc:
+        # A gzip stream cut short, or bytes that are not a tar.gz at all.
+        raise CorruptDatasetError(f"{archive} is truncated or corrupt and cannot be extracted "
+                                  f"({type(exc).__name__}: {exc}); delete it and download again") from exc
 
 
 def _check_member(member: tarfile.TarInfo, archive: Path, dest: Path) -> None:
@@ -167,7 +174,12 @@ def load_cifar10_class_names(root: str | os.PathLike) -> list[str]:
     """The 10 class names from root/batches.meta.txt, one per line; index k names label k."""
     path = Path(root) / CIFAR10_META_FILE
     _require_file(path)
-    names = [line.strip() for line in path.read_text(encoding="ascii").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="ascii")
+    except UnicodeDecodeError as exc:
+        raise CorruptDatasetError(f"{path} is corrupt: the official file holds ASCII class names, but byte "
+                                  f"{exc.start} is {exc.object[exc.start]:#04x}; delete it and download again") from exc
+    names = [line.strip() for line in text.splitlines() if line.strip()]
     if len(names) != _NUM_CLASSES:
         raise CorruptDatasetError(f"{path} is corrupt: expected {_NUM_CLASSES} class names, found {len(names)}")
     return names

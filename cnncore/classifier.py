@@ -1,6 +1,6 @@
 """What every model shares: the loss's frame, input checks, prediction, state and model files.
 
-A model (ThreeLayerConvNet, ConvNet, FullyConnectedNet, TwoLayerNet) subclasses
+A model (ThreeLayerConvNet, ConvNet, FullyConnectedNet, TwoLayerNet, ResNet) subclasses
 Classifier and supplies its architecture: the parameters, ``_forward`` and
 ``_backward``, its input shape and its norm layers. The rest lives here, once.
 
@@ -18,8 +18,10 @@ Norm-layer protocol (what cnncore.diagnostics reads):
     with one group per channel) and its number of groups.
   bn_params: one dict per norm layer, aligned with norm_layers(): a batch norm
     layer's bn_param ('mode', 'running_mean', 'running_var'; the running
-    statistics exist from construction, zeros until trained), or the (empty)
-    parameter dict of a group-kind layer.
+    statistics exist from construction, zeros until trained; 'norm_batch' when
+    the model normalises in ghost batches, model.norm_batch, which a train-mode
+    batch's size must then be a multiple of), or the (empty) parameter dict of a
+    group-kind layer.
   norm_inputs(X, mode, bn_params=None, count=None) -> [array]: the input of each
     norm layer (of the first count) for the batch X: (N, C, H, W) after a
     convolution, (N, D) after an affine layer. mode 'train' normalises with batch
@@ -39,11 +41,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, checks, npz_io
-from .backend import require_device, to_numpy
+from . import checkpoint, checks, memory, npz_io
+from .backend import array_module, require_device, to_numpy
 from .layers import softmax_loss
 
-MODEL_MODULES = ("cnncore.cnn", "cnncore.fc_net")  # imported by load_model, to know every model class
+MODEL_MODULES = ("cnncore.cnn", "cnncore.fc_net", "cnncore.resnet")  # imported by load_model, to know every model class
 LEGACY_MODEL = "ThreeLayerConvNet"  # files written before configs named their model
 LEGACY_RUNNING_STATS = {"bn_running_mean": "running_mean", "bn_running_var": "running_var"}
 
@@ -76,24 +78,42 @@ class Classifier:
     params: dict
     bn_params: list
 
-    def _setup(self, *, config: dict, num_classes, weight_scale, reg, dtype, device) -> None:
-        """Check and keep the arguments every model has; config: the constructor's arguments."""
+    def _setup(self, *, config: dict, num_classes, weight_scale, reg, dtype, device, norm_batch=None) -> None:
+        """Check and keep the arguments every model has; config: the constructor's arguments.
+
+        norm_batch: ghost batch norm's images per statistics group (None: the whole batch),
+        a positive integer, given to every batch norm layer's bn_param. It is kept, and
+        recorded in config, only when config's normalization is batch norm: the other
+        norms never mix images, and a model without it keeps the config (and so the
+        model files and checkpoints) it had before norm_batch existed.
+        """
         self.num_classes = checks.require_positive_int("num_classes", num_classes)
-        self.weight_scale = checks.require_real("weight_scale", weight_scale, low=0, low_open=True)
+        self.weight_scale = self._checked_weight_scale(weight_scale)
         self.reg = checks.require_real("reg", reg, low=0)
         self.dtype = np.dtype(checks.require_float_dtype("dtype", dtype)).type
+        norm_batch = checks.require_int("norm_batch", norm_batch, minimum=1, optional=True)
+        self.norm_batch = norm_batch if config.get("normalization") == "batchnorm" else None
         self.xp = require_device(device)
         self.device = device
-        self.config = {"model": type(self).__name__, **config, "num_classes": self.num_classes,
+        ghost = {} if self.norm_batch is None else {"norm_batch": self.norm_batch}
+        self.config = {"model": type(self).__name__, **config, **ghost, "num_classes": self.num_classes,
                        "weight_scale": self.weight_scale, "reg": self.reg, "dtype": np.dtype(self.dtype).name}
+
+    def _checked_weight_scale(self, weight_scale):
+        """The standard deviation of the initial weights, a real > 0 (a model may allow more)."""
+        return checks.require_real("weight_scale", weight_scale, low=0, low_open=True)
 
     def _as_params(self, arrays: dict) -> dict:
         return {k: self.xp.asarray(v, dtype=self.dtype) for k, v in arrays.items()}
 
     def _new_bn_param(self, num_features: int) -> dict:
-        """A batch norm layer's bn_param, its running statistics zeros, as batchnorm_forward starts them."""
+        """A batch norm layer's bn_param, its running statistics zeros, as batchnorm_forward starts them,
+        and the model's norm_batch when it has one."""
         zeros = self.xp.zeros(num_features, dtype=self.dtype)
-        return {"mode": "train", "running_mean": zeros, "running_var": zeros.copy()}
+        bn_param = {"mode": "train", "running_mean": zeros, "running_var": zeros.copy()}
+        if self.norm_batch is not None:
+            bn_param["norm_batch"] = self.norm_batch
+        return bn_param
 
     # ------------------------------------------------------------------
     # Loss, scores, prediction
@@ -146,11 +166,29 @@ class Classifier:
         return self._norm_inputs(X, mode, self._with_mode(self._own_or(bn_params), mode), count)
 
     def predict(self, X, batch_size: int = 500) -> np.ndarray:
-        """Predicted class labels (N,) as a NumPy int64 array, computed in batches in test mode."""
+        """Predicted class labels (N,) as a NumPy int64 array, computed in batches in test mode.
+
+        Raises ValueError when X holds NaN or inf: its scores would be NaN, and argmax
+        would call every such image class 0.
+        """
         checks.require_positive_int("batch_size", batch_size)
-        labels = [to_numpy(self.xp.argmax(self.loss(X[i : i + batch_size]), axis=1))
+        labels = [to_numpy(self.xp.argmax(self.loss(self._finite(X[i : i + batch_size], i)), axis=1))
                   for i in range(0, len(X), batch_size)]
         return np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, dtype=np.int64)
+
+    @staticmethod
+    def _finite(X, offset: int):
+        """X unchanged, or ValueError naming the first image (offset + its index) that holds NaN or inf.
+
+        Only float arrays are looked at; loss() refuses every other input itself.
+        """
+        if getattr(X, "dtype", None) is not None and X.dtype.kind == "f" and X.ndim:
+            finite = array_module(X).isfinite(X.reshape(len(X), -1)).all(axis=1)
+            if not bool(finite.all()):
+                first = offset + int(to_numpy(finite).argmin())
+                raise checks.NonFiniteError(f"X must be finite, but image {first} holds NaN or inf "
+                                            "(its scores would be NaN, and argmax would call it class 0)")
+        return X
 
     def copy_bn_params(self) -> list:
         """Deep copies of bn_params, to compute with without touching the model."""
@@ -253,6 +291,34 @@ class Classifier:
         return _build(path, _model_classes(), config, state, device)
 
 
+class ImageClassifier(Classifier):
+    """A model of images (input_dim = (C, H, W)) whose norm layers share one normalization:
+    'none', 'batchnorm', or a group kind ('groupnorm', 'layernorm', 'instancenorm').
+
+    A subclass sets input_dim and normalization, and implements _norm_groups().
+    """
+
+    input_dim: tuple[int, int, int]
+    normalization: str
+
+    def _norm_groups(self) -> list[tuple[int, int | None]]:
+        """(index i of gamma{i}, groups G or None for batch norm) of each norm layer, in forward order."""
+        raise NotImplementedError
+
+    def _check_input_shape(self, X) -> None:
+        if X.ndim != 4 or tuple(X.shape[1:]) != self.input_dim:
+            raise ValueError(
+                f"X must have shape (N, {', '.join(map(str, self.input_dim))}) to match input_dim, "
+                f"got {tuple(X.shape)}"
+            )
+
+    def norm_layers(self) -> list[NormLayer]:
+        if self.normalization == "none":
+            return []
+        kind = "batchnorm" if self.normalization == "batchnorm" else "groupnorm"
+        return [NormLayer(i, kind, G) for i, G in self._norm_groups()]
+
+
 def load_model(path: str | os.PathLike, device: str = "cpu") -> Classifier:
     """Rebuild whichever model the file at path holds (its config names the class); see Classifier.load."""
     return Classifier.load(path, device)
@@ -301,6 +367,13 @@ def _build(path, classes: dict, config: dict, state: dict, device: str) -> Class
     name = kwargs.pop("model", LEGACY_MODEL)
     if name not in classes:
         raise ValueError(f"model file {path} names an unknown model {name!r}; known: {sorted(classes)}")
+    # Before building: a config edited (or damaged) to num_filters=10**9 would otherwise allocate
+    # hundreds of GiB of weights before load_state_dict could say that they do not fit the file's arrays.
+    needed = memory.construction_bytes(config)
+    if needed is not None:
+        sizes = ", ".join(f"{k}={config[k]}" for k in ("input_dim", "num_filters", "filter_size", "hidden_dim",
+                                                         "hidden_dims", "blocks_per_stage") if k in config)
+        memory.require_fits(needed, f"model file {path}: its config ({sizes}) describes a {name} that")
     try:
         model = classes[name](**kwargs, device=device)
     except (TypeError, ValueError) as exc:

@@ -6,6 +6,11 @@
 The norm layer, after each convolution, is spatial batch norm or spatial group
 norm (layer norm and instance norm being group norm with G=1 and G=C). Each block
 is one sandwich of cnncore.layer_utils, chosen once at construction.
+
+The pool rule: each block's 2x2 pool halves H and W, flooring odd sizes; a block
+whose map is smaller than the pool window (H or W under 2) keeps its map and has
+no pool. So on 28x28 MNIST images five blocks put their norm layers on 28x28, 14x14,
+7x7, 3x3 and 1x1 maps (block_maps), and a sixth block would sit on 1x1 maps again.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import checks
-from .classifier import Classifier, NormLayer
+from .classifier import ImageClassifier
 from .layer_utils import (
     FAST_LAYERS,
     NAIVE_LAYERS,
@@ -32,6 +37,18 @@ from .layers import affine_backward, affine_forward
 NORMALIZATIONS = ("none", "batchnorm", "groupnorm", "layernorm", "instancenorm")
 
 
+def block_maps(height: int, width: int, num_blocks: int) -> list[tuple[int, int, bool]]:
+    """(H, W, pools) of each conv block on height x width inputs: the map its conv and norm
+    layer see, and whether its 2x2 pool runs (not when the map is under 2 in H or W)."""
+    maps = []
+    for _ in range(num_blocks):
+        pools = height >= POOL_2X2["pool_height"] and width >= POOL_2X2["pool_width"]
+        maps.append((height, width, pools))
+        if pools:
+            height, width = height // 2, width // 2
+    return maps
+
+
 def canonical_normalization(normalization) -> str:
     """None or 'none' -> 'none'; otherwise one of NORMALIZATIONS, else ValueError."""
     name = "none" if normalization is None else normalization
@@ -40,21 +57,19 @@ def canonical_normalization(normalization) -> str:
     return name
 
 
-class _ConvClassifier(Classifier):
+class _ConvClassifier(ImageClassifier):
     """What the conv nets share: argument checks, parameters, and the conv blocks.
 
     Block i (1-based) has W{i} (F_i, C_{i-1}, k, k), b{i} (F_i,) and, with a norm
     layer, gamma{i}, beta{i} (F_i,). Its conv has stride 1 and pad (k - 1) // 2, so
-    it keeps H and W; its 2x2 pool halves them, flooring odd sizes. The hidden
+    it keeps H and W; its 2x2 pool halves them, flooring odd sizes, unless the map is
+    smaller than the window (the pool rule of the module's docstring). The hidden
     affine layer W{L+1}, b{L+1} and the scores' W{L+2}, b{L+2} follow.
     """
 
     def _setup_conv(self, input_dim, num_filters: tuple, filter_size, hidden_dim, num_classes, weight_scale, reg,
-                    dtype, normalization, num_groups, use_fast, seed, device) -> None:
-        dims = tuple(input_dim) if not isinstance(input_dim, (str, bytes)) and hasattr(input_dim, "__len__") else ()
-        if len(dims) != 3:
-            raise ValueError(f"input_dim must be (C, H, W), got {input_dim!r}")
-        C, H, W = (checks.require_positive_int(f"input_dim[{i}]", d) for i, d in enumerate(dims))
+                    dtype, normalization, num_groups, use_fast, seed, device, norm_batch=None) -> None:
+        C, H, W = checks.image_dims(input_dim)
         filters = tuple(checks.require_positive_int(f"num_filters[{i}]", F) for i, F in enumerate(num_filters))
         if not filters:
             raise ValueError("num_filters must name at least one block's filters, got ()")
@@ -70,14 +85,13 @@ class _ConvClassifier(Classifier):
         self.conv_param = {"stride": 1, "pad": (filter_size - 1) // 2}
         self._setup(config={"input_dim": [C, H, W], "num_filters": list(filters), "filter_size": filter_size,
                             "hidden_dim": hidden_dim, "normalization": self.normalization, "num_groups": num_groups},
-                    num_classes=num_classes, weight_scale=weight_scale, reg=reg, dtype=dtype, device=device)
+                    num_classes=num_classes, weight_scale=weight_scale, reg=reg, dtype=dtype, device=device,
+                    norm_batch=norm_batch)
 
-        for i in range(len(filters)):
-            if H < 2 or W < 2:
-                raise ValueError(f"num_filters={num_filters!r} asks for {len(filters)} 2x2 max pools, but "
-                                 f"input_dim={input_dim!r} leaves {H}x{W} maps before pool {i + 1}: they would "
-                                 "shrink below 1x1")
-            H, W = H // 2, W // 2
+        maps = block_maps(H, W, len(filters))
+        self.pool_params = [POOL_2X2 if pools else None for _, _, pools in maps]
+        H, W, pools = maps[-1]
+        H, W = (H // 2, W // 2) if pools else (H, W)
         channels = (C, *filters)
         weights = [(F, channels[i], filter_size, filter_size) for i, F in enumerate(filters)]
         weights += [(filters[-1] * H * W, hidden_dim), (hidden_dim, self.num_classes)]
@@ -108,18 +122,8 @@ class _ConvClassifier(Classifier):
                              f"(num_filters={filters!r}; {F} % {G} = {F % G}, expected 0)")
         return G
 
-    def _check_input_shape(self, X) -> None:
-        if X.ndim != 4 or tuple(X.shape[1:]) != self.input_dim:
-            raise ValueError(
-                f"X must have shape (N, {', '.join(map(str, self.input_dim))}) to match input_dim, "
-                f"got {tuple(X.shape)}"
-            )
-
-    def norm_layers(self) -> list[NormLayer]:
-        if self.normalization == "none":
-            return []
-        kind = "batchnorm" if self.normalization == "batchnorm" else "groupnorm"
-        return [NormLayer(i, kind, G) for i, G in enumerate(self.groups, start=1)]
+    def _norm_groups(self) -> list[tuple[int, int | None]]:
+        return list(enumerate(self.groups, start=1))
 
     # ------------------------------------------------------------------
     # Block i: conv - [norm] - relu - 2x2 max pool, one sandwich
@@ -137,18 +141,18 @@ class _ConvClassifier(Classifier):
 
     def _plain_block(self, i, x, _):
         # On the fast layers conv, relu and pool are fused: the full-size map is never stored.
-        return conv_relu_pool_forward(x, self.params[f"W{i}"], self.params[f"b{i}"], self.conv_param, POOL_2X2,
-                                      self.layers)
+        return conv_relu_pool_forward(x, self.params[f"W{i}"], self.params[f"b{i}"], self.conv_param,
+                                      self.pool_params[i - 1], self.layers)
 
     def _batchnorm_block(self, i, x, bn_param):
         p = self.params
         return conv_bn_relu_pool_forward(x, p[f"W{i}"], p[f"b{i}"], p[f"gamma{i}"], p[f"beta{i}"], self.conv_param,
-                                         bn_param, POOL_2X2, self.layers)
+                                         bn_param, self.pool_params[i - 1], self.layers)
 
     def _groupnorm_block(self, i, x, gn_param):
         p = self.params
         return conv_gn_relu_pool_forward(x, p[f"W{i}"], p[f"b{i}"], p[f"gamma{i}"], p[f"beta{i}"], self.conv_param,
-                                         self.groups[i - 1], gn_param, POOL_2X2, self.layers)
+                                         self.groups[i - 1], gn_param, self.pool_params[i - 1], self.layers)
 
     def _conv_output(self, i, x):
         """Block i's convolution alone: the input of its norm layer."""
@@ -216,6 +220,7 @@ class ThreeLayerConvNet(_ConvClassifier):
         use_fast: bool = True,
         seed: int | None = None,
         device: str = "cpu",
+        norm_batch: int | None = None,
     ):
         """
         input_dim: (C, H, W) of one image.
@@ -230,10 +235,12 @@ class ThreeLayerConvNet(_ConvClassifier):
           the naive loops and the reference norms, for checking).
         seed: seeds the weight initialisation.
         device: 'cpu' (NumPy) or 'cuda' (CuPy).
+        norm_batch: batch norm's images per statistics group (ghost batch norm, see
+          layers.batchnorm_forward); None: the whole batch. Ignored by the other norms.
         """
         F = checks.require_positive_int("num_filters", num_filters)
         self._setup_conv(input_dim, (F,), filter_size, hidden_dim, num_classes, weight_scale, reg, dtype,
-                         normalization, num_groups, use_fast, seed, device)
+                         normalization, num_groups, use_fast, seed, device, norm_batch)
         # G as the norm uses it: 1 for layer norm, F for instance norm.
         self.num_groups = self.groups[0] or num_groups
         self.config.update(num_filters=F, num_groups=self.num_groups)
@@ -247,8 +254,10 @@ class ThreeLayerConvNet(_ConvClassifier):
 class ConvNet(_ConvClassifier):
     """{conv - [norm] - relu - 2x2 max pool} x L - affine - relu - affine - softmax.
 
-    One block per entry of num_filters. Parameters: W1..WL, b1..bL (and gamma1..gammaL,
-    beta1..betaL with a norm layer) for the blocks, W{L+1}, b{L+1} for the hidden
+    One block per entry of num_filters; a block whose map is under 2 pixels in H or W
+    keeps it and has no pool (the module's pool rule: five blocks on MNIST's 28x28 put
+    their norm layers on 28, 14, 7, 3 and 1 pixel maps). Parameters: W1..WL, b1..bL
+    (and gamma1..gammaL, beta1..betaL with a norm layer) for the blocks, W{L+1}, b{L+1} for the hidden
     affine layer and W{L+2}, b{L+2} for the scores: one block has ThreeLayerConvNet's
     names, and with the same seed and arguments its parameters, loss and gradients.
     Batch norm's running statistics live in ``self.bn_params`` (one dict per block).
@@ -269,11 +278,13 @@ class ConvNet(_ConvClassifier):
         use_fast: bool = True,
         seed: int | None = None,
         device: str = "cpu",
+        norm_batch: int | None = None,
     ):
         """
         input_dim: (C, H, W) of one image.
         num_filters: filters of each block, e.g. (16, 32, 64) (an int F is (F,)); each
-          block's 2x2 pool halves H and W, which must stay at least 1.
+          block's 2x2 pool halves H and W, flooring; a block whose map is under 2 in H or
+          W keeps it, without a pool (so any number of blocks fits).
         filter_size: every conv's filters are filter_size x filter_size (odd).
         hidden_dim, num_classes: widths of the two affine layers.
         weight_scale: standard deviation of the initial weights (biases start at 0).
@@ -285,6 +296,8 @@ class ConvNet(_ConvClassifier):
         use_fast: the vectorised layers (False: the naive loops, for checking).
         seed: seeds the weight initialisation.
         device: 'cpu' (NumPy) or 'cuda' (CuPy).
+        norm_batch: batch norm's images per statistics group (ghost batch norm, see
+          layers.batchnorm_forward); None: the whole batch. Ignored by the other norms.
         """
         if isinstance(num_filters, (int, np.integer)) and not isinstance(num_filters, bool):
             num_filters = (num_filters,)
@@ -292,4 +305,4 @@ class ConvNet(_ConvClassifier):
             raise ValueError(f"num_filters must be a sequence of positive integers such as (16, 32), "
                              f"got {num_filters!r}")
         self._setup_conv(input_dim, tuple(num_filters), filter_size, hidden_dim, num_classes, weight_scale, reg,
-                         dtype, normalization, num_groups, use_fast, seed, device)
+                         dtype, normalization, num_groups, use_fast, seed, device, norm_batch)

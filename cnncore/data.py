@@ -86,6 +86,10 @@ MNIST_TEST_ONLY_TEST = 3000
 
 _DIGITS_NUM_VAL = 300
 _DIGITS_NUM_TEST = 300
+_DIGITS_IMAGES = 1797
+# The official releases' sizes: (training images, test images).
+_RELEASE_SIZES = {"cifar10": (50_000, 10_000), "mnist": (60_000, 10_000)}
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "mnist": 10}
 
 _MAX_SEED = 2**32 - 1  # scikit-learn's random_state limit
 
@@ -165,6 +169,46 @@ def load_dataset(
     data["description"] = description
     _log.info(description)
     return data
+
+
+def split_sizes(name: str, *, num_val: int | None = None,
+                data_dir: str | os.PathLike | None = None) -> tuple[int, int, int]:
+    """(train, val, test): how many images load_dataset(name, num_val=num_val) splits the dataset into,
+    before num_train, num_val and num_test take their subsets; from the official releases' sizes,
+    without reading an image, so that a count too big for the data is refused before any work.
+
+    mnist counts the t10k-only split (6,000 / 1,000 / 3,000) when the data folder holds the two
+    t10k files but not the training files, else the full release's; cifar10 the full release's.
+    Both are what the official files give (smaller files of one's own are checked when loaded).
+    Raises ValueError naming num_val when it cannot be carved out of the training images.
+    """
+    if name not in KNOWN_DATASETS:
+        raise ValueError(f"name must be one of {KNOWN_DATASETS}, got {name!r}")
+    _check_count("num_val", num_val)
+    if name == "digits":
+        return _DIGITS_IMAGES - _DIGITS_NUM_VAL - _DIGITS_NUM_TEST, _DIGITS_NUM_VAL, _DIGITS_NUM_TEST
+    if name == "mnist" and mnist_test_only(data_dir):
+        num_test = MNIST_TEST_ONLY_TEST
+        return _RELEASE_SIZES["mnist"][1] - MNIST_TEST_ONLY_VAL - num_test, MNIST_TEST_ONLY_VAL, num_test
+    n_all, n_test = _RELEASE_SIZES[name]
+    carved = num_val if num_val is not None else (CIFAR10_NUM_VAL if name == "cifar10" else MNIST_NUM_VAL)
+    keep = 1 if name == "cifar10" else NUM_CLASSES[name]  # training images that must stay (one per class)
+    _check_count("num_val", carved, n_all - keep, f" (the {n_all:,} {name} training images, {keep} kept for training)")
+    return n_all - carved, carved, n_test
+
+
+def mnist_test_only(data_dir: str | os.PathLike | None = None) -> bool:
+    """Whether <data_dir>/mnist holds the t10k files (raw or .gz) but not both training files: load_dataset
+    then splits the 10,000 t10k images (unless a download brings the training files)."""
+    from .mnist import MNIST_TEST_IMAGES, MNIST_TEST_LABELS, MNIST_TRAIN_IMAGES, MNIST_TRAIN_LABELS
+
+    folder = resolve_data_dir(data_dir) / MNIST_DIRNAME
+
+    def present(file: str) -> bool:
+        return (folder / file).is_file() or (folder / f"{file}.gz").is_file()
+
+    return (present(MNIST_TEST_IMAGES) and present(MNIST_TEST_LABELS)
+            and not (present(MNIST_TRAIN_IMAGES) and present(MNIST_TRAIN_LABELS)))
 
 
 # --------------------------------------------------------------------------

@@ -10,11 +10,20 @@ A norm layer's input is (N, C, H, W) after a convolution and (N, D) after an aff
 layer; a "channel" is axis 1, and batch norm pools each channel over every other
 axis: N*H*W values, or N.
 
+Batch statistics are measured at the normalization batch: the images one batch norm
+statistic pools in training, the SGD batch or, for ghost batch norm, the model's
+norm_batch. Each sampled batch is one such group of images, passed whole (the copies
+of bn_params these functions compute with drop norm_batch), so a model trained with
+norm_batch = g is measured on batches of g images, as its batch norm layers saw them.
+
 Layer by layer:
+  batch_noise: the noise batch statistics inject at each layer, relative to the signal
+    (meaningful at every layer, behind other norm layers too)
   sample_batch_moments -> effective_sample_sizes, log_variance_spreads
   group_log_variances -> group_statistics_spread
 Whole net:
-  train_test_error, recompute_bn_statistics, recomputed_statistics_error
+  train_test_error, recompute_bn_statistics (precise batch norm's statistics),
+  recomputed_statistics_error
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ def channel_moments(a) -> tuple[np.ndarray, np.ndarray]:
 def sample_batch_moments(model, X, batch_size: int, num_batches: int = 200, seed: int = 0) -> list[LayerMoments]:
     """The batch statistics each norm layer sees in training, over num_batches batches.
 
+    batch_size: the normalization batch (see the module's docstring).
     Draws num_batches batches of batch_size distinct images of X (each uniformly
     without replacement, independently of the others, from default_rng(seed)),
     passes each through the model in train mode on copies of its bn_params (so
@@ -64,14 +74,14 @@ def sample_batch_moments(model, X, batch_size: int, num_batches: int = 200, seed
     the per-channel mean and biased variance of every norm layer's input.
     Returns one LayerMoments per norm layer, in forward order.
     """
-    batch_size = checks.require_int("batch_size", batch_size, minimum=2, maximum=len(X))
+    batch_size = checks.require_int("batch_size", batch_size, minimum=1, maximum=len(X))
     num_batches = checks.require_int("num_batches", num_batches, minimum=2)
     rng = np.random.default_rng(seed)
     layers = model.norm_layers()
     moments, nominal = [[] for _ in layers], [0] * len(layers)
     for _ in range(num_batches):
         batch = X[rng.choice(len(X), batch_size, replace=False)]
-        for k, a in enumerate(model.norm_inputs(batch, "train")):
+        for k, a in enumerate(model.norm_inputs(batch, "train", whole_batch_bn_params(model))):
             moments[k].append(channel_moments(a))
             nominal[k] = a.shape[0] * math.prod(a.shape[2:])
     return [LayerMoments(layer.name, layer.kind, nominal[k], np.stack([m[0] for m in moments[k]]),
@@ -155,8 +165,9 @@ def group_statistics_spread(model, X, batch_size: int = 500) -> dict[str, float]
 
 
 def train_test_error(model, X, y, batch_size: int, seed: int = 0) -> dict[str, float]:
-    """The error on X in train mode, in batches of the training batch size, against test mode.
+    """The error on X in train mode, in batches of the normalization batch, against test mode.
 
+    batch_size: the normalization batch (see the module's docstring).
     X is shuffled (default_rng(seed)) and cut into batches of batch_size, the last
     filled up with images from the start (predicted once, in their first batch), so
     every batch holds batch_size images as in training. Each batch is scored twice
@@ -176,9 +187,17 @@ def train_test_error(model, X, y, batch_size: int, seed: int = 0) -> dict[str, f
         batch = order[start : start + batch_size]
         first = slice(0, min(batch_size, len(X) - start))  # the images not scored before
         for mode in wrong:
-            labels = _labels(model.scores(X[batch], mode))[first]
+            labels = _labels(model.scores(X[batch], mode, whole_batch_bn_params(model)))[first]
             wrong[mode] += int((labels != y[batch][first]).sum())
     return {f"{mode}_mode_error": count / len(X) for mode, count in wrong.items()}
+
+
+def whole_batch_bn_params(model) -> list:
+    """Copies of the model's bn_params without norm_batch: each batch they normalise is one group."""
+    bn_params = model.copy_bn_params()
+    for bn_param in bn_params:
+        bn_param.pop("norm_batch", None)
+    return bn_params
 
 
 def recompute_bn_statistics(model, X_train, batch_size: int = 500) -> list:
@@ -209,24 +228,25 @@ def recompute_bn_statistics(model, X_train, batch_size: int = 500) -> list:
     return bn_params
 
 
-def recomputed_statistics_error(model, X_train, X, y, batch_size: int = 500) -> dict[str, float]:
+def recomputed_statistics_error(model, X_train, X, y, batch_size: int = 500,
+                                recomputed: list | None = None) -> dict[str, float]:
     """The test-mode error on X with the running averages against exact training-set statistics.
 
     Returns 'running_error' (the model as it is), 'recomputed_error' (every batch
-    norm layer's running mean and variance replaced by recompute_bn_statistics), and
-    per batch norm layer how far the running averages were from those statistics:
-    'norm{i}/mean_gap', the median over channels of |running mean - mean| / std, and
-    'norm{i}/log_var_gap', the median over channels of |log(running var / var)|.
+    norm layer's running mean and variance replaced by recompute_bn_statistics: the
+    error of precise batch norm), and per batch norm layer how far the running averages
+    were from those statistics: 'norm{i}/mean_gap', the median over channels of
+    |running mean - mean| / std, and 'norm{i}/log_var_gap', the median over channels
+    of |log(running var / var)|. recomputed: recompute_bn_statistics(model, X_train)
+    when already at hand.
     """
     y = np.asarray(to_numpy(y))
     if len(y) != len(X):
         raise ValueError(f"y has {len(y)} labels but X has {len(X)} images")
-    recomputed = recompute_bn_statistics(model, X_train, batch_size)
-    metrics = {}
-    for error_name, bn_params in (("running_error", model.copy_bn_params()), ("recomputed_error", recomputed)):
-        labels = np.concatenate([_labels(model.scores(X[i : i + batch_size], "test", bn_params))
-                                 for i in range(0, len(X), batch_size)])
-        metrics[error_name] = float(np.mean(labels != y))
+    if recomputed is None:
+        recomputed = recompute_bn_statistics(model, X_train, batch_size)
+    metrics = {"running_error": error_with(model, X, y, model.copy_bn_params(), batch_size),
+               "recomputed_error": error_with(model, X, y, recomputed, batch_size)}
     for layer, own, exact in zip(model.norm_layers(), model.bn_params, recomputed):
         if layer.kind == "batchnorm":
             mean, var = (np.asarray(to_numpy(exact[k]), dtype=np.float64) for k in ("running_mean", "running_var"))
@@ -235,6 +255,85 @@ def recomputed_statistics_error(model, X_train, X, y, batch_size: int = 500) -> 
                 metrics[f"{layer.name}/mean_gap"] = _median(np.abs(run_mean - mean) / np.sqrt(var))
                 metrics[f"{layer.name}/log_var_gap"] = _median(np.abs(np.log(run_var / var)))
     return metrics
+
+
+def error_with(model, X, y, bn_params: list, batch_size: int = 500) -> float:
+    """The fraction of X that the model misclassifies in test mode with these bn_params (e.g.
+    recompute_bn_statistics': the error of precise batch norm)."""
+    checks.require_positive_int("batch_size", batch_size)
+    labels = np.concatenate([_labels(model.scores(X[i : i + batch_size], "test", bn_params))
+                             for i in range(0, len(X), batch_size)])
+    return float(np.mean(labels != np.asarray(to_numpy(y))))
+
+
+def batch_noise(model, X, batch_size: int, population: list | None = None, num_batches: int = 50,
+                seed: int = 0) -> dict[str, float]:
+    """How much noise batch statistics inject at each norm layer, relative to the signal there:
+    a measure that means the same at every layer, however many norm layers came before.
+
+    'norm{i}/batch_noise' = RMS(x_hat_train - x_hat_pop) / RMS(x_hat_pop), where x_hat is
+    norm layer i's normalised output (before its gamma and beta) on num_batches batches of
+    batch_size distinct images of X (the normalization batch: see the module's docstring;
+    drawn as sample_batch_moments draws them, from default_rng(seed)): x_hat_train in train
+    mode, every batch norm layer normalising with the batch's own statistics, as in training;
+    x_hat_pop with population statistics, every batch norm layer normalising with its input's
+    statistics over X (precise batch norm: recompute_bn_statistics(model, X), or population
+    when given). Both sums run over every value of every batch. The difference at layer i is
+    the noise of its own batch statistics plus what the layers before it passed on; a layer
+    whose input an earlier batch norm already normalised over the same images (its batch mean
+    then barely moves, which inflates n_eff) still shows the noise that normalisation put there.
+    Also 'batch_noise_max', the largest over the layers.
+
+    Why x_hat: gamma and beta are the same in both modes, and a large beta would shrink the
+    ratio without changing the noise; x_hat has unit variance per channel under population
+    statistics, so every channel counts alike and layers and nets compare.
+    Known answer: n independent values per channel and batch, Gaussian, at the first layer:
+    batch_noise**2 tends to 2 (1 - E[s]), s the biased sample standard deviation of n standard
+    normal values (E[s] = sqrt(2/n) Gamma(n/2) / Gamma((n-1)/2)), about 1.5 / n for large n.
+    Group-kind layers are measured too (their x_hat moves only with what batch norm layers
+    before them pass on); a model without batch norm gives {}. Dropout, if any, is on in train
+    mode as in training, and its noise counts too.
+    """
+    layers = model.norm_layers()
+    if not any(layer.kind == "batchnorm" for layer in layers):
+        return {}
+    batch_size = checks.require_int("batch_size", batch_size, minimum=1, maximum=len(X))
+    num_batches = checks.require_int("num_batches", num_batches, minimum=1)
+    if population is None:
+        population = recompute_bn_statistics(model, X)
+    rng = np.random.default_rng(seed)
+    noise, signal = np.zeros(len(layers)), np.zeros(len(layers))
+    for _ in range(num_batches):
+        batch = X[rng.choice(len(X), batch_size, replace=False)]
+        trained = model.norm_inputs(batch, "train", whole_batch_bn_params(model))
+        exact = model.norm_inputs(batch, "test", population)
+        for k, layer in enumerate(layers):
+            x_train = _normalised(trained[k], layer, population[k], "train")
+            x_pop = _normalised(exact[k], layer, population[k], "test")
+            noise[k] += ((x_train - x_pop) ** 2).sum()
+            signal[k] += (x_pop**2).sum()
+    ratios = np.sqrt(noise / signal)
+    metrics = {f"{layer.name}/batch_noise": float(r) for layer, r in zip(layers, ratios)}
+    metrics["batch_noise_max"] = float(ratios.max())
+    return metrics
+
+
+def _normalised(a, layer, param: dict, mode: str) -> np.ndarray:
+    """x_hat of a norm layer's input a (N, C, ...), in float64 on the host: batch norm over the
+    batch in train mode and with param's running statistics in test mode; a group-kind layer
+    over each image's groups."""
+    a = np.asarray(to_numpy(a), dtype=np.float64)
+    eps = param.get("eps", 1e-5)
+    if layer.kind == "groupnorm":
+        groups = a.reshape(len(a), layer.num_groups, -1)
+        mean, var = groups.mean(axis=2, keepdims=True), groups.var(axis=2, keepdims=True)
+        return ((groups - mean) / np.sqrt(var + eps)).reshape(a.shape)
+    if mode == "train":
+        mean, var = channel_moments(a)
+    else:
+        mean, var = (np.asarray(to_numpy(param[k]), dtype=np.float64) for k in ("running_mean", "running_var"))
+    column = (1, -1) + (1,) * (a.ndim - 2)
+    return (a - mean.reshape(column)) / np.sqrt(var.reshape(column) + eps)
 
 
 def _labels(scores) -> np.ndarray:

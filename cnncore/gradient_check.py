@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from .checks import require_real
+
 
 def rel_error(x, y) -> float:
     """Worst elementwise relative error max(|x - y| / max(1e-8, |x| + |y|))."""
@@ -38,7 +40,11 @@ def _central_differences(f: Callable, x: np.ndarray, h: float):
 
 
 def eval_numerical_gradient(f: Callable, x: np.ndarray, verbose: bool = True, h: float = 1e-5) -> np.ndarray:
-    """Gradient of a scalar function f at x: df/dx_i ~ (f(x + h e_i) - f(x - h e_i)) / 2h."""
+    """Gradient of a scalar function f at x: df/dx_i ~ (f(x + h e_i) - f(x - h e_i)) / 2h.
+
+    h: the step, a finite number > 0 (h = 0 would divide 0 by 0 for every element).
+    """
+    h = require_real("h", h, low=0, low_open=True)
     grad = np.zeros_like(x)
     for ix, plus, minus in _central_differences(f, x, h):
         grad[ix] = (plus - minus) / (2 * h)
@@ -49,7 +55,8 @@ def eval_numerical_gradient(f: Callable, x: np.ndarray, verbose: bool = True, h:
 
 def eval_numerical_gradient_array(f: Callable, x: np.ndarray, df: np.ndarray, h: float = 1e-5) -> np.ndarray:
     """Gradient of sum(f(x) * df) at x, for an array-valued f: what a backward pass
-    computes given upstream gradient df."""
+    computes given upstream gradient df. h as for eval_numerical_gradient."""
+    h = require_real("h", h, low=0, low_open=True)
     grad = np.zeros_like(x)
     for ix, plus, minus in _central_differences(f, x, h):
         grad[ix] = np.sum((plus - minus) * df) / (2 * h)
@@ -72,6 +79,7 @@ def layer_gradient_pairs(
     copied, so the caller's arrays are never touched.
     Returns [(analytic, numeric)] in the order of ``wrt``.
     """
+    h = require_real("h", h, low=0, low_open=True)  # before the forward and backward run
     args = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
     out, cache = forward(*args)
     dout = rng.standard_normal(out.shape)

@@ -90,12 +90,12 @@ def conv_relu_backward(dout, cache):
 
 
 def conv_relu_pool_forward(x, w, b, conv_param, pool_param=POOL_2X2, layers=FAST_LAYERS):
-    """conv -> relu -> max pool (2x2, stride 2 unless pool_param says otherwise).
+    """conv -> relu -> max pool (2x2, stride 2 unless pool_param says otherwise; None: no pool).
 
     On FAST_LAYERS fused (see conv_relu_pool_forward_fast): the full-size activation
     is never stored. Returns (out (N, F, H'', W''), cache).
     """
-    if layers.fuses_conv_relu_pool:
+    if layers.fuses_conv_relu_pool and pool_param is not None:
         out, cache = fast_layers.conv_relu_pool_forward_fast(x, w, b, conv_param, pool_param)
         return out, (fast_layers.conv_relu_pool_backward_fast, cache)
     return _conv_norm_relu_pool_forward(x, w, b, conv_param, pool_param, layers, None, None, ())
@@ -103,7 +103,7 @@ def conv_relu_pool_forward(x, w, b, conv_param, pool_param=POOL_2X2, layers=FAST
 
 def conv_bn_relu_pool_forward(x, w, b, gamma, beta, conv_param, bn_param, pool_param=POOL_2X2,
                               layers=FAST_LAYERS):
-    """conv -> spatial batch norm -> relu -> max pool. gamma, beta: (F,) or (1, F, 1, 1).
+    """conv -> spatial batch norm -> relu -> max pool (None: no pool). gamma, beta: (F,) or (1, F, 1, 1).
 
     Returns (out, cache); bn_param's running statistics are updated in train mode.
     """
@@ -113,7 +113,7 @@ def conv_bn_relu_pool_forward(x, w, b, gamma, beta, conv_param, bn_param, pool_p
 
 def conv_gn_relu_pool_forward(x, w, b, gamma, beta, conv_param, G, gn_param, pool_param=POOL_2X2,
                               layers=FAST_LAYERS):
-    """conv -> spatial group norm (G groups) -> relu -> max pool.
+    """conv -> spatial group norm (G groups) -> relu -> max pool (None: no pool).
 
     Returns (out, cache).
     """
@@ -121,8 +121,18 @@ def conv_gn_relu_pool_forward(x, w, b, gamma, beta, conv_param, G, gn_param, poo
                                         layers.groupnorm_backward, (gamma, beta, G, gn_param))
 
 
+def conv_bn_relu_forward(x, w, b, gamma, beta, conv_param, bn_param, layers=FAST_LAYERS):
+    """conv -> spatial batch norm -> relu. Returns (out, cache)."""
+    return conv_bn_relu_pool_forward(x, w, b, gamma, beta, conv_param, bn_param, None, layers)
+
+
+def conv_gn_relu_forward(x, w, b, gamma, beta, conv_param, G, gn_param, layers=FAST_LAYERS):
+    """conv -> spatial group norm (G groups) -> relu. Returns (out, cache)."""
+    return conv_gn_relu_pool_forward(x, w, b, gamma, beta, conv_param, G, gn_param, None, layers)
+
+
 def conv_pool_block_backward(dout, cache, need_dx=True):
-    """The backward of every conv-[norm]-relu-pool sandwich above: each cache names its own.
+    """The backward of every conv-[norm]-relu-[pool] sandwich above: each cache names its own.
 
     Returns (dx, dw, db), plus (dgamma, dbeta) after a norm; dx is None when need_dx is False.
     """
@@ -131,26 +141,122 @@ def conv_pool_block_backward(dout, cache, need_dx=True):
 
 
 conv_relu_pool_backward = conv_bn_relu_pool_backward = conv_gn_relu_pool_backward = conv_pool_block_backward
+conv_bn_relu_backward = conv_gn_relu_backward = conv_pool_block_backward
 
 
 def _conv_norm_relu_pool_forward(x, w, b, conv_param, pool_param, layers, norm_forward, norm_backward, norm_args):
-    """conv -> [norm] -> max pool -> relu: relu and max pool commute (max is monotone),
-    and the pooled map is a quarter of the size."""
+    """conv -> [norm] -> [max pool] -> relu: relu and max pool commute (max is monotone),
+    and the pooled map is a quarter of the size. pool_param None: no pool."""
     a, conv_cache = layers.conv_forward(x, w, b, conv_param)
-    norm_cache = None
+    norm_cache = pool_cache = None
     if norm_forward is not None:
         a, norm_cache = norm_forward(a, *norm_args)
-    pooled, pool_cache = layers.pool_forward(a, pool_param)
-    out, relu_cache = relu_forward(pooled)
+    if pool_param is not None:
+        a, pool_cache = layers.pool_forward(a, pool_param)
+    out, relu_cache = relu_forward(a)
     return out, (_conv_norm_relu_pool_backward, (layers, conv_cache, norm_backward, norm_cache, pool_cache,
                                                  relu_cache))
 
 
 def _conv_norm_relu_pool_backward(dout, cache, need_dx):
     layers, conv_cache, norm_backward, norm_cache, pool_cache, relu_cache = cache
-    da = layers.pool_backward(relu_backward(dout, relu_cache), pool_cache)
+    da = relu_backward(dout, relu_cache)
+    if pool_cache is not None:
+        da = layers.pool_backward(da, pool_cache)
     norm_grads = ()
     if norm_backward is not None:
         da, *norm_grads = norm_backward(da, norm_cache)
     dx, dw, db = layers.conv_backward(da, conv_cache, need_dx=need_dx)
     return (dx, dw, db, *norm_grads)
+
+
+# ---------------------------------------------------------------------------
+# Residual networks: a conv and its norm as one unit, and the basic residual block
+# ---------------------------------------------------------------------------
+# A norm spec names a conv's norm layer and its arguments:
+#   None                                        no norm
+#   ("batchnorm", gamma, beta, bn_param)        spatial batch norm (bn_param updated in train mode)
+#   ("groupnorm", gamma, beta, G, gn_param)     spatial group norm, G groups
+# A conv unit is (w, b, conv_param, norm spec).
+
+
+def spatial_norm_forward(x, norm, layers=FAST_LAYERS):
+    """x: (N, C, H, W) through the norm a spec names (identity for None). Returns (out, cache)."""
+    if norm is None:
+        return x, None
+    kind, *args = norm
+    forward, backward = {"batchnorm": (layers.batchnorm_forward, layers.batchnorm_backward),
+                         "groupnorm": (layers.groupnorm_forward, layers.groupnorm_backward)}[kind]
+    out, cache = forward(x, *args)
+    return out, (backward, cache)
+
+
+def spatial_norm_backward(dout, cache):
+    """Returns (dx, dgamma, dbeta), or (dout,) for no norm."""
+    if cache is None:
+        return (dout,)
+    backward, inner = cache
+    return backward(dout, inner)
+
+
+def conv_norm_forward(x, w, b, conv_param, norm=None, layers=FAST_LAYERS):
+    """conv -> [spatial norm] (a residual block's second conv, its projection). Returns (out, cache)."""
+    a, conv_cache = layers.conv_forward(x, w, b, conv_param)
+    out, norm_cache = spatial_norm_forward(a, norm, layers)
+    return out, (layers, conv_cache, norm_cache)
+
+
+def conv_norm_backward(dout, cache, need_dx=True):
+    """Returns (dx, dw, db), plus (dgamma, dbeta) after a norm; dx is None when need_dx is False."""
+    layers, conv_cache, norm_cache = cache
+    da, *norm_grads = spatial_norm_backward(dout, norm_cache)
+    dx, dw, db = layers.conv_backward(da, conv_cache, need_dx=need_dx)
+    return (dx, dw, db, *norm_grads)
+
+
+def conv_norm_relu_forward(x, w, b, conv_param, norm=None, layers=FAST_LAYERS):
+    """conv -> [spatial norm] -> relu (a ResNet's stem, a residual block's first conv). Returns (out, cache)."""
+    a, unit_cache = conv_norm_forward(x, w, b, conv_param, norm, layers)
+    out, relu_cache = relu_forward(a)
+    return out, (unit_cache, relu_cache)
+
+
+def conv_norm_relu_backward(dout, cache, need_dx=True):
+    """Returns (dx, dw, db), plus (dgamma, dbeta) after a norm."""
+    unit_cache, relu_cache = cache
+    return conv_norm_backward(relu_backward(dout, relu_cache), unit_cache, need_dx)
+
+
+def residual_block_forward(x, unit_a, unit_b, shortcut=None, layers=FAST_LAYERS):
+    """A basic residual block (He et al., 2016): relu(norm_b(conv_b(relu(norm_a(conv_a(x))))) + s(x)).
+
+    unit_a, unit_b: the two conv units (w, b, conv_param, norm spec); shortcut: None for
+    the identity (x must then have the block's output shape) or a projection's conv unit.
+    Returns (out, cache).
+    """
+    h, cache_a = conv_norm_relu_forward(x, *unit_a, layers)
+    y, cache_b = conv_norm_forward(h, *unit_b, layers)
+    if shortcut is None:
+        if x.shape != y.shape:
+            raise ValueError(f"an identity shortcut needs the block's output shape {tuple(y.shape)} from x, got "
+                             f"{tuple(x.shape)}: give a projection shortcut")
+        s, cache_s = x, None
+    else:
+        s, cache_s = conv_norm_forward(x, *shortcut, layers)
+    out, relu_cache = relu_forward(y + s)
+    return out, (cache_a, cache_b, cache_s, relu_cache)
+
+
+def residual_block_backward(dout, cache, need_dx=True):
+    """Returns (dx, grads_a, grads_b, grads_shortcut): each grads a tuple (dw, db[, dgamma, dbeta])
+    of its conv unit, () for an identity shortcut; dx is None when need_dx is False."""
+    cache_a, cache_b, cache_s, relu_cache = cache
+    dsum = relu_backward(dout, relu_cache)
+    dh, *grads_b = conv_norm_backward(dsum, cache_b)
+    dx, *grads_a = conv_norm_relu_backward(dh, cache_a, need_dx)
+    grads_s = ()
+    if cache_s is None:
+        dx_s = dsum
+    else:
+        dx_s, *grads_s = conv_norm_backward(dsum, cache_s, need_dx)
+    return (dx + dx_s if need_dx else None), tuple(grads_a), tuple(grads_b), tuple(grads_s)

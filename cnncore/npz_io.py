@@ -27,8 +27,12 @@ def read_npz(path: str | os.PathLike, what: str = "file") -> dict[str, np.ndarra
     Raises NpzFileError naming path when it cannot be read as an .npz archive.
     """
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise NpzFileError(f"{what} {path} is a directory, not an .npz file")
+    if not path.exists():
         raise NpzFileError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise NpzFileError(f"{what} {path} is not a regular file (a device, a pipe or a socket), not an .npz file")
     if path.stat().st_size == 0:
         raise NpzFileError(f"{what} {path} is empty (0 bytes): it was not written completely")
     if not zipfile.is_zipfile(path):

@@ -45,7 +45,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cnncore import checkpoint, checks, optim
-from cnncore.backend import to_numpy
+from cnncore.backend import retain_freed_memory, to_numpy
 from cnncore.checks import NonFiniteError
 
 
@@ -284,7 +284,12 @@ class Solver:
         saves the checkpoints asked for. At the end, final_state keeps the
         model as training left it, and model.params (and the model's state,
         when it has a state_dict) are set to the best seen.
+
+        The process keeps the memory NumPy frees for the next step's arrays
+        (backend.retain_freed_memory): a step's arrays would otherwise come
+        from fresh pages, faulted in again at every step.
         """
+        retain_freed_memory()
         iterations_per_epoch = max(self.X_train.shape[0] // self.batch_size, 1)
         num_iterations = self.num_epochs * iterations_per_epoch
         step_iterations = [max(1, round(f * num_iterations)) for f in self.lr_steps]

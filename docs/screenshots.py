@@ -8,7 +8,7 @@ What it does, end to end, with nothing faked and no UI state written:
 2. runs two sweeps against it the way a user would, `cnnflow run sweep` with
    MLFLOW_TRACKING_URI pointing at the server: the small BN-vs-GN study preset
    and a BN/GN x batch-size grid, and reads the link each prints at its end;
-3. drives Debian's headless Chromium over its DevTools protocol, each session on
+3. drives Debian's headless Chromium over its DevTools protocol (flows.browser), each session on
    a fresh profile (nothing in localStorage), with real mouse clicks and typed
    text only: it opens each printed link exactly as printed, then follows the
    path docs/operations.md describes (close the Assistant, Model training or
@@ -24,35 +24,29 @@ Needs `apt-get install chromium`. Screenshots are palette-quantised to stay smal
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import io
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image
-from websockets.sync.client import connect
 
-from flows.servers import background_server, free_port, mlflow_server_command, stop_process_group
+from flows import browser as flows_browser
+from flows.servers import background_server, free_port, mlflow_server_command
 
 DOCS = Path(__file__).resolve().parent
 CNNFLOW = Path(sys.executable).with_name("cnnflow")
 # The study preset's link lands on its interaction figure, the grid's on comparison.png.
 STUDY = ["--preset", "bn-vs-gn-small", "--experiment", "bn-vs-gn-study"]
-GRID = ["--name", "bn-vs-gn", "--space", "normalization=batchnorm,groupnorm", "--space", "batch_size=4,16,64",
+GRID = ["--name", "bn-vs-gn-demo", "--space", "normalization=batchnorm,groupnorm", "--space", "batch_size=4,16,64",
         "--num-epochs", "2", "--experiment", "bn-vs-gn-demo"]
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-                  "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0"]
 # The runs table, the figure and the first row of charts fill the top of the page: the screenshots stop below.
 TABLE_HEIGHT, FIGURE_HEIGHT, CHARTS_HEIGHT = 560, 720, 650
 
@@ -68,75 +62,8 @@ def by_text(selector: str, text: str) -> str:
             f".find(e => e.textContent.trim() === {json.dumps(text)})")
 
 
-class Chromium:
-    """Headless Chromium on a fresh temporary profile, driven over the DevTools protocol."""
-
-    def __init__(self, width: int, height: int, timeout_s: float = 60):
-        self.width, self.height, self.clicks = width, height, 0
-        self.profile = Path(tempfile.mkdtemp(prefix="chromium-"))
-        binary = shutil.which("chromium") or shutil.which("chromium-browser")
-        if binary is None:
-            raise SystemExit("chromium is not installed: apt-get install chromium")
-        self.process = subprocess.Popen(
-            [binary, *CHROMIUM_FLAGS, f"--user-data-dir={self.profile}", f"--window-size={width},{height}",
-             "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        port_file = self.profile / "DevToolsActivePort"
-        deadline = time.monotonic() + timeout_s
-        while not (port_file.exists() and port_file.read_text().strip()):
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                self.close()
-                raise RuntimeError("chromium did not open its DevTools port")
-            time.sleep(0.2)
-        port = port_file.read_text().split()[0]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as response:
-            page = next(t for t in json.load(response) if t["type"] == "page")
-        self.ws = connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=timeout_s)
-        self.next_id = 0
-        self.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
-                  mobile=False)
-
-    def send(self, method: str, **params) -> dict:
-        self.next_id += 1
-        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        while True:
-            message = json.loads(self.ws.recv(timeout=120))
-            if message.get("id") == self.next_id:
-                if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
-                return message.get("result", {})
-
-    def evaluate(self, expression: str):
-        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        return result.get("result", {}).get("value")
-
-    def load(self, url: str, ready: str, timeout_s: float = 60) -> None:
-        """Open url as a pasted link would, and wait until `ready` is truthy."""
-        self.send("Page.navigate", url=url)
-        self.wait_for(ready, timeout_s, url)
-
-    def wait_for(self, expression: str, timeout_s: float = 60, what: str = "") -> None:
-        deadline = time.monotonic() + timeout_s
-        while not self.evaluate(f"!!({expression})"):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{what or expression}: not ready after {timeout_s:.0f} s")
-            time.sleep(0.5)
-
-    def click(self, element: str) -> None:
-        """A real mouse click at the centre of the element the JavaScript expression finds."""
-        point = self.evaluate(f"""(() => {{ const e = {element}; if (!e) return null;
-            e.scrollIntoView({{block: 'nearest'}}); const r = e.getBoundingClientRect();
-            return [r.x + r.width / 2, r.y + r.height / 2]; }})()""")
-        if point is None:
-            raise LookupError(f"nothing to click: {element}")
-        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
-            self.send("Input.dispatchMouseEvent", type=kind, x=point[0], y=point[1], button="left", clickCount=1)
-        self.clicks += 1
-        time.sleep(0.5)
-
-    def type(self, text: str) -> None:
-        """Text typed into the focused element, as from the keyboard."""
-        self.send("Input.insertText", text=text)
-        time.sleep(0.5)
+class Chromium(flows_browser.Chromium):
+    """flows.browser's Chromium, whose screenshots are palette-reduced and say what the page shows."""
 
     def screenshot(self, path: Path, settle_s: float = 1.5, height: int | None = None) -> None:
         """A PNG of the viewport's top `height` pixels (all of it by default), quantised to a palette to
@@ -144,8 +71,7 @@ class Chromium:
         # The pointer rests on the page's top margin, so no row or chart shows its hover controls.
         self.send("Input.dispatchMouseEvent", type="mouseMoved", x=self.width // 2, y=2)
         time.sleep(settle_s)
-        clip = {"x": 0, "y": 0, "width": self.width, "height": min(height or self.height, self.height), "scale": 1}
-        data = base64.b64decode(self.send("Page.captureScreenshot", format="png", clip=clip)["data"])
+        data = self.screenshot_png(height)
         image = Image.open(io.BytesIO(data)).convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT)
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path, optimize=True)
@@ -155,21 +81,12 @@ class Chromium:
                  else "no Assistant panel")
         print(f"{path}: {path.stat().st_size // 1024} KB; {mode} mode; {panel}")
 
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.ws.close()
-        stop_process_group(self.process, 5)
-        shutil.rmtree(self.profile, ignore_errors=True)
-
 
 @contextlib.contextmanager
 def newcomer(width: int, height: int) -> Iterator[Chromium]:
     """A browser that has never opened MLflow: a fresh profile, closed afterwards."""
-    browser = Chromium(width, height)
-    try:
-        yield browser
-    finally:
-        browser.close()
+    with Chromium(width, height) as newcomers_browser:
+        yield newcomers_browser
 
 
 def printed_link(output: str) -> str:

@@ -8,6 +8,7 @@ num_filters) fails with pydantic's message before any MLflow run exists.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import itertools
 import json
@@ -19,15 +20,18 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, NonNegativeFloa
                       PositiveInt, field_validator, model_validator)
 
 from cnncore.backend import require_device
-from cnncore.cnn import NORMALIZATIONS
+from cnncore.cnn import NORMALIZATIONS, block_maps
+from cnncore.resnet import stage_maps
 from cnncore.data import IMAGE_SHAPES, KNOWN_DATASETS
 from cnncore.optim import UPDATE_RULES
+
+from . import bounds
 
 DatasetName = Literal[KNOWN_DATASETS]
 Normalization = Literal[NORMALIZATIONS]
 UpdateRule = Literal[tuple(UPDATE_RULES)]
 FloatDType = Literal["float32", "float64"]
-ModelName = Literal["convnet", "fc_net"]
+ModelName = Literal["convnet", "fc_net", "resnet"]
 FC_NORMALIZATIONS = ("none", "batchnorm", "layernorm")
 MAX_EPOCHS = 1000
 
@@ -59,6 +63,11 @@ class _Subsets(_Frozen):
         None, description="Validation images to use (a seeded subset); the loader's split when unset.")
     num_test: PositiveInt | None = Field(None, description="Test images to use (a seeded subset); all when unset.")
 
+    @model_validator(mode="after")
+    def _counts_within_data(self) -> _Subsets:
+        bounds.require_counts_within_data(self.dataset, self.num_train, self.num_val, self.num_test)
+        return self
+
 
 class DataSpec(_Subsets):
     """Which images to load: cnncore.data.load_dataset's arguments (hashable, so a memo key)."""
@@ -75,7 +84,9 @@ class TrainConfig(_Subsets):
     The net is a ConvNet (`depth` conv-[norm]-relu-2x2 pool blocks of `num_filters`
     filters, then affine-relu-affine: with depth 1, CS231n's ThreeLayerConvNet) or
     CS231n's FullyConnectedNet (`depth` hidden layers of `hidden_dim` units, each
-    affine-[norm]-relu). The defaults reach about 96% validation accuracy on digits in
+    affine-[norm]-relu) or a small ResNet (cnncore.resnet: a stem and 3 stages of
+    `depth` basic residual blocks, `num_filters` wide in stage 1 and doubling per
+    stage, then global average pooling and one affine layer). The defaults reach about 96% validation accuracy on digits in
     a few seconds. `data_seed` fixes the train/val/test split and subsets; `train_seed`
     fixes the weight initialisation and the minibatch order, so a sweep over `train_seed`
     compares runs on the same data.
@@ -83,19 +94,26 @@ class TrainConfig(_Subsets):
 
     renamed: ClassVar[dict[str, str]] = {"seed": "train_seed"}
 
-    model: ModelName = Field("convnet", description="The net: convnet (conv blocks, then two affine layers) or "
-                                                    "fc_net (CS231n's FullyConnectedNet).")
+    model: ModelName = Field("convnet", description="The net: convnet (conv blocks, then two affine layers), "
+                                                    "fc_net (CS231n's FullyConnectedNet) or resnet (a stem, 3 "
+                                                    "stages of basic residual blocks, average pool, affine).")
     depth: PositiveInt = Field(1, description="convnet: conv-norm-relu-pool blocks, no norm when normalization "
-                                              "is none (1 is ThreeLayerConvNet); fc_net: hidden layers.")
+                                              "is none (1 is ThreeLayerConvNet; a block whose map is under 2 "
+                                              "pixels keeps it, unpooled: 5 on mnist puts the last norm on 1x1 "
+                                              "maps); fc_net: hidden layers; resnet: basic blocks per stage "
+                                              "(1: 9 norm layers).")
 
     data_seed: NonNegativeInt = Field(0, description="Seed of the train/val/test split and subsets.")
     normalization: Normalization = Field(
         "batchnorm", description="Normalization after each convolution (convnet) or hidden affine layer (fc_net, "
                                  "which takes none, batchnorm or layernorm).")
     num_groups: PositiveInt = Field(4, description="Groups for groupnorm, in every block; must divide --num-filters.")
-    num_filters: PositiveInt = Field(16, description="Convolution filters of each block.")
-    filter_size: PositiveInt = Field(3, description="Convolution filter size (odd, so H and W are kept).")
-    hidden_dim: PositiveInt = Field(64, description="Units in each hidden affine layer.")
+    num_filters: PositiveInt = Field(16, description="Convolution filters of each block (resnet: of the stem and "
+                                                     "stage 1, doubled in each later stage; 8 trains 5 MNIST "
+                                                     "epochs in about a minute).")
+    filter_size: PositiveInt = Field(3, description="Convolution filter size (odd, so H and W are kept; "
+                                                    "resnet's are its own).")
+    hidden_dim: PositiveInt = Field(64, description="Units in each hidden affine layer (resnet has none).")
     weight_scale: PositiveFloat = Field(1e-2, allow_inf_nan=False, description="Standard deviation of the initial weights.")
     reg: NonNegativeFloat = Field(0.0, allow_inf_nan=False, description="L2 regularisation strength.")
     update_rule: UpdateRule = Field("adam", description="Optimiser.")
@@ -106,6 +124,10 @@ class TrainConfig(_Subsets):
         default_factory=list, description="Fractions of training (increasing, in (0, 1)) after which the learning "
                                           "rate is divided by 10, as the Group Normalization paper does.")
     batch_size: PositiveInt = Field(32, description="Minibatch size.")
+    norm_batch: PositiveInt | None = Field(
+        None, description="Images per batch-norm statistics group (ghost batch norm); unset: the whole SGD "
+                          "batch. Must divide batch_size; ignored (and recorded as unset) by the other "
+                          "normalizations.")
     # 1000 epochs of the largest dataset here (CIFAR-10) is weeks on a CPU: more is a typo.
     num_epochs: PositiveInt = Field(3, le=MAX_EPOCHS, description="Training epochs.")
     dtype: FloatDType = Field("float32", description="Floating-point type of data and weights.")
@@ -118,6 +140,16 @@ class TrainConfig(_Subsets):
     @classmethod
     def _none_means_no_norm(cls, value):
         return "none" if value is None else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _norm_batch_is_batch_norms(cls, data: Any) -> Any:
+        """Only batch norm mixes the images of a batch: under the other normalizations norm_batch
+        is unset, so their trials do not differ by it (a grid over norm_batch runs them once)."""
+        if isinstance(data, dict) and data.get("norm_batch") is not None and \
+                data.get("normalization", cls.model_fields["normalization"].default) != "batchnorm":
+            data = {**data, "norm_batch": None}
+        return data
 
     @field_validator("filter_size")
     @classmethod
@@ -147,16 +179,57 @@ class TrainConfig(_Subsets):
         if self.model == "fc_net":
             if self.normalization not in FC_NORMALIZATIONS:
                 raise ValueError(f"normalization={self.normalization!r} is not one of fc_net's {FC_NORMALIZATIONS}")
+            self._check_norm_batch()
             return self
-        if self.normalization == "groupnorm" and self.num_filters % self.num_groups:
+        if self.normalization == "groupnorm" and self.num_filters % self.num_groups:  # convnet and resnet
             raise ValueError(
                 f"num_groups={self.num_groups} must divide num_filters={self.num_filters} for groupnorm "
                 f"(num_filters % num_groups = {self.num_filters % self.num_groups}, expected 0)"
             )
+        self._check_norm_batch()
+        return self
+
+    def normalization_batch(self) -> int:
+        """The images each batch norm statistic is computed over in training: norm_batch, else batch_size."""
+        return self.norm_batch or self.batch_size
+
+    def _check_norm_batch(self) -> None:
+        """norm_batch divides batch_size, and every batch norm layer's statistics pool at least 2 values
+        per channel: over 1, x_hat is 0 whatever the input, the layer outputs its beta, and nothing
+        before it learns."""
+        if self.normalization != "batchnorm":
+            return
+        g = self.normalization_batch()
+        if self.batch_size % g:
+            raise ValueError(f"norm_batch={g} must divide batch_size={self.batch_size} "
+                             f"(batch_size % norm_batch = {self.batch_size % g}, expected 0)")
+        name, values = self._smallest_norm_map()
+        if g * values < 2:
+            what = f"norm_batch={g}" if self.norm_batch is not None else f"batch_size={g}"
+            raise ValueError(f"{what} with batchnorm computes each statistic of {name} over {g * values} value: "
+                             f"normalised, it is 0 whatever the input, so the layer outputs its beta and nothing "
+                             f"before it learns; each statistic needs at least 2 values (norm_batch >= "
+                             f"{-(-2 // values)})")
+
+    def _smallest_norm_map(self) -> tuple[str, int]:
+        """(the norm layer with the smallest maps, its values per image and channel)."""
+        if self.model == "fc_net":
+            return "each hidden layer's features", 1
         _, height, width = IMAGE_SHAPES[self.dataset]
-        if min(height, width) < 2 ** self.depth:
-            raise ValueError(f"depth={self.depth} halves {self.dataset}'s {height}x{width} images below 1x1; "
-                             f"at most {int(math.log2(min(height, width)))} blocks fit")
+        if self.model == "resnet":
+            h, w = stage_maps(height, width)[-1]
+            return f"stage {len(stage_maps(height, width))}'s {h}x{w} maps", h * w
+        h, w, _ = block_maps(height, width, self.depth)[-1]
+        return f"block {self.depth}'s {h}x{w} maps", h * w
+
+    @model_validator(mode="after")
+    def _within_bounds(self) -> TrainConfig:
+        """batch_size within the training images, one training step within memory (flows.bounds)."""
+        train = bounds.require_counts_within_data(self.dataset, self.num_train, self.num_val, self.num_test)
+        if self.batch_size > train:
+            raise ValueError(f"batch_size={self.batch_size:,} is more than the {train:,} training images "
+                             f"({'num_train' if self.num_train else 'the ' + self.dataset + ' training split'}); at most {train:,}")
+        bounds.require_fits_in_memory(self)
         return self
 
     def data_spec(self) -> DataSpec:
@@ -165,13 +238,20 @@ class TrainConfig(_Subsets):
 
     def effective(self) -> dict[str, Any]:
         """The fields that change the result: num_groups only counts for groupnorm, the conv's
-        sizes only for the convnet."""
+        sizes only for the conv nets (filter_size and hidden_dim not for resnet, which has its
+        own), norm_batch only when set to less than batch_size (so the keys of trials from
+        before norm_batch existed stay as they were)."""
         fields = self.model_dump()
         if self.normalization != "groupnorm":
             fields.pop("num_groups")
+        if self.norm_batch in (None, self.batch_size):
+            fields.pop("norm_batch")
         if self.model == "fc_net":
             fields.pop("num_filters")
             fields.pop("filter_size")
+        if self.model == "resnet":
+            fields.pop("filter_size")
+            fields.pop("hidden_dim")
         return fields
 
     def key(self) -> str:
@@ -237,6 +317,10 @@ class SweepSpec(_Frozen):
     study: Literal["bn-vs-gn"] | None = Field(
         None, description="Write this study's table, figure and report on the sweep's parent run "
                           "(bn-vs-gn: the Group Normalization paper's batch-size comparison).")
+    max_trials: PositiveInt = Field(
+        bounds.MAX_TRIALS, description="Refuse a search of more trials than this (a grid: the product of its lists' "
+                                       "lengths; a random search: num_trials), counted before any trial is built; "
+                                       "raise it for a bigger search.")
     _trials: tuple[str, list[TrainConfig]] | None = PrivateAttr(default=None)  # (fingerprint, trials)
 
     @model_validator(mode="after")
@@ -246,7 +330,11 @@ class SweepSpec(_Frozen):
                              "(--space batch_size=8,32)")
         unknown = sorted(set(self.space) - set(TrainConfig.model_fields))
         if unknown:
-            raise ValueError(f"space has fields {unknown} that TrainConfig lacks; known: {sorted(TrainConfig.model_fields)}")
+            meant = [f"{name!r}: did you mean {close[0]!r}?" for name in unknown
+                     if (close := difflib.get_close_matches(name, TrainConfig.model_fields, n=1, cutoff=0.6))]
+            raise ValueError(f"space has fields {unknown} that TrainConfig lacks"
+                             + (f" ({'; '.join(meant)})" if meant else "")
+                             + f"; known: {sorted(TrainConfig.model_fields)}")
         empty = sorted(k for k, v in self.space.items() if isinstance(v, list) and not v)
         if empty:
             raise ValueError(f"space gives no values for {empty}")
@@ -258,6 +346,9 @@ class SweepSpec(_Frozen):
                 raise ValueError("num_trials is for random search; a grid runs every combination")
         elif self.num_trials is None:
             raise ValueError("a random search needs num_trials")
+        # Counted, not built: a 10**6-trial grid would take minutes and gigabytes to refuse otherwise.
+        bounds.require_trials_within(bounds.count_trials(self.space, self.search, self.num_trials), self.max_trials,
+                                     self.search, self.space)
         self.trials()  # every trial configuration must validate now, not mid-sweep
         return self
 

@@ -61,7 +61,23 @@ def dataset_source(spec: DataSpec) -> str | None:
     return {"cifar10": datasets.CIFAR10_URL, "mnist": datasets.MNIST_MIRRORS[0]}.get(spec.dataset)
 
 
-@task(name="load dataset", task_run_name="load {spec.dataset}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def _may_pass_on_retry(task, task_run, state) -> bool:
+    """Whether a failed load is worth another try: a failed transfer or read (an OSError) may pass; the
+    loader's verdicts do not change in 5 s: files not found after every mirror was tried
+    (DatasetUnavailableError, whose message says how to place them), a bad file, a bad argument."""
+    try:
+        state.result()
+    except (datasets.DatasetUnavailableError, ValueError):
+        return False
+    except OSError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(name="load dataset", task_run_name="load {spec.dataset}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
+      retry_condition_fn=_may_pass_on_retry)
 def load_dataset(spec: DataSpec) -> dict:
     return load_data_once(spec)
 

@@ -15,8 +15,18 @@ Everything lives in the server's home, $CNNCORE_SERVER_HOME, else
     server.lock    held while a server is started: two commands at once start one server
 
 The server runs in a session of its own (so a Ctrl-C or a closed terminal does not
-reach it), bound to loopback only, with Prefect's analytics off. It is stopped by its
-process group: SIGTERM, then SIGKILL after a grace period.
+reach it), bound to loopback only, with Prefect's analytics off. Its UI is told the
+server's own API URL (PREFECT_SERVER_UI_API_URL): without it, Prefect's UI looks for its
+API on port 4200 whatever port the server runs on, and shows no flow runs. It is
+stopped by its process group: SIGTERM, then SIGKILL after a grace period.
+
+A server is this home's only when it says so: its settings (`GET /api/admin/settings`)
+must name this home's PREFECT_HOME. Two checkouts starting their servers at once (two
+homes) may both try port 4242; the one that loses the port never adopts the winner's
+server (whose database is another checkout's): it starts again on a free port.
+
+The home is readable by its owner only (mode 700, the server's files 600): the database
+holds every flow run's parameters and logs.
 """
 
 from __future__ import annotations
@@ -33,9 +43,11 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from . import TELEMETRY_OFF
 from .servers import ServerError, free_port, port_is_taken, wait_until_healthy
 
 HOME_ENV = "CNNCORE_SERVER_HOME"
+PORT_ENV = "CNNCORE_SERVER_PORT"
 HOST = "127.0.0.1"
 # Not Prefect's 4200, which a user's own `prefect server start` takes; a free port when this one is taken.
 DEFAULT_PORT = 4242
@@ -70,6 +82,11 @@ class ServerState:
         """What PREFECT_API_URL must say to use this server."""
         return f"{self.ui_url}/api"
 
+    @property
+    def runs_url(self) -> str:
+        """The UI's page that lists the flow runs by name (the UI's root is a dashboard of counts)."""
+        return f"{self.ui_url}/runs"
+
 
 @dataclasses.dataclass(frozen=True)
 class ServerStatus:
@@ -94,17 +111,18 @@ class ServerStatus:
             return (f"the local Prefect server is not running: {self.home / STATE_FILE} names pid {self.state.pid}, "
                     f"which is gone (a stale state; `cnnflow server stop` removes it; log {log})")
         if not self.answering:
-            return (f"the local Prefect server (pid {self.state.pid}) runs but {self.state.api_url}/health does not "
-                    f"answer: starting, or stuck (log {log}; `cnnflow server stop` stops it)")
-        return f"the local Prefect server runs at {self.state.ui_url} (API {self.state.api_url}, pid {self.state.pid})"
+            return (f"the local Prefect server (pid {self.state.pid}) runs but {self.state.api_url} does not answer "
+                    f"as this home's server: starting, or stuck (log {log}; `cnnflow server stop` stops it)")
+        return (f"the local Prefect server runs; its flow runs: {self.state.runs_url} (API {self.state.api_url}, "
+                f"pid {self.state.pid})")
 
 
 def server_home() -> Path:
     """$CNNCORE_SERVER_HOME, else the cnncore cache folder's prefect-server/."""
-    if os.environ.get(HOME_ENV):
-        return Path(os.environ[HOME_ENV]).expanduser()
+    if os.environ.get(HOME_ENV):  # absolute: the server runs in its home, where a relative path would mislead
+        return Path(os.environ[HOME_ENV]).expanduser().absolute()
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "cnncore" / "prefect-server"
+    return cache.absolute() / "cnncore" / "prefect-server"
 
 
 # ---------------------------------------------------------------- the state file
@@ -120,9 +138,10 @@ def read_state(home: Path) -> ServerState | None:
 
 
 def _write_state(home: Path, state: ServerState) -> None:
-    data = {**dataclasses.asdict(state), "api_url": state.api_url, "ui_url": state.ui_url}
+    data = {**dataclasses.asdict(state), "api_url": state.api_url, "ui_url": state.ui_url, "runs_url": state.runs_url}
     partial = home / f".{STATE_FILE}.{os.getpid()}"
-    partial.write_text(json.dumps(data, indent=2) + "\n")
+    with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
+        file.write(json.dumps(data, indent=2) + "\n")
     os.replace(partial, home / STATE_FILE)  # a reader sees the old file or the new one, never half of one
 
 
@@ -150,9 +169,26 @@ def _is_alive(state: ServerState) -> bool:
     return created is not None and abs(created - state.created) < 0.5
 
 
-def _answers(state: ServerState, timeout_s: float = 2.0) -> bool:
+def _is_ours(home: Path) -> Callable[[bytes], bool]:
+    """Whether a body of `GET /api/admin/settings` is the settings of the server of home (its PREFECT_HOME)."""
+    def check(body: bytes) -> bool:
+        found = json.loads(body).get("home")
+        return found is not None and Path(found).resolve() == (home / "prefect").resolve()
+
+    return check
+
+
+def _wait_until_ours(state: ServerState, home: Path, timeout_s: float, process: subprocess.Popen | None = None,
+                     log: Path | None = None) -> None:
+    """Until the server at state's port answers as home's own (ServerError after timeout_s, or when process
+    exits first)."""
+    wait_until_healthy(f"{state.api_url}/admin/settings", timeout_s, process, log, accept=_is_ours(home))
+
+
+def _answers(state: ServerState, home: Path, timeout_s: float = 2.0) -> bool:
+    """The server at state's port answers, and as home's own."""
     try:
-        wait_until_healthy(f"{state.api_url}/health", timeout_s)
+        _wait_until_ours(state, home, timeout_s)
         return True
     except ServerError:
         return False
@@ -189,11 +225,13 @@ def server_command(port: int) -> list[str]:
     return [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port)]
 
 
-def server_environment(home: Path) -> dict[str, str]:
+def server_environment(home: Path, port: int) -> dict[str, str]:
     """The server's environment: this one without the user's Prefect settings (a PREFECT_HOME, a profile or a
-    database URL there would point it at the user's own database), its own PREFECT_HOME, no analytics."""
+    database URL there would point it at the user's own database), its own PREFECT_HOME, its UI told the API's
+    URL on this port, no telemetry, no promotions."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(home / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    env.update(TELEMETRY_OFF, PREFECT_HOME=str(home / "prefect"),
+               PREFECT_SERVER_UI_API_URL=ServerState(pid=0, port=port, created=0.0).api_url,
                PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT="false", PREFECT_SERVER_LOGGING_LEVEL="WARNING")
     return env
 
@@ -207,7 +245,7 @@ def server_status(home: Path | None = None) -> ServerStatus:
     state = read_state(home)
     if state is None or not _is_alive(state):
         return ServerStatus(home, state)
-    return ServerStatus(home, state, running=True, answering=_answers(state))
+    return ServerStatus(home, state, running=True, answering=_answers(state, home))
 
 
 @contextlib.contextmanager
@@ -237,29 +275,54 @@ def ensure_server(home: Path | None = None, port: int | None = None, timeout_s: 
                   say: Callable[[str], None] = lambda text: None) -> tuple[ServerState, bool]:
     """The local server, started when it is not running: (its state, whether this call started it).
 
-    port: where to start it; None takes DEFAULT_PORT, or a free port when that one is
-    taken; 0 a free port. A server already running is reused wherever it listens.
+    port: where to start it; None takes default_port(), or a free port when that one is
+    taken (before the start, or by another home's server during it); 0 a free port. A
+    server already running is reused wherever it listens.
     say: told, in one line, when a server is started or waited for.
     Raises ServerError when the server does not answer within timeout_s (with the
     tail of its log), or a port asked for is taken.
     """
     home = home or server_home()
-    home.mkdir(parents=True, exist_ok=True)
+    _private_folder(home)
     with _start_lock(home, timeout_s + STOP_GRACE_S, say):
         found = server_status(home)
         if found.running:
             if not found.answering:  # another start may still be running its migrations
-                wait_until_healthy(f"{found.state.api_url}/health", timeout_s, log=home / LOG_FILE)
+                _wait_until_ours(found.state, home, timeout_s, log=home / LOG_FILE)
             return found.state, False
         if found.stale:
             say(f"the local Prefect server (pid {found.state.pid}) is gone; starting a new one")
             _remove_state(home)
-        return _start(home, _choose_port(port), timeout_s, say), True
+        try:
+            return _start(home, _choose_port(port), timeout_s, say), True
+        except PortLostError as exc:
+            if port is not None:  # the port asked for: no other will do
+                raise ServerError(f"{exc}; choose another port (0 picks a free one)") from None
+            say(f"{exc}; starting it on a free port instead")
+            return _start(home, free_port(HOST), timeout_s, say), True
+
+
+def default_port() -> int:
+    """$CNNCORE_SERVER_PORT, else DEFAULT_PORT: where a server is started when no port is asked for."""
+    text = os.environ.get(PORT_ENV, "").strip()
+    if not text:
+        return DEFAULT_PORT
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ServerError(f"{PORT_ENV}={text!r} is not a port number (1-65535)")
+    return int(text)
+
+
+def _private_folder(home: Path) -> None:
+    """home, made if need be, readable by its owner only (a home made before this rule is tightened too)."""
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if home.stat().st_uid == os.getuid():
+        home.chmod(0o700)
 
 
 def _choose_port(port: int | None) -> int:
     if port is None:
-        return free_port(HOST) if port_is_taken(DEFAULT_PORT, HOST) else DEFAULT_PORT
+        preferred = default_port()
+        return free_port(HOST) if port_is_taken(preferred, HOST) else preferred
     if port == 0:
         return free_port(HOST)
     if port_is_taken(port, HOST):
@@ -267,25 +330,34 @@ def _choose_port(port: int | None) -> int:
     return port
 
 
+class PortLostError(ServerError):
+    """The port was free when chosen, but another process bound it first (another checkout's server)."""
+
+
 def _start(home: Path, port: int, timeout_s: float, say: Callable[[str], None]) -> ServerState:
     log_path = home / LOG_FILE
     if log_path.exists() and log_path.stat().st_size > LOG_LIMIT_BYTES:
         log_path.replace(home / f"{LOG_FILE}.1")
-    (home / "prefect").mkdir(exist_ok=True)
+    (home / "prefect").mkdir(mode=0o700, exist_ok=True)
     say(f"starting the local Prefect server at http://{HOST}:{port}, once (about 10 s): it stays up for later "
         f"runs; `cnnflow server stop` stops it (log: {log_path})")
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(server_command(port), env=server_environment(home), cwd=home,
+        process = subprocess.Popen(server_command(port), env=server_environment(home, port), cwd=home,
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, umask=0o077)
     _started[process.pid] = process
     state = ServerState(pid=process.pid, port=port, created=_created(process.pid) or time.time())
     _write_state(home, state)
     try:
-        wait_until_healthy(f"{state.api_url}/health", timeout_s, process, log_path)
-    except BaseException:  # a failed start (or a Ctrl-C during it) leaves no server and no state behind
+        # Answering is not enough: on a port just taken by another home's server, that server would answer.
+        _wait_until_ours(state, home, timeout_s, process, log_path)
+    except BaseException as exc:  # a failed start (or a Ctrl-C during it) leaves no server and no state behind
+        exited = process.poll() is not None
         _stop_group(process.pid, STOP_GRACE_S)
         _remove_state(home)
+        if isinstance(exc, ServerError) and exited and port_is_taken(port, HOST):
+            raise PortLostError(f"port {port} on {HOST} was taken by another server while the local Prefect "
+                                "server started") from None
         raise
     return state
 

@@ -143,7 +143,7 @@ def pipeline(
               **{f"base.{k}": v for k, v in base.model_dump().items()}}
     with tracked_flow_run(experiment, name, tracking_uri=tracking_uri, params=params,
                           system_metrics=system_metrics) as run:
-        common = {"experiment": experiment, "tracking_uri": run.store.uri, "parent_run_id": run.id}
+        common = {"experiment": experiment, "tracking_uri": run.store.shown, "parent_run_id": run.id}
         load_data(**base.data_spec().model_dump(), **common)
         checks = gradient_check_for(run)
         report = sweep(spec=spec, max_workers=max_workers, **common)
@@ -188,7 +188,7 @@ def final_config(spec: SweepSpec, chosen: TrainConfig, num_epochs: int) -> Train
 def gradient_check_for(run) -> str:
     """The gradient checks, in their own experiment (their 71 metrics would bury the pipeline's charts),
     their run pointing at the pipeline's as its parent. Returns the check's run id."""
-    report = gradient_check(experiment=GRADIENT_CHECK_EXPERIMENT, tracking_uri=run.store.uri,
+    report = gradient_check(experiment=GRADIENT_CHECK_EXPERIMENT, tracking_uri=run.store.shown,
                             parent_run_id=run.id)
     run.log_metrics({f"{PIPELINE_PREFIX}grad_err_closest_to_threshold": report.closest_error / report.closest_threshold,
                      f"{PIPELINE_PREFIX}grad_checks": len(report.errors)})

@@ -9,6 +9,8 @@ INFO lines unless ``--verbose``. Inside a Prefect flow or task run the line also
 to that run's logs in the Prefect API (the UI shows it under the run), without a second
 copy on the console. Outside ``cnnflow`` it is an ordinary log record: shown wherever
 logging shows INFO records (Prefect's logging configuration does, on stderr).
+``record(text, level)`` puts a line in the current run's logs only, for the UI: what the
+console already says another way.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ logger.setLevel(logging.INFO)
 def say(text: str) -> None:
     """Log text at INFO on the cnncore.progress logger; inside a Prefect run, also in that run's logs."""
     logger.info(text)
-    _to_run_logs(text)
+    record(text)
 
 
-def _to_run_logs(text: str) -> None:
-    """Hand text to the handlers of the current run's logger (the Prefect API's), not to its ancestors
-    (the console, which has the cnncore.progress record already)."""
+def record(text: str, level: int = logging.INFO) -> None:
+    """Hand text to the handlers of the current Prefect run's logger (the API's, which the UI shows), not to
+    its ancestors (the console): for what the console has already, or says in another way (a failed trial's
+    progress line). Nothing outside a Prefect run."""
     if "prefect.context" not in sys.modules:  # Prefect not even imported: no run to log to
         return
     from prefect.context import FlowRunContext, TaskRunContext
@@ -42,11 +45,11 @@ def _to_run_logs(text: str) -> None:
     from prefect.logging import get_run_logger
 
     run_logger = get_run_logger()
-    if not run_logger.isEnabledFor(logging.INFO):
+    if not run_logger.isEnabledFor(level):
         return
     message, kwargs = run_logger.process(text, {})
-    record = run_logger.logger.makeRecord(run_logger.logger.name, logging.INFO, __file__, 0, message, (), None,
-                                          extra=kwargs.get("extra"))
+    made = run_logger.logger.makeRecord(run_logger.logger.name, level, __file__, 0, message, (), None,
+                                        extra=kwargs.get("extra"))
     for handler in run_logger.logger.handlers:
-        if record.levelno >= handler.level:
-            handler.handle(record)
+        if made.levelno >= handler.level:
+            handler.handle(made)

@@ -17,6 +17,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from .credentials import mask
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("cnncore", "numpy", "mlflow", "prefect")
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
@@ -53,9 +55,10 @@ def versions() -> dict[str, str]:
 
 
 def command() -> str:
-    """The command line this process was started with, as a shell would take it (the program by its name)."""
+    """The command line this process was started with, as a shell would take it (the program by its name),
+    with any URI's password masked (it is recorded in tags and reports)."""
     argv = [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv and sys.argv[0] else ["python"]
-    return shlex.join(argv)
+    return mask(shlex.join(argv))
 
 
 def user() -> str:

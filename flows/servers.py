@@ -16,7 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -44,16 +44,17 @@ def _tail(path: Path | None, lines: int = 15) -> str:
 
 
 def wait_until_healthy(url: str, timeout_s: float, process: subprocess.Popen | None = None,
-                       log: Path | None = None) -> None:
-    """Poll url until it answers 200; fail early when process exits, or after timeout_s."""
+                       log: Path | None = None, accept: Callable[[bytes], bool] | None = None) -> None:
+    """Poll url until it answers 200 (with a body that accept, when given, takes); fail early when process
+    exits, or after timeout_s. accept tells the server asked for from another one answering on its port."""
     deadline = time.monotonic() + timeout_s
     while True:
         if process is not None and process.poll() is not None:
             raise ServerError(f"{Path(process.args[0]).name} exited with code {process.returncode} before {url} "
                               f"answered. {_tail(log)}")
-        with contextlib.suppress(OSError, urllib.error.URLError):
+        with contextlib.suppress(OSError, urllib.error.URLError, ValueError):
             with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
+                if response.status == 200 and (accept is None or accept(response.read())):
                     return
         if time.monotonic() > deadline:
             raise ServerError(f"{url} did not answer within {timeout_s:.0f} s. {_tail(log)}")
@@ -107,6 +108,16 @@ def start_watchdog(process: subprocess.Popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "flows.shutdown", str(os.getpid()), str(process.pid)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def mlflow_ui_shows_run(base_url: str, run_id: str, timeout_s: float = 1.0) -> bool:
+    """Whether an MLflow UI answers at base_url and has the run: a link to the run there opens on it."""
+    url = f"{base_url.rstrip('/')}/api/2.0/mlflow/runs/get?run_id={run_id}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status == 200
+    except (OSError, urllib.error.URLError, ValueError):
+        return False
 
 
 def mlflow_server_command(backend_store_uri: str, port: int, *, artifacts_destination: str | None = None,

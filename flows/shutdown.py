@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import signal
 import threading
 import time
@@ -98,6 +99,22 @@ class StopRequest:
         if self._reason is not None:
             rebuild, args = self._reason.__reduce__()[:2]
             raise rebuild(*args)
+
+
+def until_stopped(futures: list, stop: StopRequest, poll_s: float = 1.0) -> Iterator:
+    """Each of futures as it completes (as concurrent.futures.as_completed), raising the stop's reason as soon
+    as it is set, even while none completes: a thread that finds the work must end need not wait for it."""
+    done: queue.SimpleQueue = queue.SimpleQueue()
+    for future in futures:
+        future.add_done_callback(done.put)
+    for _ in range(len(futures)):
+        while True:
+            try:
+                future = done.get(timeout=poll_s)
+                break
+            except queue.Empty:
+                stop.check()
+        yield future
 
 
 def exit_with_parent(parent_pid: int | None = None) -> None:

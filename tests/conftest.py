@@ -1,7 +1,16 @@
-"""Fixtures shared across the test modules."""
+"""Fixtures shared across the test modules, and the harness every test run gets.
+
+The harness (the second half of this file): a test run stopped by SIGTERM, SIGHUP or
+Ctrl-C unwinds as for Ctrl-C, so every fixture stops the servers it started; whatever
+is still running at the end with the run's temporary folders in its environment,
+command line or working directory is killed and named (tests/harness.py). Servers
+are waited for with a start-up limit that grows with the machine's load.
+"""
 
 import numpy as np
 import pytest
+
+import harness
 
 
 def _arrays_in(args):
@@ -58,3 +67,24 @@ def _check_layer_contract(forward, backward, args, seed=0):
 def layer_contract():
     """The float32-in-float32-out and inputs-untouched checks, as a function of (forward, backward, args)."""
     return _check_layer_contract
+
+
+# ---------------------------------------------------------------- the harness
+
+
+def pytest_configure(config):
+    harness.stop_on_termination_signals()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leave_nothing_behind(tmp_path_factory, request):
+    """Set up first and torn down last: after every other fixture has stopped its servers, anything left
+    running under this run's temporary folders is killed, and named on the terminal."""
+    harness.watch_folder(tmp_path_factory.getbasetemp())
+    yield
+    left = harness.kill_leftovers()
+    if left:
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        lines = [f"killed {len(left)} process(es) a test or fixture left behind:", *left]
+        for line in lines:
+            reporter.write_line(line, yellow=True) if reporter else print(line)

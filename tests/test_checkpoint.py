@@ -2,6 +2,7 @@
 refusal (another model, configuration or rule; an unreadable file; an unwritable folder)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -139,12 +140,16 @@ def test_checkpoint_of_a_model_without_config_has_no_model_config_entry(tmp_path
     assert "model_config" not in read_npz(path)
 
 
-def test_checkpoint_of_the_previous_format_is_refused_naming_both_formats(tmp_path):
+@pytest.mark.parametrize("other", [1, 3], ids=["previous", "newer"])
+def test_checkpoint_of_another_format_is_refused_naming_both_formats(tmp_path, other):
+    """A newer file is no more readable than an older one: its layout is not this Solver's."""
     path = tmp_path / "ckpt.npz"
     make_solver(num_epochs=1, checkpoint_path=path).train()
-    write_npz_atomically(path, {**read_npz(path), "format": np.asarray(1)})
-    with pytest.raises(ValueError, match=r"has format 1; this Solver reads format 2"):
+    write_npz_atomically(path, {**read_npz(path), "format": np.asarray(other)})
+    with pytest.raises(ValueError, match=rf"has format {other}; this Solver reads format 2"):
         make_solver(resume_from=path)
+    with pytest.raises(ValueError, match=rf"has format {other}; this Solver reads format 2"):
+        checkpoint.load(path)
 
 
 def test_lr_steps_survive_a_resume_bit_for_bit(tmp_path):
@@ -182,6 +187,25 @@ def test_resume_into_a_model_configured_otherwise_is_refused_listing_the_differi
                                          r"num_groups: 2 in the checkpoint, 4 in the model$"):
         make_solver(model, resume_from=path)
     _assert_unchanged(model, before)
+
+
+class ExtendedNet(ConfiguredNet):
+    """ConfiguredNet whose config has one more key (a field a later version of the model added)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.config = {**self.config, "use_fast": False}
+
+
+@pytest.mark.parametrize("saved, resumed, sides", [
+    (ExtendedNet, ConfiguredNet, "False in the checkpoint, '(absent)' in the model"),
+    (ConfiguredNet, ExtendedNet, "'(absent)' in the checkpoint, False in the model"),
+], ids=["only-in-the-checkpoint", "only-in-the-model"])
+def test_a_config_key_on_one_side_only_is_a_difference(tmp_path, saved, resumed, sides):
+    path = tmp_path / "ckpt.npz"
+    make_solver(saved(), num_epochs=1, checkpoint_path=path).train()
+    with pytest.raises(ValueError, match=re.escape(f"configured otherwise: use_fast: {sides}") + "$"):
+        make_solver(resumed(), resume_from=path)
 
 
 @pytest.mark.parametrize("saved, resumed, message", [

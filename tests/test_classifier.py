@@ -11,6 +11,7 @@ from cnncore import npz_io
 from cnncore.classifier import load_model
 from cnncore.cnn import ConvNet, ThreeLayerConvNet
 from cnncore.fc_net import FullyConnectedNet, TwoLayerNet
+from cnncore.resnet import ResNet
 
 IMAGE = (2, 8, 8)
 MODELS = {
@@ -29,6 +30,9 @@ MODELS = {
     "fc-ln": lambda: FullyConnectedNet([7], input_dim=128, num_classes=3, normalization="layernorm",
                                        dtype=np.float64, seed=0),
     "two-layer": lambda: TwoLayerNet(input_dim=128, hidden_dim=7, num_classes=3, weight_scale=0.1, seed=0),
+    "resnet-bn": lambda: ResNet(input_dim=IMAGE, num_filters=2, num_classes=3, dtype=np.float64, seed=0),
+    "resnet-gn-ghost": lambda: ResNet(input_dim=IMAGE, num_filters=4, num_classes=3, normalization="groupnorm",
+                                      num_groups=2, weight_scale=0.1, norm_batch=2, seed=0),
 }
 
 
@@ -57,6 +61,9 @@ def images(n=5):
                       "running_var2"),
     ("fc-ln", "W1 b1 gamma1 beta1 W2 b2"),
     ("two-layer", "W1 b1 W2 b2"),
+    ("resnet-bn", " ".join(f"W{i} b{i} gamma{i} beta{i} running_mean{i} running_var{i}" for i in range(1, 10))
+     + " W10 b10"),
+    ("resnet-gn-ghost", " ".join(f"W{i} b{i} gamma{i} beta{i}" for i in range(1, 10)) + " W10 b10"),
 ])
 def test_state_dict_holds_parameters_and_each_batch_norm_layers_running_statistics(name, keys):
     state = MODELS[name]().state_dict()
@@ -140,9 +147,9 @@ def test_damaged_files_raise_npz_file_error_naming_the_file(tmp_path, how, messa
 
 
 def test_a_file_naming_an_unknown_model_is_refused(tmp_path):
-    config = {**MODELS["fc-ln"]().config, "model": "ResNet"}
-    path = npz_io.write_npz_atomically(tmp_path / "resnet.npz", {"config": np.array(json.dumps(config))})
-    with pytest.raises(ValueError, match=r"resnet.npz names an unknown model 'ResNet'"):
+    config = {**MODELS["fc-ln"]().config, "model": "VisionTransformer"}
+    path = npz_io.write_npz_atomically(tmp_path / "vit.npz", {"config": np.array(json.dumps(config))})
+    with pytest.raises(ValueError, match=r"vit.npz names an unknown model 'VisionTransformer'"):
         load_model(path)
 
 
@@ -173,6 +180,7 @@ CONSTRUCTORS = {
     "ConvNet": lambda **kw: ConvNet(**{"input_dim": IMAGE, "num_filters": (4, 4), **kw}),
     "FullyConnectedNet": lambda **kw: FullyConnectedNet([5], input_dim=128, **kw),
     "TwoLayerNet": lambda **kw: TwoLayerNet(input_dim=128, **kw),
+    "ResNet": lambda **kw: ResNet(**{"input_dim": IMAGE, "num_filters": 2, **kw}),
 }
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cnncore import layers
-from cnncore.cnn import ConvNet, ThreeLayerConvNet
+from cnncore.cnn import ConvNet, ThreeLayerConvNet, block_maps
 from cnncore.gradient_check import eval_numerical_gradient, rel_error
 from cnncore.layer_utils import FAST_LAYERS, NAIVE_LAYERS
 
@@ -34,11 +34,22 @@ def test_scores_have_one_row_per_image_after_three_blocks():
     assert deep_net("groupnorm").loss(X).shape == (3, 4)
 
 
-def test_depth_whose_maps_shrink_below_one_pixel_is_refused():
-    # 9x7 -> 4x3 -> 2x1: a third pool has no 2x2 window.
-    with pytest.raises(ValueError, match=r"num_filters=\(2, 4, 6\) asks for 3 2x2 max pools, but "
-                                         r"input_dim=\(3, 9, 7\) leaves 2x1 maps before pool 3"):
-        deep_net(num_filters=(2, 4, 6), input_dim=(3, 9, 7))
+def test_five_blocks_on_mnist_put_their_norm_layers_on_28_14_7_3_and_1_pixel_maps():
+    assert block_maps(28, 28, 5) == [(28, 28, True), (14, 14, True), (7, 7, True), (3, 3, True), (1, 1, False)]
+    net = ConvNet(input_dim=(1, 28, 28), num_filters=(2,) * 5, filter_size=3, hidden_dim=5, num_classes=3,
+                  normalization="batchnorm", dtype=np.float64, seed=0)
+    X = np.random.default_rng(0).standard_normal((2, 1, 28, 28))
+    assert [a.shape[2:] for a in net.norm_inputs(X)] == [(28, 28), (14, 14), (7, 7), (3, 3), (1, 1)]
+    assert net.params["W6"].shape == (2 * 1 * 1, 5)  # the unpooled 1x1 maps feed the hidden layer
+    assert net.loss(X).shape == (2, 3)
+
+
+def test_a_block_whose_map_is_under_the_pool_window_keeps_its_map():
+    # 9x7 -> 4x3 -> 2x1: the third block's 2x1 map has no 2x2 window, so it stays 2x1.
+    net = deep_net(num_filters=(2, 4, 6), input_dim=(3, 9, 7))
+    assert [pool is not None for pool in net.pool_params] == [True, True, False]
+    assert net.params["W4"].shape == (6 * 2 * 1, 5)
+    assert net.loss(np.random.default_rng(0).standard_normal((2, 3, 9, 7))).shape == (2, 4)
 
 
 def test_group_count_must_divide_every_block():
@@ -69,8 +80,9 @@ def test_initial_loss_is_log_num_classes(normalization):
     assert abs(net.loss(X, y)[0] - math.log(10)) < 0.05
 
 
-@pytest.mark.parametrize("num_filters, input_dim", [((4,), (2, 5, 7)), ((2, 4, 4), (2, 10, 10))],
-                         ids=["one-block", "three-blocks"])
+@pytest.mark.parametrize("num_filters, input_dim", [((4,), (2, 5, 7)), ((2, 4, 4), (2, 10, 10)),
+                                                    ((2, 4, 4, 2), (2, 2, 8))],
+                         ids=["one-block", "three-blocks", "unpooled-blocks"])
 @pytest.mark.parametrize("normalization", NORMS)
 def test_whole_net_gradients_match_numerical_in_float64(normalization, num_filters, input_dim):
     # Central differences with h=1e-5 carry ~1e-10 absolute noise on a loss near 1, so a
@@ -97,12 +109,14 @@ def test_whole_net_gradients_match_numerical_in_float64(normalization, num_filte
         assert rel_error(grads[name], numeric) < 1e-6, name
 
 
+@pytest.mark.parametrize("num_filters, input_dim", [((2, 4), (2, 9, 11)), ((2, 4, 4, 2), (2, 2, 8))],
+                         ids=["two-blocks", "unpooled-blocks"])  # 2x8 -> 1x4, then three blocks on 1x4 maps
 @pytest.mark.parametrize("normalization", NORMS)
-def test_fast_and_naive_paths_agree_in_float64(normalization):
+def test_fast_and_naive_paths_agree_in_float64(normalization, num_filters, input_dim):
     rng = np.random.default_rng(2)
-    X, y = rng.standard_normal((3, 2, 9, 11)), rng.integers(0, 4, 3)
-    fast = deep_net(normalization, num_filters=(2, 4), input_dim=(2, 9, 11))
-    naive = deep_net(normalization, num_filters=(2, 4), input_dim=(2, 9, 11), use_fast=False)
+    X, y = rng.standard_normal((3, *input_dim)), rng.integers(0, 4, 3)
+    fast = deep_net(normalization, num_filters=num_filters, input_dim=input_dim)
+    naive = deep_net(normalization, num_filters=num_filters, input_dim=input_dim, use_fast=False)
     loss_f, grads_f = fast.loss(X, y)
     loss_n, grads_n = naive.loss(X, y)
     # The two differ only in the order of their sums: rounding, 1e-12 relative.

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 import pytest
-from scipy.special import polygamma
+from scipy.special import gammaln, polygamma
 
 from cnncore import diagnostics
 from cnncore.cnn import ConvNet, ThreeLayerConvNet
@@ -122,8 +122,46 @@ def test_batch_norm_whose_running_statistics_are_its_only_batchs_has_equal_train
     net.bn_params[0]["running_mean"], net.bn_params[0]["running_var"] = X.mean(axis=0), X.var(axis=0)
     errors = diagnostics.train_test_error(net, X, y, batch_size=40)
     assert errors["train_mode_error"] == errors["test_mode_error"]
+    # Not equal by construction: with running statistics that are not the batch's, test mode scores otherwise.
+    net.bn_params[0]["running_mean"] = X.mean(axis=0) + 3 * X.std(axis=0)
+    shifted = diagnostics.train_test_error(net, X, y, batch_size=40)
+    assert shifted["train_mode_error"] == errors["train_mode_error"] != shifted["test_mode_error"]
     # In batches of 4 the batch statistics differ from the running ones, and so do the scores.
     assert not np.allclose(net.scores(X[:4], "train"), net.scores(X[:4], "test"))
+
+
+def test_train_mode_scores_each_batch_with_its_own_statistics_and_test_mode_with_the_running_ones():
+    """Running statistics far from the data's (zero mean, unit variance for features of mean 3 and sd 2): in
+    one batch of every image, train mode is the net normalising with the whole set's statistics, test mode
+    the net as predict() scores it, and the two disagree."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((60, 16)) * 2 + 3
+    net = identity_fc_net()
+    net.bn_params[0]["running_mean"], net.bn_params[0]["running_var"] = np.zeros(16), np.ones(16)
+    train_labels = net.scores(X, "train").argmax(axis=1)
+    test_labels = net.predict(X)
+    y = train_labels.copy()
+    y[:6] = (y[:6] + 1) % 3  # 6 of 60 wrong in train mode, whatever test mode says
+    errors = diagnostics.train_test_error(net, X, y, batch_size=60)
+    assert errors["train_mode_error"] == pytest.approx(6 / 60)
+    assert errors["test_mode_error"] == pytest.approx(np.mean(test_labels != y))
+    assert np.mean(test_labels != train_labels) > 0.1  # the two modes really do score differently here
+    assert errors["test_mode_error"] != pytest.approx(errors["train_mode_error"])
+
+
+def test_train_mode_error_counts_every_image_once_in_batches_of_the_training_size():
+    """53 images in batches of 4: the last batch is filled from the start, and those images are not
+    counted twice. With batch norm's statistics in train mode taken per batch, each image's label
+    depends on its batch; with a group-kind norm it does not, so the train-mode error is the test
+    mode's exactly, and a count off by the refilled images would show."""
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((53, 16)) * 2 + 3
+    net = identity_fc_net("layernorm")
+    y = rng.integers(0, 3, 53)
+    errors = diagnostics.train_test_error(net, X, y, batch_size=4)
+    expected = np.mean(net.scores(X, "train").argmax(axis=1) != y)
+    assert errors["train_mode_error"] == pytest.approx(expected) and 0 < expected < 1
+    assert errors["test_mode_error"] == pytest.approx(np.mean(net.predict(X) != y))
 
 
 def test_recomputed_equals_running_when_the_running_statistics_are_the_true_ones():
@@ -137,6 +175,21 @@ def test_recomputed_equals_running_when_the_running_statistics_are_the_true_ones
     assert metrics["recomputed_error"] == metrics["running_error"]
     # Pooled over 5 chunks against one pass: equal to rounding.
     assert metrics["norm1/mean_gap"] < 1e-12 and metrics["norm1/log_var_gap"] < 1e-12
+
+
+def test_running_statistics_off_by_known_amounts_give_those_gaps():
+    """Running means off by one sd (up in two channels, down in two) and variances off by a factor e^0.5 (up,
+    down): gaps of 1 sd and 0.5 in log variance, whichever way each channel is off."""
+    rng = np.random.default_rng(0)
+    X_train = rng.standard_normal((200, 4, 4, 4)) * 3 + 2
+    X, y = X_train[:30], rng.integers(0, 3, 30)
+    net = identity_conv_net()
+    mean, var = X_train.mean(axis=(0, 2, 3)), X_train.var(axis=(0, 2, 3))
+    net.bn_param["running_mean"] = mean + np.array([1, 1, -1, -1]) * np.sqrt(var)
+    net.bn_param["running_var"] = var * np.exp(np.array([0.5, -0.5, 0.5, -0.5]))
+    metrics = diagnostics.recomputed_statistics_error(net, X_train, X, y, batch_size=64)
+    assert metrics["norm1/mean_gap"] == pytest.approx(1.0, rel=1e-9)
+    assert metrics["norm1/log_var_gap"] == pytest.approx(0.5, rel=1e-9)
 
 
 def test_statistics_are_recomputed_layer_by_layer():
@@ -171,6 +224,7 @@ def test_no_diagnostic_changes_the_model():
     diagnostics.effective_sample_sizes(moments), diagnostics.log_variance_spreads(moments)
     diagnostics.train_test_error(net, X, y, 8)
     diagnostics.recomputed_statistics_error(net, X, X, y, batch_size=25)
+    diagnostics.batch_noise(net, X, 4, num_batches=3)
     after = net.state_dict()
     assert after.keys() == before.keys()
     for k in before:
@@ -181,7 +235,118 @@ def test_no_diagnostic_changes_the_model():
 def test_batch_sizes_beyond_the_images_and_mismatched_labels_are_named():
     X = np.zeros((10, 16))
     net = identity_fc_net()
-    with pytest.raises(ValueError, match="batch_size must be an integer >= 2 and <= 10, got 11"):
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1 and <= 10, got 11"):
         diagnostics.sample_batch_moments(net, X, 11)
     with pytest.raises(ValueError, match="y has 9 labels but X has 10 images"):
         diagnostics.train_test_error(net, X, np.zeros(9, dtype=int), 2)
+
+
+def test_a_ghost_batch_norm_net_is_measured_on_batches_of_its_norm_batch():
+    """Each sampled batch is one normalization group: a net with norm_batch = 2 measured at 2 images
+    gives what the same net without norm_batch gives at 2, and any batch size may be asked for."""
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((41, 4, 4, 4)) * 2 + 1, rng.integers(0, 3, 41)
+    ghost, plain = identity_conv_net(norm_batch=2), identity_conv_net()
+    for net in (ghost, plain):
+        net.bn_param["running_mean"], net.bn_param["running_var"] = np.full(4, 1.0), np.full(4, 4.0)
+    got, want = (diagnostics.sample_batch_moments(net, X, 2, 20, seed=3)[0] for net in (ghost, plain))
+    assert got.nominal == want.nominal == 2 * 4 * 4
+    np.testing.assert_array_equal(got.means, want.means)
+    assert diagnostics.train_test_error(ghost, X, y, 2) == diagnostics.train_test_error(plain, X, y, 2)
+    diagnostics.train_test_error(ghost, X, y, 3)  # 3 images, one group, though norm_batch 2 would not divide them
+    assert ghost.bn_param["norm_batch"] == 2  # the model's own bn_params keep it
+
+
+# ---------------------------------------------------------------------------
+# batch_noise: the noise batch statistics inject, relative to the signal, at every layer
+# ---------------------------------------------------------------------------
+
+
+def expected_batch_noise(n):
+    """sqrt(2 (1 - E[s])) for n independent standard normal values per channel and batch.
+
+    With population statistics (mean 0, variance 1) x_hat_pop = z, and with the batch's,
+    x_hat_train = (z - m) / s (m the batch mean, s the biased sample sd; eps is negligible
+    against unit variance). Per batch, mean(x_hat_train**2) = 1 = mean(z**2) and
+    mean(x_hat_train * z) = mean((z - m) * z) / s = s**2 / s = s, so
+    mean((x_hat_train - z)**2) = 2 (1 - s): the ratio of sums tends to sqrt(2 (1 - E[s])),
+    with E[s] = sqrt(2/n) Gamma(n/2) / Gamma((n-1)/2) (the chi distribution with n - 1
+    degrees of freedom, scaled by 1/sqrt(n)): about sqrt(1.5 / n) for large n.
+    """
+    mean_s = math.sqrt(2 / n) * math.exp(gammaln(n / 2) - gammaln((n - 1) / 2))
+    return math.sqrt(2 * (1 - mean_s))
+
+
+def test_expected_batch_noise_is_about_the_square_root_of_one_and_a_half_over_n_for_large_n():
+    assert expected_batch_noise(10_000) == pytest.approx(math.sqrt(1.5 / 10_000), rel=1e-3)
+
+
+# Over K = 200 batches and 16 channels, each channel's per-batch 2 (1 - s) has a relative sd of
+# about 1 (a scaled chi-square with few degrees of freedom), so the mean over 3,200 has about 2%
+# and its square root 1%; four seeds of these tests came within 2.4% (sd 1.2%): 4% is over three.
+NOISE_TOL = 0.04
+
+
+@pytest.mark.parametrize("batch, size", [(2, 4), (8, 1)], ids=["conv-2-images-of-4x4", "conv-8-images-of-1x1"])
+def test_independent_gaussian_features_give_the_batch_noise_of_n_values(batch, size):
+    X = np.random.default_rng(0).standard_normal((4000, CHANNELS, size, size))
+    net = identity_conv_net(channels=CHANNELS, size=size)
+    found = diagnostics.batch_noise(net, X, batch, num_batches=200, seed=1)
+    assert found["norm1/batch_noise"] == pytest.approx(expected_batch_noise(batch * size * size), rel=NOISE_TOL)
+    assert found["batch_noise_max"] == found["norm1/batch_noise"]
+
+
+def _two_batch_norm_layers():
+    """An FC net whose second norm layer sees the first's output unchanged: identity weights,
+    zero biases and a beta of 10 on the first layer, so its relu passes everything."""
+    net = FullyConnectedNet([CHANNELS, CHANNELS], input_dim=CHANNELS, num_classes=3, normalization="batchnorm",
+                            weight_scale=0.3, dtype=np.float64, seed=0)
+    net.params["W1"], net.params["W2"] = np.eye(CHANNELS), np.eye(CHANNELS)
+    net.params["beta1"] = np.full(CHANNELS, 10.0)
+    return net
+
+
+def test_a_feature_normalised_upstream_keeps_the_noise_that_normalisation_put_there():
+    """Layer 2 normalises what layer 1 already normalised over the same images: its batch mean
+    never moves (n_eff is inflated without bound), yet its output carries layer 1's noise, no
+    less: both layers' batch_noise is that of n = 8 independent values."""
+    X = np.random.default_rng(0).standard_normal((4000, CHANNELS))
+    net = _two_batch_norm_layers()
+    found = diagnostics.batch_noise(net, X, BATCH, num_batches=200, seed=1)
+    assert found["norm1/batch_noise"] == pytest.approx(expected_batch_noise(BATCH), rel=NOISE_TOL)
+    assert found["norm2/batch_noise"] == pytest.approx(found["norm1/batch_noise"], rel=1e-3)
+    moments = diagnostics.sample_batch_moments(net, X, BATCH, BATCHES, seed=1)
+    n_eff = diagnostics.effective_sample_sizes(moments)
+    assert n_eff["norm1/n_eff"] == pytest.approx(BATCH, rel=N_EFF_TOL)
+    assert n_eff["norm2/n_eff"] > 1000 * BATCH  # what the issue found inflated
+
+
+def test_batch_noise_is_zero_where_the_batch_statistics_are_the_population_ones():
+    """Every batch the whole of X: its statistics are the population's, and nothing is noise."""
+    X = np.random.default_rng(0).standard_normal((40, 4, 4, 4)) * 2 + 1
+    found = diagnostics.batch_noise(identity_conv_net(), X, 40, num_batches=2)
+    assert found["norm1/batch_noise"] < 1e-12
+
+
+def test_batch_noise_uses_the_population_statistics_given_and_needs_batch_norm():
+    X = np.random.default_rng(0).standard_normal((200, 4, 4, 4))
+    net = identity_conv_net()
+    population = diagnostics.recompute_bn_statistics(net, X)
+    assert diagnostics.batch_noise(net, X, 4, population, num_batches=20) == diagnostics.batch_noise(
+        net, X, 4, num_batches=20)
+    # Population means 3 sd off: x_hat_pop = z - 3 against x_hat_train ~ z, a ratio near 3 / sqrt(1 + 9).
+    far = [{**population[0], "running_mean": population[0]["running_mean"] + 3}]
+    assert diagnostics.batch_noise(net, X, 4, far, num_batches=20)["norm1/batch_noise"] == pytest.approx(
+        3 / math.sqrt(10), rel=0.05)
+    assert diagnostics.batch_noise(identity_conv_net("groupnorm", num_groups=2), X, 4) == {}
+
+
+def test_batch_noise_measures_every_layer_of_a_deep_net_with_batch_norm():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 3, 8, 8))
+    net = ConvNet(input_dim=(3, 8, 8), num_filters=(4, 4, 4), filter_size=3, hidden_dim=8, num_classes=3,
+                  weight_scale=0.3, normalization="batchnorm", dtype=np.float64, seed=0)
+    small, large = (diagnostics.batch_noise(net, X, b, num_batches=30) for b in (2, 32))
+    assert set(small) == {"norm1/batch_noise", "norm2/batch_noise", "norm3/batch_noise", "batch_noise_max"}
+    # Fewer images per batch statistic, more noise, at every layer.
+    assert all(small[k] > large[k] for k in small)

@@ -4,10 +4,13 @@ Shapes come from hypothesis: any stride and padding, non-square inputs and
 filters, batches of one, overlapping pool windows and windows that do not tile.
 The fast layers work on chunks of images sized in bytes (backend.chunk_bytes);
 each property is checked with one image per chunk, a few (with a partial last
-chunk), and the default. (The tie rule of max-pool backward is tested for both
-implementations in test_layers.py.)
+chunk), and the default. The convolution is checked on every kernel of
+cnncore.fast_conv, each forced in turn (direct im2col on the exact output grid,
+direct on pitched rows, Winograd F(2x2, 3x3)) and as the shape chooses. (The tie
+rule of max-pool backward is tested for both implementations in test_layers.py.)
 """
 
+import contextlib
 import math
 import re
 from unittest import mock
@@ -17,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cnncore import fast_layers, layers
+from cnncore import backend, fast_conv, fast_layers, layers
 from cnncore.backend import CPU_CHUNK_BYTES
 from cnncore.gradient_check import check_layer_gradients
 
@@ -29,9 +32,26 @@ FEW = settings(max_examples=30, deadline=None)
 CHUNK_BYTES = st.sampled_from([1, 2048, CPU_CHUNK_BYTES])
 
 
+@contextlib.contextmanager
 def _chunks_of(nbytes):
     """Make the fast layers work on chunks of about nbytes (at least one image each)."""
-    return mock.patch.object(fast_layers, "chunk_bytes", lambda xp: nbytes)
+    with mock.patch.object(backend, "chunk_bytes", lambda xp: nbytes):
+        yield
+
+
+NEVER = 1 << 40
+# How each kernel of fast_conv is forced: the thresholds of its choice by shape.
+CONV_PATHS = {
+    "chosen by shape": {},
+    "direct, exact grid": {"PITCHED_MIN_TAPS_PER_FILTER": NEVER, "WINOGRAD_MIN_CHANNELS": NEVER},
+    "direct, pitched rows": {"PITCHED_MIN_TAPS_PER_FILTER": -1, "WINOGRAD_MIN_CHANNELS": NEVER},
+    "winograd": {"WINOGRAD_MIN_CHANNELS": 0, "WINOGRAD_MIN_TILE_USE": 0, "WINOGRAD_MIN_OUTPUTS": 0},
+}
+
+
+def conv_path(path):
+    """A context in which fast_conv takes the kernel named path wherever it applies."""
+    return mock.patch.multiple(fast_conv, **CONV_PATHS[path]) if CONV_PATHS[path] else contextlib.nullcontext()
 
 
 def _assert_same(fast, naive, name):
@@ -56,21 +76,20 @@ def _assert_all_same(fast, naive, names):
 
 
 @st.composite
-def conv_cases(draw, dx_by_convolution=False):
+def conv_cases(draw, path="chosen by shape"):
     """(x, w, b, conv_param) whose windows tile the padded input, as the layers require.
 
-    dx_by_convolution: the shapes for which the fast backward computes dx as a
-    convolution of dout with the flipped filters (stride 1, square filters,
-    pad < filter size, 8 or more channels) rather than by col2im.
+    path "winograd": 3x3 filters at stride 1 (any padding up to 2), where that kernel
+    applies; "direct, pitched rows": stride 1 (dx then is itself a convolution,
+    of dout padded by filter size - 1 - pad, which crops where pad is larger);
+    otherwise any stride, padding and filter.
     """
-    N, F = draw(st.integers(1, 4)), draw(st.integers(1, 3))
-    if dx_by_convolution:
-        C, stride = draw(st.integers(8, 10)), 1
-        HH = WW = draw(st.integers(1, 4))
-        pad = draw(st.integers(0, HH - 1))
+    N, F, C = draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    if path == "winograd":
+        stride, pad, HH, WW = 1, draw(st.integers(0, 2)), 3, 3
     else:
-        C, stride, pad = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(0, 2))
-        HH, WW = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+        stride = 1 if path == "direct, pitched rows" else draw(st.integers(1, 3))
+        pad, HH, WW = draw(st.integers(0, 2)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
 
     def tiling_size(k):
         # n + 2*pad - k must be a non-negative multiple of stride, with n >= 1.
@@ -83,7 +102,9 @@ def conv_cases(draw, dx_by_convolution=False):
     return x, w, b, {"stride": stride, "pad": pad}
 
 
-ANY_CONV = st.one_of(conv_cases(), conv_cases(dx_by_convolution=True))
+# (path, case): a kernel, and a shape it applies to.
+ANY_CONV = st.sampled_from(list(CONV_PATHS)).flatmap(lambda path: st.tuples(st.just(path), conv_cases(path)))
+CONV_EXAMPLES = settings(max_examples=80, deadline=None)
 
 
 def _conv_out_shape(x, w, conv_param):
@@ -92,26 +113,28 @@ def _conv_out_shape(x, w, conv_param):
             (x.shape[3] - w.shape[3] + 2 * pad) // s + 1)
 
 
-@FEW
+@CONV_EXAMPLES
 @given(ANY_CONV, CHUNK_BYTES)
-def test_conv_fast_matches_naive_output_and_every_gradient(case, chunk):
+def test_conv_fast_matches_naive_output_and_every_gradient(path_case, chunk):
+    path, case = path_case
     out_naive, cache = layers.conv_forward_naive(*case)
-    with _chunks_of(chunk):
+    with _chunks_of(chunk), conv_path(path):
         out_fast, cache_fast = fast_layers.conv_forward_fast(*case)
     assert out_fast.shape == _conv_out_shape(*case[:2], case[3])
-    _assert_same(out_fast, out_naive, "out")
+    _assert_same(out_fast, out_naive, f"out ({path})")
     dout = np.random.default_rng(1).standard_normal(out_naive.shape)
-    with _chunks_of(chunk):
+    with _chunks_of(chunk), conv_path(path):
         grads_fast = fast_layers.conv_backward_fast(dout, cache_fast)
-    _assert_all_same(grads_fast, layers.conv_backward_naive(dout, cache), ["dx", "dw", "db"])
+    _assert_all_same(grads_fast, layers.conv_backward_naive(dout, cache), [f"{g} ({path})" for g in ("dx", "dw", "db")])
 
 
 @FEW
 @given(ANY_CONV, CHUNK_BYTES)
-def test_conv_backward_fast_without_dx_returns_none_and_the_same_dw_db(case, chunk):
+def test_conv_backward_fast_without_dx_returns_none_and_the_same_dw_db(path_case, chunk):
+    path, case = path_case
     out, cache = fast_layers.conv_forward_fast(*case)
     dout = np.random.default_rng(2).standard_normal(out.shape)
-    with _chunks_of(chunk):
+    with _chunks_of(chunk), conv_path(path):
         _, dw, db = fast_layers.conv_backward_fast(dout, cache)
         dx_skipped, dw_skipped, db_skipped = fast_layers.conv_backward_fast(dout, cache, need_dx=False)
     assert dx_skipped is None
@@ -135,9 +158,11 @@ def _conv_args(x_shape, w_shape, stride, pad, seed=4):
     ],
     ids=["square-pad1", "stride2-pad0-batch1-nonsquare", "stride3-pad1-1xN-filter", "8-channels-dx-by-convolution"],
 )
-def test_conv_backward_fast_matches_numeric_gradient(x_shape, w_shape, stride, pad):
+@pytest.mark.parametrize("path", list(CONV_PATHS))
+def test_conv_backward_fast_matches_numeric_gradient(x_shape, w_shape, stride, pad, path):
     args = _conv_args(x_shape, w_shape, stride, pad)
-    errors = check_layer_gradients(fast_layers.conv_forward_fast, fast_layers.conv_backward_fast, args, [0, 1, 2])
+    with conv_path(path):
+        errors = check_layer_gradients(fast_layers.conv_forward_fast, fast_layers.conv_backward_fast, args, [0, 1, 2])
     assert max(errors.values()) < GRAD_TOL, errors
 
 
@@ -222,11 +247,11 @@ def test_max_pool_backward_fast_matches_numeric_gradient(x_shape, ph, pw, stride
 
 @st.composite
 def conv_pool_cases(draw):
-    """A conv case and a pool window that fits its output."""
-    x, w, b, conv_param = draw(ANY_CONV)
+    """(path, case): a conv kernel, a conv case it applies to, and a pool window that fits its output."""
+    path, (x, w, b, conv_param) = draw(ANY_CONV)
     _, _, Ho, Wo = _conv_out_shape(x, w, conv_param)
     ph, pw = draw(st.integers(1, min(3, Ho))), draw(st.integers(1, min(3, Wo)))
-    return x, w, b, conv_param, {"pool_height": ph, "pool_width": pw, "stride": draw(st.integers(1, 3))}
+    return path, (x, w, b, conv_param, {"pool_height": ph, "pool_width": pw, "stride": draw(st.integers(1, 3))})
 
 
 def _naive_conv_relu_pool(x, w, b, conv_param, pool_param, dout):
@@ -238,15 +263,16 @@ def _naive_conv_relu_pool(x, w, b, conv_param, pool_param, dout):
     return out, layers.conv_backward_naive(da, conv_cache)
 
 
-@FEW
+@CONV_EXAMPLES
 @given(conv_pool_cases(), CHUNK_BYTES)
-def test_fused_conv_relu_pool_matches_the_naive_chain(case, chunk):
-    with _chunks_of(chunk):
+def test_fused_conv_relu_pool_matches_the_naive_chain(path_case, chunk):
+    path, case = path_case
+    with _chunks_of(chunk), conv_path(path):
         out, cache = fast_layers.conv_relu_pool_forward_fast(*case)
     dout = np.random.default_rng(6).standard_normal(out.shape)
     expected_out, expected_grads = _naive_conv_relu_pool(*case, dout)
-    _assert_same(out, expected_out, "out")
-    with _chunks_of(chunk):
+    _assert_same(out, expected_out, f"out ({path})")
+    with _chunks_of(chunk), conv_path(path):
         grads = fast_layers.conv_relu_pool_backward_fast(dout, cache)
         skipped = fast_layers.conv_relu_pool_backward_fast(dout, cache, need_dx=False)
     _assert_all_same(grads, expected_grads, ["dx", "dw", "db"])
@@ -335,6 +361,64 @@ def test_spatial_groupnorm_backward_fast_matches_numeric_gradient(G):
     assert max(errors.values()) < GRAD_TOL, errors
 
 
+@st.composite
+def feature_norm_cases(draw):
+    """(x (N, D), gamma, beta, norm_batch): batch and layer norm on features, as the
+    FullyConnectedNet uses them; norm_batch any divisor of N with 2+ rows a group, or None."""
+    N, D = draw(st.integers(2, 8)), draw(st.integers(1, 7))
+    norm_batch = draw(st.sampled_from([None] + [g for g in range(2, N + 1) if N % g == 0]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = 3 * rng.standard_normal((N, D)) + rng.standard_normal(D)
+    return x, 1 + rng.standard_normal(D), rng.standard_normal(D), norm_batch
+
+
+@FEW
+@given(feature_norm_cases(), st.sampled_from(["train", "test"]))
+def test_batchnorm_fast_matches_naive_output_gradients_running_stats_and_caches(case, mode):
+    x, gamma, beta, norm_batch = case
+    naive, fast = ({**_bn_param(mode, x.shape[1]), "norm_batch": norm_batch} for _ in range(2))
+    out_naive, cache_naive = layers.batchnorm_forward(x, gamma, beta, naive)
+    out_fast, cache_fast = fast_layers.batchnorm_forward_fast(x, gamma, beta, fast)
+    _assert_all_same([out_fast, fast["running_mean"], fast["running_var"]],
+                     [out_naive, naive["running_mean"], naive["running_var"]], ["out", "running_mean", "running_var"])
+    _assert_backwards_agree(fast_layers.batchnorm_backward_fast, layers.batchnorm_backward_alt, cache_fast, cache_naive)
+
+
+def _assert_backwards_agree(fast, naive, cache_fast, cache_naive):
+    """The fast and the naive backward give the naive one's gradients from either forward's cache."""
+    dout = np.random.default_rng(14).standard_normal(_rows_of(cache_naive[0]).shape)
+    expected = naive(dout, cache_naive)
+    for backward, cache in ((fast, cache_fast), (fast, cache_naive), (naive, cache_fast)):
+        _assert_all_same(backward(dout, cache), expected, [f"{backward.__name__} {g}" for g in ("dx", "dgamma", "dbeta")])
+
+
+def _rows_of(x_hat):
+    """A feature norm's cached x_hat, (N, D) or ghost batch norm's (groups, n, D), as (N, D)."""
+    return x_hat.reshape(-1, x_hat.shape[-1])
+
+
+@FEW
+@given(feature_norm_cases())
+def test_layernorm_fast_matches_naive_output_gradients_and_caches(case):
+    x, gamma, beta, _ = case
+    out_naive, cache_naive = layers.layernorm_forward(x, gamma, beta, {})
+    out_fast, cache_fast = fast_layers.layernorm_forward_fast(x, gamma, beta, {})
+    _assert_same(out_fast, out_naive, "out")
+    _assert_backwards_agree(fast_layers.layernorm_backward_fast, layers.layernorm_backward, cache_fast, cache_naive)
+
+
+@pytest.mark.parametrize("forward, backward, param", [
+    (fast_layers.batchnorm_forward_fast, fast_layers.batchnorm_backward_fast, {"mode": "train"}),
+    (fast_layers.batchnorm_forward_fast, fast_layers.batchnorm_backward_fast, {"mode": "train", "norm_batch": 3}),
+    (fast_layers.layernorm_forward_fast, fast_layers.layernorm_backward_fast, {}),
+], ids=["batchnorm", "ghost-batchnorm", "layernorm"])
+def test_feature_norms_fast_backward_matches_numeric_gradient(forward, backward, param):
+    rng = np.random.default_rng(16)
+    args = [2 * rng.standard_normal((6, 5)) + 1, rng.standard_normal(5), rng.standard_normal(5), param]
+    errors = check_layer_gradients(forward, backward, args, [0, 1, 2])
+    assert max(errors.values()) < GRAD_TOL, errors
+
+
 # ---------------------------------------------------------------------------
 # The shared contract, and argument validation
 # ---------------------------------------------------------------------------
@@ -351,10 +435,10 @@ def _contract_cases():
     cases = {
         "conv": (fast_layers.conv_forward_fast, fast_layers.conv_backward_fast,
                  _conv_args((2, 3, 7, 6), (4, 3, 3, 2), 2, 1)),
-        "conv-dx-by-convolution": (fast_layers.conv_forward_fast, fast_layers.conv_backward_fast,
-                                   _conv_args((2, 8, 5, 5), (3, 8, 3, 3), 1, 1)),
+        "conv-pitched-dx-by-convolution": (fast_layers.conv_forward_fast, fast_layers.conv_backward_fast,
+                                           _conv_args((2, 8, 5, 5), (3, 8, 3, 3), 1, 1)),
         "conv-winograd": (fast_layers.conv_forward_fast, fast_layers.conv_backward_fast,
-                          _conv_args((2, 16, 5, 5), (16, 16, 3, 3), 1, 1)),
+                          _conv_args((8, 32, 8, 8), (32, 32, 3, 3), 1, 1)),
         "conv-without-dx": (fast_layers.conv_forward_fast, _conv_backward_without_dx,
                             _conv_args((1, 2, 5, 5), (3, 2, 3, 3), 1, 0)),
         "pool": (fast_layers.max_pool_forward_fast, fast_layers.max_pool_backward_fast, [x, pool]),
@@ -364,6 +448,10 @@ def _contract_cases():
                            _conv_args((2, 3, 6, 6), (4, 3, 3, 3), 1, 1) + [pool]),
         "groupnorm": (fast_layers.spatial_groupnorm_forward_fast, fast_layers.spatial_groupnorm_backward_fast,
                       [x, gamma, beta, 2, {}]),
+        "affine-batchnorm": (fast_layers.batchnorm_forward_fast, fast_layers.batchnorm_backward_fast,
+                             [x.reshape(4, -1)[:, :4], gamma, beta, _bn_param("train", 4)]),
+        "layernorm": (fast_layers.layernorm_forward_fast, fast_layers.layernorm_backward_fast,
+                      [x.reshape(4, -1)[:, :4], gamma, beta, {}]),
     }
     for mode in ("train", "test"):
         cases[f"batchnorm-{mode}"] = (fast_layers.spatial_batchnorm_forward_fast,
@@ -403,6 +491,12 @@ def _zeros(*shapes):
                      _zeros((2, 6, 2, 2), (6,), (6,), 4, {}), id="groupnorm-G"),
         pytest.param(layers.spatial_groupnorm_forward, fast_layers.spatial_groupnorm_forward_fast,
                      _zeros((2, 6, 2, 2), (6,), (1, 5, 1, 1), 3, {}), id="groupnorm-beta"),
+        pytest.param(layers.batchnorm_forward, fast_layers.batchnorm_forward_fast,
+                     _zeros((4, 3), (3,), (3,), {"mode": "train", "momentum": 1.5}), id="affine-batchnorm-momentum"),
+        pytest.param(layers.batchnorm_forward, fast_layers.batchnorm_forward_fast,
+                     _zeros((4, 3, 2), (3,), (3,), {"mode": "train"}), id="affine-batchnorm-ndim"),
+        pytest.param(layers.layernorm_forward, fast_layers.layernorm_forward_fast,
+                     _zeros((4, 3), (3,), (2,), {}), id="layernorm-beta"),
     ],
 )
 def test_fast_layer_rejects_bad_input_with_the_naive_layer_message(naive, fast, args):

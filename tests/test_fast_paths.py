@@ -1,11 +1,13 @@
-"""The speed paths of cnncore.fast_layers against the reference layers they stand for.
+"""The speed paths of cnncore.fast_layers and fast_conv against the reference layers they stand for.
 
 Chunking (one image per chunk, a partial last chunk, the whole batch at once),
 the fused conv -> relu -> max pool, the pool's recorded argmax, the spatial
 norms' twins, and caches passed between the fast and the reference backward.
-Shapes cover stride 2 and 3, padding 0, both ways of computing dx (col2im, and
-a convolution of dout for 8+ channels,
-Winograd F(2x2, 3x3) for 16+, dw too), overlapping and non-tiling pools, ties.
+Shapes cover stride 2 and 3, padding 0, both ways of computing dx (col2im at
+stride > 1, a convolution of dout at stride 1), every conv kernel as the shape
+chooses it (direct on the exact grid for few channels, on pitched rows for
+more, Winograd F(2x2, 3x3) for 32+ channels in and out, dw too), overlapping and
+non-tiling pools, ties. The choice of kernel is tested on the study nets' shapes.
 """
 
 import copy
@@ -13,7 +15,7 @@ import copy
 import numpy as np
 import pytest
 
-from cnncore import backend, fast_layers, layers
+from cnncore import backend, fast_conv, fast_layers, layers
 
 # In float64 the fast and reference layers sum the same terms in other orders:
 # they agree to ~1e-15 relative to each array's largest entry.
@@ -23,11 +25,11 @@ CONVS = {
     "7x7-pad3": ((5, 3, 8, 8), (4, 3, 7, 7), {"stride": 1, "pad": 3}),
     "3x3-stride2-pad0": ((5, 2, 9, 7), (3, 2, 3, 3), {"stride": 2, "pad": 0}),
     "1x2-stride3": ((4, 2, 8, 9), (2, 2, 1, 2), {"stride": 3, "pad": 1}),
-    # 8 or more input channels, stride 1, square filters: dx as a convolution of dout.
+    # More taps than 2 per filter, stride 1: pitched rows; dx as a convolution of dout.
     "3x3-pad1-8-channels": ((5, 8, 6, 5), (3, 8, 3, 3), {"stride": 1, "pad": 1}),
     "5x5-pad0-9-channels": ((3, 9, 8, 7), (2, 9, 5, 5), {"stride": 1, "pad": 0}),
-    # 3x3, stride 1, 16 or more channels in and out: Winograd F(2x2, 3x3) for the
-    # output, dx and dw; odd output heights and widths crop the tile grid.
+    # 3x3, stride 1, 16 or more channels in and out: Winograd F(2x2, 3x3) (see
+    # small_winograd) for the output, dx and dw; odd output heights and widths crop the tile grid.
     "3x3-pad1-16-channels-winograd": ((3, 16, 7, 6), (16, 16, 3, 3), {"stride": 1, "pad": 1}),
     "3x3-pad0-17-channels-winograd": ((2, 17, 8, 5), (16, 17, 3, 3), {"stride": 1, "pad": 0}),
 }
@@ -45,8 +47,18 @@ def _assert_same(got, expected, name):
 @pytest.fixture(params=list(CHUNK_SIZES.values()), ids=list(CHUNK_SIZES))
 def chunk_images(request, monkeypatch):
     """The fast layers work on chunks of this many images (batches here have 3 to 6)."""
-    monkeypatch.setattr(fast_layers, "_images_per_chunk", lambda N, bytes_per_image, xp: min(N, request.param))
+    monkeypatch.setattr(backend, "images_per_chunk", lambda N, bytes_per_image, xp: min(N, request.param))
     return request.param
+
+
+@pytest.fixture
+def small_winograd(monkeypatch):
+    """Winograd for every 3x3 stride-1 conv with 16+ channels in and out, whatever its size,
+    so that the named shapes, kept small for the naive loops' sake, reach it (the crossover
+    fast_conv takes on real shapes is tested on the study nets' layers below)."""
+    monkeypatch.setattr(fast_conv, "WINOGRAD_MIN_CHANNELS", 16)
+    monkeypatch.setattr(fast_conv, "WINOGRAD_MIN_OUTPUTS", 0)
+    monkeypatch.setattr(fast_conv, "WINOGRAD_MIN_TILE_USE", 0)
 
 
 def _conv_case(name, seed=0, integers=False):
@@ -60,7 +72,7 @@ def _conv_case(name, seed=0, integers=False):
 
 
 @pytest.mark.parametrize("conv", list(CONVS))
-def test_chunked_conv_matches_naive_output_and_gradients(conv, chunk_images):
+def test_chunked_conv_matches_naive_output_and_gradients(conv, chunk_images, small_winograd):
     x, w, b, conv_param = _conv_case(conv)
     out, cache = fast_layers.conv_forward_fast(x, w, b, conv_param)
     expected, naive_cache = layers.conv_forward_naive(x, w, b, conv_param)
@@ -82,7 +94,7 @@ def _naive_conv_relu_pool(x, w, b, conv_param, pool_param, dout):
 @pytest.mark.parametrize("integers", [False, True], ids=["random", "ties"])
 @pytest.mark.parametrize("pool", list(POOLS))
 @pytest.mark.parametrize("conv", list(CONVS))
-def test_fused_conv_relu_pool_matches_the_naive_chain(conv, pool, integers, chunk_images):
+def test_fused_conv_relu_pool_matches_the_naive_chain(conv, pool, integers, chunk_images, small_winograd):
     x, w, b, conv_param = _conv_case(conv, seed=2, integers=integers)
     pool_param = POOLS[pool]
     conv_out = layers.conv_forward_naive(x, w, b, conv_param)[0]
@@ -203,6 +215,33 @@ def test_spatial_groupnorm_fast_matches_the_reference_and_shares_its_cache(shape
 )
 def test_fast_norm_keeps_float32_and_never_modifies_its_inputs(forward, backward, args, layer_contract):
     layer_contract(forward, backward, args)
+
+
+@pytest.mark.parametrize("conv", list(CONVS))
+def test_each_named_conv_takes_the_kernel_its_comment_says(conv, small_winograd):
+    x_shape, w_shape, conv_param = CONVS[conv]
+    g = fast_conv.Geometry(x_shape, w_shape, conv_param["stride"], conv_param["pad"])
+    assert fast_conv.algorithm(g) == ("winograd" if conv.endswith("winograd") else "direct")
+    if not conv.endswith("winograd"):
+        assert g.pitched == (conv in {"7x7-pad3", "3x3-pad1-8-channels", "5x5-pad0-9-channels"})
+
+
+@pytest.mark.parametrize("batch, kernels", [
+    (2, ["direct, exact grid", "direct, pitched rows", "direct, pitched rows"]),
+    (8, ["direct, exact grid", "winograd", "direct, pitched rows"]),
+    (32, ["direct, exact grid", "winograd", "direct, pitched rows"]),
+])
+def test_the_mnist_convnets_layers_take_the_kernels_measured_fastest_for_them(batch, kernels):
+    """The 3-block MNIST convnet's convolutions (1 -> 32 channels on 28x28, 32 -> 32 on 14x14
+    and on 7x7, all 3x3 pad 1): Winograd only where the crossover measured in fast_conv says."""
+    layers_ = [((batch, 1, 28, 28), (32, 1, 3, 3)), ((batch, 32, 14, 14), (32, 32, 3, 3)),
+               ((batch, 32, 7, 7), (32, 32, 3, 3))]
+    chosen = []
+    for x_shape, w_shape in layers_:
+        g = fast_conv.Geometry(x_shape, w_shape, 1, 1)
+        kind = fast_conv.algorithm(g)
+        chosen.append(kind if kind == "winograd" else f"direct, {'pitched rows' if g.pitched else 'exact grid'}")
+    assert chosen == kernels
 
 
 def test_chunk_budget_is_the_cpu_one_for_numpy_and_unbounded_elsewhere():

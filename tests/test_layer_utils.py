@@ -67,11 +67,15 @@ def _cases():
             args = [x, w, b, gamma, beta, CONV, _bn_param(mode, 4)]
             cases.append((f"conv_bn_relu_pool-{mode}-gamma{shape_name}", layer_utils.conv_bn_relu_pool_forward,
                           layer_utils.conv_bn_relu_pool_backward, args, [conv, bn, relu, pool], mode == "train"))
+            cases.append((f"conv_bn_relu-{mode}-gamma{shape_name}", layer_utils.conv_bn_relu_forward,
+                          layer_utils.conv_bn_relu_backward, args, [conv, bn, relu], mode == "train"))
         for G in (1, 2, 4):
             gn = (layers.spatial_groupnorm_forward, layers.spatial_groupnorm_backward, (gamma, beta, G, {}))
             args = [x, w, b, gamma, beta, CONV, G, {}]
             cases.append((f"conv_gn_relu_pool-G={G}-gamma{shape_name}", layer_utils.conv_gn_relu_pool_forward,
                           layer_utils.conv_gn_relu_pool_backward, args, [conv, gn, relu, pool], G == 4))
+            cases.append((f"conv_gn_relu-G={G}-gamma{shape_name}", layer_utils.conv_gn_relu_forward,
+                          layer_utils.conv_gn_relu_backward, args, [conv, gn, relu], G == 4))
     return [pytest.param(*case, id=case[0]) for case in cases]
 
 

@@ -84,6 +84,16 @@ def test_answer_row_matches_the_interaction_computed_by_hand():
                         f"{minimum_detectable_effect(3, d.std(ddof=1)):.2f}"]
 
 
+def test_a_detected_interaction_either_way_is_said_with_a_positive_size():
+    """Who loses more is in the words; the size is how much more, a positive number of points."""
+    for bn_extra, loser, winner in ((5.0, "BN", "GN"), (-5.0, "GN", "BN")):
+        result = build_study(synthetic_trials(bn_extra), spec())
+        row = result.tables["interactions"].query("batch_size == 2").iloc[0]
+        assert (row["mean"] > 0) == (bn_extra > 0) and row.verdict == f"{loser} loses more than {winner}"
+        assert (f"At batch 2: {loser} loses more than {winner}, by {abs(row['mean']):.2f} points "
+                f"(95% CI [{row.low:.2f}, {row.high:.2f}], 3 seeds).") in result.markdown
+
+
 def test_nothing_detected_is_said_plainly_with_the_mde():
     result = build_study(synthetic_trials(0.0), spec())
     row = result.tables["interactions"].query("batch_size == 2").iloc[0]
@@ -110,6 +120,37 @@ def test_one_seed_run_cannot_tell():
     assert answer_row(markdown, 2)[3:] == ["—", "—", "cannot tell: one seed"]
     assert "At batch 2: cannot tell: one seed (seed 0) finished all four trials, so no interval." in markdown
     assert "Nothing can be said: no batch size has two seeds finished in all four trials." in markdown
+    assert "Over 1 seed; (n=k) marks a cell with fewer finished trials." in markdown
+
+
+@pytest.mark.parametrize("num_test, points", [(300, "0.33"), (50, "2.00"), (1000, "0.10")])
+def test_the_design_says_what_one_test_image_is_worth(num_test, points):
+    markdown = build_study(synthetic_trials(5.0), spec(num_test=num_test)).markdown
+    design = markdown.split("## Design")[1].split("\n## ")[0]
+    assert f"({num_test} test images, one image = {points} points)" in design
+
+
+def test_the_full_preset_answers_bn_against_gn_with_the_others_as_baselines():
+    """bn-vs-gn runs every normalization: its answer is BN vs GN (the paper's), never BN vs LN, and the
+    other normalizations come after it as baselines."""
+    full = bn_vs_gn_spec(batch_sizes=BATCHES, seeds=SEEDS, num_epochs=2, num_train=100, num_test=300)
+    rng = np.random.default_rng(0)
+    trials = pd.DataFrame([(t.normalization, t.batch_size, t.train_seed, 2.5 + rng.normal(0, 0.4))
+                           for t in full.trials()], columns=["normalization", "batch_size", "seed", "test_error"])
+    assert set(trials.normalization) == {"batchnorm", "groupnorm", "layernorm", "instancenorm", "none"}
+    result = build_study(trials, full)
+    assert result.markdown.startswith("# BN vs GN across batch sizes: digits")
+    answer = result.markdown.split("## The answer")[1].split("\n## ")[0]
+    assert answer.startswith(": does BN lose more than GN as the batch shrinks?")
+    assert "Per seed, (BN(b) - BN(32)) - (GN(b) - GN(32))" in answer
+    assert result.answer.startswith("Does BN lose more than GN as the batch shrinks from 32?")
+    against = [line.split("|")[1].strip() for line in answer.splitlines() if line.startswith("| ") and
+               line.split("|")[1].strip() not in ("against", "batch")]
+    assert against[:2] == ["8", "2"]  # the primary table first: GN's rows, no "against" column
+    assert sorted(set(against[2:])) == ["IN", "LN", "no norm"]
+    primary = result.tables["interactions"].query("b == 'groupnorm'")
+    assert list(primary["batch_size"]) == [8, 2]
+    assert result.figures["interaction_vs_batch_size"].axes[0].get_ylabel() == "extra error of BN over GN (points)"
 
 
 def test_report_lists_the_paper_beside_this_run():
@@ -139,13 +180,21 @@ def test_without_diagnostics_the_report_says_it_cannot_say_why():
     assert "diagnostics_layers" not in result.tables
 
 
+# Per-seed offsets whose median (1) is far from their mean (11): a summary over seeds that took the
+# mean would print other numbers than the report's median.
+SKEW = (0.0, 1.0, 32.0)
+
+
 def diagnostics(n_eff_at_2: float, train_mode_at_2: float) -> pd.DataFrame:
+    """BN's diagnostics per seed: n_eff at batch 2 is n_eff_at_2 + SKEW[seed] (median n_eff_at_2 + 1), the
+    train-mode error 3 + train_mode_at_2 + SKEW[seed] - 1 at batch 2 (median gap train_mode_at_2)."""
     rows = []
     for batch in BATCHES:
         for seed in SEEDS:
-            rows += [("batchnorm", batch, seed, "n_eff", 1, n_eff_at_2 * batch / 2 + seed),
+            rows += [("batchnorm", batch, seed, "n_eff", 1, n_eff_at_2 * batch / 2 + SKEW[seed]),
                      ("batchnorm", batch, seed, "nominal", 1, 64 * batch),
-                     ("batchnorm", batch, seed, "train_mode_error", np.nan, 3 + (train_mode_at_2 if batch == 2 else 0)),
+                     ("batchnorm", batch, seed, "train_mode_error", np.nan,
+                      3 + (train_mode_at_2 if batch == 2 else 0) + SKEW[seed] - 1),
                      ("batchnorm", batch, seed, "test_mode_error", np.nan, 3.0)]
     return pd.DataFrame(rows, columns=["normalization", "batch_size", "seed", "metric", "layer", "value"])
 
@@ -164,6 +213,47 @@ def test_diagnostics_explain_a_positive_from_the_train_test_mode_gap():
     assert re.search(r"effective sample size of [\d.]+ at its only norm layer \(pooling 128 values\): noisy",
                      result.markdown)
     assert result.tables["diagnostics_model"].set_index("batch_size").loc[2, "train_minus_test_mode"] == 40.0
+
+
+def recomputed_diagnostics(running: float, recomputed: float) -> pd.DataFrame:
+    """BN's test error with its running averages and with statistics recomputed over the training set."""
+    rows = [("batchnorm", batch, seed, metric, np.nan, value) for batch in BATCHES for seed in SEEDS
+            for metric, value in (("running_error", running), ("recomputed_error", recomputed))]
+    return pd.DataFrame(rows, columns=["normalization", "batch_size", "seed", "metric", "layer", "value"])
+
+
+@pytest.mark.parametrize("recomputed, meaning", [
+    (1.0, "-2.00 points against the running averages (median of 3 seeds): exact statistics would help: the "
+          "running averages are off."),
+    (5.0, "+2.00 points against the running averages (median of 3 seeds): exact statistics would hurt: the "
+          "running averages are off."),
+    (3.25, "+0.25 points against the running averages (median of 3 seeds): the running averages are as good as "
+           "exact statistics (within ±0.5)."),
+], ids=["help", "hurt", "as-good"])
+def test_recomputed_statistics_are_said_to_help_or_hurt_by_their_sign(recomputed, meaning):
+    result = build_study(synthetic_trials(5.0), spec(), diagnostics=recomputed_diagnostics(3.0, recomputed))
+    assert ("At batch 2, recomputing BN's statistics over the training set changes its test error by " + meaning
+            ) in result.markdown
+
+
+def two_layer_diagnostics(n_eff: tuple[float, float]) -> pd.DataFrame:
+    """BN with two norm layers at every batch, layer 1's n_eff n_eff[0] and layer 2's n_eff[1], every seed."""
+    rows = [("batchnorm", batch, seed, metric, layer, value)
+            for batch in BATCHES for seed in SEEDS
+            for layer, n in ((1, n_eff[0]), (2, n_eff[1]))
+            for metric, value in (("n_eff", n), ("nominal", 64 * batch))]
+    return pd.DataFrame(rows, columns=["normalization", "batch_size", "seed", "metric", "layer", "value"])
+
+
+@pytest.mark.parametrize("n_eff, said", [((5.0, 500.0), ("5.0", "500")), ((500.0, 5.0), ("500", "5.0"))],
+                         ids=["first-noisy", "second-noisy"])
+def test_the_statistics_are_judged_by_their_worst_layer(n_eff, said):
+    """The batch mean's sd is 100/sqrt(5) = 45% of the feature's at the layer with n_eff 5: noisy, whichever
+    layer that is."""
+    markdown = build_study(synthetic_trials(5.0), spec(), diagnostics=two_layer_diagnostics(n_eff)).markdown
+    assert ("BN's batch statistics at batch 2 have a median effective sample size of "
+            f"{said[0]} at layer 1 (pooling 128 values), {said[1]} at layer 2 (pooling 128 values): "
+            "noisy (the batch mean's sd is 45% of the feature's at the worst layer)") in markdown
 
 
 def test_error_figure_shows_real_batch_sizes_largest_on_the_left():

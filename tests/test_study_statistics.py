@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from flows.study.statistics import (Estimate, as_table, Cell, cell_estimates, change_verdict, changes, estimate,
+from flows.study.statistics import (DELTA, Estimate, as_table, Cell, cell_estimates, change_verdict, changes, estimate,
                                     interaction_verdict, interactions, minimum_detectable_effect, reference_batch,
                                     require_trials)
 
@@ -110,6 +110,19 @@ def test_a_seed_missing_in_one_cell_is_dropped_from_that_batch_only():
     assert at[4].seeds == (0, 1, 3) and at[4].dropped == (2,) and at[4].estimate.n == 3
     assert_estimate_matches(at[4].estimate, by_hand(errors, 4)[[0, 1, 3]])
     assert at[8].seeds == SEEDS and at[8].dropped == ()
+
+
+@pytest.mark.parametrize("norm, batch", [("batchnorm", 4), ("batchnorm", 32), ("groupnorm", 4), ("groupnorm", 32)])
+def test_a_seed_missing_in_any_of_the_four_cells_is_dropped_and_named(norm, batch):
+    """The interaction pairs four cells by seed: a seed missing from any one of them is left out and
+    listed in dropped (the report names it), whichever cell it is missing from."""
+    errors = bn_gn_errors(bn_extra=1.0, rng=np.random.default_rng(0))
+    trials = trials_from(errors)
+    trials = trials.drop(trials[(trials.normalization == norm) & (trials.batch_size == batch)
+                                & (trials.seed == 1)].index)
+    (x,) = interactions(trials)
+    assert (x.seeds, x.dropped, x.estimate.n) == ((0, 2, 3), (1,), 3)
+    assert_estimate_matches(x.estimate, by_hand(errors, 4)[[0, 2, 3]])
 
 
 def test_a_seed_missing_at_the_reference_leaves_every_batch():
@@ -247,6 +260,28 @@ def test_a_detected_change_takes_precedence_over_flat(low, high, verdict):
 ])
 def test_interaction_verdict_says_who_loses_more(low, high, verdict):
     assert interaction_verdict(interval(low, high), "BN", "GN", delta=0.5) == verdict
+
+
+@pytest.mark.parametrize("low, high, verdict", [
+    (-0.45, 0.45, "flat"), (-0.2, 0.5, "flat"), (-0.2, 0.51, "cannot tell"), (-0.6, 0.1, "cannot tell"),
+])
+def test_the_default_margin_is_half_a_point_of_error(low, high, verdict):
+    """DELTA is in points of error (percent), as every error the study reports: 0.5, not 0.005."""
+    assert DELTA == 0.5
+    assert change_verdict(interval(low, high)) == verdict
+    words = {"flat": "no difference beyond ±0.5", "cannot tell": "cannot tell"}[verdict]
+    assert interaction_verdict(interval(low, high), "BN", "GN") == words
+
+
+def test_changes_and_interactions_use_the_default_margin():
+    """Flat data (every cell within noise 0.05 of its seed's level) is flat at the default margin."""
+    rng = np.random.default_rng(0)
+    errors = bn_gn_errors(bn_extra=0.0, rng=rng, noise=0.05)
+    trials = trials_from(errors)
+    (x,) = interactions(trials, labels=("BN", "GN"))
+    assert -0.5 <= x.estimate.low and x.estimate.high <= 0.5 and x.estimate.low < 0 < x.estimate.high
+    assert x.verdict == "no difference beyond ±0.5"
+    assert {c.verdict for c in changes(trials)} == {"flat"}
 
 
 def test_a_single_value_gets_no_verdict():

@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
+import sys
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 import typer
 
+from .. import credentials
 from ..deployments import PREFECT_YAML
+from .completion import CompletionGroup
 from .errors import CliError, Settings, one_line_errors
 from .run import run_app
 from .server import server_app
 
 app = typer.Typer(
+    cls=CompletionGroup,  # --show-completion/--install-completion take the shell's name (completion.py)
     name="cnnflow",
     help="Run, schedule and inspect cnncore's Prefect flows, tracked in MLflow.",
     no_args_is_help=True,
@@ -51,15 +57,19 @@ def ui(
              "else the project's sqlite store (mlruns/mlflow.db).")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the UI to answer.")] = 90.0,
 ):
-    """Start the MLflow UI on 127.0.0.1 for the project's store, print its address, and keep it up until Ctrl-C."""
+    """Start the MLflow UI on 127.0.0.1 for the project's store, print its address, and keep it up until Ctrl-C.
+
+    Stopped by a signal, it stops its server and exits 128 + the signal's number (Ctrl-C 130, SIGTERM 143).
+    """
     with one_line_errors():
         from .. import tracking
-        from ..shutdown import termination_as_interrupt
+        from ..shutdown import interruption, termination_as_interrupt
         from ..servers import background_server, free_port, mlflow_server_command, port_is_taken
 
-        uri = backend_store_uri or tracking.resolve_tracking_uri()
+        uri = tracking.resolve_tracking_uri(backend_store_uri)  # a masked password put back from the environment
+        shown = credentials.mask(uri)
         if tracking.is_server(uri):
-            typer.echo(f"MLFLOW_TRACKING_URI points at a tracking server; its UI is at {uri}")
+            typer.echo(f"MLFLOW_TRACKING_URI points at a tracking server; its UI is at {shown}")
             return
         artifacts = None
         if (root := tracking.artifact_root(uri)) is not None:
@@ -70,7 +80,7 @@ def ui(
             raise CliError(f"port {port} on 127.0.0.1 is taken; choose another with --port (0 picks a free one)")
         address = f"http://127.0.0.1:{port}"
         command, env = mlflow_server_command(uri, port, default_artifact_root=artifacts)
-        typer.echo(f"starting the MLflow UI on {uri} ...", err=True)
+        typer.echo(f"starting the MLflow UI on {shown} ...", err=True)
         try:
             with termination_as_interrupt(), background_server(command, f"{address}/health", timeout_s=timeout,
                                                                env={**os.environ, **env}) as process:
@@ -79,7 +89,9 @@ def ui(
                 code = process.wait()
                 raise CliError(f"the MLflow UI exited with code {code}")
         except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP: the server is stopped on the way out
-            typer.echo(f"{exc or 'stopped'}: the MLflow UI is stopped", err=True)
+            stopped = interruption(exc)
+            typer.echo(f"{stopped}: the MLflow UI is stopped", err=True)
+            raise typer.Exit(128 + signal.Signals[stopped.signal_name].value) from None  # 130, 143, 129
 
 
 def _mention_local_prefect_ui() -> None:
@@ -90,7 +102,7 @@ def _mention_local_prefect_ui() -> None:
 
     local = server_status()
     if local.answering:
-        typer.echo(f"Prefect UI: {local.state.ui_url}  (the local Prefect server; `cnnflow server stop` stops it)")
+        typer.echo(f"Prefect UI: {local.state.runs_url}  (the local Prefect server; `cnnflow server stop` stops it)")
 
 
 @app.command()
@@ -146,12 +158,22 @@ def report(
         "--experiment", "-e", help="Experiment to look in; repeatable. Default: every experiment.")] = None,
     tracking_uri: Annotated[Optional[str], typer.Option(
         help="MLflow tracking URI; else $MLFLOW_TRACKING_URI, else the project's sqlite store.")] = None,
+    format: Annotated[Literal["auto", "answer", "md"], typer.Option(
+        "--format", "-f", help="answer: the report's title and answer, drawn for the terminal; md: the whole "
+                               "report as markdown; auto: answer to a terminal, md to a pipe or a file.")] = "auto",
 ):
     """Print a study's report (the latest sweep of that name); --to also copies its figures and tables."""
     with one_line_errors():
-        from .report import export_study, find_study
+        from .report import REPORT, answer_section, export_study, find_study, for_terminal
 
         run, record = find_study(tracking_uri, name, experiment)
-        typer.echo(export_study(run, to).rstrip())
+        markdown = export_study(run, to)
+        if format == "md" or (format == "auto" and not sys.stdout.isatty()):
+            typer.echo(markdown.rstrip())
+        else:
+            width = shutil.get_terminal_size((100, 40)).columns
+            typer.echo(for_terminal(answer_section(markdown), width))
+            typer.echo(f"\nThe whole report: `cnnflow report {name} --format md`, or with its figures and tables "
+                       f"`--to DIR`; in MLflow: {run.url_of(REPORT)}")
         if to is not None:
             typer.echo(f"\nwritten to {to}/ (report.md, figures, tables) from run {record.id}", err=True)

@@ -9,8 +9,9 @@ By default (no --verbose):
   in state Completed()") still reach the Prefect API, so the UI has them all.
 With --verbose everything is shown, the progress lines still plainly.
 
-Telemetry is off either way (`os.environ.setdefault`: a value set by the user wins):
-this machine may well be offline, where MLflow and Prefect log errors trying to send it.
+Telemetry is off either way (flows.TELEMETRY_OFF, set when the package is imported; a
+value set by the user wins): this machine may well be offline, where MLflow and Prefect
+log errors trying to send it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import os
 
 from ..progress import PROGRESS_LOGGER
 
-TELEMETRY_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 QUIET = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_LOGGING_LEVEL": "WARNING",
          # MLflow prints two links ("View run ... at", "View experiment at") for every run it ends.
          "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
@@ -28,7 +28,7 @@ QUIET = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_LOGGING_LEVEL"
 
 def quiet_environment(verbose: bool) -> None:
     """Settings read by MLflow (and Prefect's in-process server) at import: call before either is imported."""
-    for key, value in {**TELEMETRY_OFF, **({} if verbose else QUIET)}.items():
+    for key, value in ({} if verbose else QUIET).items():
         os.environ.setdefault(key, value)
 
 
@@ -36,14 +36,16 @@ def _is_progress(record: logging.LogRecord) -> bool:
     return record.name == PROGRESS_LOGGER or record.name.startswith(PROGRESS_LOGGER + ".")
 
 
-# The flow engine's own account of a run that failed or was stopped: the CLI says the same in one line.
+# The flow and task engines' own accounts of a run that failed or was stopped, each with a timestamp and the
+# exception's repr: the CLI says the same once, as its error (or a trial's progress line does).
+_ENGINE_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 _ENGINE_FAILURE = ("Encountered exception during execution", "Crash detected!", "Finished in state Failed",
-                   "Finished in state Crashed")
+                   "Finished in state Crashed", "Task run failed with")
 
 
 class ConsoleFilter(logging.Filter):
-    """Lets through the progress lines, and Prefect's other records at WARNING and above except the flow
-    engine's report of the failure the CLI's one-line error gives (everything when verbose)."""
+    """Lets through the progress lines, and Prefect's other records at WARNING and above except the flow and
+    task engines' reports of the failure that the CLI's error gives (everything when verbose)."""
 
     def __init__(self, verbose: bool):
         super().__init__()
@@ -53,7 +55,7 @@ class ConsoleFilter(logging.Filter):
         if self.verbose or _is_progress(record):
             return True
         return record.levelno >= logging.WARNING and not (
-            record.name == "prefect.flow_runs" and record.getMessage().startswith(_ENGINE_FAILURE))
+            record.name in _ENGINE_LOGGERS and record.getMessage().startswith(_ENGINE_FAILURE))
 
 
 class ConsoleFormatter(logging.Formatter):

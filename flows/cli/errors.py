@@ -1,4 +1,5 @@
-"""One-line errors: every failure of a cnnflow command is one line on stderr and an exit code.
+"""One-line errors: every failure of a cnnflow command is one message on stderr (one line, or the lines
+the error itself is written in) and an exit code.
 
 Exit code 2 for parameters refused before any work, 1 for a run that failed;
 `cnnflow --debug ...` lets the traceback through instead.
@@ -30,7 +31,14 @@ class Settings:
 
 
 def fail(message: str, exit_code: int = 1) -> typing.NoReturn:
-    typer.echo(f"error: {' '.join(str(message).split())}", err=True)
+    """`error: MESSAGE` on stderr, then exit. A message of several lines (a list of URLs tried, say) keeps
+    them, each with its indentation; spaces within a line are collapsed. Any store password is masked:
+    the last line of defence, so that no error shows one."""
+    from ..credentials import mask
+
+    lines = [line.rstrip() for line in mask(str(message)).strip().splitlines() if line.strip()] or [""]
+    text = "\n".join(line[:len(line) - len(line.lstrip())] + " ".join(line.split()) for line in lines)
+    typer.echo(f"error: {text}", err=True)
     raise typer.Exit(exit_code)
 
 

@@ -216,9 +216,12 @@ def parse_assignment(text: str) -> tuple[str, Any]:
 def read_mapping_file(path: str | os.PathLike) -> dict:
     """A YAML or JSON file holding one mapping."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise CliError(f"cannot read {path}: {exc.strerror or exc}", 2) from exc
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{path} is not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x}): a YAML or "
+                       "JSON file of the flow's parameters was expected", 2) from exc
     except yaml.YAMLError as exc:
         raise CliError(f"{path} is not valid YAML or JSON: {' '.join(str(exc).split())}", 2) from exc
     if data is None:

@@ -34,11 +34,11 @@ class Output(str, enum.Enum):
 
 
 def plain(value) -> Any:
-    """JSON-able data; arrays shown by shape and dtype, not by value."""
+    """JSON-able data; arrays shown by shape and dtype, not by value; NaN and infinities as None (null)."""
     from pydantic import BaseModel
 
     if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
+        return plain(value.model_dump(mode="json"))  # pydantic keeps a float field's NaN, which JSON has not
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return plain(dataclasses.asdict(value))
     if isinstance(value, dict):
@@ -54,9 +54,10 @@ def plain(value) -> Any:
     return str(value)
 
 
-def render(result, output: Output | str = Output.table, *, width: int = 120, ui_hint: str = "") -> str:
+def render(result, output: Output | str = Output.table, *, width: int = 120, ui_hint: str = "",
+           prefect_link: str = "") -> str:
     """The text `cnnflow run` prints for a flow's result. ui_hint: how to open the MLflow UI, when links
-    point at a UI that must be started first."""
+    point at a UI that must be started first; prefect_link: the flow run in the Prefect UI, said last."""
     output = Output(output)
     if result is None:
         return ""
@@ -71,6 +72,8 @@ def render(result, output: Output | str = Output.table, *, width: int = 120, ui_
              "GradientCheckReport": lambda r, w: [r.summary()]}.get(kind, _mapping)(result, width)
     if ui_hint and any("://" in line for line in lines):
         lines.append(f"(the MLflow UI: {ui_hint})")
+    if prefect_link:
+        lines.append(f"Prefect flow run: {prefect_link}")
     return "\n".join(lines)
 
 

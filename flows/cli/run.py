@@ -18,6 +18,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
+from .. import credentials
 from ..deployments import entrypoint_module, load_entrypoint
 from .console import configure_prefect_console
 from .errors import CliError, Settings, fail, one_line_errors, stopped_by_signals
@@ -52,22 +53,48 @@ def run_flow(flow, options: list[FlowOption], given: dict[str, Any]) -> None:
     with one_line_errors(), stopped_by_signals():
         params = collect_parameters(options, given, given.get("params"))
         validated = validate_parameters(flow, params, options)
+        if validated.get("tracking_uri"):  # the password stays in the environment; the flow run records it masked
+            validated["tracking_uri"] = credentials.masked_for_flow(validated["tracking_uri"])
         _check_tracking_server(flow, validated)
         with _prefect_server(flow, given.get("local_server", True)):
             configure_prefect_console(verbose=Settings.verbose, tracebacks=Settings.debug)
-            result = flow(**validated)
+            result, prefect_link = _run_and_link(flow, validated)
         text = render(result, given.get("output") or "table", width=shutil.get_terminal_size((120, 40)).columns,
-                      ui_hint=_ui_hint(validated))
+                      ui_hint=_ui_hint(validated, result), prefect_link=prefect_link)
         if text:
             typer.echo(text)
 
 
-def _ui_hint(params: dict) -> str:
-    """How to open the MLflow UI that a local store's links point at ("" for a tracking server, which serves it)."""
+def _run_and_link(flow, params: dict) -> tuple[Any, str]:
+    """The flow's result, and the link to its flow run in the Prefect UI ("" when the flow run dies with this
+    process: Prefect's temporary server, or not a Prefect flow). The flow's own exception is raised as is."""
+    from prefect import Flow
+    from prefect.settings import get_current_settings
+
+    if not isinstance(flow, Flow):
+        return flow(**params), ""
+    state = flow(**params, return_state=True)
+    result = state.result()
+    ui = get_current_settings().ui_url
+    has_server = bool(get_current_settings().api.url)  # none: Prefect's temporary server, gone with the process
+    link = f"{ui.rstrip('/')}/runs/flow-run/{state.state_details.flow_run_id}" if ui and has_server else ""
+    return result, link
+
+
+def _ui_hint(params: dict, result) -> str:
+    """How to open the MLflow UI that a local store's links point at: "" for a tracking server (which serves
+    it), or when the UI at the links' address already shows the result's run (`cnnflow ui` is up)."""
     from .. import tracking
 
     uri = tracking.resolve_tracking_uri(params.get("tracking_uri"))
-    return "" if tracking.is_server(uri) else f"start it with `{tracking.Store(uri).ui_command()}`"
+    if tracking.is_server(uri):
+        return ""
+    from ..servers import mlflow_ui_shows_run
+
+    run_id = next((getattr(result, a) for a in ("run_id", "parent_run_id") if getattr(result, a, None)), None)
+    if run_id and mlflow_ui_shows_run(tracking.DEFAULT_UI_URL, run_id):
+        return ""
+    return f"start it with `{tracking.Store(uri).ui_command()}`"
 
 
 def _prefect_server(flow, local_server: bool):
@@ -89,7 +116,7 @@ def _prefect_server(flow, local_server: bool):
 
 
 def _check_tracking_server(flow, params: dict) -> None:
-    """Fail before starting Prefect when the flow would log to a tracking server that does not answer.
+    """Fail before starting Prefect when the flow would log to a tracking server or database that does not answer.
 
     The flow makes the same check itself; doing it here first saves the seconds a
     temporary Prefect server takes to start, only to report the same line.
@@ -99,8 +126,10 @@ def _check_tracking_server(flow, params: dict) -> None:
     from .. import tracking
 
     uri = tracking.resolve_tracking_uri(params.get("tracking_uri"))
-    if tracking.is_server(uri):
+    if tracking.is_server(uri) or tracking.is_database(uri):
         tracking.connect(uri)
+    else:
+        tracking.require_writable(uri)  # a read-only sqlite store: said now, not after a server start
 
 
 def build_run_command(command_name: str, flow) -> click.Command:

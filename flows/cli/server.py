@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from ..local_server import DEFAULT_PORT, HOME_ENV, START_TIMEOUT_S, STOP_GRACE_S
+from ..local_server import DEFAULT_PORT, HOME_ENV, PORT_ENV, START_TIMEOUT_S, STOP_GRACE_S
 from .errors import CliError, one_line_errors
 
 server_app = typer.Typer(
@@ -24,8 +24,8 @@ def _tell(text: str) -> None:
 @server_app.command()
 def start(
     port: Annotated[Optional[int], typer.Option(
-        min=0, max=65535, help=f"Port on 127.0.0.1; 0 picks a free one. Default: {DEFAULT_PORT}, or a free port "
-                               f"when {DEFAULT_PORT} is taken.")] = None,
+        min=0, max=65535, help=f"Port on 127.0.0.1; 0 picks a free one. Default: ${PORT_ENV}, else {DEFAULT_PORT}; "
+                               "a free port when that one is taken.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the server to answer.")] = START_TIMEOUT_S,
 ):
     """Start the local Prefect server in the background (or find it running) and print its API URL."""
@@ -37,7 +37,7 @@ def start(
         except ServerError as exc:
             raise CliError(f"the local Prefect server did not start: {exc}") from exc
         _tell(f"{'started' if started else 'already running:'} the local Prefect server (pid {state.pid}); "
-              f"UI {state.ui_url}; `cnnflow server stop` stops it")
+              f"its flow runs: {state.runs_url}; `cnnflow server stop` stops it")
         typer.echo(state.api_url)
 
 
@@ -54,7 +54,8 @@ def status(
             typer.echo(json.dumps({
                 "running": found.running, "answering": found.answering, "stale": found.stale,
                 "pid": found.state.pid if found.state else None,
-                "api_url": found.state.api_url if found.state else None, "home": str(found.home)}, indent=2))
+                "api_url": found.state.api_url if found.state else None,
+                "runs_url": found.state.runs_url if found.state else None, "home": str(found.home)}, indent=2))
         else:
             typer.echo(found.describe())
         if not found.answering:

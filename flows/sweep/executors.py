@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import signal
 import threading
@@ -28,18 +29,17 @@ from multiprocessing import get_context
 from collections.abc import Callable
 from typing import Literal, TypeVar
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from ..config import SweepSpec, TrainConfig
 from ..load_data import load_data_once
-from ..progress import say
+from ..progress import record, say
 from ..provenance import git_commit
-from ..shutdown import StopRequest, exit_with_parent
+from ..shutdown import StopRequest, exit_with_parent, until_stopped
 from ..figures import learning_curves_figure
 from ..tracking import FINISHED, Run, Store, TrackingUnavailableError, failure_reason
 from ..training import fit, log_diagnostics, log_test_scores
@@ -105,7 +105,8 @@ def run_trial(parent: Run, spec: SweepSpec, index: int, config: TrainConfig, pro
             return None
         if not isinstance(exc, Exception):
             raise
-        get_run_logger().warning(f"trial {name} failed: {failure_reason(exc)}")
+        # For the UI: the console has the trial's progress line, which says the same.
+        record(f"trial {name} failed: {failure_reason(exc)}", logging.WARNING)
         return TrialResult(**result, run_id=run.id, status="FAILED", failure_reason=failure_reason(exc))
     return TrialResult(**result, run_id=run.id, status=FINISHED, **scores)
 
@@ -236,16 +237,18 @@ def _duration(seconds: float) -> str:
 
 def run_trials(parent: Run, spec: SweepSpec, todo: dict[int, TrainConfig], max_workers: int,
                dask_address: str | None = None,
-               trials_in: Literal["processes", "threads"] = "processes") -> list[TrialResult]:
+               trials_in: Literal["processes", "threads"] = "processes",
+               stop: StopRequest | None = None) -> list[TrialResult]:
     """The trials in todo (by index), max_workers at a time, locally or on the Dask cluster at dask_address.
 
     Stops early, raising, when the tracking server stops answering or the sweep is
-    interrupted (Ctrl-C, SIGTERM, SIGHUP): no new trial starts, the ones in progress
-    are ended and marked KILLED, and a rerun of the sweep resumes from what finished.
+    interrupted (Ctrl-C, SIGTERM, SIGHUP), or when stop (the sweep's, also set by its
+    lease's heartbeat) is set: no new trial starts, the ones in progress are ended and
+    marked KILLED, and a rerun of the sweep resumes from what finished.
     """
     blas_threads = max(1, (os.cpu_count() or 1) // max_workers)
     processes = training_processes(trials_in, max_workers, blas_threads, dask_address) if todo else None
-    stop = StopRequest()
+    stop = stop if stop is not None else StopRequest()
     results: dict[int, TrialResult] = {}
     with (threadpool_limits(limits=blas_threads, user_api="blas"),
           prefect_task_runner(max_workers, dask_address) as runner, processes or contextlib.nullcontext()):
@@ -257,7 +260,7 @@ def run_trials(parent: Run, spec: SweepSpec, todo: dict[int, TrainConfig], max_w
                 stop=stop if dask_address is None else None)): index
                 for index, config in todo.items()}
             progress = Progress(spec, len(todo))
-            for future in as_completed(list(futures)):
+            for future in until_stopped(list(futures), stop):
                 index = futures[future]
                 try:
                     if (result := future.result()) is not None:

@@ -2,29 +2,64 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from datetime import datetime, timezone
+from datetime import timezone
 from typing import Literal
 
 from prefect import flow
+from prefect.runtime import flow_run
 from pydantic import PositiveInt
 
 from ..config import SweepSpec
 from ..load_data import load_data_once, load_dataset, log_dataset
-from ..progress import say
+from ..progress import record, say
+from ..shutdown import StopRequest
 from ..study import PRESETS, preset_spec
-from ..tracking import connect
+from ..tracking import FINISHED, connect
 from . import lease
 from .executors import run_trials
 from .results import SweepReport, TrialResult, best_trial
 from .resume import find_finished_trials, open_sweep_run, skipped_trial
 
-__all__ = ["SweepReport", "TrialResult", "sweep"]
+__all__ = ["NoTrialFinishedError", "SweepReport", "TrialResult", "sweep"]
+
+
+class NoTrialFinishedError(RuntimeError):
+    """A sweep whose every trial failed: there is no comparison to publish."""
+
+    exit_code = 1
+
+    def __init__(self, name: str, results: list[TrialResult]):
+        reasons = dict.fromkeys(r.failure_reason or "no reason recorded" for r in results)
+        first = next(iter(reasons), "")
+        more = f" (and {len(reasons) - 1} other reasons)" if len(reasons) > 1 else ""
+        super().__init__(f"sweep {name}: none of its {len(results)} trials finished, so there is nothing to compare; "
+                         f"they failed with {first}{more}. The summary on the sweep's parent run lists each trial")
 
 STUDY_TITLE = "Test error (%) of the final model: mean and 95% CI over seeds (the study's table)"
 
 
-@flow(name="sweep", flow_run_name="sweep-{spec.name}", log_prints=True)
+def resolved_spec(spec: SweepSpec, preset: str | None, resume: bool) -> SweepSpec:
+    """The sweep that runs: preset's design when one is named (called spec.name when that is not the default),
+    its name dated <name>-<UTC date and time of the flow run's start> when not resuming."""
+    if preset is not None:
+        named = spec.name != SweepSpec.model_fields["name"].default
+        spec = preset_spec(preset, dataset=spec.base.dataset, **({"name": spec.name} if named else {}))
+    if not resume:
+        started = flow_run.scheduled_start_time.astimezone(timezone.utc)  # now, outside a flow run
+        spec = spec.model_copy(update={"name": f"{spec.name}-{started:%Y%m%d-%H%M%S}"})
+    return spec
+
+
+def sweep_flow_run_name() -> str:
+    """sweep-<the name the sweep runs under>, so that two sweeps' flow runs (two presets, two dated runs)
+    are told apart in Prefect's UI."""
+    given = {"spec": SweepSpec(), "preset": None, "resume": True, **flow_run.parameters}
+    return f"sweep-{resolved_spec(SweepSpec.model_validate(given['spec']), given['preset'], given['resume']).name}"
+
+
+@flow(name="sweep", flow_run_name=sweep_flow_run_name, log_prints=True)
 def sweep(
     spec: SweepSpec = SweepSpec(),
     experiment: str = "cnncore-sweeps",
@@ -39,7 +74,8 @@ def sweep(
 ) -> SweepReport:
     """Run every trial of spec, skipping those finished by an earlier run of the same sweep name.
 
-    Failed trials are in the returned SweepReport, not raised.
+    Failed trials are in the returned SweepReport, not raised; a sweep in which no trial
+    finished has nothing to compare, and raises NoTrialFinishedError (its parent run FAILED).
 
     Args:
         spec: The sweep: a grid or seeded random search over TrainConfig fields.
@@ -59,16 +95,13 @@ def sweep(
         system_metrics: Record the machine's CPU, memory and disk use in the sweep's parent run.
     """
     start = time.perf_counter()
-    if preset is not None:
-        named = spec.name != SweepSpec.model_fields["name"].default
-        spec = preset_spec(preset, dataset=spec.base.dataset, **({"name": spec.name} if named else {}))
-    if not resume:
-        spec = spec.model_copy(update={"name": f"{spec.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"})
+    spec = resolved_spec(spec, preset, resume)
     trials = spec.trials()
     store = connect(tracking_uri)
     owner = lease.new_owner()
     parent, resumed = open_sweep_run(store, experiment, spec, trials, parent_run_id, owner)
-    with parent, lease.held(parent, owner), parent.system_metrics(system_metrics):
+    stop = StopRequest()  # set by a trial, a signal, or the lease's heartbeat finding the store gone
+    with parent, lease.held(parent, owner, on_lost=stop.set), parent.system_metrics(system_metrics):
         parent.link_flow_run(spec.name)
         finished = find_finished_trials(parent, spec, trials)
         skipped = [skipped_trial(spec, i, c, finished[c.key()]) for i, c in enumerate(trials) if c.key() in finished]
@@ -80,12 +113,14 @@ def sweep(
         say(f"sweep {spec.name}: {len(trials)} trials, {len(skipped)} already finished"
             f"{' (resumed)' if resumed else ''}, {len(todo)} to run, "
             + (f"on the Dask cluster at {dask_address}" if dask_address else f"{max_workers} at a time"))
-        results = sorted(skipped + run_trials(parent, spec, todo, max_workers, dask_address, trials_in),
+        results = sorted(skipped + run_trials(parent, spec, todo, max_workers, dask_address, trials_in, stop),
                          key=lambda r: r.index)
         # Imported here: the summary's pandas, scipy and matplotlib would slow `cnnflow run sweep --help`.
         from .summary import publish_comparison, summarise_sweep, write_study_report
 
-        grid = summarise_sweep(parent, spec, results)
+        grid = summarise_sweep(parent, spec, results)  # the summary table says which trials failed, and why
+        if not any(r.status == FINISHED for r in results):
+            raise NoTrialFinishedError(spec.name, results)
         differences, choice = [], None
         if spec.study:
             # The design paragraph counts updates per batch size from the training split's size.
@@ -105,6 +140,6 @@ def sweep(
                          comparison_title=title, answer=answer, differences=differences,
                          choice=None if choice is None else choice.as_record(),
                          comparison=[] if comparison is None else comparison.to_dict("records"))
-    for r in report.failed:
-        say(f"FAILED {r.run_name}: {r.failure_reason}")
+    for r in report.failed:  # in the run's logs; the console had each trial's progress line, and `cnnflow` lists them
+        record(f"FAILED {r.run_name}: {r.failure_reason}", logging.WARNING)
     return report

@@ -21,14 +21,15 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ..tracking import RUNNING, Run, RunRecord, TrackingUnavailableError
 
 TAG_OWNER = "sweep_lease_owner"
 TAG_EXPIRES = "sweep_lease_expires"
 TTL_S = 60.0
-RENEW_S = 15.0
+# Also how soon a sweep whose trials are busy training notices that its tracking store went away.
+RENEW_S = 5.0
 # How long a claim waits before reading itself back: longer than two racing claims take to write.
 SETTLE_S = 1.0
 
@@ -98,14 +99,22 @@ def confirm(run: Run, name: str, owner: str) -> None:
 
 
 @contextlib.contextmanager
-def held(run: Run, owner: str) -> Iterator[None]:
-    """Renew the lease every RENEW_S seconds while the block runs, and release it at the end."""
+def held(run: Run, owner: str, on_lost: Callable[[BaseException], None] | None = None) -> Iterator[None]:
+    """Renew the lease every RENEW_S seconds while the block runs, and release it at the end.
+
+    on_lost: told, once, when a renewal finds the tracking store gone (TrackingUnavailableError, after
+    its wait): the sweep stops then, even while no trial is talking to the store.
+    """
     done = threading.Event()
 
     def renew() -> None:
         while not done.wait(RENEW_S):
-            with contextlib.suppress(TrackingUnavailableError):  # the sweep itself will say so
+            try:
                 run.set_tags(lease_tags(owner))
+            except TrackingUnavailableError as exc:
+                if on_lost is not None:
+                    on_lost(exc)
+                    return
 
     heartbeat = threading.Thread(target=renew, name=f"lease-{run.id[:8]}", daemon=True)
     heartbeat.start()

@@ -59,9 +59,10 @@ def summarise_sweep(parent: Run, spec: SweepSpec, results: list[TrialResult]) ->
     table = summary_table(spec, results)
     parent.log_table(table, "summary")
     comparison = compare(spec, results)
-    parent.log_figure(sweep_comparison_figure(comparison.cells, comparison.columns, spec.name,
-                                              failed=sum(r.status != FINISHED for r in results)), "comparison.png")
     finished = [r for r in results if r.status == FINISHED]
+    if finished:  # with none, an empty figure would pass for a result
+        parent.log_figure(sweep_comparison_figure(comparison.cells, comparison.columns, spec.name,
+                                                  failed=len(results) - len(finished)), "comparison.png")
     # Tags, not metrics: in the experiment's charts a parent's metric is one more bar ("Unassigned")
     # beside its trials', under the same names, and each count a chart of its own.
     totals = {"num_trials": len(results), "num_finished": len(finished), "num_failed": len(results) - len(finished),

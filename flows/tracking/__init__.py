@@ -28,9 +28,10 @@ from .patience import TrackingUnavailableError
 from .names import FAILED, FINISHED, KILLED, RUNNING, RunRecord, failure_reason
 from .run import TAG_FAILURE_REASON, TAG_MODEL_URI, Run
 from .store import (DEFAULT_STORE, DEFAULT_UI_URL, REPO_ROOT, Store, artifact_root, connect, default_tracking_uri,
-                    is_server, resolve_tracking_uri, sqlite_path, tracked_flow_run)
+                    is_database, is_server, require_writable, resolve_tracking_uri, sqlite_path,
+                    tracked_flow_run)
 
 __all__ = ["DEFAULT_STORE", "DEFAULT_UI_URL", "FAILED", "FINISHED", "KILLED", "REPO_ROOT", "RUNNING", "Run",
            "RunRecord", "Store", "TAG_FAILURE_REASON", "TAG_MODEL_URI", "TrackingUnavailableError", "artifact_root",
-           "connect", "default_tracking_uri", "failure_reason", "is_server", "resolve_tracking_uri", "sqlite_path",
-           "tracked_flow_run"]
+           "connect", "default_tracking_uri", "failure_reason", "is_database", "is_server", "require_writable",
+           "resolve_tracking_uri", "sqlite_path", "tracked_flow_run"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..credentials import mask
+
 TAG_FLOW_RUN_ID = "prefect.flow_run_id"
 TAG_FLOW_RUN_NAME = "prefect.flow_run_name"
 TAG_FLOW_NAME = "prefect.flow_name"
@@ -22,8 +24,8 @@ MAX_TAG_CHARS = 8000
 
 
 def failure_reason(exc: BaseException) -> str:
-    """One line saying what went wrong: the exception's type and message."""
-    return f"{type(exc).__name__}: {exc}"[:MAX_TAG_CHARS]
+    """One line saying what went wrong: the exception's type and message (any URI's password masked)."""
+    return mask(f"{type(exc).__name__}: {exc}")[:MAX_TAG_CHARS]
 
 
 def prefect_tags() -> dict[str, str]:

@@ -7,9 +7,11 @@ sweep makes hundreds of requests: a server that went away blocked a sweep for ov
 connection failures, with backoff, until one deadline: ``CNNCORE_TRACKING_WAIT_S``
 seconds (60 by default), which rides out a restart or a short network blip. When it
 runs out, the call raises ``TrackingUnavailableError``, and the store is marked down
-in this process: later calls try once and fail at once instead of waiting again, so
-a flow that is already failing reports it promptly. A call that gets through marks
-the store up again.
+in this process (``mark_down``; a sweep also marks it when a trial worker reports it):
+the calls other threads have in progress stop waiting, and calls in the next
+``RECHECK_DOWN_S`` seconds fail at once without a request, so a flow that is already
+failing reports it within about the wait, whether the server refuses connections or
+hangs. After that a call tries once more; a call that gets through marks the store up.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import os
 import threading
 import time
 
+from .. import credentials
+
 WAIT_ENV = "CNNCORE_TRACKING_WAIT_S"
 DEFAULT_WAIT_S = 60.0
 # One attempt's own limit (MLflow's default is 120 s): a server that accepts
@@ -26,8 +30,12 @@ DEFAULT_WAIT_S = 60.0
 REQUEST_TIMEOUT_S = "15"
 _FIRST_DELAY_S, _MAX_DELAY_S = 0.5, 8.0
 
-_down: set[str] = set()
+# A store found down (uri -> (when, the error's message)) is not waited for again: calls in progress
+# stop waiting, and calls within RECHECK_DOWN_S fail at once; after that, a call tries once more.
+RECHECK_DOWN_S = 30.0
+_down: dict[str, tuple[float, str]] = {}
 _down_lock = threading.Lock()
+_down_changed = threading.Condition(_down_lock)
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -71,34 +79,58 @@ def is_connection_failure(exc: BaseException) -> bool:
             or "Max retries exceeded" in text)
 
 
+def mark_down(uri: str, message: str) -> None:
+    """Record that the store at uri stopped answering (message says how): calls in progress stop waiting for
+    it, and calls in the next RECHECK_DOWN_S seconds fail at once with message."""
+    with _down_changed:
+        _down[uri] = (time.monotonic(), message)
+        _down_changed.notify_all()
+
+
+def _down_since(uri: str) -> tuple[float, str] | None:
+    with _down_lock:
+        return _down.get(uri)
+
+
 def patient(method):
     """Retry the Store/Run method on connection failures until the wait runs out (see the module docstring)."""
 
     @functools.wraps(method)
     def call(self, *args, **kwargs):
         uri = self.uri if hasattr(self, "uri") else self.store.uri
-        with _down_lock:
-            deadline = time.monotonic() + (0.0 if uri in _down else wait_s())
+        started = time.monotonic()
+        down = _down_since(uri)
+        if down is not None and started - down[0] < RECHECK_DOWN_S:
+            raise TrackingUnavailableError(down[1])  # known down: no second wait, no request to time out
+        deadline = started + (0.0 if down is not None else wait_s())
         delay = _FIRST_DELAY_S
+
+        def given_up_elsewhere() -> bool:  # another call (thread) found the store down since this one began
+            marked = _down.get(uri)
+            return marked is not None and marked[0] >= started
+
         while True:
             try:
                 result = method(self, *args, **kwargs)
             except Exception as exc:
                 if not is_connection_failure(exc):
                     raise
-                if time.monotonic() + delay > deadline:
-                    with _down_lock:
-                        _down.add(uri)
-                    if isinstance(exc, TrackingUnavailableError):
+                if given_up_elsewhere() or time.monotonic() + delay > deadline:
+                    error = exc if isinstance(exc, TrackingUnavailableError) else TrackingUnavailableError(
+                        f"the MLflow tracking server at {credentials.mask(uri)} stopped answering (waited "
+                        f"{wait_s():g} s, ${WAIT_ENV}): {credentials.mask(str(exc))}")
+                    marked = _down_since(uri)
+                    if marked is None or marked[0] < started:
+                        mark_down(uri, str(error))
+                    if error is exc:
                         raise
-                    raise TrackingUnavailableError(
-                        f"the MLflow tracking server at {uri} stopped answering (waited {wait_s():g} s, "
-                        f"${WAIT_ENV}): {exc}") from exc
-                time.sleep(delay)
+                    raise error from exc
+                with _down_changed:  # a backoff that ends early when another call gives up
+                    _down_changed.wait_for(given_up_elsewhere, timeout=delay)
                 delay = min(2 * delay, _MAX_DELAY_S)
                 continue
             with _down_lock:
-                _down.discard(uri)
+                _down.pop(uri, None)
             return result
 
     return call

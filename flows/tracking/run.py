@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from .. import credentials
 from ..shutdown import interruption
-from .patience import patient
+from .patience import TrackingUnavailableError, mark_down, patient
 from .names import (FAILED, FINISHED, KILLED, MAX_TAG_CHARS, MLFLOW_DATASET_CONTEXT, RUNNING,
                     RunRecord, failure_reason, prefect_tags)
 
@@ -69,7 +70,12 @@ class Run:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc is None:
             self.finish()
-        else:
+            return
+        if isinstance(exc, TrackingUnavailableError):  # a worker's or another thread's finding: no second wait
+            mark_down(self.store.uri, str(exc))
+        # The failure that ended the block is what to report; a store that cannot take the FAILED status
+        # now leaves the run RUNNING, for a rerun to repair.
+        with contextlib.suppress(TrackingUnavailableError):
             self.fail(exc)
 
     def child(self, name: str, *, params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None) -> Run:
@@ -90,14 +96,18 @@ class Run:
         """FAILED, or KILLED for an interrupt (a signal), with a failure_reason tag and the traceback."""
         interrupted = interruption(exc)
         self._client.set_tag(self.id, TAG_FAILURE_REASON, failure_reason(interrupted or exc))
-        self._client.log_text(self.id, "".join(traceback.format_exception(exc)), "failure/traceback.txt")
+        self._client.log_text(self.id, credentials.mask("".join(traceback.format_exception(exc))),
+                              "failure/traceback.txt")
         self._client.set_terminated(self.id, KILLED if interrupted else FAILED)
 
     @patient
     def reopen(self) -> None:
-        """Set the run back to RUNNING (resuming it) and retag it with the current flow run."""
+        """Set the run back to RUNNING (resuming it), retag it with the current flow run, and drop the reason
+        an earlier attempt failed (a finished run must not keep saying it failed)."""
         self._client.update_run(self.id, status=RUNNING)
         self.set_tags(prefect_tags())
+        if TAG_FAILURE_REASON in self._client.get_run(self.id).data.tags:
+            self._client.delete_tag(self.id, TAG_FAILURE_REASON)
 
     @patient
     def delete(self) -> None:
@@ -258,7 +268,7 @@ class Run:
             link=self.url,
             link_text=f"MLflow run {name}",
             key=f"mlflow-{flow_run.flow_name or 'run'}".lower().replace("_", "-"),
-            description=f"MLflow run `{self.id}` in the store `{self.store.uri}`; "
+            description=f"MLflow run `{self.id}` in the store `{credentials.mask(self.store.uri)}`; "
                         f"open the UI with `{self.store.ui_command()}`.",
         )
 

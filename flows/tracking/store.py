@@ -10,8 +10,10 @@ clear message and leaves no half-made experiment or run behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
+import shlex
 import sys
 import threading
 import urllib.error
@@ -20,8 +22,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
+from .. import credentials
 from ..provenance import run_tags
 from .names import EXPERIMENT_KIND, MAX_TAG_CHARS, MLFLOW_PARENT_RUN_ID, RunRecord, prefect_tags
 from .patience import TrackingUnavailableError, hand_retries_to_us, patient
@@ -44,8 +47,9 @@ def default_tracking_uri() -> str:
 
 
 def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
-    """The argument, else $MLFLOW_TRACKING_URI, else the repository's sqlite store."""
-    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    """The argument, else $MLFLOW_TRACKING_URI, else the repository's sqlite store; a masked password
+    (***) put back from the environment (flows.credentials.reveal)."""
+    return credentials.reveal(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri())
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
@@ -66,18 +70,24 @@ def is_server(tracking_uri: str) -> bool:
     return urlparse(tracking_uri).scheme in ("http", "https")
 
 
-def connect(tracking_uri: str | None = None, timeout_s: float = 5.0) -> Store:
+def connect(tracking_uri: str | None = None, timeout_s: float = 5.0, *, read_only: bool = False) -> Store:
     """The resolved store, after checking that it answers.
 
     A sqlite store gets its folder and tables created here (once, before any
     fan-out: parallel first writers would race on the schema migration).
     Raises TrackingUnavailableError within about timeout_s when a tracking
-    server does not answer its /health endpoint, or a sqlite file cannot be made.
+    server does not answer its /health endpoint, or a sqlite file cannot be made,
+    or (unless read_only: a command that only reads) written.
     """
     uri = resolve_tracking_uri(tracking_uri)
+    credentials.remember(uri)
+    if not read_only:
+        require_writable(uri)
     if is_server(uri):
         hand_retries_to_us()
         _require_healthy_server(uri, timeout_s)
+    elif is_database(uri):
+        _require_reachable_database(uri, timeout_s)
     store = Store(uri)
     try:
         if (db := sqlite_path(uri)) is not None:
@@ -87,7 +97,8 @@ def connect(tracking_uri: str | None = None, timeout_s: float = 5.0) -> Store:
         else:
             store.client.search_experiments(max_results=1)
     except Exception as exc:
-        raise TrackingUnavailableError(f"the MLflow store {uri} cannot be used: {exc}. Nothing was logged.") from exc
+        raise TrackingUnavailableError(f"the MLflow store {store.shown} cannot be used: "
+                                       f"{credentials.mask(str(exc))}. Nothing was logged.") from exc
     # Model.log uploads through MLflow's process-wide URI; every flow in a process
     # connects before logging, so the global agrees with the client.
     import mlflow
@@ -96,14 +107,37 @@ def connect(tracking_uri: str | None = None, timeout_s: float = 5.0) -> Store:
     return store
 
 
+def require_writable(uri: str) -> None:
+    """TrackingUnavailableError naming a sqlite store when its database (or, for a new one, the folder that
+    would hold it) cannot be written: a read-only mount, another user's files. Other stores: nothing to check."""
+    if (db := sqlite_path(uri)) is None:
+        return
+    target = db if db.exists() else next((p for p in db.parents if p.exists()), None)
+    if target is not None and not os.access(target, os.W_OK):
+        what = "its database file" if target == db else f"the folder {target}"
+        raise TrackingUnavailableError(f"the MLflow store {uri} is read-only here ({what} cannot be written): runs "
+                                       "cannot be logged to it; `cnnflow runs` and `cnnflow report` can read it. "
+                                       "Nothing was logged.")
+
+
 @contextlib.contextmanager
 def _initialising(db: Path) -> Iterator[None]:
     """Hold an exclusive lock beside a sqlite store while this process opens it for the first time.
 
     MLflow creates and migrates the tables of a new store on first use; two processes
     doing that at once fail with errors such as "table span_metrics already exists".
+    A store that exists but whose folder cannot be written (a read-only mount, another
+    user's files) is opened without the lock: nothing will be created there, and the
+    commands that only read (`cnnflow runs`, `cnnflow report`) work.
     """
-    with open(db.with_name(db.name + ".init.lock"), "a") as lock:
+    try:
+        lock = open(db.with_name(db.name + ".init.lock"), "a")
+    except OSError as exc:
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and db.is_file():
+            yield
+            return
+        raise
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -111,26 +145,95 @@ def _initialising(db: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _require_healthy_server(uri: str, timeout_s: float) -> None:
-    health = uri.rstrip("/") + "/health"
+def is_database(tracking_uri: str) -> bool:
+    """A database store MLflow reaches over the network (postgresql, mysql), not a file or a server."""
+    return urlparse(tracking_uri).scheme.split("+")[0] in _DRIVERS
+
+
+# The SQLAlchemy drivers of each database, in the order suggested when the URI names none.
+_DRIVERS = {"postgresql": ("psycopg2", "psycopg", "pg8000"), "mysql": ("pymysql", "MySQLdb", "mysql.connector")}
+
+
+def _require_reachable_database(uri: str, timeout_s: float) -> None:
+    """Connect to a database store once, within timeout_s, before MLflow does: MLflow retries a refused
+    connection 10 times over about 100 s, with a warning each time. Says which driver to name when the URI's
+    (or SQLAlchemy's default) is not installed."""
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    shown = credentials.mask(uri)
+    scheme = urlparse(uri).scheme
     try:
-        with urllib.request.urlopen(health, timeout=timeout_s) as response:
+        engine = sqlalchemy.create_engine(uri, poolclass=NullPool,
+                                          connect_args={"connect_timeout": max(1, round(timeout_s))})
+    except (ImportError, sqlalchemy.exc.NoSuchModuleError) as exc:
+        raise TrackingUnavailableError(f"the MLflow store {shown} cannot be used: {_driver_advice(scheme, exc)}. "
+                                       "Nothing was logged.") from exc
+    try:
+        with engine.connect():
+            return
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        cause = credentials.mask(" ".join(str(getattr(exc, "orig", None) or exc).split()))
+        raise TrackingUnavailableError(f"the MLflow store {shown} cannot be reached ({cause}). Nothing was logged. "
+                                       f"Start the database, or unset MLFLOW_TRACKING_URI to log to the local "
+                                       f"store {default_tracking_uri()}.") from exc
+    finally:
+        engine.dispose()
+
+
+def _driver_advice(scheme: str, exc: BaseException) -> str:
+    import importlib.util
+
+    database, _, driver = scheme.partition("+")
+    installed = [d for d in _DRIVERS.get(database, ()) if importlib.util.find_spec(d.split(".")[0]) is not None]
+    named = f"its driver {driver}" if driver else f"SQLAlchemy's default driver for {database}://"
+    advice = (f"name an installed one: {', '.join(f'{database}+{d.lower()}://' for d in installed)}" if installed
+              else f"install one of {', '.join(_DRIVERS.get(database, ()))}")
+    return f"{named} is not installed ({type(exc).__name__}: {exc}); {advice}"
+
+
+def _require_healthy_server(uri: str, timeout_s: float) -> None:
+    # urllib takes no user:password@ in a URL: they go in a basic auth header.
+    health = credentials.without_userinfo(uri).rstrip("/") + "/health"
+    request = urllib.request.Request(health, headers=_basic_auth(uri))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
             if response.status == 200:
                 return
             problem = f"GET {health} answered {response.status}"
     except (OSError, urllib.error.URLError) as exc:
         problem = f"GET {health} failed: {exc}"
     raise TrackingUnavailableError(
-        f"the MLflow tracking server at {uri} is unreachable ({problem}). Nothing was logged. "
+        f"the MLflow tracking server at {credentials.mask(uri)} is unreachable ({credentials.mask(problem)}). "
+        "Nothing was logged. "
         f"Start the server, or unset MLFLOW_TRACKING_URI to log to the local store {default_tracking_uri()}."
     )
+
+
+def _basic_auth(uri: str) -> dict[str, str]:
+    """The Authorization header for a server URI that names a user (and password), else none."""
+    parts = urlparse(uri)
+    if parts.username is None:
+        return {}
+    import base64
+
+    token = f"{unquote(parts.username)}:{credentials.password_of(uri) or ''}".encode()
+    return {"Authorization": "Basic " + base64.b64encode(token).decode()}
 
 
 @dataclass(frozen=True)
 class Store:
     """One MLflow store, addressed by its URI. Safe to share between threads and to send to processes."""
 
-    uri: str
+    uri: str  # with its password, if it has one: never shown (see `shown`)
+
+    @property
+    def shown(self) -> str:
+        """The URI as messages show it: its password masked."""
+        return credentials.mask(self.uri)
+
+    def __repr__(self) -> str:
+        return f"Store({self.shown!r})"
 
     @property
     def client(self) -> MlflowClient:
@@ -179,7 +282,7 @@ class Store:
         missing = [name for name, e in found.items() if e is None]
         if missing:
             known = sorted(e.name for e in self.client.search_experiments())
-            raise ValueError(f"no experiment named {missing} in {self.uri}; known: {known}")
+            raise ValueError(f"no experiment named {missing} in {self.shown}; known: {known}")
         return {e.experiment_id: e.name for e in found.values()}
 
     # ------------------------------------------------------------ runs
@@ -219,15 +322,13 @@ class Store:
         parent_id, if given), oldest first."""
         if parent_id is not None:
             tags = {**tags, MLFLOW_PARENT_RUN_ID: parent_id}
-        conditions = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-        return self._search([experiment_id], conditions, ["attributes.start_time ASC"])
+        return self._search([experiment_id], _tag_filter(tags), ["attributes.start_time ASC"])
 
     @patient
     def latest_run(self, tags: dict[str, str], experiment_ids: list[str] | None = None) -> RunRecord | None:
         """The most recent active run with these tags, in the given experiments (default: all), or None."""
         ids = experiment_ids or list(self.experiment_names())
-        found = self._search(ids, " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items()),
-                             ["attributes.start_time DESC"]) if ids else []
+        found = self._search(ids, _tag_filter(tags), ["attributes.start_time DESC"]) if ids else []
         return found[0] if found else None
 
     @patient
@@ -255,19 +356,28 @@ class Store:
     def run_url(self, experiment_id: str, run_id: str, artifact: str | None = None) -> str:
         """The run's page in the MLflow UI (for a local store, where `cnnflow ui` serves it), opened on
         one of its artifacts when given (the Artifacts tab, that file shown)."""
-        base = self.uri if is_server(self.uri) else DEFAULT_UI_URL
+        base = credentials.without_userinfo(self.uri) if is_server(self.uri) else DEFAULT_UI_URL
         page = f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
         # MLflow 3.17's UI takes its view from this parameter (else from the browser's memory, else
         # GenAI); the experiment's kind tag is not read there.
         return page + (f"/artifactPath/{artifact}" if artifact else "") + "?workflowType=machine_learning"
 
     def ui_command(self) -> str:
-        """The shell command that opens the MLflow UI on this store, from any shell (the venv's cnnflow)."""
+        """The shell command that opens the MLflow UI on this store, from any shell (the venv's cnnflow).
+
+        Never with the store's password: the URI is masked, and `cnnflow ui` puts the password back
+        from $CNNCORE_TRACKING_PASSWORD (the command says so) or $MLFLOW_TRACKING_URI.
+        """
         if is_server(self.uri):
-            return f"open {self.uri} (the tracking server serves the UI)"
+            return f"open {credentials.without_userinfo(self.uri)} (the tracking server serves the UI)"
         cnnflow = Path(sys.executable).with_name("cnnflow")
         command = f"{cnnflow if cnnflow.exists() else 'cnnflow'} ui"
-        return command + ("" if self.uri == default_tracking_uri() else f" --backend-store-uri {self.uri}")
+        if self.uri == default_tracking_uri():
+            return command
+        command += f" --backend-store-uri {shlex.quote(self.shown)}"
+        if credentials.is_masked(self.shown):
+            command = f"{credentials.PASSWORD_ENV}=<password> {command}"
+        return command
 
     @patient
     def register_model(self, name: str, model_uri: str, run_id: str, alias: str) -> int:
@@ -282,6 +392,21 @@ class Store:
         version = self.client.create_model_version(name, model_uri, run_id=run_id)
         self.client.set_registered_model_alias(name, alias, version.version)
         return int(version.version)
+
+
+def _tag_filter(tags: dict[str, str]) -> str:
+    """An MLflow search filter matching every tag's value exactly, whatever quote the value holds.
+
+    MLflow's filter strings take a value in single or double quotes and no escape, so a value
+    holding both cannot be matched: ValueError naming it, rather than a filter that means another thing.
+    """
+    def literal(value: str) -> str:
+        for quote in ("'", '"'):
+            if quote not in value:
+                return f"{quote}{value}{quote}"
+        raise ValueError(f"{value!r} holds both quote characters (' and \"), which MLflow's run search cannot match")
+
+    return " and ".join(f"tags.`{key}` = {literal(str(value))}" for key, value in tags.items())
 
 
 @contextlib.contextmanager

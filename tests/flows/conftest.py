@@ -5,8 +5,10 @@ folder, never the user's database) and analytics (off: there is no network) are
 set here, before anything imports prefect.
 """
 
+import contextlib
 import os
 import shutil
+import sys
 import tempfile
 
 _PREFECT_HOME = tempfile.mkdtemp(prefix="cnncore-flows-prefect-")
@@ -19,16 +21,74 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Run  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
+import harness  # noqa: E402
 from flows.config import TrainConfig  # noqa: E402
 from flows.load_data import clear_data_memo  # noqa: E402
+from flows.servers import ServerError, background_server, free_port  # noqa: E402
+
+# Seconds Prefect's API takes to start on an idle 2-core machine is about 10; the limit grows with the load.
+PREFECT_API_START_S = 60
+# Tries with a fresh port when the server exits at once (another process took its port meanwhile).
+PORT_TRIES = 3
+
+
+def prefect_api_command(port: int) -> list[str]:
+    """Prefect's own temporary API server (what prefect_test_harness starts): its app under uvicorn, no UI."""
+    import prefect
+
+    return [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).resolve().parents[1]),
+            "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+            "--log-level", "error", "--lifespan", "on"]
+
+
+@contextlib.contextmanager
+def started_prefect_api(root: Path):
+    """The API server in a process group of its own (with a watchdog: a kill -9 of this process takes it
+    along), on a free port, answering within harness.startup_limit_s; yields its API URL."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_UI_ENABLED="0", PREFECT__SERVER_EPHEMERAL="1", PREFECT__SERVER_FINAL="1",
+               PREFECT_SERVER_LOGGING_LEVEL="WARNING",
+               PREFECT_SERVER_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{root / 'prefect.db'}")
+    started = False
+    for attempt in range(1, PORT_TRIES + 1):
+        port = free_port()
+        try:
+            with background_server(prefect_api_command(port), f"http://127.0.0.1:{port}/api/health", env=env,
+                                   log=root / "server.log", timeout_s=harness.startup_limit_s(PREFECT_API_START_S),
+                                   stop_grace_s=5):
+                started = True
+                yield f"http://127.0.0.1:{port}/api"
+                return
+        except ServerError as exc:
+            if started or "exited with code" not in str(exc) or attempt == PORT_TRIES:
+                raise
+
 
 @pytest.fixture(scope="session", autouse=True)
-def prefect_api():
-    """A temporary Prefect API server for the whole session (about 10 s to start)."""
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
+def prefect_api(tmp_path_factory):
+    """A temporary Prefect API server for the whole session (about 10 s to start; longer under load).
+
+    Prefect's prefect_test_harness runs the same server, but as a plain child of this
+    process: a test run stopped by a signal or killed left it running, and its start-up
+    limit (60 s counted in its own sleeps) failed every flow test on a loaded machine.
+    """
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    harness.watch_folder(_PREFECT_HOME)
+    with started_prefect_api(tmp_path_factory.mktemp("prefect-api")) as api, \
+            temporary_settings({PREFECT_API_URL: api}):
+        # Code in a context copied before this one (a worker thread started earlier) sees it too.
+        import prefect.context
+
+        globally = getattr(prefect.context, "_temporary_global_settings_context", None)
+        with globally(prefect.context.get_settings_context()) if globally else contextlib.nullcontext():
+            yield api
+            # The logs and events still queued go to the server before it stops.
+            APILogWorker.drain_all(timeout=10)
+            EventsWorker.drain_all(timeout=10)
     shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
 
 

@@ -74,3 +74,77 @@ def test_sweep_spec_rejects_bad_spaces_before_any_trial(fields, words):
 def test_cuda_device_without_cupy_fails_in_the_config():
     with pytest.raises(ValueError, match="needs CuPy"):
         TrainConfig(device="cuda")
+
+
+# ---------------------------------------------------------------------------
+# norm_batch: ghost batch norm's normalization batch
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fields, key", [
+    ({}, "5bc7849c52c349ee"),
+    ({"normalization": "groupnorm", "batch_size": 8}, "968c92f0c71c58b8"),
+    ({"model": "fc_net", "dataset": "mnist", "depth": 4, "hidden_dim": 100, "batch_size": 4}, "d37a5d03a7e87306"),
+])
+def test_trial_keys_without_norm_batch_are_those_of_sweeps_from_before_it_existed(fields, key):
+    """Keys computed by the code before norm_batch existed: old sweeps still resume."""
+    assert TrainConfig(**fields).key() == key
+    assert TrainConfig(**fields, norm_batch=fields.get("batch_size", 32)).key() == key  # g = the batch: the same
+
+
+def test_norm_batch_below_the_batch_size_is_a_trial_of_its_own():
+    keys = {TrainConfig(norm_batch=g).key() for g in (32, 16, 8, 4, 2)}
+    assert len(keys) == 5
+
+
+@pytest.mark.parametrize("normalization", ["groupnorm", "layernorm", "instancenorm", "none", None])
+def test_the_norms_that_never_mix_images_unset_norm_batch(normalization):
+    config = TrainConfig(normalization=normalization, norm_batch=2)
+    assert config.norm_batch is None and config.normalization_batch() == config.batch_size
+    assert config.key() == TrainConfig(normalization=normalization).key()
+
+
+def test_a_grid_over_norm_batch_runs_group_norm_once_per_seed():
+    spec = SweepSpec(space={"normalization": ["batchnorm", "groupnorm"], "norm_batch": [32, 16, 8, 4, 2],
+                            "train_seed": [0, 1]})
+    trials = [(t.normalization, t.norm_batch, t.train_seed) for t in spec.trials()]
+    assert trials == [("batchnorm", g, seed) for g in (32, 16, 8, 4, 2) for seed in (0, 1)] + [
+        ("groupnorm", None, 0), ("groupnorm", None, 1)]
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"norm_batch": 5}, "norm_batch=5 must divide batch_size=32 (batch_size % norm_batch = 2, expected 0)"),
+    ({"norm_batch": 64}, "norm_batch=64 must divide batch_size=32"),
+    ({"norm_batch": 0}, "norm_batch"),
+    ({"model": "fc_net", "norm_batch": 1},
+     "norm_batch=1 with batchnorm computes each statistic of each hidden layer's features over 1 value"),
+    ({"model": "fc_net", "batch_size": 1},
+     "batch_size=1 with batchnorm computes each statistic of each hidden layer's features over 1 value"),
+])
+def test_norm_batch_that_does_not_divide_the_batch_or_leaves_one_value_is_refused(fields, words):
+    with pytest.raises(ValidationError) as info:
+        TrainConfig(**fields)
+    assert words in str(info.value)
+
+
+def test_ghost_batch_norm_on_conv_maps_may_normalise_each_image_alone():
+    assert TrainConfig(dataset="mnist", depth=3, norm_batch=1).normalization_batch() == 1  # 7x7 maps: 49 values
+
+
+def test_five_conv_blocks_fit_mnist_with_the_last_norm_on_1x1_maps():
+    config = TrainConfig(dataset="mnist", depth=5, norm_batch=2)
+    assert config.depth == 5 and TrainConfig(dataset="digits", depth=5).depth == 5
+    with pytest.raises(ValidationError) as info:
+        TrainConfig(dataset="mnist", depth=5, norm_batch=1)
+    assert "norm_batch=1 with batchnorm computes each statistic of block 5's 1x1 maps over 1 value" in str(info.value)
+    assert "norm_batch >= 2" in str(info.value)
+
+
+def test_a_resnet_takes_num_filters_as_its_first_stage_width_and_depth_as_blocks_per_stage():
+    config = TrainConfig(model="resnet", dataset="mnist", num_filters=8, depth=1)
+    # filter_size and hidden_dim mean nothing to it: they leave its trials' identity alone.
+    assert config.key() == TrainConfig(model="resnet", dataset="mnist", num_filters=8, filter_size=5,
+                                       hidden_dim=7).key()
+    assert config.key() != TrainConfig(model="resnet", dataset="mnist", num_filters=8, depth=2).key()
+    with pytest.raises(ValidationError, match="num_groups=3 must divide num_filters=8"):
+        TrainConfig(model="resnet", normalization="groupnorm", num_filters=8, num_groups=3)

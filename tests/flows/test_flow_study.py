@@ -88,9 +88,17 @@ def test_groups_keep_about_sixteen_channels_per_group(filters, groups):
     assert groups_for(filters) == groups and filters % groups == 0
 
 
+def percent_errors(children, metric: str) -> dict[tuple[str, int, int], float]:
+    """{(normalization, batch_size, seed): 100 * (1 - metric)} of the sweep's child runs."""
+    return {(r.data.params["normalization"], int(r.data.params["batch_size"]), int(r.data.params["train_seed"])):
+            100 * (1 - r.data.metrics[metric]) for r in children}
+
+
 def test_small_preset_run_reports_exactly_what_its_child_runs_logged(store, tmp_path):
+    # Three epochs: validation accuracy peaks before the end in most trials (6 of 8 here), so the final
+    # net (the study's measure) and the best-validation net differ, and so do their test errors.
     spec = bn_vs_gn_spec(name="study-small", normalizations=("batchnorm", "groupnorm"), batch_sizes=(16, 4),
-                         seeds=(0, 1), num_epochs=1, num_train=64, num_val=30, num_test=50, num_filters=8)
+                         seeds=(0, 1), num_epochs=3, num_train=128, num_val=30, num_test=50, num_filters=8)
     report = sweep(spec=spec, tracking_uri=store.uri)
     assert len(report.trials) == 8 and not report.failed
 
@@ -106,15 +114,19 @@ def test_small_preset_run_reports_exactly_what_its_child_runs_logged(store, tmp_
     children = [r for r in store.runs("cnncore-sweeps")
                 if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 8
-    error = {(r.data.params["normalization"], int(r.data.params["batch_size"]), int(r.data.params["train_seed"])):
-             100 * (1 - r.data.metrics["accuracy/final_test_acc"]) for r in children}  # the final net: the measure
-    cells = table("cells")
-    assert len(cells) == 4
-    for cell in cells.itertuples():
-        errors = [error[cell.normalization, cell.batch_size, seed] for seed in (0, 1)]
-        low, high = stats.t.interval(0.95, 1, loc=np.mean(errors), scale=np.std(errors, ddof=1) / math.sqrt(2))
-        assert cell.n == 2 and cell.mean == pytest.approx(np.mean(errors))
-        assert (cell.low, cell.high) == (pytest.approx(low), pytest.approx(high))
+    error, best_val_error = percent_errors(children, "accuracy/final_test_acc"), percent_errors(children, "accuracy/test_acc")
+    assert sum(error[k] != best_val_error[k] for k in error) >= 3  # the two measures tell apart here
+    for name, measured in (("cells", error), ("best_val_cells", best_val_error)):
+        cells = table(name)
+        assert len(cells) == 4
+        for cell in cells.itertuples():
+            errors = [measured[cell.normalization, cell.batch_size, seed] for seed in (0, 1)]
+            low, high = stats.t.interval(0.95, 1, loc=np.mean(errors), scale=np.std(errors, ddof=1) / math.sqrt(2))
+            assert cell.n == 2 and cell.mean == pytest.approx(np.mean(errors))
+            assert (cell.low, cell.high) == (pytest.approx(low), pytest.approx(high))
+    # What the terminal shows (the sweep's comparison) is the study's cell table: the final net's error.
+    assert {(r["normalization"], r["batch_size"]): r["mean"] for r in report.comparison} == pytest.approx(
+        {(n, b): np.mean([error[n, b, s] for s in (0, 1)]) for n, b, _ in error})
     # No batch 32 here: changes are measured from the largest batch run, 16.
     (interaction,) = table("interactions").itertuples()
     by_seed = [(error["batchnorm", 4, s] - error["batchnorm", 16, s])
@@ -122,8 +134,11 @@ def test_small_preset_run_reports_exactly_what_its_child_runs_logged(store, tmp_
     assert (interaction.batch_size, interaction.reference, interaction.n) == (4, 16, 2)
     assert interaction.mean == pytest.approx(np.mean(by_seed))
     updates = table("updates").set_index("batch_size")["iterations_per_epoch"].to_dict()
-    assert updates == {16: 4, 4: 16}  # 64 training images
+    assert updates == {16: 8, 4: 32}  # 128 training images
 
+    # The printed link opens the parent run on the study's answer, its interaction figure.
+    assert report.url.endswith(f"/runs/{report.parent_run_id}/artifactPath/study/interaction_vs_batch_size.png"
+                               "?workflowType=machine_learning")
     markdown = report.study_report
     text = store.client.download_artifacts(parent.info.run_id, "study/report.md", str(tmp_path))
     assert open(text).read() == markdown
@@ -132,6 +147,14 @@ def test_small_preset_run_reports_exactly_what_its_child_runs_logged(store, tmp_
     # The learning rate each child trained with is the scaled one.
     for r in children:
         assert float(r.data.params["learning_rate"]) == pytest.approx(0.02 * int(r.data.params["batch_size"]) / 32)
+
+    # Run again: every trial is read back from MLflow, and the report says what the first run's said.
+    again = sweep(spec=spec, tracking_uri=store.uri)
+    assert [t.skipped for t in again.trials] == [True] * 8
+    assert [(t.test_acc, t.final_test_acc) for t in again.trials] == [(t.test_acc, t.final_test_acc)
+                                                                       for t in report.trials]
+    assert again.comparison == report.comparison
+    assert again.study_report.split("## Design")[1] == markdown.split("## Design")[1]
 
 
 def test_preset_parameter_replaces_the_spec(store, monkeypatch):

@@ -1,5 +1,6 @@
 """The sweep flow: a parent run, one child per trial, failures reported, reruns resume."""
 
+import logging
 import re
 
 import numpy as np
@@ -10,7 +11,9 @@ from flows.sweep import executors
 from flows.sweep.resume import SweepChangedError
 from flows.config import SweepSpec
 from flows.load_data import load_data_once
-from flows.sweep import sweep
+from flows.progress import PROGRESS_LOGGER
+from flows.sweep import TrialResult, sweep
+from flows.sweep.results import best_trial
 
 # sgd at a learning rate of 1e9 blows the weights up within 3 iterations. The
 # divergence surfaces as the Solver's NonFiniteLossError (a NaN loss) or, when
@@ -71,7 +74,31 @@ def test_diverging_trial_is_failed_with_its_reason_and_the_others_finish(store, 
     summary = pd.read_csv(store.client.download_artifacts(parent.info.run_id, "summary.csv", str(tmp_path)))
     assert list(summary["status"]) == ["FINISHED", "FAILED", "FINISHED"]
     assert re.match(DIVERGED, summary.loc[1, "failure_reason"])
-    assert parent.data.tags["best_run_id"] == report.best.run_id
+    # The failed run keeps the whole traceback beside its one-line reason.
+    assert "failure/traceback.txt" in store.artifacts(runs[DIVERGING].info.run_id)
+    traceback_text = open(store.client.download_artifacts(runs[DIVERGING].info.run_id, "failure/traceback.txt",
+                                                          str(tmp_path))).read()
+    reason = runs[DIVERGING].data.tags["failure_reason"]  # "<error type>: <message>"
+    assert "Traceback (most recent call last):" in traceback_text and "in _step" in traceback_text
+    assert traceback_text.rstrip().splitlines()[-1].endswith(reason)
+    # The best trial is the finished child with the highest best_val_acc, as MLflow holds them.
+    finished = [r for r in runs.values() if r.info.status == "FINISHED"]
+    best = max(finished, key=lambda r: r.data.metrics["best_val_acc"])
+    assert parent.data.tags["best_run_id"] == best.info.run_id == report.best.run_id
+    assert float(parent.data.tags["best_trial_val_acc"]) == pytest.approx(best.data.metrics["best_val_acc"])
+
+
+def result(index: int, best_val_acc: float | None, status: str = "FINISHED") -> TrialResult:
+    config = SweepSpec().base.model_copy(update={"train_seed": index})
+    return TrialResult(index=index, key=config.key(), run_id=f"r{index}", run_name=f"s/{index:02d}", status=status,
+                       best_val_acc=best_val_acc, config=config)
+
+
+def test_the_best_trial_has_the_highest_validation_accuracy_the_first_of_equals():
+    assert best_trial([result(0, 0.50), result(1, 0.90), result(2, 0.70)]).index == 1
+    assert best_trial([result(0, 0.80), result(1, 0.90), result(2, 0.90)]).index == 1
+    assert best_trial([result(0, 0.80), result(1, None, "FAILED"), result(2, 0.60)]).index == 0
+    assert best_trial([result(0, None, "FAILED")]) is None and best_trial([]) is None
 
 
 def test_trials_run_concurrently_as_children_tagged_with_the_flow_run(store, tiny):
@@ -88,7 +115,7 @@ def test_trials_run_concurrently_as_children_tagged_with_the_flow_run(store, tin
     assert any(later_start < end for (_, end), (later_start, _) in zip(spans, spans[1:])), spans
 
 
-def test_rerun_skips_finished_trials_and_reruns_unfinished_ones(store, tiny, fits):
+def test_rerun_skips_finished_trials_and_reruns_unfinished_ones(store, tiny, fits, caplog):
     spec = SweepSpec(name="resume", base=tiny, space={"train_seed": [0, 1, 2]})
     # Trained in the task threads, so the spy sees every fit (worker processes are another test's).
     first = sweep(spec=spec, tracking_uri=store.uri, trials_in="threads")
@@ -101,9 +128,17 @@ def test_rerun_skips_finished_trials_and_reruns_unfinished_ones(store, tiny, fit
     store.client.update_run(first.parent_run_id, status="RUNNING")
     fits.clear()
 
-    second = sweep(spec=spec, tracking_uri=store.uri, trials_in="threads")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=PROGRESS_LOGGER):
+        second = sweep(spec=spec, tracking_uri=store.uri, trials_in="threads")
 
     assert sorted(config.train_seed for _, config, _ in fits) == [1, 2]
+    # Progress counts the trials this run trains, not those an earlier run finished.
+    said = [r.getMessage() for r in caplog.records if r.name == PROGRESS_LOGGER]
+    assert "sweep resume: 3 trials, 1 already finished (resumed), 2 to run, 2 at a time" in said
+    lines = [m for m in said if m.startswith("[")]
+    assert [m.split("]")[0] + "]" for m in lines] == ["[1/2]", "[2/2]"]
+    assert lines[0].endswith(" left") and "; all done in " in lines[1]
     assert second.parent_run_id == first.parent_run_id
     assert [t.skipped for t in second.trials] == [True, False, False]
     assert second.trials[0].run_id == by_seed[0]
@@ -112,6 +147,9 @@ def test_rerun_skips_finished_trials_and_reruns_unfinished_ones(store, tiny, fit
     assert store.client.get_run(by_seed[1]).info.lifecycle_stage == "deleted"  # the cut-off attempt
     parent = store.client.get_run(first.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["num_skipped"] == "1"
+    # The parent's tables hold this run's trials once each: replaced, not appended to the first run's.
+    table = store.client.load_table(parent.info.experiment_id, "summary.json", run_ids=[first.parent_run_id])
+    assert sorted(table["trial"]) == [0, 1, 2] and list(table["skipped"]) == [True, False, False]
 
 
 def test_sweep_with_an_unknown_field_fails_before_any_mlflow_run(store):
@@ -167,3 +205,107 @@ def test_a_changed_base_under_an_existing_name_is_refused_with_the_choices(store
             if r.data.tags["sweep_role"] == "parent"] == [first.parent_run_id]  # nothing new was made
     fresh = sweep(spec=changed, tracking_uri=store.uri, trials_in="threads", resume=False)
     assert fresh.parent_run_id != first.parent_run_id and not fresh.failed
+
+
+def test_a_stopping_sweep_starts_no_queued_trial(store, tiny):
+    """Once a sweep is stopping (a signal, the tracking server gone), a trial still queued makes no run."""
+    from flows import tracking
+    from flows.shutdown import Interrupted, StopRequest
+
+    spec = SweepSpec(name="stopping", base=tiny, space={"train_seed": [0, 1]})
+    parent = tracking.connect(store.uri).start_run("cnncore-sweeps", "stopping")
+    stop = StopRequest()
+    stop.set(Interrupted("SIGTERM"))
+    assert executors.run_trial.fn(parent, spec, 1, spec.trials()[1], None, stop) is None
+    assert children(store, parent.id) == []
+    # Not stopping, the same call trains the trial into a child run.
+    done = executors.run_trial.fn(parent, spec, 0, spec.trials()[0], None, StopRequest())
+    assert done.status == "FINISHED" and [r.info.run_id for r in children(store, parent.id)] == [done.run_id]
+
+
+def test_a_resumed_sweep_holds_its_parent_running_and_leased_while_it_trains(store, tiny, monkeypatch):
+    """A rerun that adds a seed reopens the finished parent: RUNNING, with a live lease another process would
+    see, while its trials train; FINISHED after."""
+    from flows.sweep import lease
+    from flows.tracking import RunRecord
+
+    spec = SweepSpec(name="reopened", base=tiny, space={"train_seed": [0]})
+    first = sweep(spec=spec, tracking_uri=store.uri, trials_in="threads")
+    assert store.client.get_run(first.parent_run_id).info.status == "FINISHED"
+    seen, real = [], executors.fit
+
+    def watching(run, *args, **kwargs):
+        seen.append(lease.live_holder(RunRecord.of(store.client.get_run(first.parent_run_id)), owner="someone else"))
+        seen.append(store.client.get_run(first.parent_run_id).info.status)
+        return real(run, *args, **kwargs)
+
+    monkeypatch.setattr(executors, "fit", watching)
+    again = sweep(spec=spec.model_copy(update={"space": {"train_seed": [0, 1]}}), tracking_uri=store.uri,
+                  trials_in="threads")
+    assert again.parent_run_id == first.parent_run_id and [t.skipped for t in again.trials] == [True, False]
+    holder, status = seen
+    assert status == "RUNNING" and holder is not None
+    assert store.client.get_run(first.parent_run_id).info.status == "FINISHED"
+
+
+# ---------------------------------------------------------------- what the sweep says, from its results
+
+
+def finished(index: int, normalization: str, seed: int, test_acc: float, final_test_acc: float,
+             diagnostics: dict | None = None) -> TrialResult:
+    config = SweepSpec().base.model_copy(update={"normalization": normalization, "train_seed": seed,
+                                                 "batch_size": 8, "num_groups": 2})
+    return TrialResult(index=index, key=config.key(), run_id=f"r{index}", run_name=f"s/{index:02d}",
+                       status="FINISHED", best_val_acc=0.9, test_acc=test_acc, final_test_acc=final_test_acc,
+                       diagnostics=diagnostics or {}, config=config)
+
+
+def failed(index: int, normalization: str, seed: int) -> TrialResult:
+    config = SweepSpec().base.model_copy(update={"normalization": normalization, "train_seed": seed,
+                                                 "batch_size": 8, "num_groups": 2})
+    return TrialResult(index=index, key=config.key(), run_id=f"r{index}", run_name=f"s/{index:02d}",
+                       status="FAILED", failure_reason="NonFiniteLossError: loss became nan", config=config)
+
+
+def test_a_grids_comparison_is_the_best_validation_nets_error_over_the_seeds_that_finished():
+    from flows.sweep.summary import comparison_table
+
+    spec = SweepSpec(name="grid", space={"normalization": ["batchnorm", "groupnorm"], "train_seed": [0, 1, 2]})
+    results = [finished(0, "batchnorm", 0, 0.90, 0.50), finished(1, "batchnorm", 1, 0.80, 0.40),
+               failed(2, "batchnorm", 2), failed(3, "groupnorm", 0), finished(4, "groupnorm", 1, 0.75, 0.70),
+               failed(5, "groupnorm", 2)]
+    table = comparison_table(spec, results).set_index("normalization")
+    assert table.loc["batchnorm", "trials"] == 3 and table.loc["batchnorm", "finished"] == 2
+    assert table.loc["batchnorm", "test_error"] == pytest.approx(15.0)  # 10 and 20: test_acc's, not the final's
+    assert table.loc["groupnorm", "finished"] == 1 and table.loc["groupnorm", "test_error"] == pytest.approx(25.0)
+    assert np.isnan(table.loc["groupnorm", "low"])  # one seed: no interval
+
+
+def test_a_studys_trials_and_diagnostics_are_in_percent_of_the_final_net():
+    from flows.sweep.summary import study_diagnostics, study_trials
+
+    results = [finished(0, "batchnorm", 0, 0.90, 0.75, {"norm1/n_eff": 12.5, "train_mode_error": 0.25,
+                                                        "test_mode_error": 0.125}),
+               failed(1, "batchnorm", 1)]
+    trials = study_trials(results)
+    assert trials[["seed", "test_error", "best_val_test_error"]].values.tolist() == [[0, 25.0, pytest.approx(10.0)]]
+    rows = study_diagnostics(results).set_index("metric")
+    assert rows.loc["n_eff", "value"] == 12.5 and rows.loc["n_eff", "layer"] == 1.0
+    assert rows.loc["train_mode_error", "value"] == 25.0 and rows.loc["test_mode_error", "value"] == 12.5
+    assert np.isnan(rows.loc["train_mode_error", "layer"])
+
+
+def test_progress_says_each_trials_error_the_failures_so_far_and_the_time_left(caplog, monkeypatch):
+    spec = SweepSpec(name="study", space={"normalization": ["batchnorm"], "train_seed": [0, 1, 2]}, study="bn-vs-gn")
+    now = [100.0]
+    monkeypatch.setattr(executors.time, "perf_counter", lambda: now[0])
+    progress = executors.Progress(spec, 3)
+    with caplog.at_level(logging.INFO, logger=PROGRESS_LOGGER):
+        for result in (finished(0, "batchnorm", 0, 0.90, 0.75), failed(1, "batchnorm", 1),
+                       finished(2, "batchnorm", 2, 0.90, 0.875)):
+            now[0] += 20.0  # a trial every 20 s
+            progress.done(result)
+    assert [r.getMessage() for r in caplog.records if r.name == PROGRESS_LOGGER] == [
+        "[1/3] batchnorm seed 0: test error 25.00% (final net); about 40 s left",
+        "[2/3] batchnorm seed 1: FAILED: NonFiniteLossError: loss became nan; 1 failed; about 20 s left",
+        "[3/3] batchnorm seed 2: test error 12.50% (final net); 1 failed; all done in 60 s"]

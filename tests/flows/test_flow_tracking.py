@@ -175,3 +175,18 @@ def test_system_metrics_are_recorded_only_when_asked(store):
         time.sleep(1.0)
     assert not [m for m in store.client.get_run(quiet.id).data.metrics if m.startswith("system/")]
     assert "system/cpu_utilization_percentage" in store.client.get_run(sampled.id).data.metrics
+
+
+@pytest.mark.parametrize("error, status, reason", [
+    (RuntimeError("the disk is full"), "FAILED", "RuntimeError: the disk is full"),
+    (KeyboardInterrupt(), "KILLED", "Interrupted: stopped by SIGINT"),
+], ids=["error", "ctrl-c"])
+def test_a_run_ended_by_an_error_is_failed_and_by_a_signal_killed_with_its_reason_and_traceback(
+        store, tmp_path, error, status, reason):
+    run = tracking.connect(store.uri).start_run("endings", "ended")
+    with pytest.raises(type(error)), run:
+        raise error
+    ended = store.client.get_run(run.id)
+    assert ended.info.status == status and ended.data.tags["failure_reason"] == reason
+    text = open(store.client.download_artifacts(run.id, "failure/traceback.txt", str(tmp_path))).read()
+    assert text.startswith("Traceback (most recent call last):") and type(error).__name__ in text

@@ -5,7 +5,9 @@ import pytest
 from prefect.exceptions import ParameterTypeError
 
 import mlflow
+from cnncore.classifier import load_model
 from cnncore.cnn import ThreeLayerConvNet
+from cnncore.resnet import ResNet
 from flows.load_data import load_data_once
 from flows.train import train
 
@@ -100,3 +102,18 @@ def test_invalid_parameters_fail_before_any_mlflow_run(store, bad, words):
         train(config=bad, tracking_uri=store.uri)
     assert words in str(info.value)
     assert store.experiments() == []
+
+
+def test_the_train_flow_trains_a_resnet_end_to_end(store, tiny, tmp_path):
+    config = type(tiny)(**{**tiny.model_dump(), "model": "resnet", "num_filters": 4, "depth": 1,
+                           "normalization": "groupnorm", "num_groups": 2, "num_epochs": 2, "update_rule": "adam",
+                           "learning_rate": 3e-3})
+    result = train(config=config, tracking_uri=store.uri, run_name="tiny-resnet")
+    [run] = store.runs("cnncore-train")
+    assert run.info.status == "FINISHED" and run.data.params["model"] == "resnet"
+    assert run.data.metrics["final_test_acc"] == pytest.approx(result.final_test_acc)
+    checkpoint = store.client.download_artifacts(run.info.run_id, "checkpoint/model.npz", str(tmp_path))
+    net = load_model(checkpoint)
+    assert isinstance(net, ResNet) and len(net.norm_layers()) == 9 and net.config["num_filters"] == 4
+    data = load_data_once(result.config.data_spec())
+    assert np.mean(net.predict(data["X_test"]) == data["y_test"]) == pytest.approx(result.test_acc)

@@ -1,5 +1,6 @@
 """The bounded wait for a tracking server that stops answering (no server needed: failures are made up)."""
 
+import threading
 import time
 
 import pytest
@@ -29,7 +30,7 @@ REFUSED = Exception("API request to http://127.0.0.1:1/api/2.0/mlflow/runs/creat
 
 @pytest.fixture(autouse=True)
 def fresh_state(monkeypatch):
-    monkeypatch.setattr(patience, "_down", set())
+    monkeypatch.setattr(patience, "_down", {})
     monkeypatch.setattr(patience, "_FIRST_DELAY_S", 0.05)
 
 
@@ -42,17 +43,42 @@ def test_a_blip_shorter_than_the_wait_is_ridden_out(monkeypatch):
 def test_past_the_wait_the_call_fails_and_later_calls_fail_at_once(monkeypatch):
     monkeypatch.setenv(patience.WAIT_ENV, "0.5")
     started = time.monotonic()
-    with pytest.raises(patience.TrackingUnavailableError, match=r"stopped answering \(waited 0.5 s"):
+    with pytest.raises(patience.TrackingUnavailableError, match=r"stopped answering \(waited 0.5 s") as first:
         Flaky(1000, REFUSED).call()
     assert 0.3 < time.monotonic() - started < 3
     again = Flaky(1000, REFUSED)
     started = time.monotonic()
-    with pytest.raises(patience.TrackingUnavailableError):
+    with pytest.raises(patience.TrackingUnavailableError) as second:
         again.call()
-    assert again.calls == 1 and time.monotonic() - started < 0.2  # marked down: one try, no waiting
+    # Marked down: no request at all (a hung server would cost a request timeout each), the same one line.
+    assert again.calls == 0 and time.monotonic() - started < 0.2 and str(second.value) == str(first.value)
+    monkeypatch.setattr(patience, "RECHECK_DOWN_S", 0.0)  # later on, a call tries once more
     back = Flaky(0, REFUSED)
-    assert back.call() == "answered"
+    assert back.call() == "answered" and back.calls == 1
     assert Flaky.uri not in patience._down  # a call that got through marks the store up again
+    monkeypatch.setattr(patience, "RECHECK_DOWN_S", 30.0)
+    assert Flaky(0, REFUSED).call() == "answered"
+
+
+def test_a_call_waiting_for_the_server_stops_when_another_finds_it_down(monkeypatch):
+    monkeypatch.setenv(patience.WAIT_ENV, "60")
+    waiting = Flaky(10**6, REFUSED)
+    outcome = {}
+
+    def wait_in_a_thread():
+        started = time.monotonic()
+        try:
+            waiting.call()
+        except patience.TrackingUnavailableError as exc:
+            outcome["error"], outcome["waited"] = str(exc), time.monotonic() - started
+
+    thread = threading.Thread(target=wait_in_a_thread)
+    thread.start()
+    time.sleep(0.5)
+    patience.mark_down(Flaky.uri, "the MLflow tracking server at http://127.0.0.1:1 stopped answering (a trial said so)")
+    thread.join(5)
+    assert not thread.is_alive() and outcome["waited"] < 2  # not the 60 s its own wait allowed
+    assert outcome["error"].startswith("the MLflow tracking server at http://127.0.0.1:1 stopped answering")
 
 
 def test_a_refused_request_is_not_retried():

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
+import harness
 from flows.servers import background_server, free_port, mlflow_server_command
 from flows.config import SweepSpec, TrainConfig
 
-# Bounded waits: both servers answer in about 10-15 s on 2 cores; allow for a loaded CI machine.
+# Bounded waits: both servers answer in about 10-15 s on 2 cores; the limit grows with the load (harness).
 SERVER_START_TIMEOUT_S = 90
 # A server still serving open client connections after this long is killed: its stores are temporary.
 SERVER_STOP_GRACE_S = 3
@@ -44,7 +45,7 @@ def loopback_server(tmp_path_factory, env: dict, name: str, command, health_path
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with background_server(command(root, port), url + health_path, env=env, log=root / "server.log",
-                           timeout_s=SERVER_START_TIMEOUT_S, stop_grace_s=SERVER_STOP_GRACE_S):
+                           timeout_s=harness.startup_limit_s(SERVER_START_TIMEOUT_S), stop_grace_s=SERVER_STOP_GRACE_S):
         yield url
 
 

@@ -13,9 +13,11 @@ import time
 import urllib.request
 from typing import NamedTuple
 
+import numpy as np
 import pytest
 import yaml
 import typer
+from mlflow import MlflowClient
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
@@ -29,7 +31,7 @@ from flows.config import SweepSpec, TrainConfig
 from flows.progress import say
 from flows.train import train
 
-from .conftest import CNNFLOW, rest
+from .conftest import CNNFLOW, rest, wait_for
 
 # A few seconds of training: enough to exercise every step of the flow.
 TINY_TRAIN = ["--num-train", "120", "--num-val", "40", "--num-test", "40", "--num-epochs", "1",
@@ -178,6 +180,14 @@ def test_malformed_space_assignment_is_refused_with_exit_code_2(assignment):
     assert result.output.strip().splitlines() == [f"error: expected KEY=VALUES, got {assignment!r}"]
 
 
+def test_a_misspelt_space_field_is_refused_with_the_field_meant():
+    result = invoke("run", "sweep", "--space", "normalizaton=batchnorm,groupnorm")
+    assert result.exit_code == 2
+    [line] = result.output.strip().splitlines()
+    assert "space has fields ['normalizaton'] that TrainConfig lacks ('normalizaton': did you mean " \
+           "'normalization'?)" in line
+
+
 def test_unreadable_params_file_is_one_line(tmp_path):
     result = invoke("run", "train", "--params", str(tmp_path / "missing.yaml"))
     assert result.exit_code == 2
@@ -294,7 +304,7 @@ def test_ui_prints_its_loopback_address_serves_the_store_and_stops_cleanly(tmp_p
         with urllib.request.urlopen(match.group(1) + "/health", timeout=10) as response:
             assert response.status == 200
         ui.send_signal(signal.SIGINT)  # as Ctrl-C does
-        assert ui.wait(timeout=30) == 0
+        assert ui.wait(timeout=30) == 130  # 128 + SIGINT, as every cnnflow command stopped by Ctrl-C
         with pytest.raises(OSError):  # the server it started is gone too
             urllib.request.urlopen(match.group(1) + "/health", timeout=5)
     finally:
@@ -413,13 +423,63 @@ def test_the_flow_configuration_models_import_without_scikit_learn(ops_env):
     assert done.stdout.strip() == "[]", done.stderr
 
 
-def test_shell_completion_can_be_shown_and_completes_flow_options(ops_env):
-    shown = subprocess.run([str(CNNFLOW), "--show-completion", "bash"], capture_output=True, text=True,
-                           env=_subprocess_env(ops_env), timeout=60)
-    assert shown.returncode == 0 and "_CNNFLOW_COMPLETE=complete_bash" in shown.stdout
+# Run as a grandchild of this process whose parent has gone: no shell among its parent processes.
+WITHOUT_A_PARENT_SHELL = """
+import os, subprocess, sys
+if os.fork():
+    os._exit(0)
+os.setsid()
+with open(sys.argv[1], "w") as out, open(sys.argv[2], "w") as err:
+    code = subprocess.call(sys.argv[4:], stdout=out, stderr=err)
+with open(sys.argv[3], "w") as status:
+    status.write(str(code))
+"""
+
+
+def test_shell_completion_can_be_shown_and_completes_flow_options(ops_env, tmp_path):
+    out, err, status = tmp_path / "out", tmp_path / "err", tmp_path / "status"
+    subprocess.run([sys.executable, "-c", WITHOUT_A_PARENT_SHELL, str(out), str(err), str(status), str(CNNFLOW),
+                    "--show-completion", "bash"], env=_subprocess_env(ops_env), timeout=60, check=True)
+    wait_for(status.exists, 60, "cnnflow --show-completion bash to finish")
+    time.sleep(0.1)  # the status file is written, then closed
+    assert status.read_text() == "0", err.read_text()
+    assert "complete -o default -F _cnnflow_completion cnnflow" in out.read_text()
+    assert "_CNNFLOW_COMPLETE=complete_bash" in out.read_text()
     completed = subprocess.run([str(CNNFLOW)], capture_output=True, text=True, timeout=60, env=_subprocess_env(
         ops_env, _CNNFLOW_COMPLETE="complete_bash", COMP_WORDS="cnnflow run train --normaliz", COMP_CWORD="3"))
     assert completed.stdout.split() == ["--normalization"]
+
+
+@pytest.mark.parametrize("args, shell", [(["--show-completion", "zsh"], "zsh"), (["--show-completion=fish"], "fish"),
+                                         (["--show-completion"], "bash")])
+def test_the_completion_script_is_the_named_shells_else_the_detected_ones(monkeypatch, args, shell):
+    import shellingham
+
+    monkeypatch.setattr(shellingham, "detect_shell", lambda *a, **k: ("bash", "/bin/bash"))
+    shown = invoke(*args)
+    assert shown.exit_code == 0
+    assert f"complete_{shell}" in shown.output and "not supported" not in shown.output
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--show-completion"], "--show-completion: no shell found among this command's parent processes; name it: "
+                            "cnnflow --show-completion bash (or zsh, fish, powershell, pwsh)"),
+    (["--install-completion"], "--install-completion: no shell found among this command's parent processes"),
+    (["--show-completion", "tcsh"], "--show-completion: unknown shell 'tcsh'; name one of bash, zsh, fish, "
+                                    "powershell, pwsh"),
+])
+def test_completion_without_a_shell_to_detect_says_how_to_name_one(monkeypatch, args, words):
+    import shellingham
+
+    def no_shell(*args, **kwargs):
+        raise shellingham.ShellDetectionFailure()
+
+    monkeypatch.setattr(shellingham, "detect_shell", no_shell)
+    done = runner.invoke(cli.app, args)
+    assert done.exit_code == 2
+    assert done.output.strip().startswith(f"error: {words}")
+    # Named, the shell needs no detection.
+    assert "complete_bash" in invoke("--show-completion", "bash").output
 
 
 @pytest.fixture
@@ -541,23 +601,42 @@ def test_a_sweep_ends_with_its_comparison_table_and_link_and_no_resume_starts_af
     first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
     assert first.returncode == 0, first.stderr[-3000:]
     lines = first.stdout.splitlines()
-    # BN against GN at the one batch size run, over the 2 seeds, and their paired difference.
+    # BN against GN at the one batch size run, over the 2 seeds, and their paired difference, as MLflow holds them.
     header = lines.index("Test error (%) of the final nets: mean and 95% CI over 2 seeds (train_seed 0, 1); "
                          "BN − GN: paired by seed (positive: GN better)")
     assert lines[header + 1].split() == ["normalization", "batch", "20"]
     rows = [line.split() for line in lines[header + 2:header + 5]]
     assert [row[0] for row in rows] == ["batchnorm", "groupnorm", "BN"]
-    assert re.fullmatch(r"[+-]\d+\.\d\d \[-?\d+\.\d\d, -?\d+\.\d\d\] n=2", " ".join(rows[2][3:]))
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    trials = [r for r in client.search_runs([client.get_experiment_by_name("cnncore-sweeps").experiment_id])
+              if r.data.tags.get("sweep_name") == "cli-grid" and r.data.tags.get("sweep_role") == "trial"]
+    error = {(r.data.params["normalization"], r.data.params["train_seed"]):
+             100 * (1 - r.data.metrics["accuracy/final_test_acc"]) for r in trials}
+    for row, norm in zip(rows, ("batchnorm", "groupnorm")):
+        assert row[1] == f"{(error[norm, '0'] + error[norm, '1']) / 2:.2f}"
+    difference = np.mean([error["batchnorm", s] - error["groupnorm", s] for s in ("0", "1")])
+    assert re.fullmatch(rf"{difference:+.2f} \[-?\d+\.\d\d, -?\d+\.\d\d\] n=2", " ".join(rows[2][3:]))
     assert re.search(r"^BN against GN: .*Only 2 seeds per cell: a smoke test, whose intervals mean little\.$",
                      first.stdout, re.M)
-    # What picks a configuration is said, never a lucky seed's "best trial".
-    assert re.search(r"^lowest validation error: (batchnorm|groupnorm): validation error \d+\.\d\d% \(mean of 2 final "
-                     r"nets\)", first.stdout, re.M)
+    # What picks a configuration is said (the final nets' validation error), never a lucky seed's "best trial".
+    val_error = {norm: np.mean([100 * (1 - r.data.metrics["curves/val_acc"]) for r in trials
+                                if r.data.params["normalization"] == norm]) for norm in ("batchnorm", "groupnorm")}
+    chosen = min(val_error, key=val_error.get)
+    assert re.search(rf"^lowest validation error: {chosen}: validation error {val_error[chosen]:.2f}% \(mean of 2 "
+                     r"final nets\)", first.stdout, re.M)
     assert "best trial" not in first.stdout
     assert re.search(r"^MLflow parent run: http://127\.0\.0\.1:5000/#/experiments/\d+/runs/[0-9a-f]+/artifactPath/"
                      r"comparison\.png\?workflowType=machine_learning$", first.stdout, re.M)
     # Progress: a line per finished trial on stderr, with the count.
     assert len(re.findall(r"^\[\d/4\] (batchnorm|groupnorm) seed \d: test error", first.stderr, re.M)) == 4
+
+    # The same name with another base configuration: refused before any trial, one line, exit status 2.
+    changed = subprocess.run([*command, "--num-epochs", "2"], capture_output=True, text=True, env=env, timeout=240)
+    assert changed.returncode == 2, changed.stderr[-3000:]
+    assert [line for line in changed.stderr.splitlines() if line.startswith("error:")] == [
+        "error: sweep 'cli-grid' already exists with another base configuration (num_epochs: 1 there, 2 here), and "
+        "resuming it would mix the two. Give this sweep a new --name, or run it with --no-resume to start a fresh, "
+        "dated sweep."]
 
     again = subprocess.run([*command, "--no-resume"], capture_output=True, text=True, env=env, timeout=240)
     assert again.returncode == 0, again.stderr[-3000:]

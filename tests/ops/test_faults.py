@@ -216,6 +216,39 @@ def test_a_tracking_server_gone_stops_the_sweep_in_bounded_time_and_a_resume_fin
     assert_resume_finishes(env, runs, "outage", finished)
 
 
+@pytest.mark.parametrize("outage", ["dead", "frozen"])
+def test_a_tracking_server_gone_ends_the_sweep_at_about_the_stated_wait(server, ops_env, prefect_server, outage):
+    """CNNCORE_TRACKING_WAIT_S is the wait, whether the server refuses connections (dead) or accepts them and
+    never answers (frozen: SIGSTOP), and whatever the trials were doing: not one wait per process or per call
+    (the sweep's parent, its lease, each trial worker), nor a request timeout per call once it is known down."""
+    wait_s = 20
+    env = {**ops_env, "PREFECT_API_URL": prefect_server, "MLFLOW_TRACKING_URI": server.url,
+           "CNNCORE_TRACKING_WAIT_S": str(wait_s)}
+    runs = Runs(server.url)
+    name = f"wait-{outage}"
+    sweep = start_sweep(env, name)
+    wait_for(lambda: "FINISHED" in runs.statuses(name), 180, "a first trial finished")
+    if outage == "dead":
+        server.stop()
+    else:
+        os.killpg(server.process.pid, signal.SIGSTOP)
+    gone = time.monotonic()
+    try:
+        code, stderr = finish(sweep, wait_s + 120)
+        took = time.monotonic() - gone
+    finally:
+        if outage == "frozen":
+            os.killpg(server.process.pid, signal.SIGCONT)
+    assert code == 1
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the MLflow tracking server at") and "stopped answering" in last, stderr[-2000:]
+    # The wait, the lease's renewal interval (5 s) before it is noticed, a trial worker's stop (SIGINT) and the
+    # exit; a frozen server adds one request's timeout (15 s) before the first failure is seen.
+    print(f"{outage} tracking server: the sweep ended {took:.1f} s after it went (wait {wait_s} s)")
+    assert took < wait_s + (25 if outage == "dead" else 40), f"ended {took:.0f} s after the server went"
+    wait_for(lambda: not processes_in_group(sweep.pid), 10, "the sweep's worker processes gone")
+
+
 def test_a_short_tracking_server_blip_is_ridden_out(server, ops_env, prefect_server):
     env = {**ops_env, "PREFECT_API_URL": prefect_server, "MLFLOW_TRACKING_URI": server.url,
            "CNNCORE_TRACKING_WAIT_S": "60"}
@@ -248,7 +281,8 @@ def start_ui(tmp_path, ops_env) -> tuple[subprocess.Popen, int]:
 def test_ui_stops_its_server_on_sigterm_and_sighup(tmp_path, ops_env, sig):
     ui, port = start_ui(tmp_path, ops_env)
     ui.send_signal(sig)
-    assert ui.wait(timeout=30) == 0
+    assert ui.wait(timeout=30) == 128 + sig  # 143 for SIGTERM, 129 for SIGHUP, as every cnnflow command
+    assert ui.stderr.read().strip().splitlines()[-1] == f"stopped by {sig.name}: the MLflow UI is stopped"
     assert not port_is_taken(port)
     assert not processes_in_group(ui.pid)
 

@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from flows import local_server
+from flows.servers import free_port
 
 from .conftest import CNNFLOW, rest
 
@@ -117,10 +118,11 @@ def test_a_stale_state_is_reported_by_status_and_removed_by_stop(tmp_path, ops_e
 def test_the_server_environment_holds_none_of_the_users_prefect_settings(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", "sqlite+aiosqlite:////home/someone/.prefect/prefect.db")
     monkeypatch.setenv("PREFECT_PROFILE", "work")
-    env = local_server.server_environment(tmp_path)
+    env = local_server.server_environment(tmp_path, 4300)
     assert {k for k in env if k.startswith("PREFECT_")} == {
         "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT",
-        "PREFECT_SERVER_LOGGING_LEVEL"}
+        "PREFECT_SERVER_LOGGING_LEVEL", "PREFECT_SERVER_UI_API_URL"}
+    assert env["PREFECT_SERVER_UI_API_URL"] == "http://127.0.0.1:4300/api" and env["DO_NOT_TRACK"] == "1"
     assert env["PREFECT_HOME"] == str(tmp_path / "prefect") and env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
 
 
@@ -143,6 +145,14 @@ def test_start_says_the_api_url_and_status_finds_the_server_answering(running):
     found = json.loads(status.stdout)
     assert found["api_url"] == api_url and found["running"] and found["answering"]
     assert found["pid"] == state_pid(home)
+
+
+def test_the_servers_ui_is_told_its_own_api_and_the_server_names_its_home(running):
+    env, home, started = running
+    api_url = started.stdout.strip()
+    ui_settings = rest(api_url.removesuffix("/api"), "/ui-settings")
+    assert ui_settings["api_url"] == api_url  # not Prefect's default, http://127.0.0.1:4200/api
+    assert Path(rest(api_url, "/admin/settings")["home"]) == home / "prefect"
 
 
 def test_a_second_start_reuses_the_running_server(running):
@@ -211,6 +221,59 @@ def test_two_starts_at_once_give_one_server(tmp_path, ops_env):
     finally:
         cnnflow(env, "server", "stop", timeout=60)
         kill_servers_in(tmp_path)
+
+
+def stop_servers_in(homes: list[Path], envs: list[dict]) -> None:
+    for home, env in zip(homes, envs):
+        cnnflow(env, "server", "stop", timeout=60)
+        kill_servers_in(home)
+
+
+def start_at_once(envs: list[dict], *args: str) -> list[tuple[int, str, str]]:
+    """`cnnflow server start ARGS` in each environment, all started together: (exit code, stdout, stderr) each."""
+    starts = [subprocess.Popen([str(CNNFLOW), "server", "start", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env) for env in envs]
+    outputs = [start.communicate(timeout=START_TIMEOUT_S) for start in starts]
+    return [(start.returncode, *output) for start, output in zip(starts, outputs)]
+
+
+@pytest.mark.slow
+def test_two_homes_starting_at_once_on_one_port_each_get_their_own_server(tmp_path, ops_env):
+    """Two checkouts' first runs at once both pick the same free port: the one whose server loses the bind
+    starts again on a free port, and never adopts the other's server (whose database is the other's)."""
+    homes = [tmp_path / "a", tmp_path / "b"]
+    port = free_port()
+    envs = [{**server_env(ops_env, home), local_server.PORT_ENV: str(port)} for home in homes]
+    try:
+        results = start_at_once(envs)
+        assert [code for code, _, _ in results] == [0, 0], results
+        urls = [out.strip() for _, out, _ in results]
+        assert len(set(urls)) == 2 and f"http://127.0.0.1:{port}/api" in urls, urls
+        for home, url in zip(homes, urls):
+            assert Path(rest(url, "/admin/settings")["home"]) == home / "prefect"
+            assert servers_in(home) == [state_pid(home)]
+        lost = [err for (_, out, err) in results if out.strip() != f"http://127.0.0.1:{port}/api"]
+        assert f"port {port} on 127.0.0.1 was taken by another server while the local Prefect server started; " \
+               "starting it on a free port instead" in lost[0]
+    finally:
+        stop_servers_in(homes, envs)
+
+
+@pytest.mark.slow
+def test_two_homes_asking_for_one_port_at_once_give_one_server_and_one_clear_error(tmp_path, ops_env):
+    homes = [tmp_path / "a", tmp_path / "b"]
+    port = free_port()
+    envs = [server_env(ops_env, home) for home in homes]
+    try:
+        results = sorted(start_at_once(envs, "--port", str(port)))
+        assert [code for code, _, _ in results] == [0, 1], results
+        assert results[0][1].strip() == f"http://127.0.0.1:{port}/api"
+        error = results[1][2].strip().splitlines()[-1]
+        assert error.startswith("error: the local Prefect server did not start: port ") and \
+            error.endswith("choose another port (0 picks a free one)"), results[1][2]
+        assert sorted(len(servers_in(home)) for home in homes) == [0, 1]
+    finally:
+        stop_servers_in(homes, envs)
 
 
 @pytest.mark.slow

@@ -1,0 +1,106 @@
+"""The test harness itself: a test run stopped by SIGTERM or Ctrl-C leaves no server behind.
+
+A real pytest runs in a subprocess, in a session of its own, with its temporary
+folders (--basetemp, and TMPDIR for the flows' PREFECT_HOME) under this test's
+folder. It runs a flow test (the session's Prefect API), an operations test that uses
+a real `prefect server start` (the ops fixtures), and a test of cnnflow's local
+Prefect server (a server that outlives the command that started it), and is held in
+the last test's teardown with all of them up. Then it is signalled: SIGTERM to pytest
+alone (as `kill` or a CI runner's timeout sends), or SIGINT to its whole process group
+(as Ctrl-C at a terminal does). Afterwards no process names those folders, and the
+run's own leftover sweep had nothing to kill: the fixtures stopped their servers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import psutil
+import pytest
+
+import harness
+
+from .conftest import REPO_ROOT, wait_for
+
+pytestmark = pytest.mark.slow
+
+# A plugin for the inner pytest: before the last test's teardown it says so in a file, then waits.
+HOLD_PLUGIN = textwrap.dedent('''
+    import os, time
+    import pytest
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_teardown(item, nextitem):
+        if nextitem is None:
+            with open(os.environ["HOLD_MARKER"], "w") as marker:
+                marker.write(item.nodeid)
+            time.sleep(900)
+        yield
+''')
+INNER_TESTS = [
+    "tests/flows/test_sweep_lease.py::test_the_busy_error_names_the_host_and_the_process",
+    "tests/ops/test_cli.py::test_say_in_a_flow_and_a_task_reaches_their_run_logs_once_and_the_console_once",
+    "tests/ops/test_local_server.py::test_the_server_outlives_the_command_that_started_it_in_a_session_of_its_own",
+]
+
+
+def processes_naming(folder: Path) -> dict[int, str]:
+    """{pid: command line} of the live processes whose command line, environment or working directory
+    names folder."""
+    found = {}
+    for process in psutil.process_iter(["pid", "status"]):
+        with contextlib.suppress(psutil.Error, OSError):
+            if process.info["status"] == psutil.STATUS_ZOMBIE or process.pid == os.getpid():
+                continue
+            texts = [*process.cmdline(), *process.environ().values(), process.cwd()]
+            if any(str(folder) in text for text in texts):
+                found[process.pid] = " ".join(process.cmdline())
+    return found
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT"])
+def test_a_test_run_stopped_by_a_signal_leaves_no_server_behind(tmp_path, how):
+    (tmp_path / "plugin").mkdir()
+    (tmp_path / "plugin" / "hold_last_teardown.py").write_text(HOLD_PLUGIN)
+    (tmp_path / "tmp").mkdir()
+    marker = tmp_path / "holding"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "PYTEST_"))}
+    env.update(TMPDIR=str(tmp_path / "tmp"), HOLD_MARKER=str(marker), CNNCORE_SERVER_HOME=str(tmp_path / "unused"),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path / "plugin"), env.get("PYTHONPATH")])))
+    inner = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "hold_last_teardown", "-p", "no:cacheprovider",
+                              "-q", "--basetemp", str(tmp_path / "basetemp"), *INNER_TESTS],
+                             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    try:
+        wait_for(lambda: marker.exists() or inner.poll() is not None, harness.startup_limit_s(300),
+                 "the inner test run to hold in its last teardown")
+        assert inner.poll() is None, inner.communicate()[0][-3000:]
+        assert marker.read_text() == INNER_TESTS[-1]
+        running = processes_naming(tmp_path)
+        servers = [command for command in running.values()
+                   if "uvicorn" in command or ("prefect" in command and "server" in command)]
+        # The flows' Prefect API (uvicorn), the ops fixture's `prefect server start`, the local server.
+        assert len(servers) >= 3, running
+
+        if how == "SIGTERM":
+            inner.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(inner.pid, signal.SIGINT)
+        output, _ = inner.communicate(timeout=120)
+    finally:
+        if inner.poll() is None:
+            os.killpg(inner.pid, signal.SIGKILL)
+            inner.wait()
+
+    assert inner.returncode == 2, output[-3000:]  # pytest's "interrupted"
+    assert "KeyboardInterrupt" in output
+    assert "left behind" not in output, output[-3000:]  # the fixtures stopped their own servers
+    with contextlib.suppress(AssertionError):  # a process group being killed takes a moment to go
+        wait_for(lambda: not processes_naming(tmp_path), 15, "no process naming the run's folders")
+    assert processes_naming(tmp_path) == {}

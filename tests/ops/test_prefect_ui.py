@@ -1,0 +1,63 @@
+"""The Prefect UI that cnnflow points at, in a real browser: the local server's UI on a port of its own
+(not Prefect's 4200) reaches its own API and shows a sweep's flow run by name, and the links cnnflow
+prints open on it.
+
+Debian's headless Chromium on a fresh profile (flows.browser); without it, the test skips saying how to
+install it (.ci/run does).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from flows.browser import Chromium, chromium_binary
+from flows.servers import free_port
+
+from .conftest import CNNFLOW, rest
+from .test_local_server import kill_servers_in
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(chromium_binary() is None,
+                                 reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does)")]
+
+TINY_TRAIN = ["--num-train", "120", "--num-val", "40", "--num-test", "40", "--num-epochs", "1",
+              "--num-filters", "4", "--hidden-dim", "16", "--batch-size", "20"]
+NO_API = ("Can't connect", "Unable to connect")  # what the UI shows when it looks for its API elsewhere
+
+
+def cnnflow(env: dict, cwd, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(CNNFLOW), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+def shows(text: str) -> str:
+    """A JavaScript test: the page's text includes text."""
+    return f"document.body.innerText.includes({text!r})"
+
+
+def test_the_local_servers_ui_shows_a_sweeps_flow_run_by_name_where_cnnflow_points(tmp_path, ops_env):
+    home = tmp_path / "server"
+    port = free_port()
+    env = {**ops_env, "CNNCORE_SERVER_HOME": str(home), "CNNCORE_SERVER_PORT": str(port), "COLUMNS": "200",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    try:
+        done = cnnflow(env, tmp_path, "run", "sweep", "--name", "ui-check", *TINY_TRAIN,
+                       "--space", "normalization=batchnorm,groupnorm", "--trials-in", "threads")
+        assert done.returncode == 0, done.stderr[-3000:]
+        flow_run_link = re.search(r"^Prefect flow run: (\S+)$", done.stdout, re.M).group(1)
+        assert flow_run_link.startswith(f"http://127.0.0.1:{port}/runs/flow-run/")
+        status = cnnflow(env, tmp_path, "server", "status")
+        runs_page = re.search(r"its flow runs: (\S+) ", status.stdout).group(1)
+        assert runs_page == f"http://127.0.0.1:{port}/runs"
+        assert rest(f"http://127.0.0.1:{port}", "/ui-settings")["api_url"] == f"http://127.0.0.1:{port}/api"
+
+        with Chromium(1400, 1000) as browser:
+            browser.load(runs_page, shows("sweep-ui-check"), timeout_s=120)
+            assert not any(words in browser.text() for words in NO_API)
+            browser.load(flow_run_link, shows("sweep-ui-check") + " && " + shows("Completed"), timeout_s=120)
+            assert not any(words in browser.text() for words in NO_API)
+    finally:
+        cnnflow(env, tmp_path, "server", "stop")
+        kill_servers_in(home)

@@ -1,0 +1,43 @@
+"""The links a run ends with: the MLflow UI's (with how to start it, only while it is not up) and the
+Prefect UI's flow run."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from flows import tracking
+from flows.cli import run as cli_run
+from flows.cli.render import render
+from flows.servers import free_port, mlflow_ui_shows_run
+
+from .conftest import MLFLOW_API, rest
+
+
+def a_run_on(server: str) -> str:
+    experiment = rest(server, f"{MLFLOW_API}/experiments/create", {"name": f"links-{free_port()}"})
+    return rest(server, f"{MLFLOW_API}/runs/create", {"experiment_id": experiment["experiment_id"]})["run"]["info"][
+        "run_id"]
+
+
+def test_an_mlflow_ui_shows_a_run_only_when_it_has_it(mlflow_server):
+    run_id = a_run_on(mlflow_server)
+    assert mlflow_ui_shows_run(mlflow_server, run_id)
+    assert not mlflow_ui_shows_run(mlflow_server, "0" * 32)  # another store's run
+    assert not mlflow_ui_shows_run(f"http://127.0.0.1:{free_port()}", run_id)  # no UI there
+
+
+def test_the_hint_to_start_the_mlflow_ui_is_left_out_while_the_ui_shows_the_run(mlflow_server, monkeypatch,
+                                                                                  tmp_path):
+    local_store = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    result = SimpleNamespace(run_id=a_run_on(mlflow_server))
+    monkeypatch.setattr(tracking, "DEFAULT_UI_URL", f"http://127.0.0.1:{free_port()}")  # no UI up
+    assert cli_run._ui_hint(local_store, result).startswith("start it with `")
+    monkeypatch.setattr(tracking, "DEFAULT_UI_URL", mlflow_server)  # the links' UI is up, with the run
+    assert cli_run._ui_hint(local_store, result) == ""
+    assert cli_run._ui_hint({"tracking_uri": mlflow_server}, result) == ""  # a tracking server serves its UI
+
+
+def test_the_answer_ends_with_the_prefect_flow_run_when_there_is_one():
+    text = render({"answer": 42}, prefect_link="http://127.0.0.1:4242/runs/flow-run/abc")
+    assert text.splitlines()[-1] == "Prefect flow run: http://127.0.0.1:4242/runs/flow-run/abc"
+    assert "Prefect" not in render({"answer": 42})
