@@ -48,7 +48,7 @@ from .gradient_check import gradient_check
 from .load_data import load_data
 from .metrics import PIPELINE_PREFIX
 from .sweep import SweepReport, sweep
-from .tracking import tracked_flow_run
+from .tracking import in_page, tracked_flow_run
 from .train import TrainResult, train
 
 DEFAULT_BASE = TrainConfig()
@@ -155,6 +155,7 @@ def pipeline(
         run.log_metrics({f"{PIPELINE_PREFIX}registered_test_error": 100 * (1 - final.served_test_acc),
                          f"{PIPELINE_PREFIX}best_val_checkpoint_test_error": 100 * (1 - final.test_acc),
                          f"{PIPELINE_PREFIX}wall_time_s": time.perf_counter() - start})
+        run.describe(pipeline_description(report, choice.as_record(), final, f"{model_name}@{CHAMPION}", version))
         run.set_tags({"sweep_run_id": report.parent_run_id, "final_run_id": final.run_id,
                       "model_uri": final.model_uri, "registered_model": f"{model_name}/{version}@{CHAMPION}",
                       "gradient_check_run_id": checks, "final_choice": choice.label,
@@ -183,6 +184,31 @@ def final_config(spec: SweepSpec, chosen: TrainConfig, num_epochs: int) -> Train
     """The chosen trials' configuration (its batch size and scaled learning rate) at the base's seed, trained
     num_epochs."""
     return chosen.model_copy(update={"num_epochs": num_epochs, "train_seed": spec.base.train_seed})
+
+
+def final_training_text(choice: dict, final: TrainResult, registered: str, version: int) -> tuple[str, str]:
+    """The final training in two sentences, each with its rule: what it took, and which net it registered
+    (both nets' test errors)."""
+    against = "; ".join(f"{o['label']} {o['val_error']:.2f}%" for o in choice["others"])
+    took = (f"final training: {choice['label']} at batch {final.config.batch_size}, {final.config.num_epochs} "
+            f"epochs, chosen by the rule: {choice['rule']}: {choice['label']} {choice['val_error']:.2f}%"
+            + (f", {against}" if against else "") + ".")
+    kept = (f"test error {100 * (1 - final.served_test_acc):.2f}%: the final net, registered as {registered} "
+            f"(version {version}; the rule: {REGISTRATION_RULE}). Its best-validation checkpoint: "
+            f"{100 * (1 - final.test_acc):.2f}%, not registered.")
+    return took, kept
+
+
+def pipeline_description(sweep: SweepReport, choice: dict, final: TrainResult, registered: str, version: int) -> str:
+    """The pipeline run's Overview: the sweep's answer, the links, then the final training and its rules."""
+    from .sweep.summary import escaped
+
+    links = [f"[the comparison]({in_page(sweep.url)})",
+             f"[its trials by normalization and batch size, in MLflow's charts]({in_page(sweep.charts_url)})",
+             f"[the final training]({in_page(final.url)})"]
+    took, kept = final_training_text(choice, final, registered, version)
+    return "\n\n".join([f"**{escaped(sweep.answer)}**", " · ".join(links), took[0].upper() + took[1:],
+                        kept[0].upper() + kept[1:]])
 
 
 def gradient_check_for(run) -> str:

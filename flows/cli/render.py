@@ -77,16 +77,18 @@ def render(result, output: Output | str = Output.table, *, width: int = 120, ui_
     return "\n".join(lines)
 
 
-def _percent(accuracy: float | None) -> str:
-    return "—" if accuracy is None else f"{100 * (1 - accuracy):.2f}%"
-
-
 def _train(result, width: int) -> list[str]:
     return [result.summary(), f"MLflow run: {result.url}"]
 
 
 def _sweep(report, width: int) -> list[str]:
-    return [*_sweep_answer(report, width), *_lowest_val_error(report, width), f"MLflow parent run: {report.url}"]
+    return [*_sweep_answer(report, width), *_lowest_val_error(report, width), f"MLflow parent run: {report.url}",
+            *_charts(report)]
+
+
+def _charts(report) -> list[str]:
+    return [f"its trials by normalization and batch size, in MLflow's charts: {report.charts_url}"] \
+        if report.charts_url else []
 
 
 def _sweep_answer(report, width: int) -> list[str]:
@@ -113,21 +115,14 @@ def _lowest_val_error(report, width: int) -> list[str]:
 
 
 def _pipeline(report, width: int) -> list[str]:
-    final = report.final
-    epochs = final.config.num_epochs
-    chose = report.choice
-    against = "; ".join(f"{o['label']} {o['val_error']:.2f}%" for o in chose["others"])
-    return [*_sweep_answer(report.sweep, width),
-            *_wrap(f"final training: {chose['label']} at batch {final.config.batch_size}, {epochs} epochs, chosen by "
-                   f"the rule: {chose['rule']}: {chose['label']} {chose['val_error']:.2f}%"
-                   + (f", {against}" if against else "") + ".", width),
-            *_wrap(f"test error {_percent(final.served_test_acc)}: the final net, registered as "
-                   f"{report.registered_model} (version {report.registered_version}; the rule: "
-                   f"{report.registration_rule}). Its best-validation checkpoint: {_percent(final.test_acc)}, "
-                   "not registered.", width, indent="  "),
-            "",
+    from ..pipeline import final_training_text
+
+    took, kept = final_training_text(report.choice, report.final, report.registered_model,
+                                     report.registered_version)
+    return [*_sweep_answer(report.sweep, width), *_wrap(took, width), *_wrap(kept, width, indent="  "), "",
             f"the comparison, in MLflow: {report.sweep.url}",
-            f"the final training: {final.url}",
+            *_charts(report.sweep),
+            f"the final training: {report.final.url}",
             f"the pipeline's run: {report.url}"]
 
 

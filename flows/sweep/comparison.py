@@ -130,7 +130,8 @@ def _cells(results: list[TrialResult], columns: list[str], only: str) -> pd.Data
                   if r.status == FINISHED and r.final_test_acc is not None]
         found = estimate(errors)
         rows.append({"normalization": key[0], **dict(zip(columns, key[1:])),
-                     "column": column_label(columns, key[1:], only), "trials": len(trials), "n": found.n, "mean": found.mean, "sd": found.sd, "low": found.low,
+                     "column": column_label(columns, key[1:], only), "trials": len(trials), "n": found.n,
+                     "mean": found.mean, "sd": found.sd, "low": found.low,
                      "high": found.high})
     return pd.DataFrame(rows, columns=["normalization", *columns, "column", "trials", "n", "mean", "sd", "low",
                                        "high"])

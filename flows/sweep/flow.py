@@ -116,7 +116,8 @@ def sweep(
         results = sorted(skipped + run_trials(parent, spec, todo, max_workers, dask_address, trials_in, stop),
                          key=lambda r: r.index)
         # Imported here: the summary's pandas, scipy and matplotlib would slow `cnnflow run sweep --help`.
-        from .summary import publish_comparison, summarise_sweep, write_study_report
+        from .summary import (REPORT, answer_metrics, grid_table_markdown, publish_comparison,
+                              show_answer_in_mlflow, summarise_sweep, write_study_report)
 
         grid = summarise_sweep(parent, spec, results)  # the summary table says which trials failed, and why
         if not any(r.status == FINISHED for r in results):
@@ -127,18 +128,22 @@ def sweep(
             num_train = len(load_data_once(spec.base.data_spec())["y_train"])
             study = write_study_report(parent, spec, results, num_train)
             comparison, title, report_text, answer = study.tables.get("cells"), STUDY_TITLE, study.markdown, study.answer
+            shown = {"report": "study/report.md"}
         else:
             choice = publish_comparison(parent, spec, results, grid)
             comparison, title, report_text, answer = grid.cells, grid.title, None, grid.answer
             differences = grid.differences.to_dict("records")
+            shown = {"table": grid_table_markdown(grid), "numbers": answer_metrics(grid), "report": REPORT}
+        # The parent's Overview answers, and a saved view charts its trials by normalization and batch size.
+        charts_url = show_answer_in_mlflow(parent, spec, results, answer, **shown)
         parent.set_tags({"sweep_wall_time_s": f"{time.perf_counter() - start:.1f}"})
-    # The link lands on the answer: the study's interaction figure, or the comparison figure.
+    # The link lands on the answer: the study's interaction figure, or a grid's report (its answer, table and figure).
     figure = "study/interaction_vs_batch_size.png" if spec.study and "interaction_vs_batch_size" in study.figures \
-        else "comparison.png"
+        else "comparison.png" if spec.study else REPORT
     report = SweepReport(name=spec.name, parent_run_id=parent.id, url=parent.url_of(figure), trials=results,
                          best=best_trial(results), wall_time_s=time.perf_counter() - start, study_report=report_text,
                          comparison_title=title, answer=answer, differences=differences,
-                         choice=None if choice is None else choice.as_record(),
+                         choice=None if choice is None else choice.as_record(), charts_url=charts_url,
                          comparison=[] if comparison is None else comparison.to_dict("records"))
     for r in report.failed:  # in the run's logs; the console had each trial's progress line, and `cnnflow` lists them
         record(f"FAILED {r.run_name}: {r.failure_reason}", logging.WARNING)

@@ -45,6 +45,8 @@ class SweepReport(BaseModel):
     differences: list[dict] = []
     # A grid's configuration with the lowest validation error, and the rule (flows.sweep.comparison.Choice).
     choice: dict | None = None
+    # The sweep's trials in MLflow's own charts, grouped by normalization against batch size (a saved view).
+    charts_url: str = ""
 
     @property
     def failed(self) -> list[TrialResult]:

@@ -20,10 +20,11 @@ from prefect.cache_policies import NO_CACHE
 
 from ..config import SweepSpec
 from ..figures import sweep_comparison_figure
+from ..metrics import ANSWER_PREFIX, BATCH_SIZE, FINAL_TEST_ACC
 from ..provenance import provenance
 from ..study import StudyResult, build_study
 from ..study.report import markdown_table
-from ..tracking import FINISHED, Run
+from ..tracking import FINISHED, BarChart, LineChart, Run, in_page, save_children_view
 from .comparison import Choice, Comparison, choice_text, choose, compare, wide_rows
 from .results import TrialResult, best_trial
 
@@ -45,12 +46,17 @@ def wide_table(comparison: Comparison) -> pd.DataFrame:
     return pd.DataFrame(wide_rows(comparison.cells.to_dict("records"), comparison.differences.to_dict("records")))
 
 
-def comparison_markdown(comparison: Comparison, spec: SweepSpec, choice: Choice | None, url: str) -> str:
-    """The comparison as the Prefect artifact shows it: the answer first, then the table, the choice, the link."""
-    lines = [f"# Sweep {spec.name}: {comparison.answer}", "", comparison.title + ".", "",
-             markdown_table(wide_table(comparison)), "", f"Lowest validation error: {choice_text(None if choice is None else choice.as_record())}.", "",
-             f"MLflow: {url}"]
-    return "\n".join(lines)
+def comparison_markdown(comparison: Comparison, spec: SweepSpec, choice: Choice | None, figure_uri: str,
+                        url: str | None = None) -> str:
+    """The comparison in markdown, answer first: the answer, the table under its title, the figure (embedded as
+    figure_uri, a PNG data URI), the configuration with the lowest validation error, and the link when given."""
+    chosen = choice_text(None if choice is None else choice.as_record())
+    against = comparison.columns[0] if comparison.columns else "normalization"
+    lines = [f"# Sweep {spec.name}", "", f"**{escaped(comparison.answer)}**", "",
+             escaped(grid_table_markdown(comparison)), "",
+             f"![the comparison: test error against {against}]({figure_uri})", "",
+             f"Lowest validation error: {chosen}."]
+    return "\n".join(lines + (["", f"MLflow: {url}"] if url else []))
 
 
 @task(name="summarise sweep", cache_policy=NO_CACHE)
@@ -73,17 +79,120 @@ def summarise_sweep(parent: Run, spec: SweepSpec, results: list[TrialResult]) ->
     return comparison
 
 
+REPORT = "comparison/report.html"
+
+
 @task(name="publish comparison", cache_policy=NO_CACHE)
-def publish_comparison(parent: Run, spec: SweepSpec, results: list[TrialResult], comparison: Comparison) -> Choice | None:
-    """A grid's comparison (not a study's) on the parent run, comparison/cells and comparison/differences
-    (CSV and MLflow tables), and as the sweep's Prefect markdown artifact; returns the configuration with the
-    lowest validation error."""
+def publish_comparison(parent: Run, spec: SweepSpec, results: list[TrialResult],
+                       comparison: Comparison) -> Choice | None:
+    """A grid's comparison (not a study's) on the parent run: comparison/cells and comparison/differences (CSV
+    and MLflow tables), comparison/report.html (one page, its figure embedded: what the printed link opens),
+    and the sweep's Prefect markdown artifact; returns the configuration with the lowest validation error."""
     parent.log_table(comparison.cells, "comparison/cells")
     parent.log_table(comparison.differences, "comparison/differences")
     choice = choose(spec, results)
-    create_markdown_artifact(comparison_markdown(comparison, spec, choice, parent.url),
+    figure = sweep_comparison_figure(comparison.cells, comparison.columns, spec.name,
+                                     failed=sum(r.status != FINISHED for r in results))
+    uri = png_data_uri(figure)
+    parent.log_text(report_html(comparison_markdown(comparison, spec, choice, uri), f"Sweep {spec.name}"), REPORT)
+    create_markdown_artifact(comparison_markdown(comparison, spec, choice, uri, parent.url),
                              key=artifact_key(f"sweep-{spec.name}"), description=f"What sweep {spec.name} found")
     return choice
+
+
+def png_data_uri(figure) -> str:
+    """The figure as a PNG data URI, to embed where no file can sit beside the page."""
+    import base64
+    import io
+
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=100)
+    return "data:image/png;base64," + base64.b64encode(png.getvalue()).decode("ascii")
+
+
+_STYLE = ("body{font:15px/1.5 -apple-system,'Segoe UI',Helvetica,Arial,sans-serif;color:#1f2328;max-width:1000px;"
+          "margin:20px auto;padding:0 20px}h1{font-size:1.3em}table{border-collapse:collapse;font-size:13px}"
+          "th,td{border:1px solid #d1d9e0;padding:4px 10px;white-space:nowrap}th{background:#f6f8fa}"
+          "img{max-width:100%;height:auto}")
+
+
+def report_html(markdown: str, title: str) -> str:
+    """markdown as one self-contained HTML page (its figures embedded as data URIs): MLflow shows it in its
+    artifact view, where a file beside the page could not be reached. Raw HTML in the markdown is escaped; the
+    page makes no request of any kind."""
+    import html
+
+    from markdown_it import MarkdownIt  # rich's markdown parser
+
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)
+    return (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{html.escape(title)}"
+            f"</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n{body}</body>\n</html>\n")
+
+
+def answer_metrics(comparison: Comparison) -> dict[str, float]:
+    """The parent's key numbers: each difference ("BN − GN" at batch 2: answer/bn_minus_gn_batch_2) with its
+    interval's ends (..._ci_low, ..._ci_high), and the seeds per cell (answer/seeds). Names no trial logs, so
+    they never add a bar to a trial's chart; numbers without a value (one seed: no interval) are left out."""
+    numbers = {f"{ANSWER_PREFIX}seeds": float(comparison.cells["n"].max())} if len(comparison.cells) else {}
+    for row in comparison.differences.itertuples():
+        name = f"{ANSWER_PREFIX}{_slug(row.label)}_{_slug(row.column)}"
+        numbers.update({name: row.mean, f"{name}_ci_low": row.low, f"{name}_ci_high": row.high})
+    # Rounded past float noise only (a mean of 4.67 and 3.67 is 0.9999999999999952, shown as such by MLflow).
+    return {k: round(float(v), 10) for k, v in numbers.items() if v == v}  # v != v: NaN
+
+
+def _slug(text: str) -> str:
+    """"BN − GN" -> "bn_minus_gn", "batch 32" -> "batch_32": a metric name's words."""
+    return re.sub(r"[^a-z0-9.]+", "_", text.lower().replace("−", "minus")).strip("_")
+
+
+@task(name="show the answer in MLflow", cache_policy=NO_CACHE)
+def show_answer_in_mlflow(parent: Run, spec: SweepSpec, results: list[TrialResult], answer: str,
+                          table: str | None = None, report: str | None = None,
+                          numbers: dict[str, float] | None = None) -> str:
+    """The parent run's Overview answers: its description holds the answer, links to the trials charted in
+    MLflow and to the report (an artifact of the parent), then the table; its key numbers are metrics
+    (answer/...). The chart view is a saved view of the experiment's runs page (flows.tracking.views): this
+    sweep's trials only, grouped by normalization, the final nets' test accuracy against batch size. Returns
+    the view's link."""
+    view = save_children_view(parent, f"{spec.name}: its trials by normalization", *_view_charts(spec, results),
+                              section=f"{spec.name}: the comparison", collapsed=(ANSWER_PREFIX.rstrip("/"),))
+    links = [f"[{spec.name}'s trials by normalization and batch size, in MLflow's charts]"
+             f"({in_page(parent.store.ui_url(view))})"]
+    if report is not None:
+        links.append(f"[the report, with its figures]({in_page(parent.url_of(report))})")
+    parent.describe("\n\n".join([f"**{escaped(answer)}**", " · ".join(links),
+                                   *([escaped(table)] if table else [])]))
+    if numbers:
+        parent.log_metrics(numbers)
+    return parent.store.ui_url(view)
+
+
+def _view_charts(spec: SweepSpec, results: list[TrialResult]) -> tuple[list[str], list]:
+    """(the parameters the trials are grouped by, the charts): the final nets' test accuracy against batch size,
+    a line per normalization (and per value of the other swept fields), when batch size was swept; else a bar
+    per group."""
+    others = [k for k in spec.swept() if k not in ("normalization", "train_seed", "batch_size")]
+    if "batch_size" not in spec.swept():
+        return ["normalization", *others], [BarChart(FINAL_TEST_ACC, "final net's test accuracy: mean over seeds")]
+    accuracies = [r.final_test_acc for r in results if r.status == FINISHED and r.final_test_acc is not None]
+    y_range = None
+    if accuracies:  # MLflow starts the axis at 0 otherwise, where 0.95 and 0.97 look the same
+        pad = max(0.005, 0.1 * (max(accuracies) - min(accuracies)))
+        y_range = (max(0.0, min(accuracies) - pad), min(1.0, max(accuracies) + pad))
+    return ["normalization", *others], [LineChart(FINAL_TEST_ACC, BATCH_SIZE, "final net's test accuracy against "
+                                                  "batch size: mean over seeds, band from the lowest to the highest",
+                                                  y_range)]
+
+
+def escaped(markdown: str) -> str:
+    """Square brackets shown as written: MLflow's markdown reads "[a, b] (n=5)" as a link."""
+    return markdown.replace("[", "\\[").replace("]", "\\]")
+
+
+def grid_table_markdown(comparison: Comparison) -> str:
+    """The comparison's title and table, as the parent's description and the report show them."""
+    return f"{comparison.title}.\n\n{markdown_table(wide_table(comparison))}"
 
 
 def artifact_key(text: str) -> str:

@@ -356,11 +356,19 @@ class Store:
     def run_url(self, experiment_id: str, run_id: str, artifact: str | None = None) -> str:
         """The run's page in the MLflow UI (for a local store, where `cnnflow ui` serves it), opened on
         one of its artifacts when given (the Artifacts tab, that file shown)."""
+        return self.ui_url(f"experiments/{experiment_id}/runs/{run_id}"
+                           + (f"/artifactPath/{artifact}" if artifact else ""))
+
+    def ui_url(self, page: str) -> str:
+        """A page of the MLflow UI (for a local store, where `cnnflow ui` serves it) in the Model training view.
+
+        page: the part after "#/" (e.g. "experiments/1/runs?viewStateShareKey=k"), its query kept.
+        """
         base = credentials.without_userinfo(self.uri) if is_server(self.uri) else DEFAULT_UI_URL
-        page = f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        path, _, query = page.partition("?")
         # MLflow 3.17's UI takes its view from this parameter (else from the browser's memory, else
         # GenAI); the experiment's kind tag is not read there.
-        return page + (f"/artifactPath/{artifact}" if artifact else "") + "?workflowType=machine_learning"
+        return f"{base.rstrip('/')}/#/{path}?" + "&".join(filter(None, [query, "workflowType=machine_learning"]))
 
     def ui_command(self) -> str:
         """The shell command that opens the MLflow UI on this store, from any shell (the venv's cnnflow).

@@ -68,6 +68,13 @@ def test_the_final_training_takes_the_lower_validation_error_at_its_batch_size_a
     assert root.data.metrics["pipeline/best_val_checkpoint_test_error"] == pytest.approx(
         100 * (1 - report.final.test_acc))
     assert not set(root.data.metrics) & set(final.data.metrics)  # never a bar in a trial's or the final's chart
+    # The pipeline run's Overview: the answer, the links, the final training and both rules.
+    answer, links, took, kept = root.data.tags["mlflow.note.content"].split("\n\n")
+    assert answer == f"**{report.sweep.answer}**"
+    assert all(f"(#{url.partition('#')[2]})" in links for url in (report.sweep.url, report.sweep.charts_url,
+                                                                  report.final.url))
+    assert took.startswith(f"Final training: {chosen} at batch 25, 2 epochs, chosen by the rule: ")
+    assert kept.startswith(f"Test error {100 * (1 - report.final.final_test_acc):.2f}%: the final net, registered")
 
     # What the terminal shows: the comparison, then the choice, both test errors and the rule.
     text = render(report, width=200)
@@ -87,8 +94,9 @@ def test_the_final_training_takes_the_lower_validation_error_at_its_batch_size_a
             f"cnncore-digits@champion (version 1; the rule: the final training's final net (after its last epoch), "
             f"the net the comparison measures). Its best-validation checkpoint: "
             f"{100 * (1 - report.final.test_acc):.2f}%, not registered.") in flat, text
-    assert lines[-3:] == [f"the comparison, in MLflow: {report.sweep.url}", f"the final training: {report.final.url}",
-                          f"the pipeline's run: {report.url}"]
+    assert lines[-4:] == [f"the comparison, in MLflow: {report.sweep.url}",
+                          f"its trials by normalization and batch size, in MLflow's charts: {report.sweep.charts_url}",
+                          f"the final training: {report.final.url}", f"the pipeline's run: {report.url}"]
 
 
 def test_pipeline_runs_get_unique_names(store, tiny):

@@ -104,7 +104,8 @@ def test_the_table_as_it_is_read_has_a_row_per_normalization_and_the_difference(
 
 
 def test_one_seed_gives_no_interval_and_says_the_run_is_a_smoke_test():
-    spec = SweepSpec(name="quick", base=BASE, space={"normalization": ["batchnorm", "groupnorm"], "batch_size": [32, 2]})
+    spec = SweepSpec(name="quick", base=BASE,
+                     space={"normalization": ["batchnorm", "groupnorm"], "batch_size": [32, 2]})
     found = compare(spec, results(spec))
     assert found.title == "Test error (%) of the final nets: one seed per cell, so no interval; BN − GN: paired by " \
                           "seed (positive: GN better)"

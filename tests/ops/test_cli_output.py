@@ -99,6 +99,10 @@ def test_a_sweep_ends_with_its_comparison_failures_the_rules_choice_and_link():
         "validation error among all trials (final nets, mean over seeds; the test split is never used to choose)")
     assert not [line for line in lines if "best trial" in line]
     assert lines[-1] == f"MLflow parent run: {URL}"
+    # The trials charted in MLflow, when the sweep saved that view, come after the parent's link.
+    charted = render(grid_report().model_copy(update={"charts_url": f"{URL}?k"}), width=120).splitlines()
+    assert charted[-2:] == [f"MLflow parent run: {URL}",
+                            f"its trials by normalization and batch size, in MLflow's charts: {URL}?k"]
 
 
 def test_a_study_sweep_shows_its_cells_as_the_paper_prints_them_and_its_answer():
@@ -115,7 +119,7 @@ def test_a_study_sweep_shows_its_cells_as_the_paper_prints_them_and_its_answer()
 
 
 def test_a_pipeline_ends_with_the_sweep_the_final_training_its_rule_and_the_registered_model():
-    sweep = grid_report()
+    sweep = grid_report().model_copy(update={"charts_url": f"{URL}?viewStateShareKey=k"})
     final = train_result().model_copy(update={"served_net": "final", "url": "http://127.0.0.1:5000/#/f"})
     report = PipelineReport(run_id="p", url="http://127.0.0.1:5000/#/p", run_name="pipeline-x",
                             gradient_check_run_id="g", sweep=sweep, choice=sweep.choice, final=final,
@@ -130,7 +134,9 @@ def test_a_pipeline_ends_with_the_sweep_the_final_training_its_rule_and_the_regi
     assert ("test error 3.45%: the final net, registered as cnncore-digits@champion (version 3; the rule: the final "
             "training's final net (after its last epoch), the net the comparison measures). Its best-validation "
             "checkpoint: 2.88%, not registered.") in text
-    assert lines[-3:] == [f"the comparison, in MLflow: {URL}", "the final training: http://127.0.0.1:5000/#/f",
+    assert lines[-4:] == [f"the comparison, in MLflow: {URL}",
+                          f"its trials by normalization and batch size, in MLflow's charts: {URL}?viewStateShareKey=k",
+                          "the final training: http://127.0.0.1:5000/#/f",
                           "the pipeline's run: http://127.0.0.1:5000/#/p"]
 
 
