@@ -106,9 +106,11 @@ def printed_links(output: str) -> dict[str, str]:
 
 def run_cnnflow(args: list[str], server: str, workdir: Path) -> dict[str, str]:
     """Run `cnnflow run ARGS` against the server; the links it printed."""
+    # A temporary Prefect server is enough for one run; on a busy machine it takes more than Prefect's 20 s to start.
     env = {**os.environ, "MLFLOW_TRACKING_URI": server, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_HOME": str(workdir / "prefect-home"), "COLUMNS": "250"}
-    env.pop("PREFECT_API_URL", None)  # a temporary Prefect server is enough for one run
+           "PREFECT_HOME": str(workdir / "prefect-home"), "COLUMNS": "250",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
+    env.pop("PREFECT_API_URL", None)
     print("cnnflow run", *args)
     done = subprocess.run([str(CNNFLOW), "run", *args, "--no-local-server"], env=env, cwd=workdir,
                           capture_output=True, text=True)

@@ -73,8 +73,9 @@ def compare(spec: SweepSpec, results: list[TrialResult]) -> Comparison:
     columns = column_fields(spec)
     finished = [r for r in results if r.status == FINISHED and r.final_test_acc is not None]
     seeds = sorted({r.config.train_seed for r in finished})
-    # With only normalization (and seeds) swept, the one column is the batch size every trial shares.
-    only = f"batch {spec.base.batch_size}" if "batch_size" not in spec.space else "all"
+    # With only normalization (and seeds) swept, the one column is named for the batch size the trials share.
+    batch_sizes = {r.config.batch_size for r in results}
+    only = f"batch {batch_sizes.pop()}" if len(batch_sizes) == 1 else "all"
     cells = _cells(results, columns, only)
     differences = _differences(finished, columns, only)
     return Comparison(_title(cells, seeds, differences), columns, cells, differences,
