@@ -32,17 +32,22 @@ test-slow: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m ''
 
-# The study reports under docs/studies/: each preset run (resuming what already finished in
-# the experiment `studies`), then its report, figures and tables exported. The MNIST presets
-# read the MNIST files from $$CNNCORE_DATA_DIR (README). `make studies SIZE=-small` runs the
-# small versions, whose trials the slow tests compare with what the code produces now.
-STUDIES := bn-vs-gn:bn-vs-gn-digits mnist-fc-control:mnist-fc-control mnist-convnet:mnist-convnet
+# The study reports under docs/studies/: each preset run (resuming what already finished in the experiment
+# `studies`), then its report, figures and tables exported; then the dose-response report across the
+# normalization-batch presets (docs/studies/dose-response). The MNIST presets read the MNIST files from
+# $$CNNCORE_DATA_DIR (README). `make studies SIZE=-small` runs the small versions, which the slow tests rerun
+# against the committed ones. STUDIES="..." runs a subset (preset:sweep-name pairs).
+STUDIES := normbatch-fc:normbatch-fc normbatch-convnet3:normbatch-convnet3 normbatch-convnet4:normbatch-convnet4 \
+	normbatch-convnet5:normbatch-convnet5 normbatch-resnet:normbatch-resnet mnist-fc-control:mnist-fc-control \
+	mnist-convnet:mnist-convnet bn-vs-gn:bn-vs-gn-digits
 studies: $(STAMP)
 	set -e; for study in $(STUDIES); do \
 	  preset=$${study%%:*}$(SIZE); name=$${study##*:}$(SIZE); \
 	  $(BIN)/cnnflow run sweep --preset $$preset --experiment studies; \
 	  $(BIN)/cnnflow report $$name --experiment studies --to docs/studies/$$name > /dev/null; \
 	done
+	$(BIN)/python -m flows.study.dose_response --studies docs/studies --suffix "$(SIZE)" \
+	  --to docs/studies/dose-response$(SIZE)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_layers.py

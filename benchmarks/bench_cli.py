@@ -1,7 +1,10 @@
-"""How fast `cnnflow` starts: its help texts, and the fixed cost of a run before training begins.
+"""How fast `cnnflow` starts: its help texts, the fixed cost of a run before training begins, and a
+sweep's fixed costs.
 
     python benchmarks/bench_cli.py            # 5 timed runs of each, after one warm-up run
     python benchmarks/bench_cli.py --runs 9
+    python benchmarks/bench_cli.py --sweep 3                     # a small study's phases, 3 runs
+    python benchmarks/bench_cli.py --sweep 3 --vs /path/to/old   # the same, interleaved with another checkout's
 
 Prints the median (min-max) wall seconds, over the runs, of
 - `cnnflow --help`                                        (target: under 1 s)
@@ -11,6 +14,17 @@ Prints the median (min-max) wall seconds, over the runs, of
   5 s or less); and the same with --no-local-server (Prefect's temporary server inside
   the process, what every run paid before), for comparison.
 (Which packages the help texts import is a test: tests/ops/test_cli.py.)
+
+--sweep N times N runs of `cnnflow run sweep --preset bn-vs-gn-small --no-resume` (20 trials
+of a few hundred digits, 2 at a time) with the local server up and the store made, each
+phase read from the lines the sweep prints as they come: the first line after launch,
+the workers' start (its own "N worker processes ready in X s"), the trials, the summary
+(the last trial's line to the answer), the exit (the answer's last line to the process's
+end), the whole wall time, and the trials' training seconds (the sum of the children's
+`wall_time_s` in MLflow). Target (issue 20): wall time <= 1.25 x (training seconds /
+workers) + 5 s, workers ready <= 3 s, on an idle 2-core machine; the load average is
+printed before and after. --vs DIR runs another checkout's code (put first on PYTHONPATH)
+in turn with this one's, for a before/after from one call.
 
 The first-iteration time is read without touching the code under test: the command runs
 in a Python process that first wraps cnncore.solver.Solver so that its first on_iteration
@@ -57,13 +71,25 @@ def stamped_init(self, *args, **kwargs):
     self.on_iteration = on_iteration
 
 solver.Solver.__init__ = stamped_init
-from flows.cli import app
+from flows.cnnflow import main
 sys.argv = ["cnnflow", *sys.argv[1:]]
-app()
+main()
 """
 
+# The console script as the checkout on PYTHONPATH defines it (flows.cnnflow, or flows.cli:app before it).
+CONSOLE_SCRIPT = """
+import sys
+try:
+    from flows.cnnflow import main
+except ImportError:
+    from flows.cli import app as main
+sys.argv[0] = "cnnflow"
+main()
+"""
+
+
 def cnnflow(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from flows.cli import app; app()", *args]
+    return [sys.executable, "-c", CONSOLE_SCRIPT, *args]
 
 
 def timed(command: list[str], env: dict, runs: int, warmup: int = 1) -> list[float]:
@@ -95,6 +121,61 @@ def to_first_iteration(extra: list[str], env: dict, runs: int, warmup: int = 1) 
     return seconds
 
 
+SWEEP = ["run", "sweep", "--preset", "bn-vs-gn-small", "--no-resume"]
+PHASES = ("first line", "workers ready", "trials", "summary", "exit", "wall", "training s / workers", "target")
+
+
+def sweep_phases(env: dict, code: Path) -> dict[str, float]:
+    """One timed `cnnflow run sweep` of the small study, run from the checkout at code: its phases (seconds)."""
+    import re
+
+    from mlflow import MlflowClient
+
+    run_env = {**env, "PYTHONPATH": os.pathsep.join([str(code), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    started = time.monotonic()
+    process = subprocess.Popen(cnnflow(*SWEEP), env=run_env, cwd=code, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    lines = [(time.monotonic() - started, line.rstrip("\n")) for line in process.stdout]
+    ended = time.monotonic() - started
+    if process.wait() != 0:
+        raise SystemExit("cnnflow run sweep failed:\n" + "\n".join(text for _, text in lines[-30:]))
+
+    def first(pattern: str) -> tuple[float, str]:
+        return next((at, text) for at, text in lines if re.search(pattern, text))
+
+    ready = float(re.search(r"ready in ([\d.]+) s", first(r"worker processes ready in")[1]).group(1))
+    trials = [(at, text) for at, text in lines if re.match(r"\[\d+/\d+\]", text)]
+    answer = first(r"^sweep \S+: \d+ trials, \d+ failed")[0]
+    parent = re.search(r"/runs/([0-9a-f]{32})", first(r"^MLflow parent run: ")[1]).group(1)
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_run(parent).info.experiment_id
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'", max_results=1000)
+    training = sum(run.data.metrics["wall_time_s"] for run in children) / 2  # 2 workers
+    return {"first line": lines[0][0], "workers ready": ready, "trials": trials[-1][0] - trials[0][0],
+            "summary": answer - trials[-1][0], "exit": ended - lines[-1][0], "wall": ended,
+            "training s / workers": training, "target": 1.25 * training + 5}
+
+
+def bench_sweeps(env: dict, runs: int, versus: Path | None) -> None:
+    codes = {"this checkout": REPO, **({f"--vs {versus}": versus} if versus else {})}
+    found: dict[str, list[dict]] = {label: [] for label in codes}
+    print(f"\n`cnnflow {' '.join(SWEEP)}`, {runs} runs each (after one warm-up each), load average "
+          f"{os.getloadavg()[0]:.1f}")
+    for i in range(runs + 1):
+        for label, code in codes.items():
+            phases = sweep_phases(env, code)
+            if i:
+                found[label].append(phases)
+    print(f"{'median seconds (min-max)':<24}" + "".join(f"{label[:26]:>28}" for label in codes))
+    for phase in PHASES:
+        cells = []
+        for label in codes:
+            values = [run[phase] for run in found[label]]
+            cells.append(f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})")
+        print(f"{phase:<24}" + "".join(f"{cell:>28}" for cell in cells))
+    print(f"load average after: {os.getloadavg()[0]:.1f}; targets: wall <= target, workers ready <= 3 s (idle)")
+
+
 def show(label: str, seconds: list[float], target: str) -> None:
     print(f"{label:<58} median {statistics.median(seconds):6.2f} s  "
           f"(min {min(seconds):.2f}, max {max(seconds):.2f}, {len(seconds)} runs)  target {target}")
@@ -104,6 +185,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="timed runs of each command (after one warm-up run)")
     parser.add_argument("--skip-runs", action="store_true", help="time the help texts only")
+    parser.add_argument("--sweep", type=int, metavar="N", default=0,
+                        help="time N runs of the small study's sweep, phase by phase, instead")
+    parser.add_argument("--vs", type=Path, metavar="DIR", help="with --sweep: also another checkout's code, in turn")
     options = parser.parse_args()
     runs = options.runs
 
@@ -114,6 +198,13 @@ def main() -> None:
                    MLFLOW_TRACKING_URI=f"sqlite:///{Path(tmp) / 'mlflow.db'}", MPLBACKEND="Agg",
                    COLUMNS="120")
         print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores; wall seconds\n")
+        if options.sweep:
+            subprocess.run(cnnflow("server", "start"), env=env, cwd=REPO, check=True, capture_output=True)
+            try:
+                bench_sweeps(env, options.sweep, options.vs)
+            finally:
+                subprocess.run(cnnflow("server", "stop"), env=env, cwd=REPO, capture_output=True)
+            return
         show("cnnflow --help", timed(cnnflow("--help"), env, runs), "< 1 s")
         show("cnnflow run train --help", timed(cnnflow("run", "train", "--help"), env, runs), "< 2 s")
         if options.skip_runs:

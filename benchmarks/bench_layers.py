@@ -12,9 +12,10 @@ Prints Markdown tables, measured in one run:
 2. Max pool 2x2 stride 2 on (50, 32, 32, 32), forward + backward, naive vs fast
    (target >= 20x).
 3. Where the fast conv's time goes (1 BLAS thread): forward and backward each
-   under cProfile, with the own time of the functions of cnncore.fast_layers
-   that do the work (im2col, the products, col2im, layout copies), named as
-   they are in that module, so the table follows whatever algorithm it has.
+   under cProfile, with the own time of the functions of cnncore.fast_conv and
+   fast_layers that do the work (im2col, the products, col2im, Winograd's
+   transforms), named as they are there, so the table follows whatever kernel
+   runs. Which kernel is fastest for which shape: bench_conv_algorithms.py.
 
 The comparisons with PyTorch (layers and training step, against issue 7's
 targets) are in bench_train.py, the one place for them.
@@ -46,7 +47,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cnncore import fast_layers, layers  # noqa: E402
+from cnncore import fast_conv, fast_layers, layers  # noqa: E402
 
 TARGET_CONV_SPEEDUP = 100.0
 TARGET_GEMM_FRACTION = 0.5
@@ -242,10 +243,10 @@ def own_time_by_function(fn, reps: int) -> tuple[float, list[tuple[float, str]]]
     """(seconds per call, [(own seconds per call, function)] largest first) of fn under cProfile.
 
     Own time (tottime) of a Python function includes the NumPy work it starts
-    (a matmul or a copy called from it), so the functions of cnncore.fast_layers
-    name the steps of the algorithm, whatever that algorithm is.
+    (a matmul or a copy called from it), so the functions of cnncore.fast_conv
+    and fast_layers name the steps of the algorithm, whatever that algorithm is.
     """
-    names = _qualnames(fast_layers)
+    names = {**_qualnames(fast_layers), **_qualnames(fast_conv)}
     fn()
     profile = cProfile.Profile()
     start = time.perf_counter()

@@ -1,9 +1,28 @@
-"""cnncore (pure NumPy) against PyTorch on the CPU: training step, layers, peak memory; sweep speed-up.
+"""cnncore (pure NumPy) against PyTorch on the CPU: the study nets, the three-layer net's
+step against torch and against its FLOP limit, ghost batch norm, layers, peak memory; sweep speed-up.
 
-    python benchmarks/bench_train.py [--quick] [--sections step,layers,memory,sweep]
+    python benchmarks/bench_train.py [--quick] [--sections study,ghost,flops,step,layers,memory,sweep]
 
-Prints Markdown tables, measured in one run, each with the targets of issue 7
-(ratios are ours / torch time; lower is better):
+Prints Markdown tables, measured in one run, each with the targets of issues 7
+and 20 (ratios are ours / torch time; lower is better):
+
+0. study: one training step of each net the BN-vs-GN studies train, as their presets
+   build it (benchmarks/study_nets.py: the 3-block MNIST convnet with BN and with
+   GN, the FullyConnectedNet with BN, the residual net with BN and GN), through the
+   Solver (minibatch sampling, loss, backward, SGD-with-momentum update), at batch
+   2, 8 and 32, in float32 and float64, against torch with the same architecture,
+   interleaved, process CPU time at 1 thread, best of several runs. Target (issue 20):
+   float32 <= 0.7 at every batch size; float64 rows show it did not regress.
+   ghost: ghost batch norm at g = 2 inside batch 32 against plain batch norm at 32
+   (the convnet and the ResNet), ours alone. Target: <= 1.2.
+   preset: the mnist-convnet preset's training time extrapolated from each cell's step
+   time (normalization x batch size) and the steps of a trial, on 2 cores. Target:
+   the whole preset in <= 12 minutes (training alone is printed).
+   flops: the three-layer net's step at batch 128 (see 1) against its FLOP limit,
+   its arithmetic (3.10 GFLOP: the conv's forward and dw, each affine layer's
+   forward, dw and dx) at NumPy's square-GEMM rate measured in the same run, and
+   at the rate of the step's own GEMM shapes, each timed alone. Target: <= 1.5
+   (float32, against the square-GEMM rate).
 
 1. step: one training step (forward, softmax loss, backward, SGD update) of
    the three-layer net, conv 32 filters 7x7 pad 3 - relu - 2x2 max pool -
@@ -87,7 +106,7 @@ THREADS = (1, 2)
 DTYPES = ("float32", "float64")
 BATCH = 128
 LEARNING_RATE = 1e-3
-SECTIONS = ("study", "flops", "step", "layers", "memory", "sweep")
+SECTIONS = ("study", "ghost", "preset", "flops", "step", "layers", "memory", "sweep")
 
 
 @dataclass(frozen=True)
@@ -207,36 +226,60 @@ def step_table(plan: Plan) -> list[str]:
     return rows
 
 
+def step_gemms(batch: int = BATCH) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """The three-layer net's step as GEMMs, (M, K) @ (K, N) each: the conv's forward and dw as
+    im2col products (32 filters x 147 taps x 32*32 positions per image), and each affine layer's
+    forward, dw and dx (the conv's dx is not needed)."""
+    P = batch * 32 * 32
+    gemms = [((32, 147), (147, P)), ((32, P), (P, 147))]
+    for D, M in ((32 * 16 * 16, 100), (100, 10)):
+        gemms += [((batch, D), (D, M)), ((D, batch), (batch, M)), ((batch, M), (M, D))]
+    return gemms
+
+
 def step_flops(batch: int = BATCH) -> int:
-    """Multiply-adds x 2 of the three-layer net's training step: the conv's forward and dw
-    (its dx is not needed), each affine layer's forward, dw and dx."""
-    conv = 2 * batch * 32 * 3 * 7 * 7 * 32 * 32
-    affine = 2 * batch * (32 * 16 * 16 * 100 + 100 * 10)
-    return 2 * conv + 3 * affine
+    """Multiply-adds x 2 of the three-layer net's training step (see step_gemms)."""
+    return sum(2 * m * k * n for (m, k), (_, n) in step_gemms(batch))
+
+
+def gemm_seconds(dtype: str, shapes) -> float:
+    """Process CPU seconds of NumPy's matmul on each (M, K) @ (K, N), summed: the best of 5 each."""
+    rng = np.random.default_rng(2)
+    total = 0.0
+    for a_shape, b_shape in shapes:
+        a, b = rng.standard_normal(a_shape).astype(dtype), rng.standard_normal(b_shape).astype(dtype)
+        a @ b
+        best = float("inf")
+        for _ in range(5):
+            start = time.process_time()
+            a @ b
+            best = min(best, time.process_time() - start)
+        total += best
+    return total
 
 
 def gemm_rate(dtype: str, n: int = 1024) -> float:
     """FLOP/s of NumPy's own square matmul (n x n) at the current BLAS threads: the machine's GEMM rate."""
-    rng = np.random.default_rng(2)
-    a, b = rng.standard_normal((n, n)).astype(dtype), rng.standard_normal((n, n)).astype(dtype)
-    return 2 * n**3 / median_seconds({"gemm": lambda: a @ b}, 5, time.process_time)["gemm"]
+    return 2 * n**3 / gemm_seconds(dtype, [((n, n), (n, n))])
 
 
 def flop_table(plan: Plan) -> list[str]:
-    """The three-layer net's step at batch 128 against the time its arithmetic takes at the GEMM rate."""
-    rows = ["| dtype | step GFLOP | GEMM GFLOP/s (square 1024) | FLOP limit ms | ours ms | ours / limit | target |",
-            "|---|---:|---:|---:|---:|---:|---|"]
+    """The three-layer net's step at batch 128 against the time its arithmetic takes at the GEMM rate
+    (NumPy's square matmul; the target's measure) and at the rate of its own GEMMs' shapes."""
+    rows = ["| dtype | step GFLOP | square GEMM GFLOP/s | FLOP limit ms | its GEMMs alone ms | ours ms "
+            "| ours / FLOP limit | ours / its GEMMs | target |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     flops = step_flops()
     with set_threads(1):
         for dtype in DTYPES:
             rate = gemm_rate(dtype)
             ours = median_seconds({"ours": our_step(dtype)}, plan.step_reps, time.process_time)["ours"]
             rate = max(rate, gemm_rate(dtype))  # measured before and after: the better of the two
+            own = gemm_seconds(dtype, step_gemms())
             limit = flops / rate
-            target = "<= 1.5" if dtype == "float32" else "info"
-            result = f"{verdict(ours / limit <= 1.5)} ({target})" if dtype == "float32" else "info"
-            rows.append(f"| {dtype} | {flops / 1e9:.2f} | {rate / 1e9:.1f} | {limit * 1e3:.1f} | {ours * 1e3:.1f} "
-                        f"| {ours / limit:.2f} | {result} |")
+            result = f"{verdict(ours / limit <= 1.5)} (<= 1.5)" if dtype == "float32" else "info"
+            rows.append(f"| {dtype} | {flops / 1e9:.2f} | {rate / 1e9:.1f} | {limit * 1e3:.1f} | {own * 1e3:.1f} "
+                        f"| {ours * 1e3:.1f} | {ours / limit:.2f} | {ours / own:.2f} | {result} |")
     return rows
 
 
@@ -537,6 +580,16 @@ def main(argv=None) -> int:
               f"{plan.study_reps} interleaved runs)\n")
         with set_threads(1):
             print("\n".join(study_nets.study_table(plan.study_reps, with_torch=torch is not None)) + "\n")
+    if "ghost" in sections:
+        print(f"## Ghost batch norm (g = 2) against plain batch norm, batch {study_nets.GHOST_BATCH}, float32 "
+              f"(1 thread, process CPU time, best of {plan.study_reps} interleaved runs)\n")
+        with set_threads(1):
+            print("\n".join(study_nets.ghost_table(plan.study_reps)) + "\n")
+    if "preset" in sections:
+        print(f"## The {study_nets.PRESET} preset's training time, from its cells' steps (float32, 1 thread, "
+              f"process CPU time, best of {plan.study_reps} runs)\n")
+        with set_threads(1):
+            print("\n".join(study_nets.preset_table(plan.study_reps)) + "\n")
     if "flops" in sections:
         print(f"## Three-layer net, batch {BATCH}: step against its FLOP limit (1 thread)\n")
         print("\n".join(flop_table(plan)) + "\n")

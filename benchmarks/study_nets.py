@@ -22,13 +22,21 @@ import numpy as np
 TRAIN_IMAGES = 6000
 
 
+# The residual net on MNIST as issue 15 sizes it (cnncore.resnet: stage widths 8, 16, 32, one
+# basic block a stage), on the mnist-convnet preset's recipe; GN with 2 groups, as the convnet's.
+RESNET = {"model": "resnet", "num_filters": 8, "depth": 1, "num_groups": 2}
+
+
 @dataclass(frozen=True)
 class StudyNet:
-    """A net of a study preset: its label, the preset's TrainConfig fields that differ, and torch's twin."""
+    """A net of a study preset: its label, the preset, the normalization (and norm_batch for
+    ghost batch norm), and TrainConfig fields that differ from the preset's base."""
 
     label: str
     preset: str  # "mnist-convnet", "mnist-fc-control"
     normalization: str
+    norm_batch: int | None = None
+    overrides: tuple = ()
 
     def config(self, batch_size: int, dtype: str):
         """The preset's TrainConfig for this net at batch_size and dtype."""
@@ -38,14 +46,27 @@ class StudyNet:
         base = spec.base
         rate = base.learning_rate * batch_size / spec.lr_reference_batch  # the preset's linear scaling
         return base.model_copy(update={"normalization": self.normalization, "batch_size": batch_size,
-                                       "dtype": dtype, "learning_rate": rate, "diagnostics": False})
+                                       "norm_batch": self.norm_batch, "dtype": dtype, "learning_rate": rate,
+                                       "diagnostics": False, **dict(self.overrides)})
 
 
 STUDY_NETS = (
     StudyNet("3-block convnet, BN (mnist-convnet)", "mnist-convnet", "batchnorm"),
     StudyNet("3-block convnet, GN (mnist-convnet)", "mnist-convnet", "groupnorm"),
     StudyNet("FullyConnectedNet, BN (mnist-fc-control)", "mnist-fc-control", "batchnorm"),
+    StudyNet("ResNet 8-16-32, BN", "mnist-convnet", "batchnorm", overrides=tuple(RESNET.items())),
+    StudyNet("ResNet 8-16-32, GN", "mnist-convnet", "groupnorm", overrides=tuple(RESNET.items())),
 )
+# Ghost batch norm (issue 15's normalization batch) at g = 2 inside batch 32, against plain BN at 32.
+GHOST_BATCH = 32
+GHOST_NETS = (
+    (StudyNet("3-block convnet, BN", "mnist-convnet", "batchnorm"),
+     StudyNet("3-block convnet, ghost BN g=2", "mnist-convnet", "batchnorm", norm_batch=2)),
+    (StudyNet("ResNet 8-16-32, BN", "mnist-convnet", "batchnorm", overrides=tuple(RESNET.items())),
+     StudyNet("ResNet 8-16-32, ghost BN g=2", "mnist-convnet", "batchnorm", norm_batch=2,
+              overrides=tuple(RESNET.items()))),
+)
+GHOST_TARGET = 1.2  # issue 20: ghost BN at g = 2 within batch 32 <= 1.2x plain BN's step
 
 
 def mnist_shaped_data(dtype: str, seed: int = 0) -> dict:
@@ -99,9 +120,12 @@ def torch_step(net: StudyNet, batch_size: int, dtype: str, seed: int = 0):
 
 
 def torch_twin(config):
-    """torch.nn.Sequential with the layers build_net makes for config (a ConvNet or a FullyConnectedNet)."""
+    """torch.nn.Sequential with the layers build_net makes for config (a ConvNet or a FullyConnectedNet),
+    or the ResNet's twin."""
     import torch.nn as nn
 
+    if config.model == "resnet":
+        return _torch_resnet(config)
     if config.model == "fc_net":
         layers, width = [nn.Flatten()], 28 * 28
         for _ in range(config.depth):
@@ -117,6 +141,35 @@ def torch_twin(config):
         channels, size = F, size // 2
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(F * size * size, config.hidden_dim), nn.ReLU(),
                          nn.Linear(config.hidden_dim, 10))
+
+
+def _torch_resnet(config):
+    """cnncore.resnet.ResNet's layout (cnncore.resnet.layout) as a torch module: every conv unit a
+    Conv2d and its norm, the basic blocks relu(norm(conv(relu(norm(conv(x))))) + shortcut(x)),
+    global average pooling, then the scores' Linear."""
+    import torch.nn as nn
+
+    from cnncore.resnet import layout
+
+    def unit(u):
+        norm = (nn.BatchNorm2d(u.out_channels) if config.normalization == "batchnorm"
+                else nn.GroupNorm(config.num_groups, u.out_channels))
+        return nn.Sequential(nn.Conv2d(u.in_channels, u.out_channels, u.kernel, stride=u.conv_param["stride"],
+                                       padding=u.conv_param["pad"]), norm)
+
+    class BasicBlock(nn.Module):
+        def __init__(self, block):
+            super().__init__()
+            self.a, self.b = unit(block.a), unit(block.b)
+            self.shortcut = unit(block.projection) if block.projection else nn.Identity()
+
+        def forward(self, x):
+            return nn.functional.relu(self.b(nn.functional.relu(self.a(x))) + self.shortcut(x))
+
+    stem, blocks = layout(1, 28, 28, config.num_filters, config.depth)
+    width = config.num_filters * 2 ** (len({b.b.out_channels for b in blocks}) - 1)
+    return nn.Sequential(unit(stem), nn.ReLU(), *(BasicBlock(b) for b in blocks), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(width, 10))
 
 
 # ---------------------------------------------------------------------------
@@ -153,6 +206,19 @@ def best_interleaved(fns: dict, reps: int, seconds: float = 0.05) -> dict:
     return best
 
 
+def ghost_table(reps: int) -> list[str]:
+    """Markdown rows: ghost batch norm at g = 2 against plain batch norm, each net at GHOST_BATCH
+    (float32), the two steps interleaved."""
+    rows = [f"| net | plain BN ms | ghost BN g=2 ms | ghost / plain | target |", "|---|---:|---:|---:|---|"]
+    for plain, ghost in GHOST_NETS:
+        times = best_interleaved({"plain": our_step(plain, GHOST_BATCH, "float32"),
+                                  "ghost": our_step(ghost, GHOST_BATCH, "float32")}, reps)
+        ratio = times["ghost"] / times["plain"]
+        rows.append(f"| {plain.label} | {times['plain'] * 1e3:.2f} | {times['ghost'] * 1e3:.2f} | {ratio:.2f} "
+                    f"| {'PASS' if ratio <= GHOST_TARGET else 'FAIL'} (<= {GHOST_TARGET}) |")
+    return rows
+
+
 def study_table(reps: int, dtypes=("float32", "float64"), with_torch: bool = True) -> list[str]:
     """Markdown rows: every study net at every batch size in BATCHES, ours against torch."""
     rows = ["| net | batch | dtype | ours ms | torch ms | ours img/s | ours / torch | target |",
@@ -176,4 +242,41 @@ def study_table(reps: int, dtypes=("float32", "float64"), with_torch: bool = Tru
                 torch_ms = "—" if theirs is None else f"{theirs * 1e3:.2f}"
                 rows.append(f"| {net.label} | {batch} | {dtype} | {ours * 1e3:.2f} | {torch_ms} "
                             f"| {batch / ours:,.0f} | {ratio} | {verdict} |")
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# A preset's training time, extrapolated from its cells' step times
+# ---------------------------------------------------------------------------
+
+PRESET = "mnist-convnet"
+WORKERS = 2  # a sweep's trial processes on the project's 2-core machines
+TARGET_PRESET_MINUTES = 12.0  # issue 20: the full mnist-convnet preset in <= 12 minutes on 2 cores
+
+
+def preset_table(reps: int) -> list[str]:
+    """Markdown rows: each (normalization, batch size) cell of the mnist-convnet preset, its step
+    time (ours, float32, 1 thread), the steps of a trial (epochs x training images // batch, as the
+    Solver counts them, on the 6,000 training images of MNIST's t10k split) and its trials' training
+    seconds; then the preset's training time on WORKERS cores. Training steps only: the per-epoch
+    accuracy checks, the test scores, the diagnostics and the sweep's own costs come on top."""
+    from flows.study.presets import mnist_convnet_spec
+
+    spec = mnist_convnet_spec()
+    seeds, epochs = len(spec.space["train_seed"]), spec.base.num_epochs
+    rows = ["| normalization | batch | step ms | steps a trial | trial training s | cell's trials s |",
+            "|---|---:|---:|---:|---:|---:|"]
+    total = 0.0
+    for normalization in spec.space["normalization"]:
+        net = StudyNet(f"{PRESET} {normalization}", PRESET, normalization)
+        for batch in spec.space["batch_size"]:
+            step = best_interleaved({"ours": our_step(net, batch, "float32")}, reps)["ours"]
+            steps = epochs * max(TRAIN_IMAGES // batch, 1)
+            total += seeds * steps * step
+            rows.append(f"| {normalization} | {batch} | {step * 1e3:.2f} | {steps:,} | {steps * step:.1f} "
+                        f"| {seeds * steps * step:.0f} |")
+    minutes = total / WORKERS / 60
+    rows.append(f"\nThe preset's {len(spec.space['normalization']) * len(spec.space['batch_size']) * seeds} trials "
+                f"train for {total:.0f} s of one core: {minutes:.1f} minutes on {WORKERS} cores, training alone "
+                f"(target for the whole preset: <= {TARGET_PRESET_MINUTES:g} minutes).")
     return rows

@@ -27,7 +27,8 @@ def _cupy() -> ModuleType | None:
 def array_module(*arrays) -> ModuleType:
     """The NumPy-API namespace of the given arrays: cupy for CuPy arrays, else numpy."""
     for a in arrays:
-        if type(a).__module__.startswith("cupy"):
+        # Every fast layer asks, several times a call: NumPy arrays answer without a string test.
+        if type(a) is not np.ndarray and type(a).__module__.startswith("cupy"):
             return _cupy()
     return np
 
@@ -160,7 +161,7 @@ def images_per_chunk(N: int, bytes_per_image: int, xp: ModuleType) -> int:
     """How many of N images of bytes_per_image fit in chunk_bytes(xp) (1 to N), spread over
     chunks of even sizes so that the last chunk is not a sliver."""
     n = max(1, min(N, chunk_bytes(xp) // max(bytes_per_image, 1)))
-    return -(-N // -(-N // n))
+    return -(-N // -(-N // n)) if N else 1
 
 
 def image_chunks(x, arrays: int) -> list[slice]:

@@ -17,9 +17,10 @@ offer several and pick one per shape:
 - Winograd F(2x2, 3x3) (see _WinogradTiles): 2.25x fewer multiplications for
   stride-1 3x3 filters, paid for with transforms of the input and output tiles.
 
-``algorithm(g)`` picks one by shape; WINOGRAD_MIN_WORK and PITCHED_MIN_TAPS_PER_FILTER
-hold the crossovers, measured on this project's machines by
-``benchmarks/bench_layers.py`` (its "Convolution algorithms" table).
+``algorithm(g, pass_)`` picks one by shape and pass; the WINOGRAD_* thresholds and
+PITCHED_MIN_TAPS_PER_FILTER hold the crossovers, measured on this project's
+machines by ``benchmarks/bench_conv_algorithms.py``, which times every kernel on
+every pass of the nets' convolutions and shows what the rule picks.
 
 The backward passes: dw from the same columns (one batched product per chunk,
 (n, F, P) @ (n, P, C*HH*WW + 1), summed over the images), or from Winograd's
@@ -34,6 +35,8 @@ takes its array module from its inputs.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from . import backend
 from .backend import array_module, strided_view
@@ -219,23 +222,31 @@ def direct_output_chunks(x, w, b, g: Geometry, out=None):
             yield rows, _valid(chunk, g)
 
 
-def direct_gradients(x, w, g: Geometry, fill_dout, need_dx: bool):
-    """(dx or None, dw, db) of the direct convolution, chunk by chunk of images.
-
-    fill_dout(rows, view): writes the output gradient of the images ``rows`` into
-    view (m, F, Ho, Wo), so that a caller can build it while it is in cache.
+def direct_gradients(x, w, g: Geometry, need_dx: bool, dout=None, fill_dout=None):
+    """(dx or None, dw, db) of the direct convolution, chunk by chunk of images, for the
+    gradient of its output: dout (N, F, Ho, Wo), or fill_dout(rows, view) writing the
+    gradient of the images ``rows`` into view (m, F, Ho, Wo), so that a caller can build
+    it while it is in cache.
     """
     xp = array_module(x)
     F, P = g.F, g.positions
     dx = xp.empty((g.N, g.C, g.H, g.W), dtype=x.dtype) if need_dx else None
     fold = g.needs_columns  # db as the product's last column
-    dw_ext = db = dout = None
+    # dout read where it lies when the product's layout is its own; else copied, chunk by chunk
+    dout3 = dout.reshape(g.N, F, P) if dout is not None and not g.extra_columns else None
+    dw_ext = db = buffer = None
     for rows, cols in column_chunks(x, g, fold, 2 * F * P * x.itemsize):
         m = rows.stop - rows.start
-        if dout is None:  # the dropped columns' gradients stay 0
-            dout = (xp.zeros if g.extra_columns else xp.empty)((m, F, P), dtype=x.dtype)
-        dout_m = dout[:m]
-        fill_dout(rows, _valid(dout_m, g))
+        if dout3 is not None:
+            dout_m = dout3[rows]
+        else:
+            if buffer is None:  # the dropped columns' gradients stay 0
+                buffer = (xp.zeros if g.extra_columns else xp.empty)((m, F, P), dtype=x.dtype)
+            dout_m = buffer[:m]
+            if fill_dout is None:
+                _valid(dout_m, g)[...] = dout[rows]
+            else:
+                fill_dout(rows, _valid(dout_m, g))
         # Per image (F, P) @ (P, taps [+ 1]), summed over the chunk's images.
         part = xp.matmul(dout_m, cols.transpose(0, 2, 1)).sum(axis=0)
         if dw_ext is None:
@@ -246,28 +257,59 @@ def direct_gradients(x, w, g: Geometry, fill_dout, need_dx: bool):
             db_part = (dout_m @ xp.ones(P, dtype=x.dtype)).sum(axis=0)
             db = db_part if db is None else db + db_part
         if need_dx:
-            _input_gradient(w, _valid(dout_m, g), g, dx[rows])
+            _input_gradient(w, _valid(dout_m, g), g, dx[rows], dout_m)
+    if dw_ext is None:  # an empty batch
+        return dx, xp.zeros(w.shape, dtype=x.dtype), xp.zeros(F, dtype=x.dtype)
     if fold:
         return dx, xp.ascontiguousarray(dw_ext[:, :-1]).reshape(w.shape), dw_ext[:, -1].copy()
     return dx, dw_ext.reshape(w.shape), db
 
 
-def _input_gradient(w, dout, g: Geometry, dx):
+def dx_by_convolution(g: Geometry) -> bool:
+    """Whether dx is a convolution of dout (else col2im; see _input_gradient).
+
+    The convolution copies F*HH*WW rows of dout's columns, col2im adds C*HH*WW rows
+    of column gradients back, each add reading and writing: with few input
+    channels against many filters the convolution copies far more. Measured (1
+    thread, float32, the whole backward, benchmarks/bench_conv_algorithms.py):
+    3 channels in and 32 filters 7x7 at batch 50, col2im 2.8x faster; 1 in and 32
+    out (3x3), 1.6-1.9x; 8, 16, 32 or 64 in and as many out, the convolution
+    1.04-2.0x faster. At stride s > 1 the convolution would read dout dilated by
+    s - 1 zeros, s**2 times the products: col2im always.
+    """
+    return g.stride == 1 and g.C * DX_CONVOLUTION_MAX_FILTERS_PER_CHANNEL >= g.F
+
+
+DX_CONVOLUTION_MAX_FILTERS_PER_CHANNEL = 2
+
+
+def _input_gradient(w, dout, g: Geometry, dx, dout_pitched=None):
     """dx (m, C, H, W) of the images whose output gradient is dout (m, F, Ho, Wo).
 
-    At stride 1, a convolution of dout, padded by HH - 1 - pad, with the flipped
-    filters and the channels swapped: the forward's kernels at the forward's
-    speed. At stride s > 1 that convolution would read dout dilated by s - 1
-    zeros, s**2 times the products, so dx is col2im: the column gradients
-    w.T @ dout summed back onto the inputs they were copied from.
+    A convolution of dout, padded by HH - 1 - pad, with the flipped filters and the
+    channels swapped, run by the forward's kernels; or col2im: the column
+    gradients w.T @ dout summed back onto the inputs they were copied from (see
+    dx_by_convolution). dout_pitched: dout in g's pitched layout (m, F,
+    g.positions), its dropped columns 0, when the caller has it: col2im's sums
+    are then contiguous runs of the padded input, one per tap.
     """
     xp = array_module(dout)
-    if g.stride == 1:
+    if dx_by_convolution(g):
         flipped = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
         convolve(dout, flipped, None, 1, g.HH - 1 - g.pad_h, dx, pad_w=g.WW - 1 - g.pad_w)
         return
     m, s, ph, pw = dout.shape[0], g.stride, g.pad_h, g.pad_w
-    dcols = xp.matmul(w.reshape(g.F, g.taps).T, dout.reshape(m, g.F, -1)).reshape(m, g.C, g.HH, g.WW, g.Ho, g.Wo)
+    w_rows = w.reshape(g.F, g.taps).T
+    if g.pitched and dout_pitched is not None:
+        rows, pitch, P = g.H + 2 * ph, g.pitch, g.positions
+        dcols = xp.matmul(w_rows, dout_pitched).reshape(m, g.C, g.HH, g.WW, P)
+        dx_pad = xp.zeros((m, g.C, rows * pitch + g.WW - 1), dtype=dout.dtype)
+        for i in range(g.HH):
+            for j in range(g.WW):
+                dx_pad[:, :, i * pitch + j : i * pitch + j + P] += dcols[:, :, i, j]
+        dx[...] = dx_pad[:, :, : rows * pitch].reshape(m, g.C, rows, pitch)[:, :, ph : ph + g.H, pw : pw + g.W]
+        return
+    dcols = xp.matmul(w_rows, dout.reshape(m, g.F, -1)).reshape(m, g.C, g.HH, g.WW, g.Ho, g.Wo)
     dx_pad = xp.zeros((m, g.C, g.H + 2 * ph, g.W + 2 * pw), dtype=dout.dtype)
     for i in range(g.HH):
         for j in range(g.WW):
@@ -445,35 +487,184 @@ def winograd_filter_gradient(x, g: Geometry, dout):
 
 
 # ---------------------------------------------------------------------------
+# Strided convolutions by space-to-depth
+# ---------------------------------------------------------------------------
+
+
+class _SpaceToDepth:
+    """A stride-s convolution as a stride-1 one: each s x s block of the padded input
+    becomes s*s*C channels of one pixel, each filter's taps regrouped alike (padded to
+    multiples of s with zeros), so that out[y, x] = sum over the s2d filter's kh x kw
+    taps of the s2d input at (y + i, x + j).
+
+    The stride-1 convolution then takes the fast paths (pitched rows, dx as a
+    convolution of dout) where the strided one copies its columns a few values at
+    a time and scatters dx back with strided adds. Its output may have a row or
+    column more than the strided one's: dropped (and 0 in the backward's dout).
+    """
+
+    def __init__(self, g: Geometry):
+        s = self.s = g.stride
+        self.g = g
+        self.kh, self.kw = -(-g.HH // s), -(-g.WW // s)
+        # s2d rows and columns: the padded input's, rounded up to whole blocks, enough for Ho x Wo
+        self.Hq = max(-(-(g.H + 2 * g.pad_h) // s), g.Ho + self.kh - 1)
+        self.Wq = max(-(-(g.W + 2 * g.pad_w) // s), g.Wo + self.kw - 1)
+        self.geometry = Geometry((g.N, s * s * g.C, self.Hq, self.Wq), (g.F, s * s * g.C, self.kh, self.kw), 1, 0)
+
+    def input(self, x):
+        """x (N, C, H, W) -> (N, s*s*C, Hq, Wq): padded, then each s x s block as channels (one copy)."""
+        g, s, xp = self.g, self.s, array_module(x)
+        padded = xp.zeros((g.N, g.C, self.Hq * s, self.Wq * s), dtype=x.dtype)
+        padded[:, :, g.pad_h : g.pad_h + g.H, g.pad_w : g.pad_w + g.W] = x
+        blocks = padded.reshape(g.N, g.C, self.Hq, s, self.Wq, s).transpose(0, 3, 5, 1, 2, 4)
+        return xp.ascontiguousarray(blocks).reshape(g.N, s * s * g.C, self.Hq, self.Wq)
+
+    def filters(self, w):
+        """w (F, C, HH, WW) -> (F, s*s*C, kh, kw), taps beyond HH x WW 0."""
+        g, s, xp = self.g, self.s, array_module(w)
+        padded = xp.zeros((g.F, g.C, self.kh * s, self.kw * s), dtype=w.dtype)
+        padded[:, :, : g.HH, : g.WW] = w
+        blocks = padded.reshape(g.F, g.C, self.kh, s, self.kw, s).transpose(0, 3, 5, 1, 2, 4)
+        return xp.ascontiguousarray(blocks).reshape(g.F, s * s * g.C, self.kh, self.kw)
+
+    def filter_gradient(self, dw):
+        """The inverse of filters for a gradient: (F, s*s*C, kh, kw) -> (F, C, HH, WW)."""
+        g, s = self.g, self.s
+        taps = dw.reshape(g.F, s, s, g.C, self.kh, self.kw).transpose(0, 3, 4, 1, 5, 2)
+        return array_module(dw).ascontiguousarray(taps.reshape(g.F, g.C, self.kh * s, self.kw * s)[:, :, : g.HH, : g.WW])
+
+    def input_gradient(self, dx, out):
+        """The inverse of input for a gradient: (N, s*s*C, Hq, Wq) -> out (N, C, H, W)."""
+        g, s = self.g, self.s
+        blocks = dx.reshape(g.N, s, s, g.C, self.Hq, self.Wq).transpose(0, 3, 4, 1, 5, 2)
+        out[...] = blocks.reshape(g.N, g.C, self.Hq * s, self.Wq * s)[:, :, g.pad_h : g.pad_h + g.H,
+                                                                      g.pad_w : g.pad_w + g.W]
+
+
+def space_to_depth_wins(g: Geometry, pass_: str = "forward") -> bool:
+    """Whether a strided convolution's pass runs as a stride-1 one by space-to-depth (else
+    im2col on the exact grid, dx by col2im).
+
+    It pays in the backward, where dx becomes a convolution instead of strided
+    scatter-adds, for filters that the stride divides into 2 or more blocks a side:
+    then the regrouped filter has no zero taps. Measured (1 thread, float32, best
+    of 3 interleaved): 4x4 filters at stride 2 (the ResNet's downsampling, 8 or 16
+    channels, batch 2 to 32), the backward 1.10-1.30x faster, the forward 0.84-1.07x;
+    2x2 filters at stride 2 (its projections: 1x1 after), 0.96-1.08x and 0.66-0.94x;
+    3x3 at stride 2 (padded to 4x4, 16/9 of the products), about 0.5x both ways.
+    """
+    if g.stride == 1 or min(g.C, g.F) < SPACE_TO_DEPTH_MIN_CHANNELS:
+        return False
+    if pass_ == "forward":
+        return SPACE_TO_DEPTH_FORWARD
+    blocks = g.HH % g.stride == 0 and g.WW % g.stride == 0 and min(g.HH, g.WW) >= 2 * g.stride
+    return blocks or SPACE_TO_DEPTH_ANY_FILTER
+
+
+SPACE_TO_DEPTH_MIN_CHANNELS = 1
+SPACE_TO_DEPTH_FORWARD = False  # (forced by tests and benchmarks)
+SPACE_TO_DEPTH_ANY_FILTER = False
+
+
+def s2d_output_chunks(x, w, b, g: Geometry, out=None):
+    """Yield (rows, product) as direct_output_chunks does, by space-to-depth."""
+    s2d = _SpaceToDepth(g)
+    for rows, product in output_chunks(s2d.input(x), s2d.filters(w), b, 1, 0):
+        product = product[:, :, : g.Ho, : g.Wo]
+        if out is not None:
+            out[rows] = product
+            product = out[rows]
+        yield rows, product
+
+
+def s2d_gradients(x, w, g: Geometry, need_dx, dout=None, fill_dout=None):
+    """(dx or None, dw, db) of the space-to-depth convolution."""
+    xp = array_module(x)
+    s2d = _SpaceToDepth(g)
+    q = s2d.geometry
+    dout_q = xp.zeros((q.N, q.F, q.Ho, q.Wo), dtype=x.dtype)  # beyond (Ho, Wo): 0
+    if dout is None:
+        fill_dout(slice(0, g.N), dout_q[:, :, : g.Ho, : g.Wo])
+    else:
+        dout_q[:, :, : g.Ho, : g.Wo] = dout
+    dx_q, dw_q, db = gradients(s2d.input(x), s2d.filters(w), 1, 0, need_dx, dout=dout_q)
+    dx = None
+    if need_dx:
+        dx = xp.empty(x.shape, dtype=x.dtype)
+        s2d.input_gradient(dx_q, dx)
+    return dx, s2d.filter_gradient(dw_q), db
+
+
+# ---------------------------------------------------------------------------
 # The choice, and the entry points
 # ---------------------------------------------------------------------------
 
 
-def algorithm(g: Geometry) -> str:
-    """'winograd' or 'direct': the faster for this shape on the CPU.
+def algorithm(g: Geometry, pass_: str = "forward") -> str:
+    """'winograd' or 'direct': the faster for this shape on the CPU, for the forward pass
+    (and dx, itself a convolution) or for the filter gradient (pass_="filter gradient").
 
     Winograd's transforms cost per input and output value, where the
-    multiplications it saves grow with channels in and out: it wins with
-    WINOGRAD_MIN_CHANNELS or more of each, on maps its 2x2 tiles cover with
-    little waste (WINOGRAD_MIN_TILE_USE: 7x7 maps need 4x4 tiles, 77% used),
-    once the batch has WINOGRAD_MIN_OUTPUTS output positions to spread its
-    fixed costs over. Measured (1 thread, 3x3 pad 1, forward and dw, float32 and
-    float64): 32 channels in and out on 14x14 maps, Winograd 0.82-0.85x
-    direct's speed at batch 2 (392 outputs), 1.03-1.34x at batch 4 to 32; on
-    7x7 maps 0.57-1.03x at batch 2 to 32; 16 channels 0.71-0.91x; 64 channels
-    on 8x8 maps 0.91x at batch 2, 1.53x at batch 8; on 16x16 at batch 64, 1.02-1.24x.
+    multiplications it saves grow with channels in and out. For the forward it
+    wins with WINOGRAD_MIN_CHANNELS of each, on maps its 2x2 tiles cover with
+    little waste (WINOGRAD_MIN_TILE_USE: 7x7 maps need 4x4 tiles, 77% used); for
+    dw, whose output transform is the small (16, C, F) one, from
+    WINOGRAD_MIN_CHANNELS_DW, on any map; either once the batch has
+    WINOGRAD_MIN_OUTPUTS output positions to spread its fixed costs over.
+    Measured by benchmarks/bench_conv_algorithms.py (1 thread, float32, best of 3
+    interleaved, load average 14-20), Winograd's time against the pitched direct
+    path's: 32 channels in and out on 14x14 maps at batch 8 / 32, forward 0.92 /
+    1.00, dx 1.08 / 1.14, dw 0.79 / 0.76 (at batch 2: 1.14-1.37, and 392 outputs);
+    on 7x7 maps at batch 32, forward 1.01, dx 1.23, dw 0.89; 16 channels on 14x14
+    at batch 32, dw 0.93; 64 channels on 8x8 at batch 8, 0.74-0.85 on every pass,
+    at batch 2 1.08-1.21; on 16x16 at batch 64, 0.89-1.00.
     """
-    if not winograd_applies(g) or min(g.C, g.F) < WINOGRAD_MIN_CHANNELS:
+    if not winograd_applies(g) or g.N * g.Ho * g.Wo < WINOGRAD_MIN_OUTPUTS:
         return "direct"
+    if pass_ == "filter gradient":
+        return "winograd" if min(g.C, g.F) >= WINOGRAD_MIN_CHANNELS_DW else "direct"
     tiles = 4 * -(-g.Ho // 2) * -(-g.Wo // 2)
-    if g.Ho * g.Wo < WINOGRAD_MIN_TILE_USE * tiles or g.N * g.Ho * g.Wo < WINOGRAD_MIN_OUTPUTS:
+    if min(g.C, g.F) < WINOGRAD_MIN_CHANNELS or g.Ho * g.Wo < WINOGRAD_MIN_TILE_USE * tiles:
         return "direct"
     return "winograd"
 
 
-WINOGRAD_MIN_CHANNELS = 32
+WINOGRAD_MIN_CHANNELS = 64
+WINOGRAD_MIN_CHANNELS_DW = 16
 WINOGRAD_MIN_TILE_USE = 0.85
 WINOGRAD_MIN_OUTPUTS = 512
+
+_NEVER = 1 << 40
+# The thresholds under which one kernel runs wherever it applies (see forced).
+KERNELS = {
+    "direct, exact grid": {"PITCHED_MIN_TAPS_PER_FILTER": _NEVER, "WINOGRAD_MIN_CHANNELS": _NEVER,
+                           "WINOGRAD_MIN_CHANNELS_DW": _NEVER, "SPACE_TO_DEPTH_MIN_CHANNELS": _NEVER},
+    "direct, pitched rows": {"PITCHED_MIN_TAPS_PER_FILTER": -1, "WINOGRAD_MIN_CHANNELS": _NEVER,
+                             "WINOGRAD_MIN_CHANNELS_DW": _NEVER},
+    "winograd": {"WINOGRAD_MIN_CHANNELS": 0, "WINOGRAD_MIN_CHANNELS_DW": 0, "WINOGRAD_MIN_TILE_USE": 0,
+                 "WINOGRAD_MIN_OUTPUTS": 0},
+    "space to depth": {"SPACE_TO_DEPTH_MIN_CHANNELS": 0, "SPACE_TO_DEPTH_FORWARD": True,
+                       "SPACE_TO_DEPTH_ANY_FILTER": True},
+    "no space to depth": {"SPACE_TO_DEPTH_MIN_CHANNELS": _NEVER},
+    "dx by convolution": {"DX_CONVOLUTION_MAX_FILTERS_PER_CHANNEL": _NEVER},
+    "dx by col2im": {"DX_CONVOLUTION_MAX_FILTERS_PER_CHANNEL": 0},
+}
+
+
+@contextlib.contextmanager
+def forced(*kernels: str):
+    """Within the block, the kernels named (keys of KERNELS, e.g. "winograd", or
+    "direct, pitched rows" and "dx by col2im") run wherever they apply, whatever the
+    shape: for tests and benchmarks that compare kernels. Not thread-safe: it sets
+    this module's thresholds and restores them on leaving."""
+    settings = {name: value for kernel in kernels for name, value in KERNELS[kernel].items()}
+    saved = {name: globals()[name] for name in settings}
+    globals().update(settings)
+    try:
+        yield
+    finally:
+        globals().update(saved)
 
 
 def convolve(x, w, b, stride, pad, out, pad_w=None):
@@ -489,6 +680,8 @@ def output_chunks(x, w, b, stride, pad, out=None, pad_w=None):
     convolution with w plus b (unless None), while it is in cache. With out given,
     product is out[rows], written; otherwise a buffer reused from chunk to chunk."""
     g = Geometry(x.shape, w.shape, stride, pad, pad_w)
+    if space_to_depth_wins(g):
+        return s2d_output_chunks(x, w, b, g, out)
     chunks = winograd_output_chunks if algorithm(g) == "winograd" else direct_output_chunks
     return chunks(x, w, b, g, out)
 
@@ -498,11 +691,10 @@ def gradients(x, w, stride, pad, need_dx=True, dout=None, fill_dout=None):
     dout (N, F, Ho, Wo), or fill_dout(rows, view) writing each chunk's into view."""
     g = Geometry(x.shape, w.shape, stride, pad)
     xp = array_module(x)
-    if algorithm(g) == "direct":
-        if fill_dout is None:
-            def fill_dout(rows, view):
-                view[...] = dout[rows]
-        return direct_gradients(x, w, g, fill_dout, need_dx)
+    if space_to_depth_wins(g, "gradients"):
+        return s2d_gradients(x, w, g, need_dx, dout, fill_dout)
+    if algorithm(g, "filter gradient") == "direct":
+        return direct_gradients(x, w, g, need_dx, dout, fill_dout)
     if dout is None:
         dout = xp.empty((g.N, g.F, g.Ho, g.Wo), dtype=x.dtype)
         fill_dout(slice(0, g.N), dout)

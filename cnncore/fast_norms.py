@@ -75,6 +75,18 @@ def spatial_batchnorm_forward_fast(x, gamma, beta, bn_param):
     ghost groups). Neither x - mean nor x_hat is stored: the cache keeps x itself,
     which costs no memory, and the backward needs only per-channel affine maps of it.
     """
+    scale, offset, cache = batchnorm_map(x, gamma, beta, bn_param)
+    out = array_module(x).empty_like(x)
+    N, C, H, W = x.shape
+    _channel_affine(x.reshape(N, C, H * W), scale, offset, out.reshape(N, C, H * W))
+    return out, cache
+
+
+def batchnorm_map(x, gamma, beta, bn_param):
+    """Spatial batch norm of x (N, C, H, W) as the affine map it is once its statistics are
+    known (taken, and bn_param's running ones updated, in train mode): (scale, offset, cache),
+    out = x * scale + offset per channel; scale and offset (C,), or (groups, C) for ghost
+    batch norm's groups of consecutive images; cache spatial_batchnorm_forward_fast's."""
     checks.require_float_array("x", x)
     checks.require_ndim("x", x, 4, "(N, C, H, W)")
     xp = array_module(x)
@@ -84,17 +96,14 @@ def spatial_batchnorm_forward_fast(x, gamma, beta, bn_param):
     mode, eps, momentum = checks.bn_settings(bn_param, x.shape, N * H * W)
     groups = checks.bn_groups(bn_param, mode, N)
     running_mean, running_var = _running_stats(bn_param, C, xp, x.dtype)
-    x3 = x.reshape(N, C, H * W)
     if mode == "train":
-        mean, var = _channel_mean_var(x3, groups)
+        mean, var = _channel_mean_var(x.reshape(N, C, H * W), groups)
         _update_running_stats(bn_param, mean, var, momentum)
     else:
         mean, var = running_mean, running_var
     inv_std = 1 / xp.sqrt(var + eps)
     scale = g * inv_std
-    out = xp.empty_like(x)
-    _channel_affine(x3, scale, bt - mean * scale, out.reshape(x3.shape))
-    return out, (x, mean, inv_std, g, mode, gamma.shape, beta.shape)
+    return scale, bt - mean * scale, (x, mean, inv_std, g, mode, gamma.shape, beta.shape)
 
 
 def _channel_affine(x3, scale, offset, out3, more=None):
@@ -210,6 +219,27 @@ def spatial_groupnorm_forward_fast(x, gamma, beta, G, gn_param):
     Returns (out, cache): out (N, C, H, W); cache (x_hat, inv_std (N, G, 1), gamma
     as (1, C, 1, 1), G, gamma.shape, beta.shape), which either backward accepts.
     """
+    xp = array_module(x)
+    out = xp.empty_like(x)
+    N, C, H, W = x.shape
+    scale = offset = None
+
+    def write(rows, x_hat_rows, g, bt):  # out = x_hat * gamma + beta, while the chunk is in cache
+        nonlocal scale, offset
+        if scale is None:
+            scale, offset = (_over_pixels(v, H * W).reshape(C * H * W) for v in (g, bt))
+        out_images = out[rows].reshape(-1, C * H * W)
+        xp.multiply(x_hat_rows.reshape(-1, C * H * W), scale, out=out_images)
+        out_images += offset
+
+    cache = groupnorm_normalise(x, gamma, beta, G, gn_param, write)
+    return out, cache
+
+
+def groupnorm_normalise(x, gamma, beta, G, gn_param, write):
+    """x_hat of spatial group norm, chunk by chunk of images: each chunk's handed to
+    write(rows, x_hat_rows, gamma (C,), beta (C,)) while it is in cache, for the output.
+    Returns spatial_groupnorm_forward_fast's cache."""
     checks.require_float_array("x", x)
     checks.require_ndim("x", x, 4, "(N, C, H, W)")
     xp = array_module(x)
@@ -219,10 +249,9 @@ def spatial_groupnorm_forward_fast(x, gamma, beta, G, gn_param):
     bt = checks.affine_params("beta", beta, C)
     eps = checks.norm_eps("gn_param", gn_param)
     L = C // G * H * W
-    x_hat, out = xp.empty_like(x), xp.empty_like(x)
+    x_hat = xp.empty_like(x)
     inv_std = xp.empty((N, G), dtype=x.dtype)
     ones = _ones(xp, L, x.dtype)
-    scale, offset = (_over_pixels(v, H * W).reshape(C * H * W) for v in (g, bt))
     for rows in backend.image_chunks(x, 3):
         group_rows = x[rows].reshape(-1, L)  # one row per (image, group)
         x_hat_rows = x_hat[rows].reshape(-1, L)
@@ -230,10 +259,8 @@ def spatial_groupnorm_forward_fast(x, gamma, beta, G, gn_param):
         inv = 1 / xp.sqrt(_row_dots(x_hat_rows, x_hat_rows) / L + eps)
         x_hat_rows *= inv[:, None]
         inv_std[rows] = inv.reshape(-1, G)
-        images, out_images = x_hat[rows].reshape(-1, C * H * W), out[rows].reshape(-1, C * H * W)
-        xp.multiply(images, scale, out=out_images)
-        out_images += offset
-    return out, (x_hat, inv_std.reshape(N, G, 1), g.reshape(1, C, 1, 1), G, gamma.shape, beta.shape)
+        write(rows, x_hat[rows], g, bt)
+    return x_hat, inv_std.reshape(N, G, 1), g.reshape(1, C, 1, 1), G, gamma.shape, beta.shape
 
 
 def spatial_groupnorm_backward_fast(dout, cache):

@@ -108,7 +108,7 @@ def conv_bn_relu_pool_forward(x, w, b, gamma, beta, conv_param, bn_param, pool_p
     Returns (out, cache); bn_param's running statistics are updated in train mode.
     """
     return _conv_norm_relu_pool_forward(x, w, b, conv_param, pool_param, layers, layers.batchnorm_forward,
-                                        layers.batchnorm_backward, (gamma, beta, bn_param))
+                                        layers.batchnorm_backward, (gamma, beta, bn_param), "batchnorm")
 
 
 def conv_gn_relu_pool_forward(x, w, b, gamma, beta, conv_param, G, gn_param, pool_param=POOL_2X2,
@@ -118,7 +118,7 @@ def conv_gn_relu_pool_forward(x, w, b, gamma, beta, conv_param, G, gn_param, poo
     Returns (out, cache).
     """
     return _conv_norm_relu_pool_forward(x, w, b, conv_param, pool_param, layers, layers.groupnorm_forward,
-                                        layers.groupnorm_backward, (gamma, beta, G, gn_param))
+                                        layers.groupnorm_backward, (gamma, beta, G, gn_param), "groupnorm")
 
 
 def conv_bn_relu_forward(x, w, b, gamma, beta, conv_param, bn_param, layers=FAST_LAYERS):
@@ -144,10 +144,17 @@ conv_relu_pool_backward = conv_bn_relu_pool_backward = conv_gn_relu_pool_backwar
 conv_bn_relu_backward = conv_gn_relu_backward = conv_pool_block_backward
 
 
-def _conv_norm_relu_pool_forward(x, w, b, conv_param, pool_param, layers, norm_forward, norm_backward, norm_args):
+def _conv_norm_relu_pool_forward(x, w, b, conv_param, pool_param, layers, norm_forward, norm_backward, norm_args,
+                                 norm_kind=None):
     """conv -> [norm] -> [max pool] -> relu: relu and max pool commute (max is monotone),
-    and the pooled map is a quarter of the size. pool_param None: no pool."""
+    and the pooled map is a quarter of the size. pool_param None: no pool. On the fast
+    layers a norm and a 2x2 pool run as one (fast_layers.spatial_norm_pool_forward_fast)."""
     a, conv_cache = layers.conv_forward(x, w, b, conv_param)
+    if layers.fuses_conv_relu_pool and norm_kind and pool_param and fast_layers.pools_in_planes(a.shape, pool_param):
+        pooled, norm_cache, winner = fast_layers.spatial_norm_pool_forward_fast(a, norm_kind, norm_args, pool_param)
+        out, relu_cache = relu_forward(pooled)
+        return out, (_conv_norm_pool_relu_backward, (layers, conv_cache, norm_backward, norm_cache,
+                                                      (winner, pool_param, a.shape), relu_cache))
     norm_cache = pool_cache = None
     if norm_forward is not None:
         a, norm_cache = norm_forward(a, *norm_args)
@@ -156,6 +163,14 @@ def _conv_norm_relu_pool_forward(x, w, b, conv_param, pool_param, layers, norm_f
     out, relu_cache = relu_forward(a)
     return out, (_conv_norm_relu_pool_backward, (layers, conv_cache, norm_backward, norm_cache, pool_cache,
                                                  relu_cache))
+
+
+def _conv_norm_pool_relu_backward(dout, cache, need_dx):
+    layers, conv_cache, norm_backward, norm_cache, (winner, pool_param, a_shape), relu_cache = cache
+    da = fast_layers.unpool_fast(relu_backward(dout, relu_cache), winner, pool_param, a_shape)
+    da, *norm_grads = norm_backward(da, norm_cache)
+    dx, dw, db = layers.conv_backward(da, conv_cache, need_dx=need_dx)
+    return (dx, dw, db, *norm_grads)
 
 
 def _conv_norm_relu_pool_backward(dout, cache, need_dx):

@@ -11,11 +11,11 @@ the shortcut the identity, or a projection (conv - norm) where the block changes
 width and size. What it keeps of ResNet-50: a stem, three stages of residual blocks
 whose widths double as the maps halve, a norm layer after every conv (projections
 included), global average pooling, and the last norm of each block starting with
-gamma = 0 (Goyal et al., 2017, as the GN paper trains it), so each block starts as
+gamma = 0 (Goyal et al., 2017's recipe for ResNet-50), so each block starts as
 its shortcut. What it drops, to train on a CPU in about a minute: the bottleneck
 blocks (1x1-3x3-1x1), the 7x7 stride-2 stem and its max pool, the fourth stage, and
 most of the width and depth. With d = 1 it has 9 norm layers (the stem, 2 per block,
-2 projections); on 28x28 MNIST they sit on 28x28 (4 layers), 14x14 (3) and 7x7 (2) maps.
+2 projections); on 28x28 MNIST they sit on 28x28, 14x14 and 7x7 maps, 3 on each.
 
 Downsampling. The library's convolutions must tile their padded input exactly
 ((H + 2*pad - k) % stride == 0), which ResNet's 3x3 stride-2 pad-1 conv does only on
@@ -161,8 +161,8 @@ class ResNet(ImageClassifier):
         normalization: 'batchnorm' (the default, ResNet-50's), 'groupnorm' (num_groups groups
           in every layer; it must divide F), 'layernorm' (G=1), 'instancenorm' (G=C), or
           None/'none'.
-        zero_init_residual: start the last norm of each block with gamma = 0 (the GN paper's
-          and Goyal et al.'s choice), so every block starts as its shortcut.
+        zero_init_residual: start the last norm of each block with gamma = 0 (Goyal et al.,
+          2017), so every block starts as its shortcut.
         use_fast: the vectorised conv and norms (False: the naive loops and reference norms).
         seed: seeds the weight initialisation.
         device: 'cpu' (NumPy) or 'cuda' (CuPy).

@@ -79,10 +79,12 @@ class Chromium:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def send(self, method: str, **params) -> dict:
-        """One DevTools command, and its result."""
+    def send(self, method: str, session: str | None = None, **params) -> dict:
+        """One DevTools command, and its result; session: to a target attached with Target.attachToTarget
+        (flatten=True), such as a cross-origin iframe, instead of the page."""
         self.next_id += 1
-        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params,
+                                 **({"sessionId": session} if session else {})}))
         while True:
             message = json.loads(self.ws.recv(timeout=120))
             if message.get("id") == self.next_id:

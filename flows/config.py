@@ -135,6 +135,10 @@ class TrainConfig(_Subsets):
     device: Literal["cpu", "cuda"] = Field("cpu", description="Where to train: cpu, or cuda (needs CuPy and a GPU).")
     diagnostics: bool = Field(False, description="After training, measure how noisy the normalization statistics "
                                                  "were and what that cost (logged as diag/ metrics; studies do).")
+    tail_evals: NonNegativeInt = Field(
+        0, le=50, description="Score the test split this many times over the second half of the last learning-rate "
+                              "phase (after the last --lr-steps step; the whole run without steps), evenly spaced, the "
+                              "last at the end; their mean is the studies' measure (accuracy/tail_test_acc). 0: none.")
 
     @field_validator("normalization", mode="before")
     @classmethod
@@ -252,6 +256,8 @@ class TrainConfig(_Subsets):
         if self.model == "resnet":
             fields.pop("filter_size")
             fields.pop("hidden_dim")
+        if not self.tail_evals:  # a measurement, not training: unset, the trials of older sweeps keep their keys
+            fields.pop("tail_evals")
         return fields
 
     def key(self) -> str:

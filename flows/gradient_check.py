@@ -25,7 +25,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import AfterValidator, BaseModel, NonNegativeInt
 
-from cnncore import fast_layers, layer_utils, layers
+from cnncore import fast_layers, fast_norms, layer_utils, layers
 from cnncore.cnn import ThreeLayerConvNet
 from cnncore.gradient_check import eval_numerical_gradient, layer_gradient_pairs
 
@@ -162,6 +162,30 @@ def _norm_args(shape, extra):
                         rng.standard_normal(shape[1]), *extra()]
 
 
+def _residual_block_forward(x, w_a, gamma_a, beta_a, w_b, gamma_b, beta_b, w_s, gamma_s, beta_s):
+    """A downsampling residual block (4x4 stride-2 convs, 2x2 stride-2 projection, ghost batch norm over
+    pairs of images), its arrays as flat arguments so each gets its own check."""
+    def unit(w, gamma, beta, stride, pad):
+        return (w, np.zeros(w.shape[0]), {"stride": stride, "pad": pad},
+                ("batchnorm", gamma, beta, {"mode": "train", "norm_batch": 2}))
+    return layer_utils.residual_block_forward(x, unit(w_a, gamma_a, beta_a, 2, 1), unit(w_b, gamma_b, beta_b, 1, 1),
+                                              unit(w_s, gamma_s, beta_s, 2, 0))
+
+
+def _residual_block_backward(dout, cache):
+    dx, (dw_a, _, dgamma_a, dbeta_a), (dw_b, _, dgamma_b, dbeta_b), (dw_s, _, dgamma_s, dbeta_s) = \
+        layer_utils.residual_block_backward(dout, cache)
+    return dx, dw_a, dgamma_a, dbeta_a, dw_b, dgamma_b, dbeta_b, dw_s, dgamma_s, dbeta_s
+
+
+def _residual_block_args(rng):
+    """x (4, 2, 6, 6) into 3 channels at 3x3: conv a 4x4 stride 2, conv b 3x3, projection 2x2 stride 2."""
+    def norm():
+        return [rng.standard_normal(3), rng.standard_normal(3)]
+    return [rng.standard_normal((4, 2, 6, 6)), rng.standard_normal((3, 2, 4, 4)), *norm(),
+            rng.standard_normal((3, 3, 3, 3)), *norm(), rng.standard_normal((3, 2, 2, 2)), *norm()]
+
+
 def _conv_norm_args(extra):
     """conv's x, w, b, then gamma and beta over its 4 filters, then the norm's parameter(s)."""
     return lambda rng: [*_conv_args(rng)[:3], rng.standard_normal(4), rng.standard_normal(4), CONV, *extra()]
@@ -188,9 +212,21 @@ CHECKS = {check.layer: check for check in (
                _norm_args((3, 4, 3, 3), lambda: [{"mode": "train"}]), ["x", "gamma", "beta"]),
     LayerCheck("spatial_groupnorm_forward", layers.spatial_groupnorm_forward, layers.spatial_groupnorm_backward,
                _norm_args((2, 4, 3, 3), lambda: [2, {}]), ["x", "gamma", "beta"]),
+    LayerCheck("ghost_batchnorm_forward", layers.batchnorm_forward, layers.batchnorm_backward,
+               _norm_args((6, 4), lambda: [{"mode": "train", "norm_batch": 3}]), ["x", "gamma", "beta"]),
+    LayerCheck("spatial_ghost_batchnorm_forward", layers.spatial_batchnorm_forward, layers.spatial_batchnorm_backward,
+               _norm_args((4, 3, 3, 2), lambda: [{"mode": "train", "norm_batch": 2}]), ["x", "gamma", "beta"]),
+    LayerCheck("global_avg_pool_forward", layers.global_avg_pool_forward, layers.global_avg_pool_backward,
+               lambda rng: [rng.standard_normal((2, 3, 4, 5))], ["x"]),
     LayerCheck("conv_forward_fast", fast_layers.conv_forward_fast, fast_layers.conv_backward_fast, _conv_args, ["x", "w", "b"]),
     LayerCheck("max_pool_forward_fast", fast_layers.max_pool_forward_fast, fast_layers.max_pool_backward_fast,
                lambda rng: [rng.standard_normal((2, 3, 6, 6)), POOL], ["x"]),
+    LayerCheck("spatial_batchnorm_forward_fast", fast_norms.spatial_batchnorm_forward_fast,
+               fast_norms.spatial_batchnorm_backward_fast,
+               _norm_args((4, 3, 3, 2), lambda: [{"mode": "train", "norm_batch": 2}]), ["x", "gamma", "beta"]),
+    LayerCheck("spatial_groupnorm_forward_fast", fast_norms.spatial_groupnorm_forward_fast,
+               fast_norms.spatial_groupnorm_backward_fast, _norm_args((2, 4, 3, 3), lambda: [2, {}]),
+               ["x", "gamma", "beta"]),
     LayerCheck("affine_relu_forward", layer_utils.affine_relu_forward, layer_utils.affine_relu_backward,
                lambda rng: [rng.standard_normal((4, 6)), rng.standard_normal((6, 5)), rng.standard_normal(5)],
                ["x", "w", "b"]),
@@ -203,6 +239,8 @@ CHECKS = {check.layer: check for check in (
     LayerCheck("conv_gn_relu_pool_forward", layer_utils.conv_gn_relu_pool_forward,
                layer_utils.conv_gn_relu_pool_backward, _conv_norm_args(lambda: [2, {}]),
                ["x", "w", "b", "gamma", "beta"], zero=["b"]),
+    LayerCheck("residual_block_forward", _residual_block_forward, _residual_block_backward, _residual_block_args,
+               ["x", "w_a", "gamma_a", "beta_a", "w_b", "gamma_b", "beta_b", "w_s", "gamma_s", "beta_s"]),
     LossCheck("softmax_loss", layers.softmax_loss),
     LossCheck("svm_loss", layers.svm_loss),
     NetCheck("none"),

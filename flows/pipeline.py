@@ -23,7 +23,7 @@ Two rules, stated wherever the answer is shown:
   best-validation checkpoint's test error is shown beside it, not registered.
 
 The gradient checks (every layer's gradient error; a wrong one stops the job) log
-their 71 metrics in their own experiment, cnncore-gradient-check, so they do not
+their 94 metrics in their own experiment, cnncore-gradient-check, so they do not
 crowd the pipeline's charts; the pipeline's run keeps their worst error and a tag
 to their run. The final net is registered as cnncore-<dataset>, alias champion.
 
@@ -43,11 +43,14 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from pydantic import BaseModel, PositiveInt
 
+from .answers import log_answer
 from .config import SweepSpec, TrainConfig
 from .gradient_check import gradient_check
 from .load_data import load_data
 from .metrics import PIPELINE_PREFIX
+from .progress import say
 from .sweep import SweepReport, sweep
+from .sweep.executors import start_forkserver
 from .tracking import in_page, tracked_flow_run
 from .train import TrainResult, train
 
@@ -103,7 +106,7 @@ class PipelineReport(BaseModel):
         return self.final.served_test_acc
 
 
-@flow(name="pipeline", log_prints=True)
+@flow(name="pipeline", log_prints=True, on_completion=[log_answer])
 def pipeline(
     base: TrainConfig = DEFAULT_BASE,
     space: dict[str, list[Any]] = DEFAULT_SPACE,
@@ -141,6 +144,9 @@ def pipeline(
     params = {"sweep_name": spec.name, "space": json.dumps(space), "lr_reference_batch": lr_reference_batch,
               "final_num_epochs": final_num_epochs, "max_workers": max_workers,
               **{f"base.{k}": v for k, v in base.model_dump().items()}}
+    start_forkserver()  # the sweep's trial workers' imports, beside the data and the gradient checks
+    say(f"pipeline {name}: {base.dataset}; gradient checks; a sweep of {len(spec.trials())} trials; the "
+        f"normalization with the lower validation error at batch {base.batch_size} trained {final_num_epochs} epochs")
     with tracked_flow_run(experiment, name, tracking_uri=tracking_uri, params=params,
                           system_metrics=system_metrics) as run:
         common = {"experiment": experiment, "tracking_uri": run.store.shown, "parent_run_id": run.id}
@@ -149,6 +155,8 @@ def pipeline(
         report = sweep(spec=spec, max_workers=max_workers, **common)
         choice = choose_final(spec, report)
         config = final_config(spec, choice.config, final_num_epochs)
+        say(f"final training: {config.normalization} at batch {config.batch_size} for {final_num_epochs} epochs "
+            f"({choice.rule})")
         final = train(config=config, run_name=f"final-{config.normalization}", served_net="final", **common)
         model_name = f"cnncore-{config.dataset}"
         version = run.store.register_model(model_name, final.model_uri, final.run_id, CHAMPION)
@@ -212,10 +220,12 @@ def pipeline_description(sweep: SweepReport, choice: dict, final: TrainResult, r
 
 
 def gradient_check_for(run) -> str:
-    """The gradient checks, in their own experiment (their 71 metrics would bury the pipeline's charts),
+    """The gradient checks, in their own experiment (their 94 metrics would bury the pipeline's charts),
     their run pointing at the pipeline's as its parent. Returns the check's run id."""
+    say("gradient checks: every layer, naive and fast, against numerical gradients in float64")
     report = gradient_check(experiment=GRADIENT_CHECK_EXPERIMENT, tracking_uri=run.store.shown,
                             parent_run_id=run.id)
+    say(f"gradient checks: {len(report.errors)} gradients, all under their thresholds")
     run.log_metrics({f"{PIPELINE_PREFIX}grad_err_closest_to_threshold": report.closest_error / report.closest_threshold,
                      f"{PIPELINE_PREFIX}grad_checks": len(report.errors)})
     return report.run_id

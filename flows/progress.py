@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 
 PROGRESS_LOGGER = "cnncore.progress"
 
 logger = logging.getLogger(PROGRESS_LOGGER)
+# Set by the first line said: until then a command may say that it is still starting (flows.cli.run).
+said_a_line = threading.Event()
 # The root logger's WARNING level (Prefect's configuration, and Python's default) would drop these
 # INFO records before any handler saw them.
 logger.setLevel(logging.INFO)
@@ -28,6 +31,7 @@ logger.setLevel(logging.INFO)
 
 def say(text: str) -> None:
     """Log text at INFO on the cnncore.progress logger; inside a Prefect run, also in that run's logs."""
+    said_a_line.set()
     logger.info(text)
     record(text)
 

@@ -22,6 +22,7 @@ from .credentials import mask
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("cnncore", "numpy", "mlflow", "prefect")
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
+BLAS_TAG = "blas"  # a training run's BLAS (blas()): what its trajectory depends on
 
 
 @functools.cache
@@ -68,10 +69,32 @@ def user() -> str:
         return "unknown"
 
 
+def blas() -> str:
+    """The BLAS NumPy computes with in this process, as threadpoolctl sees it: library and version, the kernel
+    it picked for this CPU (OpenBLAS's architecture, which OPENBLAS_CORETYPE overrides) and its threads now,
+    e.g. "openblas 0.3.31 (libscipy_openblas64_), kernel Haswell, 1 thread".
+
+    Training trajectories follow the kernel: an exact replay holds only where this line is the same.
+    """
+    import numpy  # loads the BLAS threadpoolctl reports
+    from threadpoolctl import threadpool_info
+
+    found = [info for info in threadpool_info() if info.get("user_api") == "blas"]
+    # SciPy may load a BLAS of its own beside NumPy's: the one NumPy ships is the one its arrays use.
+    own = [info for info in found if Path(info.get("filepath", "")).parent.name == f"{numpy.__name__}.libs"]
+    found = own or found
+    if not found:
+        return "unknown"
+    return "; ".join(f"{info.get('internal_api', '?')} {info.get('version') or '?'} ({info.get('prefix', '?')}), "
+                     f"kernel {info.get('architecture') or 'unknown'}, {info.get('num_threads', '?')} "
+                     f"thread{'s' * (info.get('num_threads') != 1)}" for info in found)
+
+
 def provenance(command_line: str | None = None) -> dict[str, str]:
-    """commit, versions (one line), command and date (UTC), for a report's header or a figure's footer."""
+    """commit, versions (one line), BLAS, command and date (UTC), for a report's header or a figure's footer."""
     return {"commit": git_commit(),
             "versions": ", ".join(f"{name} {version}" for name, version in versions().items()),
+            "blas": blas(),
             "command": command_line or command(),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 

@@ -100,12 +100,14 @@ def background_server(command: list[str], health_url: str, *, env: dict | None =
             out.close()
 
 
-def start_watchdog(process: subprocess.Popen) -> subprocess.Popen:
-    """A small process that kills process's group once this process is gone (see flows.shutdown).
+def start_watchdog(process: subprocess.Popen, group: bool = True) -> subprocess.Popen:
+    """A small process that kills process's group (or, group=False, the process alone: one that shares this
+    process's group) once this process is gone (see flows.shutdown).
 
     In a session of its own, so a Ctrl-C at the terminal reaches this process, not the watchdog.
     """
-    return subprocess.Popen([sys.executable, "-m", "flows.shutdown", str(os.getpid()), str(process.pid)],
+    return subprocess.Popen([sys.executable, "-m", "flows.shutdown", str(os.getpid()), str(process.pid),
+                             *([] if group else ["--process"])],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, cwd=Path(__file__).resolve().parents[1])
 
@@ -127,9 +129,12 @@ def mlflow_server_command(backend_store_uri: str, port: int, *, artifacts_destin
 
     A store URI that holds a password goes in the environment (MLFLOW_BACKEND_STORE_URI,
     which mlflow server reads), not on the command line, where `ps` would show it.
+    MLflow 3's server job runner is left off: its Huey consumers (about 8 more processes,
+    1 GiB) serve GenAI jobs and scheduled trace rollups, which nothing here uses; runs,
+    charts and artifacts are served without it.
     """
     command = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1"]
-    env = {}
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     if urlparse(backend_store_uri).password:
         env["MLFLOW_BACKEND_STORE_URI"] = backend_store_uri
     else:

@@ -8,9 +8,10 @@ the main thread, so everything unwinds as it does for Ctrl-C: runs are marked
 KILLED with the reason, servers and workers are stopped.
 
 A ``kill -9`` cannot be caught. For that, the processes a command starts watch
-their parent instead: a trial worker (``exit_with_parent``) whose parent is gone
-ends itself, and a server's watchdog (``python -m flows.shutdown``) kills the
-server's process group, within about a second.
+it instead: a trial worker (``exit_with_process``) ends itself as soon as the sweep's
+process is gone, and a server's watchdog (``python -m flows.shutdown``) kills the
+server's process group, or the one server process (``--process``: Prefect's
+temporary server, which runs in the command's own group), within about a second.
 """
 
 from __future__ import annotations
@@ -117,20 +118,39 @@ def until_stopped(futures: list, stop: StopRequest, poll_s: float = 1.0) -> Iter
         yield future
 
 
-def exit_with_parent(parent_pid: int | None = None) -> None:
-    """Start a daemon thread that ends this process as soon as parent_pid (default: the parent now) is gone.
+def exit_with_process(pid: int) -> None:
+    """Start a daemon thread that ends this process (os._exit) as soon as process pid has ended.
 
-    The worker is re-parented when its parent dies (to init, or a subreaper), which
-    getppid() shows; os._exit skips cleanup that could wait on the dead parent.
+    A trial worker watches the sweep's process this way, not its own parent (the
+    forkserver it was forked from). A pidfd (Linux 5.3+) becomes readable when the
+    process ends, zombie or reaped; elsewhere the process is polled, a zombie counting
+    as gone. os._exit skips cleanup that could wait on the dead process.
     """
-    parent_pid = os.getppid() if parent_pid is None else parent_pid
+    import select
+
+    try:
+        handle = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # no pidfds here, or pid already gone
+        handle = None
 
     def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(_POLL_S)
+        if handle is not None:
+            select.select([handle], [], [])
+        else:
+            while _running(pid):
+                time.sleep(_POLL_S)
         os._exit(1)
 
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+    threading.Thread(target=watch, name="exit-with-process", daemon=True).start()
+
+
+def _running(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _watch_group(leader_pid: int, group_id: int) -> None:
@@ -148,7 +168,36 @@ def _watch_group(leader_pid: int, group_id: int) -> None:
         time.sleep(2)
 
 
-if __name__ == "__main__":  # python -m flows.shutdown LEADER_PID GROUP_ID: a server's watchdog
+def _start_time(pid: int) -> str | None:
+    """The start time of process pid (field 22 of /proc/<pid>/stat), which a recycled pid does not share."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _watch_process(leader_pid: int, pid: int) -> None:
+    """Kill process pid once leader_pid (this process's parent) is gone: for a server started in the leader's
+    own process group (Prefect's temporary server), whose group cannot be killed without the leader's. Returns
+    early when the process ends first."""
+    started = _start_time(pid)
+    while os.getppid() == leader_pid:
+        if started is None or _start_time(pid) != started:
+            return
+        time.sleep(_POLL_S)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if _start_time(pid) != started:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+        time.sleep(2)
+
+
+if __name__ == "__main__":  # python -m flows.shutdown LEADER_PID GROUP_ID [--process]: a server's watchdog
     import sys
 
-    _watch_group(int(sys.argv[1]), int(sys.argv[2]))
+    if sys.argv[3:] == ["--process"]:
+        _watch_process(int(sys.argv[1]), int(sys.argv[2]))
+    else:
+        _watch_group(int(sys.argv[1]), int(sys.argv[2]))

@@ -20,9 +20,11 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from .answers import log_answer
 from .config import TrainConfig
 from .figures import confusion_figure
 from .load_data import load_dataset
+from .progress import say
 from .tracking import Run, tracked_flow_run
 from .training import Fitted, fit, log_test_scores
 
@@ -90,7 +92,7 @@ def log_served_model(run: Run, net, data: dict) -> str:
     return run.log_model(net, data["mean"], raw)
 
 
-@flow(name="train", log_prints=True)
+@flow(name="train", log_prints=True, on_completion=[log_answer])
 def train(
     config: TrainConfig = TrainConfig(),
     experiment: str = "cnncore-train",
@@ -113,12 +115,16 @@ def train(
             accuracy (CS231n's Solver's choice), or final, the parameters after the last update.
     """
     name = run_name or f"train-{config.normalization}"
+    say(f"{name}: {config.dataset}, {config.num_epochs} epochs at batch size {config.batch_size}; opening its "
+        "MLflow run")
     with tracked_flow_run(experiment, name, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
                           params=config.model_dump(), tags={"trial_key": config.key()},
                           system_metrics=system_metrics) as run:
         data = load_dataset(config.data_spec())
         fitted = fit_model(run, config, data)
         scores = evaluate_on_test(run, fitted, data, served_net)
+        say(f"{name}: logging the {'final' if served_net == 'final' else 'best-validation'} net to MLflow (as a "
+            "pyfunc and its .npz)")
         model_uri = log_served_model(run, fitted.final_net if served_net == "final" else fitted.net, data)
     result = TrainResult(run_id=run.id, url=run.url, model_uri=model_uri, test_acc=scores["test_acc"],
                          final_test_acc=scores["final_test_acc"], best_val_acc=fitted.best_val_acc,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import threading
 from pathlib import Path
@@ -61,14 +62,28 @@ def watch_folder(path: str | os.PathLike) -> None:
     _watched.append(str(Path(path).resolve()))
 
 
+def names_folder(texts: list[str], folder: str) -> bool:
+    """Whether a text names folder or a path below it: /tmp/pytest-12 is not named by /tmp/pytest-123."""
+    pattern = re.compile(re.escape(folder) + r"(?![\w.-])")
+    return any(pattern.search(text) for text in texts)
+
+
+def process_texts(process) -> list[str]:
+    """What a process names: its command line, its environment's values and its working directory."""
+    import psutil
+
+    texts = [*process.cmdline(), *process.environ().values()]
+    with contextlib.suppress(psutil.Error, OSError):
+        texts.append(process.cwd())
+    return texts
+
+
 def _names_a_watched_folder(process) -> bool:
     import psutil
 
     with contextlib.suppress(psutil.Error, OSError):
-        texts = [*process.cmdline(), *process.environ().values()]
-        with contextlib.suppress(psutil.Error, OSError):
-            texts.append(process.cwd())
-        return any(folder in text for folder in _watched for text in texts)
+        texts = process_texts(process)
+        return any(names_folder(texts, folder) for folder in _watched)
     return False
 
 

@@ -11,6 +11,7 @@ rule of max-pool backward is tested for both implementations in test_layers.py.)
 """
 
 import contextlib
+import copy
 import math
 import re
 from unittest import mock
@@ -39,19 +40,21 @@ def _chunks_of(nbytes):
         yield
 
 
-NEVER = 1 << 40
-# How each kernel of fast_conv is forced: the thresholds of its choice by shape.
+# Each kernel of fast_conv, forced (fast_conv.forced), and the choice by shape.
 CONV_PATHS = {
-    "chosen by shape": {},
-    "direct, exact grid": {"PITCHED_MIN_TAPS_PER_FILTER": NEVER, "WINOGRAD_MIN_CHANNELS": NEVER},
-    "direct, pitched rows": {"PITCHED_MIN_TAPS_PER_FILTER": -1, "WINOGRAD_MIN_CHANNELS": NEVER},
-    "winograd": {"WINOGRAD_MIN_CHANNELS": 0, "WINOGRAD_MIN_TILE_USE": 0, "WINOGRAD_MIN_OUTPUTS": 0},
+    "chosen by shape": (),
+    "direct, exact grid": ("direct, exact grid",),
+    "direct, pitched rows": ("direct, pitched rows",),
+    "winograd": ("winograd",),
+    "direct, exact grid, dx by col2im": ("direct, exact grid", "dx by col2im"),
+    "direct, pitched rows, dx by col2im": ("direct, pitched rows", "dx by col2im"),
+    "space to depth": ("space to depth",),
 }
 
 
 def conv_path(path):
     """A context in which fast_conv takes the kernel named path wherever it applies."""
-    return mock.patch.multiple(fast_conv, **CONV_PATHS[path]) if CONV_PATHS[path] else contextlib.nullcontext()
+    return fast_conv.forced(*CONV_PATHS[path])
 
 
 def _assert_same(fast, naive, name):
@@ -80,15 +83,18 @@ def conv_cases(draw, path="chosen by shape"):
     """(x, w, b, conv_param) whose windows tile the padded input, as the layers require.
 
     path "winograd": 3x3 filters at stride 1 (any padding up to 2), where that kernel
-    applies; "direct, pitched rows": stride 1 (dx then is itself a convolution,
-    of dout padded by filter size - 1 - pad, which crops where pad is larger);
-    otherwise any stride, padding and filter.
+    applies; "direct, pitched rows[, dx by col2im]": stride 1 (dx then is itself a
+    convolution, of dout padded by filter size - 1 - pad, which crops where pad is
+    larger, or col2im over pitched rows); "space to depth": stride 2 or 3 (a stride-1
+    convolution of each stride x stride block as channels); otherwise any stride,
+    padding and filter.
     """
     N, F, C = draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(1, 4))
     if path == "winograd":
         stride, pad, HH, WW = 1, draw(st.integers(0, 2)), 3, 3
     else:
-        stride = 1 if path == "direct, pitched rows" else draw(st.integers(1, 3))
+        stride = (1 if path.startswith("direct, pitched rows")
+                  else draw(st.integers(2, 3)) if path == "space to depth" else draw(st.integers(1, 3)))
         pad, HH, WW = draw(st.integers(0, 2)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
 
     def tiling_size(k):
@@ -105,6 +111,7 @@ def conv_cases(draw, path="chosen by shape"):
 # (path, case): a kernel, and a shape it applies to.
 ANY_CONV = st.sampled_from(list(CONV_PATHS)).flatmap(lambda path: st.tuples(st.just(path), conv_cases(path)))
 CONV_EXAMPLES = settings(max_examples=80, deadline=None)
+POOL_2X2 = {"pool_height": 2, "pool_width": 2, "stride": 2}
 
 
 def _conv_out_shape(x, w, conv_param):
@@ -419,6 +426,51 @@ def test_feature_norms_fast_backward_matches_numeric_gradient(forward, backward,
     assert max(errors.values()) < GRAD_TOL, errors
 
 
+@st.composite
+def norm_pool_cases(draw):
+    """(x, kind, norm_args): a spatial norm before a 2x2 stride-2 pool on even maps; batch
+    norm in either mode, with or without ghost groups, or group norm with any G."""
+    N, C = draw(st.integers(1, 4)), draw(st.integers(1, 6))
+    H, W = 2 * draw(st.integers(1, 4)), 2 * draw(st.integers(1, 4))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = 3 * rng.standard_normal((N, C, H, W)) + rng.standard_normal((1, C, 1, 1))
+    gamma, beta = 1 + rng.standard_normal(C), rng.standard_normal(C)
+    if draw(st.booleans()):
+        bn_param = {**_bn_param(draw(st.sampled_from(["train", "test"])), C),
+                    "norm_batch": draw(st.sampled_from([None] + [g for g in range(1, N + 1) if N % g == 0]))}
+        return x, "batchnorm", (gamma, beta, bn_param)
+    return x, "groupnorm", (gamma, beta, draw(st.sampled_from([g for g in range(1, C + 1) if C % g == 0])), {})
+
+
+@FEW
+@given(norm_pool_cases(), CHUNK_BYTES)
+def test_fused_norm_and_pool_equal_the_fast_norm_then_the_fast_pool(case, chunk):
+    """Same pooled map, winners and norm cache (so the same backward), running statistics alike."""
+    x, kind, args = case
+    separate_args = copy.deepcopy(args)
+    forward = {"batchnorm": fast_layers.spatial_batchnorm_forward_fast,
+               "groupnorm": fast_layers.spatial_groupnorm_forward_fast}[kind]
+    with _chunks_of(chunk):  # the same chunks, so that the statistics sum in the same order
+        pooled, cache, winner = fast_layers.spatial_norm_pool_forward_fast(x, kind, args, POOL_2X2)
+        y, expected_cache = forward(x, *separate_args)
+        expected, pool_cache = fast_layers.max_pool_forward_fast(y, POOL_2X2)
+    np.testing.assert_array_equal(pooled, expected)
+    np.testing.assert_array_equal(winner, pool_cache.winner)
+    for got, want in zip(cache, expected_cache):
+        if isinstance(want, np.ndarray):
+            np.testing.assert_array_equal(got, want)
+    if kind == "batchnorm":
+        for key in ("running_mean", "running_var"):
+            np.testing.assert_array_equal(args[2][key], separate_args[2][key])
+
+
+def test_fused_norm_and_pool_apply_only_to_2x2_windows_tiling_even_maps():
+    assert fast_layers.pools_in_planes((2, 3, 6, 8), POOL_2X2)
+    assert not fast_layers.pools_in_planes((2, 3, 7, 8), POOL_2X2)
+    assert not fast_layers.pools_in_planes((2, 3, 6, 8), {"pool_height": 3, "pool_width": 2, "stride": 2})
+    assert not fast_layers.pools_in_planes((2, 3, 6, 8), {"pool_height": 2, "pool_width": 2, "stride": 1})
+
+
 # ---------------------------------------------------------------------------
 # The shared contract, and argument validation
 # ---------------------------------------------------------------------------
@@ -438,7 +490,7 @@ def _contract_cases():
         "conv-pitched-dx-by-convolution": (fast_layers.conv_forward_fast, fast_layers.conv_backward_fast,
                                            _conv_args((2, 8, 5, 5), (3, 8, 3, 3), 1, 1)),
         "conv-winograd": (fast_layers.conv_forward_fast, fast_layers.conv_backward_fast,
-                          _conv_args((8, 32, 8, 8), (32, 32, 3, 3), 1, 1)),
+                          _conv_args((8, 64, 8, 8), (64, 64, 3, 3), 1, 1)),
         "conv-without-dx": (fast_layers.conv_forward_fast, _conv_backward_without_dx,
                             _conv_args((1, 2, 5, 5), (3, 2, 3, 3), 1, 0)),
         "pool": (fast_layers.max_pool_forward_fast, fast_layers.max_pool_backward_fast, [x, pool]),

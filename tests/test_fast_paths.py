@@ -57,6 +57,7 @@ def small_winograd(monkeypatch):
     so that the named shapes, kept small for the naive loops' sake, reach it (the crossover
     fast_conv takes on real shapes is tested on the study nets' layers below)."""
     monkeypatch.setattr(fast_conv, "WINOGRAD_MIN_CHANNELS", 16)
+    monkeypatch.setattr(fast_conv, "WINOGRAD_MIN_CHANNELS_DW", 16)  # (its own threshold, as it happens)
     monkeypatch.setattr(fast_conv, "WINOGRAD_MIN_OUTPUTS", 0)
     monkeypatch.setattr(fast_conv, "WINOGRAD_MIN_TILE_USE", 0)
 
@@ -226,24 +227,71 @@ def test_each_named_conv_takes_the_kernel_its_comment_says(conv, small_winograd)
         assert g.pitched == (conv in {"7x7-pad3", "3x3-pad1-8-channels", "5x5-pad0-9-channels"})
 
 
-@pytest.mark.parametrize("batch, kernels", [
+@pytest.mark.parametrize("batch, dw_kernels", [
     (2, ["direct, exact grid", "direct, pitched rows", "direct, pitched rows"]),
     (8, ["direct, exact grid", "winograd", "direct, pitched rows"]),
-    (32, ["direct, exact grid", "winograd", "direct, pitched rows"]),
+    (32, ["direct, exact grid", "winograd", "winograd"]),
 ])
-def test_the_mnist_convnets_layers_take_the_kernels_measured_fastest_for_them(batch, kernels):
+def test_the_mnist_convnets_layers_take_the_kernels_measured_fastest_for_them(batch, dw_kernels):
     """The 3-block MNIST convnet's convolutions (1 -> 32 channels on 28x28, 32 -> 32 on 14x14
-    and on 7x7, all 3x3 pad 1): Winograd only where the crossover measured in fast_conv says."""
+    and on 7x7, all 3x3 pad 1): Winograd only where the crossover measured in fast_conv says,
+    for the filter gradient of the 32-channel convs from 512 outputs a batch; never for their
+    forwards (nor dx)."""
     layers_ = [((batch, 1, 28, 28), (32, 1, 3, 3)), ((batch, 32, 14, 14), (32, 32, 3, 3)),
                ((batch, 32, 7, 7), (32, 32, 3, 3))]
-    chosen = []
-    for x_shape, w_shape in layers_:
-        g = fast_conv.Geometry(x_shape, w_shape, 1, 1)
-        kind = fast_conv.algorithm(g)
-        chosen.append(kind if kind == "winograd" else f"direct, {'pitched rows' if g.pitched else 'exact grid'}")
-    assert chosen == kernels
+    for pass_, expected in (("forward", [k.replace("winograd", "direct, pitched rows") for k in dw_kernels]),
+                            ("filter gradient", dw_kernels)):
+        chosen = []
+        for x_shape, w_shape in layers_:
+            g = fast_conv.Geometry(x_shape, w_shape, 1, 1)
+            kind = fast_conv.algorithm(g, pass_)
+            chosen.append(kind if kind == "winograd" else f"direct, {'pitched rows' if g.pitched else 'exact grid'}")
+        assert chosen == expected, pass_
+
+
+def test_64_channel_convolutions_take_winograd_forward_too():
+    g = fast_conv.Geometry((8, 64, 8, 8), (64, 64, 3, 3), 1, 1)
+    assert fast_conv.algorithm(g) == fast_conv.algorithm(g, "filter gradient") == "winograd"
 
 
 def test_chunk_budget_is_the_cpu_one_for_numpy_and_unbounded_elsewhere():
     assert backend.chunk_bytes(np) == backend.CPU_CHUNK_BYTES
     assert backend.chunk_bytes(object()) >= 1 << 60
+
+
+def test_forcing_a_kernel_applies_it_within_the_block_and_restores_the_choice_after():
+    g = fast_conv.Geometry((2, 32, 14, 14), (32, 32, 3, 3), 1, 1)  # direct by shape
+    with fast_conv.forced("winograd", "dx by col2im"):
+        assert fast_conv.algorithm(fast_conv.Geometry((2, 32, 14, 14), (32, 32, 3, 3), 1, 1)) == "winograd"
+        assert not fast_conv.dx_by_convolution(g)
+    assert fast_conv.algorithm(g) == "direct" and fast_conv.dx_by_convolution(g)
+    with pytest.raises(KeyError):
+        with fast_conv.forced("fft"):
+            pass
+    assert fast_conv.algorithm(g) == "direct"
+
+
+@pytest.mark.parametrize("w_shape, stride, pad, expected", [
+    ((16, 8, 4, 4), 2, 1, True),  # the ResNet's downsampling: two 2x2 blocks a side, no zero taps
+    ((16, 8, 2, 2), 2, 0, False),  # its projection: one block, 1x1 after
+    ((16, 8, 3, 3), 2, 1, False),  # padded to 4x4: 16/9 of the products
+    ((16, 8, 3, 3), 1, 1, False),  # stride 1: nothing to regroup
+])
+def test_space_to_depth_takes_the_backward_of_strided_convs_whose_filters_it_divides(w_shape, stride, pad, expected):
+    g = fast_conv.Geometry((4, 8, 28, 28), w_shape, stride, pad)
+    assert fast_conv.space_to_depth_wins(g, "gradients") == expected
+    assert not fast_conv.space_to_depth_wins(g)  # the forward: as fast on the exact grid
+
+
+@pytest.mark.parametrize("conv", list(CONVS))
+def test_conv_on_an_empty_batch_gives_what_the_naive_loops_give(conv):
+    x_shape, w_shape, conv_param = CONVS[conv]
+    x = np.zeros((0, *x_shape[1:]))
+    w, b = np.random.default_rng(9).standard_normal(w_shape), np.zeros(w_shape[0])
+    out, cache = fast_layers.conv_forward_fast(x, w, b, conv_param)
+    expected, naive_cache = layers.conv_forward_naive(x, w, b, conv_param)
+    assert out.shape == expected.shape
+    dout = np.zeros(out.shape)
+    for got, want in zip(fast_layers.conv_backward_fast(dout, cache), layers.conv_backward_naive(dout, naive_cache)):
+        assert got.shape == want.shape
+        np.testing.assert_array_equal(got, want)

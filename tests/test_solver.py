@@ -62,6 +62,59 @@ def test_float32_model_stays_float32():
     assert all(c["velocity"].dtype == np.float32 for c in solver.optim_configs.values())
 
 
+class _ParamsAtChecks:
+    """on_epoch callback keeping a copy of the model's params and the val accuracy at every check."""
+
+    def __init__(self, model):
+        self.model, self.checks = model, []
+
+    def __call__(self, info):
+        self.checks.append((info["val_acc"], {k: v.copy() for k, v in self.model.params.items()}))
+
+
+def test_the_best_params_are_the_first_check_with_the_highest_validation_accuracy():
+    """Separable data: validation accuracy reaches 1.0 and stays there; a later check that only ties it is
+    not better, so the best params are those of the first check at 1.0 (CS231n's strict >)."""
+    model = TwoLayerNet()
+    seen = _ParamsAtChecks(model)
+    solver = make_solver(model, num_epochs=10, num_val_samples=None, on_epoch=seen)
+    solver.train()
+    accuracies = [acc for acc, _ in seen.checks]
+    first_best = accuracies.index(max(accuracies))
+    assert accuracies.count(max(accuracies)) >= 2, f"precondition: a tie at the best ({accuracies})"
+    for name, value in seen.checks[first_best][1].items():
+        np.testing.assert_array_equal(solver.best_params[name], value, err_msg=name)
+    assert solver.best_val_acc == max(accuracies)
+
+
+def test_a_batch_larger_than_the_training_set_still_trains_once_per_epoch():
+    """Minibatches are drawn with replacement, so 400 of 300 images is a batch: one update an epoch."""
+    solver = make_solver(num_epochs=3, batch_size=400)
+    solver.train()
+    assert (solver.iteration, solver.epoch, len(solver.loss_history)) == (3, 3, 3)
+    assert len(solver.val_acc_history) == 3  # the first update ends the first epoch: one check for both
+
+
+class _RowsScored(TwoLayerNet):
+    """TwoLayerNet recording how many rows each test-mode call scores."""
+
+    def __init__(self):
+        super().__init__()
+        self.scored = []
+
+    def loss(self, X, y=None):
+        if y is None:
+            self.scored.append(len(X))
+        return super().loss(X, y)
+
+
+def test_validation_accuracy_is_measured_on_num_val_samples_images():
+    model = _RowsScored()
+    make_solver(model, num_epochs=2, num_train_samples=37, num_val_samples=20).train()
+    # Each check scores the training sample, then the validation sample (in batches of 100: one call each).
+    assert model.scored == [37, 20] * (1 + 2)
+
+
 def test_check_accuracy_scores_in_batches():
     solver = make_solver()
     data = make_data()
@@ -332,6 +385,12 @@ def test_lr_steps_compose_with_lr_decay():
     assert rates[5:8] == [1e-2, 1e-2 * 0.5, 1e-2 * 0.5 * 0.2]
     assert rates[12] == 1e-2 * 0.5 * 0.2 * 0.5
     assert solver._learning_rate() == 1e-2 * 0.5 * 0.2 * 0.5 * 0.5
+
+
+def test_two_lr_steps_that_fall_on_one_update_are_both_taken():
+    # 2 epochs of 6 updates: round(0.3 * 12) = 4 and round(0.32 * 12) = 4.
+    _, rates = _rates_used(num_epochs=2, lr_decay=1.0, lr_steps=(0.3, 0.32), lr_step_factor=0.5)
+    assert rates == [1e-2] * 4 + [1e-2 * 0.5 * 0.5] * 8
 
 
 def test_lr_steps_are_off_by_default():

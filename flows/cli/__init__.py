@@ -13,9 +13,13 @@
 - ``console``: what the terminal shows: quiet by default, everything with --verbose;
 - ``options``: the options generated from a flow's typed parameters, and their values parsed back;
 - ``errors``: one-line errors and exit codes (2: parameters refused, 1: a failed run);
-- ``render``: the answer a run ends with: a table by default, or yaml/json;
 - ``report``: `cnnflow report`, a study's report read back from MLflow and exported;
-- ``runs_table``: the `cnnflow runs` table.
+- ``runs_table``: the `cnnflow runs` table;
+- ``completion``: `--show-completion`/`--install-completion` with the shell named or detected;
+- ``completion_cache``: TAB completion of a flow's options from a cache, without importing the flow.
+
+The answer a run ends with is the flows' own (flows.answers); the console script is
+flows.cnnflow, which hands the shell its prompt back as soon as the command is done.
 """
 
 from .app import app

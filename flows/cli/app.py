@@ -48,6 +48,10 @@ def _main(
     quiet_environment(verbose)
 
 
+# The UI's server keeps nothing to save (the store is written by the runs): a short grace, then SIGKILL.
+UI_STOP_GRACE_S = 3.0
+
+
 @app.command()
 def ui(
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port on 127.0.0.1; 0 picks a free one. The links "
@@ -83,7 +87,8 @@ def ui(
         typer.echo(f"starting the MLflow UI on {shown} ...", err=True)
         try:
             with termination_as_interrupt(), background_server(command, f"{address}/health", timeout_s=timeout,
-                                                               env={**os.environ, **env}) as process:
+                                                               env={**os.environ, **env},
+                                                               stop_grace_s=UI_STOP_GRACE_S) as process:
                 typer.echo(f"MLflow UI: {address}  (Ctrl-C stops it)")
                 _mention_local_prefect_ui()
                 code = process.wait()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from ..progress import PROGRESS_LOGGER
 
@@ -90,3 +91,19 @@ def configure_prefect_console(verbose: bool, tracebacks: bool) -> None:
             handler.addFilter(ConsoleFilter(verbose))
             inner = handler.formatter.inner if isinstance(handler.formatter, ConsoleFormatter) else handler.formatter
             handler.setFormatter(ConsoleFormatter(inner or logging.Formatter(), tracebacks))
+
+
+def silence_after_the_last_word() -> None:
+    """Once the command has printed its answer or its error, nothing more on the console (unless verbose):
+    Prefect's exit handlers, still sending queued events and logs, warn when that takes a while ("EventsWorker
+    - Still processing items"), after the line that should be last. Their records still reach the API."""
+    from .errors import Settings
+
+    if Settings.verbose or "prefect.logging.handlers" not in sys.modules:
+        return
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for logger in (logging.getLogger(), *(logging.getLogger(n) for n in logging.root.manager.loggerDict)):
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.setLevel(logging.CRITICAL + 1)

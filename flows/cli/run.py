@@ -10,7 +10,9 @@ from __future__ import annotations
 import ast
 import contextlib
 import inspect
+import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,11 +20,12 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from .. import credentials
+from .. import credentials, progress
 from ..deployments import entrypoint_module, load_entrypoint
+from . import completion_cache
 from .console import configure_prefect_console
 from .errors import CliError, Settings, fail, one_line_errors, stopped_by_signals
-from .render import Output, render
+from ..answers import Output, render
 from .options import FlowOption, collect_parameters, flow_options, validate_parameters
 
 # The flows `cnnflow run` knows: command name -> entrypoint.
@@ -36,6 +39,8 @@ FLOWS = {
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 # The environment's say on --local-server/--no-local-server (false, 0, no: the temporary server).
 LOCAL_SERVER_ENV = "CNNCORE_LOCAL_SERVER"
+# Seconds a run may say nothing while it starts before it says that it is starting.
+STARTING_SILENCE_S = 5.0
 
 
 def flow_summary(entrypoint: str) -> str:
@@ -56,8 +61,8 @@ def run_flow(flow, options: list[FlowOption], given: dict[str, Any]) -> None:
         if validated.get("tracking_uri"):  # the password stays in the environment; the flow run records it masked
             validated["tracking_uri"] = credentials.masked_for_flow(validated["tracking_uri"])
         _check_tracking_server(flow, validated)
+        configure_prefect_console(verbose=Settings.verbose, tracebacks=Settings.debug)  # the server's lines too
         with _prefect_server(flow, given.get("local_server", True)):
-            configure_prefect_console(verbose=Settings.verbose, tracebacks=Settings.debug)
             result, prefect_link = _run_and_link(flow, validated)
         text = render(result, given.get("output") or "table", width=shutil.get_terminal_size((120, 40)).columns,
                       ui_hint=_ui_hint(validated, result), prefect_link=prefect_link)
@@ -103,16 +108,26 @@ def _prefect_server(flow, local_server: bool):
     from prefect import Flow
     from prefect.settings import get_current_settings
 
-    if not isinstance(flow, Flow) or get_current_settings().api.url or not local_server:
+    if not isinstance(flow, Flow) or get_current_settings().api.url:
         return contextlib.nullcontext()
+    if not local_server:  # Prefect's temporary server, with a limit that grows with the load, dying with us
+        from ..temporary_server import temporary_server
+
+        return temporary_server()
     from ..local_server import ServerError, ensure_server, prefect_api
 
     try:
-        state, _ = ensure_server(say=lambda text: typer.echo(text, err=True))
+        state, _ = ensure_server(say=_tell)
     except ServerError as exc:
         raise CliError(f"the local Prefect server did not start: {exc} (`--no-local-server` runs the flow "
                        "with a temporary server inside this process instead)") from exc
     return prefect_api(state.api_url)
+
+
+def _tell(text: str) -> None:
+    """A line on stderr that counts as the run's first word (no "starting" line after it)."""
+    progress.said_a_line.set()
+    typer.echo(text, err=True)
 
 
 def _check_tracking_server(flow, params: dict) -> None:
@@ -200,6 +215,8 @@ class _LazyFlowGroup(TyperGroup):
 
     def resolve_command(self, ctx, args):
         self._resolving = True
+        if not ctx.resilient_parsing and args and args[0] in FLOWS and not {"--help", "-h"} & set(args):
+            _say_if_slow_to_start(args[0])
         try:
             return super().resolve_command(ctx, args)
         finally:
@@ -211,12 +228,28 @@ class _LazyFlowGroup(TyperGroup):
         if not self._resolving:  # listed in `cnnflow run --help`: the summary is enough
             summary = flow_summary(FLOWS[name])
             return click.Command(name, help=summary, short_help=summary)
+        if ctx.resilient_parsing and (cached := completion_cache.cached_command(name)) is not None:
+            return cached  # a shell's TAB: the options it completes, without importing the flow
         try:
-            return build_run_command(name, load_entrypoint(FLOWS[name]))
+            command = build_run_command(name, load_entrypoint(FLOWS[name]))
+            completion_cache.remember(name, command)
+            return command
         except Exception as exc:  # a flow that fails to import must not hide the others
             if Settings.debug:
                 raise
             return _unavailable_command(name, f"cannot load the flow {FLOWS[name]}: {type(exc).__name__}: {exc}")
+
+
+def _say_if_slow_to_start(name: str) -> None:
+    """One line, if the flow has said nothing STARTING_SILENCE_S after its command was resolved: importing
+    Prefect, MLflow and the flow, and starting the flow run, take 2-4 s on an idle machine but 20-30 s on a
+    loaded one, a silence that would look like a hang."""
+    def say_starting() -> None:
+        if not progress.said_a_line.wait(STARTING_SILENCE_S):
+            typer.echo(f"cnnflow run {name}: starting (loading Prefect, MLflow and the flow; the machine's load "
+                       f"average is {os.getloadavg()[0]:.1f})", err=True)
+
+    threading.Thread(target=say_starting, name="say-if-slow-to-start", daemon=True).start()
 
 
 def _unavailable_command(name: str, reason: str) -> click.Command:

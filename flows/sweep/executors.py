@@ -9,6 +9,10 @@ through prefect-dask's DaskTaskRunner instead; each Dask worker reports its task
 runs to the same Prefect API and logs to the same MLflow server, and Dask's nanny
 already starts workers with one BLAS thread.
 
+The worker processes are forked from a forkserver that the sweep starts first
+(start_forkserver), which imports once what every trial needs (preload.py); what runs
+in them is worker.py.
+
 A trial whose training fails (a diverging loss raises NonFiniteLossError) is marked
 FAILED with a failure_reason tag and returned, not raised: the sweep goes on. A
 tracking server that stops answering, or a signal, stops the whole sweep instead
@@ -18,7 +22,7 @@ tracking server that stops answering, or a signal, stops the whole sweep instead
 from __future__ import annotations
 
 import contextlib
-import io
+import importlib
 import logging
 import os
 import signal
@@ -26,50 +30,25 @@ import threading
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor
 from multiprocessing import get_context
-from collections.abc import Callable
-from typing import Literal, TypeVar
+from typing import Literal
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 from threadpoolctl import threadpool_limits
-from tqdm import tqdm
 
 from ..config import SweepSpec, TrainConfig
-from ..load_data import load_data_once
 from ..progress import record, say
-from ..provenance import git_commit
-from ..shutdown import StopRequest, exit_with_parent, until_stopped
-from ..figures import learning_curves_figure
+from ..shutdown import StopRequest, until_stopped
 from ..tracking import FINISHED, Run, Store, TrackingUnavailableError, failure_reason
-from ..training import fit, log_diagnostics, log_test_scores
 from .resume import trial_tags
 from .results import TrialResult, trial_name
-
+from .worker import interruptible, start_trial_worker, train_trial, warm_up
 
 # Seconds a worker gets to stop its training after a SIGINT before it is terminated.
 WORKER_STOP_GRACE_S = 10
-
-T = TypeVar("T")
-
-
-def train_trial(run: Run, config: TrainConfig, stop: StopRequest | None = None) -> dict:
-    """Train one trial into its (already started) run, score it on the test split, and finish the run.
-
-    Runs in a trial worker process, or in the calling thread (where stop, when set,
-    ends the training at the next iteration). The run is marked FINISHED here, by
-    whoever trained it, so a trial that completed stays complete even if the sweep's
-    own process dies next. Returns best_val_acc, test_acc (the best-validation net),
-    final_test_acc and final_val_acc (the final net), wall_time_s and, when
-    config.diagnostics, the final net's diagnostics.
-    """
-    data = load_data_once(config.data_spec())
-    fitted = fit(run, config, data, stop=stop)
-    scores, _ = log_test_scores(run, fitted, data)
-    found = log_diagnostics(run, fitted.final_net, config, data) if config.diagnostics else {}
-    run.finish()
-    return {"best_val_acc": fitted.best_val_acc, **scores, "wall_time_s": fitted.wall_time_s, "diagnostics": found,
-            "commit": git_commit()}
+# What the forkserver imports once, for every worker (see that module).
+PRELOAD = "flows.sweep.preload"
 
 
 @task(name="run trial", task_run_name="trial {index}", cache_policy=NO_CACHE)
@@ -120,29 +99,29 @@ def prefect_task_runner(max_workers: int, dask_address: str | None):
     return DaskTaskRunner(address=dask_address)
 
 
-def start_trial_worker(threads: int, leader_pid: int) -> None:
-    """A trial worker process's initializer: BLAS gets this process's share of the cores, and the
-    process ends itself if the sweep's process dies (kill -9 included).
+def start_forkserver(trials_in: str = "processes", dask_address: str | None = None) -> None:
+    """Start, in the background, the process that trial workers are forked from, importing what a trial
+    needs (flows/sweep/preload.py): call it when a sweep starts, so that those seconds of imports run beside
+    the sweep's own setup. Does nothing for trials trained in threads or on Dask, or when it runs already.
 
-    Between trials the worker ignores SIGINT (interruptible listens for it during a
-    trial): an idle worker killed by the sweep's SIGINT would print a traceback and
-    break the pool. tqdm's lock is made a thread lock: its default, a multiprocessing
-    lock, registers a semaphore with the resource tracker, which prints a "leaked
-    semaphore" warning after the sweep's last line whenever a worker is terminated.
+    SIGINT is blocked while the forkserver is started, so that it begins with SIGINT blocked and a Ctrl-C
+    cannot interrupt its imports (preload.py ignores it, then unblocks it); here the blocked signal is only
+    delayed, not lost.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    tqdm.set_lock(threading.RLock())
-    threadpool_limits(limits=threads, user_api="blas")
-    exit_with_parent(leader_pid)
+    if trials_in == "threads" or dask_address is not None:
+        return
+    context = get_context("forkserver")
+    context.set_forkserver_preload([PRELOAD])
+    from multiprocessing import forkserver, resource_tracker
 
-
-def interruptible(work: Callable[..., T], *args) -> T:
-    """work(*args) in a trial worker process, where a SIGINT from the sweep (stop_workers) interrupts it."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # The forkserver starts the resource tracker first, if it does not run yet, and unblocks SIGINT after it:
+    # started here, before SIGINT is blocked, it is found running then.
+    resource_tracker.ensure_running()
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        return work(*args)
+        forkserver.ensure_running()
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def training_processes(trials_in: str, max_workers: int, blas_threads: int,
@@ -151,33 +130,26 @@ def training_processes(trials_in: str, max_workers: int, blas_threads: int,
 
     Processes are the default: the small numpy operations of a digits-sized net hold
     the GIL most of the time, so two threads run slower than one (measured 0.75x),
-    while two processes run side by side. Spawned, not forked: the parent runs threads.
+    while two processes run side by side. Forked from a forkserver that has imported
+    what a trial needs (start_forkserver), not from this process, which runs threads.
     As with any spawned pool, a script that calls sweep() must do so under
     ``if __name__ == "__main__":`` (the workers import the script's module).
     """
     if trials_in == "threads" or dask_address is not None:
         return None
-    return ProcessPoolExecutor(max_workers, mp_context=get_context("spawn"), initializer=start_trial_worker,
-                               initargs=(blas_threads, os.getpid()))
-
-
-def warm_up(store: Store, data_specs: list) -> int:
-    """Run in each worker process before any trial: import the training code, load the data, open the
-    tracking store and draw a figure once (matplotlib reads its fonts on the first), so that a trial's
-    run counts its training, not the seconds a fresh process spends getting ready."""
-    for spec in data_specs:
-        load_data_once(spec)
-    store.experiment_names()
-    learning_curves_figure([1.0], [0], [0.0], [0.0], "warm-up").savefig(io.BytesIO(), format="png")
-    return os.getpid()
+    start_forkserver(trials_in, dask_address)
+    return ProcessPoolExecutor(max_workers, mp_context=get_context("forkserver"), initializer=start_trial_worker,
+                               initargs=(blas_threads, os.getpid(), dict(os.environ)))
 
 
 def start_workers(processes: Executor, max_workers: int, todo: dict[int, TrainConfig], store: Store) -> None:
+    """The worker processes started and warmed up (worker.warm_up) before the first trial."""
+    count = min(max_workers, len(todo))
     specs = list(dict.fromkeys(config.data_spec() for config in todo.values()))
     started = time.perf_counter()
-    for future in [processes.submit(warm_up, store, specs) for _ in range(min(max_workers, len(todo)))]:
+    for future in [processes.submit(interruptible, warm_up, store, specs) for _ in range(count)]:
         future.result()
-    say(f"{min(max_workers, len(todo))} worker processes ready in {time.perf_counter() - started:.1f} s")
+    say(f"{count} worker processes ready in {time.perf_counter() - started:.1f} s")
 
 
 def stop_workers(processes: Executor | None) -> None:
@@ -186,7 +158,7 @@ def stop_workers(processes: Executor | None) -> None:
         return
     # ProcessPoolExecutor has no public way to interrupt busy workers. A SIGINT makes the training in a
     # worker raise KeyboardInterrupt, which the pool hands back as that trial's result, and the worker
-    # then exits cleanly at shutdown; an idle worker ignores it (start_trial_worker). A worker that does
+    # then exits cleanly at shutdown; an idle worker ignores it (worker.py). A worker that does
     # not stop within the grace is terminated.
     workers = list((getattr(processes, "_processes", None) or {}).values())
     for worker in workers:
@@ -255,6 +227,9 @@ def run_trials(parent: Run, spec: SweepSpec, todo: dict[int, TrainConfig], max_w
         try:
             if processes is not None:
                 start_workers(processes, max_workers, todo, parent.store)
+            # The summary's imports (pandas, scipy, matplotlib: seconds) while this thread only waits on trials.
+            threading.Thread(target=importlib.import_module, args=(f"{__package__}.summary",),
+                             name="import-summary", daemon=True).start()
             futures = {runner.submit(run_trial, parameters=dict(
                 parent=parent, spec=spec, index=index, config=config, processes=processes,
                 stop=stop if dask_address is None else None)): index

@@ -11,6 +11,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import PositiveInt
 
+from ..answers import log_answer
 from ..config import SweepSpec
 from ..load_data import load_data_once, load_dataset, log_dataset
 from ..progress import record, say
@@ -18,7 +19,7 @@ from ..shutdown import StopRequest
 from ..study import PRESETS, preset_spec
 from ..tracking import FINISHED, connect
 from . import lease
-from .executors import run_trials
+from .executors import run_trials, start_forkserver
 from .results import SweepReport, TrialResult, best_trial
 from .resume import find_finished_trials, open_sweep_run, skipped_trial
 
@@ -36,8 +37,6 @@ class NoTrialFinishedError(RuntimeError):
         more = f" (and {len(reasons) - 1} other reasons)" if len(reasons) > 1 else ""
         super().__init__(f"sweep {name}: none of its {len(results)} trials finished, so there is nothing to compare; "
                          f"they failed with {first}{more}. The summary on the sweep's parent run lists each trial")
-
-STUDY_TITLE = "Test error (%) of the final model: mean and 95% CI over seeds (the study's table)"
 
 
 def resolved_spec(spec: SweepSpec, preset: str | None, resume: bool) -> SweepSpec:
@@ -59,7 +58,7 @@ def sweep_flow_run_name() -> str:
     return f"sweep-{resolved_spec(SweepSpec.model_validate(given['spec']), given['preset'], given['resume']).name}"
 
 
-@flow(name="sweep", flow_run_name=sweep_flow_run_name, log_prints=True)
+@flow(name="sweep", flow_run_name=sweep_flow_run_name, log_prints=True, on_completion=[log_answer])
 def sweep(
     spec: SweepSpec = SweepSpec(),
     experiment: str = "cnncore-sweeps",
@@ -97,6 +96,9 @@ def sweep(
     start = time.perf_counter()
     spec = resolved_spec(spec, preset, resume)
     trials = spec.trials()
+    start_forkserver(trials_in, dask_address)  # the workers' imports, beside the setup below
+    say(f"sweep {spec.name}: {len(trials)} trials; opening its MLflow run, loading "
+        f"{', '.join(dict.fromkeys(c.dataset for c in trials))}")
     store = connect(tracking_uri)
     owner = lease.new_owner()
     parent, resumed = open_sweep_run(store, experiment, spec, trials, parent_run_id, owner)
@@ -115,10 +117,13 @@ def sweep(
             + (f"on the Dask cluster at {dask_address}" if dask_address else f"{max_workers} at a time"))
         results = sorted(skipped + run_trials(parent, spec, todo, max_workers, dask_address, trials_in, stop),
                          key=lambda r: r.index)
-        # Imported here: the summary's pandas, scipy and matplotlib would slow `cnnflow run sweep --help`.
+        # Imported here (run_trials has it imported while the trials train): the summary's pandas, scipy and
+        # matplotlib would slow `cnnflow run sweep --help`.
         from .summary import (REPORT, answer_metrics, grid_table_markdown, publish_comparison,
                               show_answer_in_mlflow, summarise_sweep, write_study_report)
 
+        say(f"writing the sweep's summary{', figures and study report' if spec.study else ' and figure'} "
+            "to its MLflow run")
         grid = summarise_sweep(parent, spec, results)  # the summary table says which trials failed, and why
         if not any(r.status == FINISHED for r in results):
             raise NoTrialFinishedError(spec.name, results)
@@ -127,8 +132,9 @@ def sweep(
             # The design paragraph counts updates per batch size from the training split's size.
             num_train = len(load_data_once(spec.base.data_spec())["y_train"])
             study = write_study_report(parent, spec, results, num_train)
-            comparison, title, report_text, answer = study.tables.get("cells"), STUDY_TITLE, study.markdown, study.answer
-            shown = {"report": "study/report.md"}
+            comparison, title, report_text, answer = (study.summary, study.summary_title, study.markdown,
+                                                      study.answer)
+            shown = {"report": "study/report.html"}
         else:
             choice = publish_comparison(parent, spec, results, grid)
             comparison, title, report_text, answer = grid.cells, grid.title, None, grid.answer
@@ -137,12 +143,14 @@ def sweep(
         # The parent's Overview answers, and a saved view charts its trials by normalization and batch size.
         charts_url = show_answer_in_mlflow(parent, spec, results, answer, **shown)
         parent.set_tags({"sweep_wall_time_s": f"{time.perf_counter() - start:.1f}"})
-    # The link lands on the answer: the study's interaction figure, or a grid's report (its answer, table and figure).
-    figure = "study/interaction_vs_batch_size.png" if spec.study and "interaction_vs_batch_size" in study.figures \
-        else "comparison.png" if spec.study else REPORT
+    # The link lands on the answer: the study's figure of its answer, or a grid's report (its answer, table and
+    # figure).
+    figure = (f"study/{study.answer_figure}.png" if study.answer_figure else "comparison.png") if spec.study \
+        else REPORT
+    # A study answers with its contrasts: a "best trial" among its cells would mean nothing.
     report = SweepReport(name=spec.name, parent_run_id=parent.id, url=parent.url_of(figure), trials=results,
-                         best=best_trial(results), wall_time_s=time.perf_counter() - start, study_report=report_text,
-                         comparison_title=title, answer=answer, differences=differences,
+                         best=None if spec.study else best_trial(results), wall_time_s=time.perf_counter() - start,
+                         study_report=report_text, comparison_title=title, answer=answer, differences=differences,
                          choice=None if choice is None else choice.as_record(), charts_url=charts_url,
                          comparison=[] if comparison is None else comparison.to_dict("records"))
     for r in report.failed:  # in the run's logs; the console had each trial's progress line, and `cnnflow` lists them

@@ -16,18 +16,14 @@ overwritten refuses. A process paused longer than the lease (``TTL_S``) loses it
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
-import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 
-from ..tracking import RUNNING, Run, RunRecord, TrackingUnavailableError
+from ..tracking import Run, RunRecord, TrackingUnavailableError, liveness
 
-TAG_OWNER = "sweep_lease_owner"
-TAG_EXPIRES = "sweep_lease_expires"
-TTL_S = 60.0
+# One of liveness.CLAIMS: a later run in the experiment repairs a sweep whose process died.
+TAG_OWNER, TAG_EXPIRES = liveness.CLAIMS[1]
+TTL_S = liveness.TTL_S
 # Also how soon a sweep whose trials are busy training notices that its tracking store went away.
 RENEW_S = 5.0
 # How long a claim waits before reading itself back: longer than two racing claims take to write.
@@ -40,12 +36,11 @@ class SweepBusyError(RuntimeError):
     exit_code = 1
 
 
-def new_owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+new_owner = liveness.new_owner
 
 
 def lease_tags(owner: str, ttl_s: float = TTL_S) -> dict[str, str]:
-    return {TAG_OWNER: owner, TAG_EXPIRES: f"{time.time() + ttl_s:.3f}"}
+    return liveness.claim_tags(owner, ttl_s, (TAG_OWNER, TAG_EXPIRES))
 
 
 def live_holder(record: RunRecord, owner: str | None = None) -> str | None:
@@ -54,37 +49,15 @@ def live_holder(record: RunRecord, owner: str | None = None) -> str | None:
     A lease taken on this host by a process that no longer exists (killed with -9)
     is dead at once, without waiting for it to lapse.
     """
-    holder = record.tags.get(TAG_OWNER)
-    expires = float(record.tags.get(TAG_EXPIRES, 0) or 0)
-    if record.status != RUNNING or not holder or holder == owner or expires <= time.time():
+    holder = liveness.live_claim(record, (TAG_OWNER, TAG_EXPIRES), owner)
+    if holder is None:
         return None
-    host, pid, _ = (holder.split(":", 2) + ["", ""])[:3]
-    if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
-        return None
+    expires = float(record.tags[TAG_EXPIRES])
     return f"{holder} (renewed until {time.strftime('%H:%M:%S', time.localtime(expires))})"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return not _is_zombie(pid)
-
-
-def _is_zombie(pid: int) -> bool:
-    """A process that died but was not reaped yet still answers kill(pid, 0)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return False
-
-
 def busy_error(name: str, holder: str) -> SweepBusyError:
-    host, pid, _ = (holder.split(":", 2) + ["", ""])[:3]
+    host, pid = liveness.holder_of(holder.split(" ", 1)[0])
     return SweepBusyError(
         f"sweep {name!r} is being run by another process right now (host {host}, pid {pid}: {holder}). "
         f"Wait for it to finish, or give this sweep another --name.")
@@ -105,23 +78,9 @@ def held(run: Run, owner: str, on_lost: Callable[[BaseException], None] | None =
     on_lost: told, once, when a renewal finds the tracking store gone (TrackingUnavailableError, after
     its wait): the sweep stops then, even while no trial is talking to the store.
     """
-    done = threading.Event()
-
-    def renew() -> None:
-        while not done.wait(RENEW_S):
-            try:
-                run.set_tags(lease_tags(owner))
-            except TrackingUnavailableError as exc:
-                if on_lost is not None:
-                    on_lost(exc)
-                    return
-
-    heartbeat = threading.Thread(target=renew, name=f"lease-{run.id[:8]}", daemon=True)
-    heartbeat.start()
     try:
-        yield
+        with liveness.renewed(run, owner, (TAG_OWNER, TAG_EXPIRES), every_s=RENEW_S, on_lost=on_lost):
+            yield
     finally:
-        done.set()
-        heartbeat.join()
         with contextlib.suppress(TrackingUnavailableError):
             run.set_tags({TAG_EXPIRES: "0"})

@@ -21,9 +21,14 @@ class TrialResult(BaseModel):
     test_acc: float | None = None  # the best-validation net's
     final_test_acc: float | None = None  # the final net's
     final_val_acc: float | None = None  # the final net's (its last validation check): what choices are made by
+    # The tail evaluations' means (TrainConfig.tail_evals): the studies' measure, and for batch norm the same
+    # with precise statistics (the final net's precise score is a diagnostic: diag/recomputed_error).
+    tail_test_acc: float | None = None
+    tail_precise_test_acc: float | None = None
     wall_time_s: float | None = None
     diagnostics: dict[str, float] = {}  # cnncore.diagnostics of the final net, when the config asked
     commit: str = ""  # the code that trained it (its run's mlflow.source.git.commit)
+    blas: str = ""  # the BLAS that trained it (provenance.blas(): library, kernel, threads)
     failure_reason: str | None = None
     config: TrainConfig
 

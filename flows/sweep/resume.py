@@ -16,9 +16,9 @@ from prefect.cache_policies import NO_CACHE
 
 from ..config import SweepSpec, TrainConfig
 from ..tracking import FINISHED, Run, RunRecord, Store
-from ..provenance import GIT_COMMIT_TAG
-from ..metrics import (BEST_VAL_ACC, DIAGNOSTICS_PREFIX, FINAL_TEST_ACC, TEST_ACC, VAL_ACC, WALL_TIME_S,
-                       read)
+from ..metrics import (BEST_VAL_ACC, DIAGNOSTICS_PREFIX, FINAL_TEST_ACC, TAIL_PRECISE_TEST_ACC, TAIL_TEST_ACC,
+                       TEST_ACC, VAL_ACC, WALL_TIME_S, read)
+from ..provenance import BLAS_TAG, GIT_COMMIT_TAG
 from . import lease
 from .results import TrialResult, trial_name
 
@@ -66,6 +66,7 @@ def open_sweep_run(store: Store, experiment: str, spec: SweepSpec, trials: list[
     """
     tags = {TAG_SWEEP: spec.name, TAG_ROLE: "parent"}
     experiment_id = store.experiment_id(experiment)
+    store.repair_abandoned(experiment_id)  # this sweep's earlier parent too, when kill -9 left it RUNNING
     earlier = store.find_runs(experiment_id, tags)
     if earlier:
         record = earlier[-1]
@@ -114,7 +115,9 @@ def skipped_trial(spec: SweepSpec, index: int, config: TrainConfig, record: RunR
                        best_val_acc=read(metrics, BEST_VAL_ACC), test_acc=read(metrics, TEST_ACC),
                        final_test_acc=read(metrics, FINAL_TEST_ACC), wall_time_s=read(metrics, WALL_TIME_S),
                        final_val_acc=read(metrics, VAL_ACC),  # the latest, the last epoch's: the final net's
+                       tail_test_acc=read(metrics, TAIL_TEST_ACC),
+                       tail_precise_test_acc=read(metrics, TAIL_PRECISE_TEST_ACC),
                        diagnostics={k.removeprefix(DIAGNOSTICS_PREFIX): v for k, v in metrics.items()
                                     if k.startswith(DIAGNOSTICS_PREFIX)},
-                       commit=record.tags.get(GIT_COMMIT_TAG, ""),
+                       commit=record.tags.get(GIT_COMMIT_TAG, ""), blas=record.tags.get(BLAS_TAG, ""),
                        config=config)

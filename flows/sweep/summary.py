@@ -23,7 +23,8 @@ from ..figures import sweep_comparison_figure
 from ..metrics import ANSWER_PREFIX, BATCH_SIZE, FINAL_TEST_ACC
 from ..provenance import provenance
 from ..study import StudyResult, build_study
-from ..study.report import markdown_table
+from ..study.render import embedded_markdown, markdown_table, report_html
+from ..study.trials import RECORD_COLUMNS
 from ..tracking import FINISHED, BarChart, LineChart, Run, in_page, save_children_view
 from .comparison import Choice, Comparison, choice_text, choose, compare, wide_rows
 from .results import TrialResult, best_trial
@@ -46,15 +47,16 @@ def wide_table(comparison: Comparison) -> pd.DataFrame:
     return pd.DataFrame(wide_rows(comparison.cells.to_dict("records"), comparison.differences.to_dict("records")))
 
 
-def comparison_markdown(comparison: Comparison, spec: SweepSpec, choice: Choice | None, figure_uri: str,
+def comparison_markdown(comparison: Comparison, spec: SweepSpec, choice: Choice | None,
                         url: str | None = None) -> str:
-    """The comparison in markdown, answer first: the answer, the table under its title, the figure (embedded as
-    figure_uri, a PNG data URI), the configuration with the lowest validation error, and the link when given."""
+    """The comparison in markdown, answer first: the answer, the table under its title, the figure (linked as
+    comparison.png, beside it on the parent run), the configuration with the lowest validation error, and the
+    link when given."""
     chosen = choice_text(None if choice is None else choice.as_record())
     against = comparison.columns[0] if comparison.columns else "normalization"
     lines = [f"# Sweep {spec.name}", "", f"**{escaped(comparison.answer)}**", "",
              escaped(grid_table_markdown(comparison)), "",
-             f"![the comparison: test error against {against}]({figure_uri})", "",
+             f"![the comparison: test error against {against}](comparison.png)", "",
              f"Lowest validation error: {chosen}."]
     return "\n".join(lines + (["", f"MLflow: {url}"] if url else []))
 
@@ -91,42 +93,13 @@ def publish_comparison(parent: Run, spec: SweepSpec, results: list[TrialResult],
     parent.log_table(comparison.cells, "comparison/cells")
     parent.log_table(comparison.differences, "comparison/differences")
     choice = choose(spec, results)
-    figure = sweep_comparison_figure(comparison.cells, comparison.columns, spec.name,
-                                     failed=sum(r.status != FINISHED for r in results))
-    uri = png_data_uri(figure)
-    parent.log_text(report_html(comparison_markdown(comparison, spec, choice, uri), f"Sweep {spec.name}"), REPORT)
-    create_markdown_artifact(comparison_markdown(comparison, spec, choice, uri, parent.url),
+    figures = {"comparison": sweep_comparison_figure(comparison.cells, comparison.columns, spec.name,
+                                                     failed=sum(r.status != FINISHED for r in results))}
+    markdown = comparison_markdown(comparison, spec, choice)
+    parent.log_text(report_html(markdown, figures, f"Sweep {spec.name}"), REPORT)
+    create_markdown_artifact(embedded_markdown(comparison_markdown(comparison, spec, choice, parent.url), figures),
                              key=artifact_key(f"sweep-{spec.name}"), description=f"What sweep {spec.name} found")
     return choice
-
-
-def png_data_uri(figure) -> str:
-    """The figure as a PNG data URI, to embed where no file can sit beside the page."""
-    import base64
-    import io
-
-    png = io.BytesIO()
-    figure.savefig(png, format="png", dpi=100)
-    return "data:image/png;base64," + base64.b64encode(png.getvalue()).decode("ascii")
-
-
-_STYLE = ("body{font:15px/1.5 -apple-system,'Segoe UI',Helvetica,Arial,sans-serif;color:#1f2328;max-width:1000px;"
-          "margin:20px auto;padding:0 20px}h1{font-size:1.3em}table{border-collapse:collapse;font-size:13px}"
-          "th,td{border:1px solid #d1d9e0;padding:4px 10px;white-space:nowrap}th{background:#f6f8fa}"
-          "img{max-width:100%;height:auto}")
-
-
-def report_html(markdown: str, title: str) -> str:
-    """markdown as one self-contained HTML page (its figures embedded as data URIs): MLflow shows it in its
-    artifact view, where a file beside the page could not be reached. Raw HTML in the markdown is escaped; the
-    page makes no request of any kind."""
-    import html
-
-    from markdown_it import MarkdownIt  # rich's markdown parser
-
-    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)
-    return (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{html.escape(title)}"
-            f"</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n{body}</body>\n</html>\n")
 
 
 def answer_metrics(comparison: Comparison) -> dict[str, float]:
@@ -201,17 +174,25 @@ def artifact_key(text: str) -> str:
 
 
 def study_trials(results: list[TrialResult]) -> pd.DataFrame:
-    """The study's trial records, from the results the sweep holds: one row per FINISHED trial.
+    """The study's trial records (flows.study.trials), from the results the sweep holds: one row per FINISHED
+    trial.
 
-    Errors in percent: test_error is the final net's (the study's measure, as the
-    paper's), best_val_test_error the best-validation net's.
+    Errors in percent: test_error is the study's measure, the mean over the tail
+    evaluations (the final net's error for a trial without them); final_test_error the
+    final net's, best_val_test_error the best-validation net's; the precise columns batch
+    norm's with statistics recomputed over training images (the tail's over the first
+    training.PRECISE_IMAGES, the final net's over the whole split, a diagnostic). norm_batch
+    is the trial's (its SGD batch when unset).
     """
-    rows = [{"normalization": r.config.normalization, "batch_size": r.config.batch_size, "seed": r.config.train_seed,
-             "test_error": _percent_error(r.final_test_acc), "best_val_test_error": _percent_error(r.test_acc),
+    rows = [{"normalization": r.config.normalization, "batch_size": r.config.batch_size,
+             "norm_batch": getattr(r.config, "norm_batch", None) or r.config.batch_size, "seed": r.config.train_seed,
+             "test_error": _percent_error(r.tail_test_acc if r.tail_test_acc is not None else r.final_test_acc),
+             "final_test_error": _percent_error(r.final_test_acc), "best_val_test_error": _percent_error(r.test_acc),
+             "precise_test_error": _percent_error(r.tail_precise_test_acc),
+             "final_precise_test_error": 100.0 * r.diagnostics.get("recomputed_error", float("nan")),
              "run_id": r.run_id}
             for r in results if r.status == FINISHED and r.final_test_acc is not None]
-    return pd.DataFrame(rows, columns=["normalization", "batch_size", "seed", "test_error", "best_val_test_error",
-                                       "run_id"])
+    return pd.DataFrame(rows, columns=RECORD_COLUMNS)
 
 
 def _percent_error(accuracy: float | None) -> float:
@@ -235,6 +216,7 @@ def study_diagnostics(results: list[TrialResult]) -> pd.DataFrame | None:
         for name, value in r.diagnostics.items():
             layer, _, metric = name.rpartition("/")
             rows.append({"normalization": r.config.normalization, "batch_size": r.config.batch_size,
+                         "norm_batch": getattr(r.config, "norm_batch", None) or r.config.batch_size,
                          "seed": r.config.train_seed, "metric": metric,
                          "layer": float(layer.removeprefix("norm")) if layer else float("nan"),
                          "value": 100.0 * value if metric in _ERROR_DIAGNOSTICS else value})
@@ -243,21 +225,26 @@ def study_diagnostics(results: list[TrialResult]) -> pd.DataFrame | None:
 
 @task(name="write study report", cache_policy=NO_CACHE)
 def write_study_report(parent: Run, spec: SweepSpec, results: list[TrialResult], num_train: int) -> StudyResult:
-    """The study's tables, figures and markdown report on the parent run (flows.study.build_study), and the
-    report as the sweep's Prefect markdown artifact.
+    """The study's tables, figures and report on the parent run (flows.study.build_study), and the report as
+    the sweep's Prefect markdown artifact, its figures embedded.
 
     Artifacts: study/<table> (CSV and MLflow table) and study/<figure>.png for each of
-    the study's tables and figures, and study/report.md.
+    the study's tables and figures, study/report.md (figures linked beside it, as
+    `cnnflow report --to` exports them) and study/report.html (one page, figures
+    embedded: what MLflow's artifact view shows).
     """
     # A resumed study's report is made now, from trials some of which earlier code may have trained.
     trained_at = ", ".join(sorted({r.commit for r in results if r.commit})) or "unknown"
+    trained_with = "; ".join(sorted({r.blas for r in results if r.blas})) or "unknown"
     study = build_study(study_trials(results), spec, diagnostics=study_diagnostics(results),
-                        provenance={**provenance(), "trials trained at commit": trained_at}, num_train=num_train)
+                        provenance={**provenance(), "trials trained at commit": trained_at,
+                                    "trials trained with BLAS": trained_with}, num_train=num_train)
     for name, table in study.tables.items():
         parent.log_table(table, f"study/{name}")
     for name, figure in study.figures.items():
         parent.log_figure(figure, f"study/{name}.png")
     parent.log_text(study.markdown, "study/report.md")
-    create_markdown_artifact(study.markdown + f"\n\nMLflow: {parent.url}", key=artifact_key(f"study-{spec.name}"),
-                             description=f"The study's report: sweep {spec.name}")
+    parent.log_text(study.html(), "study/report.html")
+    create_markdown_artifact(study.markdown_with_figures() + f"\n\nMLflow: {parent.url}",
+                             key=artifact_key(f"study-{spec.name}"), description=f"The study's report: sweep {spec.name}")
     return study

@@ -25,10 +25,12 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 from .. import credentials
+from ..progress import say
 from ..provenance import run_tags
-from .names import EXPERIMENT_KIND, MAX_TAG_CHARS, MLFLOW_PARENT_RUN_ID, RunRecord, prefect_tags
+from . import liveness
+from .names import EXPERIMENT_KIND, KILLED, MAX_TAG_CHARS, MLFLOW_PARENT_RUN_ID, RunRecord, prefect_tags
 from .patience import TrackingUnavailableError, hand_retries_to_us, patient
-from .run import Run
+from .run import TAG_FAILURE_REASON, Run
 
 if TYPE_CHECKING:  # mlflow is imported where used: `cnnflow --help` should not wait for it
     from mlflow import MlflowClient
@@ -68,6 +70,14 @@ def artifact_root(tracking_uri: str) -> Path | None:
 
 def is_server(tracking_uri: str) -> bool:
     return urlparse(tracking_uri).scheme in ("http", "https")
+
+
+def import_client() -> None:
+    """Import MLflow's client and its stores now (about 2 s on an idle machine), rather than at a store's first
+    call: for the process that trial workers are forked from, so that each worker has them already."""
+    import mlflow.store.tracking.rest_store  # noqa: F401
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    from mlflow import MlflowClient  # noqa: F401
 
 
 def connect(tracking_uri: str | None = None, timeout_s: float = 5.0, *, read_only: bool = False) -> Store:
@@ -332,6 +342,24 @@ class Store:
         return found[0] if found else None
 
     @patient
+    def repair_abandoned(self, experiment_id: str) -> list[RunRecord]:
+        """Mark KILLED, with the reason, the runs of the experiment that a dead process left RUNNING (see
+        liveness), and their RUNNING children; returns the runs marked."""
+        running = self._search([experiment_id], "attributes.status = 'RUNNING'", ["attributes.start_time ASC"])
+        reasons = {r.id: reason for r in running if (reason := liveness.abandoned(r)) is not None}
+        for record in running:
+            if record.id not in reasons and record.parent_id in reasons:
+                reasons[record.id] = f"its parent run {record.parent_id} was abandoned: {reasons[record.parent_id]}"
+        marked = [r for r in running if r.id in reasons]
+        for record in marked:
+            self.client.set_tag(record.id, TAG_FAILURE_REASON, reasons[record.id][:MAX_TAG_CHARS])
+            self.client.set_terminated(record.id, KILLED)
+        if marked:
+            say(f"marked {len(marked)} run{'s' if len(marked) > 1 else ''} KILLED that a process which no longer "
+                f"runs had left RUNNING: {', '.join(r.name or r.id for r in marked)}")
+        return marked
+
+    @patient
     def recent_runs(self, experiment_ids: list[str], limit: int) -> list[RunRecord]:
         """The most recent active runs of the experiments, newest first."""
         if not experiment_ids:
@@ -423,12 +451,17 @@ def tracked_flow_run(experiment: str, run_name: str, *, tracking_uri: str | None
                      tags: dict[str, Any] | None = None, system_metrics: bool = False) -> Iterator[Run]:
     """The MLflow run of the current flow run, linked from it; FAILED with the reason if the body raises.
 
-    Connects first, so an unreachable store fails before anything is written.
+    Connects first, so an unreachable store fails before anything is written. The run claims
+    its process (liveness) while it is open; runs of the experiment that a dead process left
+    RUNNING are marked KILLED first.
     system_metrics: sample the machine's CPU, memory and disk into the run meanwhile.
     """
     store = connect(tracking_uri)
     experiment_id = store.experiment_id(experiment)
+    store.repair_abandoned(experiment_id)
+    owner = liveness.new_owner()
+    tags = {**(tags or {}), **liveness.claim_tags(owner)}
     with (store.create_run_in(experiment_id, run_name, parent_id=parent_run_id, params=params, tags=tags) as run,
-          run.system_metrics(system_metrics)):
+          liveness.renewed(run, owner), run.system_metrics(system_metrics)):
         run.link_flow_run(run_name)
         yield run

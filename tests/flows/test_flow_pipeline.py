@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from flows.cli.render import render
+from flows.answers import render
 from flows.load_data import load_data_once
 from flows.pipeline import pipeline
 

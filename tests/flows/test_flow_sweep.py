@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flows.sweep import executors
+from flows.sweep import executors, worker
 from flows.sweep.resume import SweepChangedError
 from flows.config import SweepSpec
 from flows.load_data import load_data_once
@@ -26,7 +26,7 @@ DIVERGED = r"^(NonFiniteLossError: loss became nan|ValueError: x must be finite)
 @pytest.fixture
 def fits(calls_to):
     """Every fit the sweep really ran: (run, config, data) each."""
-    return calls_to(executors, "fit")
+    return calls_to(worker, "fit")
 
 
 def trial_task_states(flow_state) -> list[str]:
@@ -175,14 +175,14 @@ def test_trial_test_acc_is_measured_on_the_test_split(store, tiny, monkeypatch):
     # Validation and test splits of different sizes, so neither accuracy can pass for the other.
     config = tiny.model_copy(update={"num_val": 49, "num_test": 80, "num_epochs": 2})
     nets = []
-    real = executors.fit
+    real = worker.fit
 
     def keeping_the_net(*args, **kwargs):
         fitted = real(*args, **kwargs)
         nets.append(fitted.net)
         return fitted
 
-    monkeypatch.setattr(executors, "fit", keeping_the_net)
+    monkeypatch.setattr(worker, "fit", keeping_the_net)
     report = sweep(spec=SweepSpec(name="test-split", base=config, space={"train_seed": [0]}), tracking_uri=store.uri,
                    trials_in="threads")
 
@@ -235,14 +235,14 @@ def test_a_resumed_sweep_holds_its_parent_running_and_leased_while_it_trains(sto
     spec = SweepSpec(name="reopened", base=tiny, space={"train_seed": [0]})
     first = sweep(spec=spec, tracking_uri=store.uri, trials_in="threads")
     assert store.client.get_run(first.parent_run_id).info.status == "FINISHED"
-    seen, real = [], executors.fit
+    seen, real = [], worker.fit
 
     def watching(run, *args, **kwargs):
         seen.append(lease.live_holder(RunRecord.of(store.client.get_run(first.parent_run_id)), owner="someone else"))
         seen.append(store.client.get_run(first.parent_run_id).info.status)
         return real(run, *args, **kwargs)
 
-    monkeypatch.setattr(executors, "fit", watching)
+    monkeypatch.setattr(worker, "fit", watching)
     again = sweep(spec=spec.model_copy(update={"space": {"train_seed": [0, 1]}}), tracking_uri=store.uri,
                   trials_in="threads")
     assert again.parent_run_id == first.parent_run_id and [t.skipped for t in again.trials] == [True, False]

@@ -111,7 +111,7 @@ def test_the_train_flow_trains_a_resnet_end_to_end(store, tiny, tmp_path):
     result = train(config=config, tracking_uri=store.uri, run_name="tiny-resnet")
     [run] = store.runs("cnncore-train")
     assert run.info.status == "FINISHED" and run.data.params["model"] == "resnet"
-    assert run.data.metrics["final_test_acc"] == pytest.approx(result.final_test_acc)
+    assert run.data.metrics["accuracy/final_test_acc"] == pytest.approx(result.final_test_acc)
     checkpoint = store.client.download_artifacts(run.info.run_id, "checkpoint/model.npz", str(tmp_path))
     net = load_model(checkpoint)
     assert isinstance(net, ResNet) and len(net.norm_layers()) == 9 and net.config["num_filters"] == 4

@@ -103,6 +103,14 @@ def use_servers(ops_env):
         yield lambda **servers: stack.enter_context(pointing_at(ops_env, **servers))
 
 
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity, which Python writes but JSON has not."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def rest(base: str, path: str, body: dict | None = None, **query) -> dict:
     """GET (or POST body as JSON) base + path and decode the JSON answer."""
     url = base.rstrip("/") + path + ("?" + urllib.parse.urlencode(query, doseq=True) if query else "")

@@ -1,4 +1,4 @@
-"""What `cnnflow run` prints when a flow returns (flows.cli.render), and the exit status and line of an
+"""What `cnnflow run` prints when a flow returns (flows.answers), and the exit status and line of an
 error (flows.cli.errors): the text a user reads, from results built here (no flow runs, no server)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from flows import tracking
 from flows.cli import app
 from flows.cli.errors import CliError, one_line_errors
-from flows.cli.render import render
+from flows.answers import render
 from flows.config import TrainConfig
 from flows.pipeline import PipelineReport
 from flows.config import SweepSpec
@@ -25,15 +25,9 @@ from flows.sweep.lease import SweepBusyError
 from flows.sweep.resume import SweepChangedError
 from flows.train import TrainResult
 
+from .conftest import strict_json
+
 URL = "http://127.0.0.1:5000/#/experiments/1/runs/abc"
-
-
-def strict_json(text: str):
-    """json.loads that refuses NaN and Infinity, which Python writes but JSON has not."""
-    def refuse(constant):
-        raise ValueError(f"{constant} is not JSON")
-
-    return json.loads(text, parse_constant=refuse)
 
 
 def trial(index: int, normalization: str, seed: int, best_val: float | None, test: float | None,
@@ -195,9 +189,11 @@ def test_a_project_error_keeps_its_exit_status_and_is_one_line(error, code, caps
     assert err == f"error: {error}\n"
 
 
-def test_any_other_error_is_one_line_naming_its_type_and_exits_1(capsys):
-    status, err = exit_of(RuntimeError("the dataset\n  went away"), capsys)
-    assert (status, err) == (1, "error: RuntimeError: the dataset went away\n")
+def test_any_other_error_names_its_type_keeps_its_own_lines_and_exits_1(capsys):
+    """One message: the error's own lines (a list of URLs tried, say) each with its indentation, the runs of
+    spaces within a line collapsed, no blank lines."""
+    status, err = exit_of(RuntimeError("the dataset   went away:\n\n  tried   one\n  tried two  "), capsys)
+    assert (status, err) == (1, "error: RuntimeError: the dataset went away:\n  tried one\n  tried two\n")
 
 
 # ---------------------------------------------------------------- commands that read the store

@@ -87,6 +87,15 @@ def test_serve_registers_the_schedules_and_runs_an_ad_hoc_trigger(tmp_path, ops_
         run = rest(prefect_server, f"/flow_runs/{flow_run_id}")
         assert run["parameters"]["only"] == ["relu_forward", "affine_forward"]
         assert run["parameters"]["experiment"] == "cnncore-gradient-check"  # from prefect.yaml
+        # The run's logs end with its answer, as `cnnflow run` would print it, with its MLflow link.
+        def answer_logged():
+            logs = rest(prefect_server, "/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}},
+                                                         "sort": "TIMESTAMP_ASC", "limit": 200})
+            messages = [log["message"] for log in logs]
+            return messages if any("gradients checked" in m for m in messages) else None
+
+        answer = [m for m in wait_for(answer_logged, 30, "the run's answer in its logs") if "gradients checked" in m]
+        assert re.search(r"\d+ gradients checked, .*http://\S+/#/experiments/\d+/runs/[0-9a-f]{32}", answer[-1])
     finally:
         stop_process_group(serving)
 

@@ -138,6 +138,44 @@ def test_kill_9_of_the_sweep_takes_its_workers_along_and_a_resume_repairs_it(sql
     assert_resume_finishes(env, runs, "kill9", finished)
 
 
+def test_a_train_run_killed_with_9_is_repaired_by_the_next_run_in_its_experiment(sqlite_env):
+    env, store = sqlite_env
+    runs = Runs(store)
+    train = ["--experiment", "faults", "--num-train", "1000", "--batch-size", "10", "--num-filters", "8"]
+    killed = subprocess.Popen([str(CNNFLOW), "run", "train", *train, "--num-epochs", "50", "--run-name", "killed"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for(lambda: [r for r in runs.all()
+                      if r.info.run_name == "killed" and r.data.metrics.get("curves/loss") is not None],
+             180, "the train run logging its loss")
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait(10)
+    (left,) = [r for r in runs.all() if r.info.run_name == "killed"]
+    assert left.info.status == "RUNNING"  # what kill -9 leaves
+
+    done = subprocess.run([str(CNNFLOW), "run", "train", *train, "--num-epochs", "1", "--run-name", "next"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (repaired,) = [r for r in runs.all() if r.info.run_name == "killed"]
+    assert repaired.info.status == "KILLED"
+    assert repaired.data.tags["failure_reason"].startswith(f"the process that ran it (pid {killed.pid} on ")
+    assert "marked 1 run KILLED that a process which no longer runs had left RUNNING: killed" in done.stderr
+    assert not [r for r in runs.all() if r.info.status == "RUNNING"]
+
+
+def test_kill_9_with_no_local_server_takes_prefects_temporary_server_along(tmp_path, ops_env):
+    """Prefect's temporary server runs in the command's own process group; a watchdog kills it with the command."""
+    store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    env = {**ops_env, "MLFLOW_TRACKING_URI": store}  # no PREFECT_API_URL: the temporary server
+    runs = Runs(store)
+    sweep = start_sweep(env, "kill9-temporary", "--no-local-server")
+    wait_for(lambda: "RUNNING" in runs.statuses("kill9-temporary"), 240, "a trial in progress")
+    started = processes_in_group(sweep.pid)
+    assert len(started) > 2  # the command, Prefect's temporary server and the trial workers
+    os.kill(sweep.pid, signal.SIGKILL)
+    sweep.wait(10)
+    wait_for(lambda: not processes_in_group(sweep.pid), 15, "Prefect's temporary server and the workers gone")
+
+
 def test_the_same_sweep_name_twice_at_once_the_second_refuses_and_the_first_finishes(sqlite_env):
     env, store = sqlite_env
     runs = Runs(store)

@@ -58,8 +58,7 @@ def processes_naming(folder: Path) -> dict[int, str]:
         with contextlib.suppress(psutil.Error, OSError):
             if process.info["status"] == psutil.STATUS_ZOMBIE or process.pid == os.getpid():
                 continue
-            texts = [*process.cmdline(), *process.environ().values(), process.cwd()]
-            if any(str(folder) in text for text in texts):
+            if harness.names_folder(harness.process_texts(process), str(folder)):
                 found[process.pid] = " ".join(process.cmdline())
     return found
 

@@ -3,11 +3,13 @@ Prefect UI's flow run."""
 
 from __future__ import annotations
 
+import threading
+import time
 from types import SimpleNamespace
 
 from flows import tracking
 from flows.cli import run as cli_run
-from flows.cli.render import render
+from flows.answers import render
 from flows.servers import free_port, mlflow_ui_shows_run
 
 from .conftest import MLFLOW_API, rest
@@ -41,3 +43,17 @@ def test_the_answer_ends_with_the_prefect_flow_run_when_there_is_one():
     text = render({"answer": 42}, prefect_link="http://127.0.0.1:4242/runs/flow-run/abc")
     assert text.splitlines()[-1] == "Prefect flow run: http://127.0.0.1:4242/runs/flow-run/abc"
     assert "Prefect" not in render({"answer": 42})
+
+
+def test_a_run_slow_to_start_says_so_once_and_one_that_has_spoken_does_not(monkeypatch, capsys):
+    from flows import progress
+
+    monkeypatch.setattr(cli_run, "STARTING_SILENCE_S", 0.2)
+    monkeypatch.setattr(progress, "said_a_line", threading.Event())
+    cli_run._say_if_slow_to_start("train")
+    time.sleep(1.0)
+    assert capsys.readouterr().err.startswith("cnnflow run train: starting (loading Prefect, MLflow and the flow;")
+    progress.said_a_line.set()
+    cli_run._say_if_slow_to_start("train")
+    time.sleep(1.0)
+    assert capsys.readouterr().err == ""

@@ -1,7 +1,7 @@
 """Fault injection: put small realistic bugs into the code one at a time and see which the tests catch.
 
     .venv/bin/python tests/tools/mutate.py                          # every mutation, fast tier
-    .venv/bin/python tests/tools/mutate.py --only study diag       # ids starting with these words
+    .venv/bin/python tests/tools/mutate.py --only stats diag       # ids starting with these words
     .venv/bin/python tests/tools/mutate.py --file flows/sweep/     # mutations of files under this path
     .venv/bin/python tests/tools/mutate.py --only i19 --tests tests/test_x.py   # other tests than each entry's
     .venv/bin/python tests/tools/mutate.py --rev main --only i19    # the tests of another commit (before/after)
@@ -32,9 +32,12 @@ rate reaches --target (default 0.95), 1 otherwise. Not collected by pytest (no t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -110,19 +113,32 @@ def run_tests(clone: Clone, tests: tuple[str, ...], slow: bool, timeout_s: float
     try:
         output, _ = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, 9)
+        os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
         return "timeout", time.monotonic() - started, ""
+    except BaseException:  # Ctrl-C or SIGTERM: pytest (in a session of its own) goes with this run
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)  # pytest unwinds: its fixtures stop their servers
+        try:
+            process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        raise
     seconds = time.monotonic() - started
     if process.returncode == 0:
         return "passed", seconds, ""
-    failed = [line.removeprefix("FAILED ").split(" - ")[0] for line in output.splitlines()
-              if line.startswith(("FAILED ", "ERROR "))]
+    # pytest's summary lines ("FAILED tests/x.py::test - reason"), not captured log lines ("ERROR    prefect...").
+    failed = [line.split(" ", 1)[1].split(" - ")[0] for line in output.splitlines()
+              if re.match(r"(FAILED|ERROR) \S+::", line) or re.match(r"ERROR \S+\.py\b", line)]
     return "failed", seconds, failed[0] if failed else output.strip().splitlines()[-1] if output.strip() else ""
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", default=[], help="run the mutations whose id starts with one of these")
     parser.add_argument("--file", nargs="*", default=[], help="run the mutations of files under these paths")
@@ -133,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rev", help="run against this commit instead of the working tree")
     parser.add_argument("--list", action="store_true", help="list the mutations and their tests; run nothing")
     args = parser.parse_args(argv)
+    # SIGTERM as Ctrl-C: the tests in progress are stopped and the clone removed either way.
+    signal.signal(signal.SIGTERM, _interrupt)
 
     chosen = [m for m in MUTATIONS
               if (not args.only or m.id.startswith(tuple(args.only)))
@@ -186,4 +204,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted: no mutation is left in place (they live in a clone, now removed)", file=sys.stderr)
+        sys.exit(130)

@@ -1,6 +1,8 @@
-"""What `cnnflow run` prints when a flow returns: its answer as tables and lines (the default), or the
-whole result as YAML or JSON for scripts (--output yaml|json).
+"""A flow's answer as text: what `cnnflow run` prints when a flow returns, and what a flow run's logs end
+with wherever it ran (`log_answer`, its on_completion hook: a served or scheduled deployment, a worker).
 
+The answer (the default, "table") is tables and lines; --output yaml|json prints the whole
+result instead, for scripts:
 - train: one line with the test errors and the run's link;
 - sweep: the comparison, a row per normalization and a column per batch size (or other
   swept value): the final nets' test error, mean and 95% interval over seeds; for a grid
@@ -109,13 +111,13 @@ def _sweep_answer(report, width: int) -> list[str]:
 def _lowest_val_error(report, width: int) -> list[str]:
     if not report.choice:
         return []
-    from ..sweep.comparison import choice_text
+    from .sweep.comparison import choice_text
 
     return _wrap("lowest validation error: " + choice_text(report.choice), width)
 
 
 def _pipeline(report, width: int) -> list[str]:
-    from ..pipeline import final_training_text
+    from .pipeline import final_training_text
 
     took, kept = final_training_text(report.choice, report.final, report.registered_model,
                                      report.registered_version)
@@ -168,7 +170,7 @@ def _grid_table(cells: list[dict], differences: list[dict], width: int) -> str:
     """A grid's comparison (flows.sweep.comparison.wide_rows): a row per normalization, then per difference."""
     from rich.table import Table
 
-    from ..sweep.comparison import wide_rows
+    from .sweep.comparison import wide_rows
 
     rows = wide_rows(cells, differences)
     table = Table(box=None, header_style="bold", pad_edge=False)
@@ -200,3 +202,15 @@ def _number(value) -> str:
     if isinstance(value, float):
         return "—" if math.isnan(value) else f"{value:.4g}"
     return str(value)
+
+
+def log_answer(flow, flow_run, state) -> None:
+    """A flow's on_completion hook: its answer, line by line, at the end of its run's logs (in the Prefect UI,
+    and on the console of whatever runs a deployment). `cnnflow run` prints the answer itself and keeps
+    Prefect's INFO lines off its console, so it is not said twice there."""
+    from prefect.logging.loggers import flow_run_logger
+
+    logger = flow_run_logger(flow_run=flow_run, flow=flow)
+    for line in render(state.result(), Output.table).splitlines():
+        if line.strip():
+            logger.info(line)
