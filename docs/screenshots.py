@@ -186,9 +186,10 @@ def main(argv: list[str] | None = None) -> None:
             if server is None:
                 port = free_port()
                 server = f"http://127.0.0.1:{port}"
-                command, _ = mlflow_server_command(f"sqlite:///{workdir / 'mlflow.db'}", port,
-                                                   artifacts_destination=str(workdir / "artifacts"))
-                stack.enter_context(background_server(command, f"{server}/health", log=workdir / "server.log"))
+                command, env = mlflow_server_command(f"sqlite:///{workdir / 'mlflow.db'}", port,
+                                                     artifacts_destination=str(workdir / "artifacts"))
+                stack.enter_context(background_server(command, f"{server}/health", env={**os.environ, **env},
+                                                      log=workdir / "server.log"))
                 print(f"mlflow server at {server}")
             links = {"pipeline": run_cnnflow(PIPELINE, server, workdir), "study": run_cnnflow(STUDY, server, workdir)}
             take_screenshots(links, args.out, args.width, args.height)

@@ -155,8 +155,8 @@ def pipeline(
         report = sweep(spec=spec, max_workers=max_workers, **common)
         choice = choose_final(spec, report)
         config = final_config(spec, choice.config, final_num_epochs)
-        say(f"final training: {config.normalization} at batch {config.batch_size} for {final_num_epochs} epochs "
-            f"({choice.rule})")
+        say(f"final training: {config.normalization} at batch {config.batch_size} for {final_num_epochs} epochs, "
+            f"chosen by the rule: {choice.rule}")
         final = train(config=config, run_name=f"final-{config.normalization}", served_net="final", **common)
         model_name = f"cnncore-{config.dataset}"
         version = run.store.register_model(model_name, final.model_uri, final.run_id, CHAMPION)
