@@ -425,7 +425,11 @@ class Store:
             self.client.create_registered_model(name)
         except MlflowException:  # registered before
             pass
-        version = self.client.create_model_version(name, model_uri, run_id=run_id)
+        # A model logged in MLflow 3 (models:/m-<id>) is registered with its id: a tracking server refuses that
+        # source without it (INVALID_PARAMETER_VALUE), where a local store accepts it.
+        prefix, _, rest = model_uri.partition("models:/")
+        model_id = rest if not prefix and rest.startswith("m-") and "/" not in rest else None
+        version = self.client.create_model_version(name, model_uri, run_id=run_id, model_id=model_id)
         self.client.set_registered_model_alias(name, alias, version.version)
         return int(version.version)
 

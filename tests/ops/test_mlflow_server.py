@@ -96,3 +96,23 @@ def test_unreachable_server_fails_the_sweep_fast_with_a_clear_message_and_writes
     with pytest.raises(TrackingUnavailableError, match=f"tracking server at {dead} is unreachable.*Nothing was logged"):
         state.result()
     assert list(tmp_path.iterdir()) == []  # no local store, no stray artifacts
+
+
+def test_a_trained_net_is_registered_through_the_server_as_the_pipeline_registers_it(mlflow_server, prefect_server,
+                                                                                     ops_env):
+    """MLflow 3 logs a model as models:/m-<id>; a tracking server (unlike a local store) registers that source only
+    with its model id, which `make run` against a server needs for its champion."""
+    import mlflow
+
+    from flows.config import TrainConfig
+    from flows.tracking import connect
+    from flows.train import train
+
+    config = TrainConfig(num_train=100, num_val=40, num_test=40, num_epochs=1, batch_size=20, num_filters=4)
+    with pointing_at(ops_env, mlflow=mlflow_server, prefect=prefect_server):
+        result = train(config=config, experiment="ops-register", served_net="final")
+        assert result.model_uri.startswith("models:/m-")
+        version = connect(mlflow_server).register_model("ops-champion", result.model_uri, result.run_id, "champion")
+        registered = mlflow.MlflowClient(mlflow_server).get_model_version_by_alias("ops-champion", "champion")
+    assert registered.version == str(version) and registered.run_id == result.run_id
+    assert registered.source == result.model_uri
