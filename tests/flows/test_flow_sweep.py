@@ -235,14 +235,14 @@ def test_a_resumed_sweep_holds_its_parent_running_and_leased_while_it_trains(sto
     spec = SweepSpec(name="reopened", base=tiny, space={"train_seed": [0]})
     first = sweep(spec=spec, tracking_uri=store.uri, trials_in="threads")
     assert store.client.get_run(first.parent_run_id).info.status == "FINISHED"
-    seen, real = [], worker.fit
+    seen, real = [], executors.train_trial
 
     def watching(run, *args, **kwargs):
         seen.append(lease.live_holder(RunRecord.of(store.client.get_run(first.parent_run_id)), owner="someone else"))
         seen.append(store.client.get_run(first.parent_run_id).info.status)
         return real(run, *args, **kwargs)
 
-    monkeypatch.setattr(worker, "fit", watching)
+    monkeypatch.setattr(executors, "train_trial", watching)
     again = sweep(spec=spec.model_copy(update={"space": {"train_seed": [0, 1]}}), tracking_uri=store.uri,
                   trials_in="threads")
     assert again.parent_run_id == first.parent_run_id and [t.skipped for t in again.trials] == [True, False]

@@ -17,6 +17,15 @@ def cnnflow(env: dict, cwd, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(CNNFLOW), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
 
 
+def error_part(stderr: str) -> str:
+    """stderr from its one `error:` line on; what comes before it must be progress lines, no error."""
+    lines = stderr.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    assert len(starts) == 1, stderr
+    assert not any("error" in line.lower() for line in lines[:starts[0]]), stderr
+    return "".join(lines[starts[0]:])
+
+
 def test_a_missing_dataset_is_one_message_at_once_and_verbose_adds_the_engines_copies(tmp_path, ops_env,
                                                                                       prefect_server):
     empty = tmp_path / "data"
@@ -26,7 +35,8 @@ def test_a_missing_dataset_is_one_message_at_once_and_verbose_adds_the_engines_c
     done = cnnflow(env, tmp_path, "run", "train", "--dataset", "mnist", *TINY_TRAIN, "--run-name", "no-mnist")
     assert done.returncode == 1, done.stderr[-3000:]
     assert done.stderr.count("MNIST is not available") == 1, done.stderr
-    assert done.stderr.startswith("error: MNIST is not available") and "\\n" not in done.stderr
+    # The progress lines before it ("opening its MLflow run") are the no-silence lines; the error is the rest.
+    assert error_part(done.stderr).startswith("error: MNIST is not available") and "\\n" not in done.stderr
     assert PREFECT_LINE.search(done.stderr) is None, done.stderr
     # Its lines as written: the folder looked in and how to place the files, each a line of its own.
     assert re.search(rf"^Looked for the files in {re.escape(str(empty / 'mnist'))}\.$", done.stderr, re.M)
@@ -51,7 +61,8 @@ def test_a_changed_base_under_an_existing_sweep_name_is_one_line_with_what_to_do
     assert cnnflow(env, tmp_path, *sweep).returncode == 0
     again = cnnflow(env, tmp_path, *sweep, "--num-epochs", "2")
     assert again.returncode == 2, again.stderr[-3000:]
-    assert again.stderr.strip().splitlines() == [again.stderr.strip()]
-    assert again.stderr.startswith("error: sweep 'changed' already exists with another base configuration "
+    error = error_part(again.stderr)
+    assert error.strip().splitlines() == [error.strip()]
+    assert error.startswith("error: sweep 'changed' already exists with another base configuration "
                                    "(num_epochs: 1 there, 2 here)")
     assert "--no-resume" in again.stderr and PREFECT_LINE.search(again.stderr) is None
