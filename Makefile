@@ -46,7 +46,7 @@ studies: $(STAMP)
 	  $(BIN)/cnnflow run sweep --preset $$preset --experiment studies; \
 	  $(BIN)/cnnflow report $$name --experiment studies --to docs/studies/$$name > /dev/null; \
 	done
-	$(BIN)/python -m flows.study.dose_response --studies docs/studies --suffix "$(SIZE)" \
+	$(BIN)/python -m flows.study.dose_response --studies docs/studies --suffix="$(SIZE)" \
 	  --to docs/studies/dose-response$(SIZE)
 
 bench: $(STAMP)

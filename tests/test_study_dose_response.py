@@ -115,7 +115,32 @@ def test_the_command_reads_exported_presets_and_writes_the_report(tmp_path, caps
     assert "The least statistics noise" in capsys.readouterr().out
 
 
+
+def test_the_command_reads_the_small_presets_by_suffix_and_records_the_command_that_does(tmp_path):
+    studies, dest = tmp_path / "studies", tmp_path / "out"
+    (studies / "normbatch-fc-small").mkdir(parents=True)
+    FC[0].to_csv(studies / "normbatch-fc-small" / "trials.csv", index=False)
+    FC[1].to_csv(studies / "normbatch-fc-small" / "diagnostics_layers.csv", index=False)
+    (studies / "normbatch-convnet3").mkdir()  # a full preset's folder is not read with --suffix -small
+    CONV[0].to_csv(studies / "normbatch-convnet3" / "trials.csv", index=False)
+    assert main(["--studies", str(studies), "--suffix=-small", "--to", str(dest)]) == 0
+    markdown = (dest / "report.md").read_text()
+    assert "Presets read: normbatch-fc; missing: normbatch-convnet3," in markdown
+    assert f"`python -m flows.study.dose_response --studies {studies} --suffix=-small --to {dest}`" in markdown
+
 def test_the_command_without_any_preset_says_what_to_run(tmp_path, capsys):
     assert main(["--studies", str(tmp_path), "--to", str(tmp_path / "out")]) == 1
     assert "no normalization-batch preset found under" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_two_seed_dose_response_says_it_is_a_smoke_test_before_any_number():
+    two = {name: (trials[trials.seed < 2], diag) for name, (trials, diag) in
+           (("normbatch-fc", FC), ("normbatch-convnet3", CONV))}
+    smoke = build_dose_response(two)
+    assert smoke.answer.startswith("Smoke test (2 seeds), not a result: ")
+    title, blank, banner = smoke.markdown.split("\n")[:3]
+    assert banner.startswith("> **A smoke test, not a result: 2 seeds.**") and "Run the full presets" in banner
+    assert smoke.markdown.index(banner) < smoke.markdown.index("## The answer")
+    full = build_dose_response({"normbatch-fc": FC, "normbatch-convnet3": CONV})
+    assert "smoke" not in full.markdown.lower() and not full.answer.lower().startswith("smoke")

@@ -164,6 +164,13 @@ def test_gn_beating_bn_is_its_own_paired_difference():
     assert f"GN beats BN at batch 2 by {d.mean():.2f} points" in markdown
 
 
+
+def test_no_difference_beyond_its_interval_is_said_in_the_designs_own_unit():
+    """The single-device design varies the batch size; "g" is the normalization-batch design's word."""
+    markdown = build_study(synthetic_trials(0.0, rng_seed=3), spec(seeds=SEEDS)).markdown
+    assert "At no batch size does either of BN and GN beat the other beyond its interval." in markdown
+    assert "At no g " not in markdown
+
 def test_precise_bn_is_a_row_of_every_table():
     result = build_study(synthetic_trials(5.0), spec())
     markdown = result.markdown

@@ -12,7 +12,9 @@ import contextlib
 import inspect
 import os
 import shutil
+import sys
 import threading
+import typing
 from pathlib import Path
 from typing import Any, Optional
 
@@ -55,6 +57,8 @@ def flow_summary(entrypoint: str) -> str:
 
 
 def run_flow(flow, options: list[FlowOption], given: dict[str, Any]) -> None:
+    from ..prefect_watch import PrefectServerLostError
+
     with one_line_errors(), stopped_by_signals():
         params = collect_parameters(options, given, given.get("params"))
         validated = validate_parameters(flow, params, options)
@@ -62,12 +66,65 @@ def run_flow(flow, options: list[FlowOption], given: dict[str, Any]) -> None:
             validated["tracking_uri"] = credentials.masked_for_flow(validated["tracking_uri"])
         _check_tracking_server(flow, validated)
         configure_prefect_console(verbose=Settings.verbose, tracebacks=Settings.debug)  # the server's lines too
-        with _prefect_server(flow, given.get("local_server", True)):
-            result, prefect_link = _run_and_link(flow, validated)
+        local_server = given.get("local_server", True)
+        server = _server_name(flow, local_server)
+        try:
+            with _prefect_server(flow, local_server) as temporary_api_url:
+                result, prefect_link, loss = _run_watched(flow, validated, temporary_api_url, server)
+        except PrefectServerLostError as lost:
+            _exit_lost(lost)
         text = render(result, given.get("output") or "table", width=shutil.get_terminal_size((120, 40)).columns,
                       ui_hint=_ui_hint(validated, result), prefect_link=prefect_link)
         if text:
             typer.echo(text)
+        if loss is not None:  # the flow's answer is above; Prefect could not record its end
+            _exit_lost(loss)
+
+
+def _exit_lost(loss) -> typing.NoReturn:
+    """The Prefect server's loss in one line, and out at once: the flow's workers are stopped and MLflow has it
+    all, while Prefect's event and log workers would spend a minute at exit retrying what the server cannot take."""
+    typer.echo(f"error: {' '.join(str(loss).split())}", err=True)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader gone, or the stream closed
+            stream.flush()
+    os._exit(loss.exit_code)
+
+
+def _run_watched(flow, validated: dict, api_url: str | None, server: str):
+    """(flow(**validated), its Prefect link (_run_and_link), the loss of its Prefect server or None), the server
+    watched (flows.prefect_watch): a server lost while the flow failed raises the loss, whatever Prefect's client
+    raised after it (a bare ConnectError); lost while the flow finished, the result comes with the loss, to say
+    after the answer.
+
+    api_url: the server's API, when Prefect's settings do not name it (the temporary server).
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    from .. import prefect_watch
+
+    with prefect_watch.watching(api_url or PREFECT_API_URL.value(), server):
+        try:
+            result, link = _run_and_link(flow, validated)
+        except Exception as exc:
+            loss = prefect_watch.lost()
+            if loss is not None and prefect_watch.stopped_by_loss(exc):
+                raise loss from None  # the flow stopped because of it (and Prefect's engine could not record that)
+            if loss is None or not prefect_watch.unreachable(exc):
+                raise  # the flow's own failure says more than the server's loss
+            # Prefect's engine could not record the end of a flow whose body went on without the server.
+            raise loss.after_the_flow_finished() from None
+    loss = prefect_watch.lost()
+    return result, link, None if loss is None else loss.after_the_flow_finished()
+
+
+def _server_name(flow, local_server: bool) -> str:
+    """How messages name the Prefect server the flow will report to (see _prefect_server)."""
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url:
+        return "the Prefect server"
+    return "the local Prefect server" if local_server else "Prefect's temporary server"
 
 
 def _run_and_link(flow, params: dict) -> tuple[Any, str]:

@@ -160,7 +160,7 @@ def method_section(delta: float) -> str:
         f"given n and the observed sd of the paired differences (noncentral t). With few seeds the observed sd is "
         f"itself uncertain, so the MDE is a guide, not a guarantee. One seed gives no interval and no MDE.",
         "- Outside the answer's Holm-corrected family each interval is read on its own: where nothing is going on, "
-        "about 1 in 20 of them still excludes 0 by chance. A lone detection among many null cells is weak "
-        "evidence.",
+        "about 1 in 20 of them still excludes 0 by chance. A lone detection among many cells that detect "
+        "nothing is weak evidence.",
     ])
 

@@ -34,7 +34,7 @@ from .presets import DOSE_PRESETS, preset_spec
 from .render import estimate_text, figure_png, markdown_table, number, report_html
 from .report import StudyResult
 from .design import net_words, provenance_section
-from .sections import label
+from .sections import SMOKE_SEEDS, label, smoke_banner, smoke_prefix
 from .statistics import ALPHA, DELTA, changes, differences, reference_batch
 from .trials import NORM_BATCH, arms, require_records
 
@@ -200,8 +200,12 @@ def build_dose_response(studies: dict[str, tuple[pd.DataFrame, pd.DataFrame | No
     points = [p for name, (records, layers) in studies.items() for p in preset_points(name, records, layers)]
     table = points_table(points)
     figures = {"dose_response": dose_figure(points)} if points else {}
+    seeds = max((p.n for p in points), default=0)
+    smoke = 0 < seeds < SMOKE_SEEDS
+    sentences = reading(points)
     lines = ["# When does batch norm lose? Dose-response across the normalization-batch presets", "",
-             "## The answer", "", *(f"- {line}" for line in reading(points)), ""]
+             *([smoke_banner(seeds, "the full presets"), ""] if smoke else []),
+             "## The answer", "", *(f"- {line}" for line in sentences), ""]
     if points:
         lines += ["![BN's extra error against statistics noise and values pooled](dose_response.png)", "",
                   "## Every preset at every g", "",
@@ -225,7 +229,8 @@ def build_dose_response(studies: dict[str, tuple[pd.DataFrame, pd.DataFrame | No
               provenance_section(provenance)]
     markdown = "\n".join(lines) + "\n"
     return StudyResult(markdown, {"points": table}, {k: stamp(f, provenance) for k, f in figures.items()},
-                       answer=" ".join(reading(points)), answer_figure="dose_response" if figures else "")
+                       answer=(smoke_prefix(seeds) if smoke else "") + " ".join(sentences),
+                       answer_figure="dose_response" if figures else "")
 
 
 def read_studies(folder: Path, names=DOSE_PRESETS) -> dict[str, tuple[pd.DataFrame, pd.DataFrame | None]]:
@@ -256,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder holding the presets' exported reports (default docs/studies)")
     parser.add_argument("--to", type=Path, default=Path("docs/studies/dose-response"),
                         help="folder to write the report into (default docs/studies/dose-response)")
-    parser.add_argument("--suffix", default="", help="read <preset><suffix> folders, e.g. -small")
+    parser.add_argument("--suffix", default="", help="read <preset><suffix> folders, e.g. --suffix=-small")
     args = parser.parse_args(argv)
     from ..provenance import provenance
 
@@ -266,8 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no normalization-batch preset found under {args.studies} ({', '.join(DOSE_PRESETS)}): run them "
               f"first (make studies)", file=sys.stderr)
         return 1
+    suffix = f" --suffix={args.suffix}" if args.suffix else ""  # "=": a value that starts with "-"
     result = build_dose_response(studies, provenance(
-        f"python -m flows.study.dose_response --studies {args.studies} --to {args.to}"))
+        f"python -m flows.study.dose_response --studies {args.studies}{suffix} --to {args.to}"))
     write(result, args.to)
     print(result.answer)
     print(f"written to {args.to}/", file=sys.stderr)

@@ -128,7 +128,7 @@ def build_study(trials: pd.DataFrame, spec: SweepSpec, diagnostics: pd.DataFrame
                                       num_train, ctx),
               closing.provenance_section(provenance), closing.method_section(delta)]
     if ctx.smoke and not finished.empty:
-        parts.insert(1, sections.smoke_banner(ctx))
+        parts.insert(1, sections.smoke_banner(ctx.seeds))
     summary = sections.wide_cells(tables["cells"], ctx) if "cells" in tables else None
     summary_title = (f"Test error (%), {ctx.measure()}: mean, 95% CI and n over seeds ({design.title}"
                      + (f", SGD batch {spec.base.batch_size})" if design.norm_batch else ")"))

@@ -63,10 +63,16 @@ class Context:
                 "best_val_test_error": "best-validation net's test error"}[name]
 
 
-def smoke_banner(ctx: Context) -> str:
-    return (f"> **A smoke test, not a result: {seeds_text(ctx.seeds)}.** With fewer than {SMOKE_SEEDS} seeds an "
-            f"interval rests on {max(ctx.seeds - 1, 0)} degree{'s' * (ctx.seeds != 2)} of freedom: the intervals "
-            f"below are honest, and far too wide to answer the question. Run the full preset for an answer.")
+def smoke_banner(seeds: int, full: str = "the full preset") -> str:
+    """The line a report with fewer than SMOKE_SEEDS seeds opens with; full: what to run for an answer."""
+    return (f"> **A smoke test, not a result: {seeds_text(seeds)}.** With fewer than {SMOKE_SEEDS} seeds an "
+            f"interval rests on {max(seeds - 1, 0)} degree{'s' * (seeds != 2)} of freedom: the intervals "
+            f"below are honest, and far too wide to answer the question. Run {full} for an answer.")
+
+
+def smoke_prefix(seeds: int) -> str:
+    """What a smoke test's answer starts with, so that no sentence of it reads as a result."""
+    return f"Smoke test ({seeds_text(seeds)}), not a result: "
 
 
 # ---------------------------------------------------------------- the answer
@@ -133,7 +139,8 @@ def difference_reading(rows: list[Difference], ctx: Context) -> str:
     a, b = map(label, ctx.pair)
     beats = [r for r in rows if r.estimate.n >= 2 and (r.estimate.low > 0 or r.estimate.high < 0)]
     if not beats:
-        return f"At no g does either of {a} and {b} beat the other beyond its interval."
+        return (f"At no {'g' if ctx.design.norm_batch else 'batch size'} does either of {a} and {b} beat the other "
+                f"beyond its interval.")
     return "; ".join(f"{label(r.b) if r.estimate.mean > 0 else label(r.a)} beats "
                      f"{label(r.a) if r.estimate.mean > 0 else label(r.b)} at {ctx.at(r.norm_batch)} by "
                      f"{abs(r.estimate.mean):.2f} points "
@@ -149,7 +156,7 @@ def short_answer(primary: list, differences: list[Difference], ctx: Context) -> 
                     f"of {ctx.spec.base.batch_size}, and does {b} beat it?")
     else:
         question = f"Does {a} lose more than {b} as the batch shrinks from {ctx.reference}?"
-    prefix = f"Smoke test ({seeds_text(ctx.seeds)}), not a result: " if ctx.smoke else ""
+    prefix = smoke_prefix(ctx.seeds) if ctx.smoke else ""
     if not primary:
         return f"{prefix}{question} Not answerable from this run."
     text = f"{prefix}{question} In short ({ctx.measure()}): {primary_reading(primary, ctx)}"

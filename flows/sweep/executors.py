@@ -253,6 +253,6 @@ def run_trials(parent: Run, spec: SweepSpec, todo: dict[int, TrainConfig], max_w
             stop.set(exc)
             stop_workers(processes)
             raise
-        if stop:  # a trial saw the tracking server go
+        if stop and len(results) < len(todo):  # a trial saw the tracking server go (if all ended, go on)
             stop.check()
     return [results[i] for i in sorted(results)]

@@ -11,6 +11,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import PositiveInt
 
+from .. import prefect_watch
 from ..answers import log_answer
 from ..config import SweepSpec
 from ..load_data import load_data_once, load_dataset, log_dataset
@@ -102,8 +103,9 @@ def sweep(
     store = connect(tracking_uri)
     owner = lease.new_owner()
     parent, resumed = open_sweep_run(store, experiment, spec, trials, parent_run_id, owner)
-    stop = StopRequest()  # set by a trial, a signal, or the lease's heartbeat finding the store gone
-    with parent, lease.held(parent, owner, on_lost=stop.set), parent.system_metrics(system_metrics):
+    stop = StopRequest()  # set by a trial, a signal, the lease finding the store gone, or Prefect's loss
+    with (parent, lease.held(parent, owner, on_lost=stop.set), prefect_watch.on_lost(stop.set),
+          parent.system_metrics(system_metrics)):
         parent.link_flow_run(spec.name)
         finished = find_finished_trials(parent, spec, trials)
         skipped = [skipped_trial(spec, i, c, finished[c.key()]) for i, c in enumerate(trials) if c.key() in finished]

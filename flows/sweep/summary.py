@@ -18,6 +18,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from .. import prefect_watch
 from ..config import SweepSpec
 from ..figures import sweep_comparison_figure
 from ..metrics import ANSWER_PREFIX, BATCH_SIZE, FINAL_TEST_ACC
@@ -97,8 +98,9 @@ def publish_comparison(parent: Run, spec: SweepSpec, results: list[TrialResult],
                                                      failed=sum(r.status != FINISHED for r in results))}
     markdown = comparison_markdown(comparison, spec, choice)
     parent.log_text(report_html(markdown, figures, f"Sweep {spec.name}"), REPORT)
-    create_markdown_artifact(embedded_markdown(comparison_markdown(comparison, spec, choice, parent.url), figures),
-                             key=artifact_key(f"sweep-{spec.name}"), description=f"What sweep {spec.name} found")
+    prefect_watch.optional(create_markdown_artifact,
+                           embedded_markdown(comparison_markdown(comparison, spec, choice, parent.url), figures),
+                           key=artifact_key(f"sweep-{spec.name}"), description=f"What sweep {spec.name} found")
     return choice
 
 
@@ -245,6 +247,6 @@ def write_study_report(parent: Run, spec: SweepSpec, results: list[TrialResult],
         parent.log_figure(figure, f"study/{name}.png")
     parent.log_text(study.markdown, "study/report.md")
     parent.log_text(study.html(), "study/report.html")
-    create_markdown_artifact(study.markdown_with_figures() + f"\n\nMLflow: {parent.url}",
-                             key=artifact_key(f"study-{spec.name}"), description=f"The study's report: sweep {spec.name}")
+    prefect_watch.optional(create_markdown_artifact, study.markdown_with_figures() + f"\n\nMLflow: {parent.url}",
+                           key=artifact_key(f"study-{spec.name}"), description=f"The study's report: sweep {spec.name}")
     return study

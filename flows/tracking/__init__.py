@@ -27,7 +27,7 @@ flows/serving.py, the served model's own code file.
 """
 
 from . import liveness
-from .patience import TrackingUnavailableError
+from .patience import StoreFullError, TrackingUnavailableError
 from .names import FAILED, FINISHED, KILLED, RUNNING, RunRecord, failure_reason
 from .run import TAG_FAILURE_REASON, TAG_MODEL_URI, Run
 from .store import (DEFAULT_STORE, DEFAULT_UI_URL, REPO_ROOT, Store, artifact_root, connect, default_tracking_uri,
@@ -35,8 +35,8 @@ from .store import (DEFAULT_STORE, DEFAULT_UI_URL, REPO_ROOT, Store, artifact_ro
                     tracked_flow_run)
 from .views import BarChart, LineChart, in_page, save_children_view
 
-__all__ = ["liveness", "BarChart", "DEFAULT_STORE", "DEFAULT_UI_URL", "FAILED", "FINISHED", "KILLED", "LineChart",
-           "REPO_ROOT", "RUNNING", "Run", "RunRecord", "Store", "TAG_FAILURE_REASON", "TAG_MODEL_URI",
+__all__ = ["BarChart", "DEFAULT_STORE", "DEFAULT_UI_URL", "FAILED", "FINISHED", "KILLED", "LineChart", "REPO_ROOT",
+           "RUNNING", "Run", "RunRecord", "Store", "StoreFullError", "TAG_FAILURE_REASON", "TAG_MODEL_URI",
            "TrackingUnavailableError", "artifact_root", "connect", "default_tracking_uri", "failure_reason",
-           "import_client", "in_page", "is_database", "is_server", "require_writable", "resolve_tracking_uri",
-           "sqlite_path", "tracked_flow_run"]
+           "import_client", "in_page", "is_database", "is_server", "liveness", "require_writable",
+           "resolve_tracking_uri", "sqlite_path", "tracked_flow_run"]

@@ -12,14 +12,24 @@ the calls other threads have in progress stop waiting, and calls in the next
 ``RECHECK_DOWN_S`` seconds fail at once without a request, so a flow that is already
 failing reports it within about the wait, whether the server refuses connections or
 hangs. After that a call tries once more; a call that gets through marks the store up.
+
+A full store (a full disk under a sqlite file, a database out of space) is not
+waited for: the call raises ``StoreFullError``, one line naming the store, the cause
+and the free space, and a sqlite store's reserve (``RESERVE_BYTES`` kept allocated
+beside it by ``connect``) is given back so that the runs in progress can still be
+marked FAILED.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import os
+import shutil
 import threading
 import time
+from pathlib import Path
 
 from .. import credentials
 
@@ -38,8 +48,78 @@ _down_lock = threading.Lock()
 _down_changed = threading.Condition(_down_lock)
 
 
+# Space kept allocated beside a sqlite store (mlflow.db.reserve) and given back when its disk fills: SQLite
+# needs room for a journal to change even one row, so without it a full disk would leave the runs in
+# progress RUNNING, their FAILED status and reason unwritten.
+RESERVE_BYTES = 256 * 1024
+
+
 class TrackingUnavailableError(RuntimeError):
     """The MLflow tracking store does not answer."""
+
+
+class StoreFullError(TrackingUnavailableError):
+    """The MLflow store's disk (or database) is full: it answers, but takes no more writes. Not retried: a
+    sweep stops on it as when its store stops answering, and a rerun after freeing space resumes it."""
+
+
+def store_full(exc: BaseException) -> str | None:
+    """What says that a store is full in exc or the exceptions it came from (SQLite's "database or disk is
+    full", ENOSPC, a quota), else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"{exc.strerror} ({exc.filename})" if exc.filename else str(exc.strerror)
+        text = str(exc)
+        for phrase in ("database or disk is full", "No space left on device", "Disk quota exceeded"):
+            if phrase in text:
+                return phrase
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def reserve_path(db: Path) -> Path:
+    return db.with_name(db.name + ".reserve")
+
+
+def keep_reserve(db: Path) -> None:
+    """Keep RESERVE_BYTES allocated beside a sqlite store, where the disk has room for them (else nothing)."""
+    path = reserve_path(db)
+    with contextlib.suppress(OSError):
+        if path.stat().st_size >= RESERVE_BYTES:
+            return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)
+        finally:
+            os.close(fd)
+    except OSError:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _size(nbytes: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if nbytes >= size:
+            return f"{nbytes / size:.1f} {unit}"
+    return f"{nbytes // 1024} KiB"
+
+
+def full_store_error(uri: str, cause: str) -> StoreFullError:
+    """The one line for a full store: which, why, how much is free where it writes, and what to do. A sqlite
+    store's reserve is given back here, so that the runs in progress can still be marked."""
+    where = ""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        with contextlib.suppress(OSError):
+            usage = shutil.disk_usage(db.parent)
+            where = f" ({_size(usage.free)} free of {_size(usage.total)} in {db.parent})"
+        with contextlib.suppress(OSError):
+            reserve_path(db).unlink()
+    return StoreFullError(f"the MLflow store {credentials.mask(uri)} is full: {cause}{where}. Free space there and "
+                          "rerun the command: a sweep resumes from its finished trials")
 
 
 def wait_s() -> float:
@@ -64,7 +144,9 @@ def hand_retries_to_us() -> None:
 
 def is_connection_failure(exc: BaseException) -> bool:
     """Whether exc says the server could not be reached (refused, reset, timed out, 502-504), not that
-    it refused the request."""
+    it refused the request (nor that the store is full: waiting does not free space)."""
+    if isinstance(exc, StoreFullError):
+        return False
     if isinstance(exc, TrackingUnavailableError):
         return True
     try:
@@ -113,6 +195,8 @@ def patient(method):
             try:
                 result = method(self, *args, **kwargs)
             except Exception as exc:
+                if not isinstance(exc, StoreFullError) and (full := store_full(exc)) is not None:
+                    raise full_store_error(uri, full) from exc
                 if not is_connection_failure(exc):
                     raise
                 if given_up_elsewhere() or time.monotonic() + delay > deadline:

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .. import credentials
+from .. import credentials, prefect_watch
 from ..shutdown import interruption
-from .patience import TrackingUnavailableError, mark_down, patient
+from .patience import StoreFullError, TrackingUnavailableError, mark_down, patient, store_full
 from .names import (FAILED, FINISHED, KILLED, MAX_TAG_CHARS, MLFLOW_DATASET_CONTEXT, MLFLOW_NOTE, RUNNING,
                     RunRecord, failure_reason, prefect_tags)
 
@@ -71,8 +71,8 @@ class Run:
         if exc is None:
             self.finish()
             return
-        if isinstance(exc, TrackingUnavailableError):  # a worker's or another thread's finding: no second wait
-            mark_down(self.store.uri, str(exc))
+        if isinstance(exc, TrackingUnavailableError) and not isinstance(exc, StoreFullError):
+            mark_down(self.store.uri, str(exc))  # a worker's or another thread's finding: no second wait
         # The failure that ended the block is what to report; a store that cannot take the FAILED status
         # now leaves the run RUNNING, for a rerun to repair.
         with contextlib.suppress(TrackingUnavailableError):
@@ -93,12 +93,17 @@ class Run:
 
     @patient
     def fail(self, exc: BaseException) -> None:
-        """FAILED, or KILLED for an interrupt (a signal), with a failure_reason tag and the traceback."""
+        """FAILED, or KILLED when the work was stopped (a signal; a reason whose stops_work is true, as a lost
+        Prefect server's), with a failure_reason tag and the traceback."""
         interrupted = interruption(exc)
-        self._client.set_tag(self.id, TAG_FAILURE_REASON, failure_reason(interrupted or exc))
-        self._client.log_text(self.id, credentials.mask("".join(traceback.format_exception(exc))),
-                              "failure/traceback.txt")
-        self._client.set_terminated(self.id, KILLED if interrupted else FAILED)
+        # Each write on its own: on a full disk the status may still fit where the reason and traceback do not.
+        with _unless_full():
+            self._client.set_tag(self.id, TAG_FAILURE_REASON, failure_reason(interrupted or exc))
+        with _unless_full():
+            self._client.log_text(self.id, credentials.mask("".join(traceback.format_exception(exc))),
+                                  "failure/traceback.txt")
+        stopped = interrupted is not None or getattr(exc, "stops_work", False)
+        self._client.set_terminated(self.id, KILLED if stopped else FAILED)
 
     @patient
     def reopen(self) -> None:
@@ -269,13 +274,24 @@ class Run:
         from prefect.artifacts import create_link_artifact
         from prefect.runtime import flow_run
 
-        create_link_artifact(
+        prefect_watch.optional(  # a lost Prefect server must not fail a run MLflow records
+            create_link_artifact,
             link=self.url,
             link_text=f"MLflow run {name}",
             key=f"mlflow-{flow_run.flow_name or 'run'}".lower().replace("_", "-"),
             description=f"MLflow run `{self.id}` in the store `{credentials.mask(self.store.uri)}`; "
                         f"open the UI with `{self.store.ui_command()}`.",
         )
+
+
+@contextlib.contextmanager
+def _unless_full() -> Iterator[None]:
+    """Skip a write that a full store refuses (the next one may still fit)."""
+    try:
+        yield
+    except Exception as exc:
+        if store_full(exc) is None:
+            raise
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import shlex
 import sys
@@ -29,7 +30,7 @@ from ..progress import say
 from ..provenance import run_tags
 from . import liveness
 from .names import EXPERIMENT_KIND, KILLED, MAX_TAG_CHARS, MLFLOW_PARENT_RUN_ID, RunRecord, prefect_tags
-from .patience import TrackingUnavailableError, hand_retries_to_us, patient
+from .patience import TrackingUnavailableError, hand_retries_to_us, keep_reserve, patient
 from .run import TAG_FAILURE_REASON, Run
 
 if TYPE_CHECKING:  # mlflow is imported where used: `cnnflow --help` should not wait for it
@@ -104,6 +105,8 @@ def connect(tracking_uri: str | None = None, timeout_s: float = 5.0, *, read_onl
             db.parent.mkdir(parents=True, exist_ok=True)
             with _initialising(db):
                 store.client.search_experiments(max_results=1)
+            if not read_only:
+                keep_reserve(db)
         else:
             store.client.search_experiments(max_results=1)
     except Exception as exc:
@@ -253,6 +256,9 @@ class Store:
             if key not in _CLIENTS:
                 from mlflow import MlflowClient
 
+                # MLflow logs each failed database write with its traceback, then raises it to us: we say it
+                # once, in one line (a full disk made hundreds of traceback lines).
+                logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
                 _CLIENTS[key] = MlflowClient(self.uri)
             return _CLIENTS[key]
 

@@ -93,3 +93,66 @@ def test_a_bad_wait_setting_is_named(monkeypatch, text):
     monkeypatch.setenv(patience.WAIT_ENV, text)
     with pytest.raises(ValueError, match="CNNCORE_TRACKING_WAIT_S must be a number of seconds >= 0"):
         patience.wait_s()
+
+
+class FullDisk(Flaky):
+    def __init__(self, uri: str, error: Exception):
+        super().__init__(1, error)
+        self.uri = uri
+
+
+def sqlite_full() -> Exception:
+    """What SQLAlchemy raises on a full disk: the sqlite3 error as its cause, under MLflow's own."""
+    import sqlite3
+
+    try:
+        try:
+            raise sqlite3.OperationalError("database or disk is full")
+        except sqlite3.OperationalError as exc:
+            raise RuntimeError("(sqlite3.OperationalError) database or disk is full [SQL: ...]") from exc
+    except RuntimeError as outer:
+        try:
+            raise Exception("MlflowException: failed to update the run") from outer
+        except Exception as top:
+            return top
+
+
+def test_a_full_store_is_said_at_once_in_one_line_and_its_reserve_given_back(tmp_path, monkeypatch):
+    monkeypatch.setenv(patience.WAIT_ENV, "30")
+    db = tmp_path / "mlflow.db"
+    patience.keep_reserve(db)
+    reserve = patience.reserve_path(db)
+    assert reserve.stat().st_size == patience.RESERVE_BYTES and reserve.stat().st_mode & 0o777 == 0o600
+    full = FullDisk(f"sqlite:///{db}", sqlite_full())
+    started = time.monotonic()
+    with pytest.raises(patience.StoreFullError) as raised:
+        full.call()
+    assert time.monotonic() - started < 1 and full.calls == 1  # not waited for: waiting frees no space
+    message = str(raised.value)
+    assert message.startswith(f"the MLflow store sqlite:///{db} is full: database or disk is full (") and \
+        "free of " in message and "\n" not in message
+    assert not reserve.exists()
+    assert patience._down == {}  # the store answers: later calls (the FAILED marks) are still made
+
+
+def test_a_full_store_is_recognised_by_errno_and_its_password_masked():
+    import errno
+
+    disk = OSError(errno.ENOSPC, "No space left on device", "/data/mlflow.db-journal")
+    assert patience.store_full(disk) == "No space left on device (/data/mlflow.db-journal)"
+    assert patience.store_full(OSError(errno.EACCES, "Permission denied")) is None
+    assert patience.store_full(ValueError("could not convert")) is None
+    error = patience.full_store_error("postgresql+psycopg2://me:s3cret@db:5432/mlflow",
+                                      "could not extend file: No space left on device")
+    assert "s3cret" not in str(error) and "postgresql+psycopg2://me:***@db:5432/mlflow is full" in str(error)
+
+
+def test_no_reserve_where_the_disk_has_no_room_for_it(tmp_path, monkeypatch):
+    import errno
+
+    def no_room(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(patience.os, "posix_fallocate", no_room)
+    patience.keep_reserve(tmp_path / "mlflow.db")
+    assert not patience.reserve_path(tmp_path / "mlflow.db").exists()

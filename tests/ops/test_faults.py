@@ -9,7 +9,9 @@ own so that the whole tree of processes it started can be found by its group id.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -160,6 +162,100 @@ def test_a_train_run_killed_with_9_is_repaired_by_the_next_run_in_its_experiment
     assert repaired.data.tags["failure_reason"].startswith(f"the process that ran it (pid {killed.pid} on ")
     assert "marked 1 run KILLED that a process which no longer runs had left RUNNING: killed" in done.stderr
     assert not [r for r in runs.all() if r.info.status == "RUNNING"]
+
+
+def test_the_local_prefect_server_lost_mid_sweep_stops_it_in_one_line_and_a_rerun_finishes_it(tmp_path, ops_env):
+    """Prefect's loss, not MLflow's: within CNNCORE_PREFECT_WAIT_S the sweep stops as for a signal (trials in
+    progress KILLED, finished ones kept), says which server in one line, and leaves no process; once the server
+    is started again, the same command resumes the sweep to FINISHED, without the stale failure reason."""
+    store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    env = {**ops_env, "MLFLOW_TRACKING_URI": store, "CNNCORE_SERVER_HOME": str(tmp_path / "server"),
+           "CNNCORE_PREFECT_WAIT_S": "10"}  # no PREFECT_API_URL: cnnflow's local Prefect server
+    runs = Runs(store)
+    server = subprocess.run([str(CNNFLOW), "server", "start"], env=env, capture_output=True, text=True, timeout=300)
+    assert server.returncode == 0, server.stderr
+    try:
+        sweep = start_sweep(env, "prefect-lost")
+        wait_for(lambda: "FINISHED" in runs.statuses("prefect-lost") and "RUNNING" in runs.statuses("prefect-lost"),
+                 240, "a trial finished and another in progress")
+        state = json.loads((tmp_path / "server" / "server.json").read_text())
+        os.killpg(state["pid"], signal.SIGKILL)
+        gone = time.monotonic()
+        code, stderr = finish(sweep, 180)
+        took = time.monotonic() - gone
+        print(f"lost local Prefect server: the sweep ended {took:.1f} s after it went (wait 10 s)")
+        assert code == 1
+        error_lines = [line for line in stderr.splitlines() if line.startswith("error:") or "| ERROR" in line]
+        assert len(error_lines) == 1 and error_lines[0].startswith("error: the local Prefect server at http://127.0.0.1:")
+        assert "stopped answering at" in error_lines[0] and "$CNNCORE_PREFECT_WAIT_S): the flow stopped there" in \
+            error_lines[0]
+        assert took < 10 + 45  # the wait, a worker's stop, the exit: not Prefect's minutes of retries
+        wait_for(lambda: not processes_in_group(sweep.pid), 10, "the sweep's worker processes gone")
+        statuses = runs.statuses("prefect-lost")
+        assert "FINISHED" in statuses and set(statuses) <= {"FINISHED", "KILLED"}
+        parent = runs.parent("prefect-lost")
+        assert parent.info.status == "KILLED"
+        assert parent.data.tags["failure_reason"].startswith("PrefectServerLostError: the local Prefect server at")
+
+        finished = {r.info.run_id: r.info.status for r in runs.children("prefect-lost") if r.info.status == "FINISHED"}
+        assert_resume_finishes(env, runs, "prefect-lost", finished)  # starts the local server again
+        assert "failure_reason" not in runs.parent("prefect-lost").data.tags
+    finally:
+        subprocess.run([str(CNNFLOW), "server", "stop"], env=env, capture_output=True, timeout=120)
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: str):
+    """folder as a tmpfs of the given size (root only, where mounts are allowed; else the test skips)."""
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True,
+                          text=True) if os.geteuid() == 0 else None
+    if done is None or done.returncode != 0:
+        pytest.skip(f"a small disk needs a tmpfs mount (as root): {done.stderr.strip() if done else 'not root'}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_naming_the_store_with_the_parent_marked_and_a_rerun_resumes(tmp_path, ops_env,
+                                                                                           prefect_server):
+    disk = tmp_path / "disk"
+    store = f"sqlite:///{disk / 'mlruns' / 'mlflow.db'}"
+    env = {**ops_env, "PREFECT_API_URL": prefect_server, "MLFLOW_TRACKING_URI": store}
+    # The empty store takes about 950 KiB and its reserve 256 KiB: room for a few trials, not for 12.
+    with small_disk(disk, "1600k"):
+        runs = Runs(store)
+        name = "disk-full"
+        sweep = subprocess.Popen([str(CNNFLOW), "run", "sweep", "--name", name, "--experiment", "faults", "--space",
+                                  "train_seed=" + ",".join(map(str, range(12))), "--num-train", "300",
+                                  "--num-epochs", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, start_new_session=True)
+        code, stderr = finish(sweep, 600)
+        assert code == 1
+        last = stderr.strip().splitlines()[-1]
+        # SQLite's own words, or the OS's when an artifact's file is what no longer fits.
+        assert re.match(rf"error: the MLflow store {re.escape(store)} is full: (database or disk is full|No space "
+                        r"left on device)\b.* \(\d+ KiB free of 1\.6 MiB in .*\)\. Free space there and rerun the "
+                        "command: a sweep resumes from its finished trials$", last), stderr
+        assert "Traceback" not in stderr and len(stderr.splitlines()) < 60, stderr[-3000:]  # was 1,524 lines
+        wait_for(lambda: not processes_in_group(sweep.pid), 10, "the sweep's worker processes gone")
+        parent = runs.parent(name)
+        assert parent.info.status == "FAILED"  # marked, though the disk is full: its reserve was given back
+        assert not (disk / "mlruns" / "mlflow.db.reserve").exists()
+        finished = {r.info.run_id: r.info.status for r in runs.children(name) if r.info.status == "FINISHED"}
+        assert finished
+
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)  # space freed
+        code, stderr = finish(subprocess.Popen([str(CNNFLOW), "run", "sweep", "--name", name, "--experiment", "faults",
+                                                "--space", "train_seed=" + ",".join(map(str, range(12))),
+                                                "--num-train", "300", "--num-epochs", "2"], env=env,
+                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), 900)
+        assert code == 0, stderr[-2000:]
+        assert runs.statuses(name) == ["FINISHED"] * 12
+        assert set(finished) <= {r.info.run_id for r in runs.children(name)}
+        assert runs.parent(name).info.status == "FINISHED" and "failure_reason" not in runs.parent(name).data.tags
+        assert (disk / "mlruns" / "mlflow.db.reserve").stat().st_size == 256 * 1024  # kept again
 
 
 def test_kill_9_with_no_local_server_takes_prefects_temporary_server_along(tmp_path, ops_env):

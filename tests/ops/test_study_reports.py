@@ -71,7 +71,8 @@ def other_kernel() -> str | None:
 
 
 def run_small_preset(preset: str, name: str, tmp_path: Path, env: dict, **extra_env) -> pd.DataFrame:
-    """The preset run in a fresh store and exported; returns its trials.csv and leaves its report in tmp_path/name."""
+    """The preset run in a fresh store and exported; returns its trials.csv and leaves its report in tmp_path/name
+    (name: a folder; the sweep keeps the preset's own name, which `cnnflow report` asks for)."""
     store = tmp_path / f"mlflow-{len(list(tmp_path.glob('mlflow-*')))}.db"
     env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{store}", "CNNCORE_DATA_DIR": os.environ.get("CNNCORE_DATA_DIR", ""),
            **extra_env}
@@ -79,8 +80,8 @@ def run_small_preset(preset: str, name: str, tmp_path: Path, env: dict, **extra_
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     folder = tmp_path / name
-    exported = subprocess.run([str(CNNFLOW), "report", name, "--to", str(folder)], env=env, capture_output=True,
-                              text=True, timeout=120)
+    exported = subprocess.run([str(CNNFLOW), "report", preset_spec(preset).name, "--to", str(folder)], env=env,
+                              capture_output=True, text=True, timeout=120)
     assert exported.returncode == 0, exported.stderr[-3000:]
     return pd.read_csv(folder / "trials.csv").sort_values(KEYS, ignore_index=True)
 
