@@ -4,11 +4,14 @@ with wherever it ran (`log_answer`, its on_completion hook: a served or schedule
 The answer (the default, "table") is tables and lines; --output yaml|json prints the whole
 result instead, for scripts:
 - train: one line with the test errors and the run's link;
-- sweep: the comparison (a study's own table of the final model's error, mean and 95%
-  interval over seeds, with the study's answer; for another grid one row per
-  combination of the swept fields other than the seed), the best trial, the link;
-- pipeline: the sweep's comparison, then the final training's line, the registered
-  model and the link;
+- sweep: the comparison, a row per normalization and a column per batch size (or other
+  swept value): the final nets' test error, mean and 95% interval over seeds; for a grid
+  that is not a study a row per paired difference ("BN − GN", with its interval and n),
+  the answer in words and the configuration with the lowest validation error, stated as
+  such; a study's own answer; the link;
+- pipeline: the sweep's comparison and answer, then the final training: what it took
+  and by which rule, the registered net's test error and its best-validation
+  checkpoint's beside it, the registered model, the links;
 - gradient-check: one line; load-data: the arrays' shapes.
 
 Numbers are rounded here for reading; what the flows log is never rounded.
@@ -21,6 +24,7 @@ import enum
 import io
 import json
 import math
+import textwrap
 from typing import Any
 
 class Output(str, enum.Enum):
@@ -75,38 +79,59 @@ def render(result, output: Output | str = Output.table, *, width: int = 120, ui_
     return "\n".join(lines)
 
 
-def _percent(accuracy: float | None) -> str:
-    return "—" if accuracy is None else f"{100 * (1 - accuracy):.2f}%"
-
-
 def _train(result, width: int) -> list[str]:
     return [result.summary(), f"MLflow run: {result.url}"]
 
 
 def _sweep(report, width: int) -> list[str]:
+    return [*_sweep_answer(report, width), *_lowest_val_error(report, width), f"MLflow parent run: {report.url}",
+            *_charts(report)]
+
+
+def _charts(report) -> list[str]:
+    return [f"its trials by normalization and batch size, in MLflow's charts: {report.charts_url}"] \
+        if report.charts_url else []
+
+
+def _sweep_answer(report, width: int) -> list[str]:
+    """The header, the table under its title, the answer in words and the failures."""
     lines = [f"sweep {report.name}: {len(report.trials)} trials, {len(report.failed)} failed, "
              f"{sum(t.skipped for t in report.trials)} finished earlier; {report.wall_time_s:.0f} s", ""]
     if report.comparison:
-        lines += [report.comparison_title, _table(report.comparison, width), ""]
+        table = (_grid_table(report.comparison, report.differences, width) if "column" in report.comparison[0]
+                 else _table(report.comparison, width))
+        lines += [*_wrap(report.comparison_title, width), table, ""]
     if report.answer:
-        lines += [report.answer, ""]
+        lines += [*_wrap(report.answer, width), ""]
     for trial in report.failed:
         lines.append(f"FAILED {trial.run_name}: {trial.failure_reason}")
-    if report.best is not None:
-        lines.append(f"best trial: {report.best.run_name}, val acc {report.best.best_val_acc:.3f}, "
-                     f"test error {_percent(report.best.test_acc)}")
-    lines.append(f"MLflow parent run: {report.url}")
     return lines
 
 
+def _lowest_val_error(report, width: int) -> list[str]:
+    if not report.choice:
+        return []
+    from .sweep.comparison import choice_text
+
+    return _wrap("lowest validation error: " + choice_text(report.choice), width)
+
+
 def _pipeline(report, width: int) -> list[str]:
-    sweep = _sweep(report.sweep, width)
-    return [*sweep[:-1], "",
-            f"final training ({report.final.config.num_epochs} epochs of the best configuration): "
-            + _train(report.final, width)[0],
-            f"registered model: {report.registered_model}", "",
+    from .pipeline import final_training_text
+
+    took, kept = final_training_text(report.choice, report.final, report.registered_model,
+                                     report.registered_version)
+    return [*_sweep_answer(report.sweep, width), *_wrap(took, width), *_wrap(kept, width, indent="  "), "",
             f"the comparison, in MLflow: {report.sweep.url}",
+            *_charts(report.sweep),
+            f"the final training: {report.final.url}",
             f"the pipeline's run: {report.url}"]
+
+
+def _wrap(text: str, width: int, indent: str = "") -> list[str]:
+    """text folded to the terminal's width (never narrower than 60 columns), continuation lines indented."""
+    return textwrap.wrap(text, max(width, 60), initial_indent=indent, subsequent_indent=indent or "  ",
+                         break_on_hyphens=False) or [""]
 
 
 def _mapping(result, width: int) -> list[str]:
@@ -116,7 +141,6 @@ def _mapping(result, width: int) -> list[str]:
 def _table(records: list[dict], width: int) -> str:
     """A study's cells as the paper prints them (a row per normalization, a column per batch size), or any
     other records as they come."""
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(box=None, header_style="bold", pad_edge=False)
@@ -135,11 +159,32 @@ def _table(records: list[dict], width: int) -> str:
         if "low" in records[0]:
             table.add_column("95% CI", justify="right")
         for r in records:
-            row = [f"{r[c]:.2f}" if c == "test_error" and isinstance(r[c], float) and not math.isnan(r[c])
-                   else _number(r[c]) for c in columns]
+            row = [_number(r[c]) for c in columns]
             if "low" in r:
                 row.append(_interval(r["low"], r["high"]))
             table.add_row(*row)
+    return _printed(table, width)
+
+
+def _grid_table(cells: list[dict], differences: list[dict], width: int) -> str:
+    """A grid's comparison (flows.sweep.comparison.wide_rows): a row per normalization, then per difference."""
+    from rich.table import Table
+
+    from .sweep.comparison import wide_rows
+
+    rows = wide_rows(cells, differences)
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    table.add_column("normalization")
+    for column in list(rows[0])[1:]:
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(*row.values())
+    return _printed(table, width)
+
+
+def _printed(table, width: int) -> str:
+    from rich.console import Console
+
     console = Console(file=io.StringIO(), width=width, color_system=None)
     console.print(table)
     return console.file.getvalue().rstrip()

@@ -138,7 +138,7 @@ class TrainConfig(_Subsets):
     tail_evals: NonNegativeInt = Field(
         0, le=50, description="Score the test split this many times over the second half of the last learning-rate "
                               "phase (after the last --lr-steps step; the whole run without steps), evenly spaced, the "
-                              "last at the end; their mean is the studies' measure (tail_test_acc). 0: none.")
+                              "last at the end; their mean is the studies' measure (accuracy/tail_test_acc). 0: none.")
 
     @field_validator("normalization", mode="before")
     @classmethod

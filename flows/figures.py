@@ -46,44 +46,63 @@ def confusion_figure(counts: np.ndarray, class_names: list[str], title: str) -> 
     return fig
 
 
-def sweep_comparison_figure(table: pd.DataFrame, x_name: str | None, averaged: list[str], name: str) -> Figure:
-    """Test error (%) of the best-validation nets per normalization, one line each, against x_name.
+def sweep_comparison_figure(cells: pd.DataFrame, columns: list[str], name: str, failed: int = 0) -> Figure:
+    """The final nets' test error (%) against the first of columns, one line per normalization (and per value of
+    the other columns, never averaged over), each point the mean over seeds with its 95% interval as an error bar.
 
-    table: one row per trial with columns status, normalization, test_acc and x_name;
-    failed trials are left out. Each point is the mean of the trials there, with a
-    95% t-interval band; averaged names the swept fields it averages over (seeds, and
-    any other), for the title. A numeric x spanning a factor of 8 or more is drawn on a log2 axis
-    ticked at the values run (batch sizes 2..32 read as 2, 4, 8, 16, 32).
+    cells: flows.sweep.comparison's cell table (normalization, the columns, n, mean, low, high). Batch sizes are
+    drawn on a log2 axis, largest first (as the study's figures and the paper's table); another numeric x
+    spanning a factor of 8 or more on a log2 axis too; text values at even steps. Cells without a finished
+    trial are left out; errors stay within [0, 100]%.
     """
     from matplotlib.figure import Figure
 
-    from .study.statistics import estimate
+    from .study import LABELS
 
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
-    done = table[table["status"] == "FINISHED"].assign(test_error=lambda t: 100.0 * (1.0 - t["test_acc"]))
-    x_values = list(dict.fromkeys(table[x_name])) if x_name else []
+    done = cells[cells["n"] > 0]
+    x_name = columns[0] if columns else None
+    x_values = list(dict.fromkeys(cells[x_name])) if x_name else []
     numeric = x_name is not None and all(isinstance(v, Real) and not isinstance(v, bool) for v in x_values)
     positions = {v: (v if numeric else i) for i, v in enumerate(x_values)}
-    for norm, group in done.groupby("normalization", sort=False):
-        points = group.groupby(x_name, sort=True)["test_error"] if x_name else group.groupby("normalization")["test_error"]
-        xs = [positions[value] if x_name else 0 for value, _ in points]
-        found = [estimate(errors.to_numpy()) for _, errors in points]
-        (line,) = ax.plot(xs, [e.mean for e in found], "o-", label=norm)
-        ax.fill_between(xs, [e.low for e in found], [e.high for e in found], color=line.get_color(), alpha=0.2,
-                        lw=0)
-    if numeric and min(x_values) > 0 and max(x_values) / min(x_values) >= 8:
+    log2 = numeric and min(x_values) > 0 and (x_name == "batch_size" or max(x_values) / min(x_values) >= 8)
+    line_keys = ["normalization", *columns[1:]]
+    lines = list(done.groupby(line_keys, sort=False))
+    # The spacing of the x values, in which a line's small sideways shift is measured.
+    spacing = ((max(x_values) - min(x_values)) / (len(x_values) - 1) if numeric and not log2 and len(x_values) > 1
+               else 1.0)
+    labels = []
+    for i, (key, line) in enumerate(lines):
+        # Each line a little aside from the others, so that intervals at one x do not hide each other.
+        shift = (i - (len(lines) - 1) / 2) * 0.06
+        key = key if isinstance(key, tuple) else (key,)
+        label = ", ".join([LABELS.get(key[0], key[0]), *(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                                         for k, v in zip(columns[1:], key[1:]))])
+        labels.append(label)
+        xs = ([positions[v] * 2 ** shift if log2 else positions[v] + shift * spacing for v in line[x_name]] if x_name
+              else [i])
+        below = (line["mean"] - line["low"]).fillna(0).clip(lower=0)
+        above = (line["high"] - line["mean"]).fillna(0).clip(lower=0)
+        ax.errorbar(xs, line["mean"], yerr=[below, above], fmt="o-", capsize=4, label=label)
+    if log2:
         ax.set_xscale("log", base=2)
         ax.minorticks_off()
     if x_name:
         ax.set_xticks([positions[v] for v in x_values], [f"{v:g}" if numeric else str(v) for v in x_values])
-        ax.set_xlabel(x_name)
-    per_point = int(done.groupby(["normalization", *([x_name] if x_name else [])]).size().max()) if len(done) else 0
-    over = " and ".join(averaged) if averaged else "the trials at each point"
-    failed = int((table["status"] != "FINISHED").sum())
-    ax.set_ylabel("test error (%) of the best-validation net")
-    ax.set_title(f"sweep {name}: {len(done)} trials" + (f", {failed} failed (not shown)" if failed else "")
-                 + (f"\neach point: mean and 95% CI over {over}" if per_point > 1 else "\neach point: one trial"),
-                 fontsize=10)
-    ax.legend(title="normalization")
+        ax.set_xlabel("batch size (images per step)" if x_name == "batch_size" else x_name)
+        if x_name == "batch_size":
+            ax.invert_xaxis()
+    else:  # only the normalization was swept: one point each
+        ax.set_xticks(range(len(labels)), labels)
+    low, high = ax.get_ylim()
+    ax.set_ylim(max(low, 0.0), min(high, 100.0))
+    ns = sorted(set(int(n) for n in done["n"]))
+    seeds = f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}-{ns[-1]}"
+    ax.set_ylabel("test error (%) of the final net")
+    ax.set_title(f"sweep {name}: {int(done['n'].sum())} trials" + (f", {failed} failed (not shown)" if failed else "")
+                 + (f"\neach point: mean and 95% CI over seeds ({seeds})" if ns and ns[-1] > 1
+                    else "\neach point: one trial (one seed: no interval)"), fontsize=10)
+    if labels:
+        ax.legend(title="normalization")
     return fig

@@ -1,22 +1,25 @@
 """One training run, as every flow does it: build the net, train it with the Solver, log it, score it.
 
 ``fit`` is what every training run logs (the train flow's run, a sweep trial's
-child run): the dataset inputs, ``loss`` per iteration and ``train_acc``/``val_acc``
-per epoch as step metrics, ``best_val_acc``, ``wall_time_s`` and ``images_per_s``,
-the device, and the learning curves. It keeps both nets CS231n's Solver ends with:
+child run): the dataset inputs, ``curves/loss`` per iteration and
+``curves/train_acc``/``curves/val_acc`` per epoch as step metrics,
+``accuracy/best_val_acc``, ``wall_time_s``, ``images_per_s`` and ``batch_size``,
+the device, and the learning curves (flows.metrics has the names and why). It keeps both nets CS231n's Solver ends with:
 the best on the validation set (``net``) and the last one trained (``final_net``).
 
 ``score_test_split`` is the one rule for a test score: the net in test mode (batch
 norm with its running statistics) on the test split. ``log_test_scores`` logs both
-nets' scores: ``test_acc`` (the best-validation net, which the train flow and the
-pipeline serve) and ``final_test_acc`` (the final net), and, with
-``TrainConfig.tail_evals``, the tail evaluations' means: ``tail_test_acc`` (the
-studies' measure) and, for batch norm, ``tail_precise_test_acc`` (precise BN:
-statistics recomputed over training images). ``log_diagnostics`` logs, under
-``diag/``, how noisy the final net's normalization statistics are
-(cnncore.diagnostics), and for batch norm ``final_precise_bn_test_acc``: the final
-net's test accuracy with precise batch norm (statistics recomputed over the training
-split; ``precise_bn_test_acc``).
+nets' scores: ``accuracy/test_acc`` (the best-validation net, which the train flow
+serves) and ``accuracy/final_test_acc`` (the final net, which the sweeps' comparisons
+and the pipeline measure, as the Group Normalization paper does), and, with
+``TrainConfig.tail_evals``, the tail evaluations (``curves/tail_test_acc`` and for batch
+norm ``curves/tail_precise_test_acc``, by iteration) and their means:
+``accuracy/tail_test_acc`` (the studies' measure) and, for batch norm,
+``accuracy/tail_precise_test_acc`` (precise BN: statistics recomputed over training
+images). ``log_diagnostics`` logs, under ``diag/``, how noisy the final net's
+normalization statistics are (cnncore.diagnostics), and for batch norm
+``accuracy/final_precise_bn_test_acc``: the final net's test accuracy with precise batch
+norm (statistics recomputed over the training split; ``precise_bn_test_acc``).
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ from cnncore.solver import Solver
 from .config import TrainConfig
 from .figures import learning_curves_figure
 from .load_data import dataset_source
+from .metrics import (BATCH_SIZE, BEST_VAL_ACC, DIAGNOSTICS_PREFIX, FINAL_TEST_ACC, IMAGES_PER_S, LOSS,
+                      PRECISE_BN_TEST_ACC as PRECISE_BN_METRIC, TAIL_CURVE_PREFIX, TAIL_PRECISE_TEST_ACC,
+                      TAIL_TEST_ACC, TEST_ACC, TRAIN_ACC, VAL_ACC, WALL_TIME_S)
 from .provenance import BLAS_TAG, blas
 from .shutdown import StopRequest
 from .tracking import Run
@@ -53,14 +59,11 @@ DIAGNOSTIC_BATCHES = 200
 # every batch, so 50 batches of 2 images on 7x7 maps of 32 channels already pool 160,000 values
 # (about 1% relative standard error; 4 seeds of its Gaussian test agree within 2.4% at 200).
 NOISE_BATCHES = 50
-DIAGNOSTICS_PREFIX = "diag/"
 # Precise BN at a tail evaluation recomputes batch norm's statistics over this many training images (the first
 # of the shuffled training split): on a conv net's maps that pools hundreds of thousands of values per channel,
 # on a fully connected net 1,000 per feature (the mean to about 3% of the feature's sd), at a fraction of the
 # cost of the whole split (measured on the 3-block MNIST convnet: 1.4 s against 6.9 s for 6,000 images).
 PRECISE_IMAGES = 1000
-TAIL_PREFIX = "tail_eval/"
-PRECISE_BN_METRIC = "final_precise_bn_test_acc"
 
 
 @dataclass
@@ -123,12 +126,12 @@ class _MetricStream:
     def on_epoch(self, info: dict) -> None:
         self.flush()
         self.epochs.append(info["epoch"])
-        self.run.log_metrics({"train_acc": info["train_acc"], "val_acc": info["val_acc"]}, step=info["epoch"])
+        self.run.log_metrics({TRAIN_ACC: info["train_acc"], VAL_ACC: info["val_acc"]}, step=info["epoch"])
 
     def flush(self) -> None:
         """Send the buffered losses; iteration i (1-based) is step i."""
         if self.losses:
-            self.run.log_metric_history("loss", self.losses, first_step=self.first_step)
+            self.run.log_metric_history(LOSS, self.losses, first_step=self.first_step)
             self.first_step += len(self.losses)
             self.losses = []
 
@@ -177,10 +180,11 @@ class _TailEvaluation:
                                                              self.data["X_test"], self.data["y_test"])
             self.accuracy[step] = 1.0 - errors["running_error"]
             self.precise_accuracy[step] = 1.0 - errors["recomputed_error"]
-            self.run.log_metrics({f"{TAIL_PREFIX}precise_test_acc": self.precise_accuracy[step]}, step=step)
+            self.run.log_metrics({f"{TAIL_CURVE_PREFIX}precise_test_acc": self.precise_accuracy[step]},
+                                 step=step)
         else:
             self.accuracy[step] = score_test_split(self.net, self.data)[0]
-        self.run.log_metrics({f"{TAIL_PREFIX}test_acc": self.accuracy[step]}, step=step)
+        self.run.log_metrics({f"{TAIL_CURVE_PREFIX}test_acc": self.accuracy[step]}, step=step)
 
 
 def run_title(config: TrainConfig) -> str:
@@ -219,7 +223,8 @@ def fit(run: Run, config: TrainConfig, data: dict, *, source: str | None = None,
         stream.flush()
     wall = time.perf_counter() - start
     images_per_s = solver.iteration * config.batch_size / wall
-    run.log_metrics({"best_val_acc": solver.best_val_acc, "wall_time_s": wall, "images_per_s": images_per_s})
+    run.log_metrics({BEST_VAL_ACC: solver.best_val_acc, WALL_TIME_S: wall, IMAGES_PER_S: images_per_s,
+                     BATCH_SIZE: config.batch_size})
     run.set_tags({"device": config.device, "device_name": device_name(config.device), BLAS_TAG: blas()})
     final_net = build_net(config, data)
     final_net.load_state_dict(solver.final_state)
@@ -249,21 +254,26 @@ def precise_bn_test_acc(net: Classifier, data: dict, population: list | None = N
     return 1 - diagnostics.error_with(net, data["X_test"], data["y_test"], population)
 
 
-def log_test_scores(run: Run, fitted: Fitted, data: dict) -> tuple[dict[str, float], np.ndarray]:
-    """test_acc of the best-validation net and final_test_acc of the final net, logged; returns
-    them and the best-validation net's predicted test labels (for a confusion matrix).
+def log_test_scores(run: Run, fitted: Fitted, data: dict) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """test_acc of the best-validation net and final_test_acc of the final net, logged (accuracy/...), and with
+    tail evaluations their means, tail_test_acc and (batch norm) tail_precise_test_acc.
 
-    With tail evaluations also their means, tail_test_acc and (batch norm)
-    tail_precise_test_acc.
+    Returns them, with final_val_acc (the final net's last validation check, which
+    choices between configurations are made by), and each net's predicted test labels
+    ({"best_val": ..., "final": ...}, for a confusion matrix).
     """
     test_acc, predicted = score_test_split(fitted.net, data)
-    scores = {"test_acc": test_acc, "final_test_acc": score_test_split(fitted.final_net, data)[0]}
+    final_test_acc, final_predicted = score_test_split(fitted.final_net, data)
+    scores = {"test_acc": test_acc, "final_test_acc": final_test_acc}
     if fitted.tail:
         scores["tail_test_acc"] = float(np.mean(list(fitted.tail.values())))
     if fitted.tail_precise:
         scores["tail_precise_test_acc"] = float(np.mean(list(fitted.tail_precise.values())))
-    run.log_metrics(scores)
-    return scores, predicted
+    names = {"test_acc": TEST_ACC, "final_test_acc": FINAL_TEST_ACC, "tail_test_acc": TAIL_TEST_ACC,
+             "tail_precise_test_acc": TAIL_PRECISE_TEST_ACC}
+    run.log_metrics({names[k]: v for k, v in scores.items()})
+    scores["final_val_acc"] = fitted.val_acc_history[-1] if fitted.val_acc_history else None
+    return scores, {"best_val": predicted, "final": final_predicted}
 
 
 def log_diagnostics(run: Run, net: Classifier, config: TrainConfig, data: dict) -> dict[str, float]:
@@ -282,7 +292,7 @@ def log_diagnostics(run: Run, net: Classifier, config: TrainConfig, data: dict) 
     batch) and, for batch norm, running_error against recomputed_error (running averages
     against precise batch norm's statistics, recomputed over the training split). Errors
     are fractions, as cnncore.diagnostics returns them. For batch norm, also the top-level
-    metric final_precise_bn_test_acc (PRECISE_BN_METRIC), 1 - recomputed_error.
+    metric accuracy/final_precise_bn_test_acc (PRECISE_BN_METRIC), 1 - recomputed_error.
     """
     X_train, X_test, y_test = data["X_train"], data["X_test"], data["y_test"]
     batch = min(config.normalization_batch(), len(X_train))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import sys
 import time
 
+from ..metrics import BEST_VAL_ACC, TEST_ACC, VAL_ACC, read
+
 # Shown when no parameter differs among the runs listed, and first when several do.
 KEY_PARAMS = ("normalization", "batch_size", "train_seed", "learning_rate", "num_epochs")
 SHORT = {"normalization": "norm", "batch_size": "bs", "train_seed": "seed", "learning_rate": "lr",
@@ -17,8 +19,8 @@ SHORT = {"normalization": "norm", "batch_size": "bs", "train_seed": "seed", "lea
 # A parent run's own parameters (its base configuration, its search) say nothing of one trial.
 _NOT_A_TRIALS = ("base.", "space", "search", "num_trials", "sweep_name", "final_num_epochs", "max_workers")
 MOST_PARAMS = 5
-VAL_METRICS = ("best_val_acc", "val_acc")
-TEST_METRICS = ("test_acc",)
+VAL_METRICS = (BEST_VAL_ACC, VAL_ACC)
+TEST_METRICS = (TEST_ACC,)
 
 
 def differing_params(records) -> list[str]:
@@ -55,8 +57,8 @@ def recent_runs(tracking_uri: str | None, experiments: list[str] | None, limit: 
         "status": r.status,
         "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(r.start_time_ms / 1000)),
         "params": {k: r.params[k] for k in shown if k in r.params},
-        "val_acc": next((r.metrics[k] for k in VAL_METRICS if k in r.metrics), None),
-        "test_acc": next((r.metrics[k] for k in TEST_METRICS if k in r.metrics), None),
+        "val_acc": next((v for k in VAL_METRICS if (v := read(r.metrics, k)) is not None), None),
+        "test_acc": next((v for k in TEST_METRICS if (v := read(r.metrics, k)) is not None), None),
         "run_id": r.id,
     } for r in records]
 

@@ -180,7 +180,7 @@ class Progress:
     """One line per finished trial: its configuration and error, the count, the failures, the time left."""
 
     def __init__(self, spec: SweepSpec, total: int):
-        self.total, self.final, self.count, self.failed = total, spec.study is not None, 0, 0
+        self.total, self.count, self.failed = total, 0, 0
         self.swept = [k for k in spec.swept() if k not in ("normalization", "train_seed")]
         self.started = time.perf_counter()
 
@@ -191,8 +191,8 @@ class Progress:
                                              else f"{k}={getattr(c, k)}" for k in self.swept),
                          f"seed {c.train_seed}"])
         if result.status == FINISHED:
-            accuracy = result.final_test_acc if self.final else result.test_acc
-            outcome = f"test error {100 * (1 - accuracy):.2f}%" + (" (final net)" if self.final else "")
+            # The final net's: what every comparison of a sweep measures (flows.sweep.comparison, flows.study).
+            outcome = f"test error {100 * (1 - result.final_test_acc):.2f}% (final net)"
         else:
             self.failed += 1
             outcome = f"FAILED: {result.failure_reason}"

@@ -39,8 +39,6 @@ class NoTrialFinishedError(RuntimeError):
         super().__init__(f"sweep {name}: none of its {len(results)} trials finished, so there is nothing to compare; "
                          f"they failed with {first}{more}. The summary on the sweep's parent run lists each trial")
 
-COMPARISON_TITLE = "Test error (%) of the best-validation nets: mean and 95% CI over seeds"
-
 
 def resolved_spec(spec: SweepSpec, preset: str | None, resume: bool) -> SweepSpec:
     """The sweep that runs: preset's design when one is named (called spec.name when that is not the default),
@@ -123,30 +121,39 @@ def sweep(
                          key=lambda r: r.index)
         # Imported here (run_trials has it imported while the trials train): the summary's pandas, scipy and
         # matplotlib would slow `cnnflow run sweep --help`.
-        from .summary import publish_comparison, summarise_sweep, write_study_report
+        from .summary import (REPORT, answer_metrics, grid_table_markdown, publish_comparison,
+                              show_answer_in_mlflow, summarise_sweep, write_study_report)
 
         say(f"writing the sweep's summary{', figures and study report' if spec.study else ' and figure'} "
             "to its MLflow run")
-        summarise_sweep(parent, spec, results)  # the summary table says which trials failed, and why
+        grid = summarise_sweep(parent, spec, results)  # the summary table says which trials failed, and why
         if not any(r.status == FINISHED for r in results):
             raise NoTrialFinishedError(spec.name, results)
+        differences, choice = [], None
         if spec.study:
             # The design paragraph counts updates per batch size from the training split's size.
             num_train = len(load_data_once(spec.base.data_spec())["y_train"])
             study = write_study_report(parent, spec, results, num_train)
             comparison, title, report_text, answer = (study.summary, study.summary_title, study.markdown,
                                                       study.answer)
+            shown = {"report": "study/report.html"}
         else:
-            comparison, title, report_text, answer = (publish_comparison(parent, spec, results), COMPARISON_TITLE,
-                                                      None, "")
+            choice = publish_comparison(parent, spec, results, grid)
+            comparison, title, report_text, answer = grid.cells, grid.title, None, grid.answer
+            differences = grid.differences.to_dict("records")
+            shown = {"table": grid_table_markdown(grid), "numbers": answer_metrics(grid), "report": REPORT}
+        # The parent's Overview answers, and a saved view charts its trials by normalization and batch size.
+        charts_url = show_answer_in_mlflow(parent, spec, results, answer, **shown)
         parent.set_tags({"sweep_wall_time_s": f"{time.perf_counter() - start:.1f}"})
-    # The link lands on the answer: the study's figure of its answer, or the comparison figure.
-    figure = f"study/{study.answer_figure}.png" if spec.study and study.answer_figure else "comparison.png"
+    # The link lands on the answer: the study's figure of its answer, or a grid's report (its answer, table and
+    # figure).
+    figure = (f"study/{study.answer_figure}.png" if study.answer_figure else "comparison.png") if spec.study \
+        else REPORT
     # A study answers with its contrasts: a "best trial" among its cells would mean nothing.
     report = SweepReport(name=spec.name, parent_run_id=parent.id, url=parent.url_of(figure), trials=results,
                          best=None if spec.study else best_trial(results), wall_time_s=time.perf_counter() - start,
-                         study_report=report_text,
-                         comparison_title=title, answer=answer,
+                         study_report=report_text, comparison_title=title, answer=answer, differences=differences,
+                         choice=None if choice is None else choice.as_record(), charts_url=charts_url,
                          comparison=[] if comparison is None else comparison.to_dict("records"))
     for r in report.failed:  # in the run's logs; the console had each trial's progress line, and `cnnflow` lists them
         record(f"FAILED {r.run_name}: {r.failure_reason}", logging.WARNING)

@@ -20,6 +20,7 @@ class TrialResult(BaseModel):
     best_val_acc: float | None = None
     test_acc: float | None = None  # the best-validation net's
     final_test_acc: float | None = None  # the final net's
+    final_val_acc: float | None = None  # the final net's (its last validation check): what choices are made by
     # The tail evaluations' means (TrainConfig.tail_evals): the studies' measure, and for batch norm the same
     # with precise statistics (the final net's precise score is a diagnostic: diag/recomputed_error).
     tail_test_acc: float | None = None
@@ -43,8 +44,14 @@ class SweepReport(BaseModel):
     comparison_title: str = ""
     answer: str = ""  # a study's answer in one paragraph
     # What the sweep found, one record per configuration: the study's cell table, or for another grid
-    # one row per combination of the swept fields other than the seed.
+    # one row per normalization and combination of the other swept fields but the seed (flows.sweep.comparison).
     comparison: list[dict] = []
+    # A grid's paired differences between normalizations, one record per column (flows.sweep.comparison).
+    differences: list[dict] = []
+    # A grid's configuration with the lowest validation error, and the rule (flows.sweep.comparison.Choice).
+    choice: dict | None = None
+    # The sweep's trials in MLflow's own charts, grouped by normalization against batch size (a saved view).
+    charts_url: str = ""
 
     @property
     def failed(self) -> list[TrialResult]:

@@ -16,8 +16,9 @@ from prefect.cache_policies import NO_CACHE
 
 from ..config import SweepSpec, TrainConfig
 from ..tracking import FINISHED, Run, RunRecord, Store
+from ..metrics import (BEST_VAL_ACC, DIAGNOSTICS_PREFIX, FINAL_TEST_ACC, TAIL_PRECISE_TEST_ACC, TAIL_TEST_ACC,
+                       TEST_ACC, VAL_ACC, WALL_TIME_S, read)
 from ..provenance import BLAS_TAG, GIT_COMMIT_TAG
-from ..training import DIAGNOSTICS_PREFIX
 from . import lease
 from .results import TrialResult, trial_name
 
@@ -111,9 +112,11 @@ def skipped_trial(spec: SweepSpec, index: int, config: TrainConfig, record: RunR
     metrics = record.metrics
     return TrialResult(index=index, key=config.key(), run_id=record.id,
                        run_name=record.name or trial_name(spec, index, config), status=FINISHED, skipped=True,
-                       best_val_acc=metrics.get("best_val_acc"), test_acc=metrics.get("test_acc"),
-                       final_test_acc=metrics.get("final_test_acc"), wall_time_s=metrics.get("wall_time_s"),
-                       **{name: metrics.get(name) for name in ("tail_test_acc", "tail_precise_test_acc")},
+                       best_val_acc=read(metrics, BEST_VAL_ACC), test_acc=read(metrics, TEST_ACC),
+                       final_test_acc=read(metrics, FINAL_TEST_ACC), wall_time_s=read(metrics, WALL_TIME_S),
+                       final_val_acc=read(metrics, VAL_ACC),  # the latest, the last epoch's: the final net's
+                       tail_test_acc=read(metrics, TAIL_TEST_ACC),
+                       tail_precise_test_acc=read(metrics, TAIL_PRECISE_TEST_ACC),
                        diagnostics={k.removeprefix(DIAGNOSTICS_PREFIX): v for k, v in metrics.items()
                                     if k.startswith(DIAGNOSTICS_PREFIX)},
                        commit=record.tags.get(GIT_COMMIT_TAG, ""), blas=record.tags.get(BLAS_TAG, ""),

@@ -1,10 +1,12 @@
 """What a sweep leaves behind: on its parent run, in Prefect, and in the terminal.
 
 On the parent run: summary.csv and the MLflow table summary.json (one row per
-trial), comparison.png (test error per normalization against the first other swept
-field, with 95% intervals), and the totals and the best trial as tags. A study
-preset adds its tables, figures and report under study/; any other sweep (a grid
-or a random search) its comparison table.
+trial), comparison.png (the final nets' test error per normalization against the
+other swept fields, mean and 95% interval over seeds), and the totals as tags. A
+study preset adds its tables, figures and report under study/; any other grid its
+comparison (flows.sweep.comparison): the cells, the paired differences between
+normalizations and their answer, as tables and as the sweep's Prefect markdown
+artifact.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from prefect.cache_policies import NO_CACHE
 from .. import prefect_watch
 from ..config import SweepSpec
 from ..figures import sweep_comparison_figure
+from ..metrics import ANSWER_PREFIX, BATCH_SIZE, FINAL_TEST_ACC
 from ..provenance import provenance
-from ..study import StudyResult, build_study, estimate
-from ..study.report import interval_text, markdown_table
+from ..study import StudyResult, build_study
+from ..study.render import embedded_markdown, markdown_table, report_html
 from ..study.trials import RECORD_COLUMNS
-from ..tracking import FINISHED, Run
+from ..tracking import FINISHED, BarChart, LineChart, Run, in_page, save_children_view
+from .comparison import Choice, Comparison, choice_text, choose, compare, wide_rows
 from .results import TrialResult, best_trial
 
 
@@ -33,51 +37,41 @@ def summary_table(spec: SweepSpec, results: list[TrialResult]) -> pd.DataFrame:
     for r in sorted(results, key=lambda r: r.index):
         swept = {k: getattr(r.config, k) for k in dict.fromkeys(["normalization", *spec.swept()])}
         rows.append({"trial": r.index, "run_name": r.run_name, **swept, "status": r.status, "skipped": r.skipped,
-                     "best_val_acc": r.best_val_acc, "test_acc": r.test_acc, "wall_time_s": r.wall_time_s,
+                     "best_val_acc": r.best_val_acc, "test_acc": r.test_acc, "final_val_acc": r.final_val_acc,
+                     "final_test_acc": r.final_test_acc, "wall_time_s": r.wall_time_s,
                      "failure_reason": r.failure_reason or "", "run_id": r.run_id, "trial_key": r.key})
     return pd.DataFrame(rows)
 
 
-def comparison_table(spec: SweepSpec, results: list[TrialResult]) -> pd.DataFrame:
-    """What the sweep says, for a sweep that is not a study: one row per combination of the swept fields
-    other than the seed, with the test error (%) of its best-validation nets, mean and 95% t-interval over
-    the seeds that finished, and how many finished out of how many ran."""
-    fields = [k for k in dict.fromkeys(["normalization", *spec.swept()]) if k != "train_seed"]
-    rows = {}
-    for r in sorted(results, key=lambda r: r.index):
-        key = tuple(getattr(r.config, k) for k in fields)
-        rows.setdefault(key, []).append(r)
-    table = []
-    for key, trials in rows.items():
-        errors = [_percent_error(r.test_acc) for r in trials if r.status == FINISHED and r.test_acc is not None]
-        found = estimate(errors)  # NaNs when none finished
-        table.append({**dict(zip(fields, key)), "trials": len(trials), "finished": len(errors),
-                      "test_error": found.mean, "low": found.low, "high": found.high})
-    return pd.DataFrame(table)
+def wide_table(comparison: Comparison) -> pd.DataFrame:
+    """The comparison as it is read (comparison.wide_rows): a row per normalization and per difference."""
+    return pd.DataFrame(wide_rows(comparison.cells.to_dict("records"), comparison.differences.to_dict("records")))
 
 
-def comparison_markdown(table: pd.DataFrame, spec: SweepSpec, best: TrialResult | None, url: str) -> str:
-    """The comparison as the Prefect artifact shows it: a title, the table, the best trial, the link."""
-    lines = [f"# Sweep {spec.name}", "",
-             "Test error (%) of each configuration's best-validation nets: mean and 95% CI over its seeds.", "",
-             markdown_table(table.assign(**{"95% CI": list(map(interval_text, table["low"], table["high"]))})
-                            .drop(columns=["low", "high"]).round({"test_error": 2})), ""]
-    if best is not None:
-        lines.append(f"Best trial: {best.run_name}, validation accuracy {best.best_val_acc:.3f}.")
-    lines += ["", f"MLflow: {url}"]
-    return "\n".join(lines)
+def comparison_markdown(comparison: Comparison, spec: SweepSpec, choice: Choice | None,
+                        url: str | None = None) -> str:
+    """The comparison in markdown, answer first: the answer, the table under its title, the figure (linked as
+    comparison.png, beside it on the parent run), the configuration with the lowest validation error, and the
+    link when given."""
+    chosen = choice_text(None if choice is None else choice.as_record())
+    against = comparison.columns[0] if comparison.columns else "normalization"
+    lines = [f"# Sweep {spec.name}", "", f"**{escaped(comparison.answer)}**", "",
+             escaped(grid_table_markdown(comparison)), "",
+             f"![the comparison: test error against {against}](comparison.png)", "",
+             f"Lowest validation error: {chosen}."]
+    return "\n".join(lines + (["", f"MLflow: {url}"] if url else []))
 
 
 @task(name="summarise sweep", cache_policy=NO_CACHE)
-def summarise_sweep(parent: Run, spec: SweepSpec, results: list[TrialResult]) -> pd.DataFrame:
-    """The parent's summary table (CSV and MLflow table), comparison figure and totals."""
+def summarise_sweep(parent: Run, spec: SweepSpec, results: list[TrialResult]) -> Comparison:
+    """The parent's summary table (CSV and MLflow table), comparison figure and totals; returns the comparison."""
     table = summary_table(spec, results)
     parent.log_table(table, "summary")
+    comparison = compare(spec, results)
     finished = [r for r in results if r.status == FINISHED]
     if finished:  # with none, an empty figure would pass for a result
-        x_name = next((k for k in spec.swept() if k not in ("normalization", "train_seed")), None)
-        averaged = [k for k in spec.swept() if k not in ("normalization", x_name)]
-        parent.log_figure(sweep_comparison_figure(table, x_name, averaged, spec.name), "comparison.png")
+        parent.log_figure(sweep_comparison_figure(comparison.cells, comparison.columns, spec.name,
+                                                  failed=len(results) - len(finished)), "comparison.png")
     # Tags, not metrics: in the experiment's charts a parent's metric is one more bar ("Unassigned")
     # beside its trials', under the same names, and each count a chart of its own.
     totals = {"num_trials": len(results), "num_finished": len(finished), "num_failed": len(results) - len(finished),
@@ -85,18 +79,95 @@ def summarise_sweep(parent: Run, spec: SweepSpec, results: list[TrialResult]) ->
     if (best := best_trial(results)) is not None:
         totals.update(best_run_id=best.run_id, best_trial_key=best.key, best_trial_val_acc=best.best_val_acc)
     parent.set_tags(totals)
-    return table
+    return comparison
+
+
+REPORT = "comparison/report.html"
 
 
 @task(name="publish comparison", cache_policy=NO_CACHE)
-def publish_comparison(parent: Run, spec: SweepSpec, results: list[TrialResult]) -> pd.DataFrame:
-    """The comparison table of a grid that is not a study, on the parent run and as the sweep's Prefect
-    markdown artifact (a study publishes its report instead)."""
-    table = comparison_table(spec, results)
-    parent.log_table(table, "comparison")
-    prefect_watch.optional(create_markdown_artifact, comparison_markdown(table, spec, best_trial(results), parent.url),
+def publish_comparison(parent: Run, spec: SweepSpec, results: list[TrialResult],
+                       comparison: Comparison) -> Choice | None:
+    """A grid's comparison (not a study's) on the parent run: comparison/cells and comparison/differences (CSV
+    and MLflow tables), comparison/report.html (one page, its figure embedded: what the printed link opens),
+    and the sweep's Prefect markdown artifact; returns the configuration with the lowest validation error."""
+    parent.log_table(comparison.cells, "comparison/cells")
+    parent.log_table(comparison.differences, "comparison/differences")
+    choice = choose(spec, results)
+    figures = {"comparison": sweep_comparison_figure(comparison.cells, comparison.columns, spec.name,
+                                                     failed=sum(r.status != FINISHED for r in results))}
+    markdown = comparison_markdown(comparison, spec, choice)
+    parent.log_text(report_html(markdown, figures, f"Sweep {spec.name}"), REPORT)
+    prefect_watch.optional(create_markdown_artifact,
+                           embedded_markdown(comparison_markdown(comparison, spec, choice, parent.url), figures),
                            key=artifact_key(f"sweep-{spec.name}"), description=f"What sweep {spec.name} found")
-    return table
+    return choice
+
+
+def answer_metrics(comparison: Comparison) -> dict[str, float]:
+    """The parent's key numbers: each difference ("BN − GN" at batch 2: answer/bn_minus_gn_batch_2) with its
+    interval's ends (..._ci_low, ..._ci_high), and the seeds per cell (answer/seeds). Names no trial logs, so
+    they never add a bar to a trial's chart; numbers without a value (one seed: no interval) are left out."""
+    numbers = {f"{ANSWER_PREFIX}seeds": float(comparison.cells["n"].max())} if len(comparison.cells) else {}
+    for row in comparison.differences.itertuples():
+        name = f"{ANSWER_PREFIX}{_slug(row.label)}_{_slug(row.column)}"
+        numbers.update({name: row.mean, f"{name}_ci_low": row.low, f"{name}_ci_high": row.high})
+    # Rounded past float noise only (a mean of 4.67 and 3.67 is 0.9999999999999952, shown as such by MLflow).
+    return {k: round(float(v), 10) for k, v in numbers.items() if v == v}  # v != v: NaN
+
+
+def _slug(text: str) -> str:
+    """"BN − GN" -> "bn_minus_gn", "batch 32" -> "batch_32": a metric name's words."""
+    return re.sub(r"[^a-z0-9.]+", "_", text.lower().replace("−", "minus")).strip("_")
+
+
+@task(name="show the answer in MLflow", cache_policy=NO_CACHE)
+def show_answer_in_mlflow(parent: Run, spec: SweepSpec, results: list[TrialResult], answer: str,
+                          table: str | None = None, report: str | None = None,
+                          numbers: dict[str, float] | None = None) -> str:
+    """The parent run's Overview answers: its description holds the answer, links to the trials charted in
+    MLflow and to the report (an artifact of the parent), then the table; its key numbers are metrics
+    (answer/...). The chart view is a saved view of the experiment's runs page (flows.tracking.views): this
+    sweep's trials only, grouped by normalization, the final nets' test accuracy against batch size. Returns
+    the view's link."""
+    view = save_children_view(parent, f"{spec.name}: its trials by normalization", *_view_charts(spec, results),
+                              section=f"{spec.name}: the comparison", collapsed=(ANSWER_PREFIX.rstrip("/"),))
+    links = [f"[{spec.name}'s trials by normalization and batch size, in MLflow's charts]"
+             f"({in_page(parent.store.ui_url(view))})"]
+    if report is not None:
+        links.append(f"[the report, with its figures]({in_page(parent.url_of(report))})")
+    parent.describe("\n\n".join([f"**{escaped(answer)}**", " · ".join(links),
+                                   *([escaped(table)] if table else [])]))
+    if numbers:
+        parent.log_metrics(numbers)
+    return parent.store.ui_url(view)
+
+
+def _view_charts(spec: SweepSpec, results: list[TrialResult]) -> tuple[list[str], list]:
+    """(the parameters the trials are grouped by, the charts): the final nets' test accuracy against batch size,
+    a line per normalization (and per value of the other swept fields), when batch size was swept; else a bar
+    per group."""
+    others = [k for k in spec.swept() if k not in ("normalization", "train_seed", "batch_size")]
+    if "batch_size" not in spec.swept():
+        return ["normalization", *others], [BarChart(FINAL_TEST_ACC, "final net's test accuracy: mean over seeds")]
+    accuracies = [r.final_test_acc for r in results if r.status == FINISHED and r.final_test_acc is not None]
+    y_range = None
+    if accuracies:  # MLflow starts the axis at 0 otherwise, where 0.95 and 0.97 look the same
+        pad = max(0.005, 0.1 * (max(accuracies) - min(accuracies)))
+        y_range = (max(0.0, min(accuracies) - pad), min(1.0, max(accuracies) + pad))
+    return ["normalization", *others], [LineChart(FINAL_TEST_ACC, BATCH_SIZE, "final net's test accuracy against "
+                                                  "batch size: mean over seeds, band from the lowest to the highest",
+                                                  y_range)]
+
+
+def escaped(markdown: str) -> str:
+    """Square brackets shown as written: MLflow's markdown reads "[a, b] (n=5)" as a link."""
+    return markdown.replace("[", "\\[").replace("]", "\\]")
+
+
+def grid_table_markdown(comparison: Comparison) -> str:
+    """The comparison's title and table, as the parent's description and the report show them."""
+    return f"{comparison.title}.\n\n{markdown_table(wide_table(comparison))}"
 
 
 def artifact_key(text: str) -> str:

@@ -80,8 +80,8 @@ def train_trial(run: Run, config: TrainConfig, stop: StopRequest | None = None) 
     ends the training at the next iteration). The run is marked FINISHED here, by
     whoever trained it, so a trial that completed stays complete even if the sweep's
     own process dies next. Returns best_val_acc, test_acc (the best-validation net),
-    final_test_acc (the final net), wall_time_s and, when config.diagnostics, the
-    final net's diagnostics.
+    final_test_acc and final_val_acc (the final net), wall_time_s and, when
+    config.diagnostics, the final net's diagnostics.
     """
     data = load_data_once(config.data_spec())
     fitted = fit(run, config, data, stop=stop)

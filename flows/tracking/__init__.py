@@ -14,6 +14,8 @@
   an interrupt) with the reason when the body raises. To change what or how runs
   log, this is the file.
 - ``names``: the run statuses and tags both share, and ``RunRecord``.
+- ``views``: saved views of an experiment's runs page (one sweep's trials, grouped and
+  charted), which MLflow's UI opens from a link.
 - ``patience``: how long a call waits for a tracking server that stopped answering
   (``CNNCORE_TRACKING_WAIT_S``), and ``TrackingUnavailableError`` after that.
 
@@ -31,8 +33,10 @@ from .run import TAG_FAILURE_REASON, TAG_MODEL_URI, Run
 from .store import (DEFAULT_STORE, DEFAULT_UI_URL, REPO_ROOT, Store, artifact_root, connect, default_tracking_uri,
                     import_client, is_database, is_server, require_writable, resolve_tracking_uri, sqlite_path,
                     tracked_flow_run)
+from .views import BarChart, LineChart, in_page, save_children_view
 
-__all__ = ["DEFAULT_STORE", "DEFAULT_UI_URL", "FAILED", "FINISHED", "KILLED", "REPO_ROOT", "RUNNING", "Run",
-           "RunRecord", "Store", "StoreFullError", "TAG_FAILURE_REASON", "TAG_MODEL_URI", "TrackingUnavailableError",
-           "artifact_root", "connect", "default_tracking_uri", "failure_reason", "import_client", "is_database",
-           "is_server", "liveness", "require_writable", "resolve_tracking_uri", "sqlite_path", "tracked_flow_run"]
+__all__ = ["BarChart", "DEFAULT_STORE", "DEFAULT_UI_URL", "FAILED", "FINISHED", "KILLED", "LineChart", "REPO_ROOT",
+           "RUNNING", "Run", "RunRecord", "Store", "StoreFullError", "TAG_FAILURE_REASON", "TAG_MODEL_URI",
+           "TrackingUnavailableError", "artifact_root", "connect", "default_tracking_uri", "failure_reason",
+           "import_client", "in_page", "is_database", "is_server", "liveness", "require_writable",
+           "resolve_tracking_uri", "sqlite_path", "tracked_flow_run"]

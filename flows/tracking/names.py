@@ -15,6 +15,7 @@ FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
 MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"
 MLFLOW_RUN_NAME = "mlflow.runName"
 MLFLOW_DATASET_CONTEXT = "mlflow.data.context"
+MLFLOW_NOTE = "mlflow.note.content"  # a run's description, the first thing its Overview shows
 
 # MLflow 3's UI opens an experiment in the view its kind names: this one is the runs table and
 # charts ("Model training"); an experiment without the tag may open in the GenAI view.

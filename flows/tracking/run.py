@@ -18,7 +18,7 @@ import numpy as np
 from .. import credentials, prefect_watch
 from ..shutdown import interruption
 from .patience import StoreFullError, TrackingUnavailableError, mark_down, patient, store_full
-from .names import (FAILED, FINISHED, KILLED, MAX_TAG_CHARS, MLFLOW_DATASET_CONTEXT, RUNNING,
+from .names import (FAILED, FINISHED, KILLED, MAX_TAG_CHARS, MLFLOW_DATASET_CONTEXT, MLFLOW_NOTE, RUNNING,
                     RunRecord, failure_reason, prefect_tags)
 
 if TYPE_CHECKING:
@@ -132,6 +132,11 @@ class Run:
         from mlflow.entities import RunTag
 
         self._client.log_batch(self.id, tags=[RunTag(k, str(v)[:MAX_TAG_CHARS]) for k, v in tags.items()])
+
+    def describe(self, markdown: str) -> None:
+        """The run's description, MLflow's mlflow.note.content: the markdown its Overview shows first (folded
+        after a few lines, with "Show more")."""
+        self.set_tags({MLFLOW_NOTE: markdown})
 
     @patient
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:

@@ -390,11 +390,19 @@ class Store:
     def run_url(self, experiment_id: str, run_id: str, artifact: str | None = None) -> str:
         """The run's page in the MLflow UI (for a local store, where `cnnflow ui` serves it), opened on
         one of its artifacts when given (the Artifacts tab, that file shown)."""
+        return self.ui_url(f"experiments/{experiment_id}/runs/{run_id}"
+                           + (f"/artifactPath/{artifact}" if artifact else ""))
+
+    def ui_url(self, page: str) -> str:
+        """A page of the MLflow UI (for a local store, where `cnnflow ui` serves it) in the Model training view.
+
+        page: the part after "#/" (e.g. "experiments/1/runs?viewStateShareKey=k"), its query kept.
+        """
         base = credentials.without_userinfo(self.uri) if is_server(self.uri) else DEFAULT_UI_URL
-        page = f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        path, _, query = page.partition("?")
         # MLflow 3.17's UI takes its view from this parameter (else from the browser's memory, else
         # GenAI); the experiment's kind tag is not read there.
-        return page + (f"/artifactPath/{artifact}" if artifact else "") + "?workflowType=machine_learning"
+        return f"{base.rstrip('/')}/#/{path}?" + "&".join(filter(None, [query, "workflowType=machine_learning"]))
 
     def ui_command(self) -> str:
         """The shell command that opens the MLflow UI on this store, from any shell (the venv's cnnflow).
@@ -423,7 +431,11 @@ class Store:
             self.client.create_registered_model(name)
         except MlflowException:  # registered before
             pass
-        version = self.client.create_model_version(name, model_uri, run_id=run_id)
+        # A model logged in MLflow 3 (models:/m-<id>) is registered with its id: a tracking server refuses that
+        # source without it (INVALID_PARAMETER_VALUE), where a local store accepts it.
+        prefix, _, rest = model_uri.partition("models:/")
+        model_id = rest if not prefix and rest.startswith("m-") and "/" not in rest else None
+        version = self.client.create_model_version(name, model_uri, run_id=run_id, model_id=model_id)
         self.client.set_registered_model_alias(name, alias, version.version)
         return int(version.version)
 

@@ -170,14 +170,15 @@ def test_small_preset_run_reports_exactly_what_its_child_runs_logged(store, tmp_
     # 128 images at batch 16: 8 iterations per epoch, 24 in all; the rate falls after 12, the tail evaluations
     # are at 18 and 24 (batch 4: 32 per epoch, 96 in all, at 72 and 96).
     for r in children:
-        history = store.client.get_metric_history(r.info.run_id, "tail_eval/test_acc")
+        history = store.client.get_metric_history(r.info.run_id, "curves/tail_test_acc")
         batch = int(r.data.params["batch_size"])
         assert sorted(m.step for m in history) == ([18, 24] if batch == 16 else [72, 96])
-        assert r.data.metrics["tail_test_acc"] == pytest.approx(np.mean([m.value for m in history]))
-        precise = store.client.get_metric_history(r.info.run_id, "tail_eval/precise_test_acc")
+        assert r.data.metrics["accuracy/tail_test_acc"] == pytest.approx(np.mean([m.value for m in history]))
+        precise = store.client.get_metric_history(r.info.run_id, "curves/tail_precise_test_acc")
         assert (len(precise) == 2) == (r.data.params["normalization"] == "batchnorm")
-    error = percent_errors(children, "tail_test_acc")
-    final_error, best_val_error = percent_errors(children, "final_test_acc"), percent_errors(children, "test_acc")
+    error = percent_errors(children, "accuracy/tail_test_acc")
+    final_error = percent_errors(children, "accuracy/final_test_acc")
+    best_val_error = percent_errors(children, "accuracy/test_acc")
     assert sum(final_error[k] != best_val_error[k] for k in error) >= 3  # the measures tell apart here
     for name, measured in (("cells", error), ("final_cells", final_error), ("best_val_cells", best_val_error)):
         cells = table(name).query("normalization != 'batchnorm-precise'")
@@ -188,8 +189,8 @@ def test_small_preset_run_reports_exactly_what_its_child_runs_logged(store, tmp_
             low, high = stats.t.interval(0.95, 1, loc=np.mean(errors), scale=sd / math.sqrt(2)) if sd else errors
             assert cell.n == 2 and cell.mean == pytest.approx(np.mean(errors))
             assert (cell.low, cell.high) == (pytest.approx(low), pytest.approx(high))
-    precise = percent_errors([r for r in children if "tail_precise_test_acc" in r.data.metrics],
-                             "tail_precise_test_acc")
+    precise = percent_errors([r for r in children if "accuracy/tail_precise_test_acc" in r.data.metrics],
+                             "accuracy/tail_precise_test_acc")
     for cell in table("cells").query("normalization == 'batchnorm-precise'").itertuples():
         assert cell.mean == pytest.approx(np.mean([precise["batchnorm", cell.norm_batch, s] for s in (0, 1)]))
     # What the terminal shows (the sweep's comparison) is the study's error table: the primary measure's cells.
@@ -295,7 +296,7 @@ def test_tail_evaluations_leave_the_training_as_it_was_and_score_the_nets_it_pas
     assert measured.tail_precise[24] == pytest.approx(1 - precise["recomputed_error"])
     scores, _ = log_test_scores(measured_run, measured, data)
     assert scores["tail_test_acc"] == pytest.approx(np.mean(list(measured.tail.values())))
-    assert store.history(measured_run.id, "tail_eval/test_acc") == sorted(measured.tail.items())
+    assert store.history(measured_run.id, "curves/tail_test_acc") == sorted(measured.tail.items())
 
 
 def test_tail_evals_enter_a_trials_key_only_when_set():

@@ -1,5 +1,6 @@
 """The sweep flow: a parent run, one child per trial, failures reported, reruns resume."""
 
+import json
 import logging
 import re
 
@@ -58,7 +59,8 @@ def test_diverging_trial_is_failed_with_its_reason_and_the_others_finish(store, 
     assert runs[DIVERGING].info.status == "FAILED"
     assert re.match(DIVERGED, runs[DIVERGING].data.tags["failure_reason"])
     assert runs[1e-2].info.status == runs[3e-2].info.status == "FINISHED"
-    assert {"loss", "train_acc", "val_acc", "best_val_acc", "images_per_s"} <= set(runs[1e-2].data.metrics)
+    assert {"curves/loss", "curves/train_acc", "curves/val_acc", "accuracy/best_val_acc", "accuracy/test_acc",
+            "accuracy/final_test_acc", "images_per_s"} <= set(runs[1e-2].data.metrics)
     assert {r.data.tags["trial_key"] for r in runs.values()} == {c.key() for c in spec.trials()}
 
     assert [t.status for t in report.trials] == ["FINISHED", "FAILED", "FINISHED"]
@@ -68,7 +70,9 @@ def test_diverging_trial_is_failed_with_its_reason_and_the_others_finish(store, 
     assert re.match(DIVERGED, report.trials[1].failure_reason)
     assert trial_task_states(state) == ["COMPLETED"] * 3
     assert parent.data.tags["num_failed"] == "1" and parent.data.tags["num_finished"] == "2"
-    assert not parent.data.metrics  # a parent's numbers are tags: as metrics they would crowd the trials' charts
+    # A parent's counts are tags; its metrics are the answer's numbers, under names no trial has (answer/).
+    assert all(name.startswith("answer/") for name in parent.data.metrics)
+    assert not set(parent.data.metrics) & set(runs[1e-2].data.metrics)
     assert {"summary.csv", "summary.json", "comparison.png"} <= store.artifacts(parent.info.run_id)
     summary = pd.read_csv(store.client.download_artifacts(parent.info.run_id, "summary.csv", str(tmp_path)))
     assert list(summary["status"]) == ["FINISHED", "FAILED", "FINISHED"]
@@ -82,9 +86,9 @@ def test_diverging_trial_is_failed_with_its_reason_and_the_others_finish(store, 
     assert traceback_text.rstrip().splitlines()[-1].endswith(reason)
     # The best trial is the finished child with the highest best_val_acc, as MLflow holds them.
     finished = [r for r in runs.values() if r.info.status == "FINISHED"]
-    best = max(finished, key=lambda r: r.data.metrics["best_val_acc"])
+    best = max(finished, key=lambda r: r.data.metrics["accuracy/best_val_acc"])
     assert parent.data.tags["best_run_id"] == best.info.run_id == report.best.run_id
-    assert float(parent.data.tags["best_trial_val_acc"]) == pytest.approx(best.data.metrics["best_val_acc"])
+    assert float(parent.data.tags["best_trial_val_acc"]) == pytest.approx(best.data.metrics["accuracy/best_val_acc"])
 
 
 def result(index: int, best_val_acc: float | None, status: str = "FINISHED") -> TrialResult:
@@ -187,7 +191,7 @@ def test_trial_test_acc_is_measured_on_the_test_split(store, tiny, monkeypatch):
     test_acc = float(np.mean(net.predict(data["X_test"]) == data["y_test"]))
     val_acc = float(np.mean(net.predict(data["X_val"]) == data["y_val"]))
     [run] = children(store, report.parent_run_id)
-    assert run.data.metrics["test_acc"] == pytest.approx(test_acc) == pytest.approx(report.trials[0].test_acc)
+    assert run.data.metrics["accuracy/test_acc"] == pytest.approx(test_acc) == pytest.approx(report.trials[0].test_acc)
     assert test_acc != pytest.approx(val_acc)
 
 
@@ -266,18 +270,22 @@ def failed(index: int, normalization: str, seed: int) -> TrialResult:
                        status="FAILED", failure_reason="NonFiniteLossError: loss became nan", config=config)
 
 
-def test_a_grids_comparison_is_the_best_validation_nets_error_over_the_seeds_that_finished():
-    from flows.sweep.summary import comparison_table
+def test_a_grids_comparison_is_the_final_nets_error_over_the_seeds_that_finished():
+    from flows.sweep.comparison import compare
 
     spec = SweepSpec(name="grid", space={"normalization": ["batchnorm", "groupnorm"], "train_seed": [0, 1, 2]})
     results = [finished(0, "batchnorm", 0, 0.90, 0.50), finished(1, "batchnorm", 1, 0.80, 0.40),
                failed(2, "batchnorm", 2), failed(3, "groupnorm", 0), finished(4, "groupnorm", 1, 0.75, 0.70),
                failed(5, "groupnorm", 2)]
-    table = comparison_table(spec, results).set_index("normalization")
-    assert table.loc["batchnorm", "trials"] == 3 and table.loc["batchnorm", "finished"] == 2
-    assert table.loc["batchnorm", "test_error"] == pytest.approx(15.0)  # 10 and 20: test_acc's, not the final's
-    assert table.loc["groupnorm", "finished"] == 1 and table.loc["groupnorm", "test_error"] == pytest.approx(25.0)
+    found = compare(spec, results)
+    table = found.cells.set_index("normalization")
+    assert table.loc["batchnorm", "trials"] == 3 and table.loc["batchnorm", "n"] == 2
+    assert table.loc["batchnorm", "mean"] == pytest.approx(55.0)  # 50 and 60: final_test_acc's, not test_acc's
+    assert table.loc["groupnorm", "n"] == 1 and table.loc["groupnorm", "mean"] == pytest.approx(30.0)
     assert np.isnan(table.loc["groupnorm", "low"])  # one seed: no interval
+    # Paired by seed: only seed 1 finished under both.
+    [difference] = found.differences.itertuples()
+    assert (difference.n, difference.mean, difference.verdict) == (1, pytest.approx(30.0), "one seed: no interval")
 
 
 def test_a_studys_trials_and_diagnostics_are_in_percent_of_the_final_net():
@@ -308,3 +316,52 @@ def test_progress_says_each_trials_error_the_failures_so_far_and_the_time_left(c
         "[1/3] batchnorm seed 0: test error 25.00% (final net); about 40 s left",
         "[2/3] batchnorm seed 1: FAILED: NonFiniteLossError: loss became nan; 1 failed; about 20 s left",
         "[3/3] batchnorm seed 2: test error 12.50% (final net); 1 failed; all done in 60 s"]
+
+
+def test_a_grids_parent_answers_in_its_overview_and_a_saved_view_charts_its_trials_alone(store, tiny, tmp_path):
+    spec = SweepSpec(name="overview", base=tiny.model_copy(update={"num_groups": 2}),
+                     space={"normalization": ["batchnorm", "groupnorm"], "batch_size": [25, 10], "train_seed": [0, 1]})
+    other = sweep(spec=spec.model_copy(update={"name": "another", "space": {"train_seed": [0]}}),
+                  tracking_uri=store.uri, trials_in="threads")
+    report = sweep(spec=spec, tracking_uri=store.uri, trials_in="threads")
+
+    parent = store.client.get_run(report.parent_run_id)
+    # The description: the answer first, the links to the chart view and the report, the table.
+    description = parent.data.tags["mlflow.note.content"]
+    answer, links, table = description.split("\n\n")[:3]
+    assert answer == f"**{report.answer}**" and report.answer.startswith("BN against GN: ")
+    view = report.charts_url.partition("#")[2]
+    assert f"(#{view})" in links and "(#/experiments/" in links and "comparison/report.html" in links
+    assert table.startswith("Test error (%) of the final nets: mean and 95% CI over 2 seeds")
+    # The key numbers: BN − GN at each batch size with its interval, as the comparison has them.
+    differences = {d["batch_size"]: d for d in report.differences}
+    for batch in (25, 10):
+        name = f"answer/bn_minus_gn_batch_{batch}"
+        assert parent.data.metrics[name] == pytest.approx(differences[batch]["mean"])
+        assert parent.data.metrics[f"{name}_ci_low"] == pytest.approx(differences[batch]["low"])
+        assert parent.data.metrics[f"{name}_ci_high"] == pytest.approx(differences[batch]["high"])
+    assert parent.data.metrics["answer/seeds"] == 2
+    # The report: one page, the answer, the table and the figure embedded (no file beside it to fetch).
+    page = open(store.client.download_artifacts(report.parent_run_id, "comparison/report.html", str(tmp_path))).read()
+    assert report.answer.split(":")[0] in page and "BN − GN" in page and 'src="data:image/png;base64,' in page
+    assert report.url.endswith("/artifactPath/comparison/report.html?workflowType=machine_learning")
+
+    # The saved view: its search finds this sweep's trials and nothing else (not the other sweep's, not the
+    # parent), grouped by normalization, charting metrics the trials have against batch size.
+    experiment = store.client.get_experiment(parent.info.experiment_id)
+    key = re.search(r"viewStateShareKey=([^&]+)", report.charts_url).group(1)
+    envelope = json.loads(experiment.tags[f"mlflow.sharedViewState.{key}"])
+    state = json.loads(envelope["state"])
+    assert envelope["name"] == "overview: its trials by normalization"
+    found = store.client.search_runs([experiment.experiment_id], state["searchFilter"])
+    assert sorted(r.info.run_id for r in found) == sorted(t.run_id for t in report.trials)
+    assert other.parent_run_id not in {r.data.tags.get("mlflow.parentRunId") for r in found}
+    assert state["groupBy"]["groupByKeys"] == [{"mode": "param", "groupByData": "normalization"}]
+    [chart] = state["compareRunCharts"]
+    assert (chart["type"], chart["metricKey"], chart["selectedXAxisMetricKey"]) == (
+        "LINE", "accuracy/final_test_acc", "batch_size")
+    assert all({"accuracy/final_test_acc", "batch_size"} <= set(r.data.metrics) for r in found)
+    low, high = chart["range"]["yMin"], chart["range"]["yMax"]
+    assert all(low <= t.final_test_acc <= high for t in report.trials)
+    assert state["compareRunSections"][0] == {"uuid": chart["metricSectionId"], "name": "overview: the comparison",
+                                              "display": True, "isReordered": True}

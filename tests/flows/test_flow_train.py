@@ -30,8 +30,10 @@ def test_run_holds_every_parameter_and_the_final_numbers(trained):
     assert run.info.status == "FINISHED" and run.info.run_name == "tiny"
     assert run.data.params == {k: str(v) for k, v in result.config.model_dump().items()}
     metrics = run.data.metrics
-    assert metrics["test_acc"] == pytest.approx(result.test_acc)
-    assert 0 <= metrics["test_acc"] <= 1 and metrics["wall_time_s"] > 0 and metrics["images_per_s"] > 0
+    assert metrics["accuracy/test_acc"] == pytest.approx(result.test_acc)
+    assert metrics["accuracy/final_test_acc"] == pytest.approx(result.final_test_acc)
+    assert 0 <= metrics["accuracy/test_acc"] <= 1 and metrics["wall_time_s"] > 0 and metrics["images_per_s"] > 0
+    assert metrics["batch_size"] == result.config.batch_size
     assert run.data.tags["prefect.flow_name"] == "train"
     # The device trained on and its name (the CPU model here; the GPU model on CUDA).
     assert run.data.tags["device"] == "cpu" and run.data.tags["device_name"]
@@ -39,16 +41,16 @@ def test_run_holds_every_parameter_and_the_final_numbers(trained):
 
 def test_best_val_acc_is_the_best_of_the_logged_validation_accuracies(trained, module_store):
     result, run = trained
-    val = [value for _, value in module_store.history(run.info.run_id, "val_acc")]
+    val = [value for _, value in module_store.history(run.info.run_id, "curves/val_acc")]
     assert len(val) == 3 and val[-1] < max(val) and val[0] < max(val)
-    assert run.data.metrics["best_val_acc"] == pytest.approx(max(val)) == pytest.approx(result.best_val_acc)
+    assert run.data.metrics["accuracy/best_val_acc"] == pytest.approx(max(val)) == pytest.approx(result.best_val_acc)
 
 
 def test_loss_per_iteration_and_accuracy_per_epoch_are_step_metrics(trained, module_store):
     _, run = trained
     # 100 images in batches of 25: 4 iterations per epoch, 2 epochs.
-    assert [step for step, _ in module_store.history(run.info.run_id, "loss")] == list(range(1, 9))
-    for key in ("train_acc", "val_acc"):
+    assert [step for step, _ in module_store.history(run.info.run_id, "curves/loss")] == list(range(1, 9))
+    for key in ("curves/train_acc", "curves/val_acc"):
         assert [step for step, _ in module_store.history(run.info.run_id, key)] == [0, 1, 2]
 
 
@@ -75,6 +77,20 @@ def test_logged_model_serves_the_checkpointed_net(trained, module_store, tmp_pat
     assert np.mean(served == data["y_test"]) == pytest.approx(result.test_acc)
 
 
+def test_served_net_final_logs_and_serves_the_net_after_the_last_update(store, tiny):
+    config = tiny.model_copy(update={"normalization": "batchnorm", "num_epochs": 2, "learning_rate": 3e-2,
+                                     "train_seed": 1})  # as `trained`: the best net is not the last
+    result = train(config=config, tracking_uri=store.uri, served_net="final")
+
+    data = load_data_once(config.data_spec())
+    raw = data["X_test"] + data["mean"].reshape(1, -1, 1, 1)
+    served = mlflow.pyfunc.load_model(result.model_uri).predict(raw.astype(np.float64))
+    assert np.mean(served == data["y_test"]) == pytest.approx(result.final_test_acc) == result.served_test_acc
+    assert result.final_test_acc != pytest.approx(result.test_acc)
+    assert result.summary().startswith(f"test error {100 * (1 - result.final_test_acc):.2f}% (final net, served; "
+                                       f"best-validation net {100 * (1 - result.test_acc):.2f}%)")
+
+
 @pytest.mark.parametrize("bad, words", [
     ({"normalization": "bogus"}, "config.normalization: Input should be 'none', 'batchnorm'"),
     ({"batch_size": 0}, "config.batch_size: Input should be greater than 0"),
@@ -95,7 +111,7 @@ def test_the_train_flow_trains_a_resnet_end_to_end(store, tiny, tmp_path):
     result = train(config=config, tracking_uri=store.uri, run_name="tiny-resnet")
     [run] = store.runs("cnncore-train")
     assert run.info.status == "FINISHED" and run.data.params["model"] == "resnet"
-    assert run.data.metrics["final_test_acc"] == pytest.approx(result.final_test_acc)
+    assert run.data.metrics["accuracy/final_test_acc"] == pytest.approx(result.final_test_acc)
     checkpoint = store.client.download_artifacts(run.info.run_id, "checkpoint/model.npz", str(tmp_path))
     net = load_model(checkpoint)
     assert isinstance(net, ResNet) and len(net.norm_layers()) == 9 and net.config["num_filters"] == 4

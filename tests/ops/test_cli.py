@@ -13,9 +13,11 @@ import time
 import urllib.request
 from typing import NamedTuple
 
+import numpy as np
 import pytest
 import yaml
 import typer
+from mlflow import MlflowClient
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
@@ -106,7 +108,8 @@ def test_every_run_option_has_help(flow_name):
 
 @pytest.mark.parametrize("flow_name", sorted(cli_run.FLOWS))
 def test_run_help_lists_every_option(flow_name):
-    result = runner.invoke(cli.app, ["run", flow_name, "--help"], terminal_width=200)
+    # Rich sizes the help from COLUMNS (80 when unset), not from terminal_width: at 80 a long flag is cut short.
+    result = runner.invoke(cli.app, ["run", flow_name, "--help"], terminal_width=200, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     for option in run_options(flow_name):
         assert option.flag in result.output
@@ -601,18 +604,33 @@ def test_a_sweep_ends_with_its_comparison_table_and_link_and_no_resume_starts_af
     first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
     assert first.returncode == 0, first.stderr[-3000:]
     lines = first.stdout.splitlines()
-    header = lines.index("Test error (%) of the best-validation nets: mean and 95% CI over seeds")
-    assert lines[header + 1].split() == ["normalization", "trials", "finished", "test", "error", "95%", "CI"]
-    assert [line.split()[0] for line in lines[header + 2:header + 4]] == ["batchnorm", "groupnorm"]
-    # The best trial is the child with the highest best_val_acc (the first of equals), as MLflow holds it.
-    listed = subprocess.run([str(CNNFLOW), "runs", "--output", "json", "-e", "cnncore-sweeps"], capture_output=True,
-                            text=True, env=env, timeout=120)
-    trials = sorted((r for r in json.loads(listed.stdout) if r["parent"] == "cli-grid"), key=lambda r: r["run"])
-    best = max(trials, key=lambda r: r["val_acc"])
-    assert (f"best trial: {best['run']}, val acc {best['val_acc']:.3f}, test error "
-            f"{100 * (1 - best['test_acc']):.2f}%") in lines
+    # BN against GN at the one batch size run, over the 2 seeds, and their paired difference, as MLflow holds them.
+    header = lines.index("Test error (%) of the final nets: mean and 95% CI over 2 seeds (train_seed 0, 1); "
+                         "BN − GN: paired by seed (positive: GN better)")
+    assert lines[header + 1].split() == ["normalization", "batch", "20"]
+    rows = [line.split() for line in lines[header + 2:header + 5]]
+    assert [row[0] for row in rows] == ["batchnorm", "groupnorm", "BN"]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    trials = [r for r in client.search_runs([client.get_experiment_by_name("cnncore-sweeps").experiment_id])
+              if r.data.tags.get("sweep_name") == "cli-grid" and r.data.tags.get("sweep_role") == "trial"]
+    error = {(r.data.params["normalization"], r.data.params["train_seed"]):
+             100 * (1 - r.data.metrics["accuracy/final_test_acc"]) for r in trials}
+    for row, norm in zip(rows, ("batchnorm", "groupnorm")):
+        assert row[1] == f"{(error[norm, '0'] + error[norm, '1']) / 2:.2f}"
+    difference = np.mean([error["batchnorm", s] - error["groupnorm", s] for s in ("0", "1")])
+    assert re.fullmatch(re.escape(f"{difference:+.2f}") + r" \[-?\d+\.\d\d, -?\d+\.\d\d\] n=2",
+                        " ".join(rows[2][3:]))
+    assert re.search(r"^BN against GN: .*Only 2 seeds per cell: a smoke test, whose intervals mean little\.$",
+                     first.stdout, re.M)
+    # What picks a configuration is said (the final nets' validation error), never a lucky seed's "best trial".
+    val_error = {norm: np.mean([100 * (1 - r.data.metrics["curves/val_acc"]) for r in trials
+                                if r.data.params["normalization"] == norm]) for norm in ("batchnorm", "groupnorm")}
+    chosen = min(val_error, key=val_error.get)
+    assert re.search(rf"^lowest validation error: {chosen}: validation error {val_error[chosen]:.2f}% \(mean of 2 "
+                     r"final nets\)", first.stdout, re.M)
+    assert "best trial" not in first.stdout
     assert re.search(r"^MLflow parent run: http://127\.0\.0\.1:5000/#/experiments/\d+/runs/[0-9a-f]+/artifactPath/"
-                     r"comparison\.png\?workflowType=machine_learning$", first.stdout, re.M)
+                     r"comparison/report\.html\?workflowType=machine_learning$", first.stdout, re.M)
     # Progress: a line per finished trial on stderr, with the count.
     assert len(re.findall(r"^\[\d/4\] (batchnorm|groupnorm) seed \d: test error", first.stderr, re.M)) == 4
 

@@ -18,7 +18,9 @@ from flows.cli.errors import CliError, one_line_errors
 from flows.answers import render
 from flows.config import TrainConfig
 from flows.pipeline import PipelineReport
+from flows.config import SweepSpec
 from flows.sweep import SweepReport, TrialResult
+from flows.sweep.comparison import choose, compare
 from flows.sweep.lease import SweepBusyError
 from flows.sweep.resume import SweepChangedError
 from flows.train import TrainResult
@@ -29,11 +31,13 @@ URL = "http://127.0.0.1:5000/#/experiments/1/runs/abc"
 
 
 def trial(index: int, normalization: str, seed: int, best_val: float | None, test: float | None,
-          final: float | None, status: str = "FINISHED", reason: str | None = None) -> TrialResult:
+          final: float | None, status: str = "FINISHED", reason: str | None = None,
+          final_val: float | None = None) -> TrialResult:
     config = TrainConfig(normalization=normalization, train_seed=seed, num_groups=2)
     return TrialResult(index=index, key=config.key(), run_id=f"run{index}", status=status,
                        run_name=f"grid/{index:02d} {normalization} train_seed={seed}", best_val_acc=best_val,
-                       test_acc=test, final_test_acc=final, failure_reason=reason, config=config)
+                       test_acc=test, final_test_acc=final, final_val_acc=final_val, failure_reason=reason,
+                       config=config)
 
 
 def train_result(test_acc: float = 0.9712, final: float | None = 0.9655, seconds: float = 3.21) -> TrainResult:
@@ -41,17 +45,20 @@ def train_result(test_acc: float = 0.9712, final: float | None = 0.9655, seconds
                        best_val_acc=0.98, wall_time_s=seconds, images_per_s=1234.5, config=TrainConfig())
 
 
+GRID = SweepSpec(name="grid", base=TrainConfig(num_groups=2),
+                 space={"normalization": ["batchnorm", "groupnorm"], "train_seed": [0, 1]})
+
+
 def grid_report() -> SweepReport:
-    trials = [trial(0, "batchnorm", 0, 0.96, 0.95, 0.94), trial(1, "batchnorm", 1, 0.99, 0.97, 0.93),
+    """BN finished at both seeds (final nets 6% and 7% test error, 5% and 4% validation error); GN failed at both."""
+    trials = [trial(0, "batchnorm", 0, 0.96, 0.95, 0.94, final_val=0.95),
+              trial(1, "batchnorm", 1, 0.99, 0.97, 0.93, final_val=0.96),
               trial(2, "groupnorm", 0, None, None, None, "FAILED", "NonFiniteLossError: loss became nan"),
               trial(3, "groupnorm", 1, None, None, None, "FAILED", "NonFiniteLossError: loss became inf")]
-    comparison = [{"normalization": "batchnorm", "trials": 2, "finished": 2, "test_error": 4.0, "low": -8.71,
-                   "high": 16.71},
-                  {"normalization": "groupnorm", "trials": 2, "finished": 0, "test_error": math.nan,
-                   "low": math.nan, "high": math.nan}]
+    found = compare(GRID, trials)
     return SweepReport(name="grid", parent_run_id="parent", url=URL, trials=trials, best=trials[1], wall_time_s=12.4,
-                       comparison_title="Test error (%) of the best-validation nets: mean and 95% CI over seeds",
-                       comparison=comparison)
+                       comparison_title=found.title, answer=found.answer, comparison=found.cells.to_dict("records"),
+                       differences=found.differences.to_dict("records"), choice=choose(GRID, trials).as_record())
 
 
 # ---------------------------------------------------------------- the answer as a table (the default)
@@ -68,18 +75,28 @@ def test_the_ui_hint_follows_an_answer_with_a_link():
         "(the MLflow UI: start it with `cnnflow ui`)"
 
 
-def test_a_sweep_ends_with_its_comparison_failures_best_trial_and_link():
+def test_a_sweep_ends_with_its_comparison_failures_the_rules_choice_and_link():
     lines = render(grid_report(), width=120).splitlines()
     assert lines[0] == "sweep grid: 4 trials, 2 failed, 0 finished earlier; 12 s"
-    header = lines.index("Test error (%) of the best-validation nets: mean and 95% CI over seeds")
-    assert lines[header + 1].split() == ["normalization", "trials", "finished", "test", "error", "95%", "CI"]
-    assert lines[header + 2].split() == ["batchnorm", "2", "2", "4.00", "[-8.71,", "16.71]"]
-    assert lines[header + 3].split() == ["groupnorm", "2", "0", "—", "—"]
+    header = lines.index("Test error (%) of the final nets: mean and 95% CI over 2 seeds (train_seed 0, 1)")
+    assert lines[header + 1].split() == ["normalization", "batch", "32"]
+    # The final nets' errors, 6 and 7: mean 6.5, t-interval 6.5 ± 12.706 x 0.5.
+    assert lines[header + 2].split() == ["batchnorm", "6.50", "[0.15,", "12.85]"]
+    assert lines[header + 3].split() == ["groupnorm", "—"]
+    assert "Nothing to compare: no column has two normalizations finished." in lines
     assert "FAILED grid/02 groupnorm train_seed=0: NonFiniteLossError: loss became nan" in lines
     assert "FAILED grid/03 groupnorm train_seed=1: NonFiniteLossError: loss became inf" in lines
-    # The best trial: the highest validation accuracy; its error is the best-validation net's (test_acc).
-    assert "best trial: grid/01 batchnorm train_seed=1, val acc 0.990, test error 3.00%" in lines
+    # What the rule picks, on which numbers: the validation errors of the final nets, 5% and 4%, never a best trial.
+    choice = lines.index(next(line for line in lines if line.startswith("lowest validation error")))
+    assert " ".join(" ".join(lines[choice:-1]).split()) == (
+        "lowest validation error: batchnorm: validation error 4.50% (mean of 2 final nets); the rule: the lowest "
+        "validation error among all trials (final nets, mean over seeds; the test split is never used to choose)")
+    assert not [line for line in lines if "best trial" in line]
     assert lines[-1] == f"MLflow parent run: {URL}"
+    # The trials charted in MLflow, when the sweep saved that view, come after the parent's link.
+    charted = render(grid_report().model_copy(update={"charts_url": f"{URL}?k"}), width=120).splitlines()
+    assert charted[-2:] == [f"MLflow parent run: {URL}",
+                            f"its trials by normalization and batch size, in MLflow's charts: {URL}?k"]
 
 
 def test_a_study_sweep_shows_its_cells_as_the_paper_prints_them_and_its_answer():
@@ -95,18 +112,26 @@ def test_a_study_sweep_shows_its_cells_as_the_paper_prints_them_and_its_answer()
     assert "Does BN lose more than GN? In short: cannot tell." in lines
 
 
-def test_a_pipeline_ends_with_the_sweep_the_final_training_and_the_registered_model():
+def test_a_pipeline_ends_with_the_sweep_the_final_training_its_rule_and_the_registered_model():
+    sweep = grid_report().model_copy(update={"charts_url": f"{URL}?viewStateShareKey=k"})
+    final = train_result().model_copy(update={"served_net": "final", "url": "http://127.0.0.1:5000/#/f"})
     report = PipelineReport(run_id="p", url="http://127.0.0.1:5000/#/p", run_name="pipeline-x",
-                            gradient_check_run_id="g", sweep=grid_report(), final=train_result(),
-                            registered_model="cnncore-digits@champion", wall_time_s=30.0)
+                            gradient_check_run_id="g", sweep=sweep, choice=sweep.choice, final=final,
+                            registered_model="cnncore-digits@champion", registered_version=3, wall_time_s=30.0)
     lines = render(report, width=120).splitlines()
     assert lines[0] == "sweep grid: 4 trials, 2 failed, 0 finished earlier; 12 s"
-    final = [line for line in lines if line.startswith("final training")]
-    assert final == [f"final training ({TrainConfig().num_epochs} epochs of the best configuration): "
-                     "test error 2.88% (best-validation net; final net 3.45%); best val acc 0.980; 3.2 s of training, "
-                     "1,234 images/s"]
-    assert "registered model: cnncore-digits@champion" in lines
-    assert lines[-2:] == [f"the comparison, in MLflow: {URL}", "the pipeline's run: http://127.0.0.1:5000/#/p"]
+    text = " ".join(" ".join(lines).split())
+    assert (f"final training: batchnorm at batch 32, {TrainConfig().num_epochs} epochs, chosen by the rule: the lowest "
+            "validation error among all trials (final nets, mean over seeds; the test split is never used to "
+            "choose): batchnorm 4.50%.") in text
+    # The registered net's error first, the one left out beside it, and why.
+    assert ("test error 3.45%: the final net, registered as cnncore-digits@champion (version 3; the rule: the final "
+            "training's final net (after its last epoch), the net the comparison measures). Its best-validation "
+            "checkpoint: 2.88%, not registered.") in text
+    assert lines[-4:] == [f"the comparison, in MLflow: {URL}",
+                          f"its trials by normalization and batch size, in MLflow's charts: {URL}?viewStateShareKey=k",
+                          "the final training: http://127.0.0.1:5000/#/f",
+                          "the pipeline's run: http://127.0.0.1:5000/#/p"]
 
 
 # ---------------------------------------------------------------- for scripts: yaml and json
@@ -115,8 +140,9 @@ def test_a_pipeline_ends_with_the_sweep_the_final_training_and_the_registered_mo
 def test_json_output_is_strict_json_with_null_for_numbers_that_are_not_finite():
     text = render(grid_report(), "json")
     result = strict_json(text)
-    assert result["comparison"][1]["test_error"] is None and result["comparison"][1]["low"] is None
-    assert result["comparison"][0]["test_error"] == 4.0
+    assert result["comparison"][1]["mean"] is None and result["comparison"][1]["low"] is None
+    assert result["comparison"][0]["mean"] == pytest.approx(6.5)
+    assert result["choice"]["label"] == "batchnorm" and result["choice"]["val_error"] == pytest.approx(4.5)
     assert [t["status"] for t in result["trials"]] == ["FINISHED", "FINISHED", "FAILED", "FAILED"]
     assert result["best"]["run_id"] == "run1"
 

@@ -146,7 +146,8 @@ def test_a_train_run_killed_with_9_is_repaired_by_the_next_run_in_its_experiment
     train = ["--experiment", "faults", "--num-train", "1000", "--batch-size", "10", "--num-filters", "8"]
     killed = subprocess.Popen([str(CNNFLOW), "run", "train", *train, "--num-epochs", "50", "--run-name", "killed"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_for(lambda: [r for r in runs.all() if r.info.run_name == "killed" and r.data.metrics.get("loss") is not None],
+    wait_for(lambda: [r for r in runs.all()
+                      if r.info.run_name == "killed" and r.data.metrics.get("curves/loss") is not None],
              180, "the train run logging its loss")
     os.kill(killed.pid, signal.SIGKILL)
     killed.wait(10)
