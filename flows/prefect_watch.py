@@ -66,6 +66,7 @@ class PrefectServerLostError(RuntimeError):
 
 _callbacks: list[Callable[[BaseException], None]] = []
 _lost: PrefectServerLostError | None = None
+_undo: list[Callable[[], None]] = []  # what reset() takes back of a loss's changes to the process, last first
 _lock = threading.Lock()
 
 
@@ -186,6 +187,7 @@ def watching(api_url: str | None, server: str = "the Prefect server") -> Iterato
                     _lost = error
                     callbacks = list(_callbacks)
                 _stop_talking_to(settings)  # the quiet filter stays on
+                _undo.append(lambda: _quiet(quiet, on=False))
                 for callback in callbacks:
                     callback(error)
                 return
@@ -216,15 +218,19 @@ def _quiet(quiet: logging.Filter, on: bool) -> None:
 def _stop_talking_to(settings) -> None:
     """After the loss: Prefect's client tries each call once (no minute of retries per call), and its log
     worker no longer sends (nor prints its failure to). Best effort: Prefect's settings are its own."""
-    with contextlib.suppress(Exception):
-        settings.client.max_retries = 0
-    with contextlib.suppress(Exception):
-        settings.logging.to_api.enabled = False
-    logging.raiseExceptions = False  # Prefect's log worker prints "--- Error logging to API ---" otherwise
+    for section, name, value in ((settings.client, "max_retries", 0), (settings.logging.to_api, "enabled", False),
+                                 (logging, "raiseExceptions", False)):  # Prefect's log worker prints otherwise
+        with contextlib.suppress(Exception):
+            before = getattr(section, name)
+            setattr(section, name, value)
+            _undo.append(lambda section=section, name=name, before=before: setattr(section, name, before))
 
 
 def reset() -> None:
-    """Forget a loss (for a process that runs flows again afterwards, as tests do)."""
+    """Forget a loss, and take back what it changed (Prefect's retries and logs to the API, the quiet filter):
+    for a process that runs flows again afterwards, as tests do."""
     global _lost
     with _lock:
         _lost = None
+        while _undo:
+            _undo.pop()()

@@ -133,4 +133,4 @@ def test_a_sweep_whose_trials_all_finished_before_the_loss_ends_finished(store, 
     assert [t.status for t in report.trials] == ["FINISHED", "FINISHED"]
     (parent,) = [r for r in store.runs("cnncore-sweeps") if r.data.tags.get("sweep_role") == "parent"]
     assert parent.info.status == "FINISHED" and "failure_reason" not in parent.data.tags
-    assert {"summary.csv", "comparison.png", "comparison.csv"} <= store.artifacts(parent.info.run_id)
+    assert {"summary.csv", "comparison.png", "comparison/cells.csv", "comparison/report.html"} <= store.artifacts(parent.info.run_id)

@@ -554,9 +554,16 @@ def test_say_in_a_flow_and_a_task_reaches_their_run_logs_once_and_the_console_on
 
     with caplog.at_level(logging.INFO):
         state = flow_that_says(return_state=True)
-    APILogWorker.drain_all(timeout=5)
-    logs = rest(prefect_server, "/logs/filter",
-                {"logs": {"flow_run_id": {"any_": [str(state.state_details.flow_run_id)]}}})
+    APILogWorker.drain_all(timeout=30)
+
+    def run_logs() -> list[dict]:
+        return rest(prefect_server, "/logs/filter",
+                    {"logs": {"flow_run_id": {"any_": [str(state.state_details.flow_run_id)]}}})
+
+    # The server writes the logs it was sent in batches of its own: under load, a moment after they arrive.
+    wait_for(lambda: {"said in the flow", "said in the task"} <= {log["message"] for log in run_logs()}, 60,
+             "the flow's and the task's lines in the flow run's logs")
+    logs = run_logs()
     said = {log["message"]: log for log in logs if log["message"].startswith("said in")}
     assert [log["message"] for log in logs].count("said in the flow") == 1
     assert said["said in the flow"]["task_run_id"] is None and said["said in the task"]["task_run_id"]
