@@ -414,3 +414,47 @@ def test_embedded_markdown_and_html_carry_their_figures_in_the_page():
     assert page.startswith("<!DOCTYPE html>") and page.count('<img src="data:image/png;base64,') == 2
     assert "<table>" in page and "<h2>The answer" in page
     assert not re.search(r"(src|href)=\"(?!data:)", page)  # nothing outside the page is asked for
+
+
+# ---------------------------------------------------------------- the sentences and tables, piece by piece
+
+
+def _loss_row(g: int, mean: float, p_holm: float):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(norm_batch=g, p_holm=p_holm, estimate=SimpleNamespace(mean=mean, p=p_holm))
+
+
+def test_the_onset_is_the_largest_g_at_which_the_loss_survives_holm():
+    from types import SimpleNamespace
+
+    from flows.study.sections import onset_sentence
+
+    ctx = SimpleNamespace(pair=("batchnorm", "batchnorm"), design=SimpleNamespace(norm_batch=True),
+                          at=lambda g: f"g = {g}")
+    rows = [_loss_row(16, 0.1, 0.3), _loss_row(8, 0.9, 0.001), _loss_row(4, 4.6, 0.0001), _loss_row(2, 53, 0.0001)]
+    assert onset_sentence(rows, ctx) == "The largest g at which BN's loss is detected: g = 8."
+    assert onset_sentence(rows[:1], ctx) == "No loss of BN is detected down to g = 16."
+
+
+def test_an_arm_independent_of_g_sits_under_the_reference_and_says_same_trials_elsewhere():
+    from types import SimpleNamespace
+
+    from flows.study.sections import wide_cells
+
+    cells = pd.DataFrame([
+        {"normalization": "batchnorm", "norm_batch": 32, "mean": 1.0, "low": 0.8, "high": 1.2, "n": 5},
+        {"normalization": "batchnorm", "norm_batch": 8, "mean": 1.9, "low": 1.5, "high": 2.3, "n": 5},
+        {"normalization": "groupnorm", "norm_batch": np.nan, "mean": 1.4, "low": 1.1, "high": 1.7, "n": 5},
+    ])
+    ctx = SimpleNamespace(reference=32, design=SimpleNamespace(column=lambda g: f"g = {g}"))
+    table = wide_cells(cells, ctx).set_index("arm")
+    assert table.loc["GN", "g = 32"].startswith("1.40 [1.10, 1.70]") and table.loc["GN", "g = 8"] == "same trials"
+    assert table.loc["BN", "g = 8"].startswith("1.90 [1.50, 2.30]")
+
+
+def test_one_seed_is_said_in_the_singular():
+    from flows.study.sections import smoke_prefix
+
+    assert smoke_prefix(1) == "Smoke test (1 seed), not a result: "
+    assert smoke_prefix(2) == "Smoke test (2 seeds), not a result: "

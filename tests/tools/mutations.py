@@ -108,8 +108,8 @@ MUTATIONS: list[Mutation] = [
       "    name = trial_name(spec, index, config)",
       "a stopping sweep still starts its queued trials"),
     M("i19-tracking-traceback", "flows/tracking/run.py",
-      '        self._client.log_text(self.id, credentials.mask("".join(traceback.format_exception(exc))),\n'
-      '                              "failure/traceback.txt")\n', "",
+      '            self._client.log_text(self.id, credentials.mask("".join(traceback.format_exception(exc))),\n'
+      '                                  "failure/traceback.txt")\n', "            pass\n",
       "a failed run loses its failure/traceback.txt"),
     M("i19-cli-exit-code", "flows/cli/errors.py",
       'fail(str(exc), getattr(exc, "exit_code", 1))', "fail(str(exc), 1)",
