@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 # The fast-tier tests a developer runs after editing a file, by the file's path prefix (longest wins).
 TESTS_FOR = {
-    "flows/study/": ("tests/test_study_statistics.py", "tests/test_study_report.py", "tests/flows/test_flow_study.py"),
+    "flows/study/": ("tests/test_study_statistics.py", "tests/test_study_report.py", "tests/test_study_dose_response.py",
+                     "tests/flows/test_flow_study.py"),
+    "flows/sweep/comparison.py": ("tests/flows/test_sweep_comparison.py", "tests/flows/test_flow_pipeline.py"),
     "flows/study/diagnostics.py": ("tests/test_study_report.py", "tests/flows/test_flow_study.py"),
     "flows/sweep/": ("tests/flows/test_sweep_lease.py", "tests/flows/test_flow_sweep.py",
                      "tests/flows/test_sweep_failures.py", "tests/flows/test_sweep_names.py",
