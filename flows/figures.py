@@ -55,6 +55,7 @@ def sweep_comparison_figure(cells: pd.DataFrame, columns: list[str], name: str, 
     spanning a factor of 8 or more on a log2 axis too; text values at even steps. Cells without a finished
     trial are left out; errors stay within [0, 100]%.
     """
+    import pandas as pd
     from matplotlib.figure import Figure
 
     from .study import LABELS
@@ -63,7 +64,9 @@ def sweep_comparison_figure(cells: pd.DataFrame, columns: list[str], name: str, 
     ax = fig.subplots()
     done = cells[cells["n"] > 0]
     x_name = columns[0] if columns else None
-    x_values = list(dict.fromkeys(cells[x_name])) if x_name else []
+    # A cell that no value of x applies to (group norm in a sweep of batch norm's normalization batch: NaN there)
+    # is drawn across the axis, not at an x of its own.
+    x_values = list(dict.fromkeys(v for v in cells[x_name] if not pd.isna(v))) if x_name else []
     numeric = x_name is not None and all(isinstance(v, Real) and not isinstance(v, bool) for v in x_values)
     positions = {v: (v if numeric else i) for i, v in enumerate(x_values)}
     log2 = numeric and min(x_values) > 0 and (x_name == "batch_size" or max(x_values) / min(x_values) >= 8)
@@ -80,6 +83,13 @@ def sweep_comparison_figure(cells: pd.DataFrame, columns: list[str], name: str, 
         label = ", ".join([LABELS.get(key[0], key[0]), *(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                                                          for k, v in zip(columns[1:], key[1:]))])
         labels.append(label)
+        if x_name and line[x_name].isna().all():
+            mean, low_, high_ = line[["mean", "low", "high"]].iloc[0]
+            drawn = ax.axhline(mean, linestyle="--", label=f"{label} (same trials at every {x_name})")
+            if not (pd.isna(low_) or pd.isna(high_)):
+                ax.axhspan(max(low_, 0.0), min(high_, 100.0), color=drawn.get_color(), alpha=0.12)
+            continue
+        line = line[line[x_name].notna()] if x_name else line
         xs = ([positions[v] * 2 ** shift if log2 else positions[v] + shift * spacing for v in line[x_name]] if x_name
               else [i])
         below = (line["mean"] - line["low"]).fillna(0).clip(lower=0)

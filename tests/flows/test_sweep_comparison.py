@@ -147,3 +147,20 @@ def test_a_tie_goes_to_the_configuration_run_first_and_the_rule_says_so(spec):
     choice = choose(spec, results(spec, val_errors=tied), batch_size=32)
     assert choice.label == "batchnorm" and choice.rule.endswith("; a tie goes to the configuration run first")
     assert not choose(spec, results(spec), batch_size=32).rule.endswith("run first")
+
+
+def test_the_figure_draws_an_arm_that_no_x_applies_to_across_the_axis():
+    """A sweep of batch norm's normalization batch: group norm's cell has no g (NaN), and is drawn as a level."""
+    import pandas as pd
+
+    cells = pd.DataFrame([
+        {"normalization": "batchnorm", "norm_batch": 32, "n": 2, "mean": 40.0, "low": 30.0, "high": 50.0},
+        {"normalization": "batchnorm", "norm_batch": 4, "n": 2, "mean": 60.0, "low": 50.0, "high": 70.0},
+        {"normalization": "groupnorm", "norm_batch": np.nan, "n": 2, "mean": 45.0, "low": 35.0, "high": 55.0},
+    ])
+    figure = sweep_comparison_figure(cells, ["norm_batch"], "normbatch")
+    ax = figure.axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert sorted(legend) == ["BN", "GN (same trials at every norm_batch)"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["32", "4"]
+    assert any(list(line.get_ydata()) == [45.0, 45.0] for line in ax.get_lines())
