@@ -126,7 +126,9 @@ def unreachable(exc: BaseException) -> bool:
     import httpx
 
     return any(isinstance(e, (httpx.TransportError, ConnectionError)) or (
-        isinstance(e, httpx.HTTPStatusError) and e.response.status_code in (502, 503, 504)) for e in _chain(exc))
+        isinstance(e, httpx.HTTPStatusError) and e.response.status_code in (502, 503, 504)) or (
+        # Prefect's client, its retries set to 0 after the loss, ends a retryable failure this way.
+        isinstance(e, AssertionError) and str(e).startswith("Retry handling ended")) for e in _chain(exc))
 
 
 def stopped_by_loss(exc: BaseException) -> bool:

@@ -102,6 +102,9 @@ def test_the_chain_tells_a_stop_by_the_loss_from_the_engine_failing_to_reach_the
     except httpx.ConnectError as engine:
         assert prefect_watch.stopped_by_loss(engine) and prefect_watch.unreachable(engine)
     assert not prefect_watch.stopped_by_loss(ValueError("x")) and not prefect_watch.unreachable(ValueError("x"))
+    # What Prefect's client raises once the loss has set its retries to 0 (seen under load).
+    assert prefect_watch.unreachable(AssertionError("Retry handling ended without response or exception"))
+    assert not prefect_watch.unreachable(AssertionError("x"))
 
 
 def test_an_optional_call_is_skipped_at_once_when_the_server_does_not_answer(monkeypatch):
