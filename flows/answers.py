@@ -116,11 +116,22 @@ def _lowest_val_error(report, width: int) -> list[str]:
     return _wrap("lowest validation error: " + choice_text(report.choice), width)
 
 
-def _pipeline(report, width: int) -> list[str]:
-    from .pipeline import final_training_text
+def final_training_text(choice: dict, final, registered: str, version: int, registration_rule: str) -> tuple[str, str]:
+    """The final training in two sentences, each with its rule: what it took, and which net it registered
+    (both nets' test errors). final: the final training's TrainResult."""
+    against = "; ".join(f"{o['label']} {o['val_error']:.2f}%" for o in choice["others"])
+    took = (f"final training: {choice['label']} at batch {final.config.batch_size}, {final.config.num_epochs} "
+            f"epochs, chosen by the rule: {choice['rule']}: {choice['label']} {choice['val_error']:.2f}%"
+            + (f", {against}" if against else "") + ".")
+    kept = (f"test error {100 * (1 - final.served_test_acc):.2f}%: the final net, registered as {registered} "
+            f"(version {version}; the rule: {registration_rule}). Its best-validation checkpoint: "
+            f"{100 * (1 - final.test_acc):.2f}%, not registered.")
+    return took, kept
 
+
+def _pipeline(report, width: int) -> list[str]:
     took, kept = final_training_text(report.choice, report.final, report.registered_model,
-                                     report.registered_version)
+                                     report.registered_version, report.registration_rule)
     return [*_sweep_answer(report.sweep, width), *_wrap(took, width), *_wrap(kept, width, indent="  "), "",
             f"the comparison, in MLflow: {report.sweep.url}",
             *_charts(report.sweep),

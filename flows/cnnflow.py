@@ -45,8 +45,9 @@ def main() -> None:
         raise
     finally:
         from flows.cli.console import silence_after_the_last_word
+        from flows.cli.errors import Settings
 
-        silence_after_the_last_word()
+        silence_after_the_last_word(Settings.verbose)
 
 
 if __name__ == "__main__":

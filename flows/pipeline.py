@@ -43,7 +43,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from pydantic import BaseModel, PositiveInt
 
-from .answers import log_answer
+from .answers import final_training_text, log_answer
 from .config import SweepSpec, TrainConfig
 from .gradient_check import gradient_check
 from .load_data import load_data
@@ -194,19 +194,6 @@ def final_config(spec: SweepSpec, chosen: TrainConfig, num_epochs: int) -> Train
     return chosen.model_copy(update={"num_epochs": num_epochs, "train_seed": spec.base.train_seed})
 
 
-def final_training_text(choice: dict, final: TrainResult, registered: str, version: int) -> tuple[str, str]:
-    """The final training in two sentences, each with its rule: what it took, and which net it registered
-    (both nets' test errors)."""
-    against = "; ".join(f"{o['label']} {o['val_error']:.2f}%" for o in choice["others"])
-    took = (f"final training: {choice['label']} at batch {final.config.batch_size}, {final.config.num_epochs} "
-            f"epochs, chosen by the rule: {choice['rule']}: {choice['label']} {choice['val_error']:.2f}%"
-            + (f", {against}" if against else "") + ".")
-    kept = (f"test error {100 * (1 - final.served_test_acc):.2f}%: the final net, registered as {registered} "
-            f"(version {version}; the rule: {REGISTRATION_RULE}). Its best-validation checkpoint: "
-            f"{100 * (1 - final.test_acc):.2f}%, not registered.")
-    return took, kept
-
-
 def pipeline_description(sweep: SweepReport, choice: dict, final: TrainResult, registered: str, version: int) -> str:
     """The pipeline run's Overview: the sweep's answer, the links, then the final training and its rules."""
     from .sweep.summary import escaped
@@ -214,7 +201,7 @@ def pipeline_description(sweep: SweepReport, choice: dict, final: TrainResult, r
     links = [f"[the comparison]({in_page(sweep.url)})",
              f"[its trials by normalization and batch size, in MLflow's charts]({in_page(sweep.charts_url)})",
              f"[the final training]({in_page(final.url)})"]
-    took, kept = final_training_text(choice, final, registered, version)
+    took, kept = final_training_text(choice, final, registered, version, REGISTRATION_RULE)
     return "\n\n".join([f"**{escaped(sweep.answer)}**", " · ".join(links), took[0].upper() + took[1:],
                         kept[0].upper() + kept[1:]])
 

@@ -93,13 +93,11 @@ def configure_prefect_console(verbose: bool, tracebacks: bool) -> None:
             handler.setFormatter(ConsoleFormatter(inner or logging.Formatter(), tracebacks))
 
 
-def silence_after_the_last_word() -> None:
+def silence_after_the_last_word(verbose: bool) -> None:
     """Once the command has printed its answer or its error, nothing more on the console (unless verbose):
     Prefect's exit handlers, still sending queued events and logs, warn when that takes a while ("EventsWorker
     - Still processing items"), after the line that should be last. Their records still reach the API."""
-    from .errors import Settings
-
-    if Settings.verbose or "prefect.logging.handlers" not in sys.modules:
+    if verbose or "prefect.logging.handlers" not in sys.modules:
         return
     from prefect.logging.handlers import PrefectConsoleHandler
 

@@ -41,7 +41,7 @@ def fail(message: str, exit_code: int = 1) -> typing.NoReturn:
     typer.echo(f"error: {text}", err=True)
     from .console import silence_after_the_last_word
 
-    silence_after_the_last_word()  # what still unwinds (Prefect draining its events) prints nothing after it
+    silence_after_the_last_word(Settings.verbose)  # what still unwinds (Prefect draining its events) prints nothing after it
     raise typer.Exit(exit_code)
 
 
