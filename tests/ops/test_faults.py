@@ -43,6 +43,8 @@ def processes_in_group(group_id: int) -> list[int]:
                     found.append(int(entry.name))
     return found
 
+LONGER_TRIALS = ("--num-epochs", "100")  # about 14 s a trial on this machine kind (the last value given counts)
+
 
 def start_sweep(env: dict, name: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([str(CNNFLOW), "run", "sweep", "--name", name, *SWEEP, *extra], env=env,
@@ -87,9 +89,10 @@ def sqlite_env(tmp_path, ops_env, prefect_server) -> tuple[dict, str]:
     return {**ops_env, "PREFECT_API_URL": prefect_server, "MLFLOW_TRACKING_URI": store}, store
 
 
-def assert_resume_finishes(env: dict, runs: Runs, name: str, kept: dict[str, str]) -> None:
-    """Rerunning the sweep finishes it: every trial FINISHED once, nothing RUNNING, the finished kept."""
-    code, stderr = finish(start_sweep(env, name), 240)
+def assert_resume_finishes(env: dict, runs: Runs, name: str, kept: dict[str, str], *extra: str) -> None:
+    """Rerunning the sweep (extra: start_sweep's) finishes it: every trial FINISHED once, nothing RUNNING, the
+    finished kept."""
+    code, stderr = finish(start_sweep(env, name, *extra), 240)
     assert code == 0, stderr[-2000:]
     children = runs.children(name)
     assert sorted(r.info.status for r in children) == ["FINISHED"] * NUM_TRIALS
@@ -175,7 +178,9 @@ def test_the_local_prefect_server_lost_mid_sweep_stops_it_in_one_line_and_a_reru
     server = subprocess.run([str(CNNFLOW), "server", "start"], env=env, capture_output=True, text=True, timeout=300)
     assert server.returncode == 0, server.stderr
     try:
-        sweep = start_sweep(env, "prefect-lost")
+        # Trials long enough that the sweep outlasts the wait: with 16 epochs all 6 trained within the 10 s
+        # (2.3 s each), and the flow rightly said it had finished.
+        sweep = start_sweep(env, "prefect-lost", *LONGER_TRIALS)
         wait_for(lambda: "FINISHED" in runs.statuses("prefect-lost") and "RUNNING" in runs.statuses("prefect-lost"),
                  240, "a trial finished and another in progress")
         state = json.loads((tmp_path / "server" / "server.json").read_text())
@@ -198,7 +203,8 @@ def test_the_local_prefect_server_lost_mid_sweep_stops_it_in_one_line_and_a_reru
         assert parent.data.tags["failure_reason"].startswith("PrefectServerLostError: the local Prefect server at")
 
         finished = {r.info.run_id: r.info.status for r in runs.children("prefect-lost") if r.info.status == "FINISHED"}
-        assert_resume_finishes(env, runs, "prefect-lost", finished)  # starts the local server again
+        # starts the local server again
+        assert_resume_finishes(env, runs, "prefect-lost", finished, *LONGER_TRIALS)
         assert "failure_reason" not in runs.parent("prefect-lost").data.tags
     finally:
         subprocess.run([str(CNNFLOW), "server", "stop"], env=env, capture_output=True, timeout=120)
