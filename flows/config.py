@@ -114,7 +114,9 @@ class TrainConfig(_Subsets):
     filter_size: PositiveInt = Field(3, description="Convolution filter size (odd, so H and W are kept; "
                                                     "resnet's are its own).")
     hidden_dim: PositiveInt = Field(64, description="Units in each hidden affine layer (resnet has none).")
-    weight_scale: PositiveFloat = Field(1e-2, allow_inf_nan=False, description="Standard deviation of the initial weights.")
+    weight_scale: PositiveFloat | None = Field(
+        1e-2, allow_inf_nan=False, description="Standard deviation of the initial weights; none (resnet only, "
+                                               "its presets): He initialisation, sqrt(2 / fan_in) per conv.")
     reg: NonNegativeFloat = Field(0.0, allow_inf_nan=False, description="L2 regularisation strength.")
     update_rule: UpdateRule = Field("adam", description="Optimiser.")
     learning_rate: PositiveFloat = Field(3e-3, allow_inf_nan=False, description="Initial learning rate.")
@@ -180,6 +182,9 @@ class TrainConfig(_Subsets):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
+        if self.weight_scale is None and self.model != "resnet":
+            raise ValueError(f"weight_scale=None (He initialisation) is resnet's alone; {self.model} needs a "
+                             "standard deviation, a number > 0")
         if self.model == "fc_net":
             if self.normalization not in FC_NORMALIZATIONS:
                 raise ValueError(f"normalization={self.normalization!r} is not one of fc_net's {FC_NORMALIZATIONS}")

@@ -95,8 +95,12 @@ def _show(value) -> str:
 
 def _leaves(annotation, path, default, description, panel):
     """Yield (path, annotation, kind, help, panel) for every option under one parameter."""
-    bare, optional = _strip_optional(annotation)
-    bare, constraints = _base_and_constraints(bare)
+    # A field's own metadata wraps its whole annotation (Annotated[PositiveFloat | None, ...]): unwrap it, the
+    # `| None`, then the type's constraints.
+    bare, constraints = _base_and_constraints(annotation)
+    bare, optional = _strip_optional(bare)
+    bare, inner = _base_and_constraints(bare)
+    constraints += inner
     if _is_model(bare):
         model_default = default if isinstance(default, bare) else None
         if model_default is None:

@@ -53,7 +53,8 @@ def net_words(spec: SweepSpec, trials: list, detailed: bool = False) -> str:
         return (f"a residual net: a conv-norm-relu stem, 3 stages of {base.depth} basic block"
                 f"{'s' * (base.depth != 1)} ({base.num_filters}, {2 * base.num_filters} and {4 * base.num_filters} "
                 f"filters on {maps} maps, a projection shortcut where the width changes), {1 + 6 * base.depth + 2} "
-                f"norm layers, global average pooling{groups}")
+                f"norm layers, global average pooling{groups}"
+                + (", He initialisation" if base.weight_scale is None else f", initial weights' std {base.weight_scale:g}"))
     short = "the three-layer convnet" if base.depth == 1 else f"a {base.depth}-block convnet"
     if not detailed:
         return short

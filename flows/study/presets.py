@@ -171,8 +171,13 @@ def normbatch_resnet_spec(seeds: tuple[int, ...] = tuple(range(10)), name: str =
                           **kwargs) -> SweepSpec:
     """The small ResNet (cnncore.resnet: one basic block per stage, 8-16-32 filters, 9 norm layers on 28x28,
     14x14 and 7x7 maps) in the normalization-batch design, BN against GN (G=2: 4 channels per group in the
-    first stage, the most the 8 filters allow at the paper's spirit of several channels per group)."""
-    base = {**_conv_base("mnist", 5), "model": "resnet", "depth": 1, "num_filters": 8, "num_groups": 2}
+    first stage, the most the 8 filters allow at the paper's spirit of several channels per group).
+
+    He initialisation and a learning rate of 0.1, as ResNets are trained, not the convnets' 1e-2 and 0.02: in a
+    pilot (3 epochs on 3,000 training images, seed 0, validation accuracy) BN reached 46% at 0.02 and 86% at
+    0.1, and at 0.1 He initialisation against 1e-2 took GN from 35% to 60% and BN from 60% to 86%."""
+    base = {**_conv_base("mnist", 5), "model": "resnet", "depth": 1, "num_filters": 8, "num_groups": 2,
+            "weight_scale": None, "learning_rate": 0.1}
     return norm_batch_spec(name, base, ("batchnorm", "groupnorm"), seeds, **{"num_groups": 2, **kwargs})
 
 

@@ -2,6 +2,7 @@
 
 import importlib.util
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
@@ -148,3 +149,18 @@ def test_a_resnet_takes_num_filters_as_its_first_stage_width_and_depth_as_blocks
     assert config.key() != TrainConfig(model="resnet", dataset="mnist", num_filters=8, depth=2).key()
     with pytest.raises(ValidationError, match="num_groups=3 must divide num_filters=8"):
         TrainConfig(model="resnet", normalization="groupnorm", num_filters=8, num_groups=3)
+
+
+def test_he_initialisation_is_the_resnets_alone_and_reaches_the_net():
+    """weight_scale=None is He initialisation for the resnet (each conv's weights sqrt(2 / fan_in) apart), and
+    a clear error for the nets that have none."""
+    from flows.training import build_net
+
+    data = {"X_train": np.zeros((2, 1, 28, 28), np.float32), "class_names": [str(d) for d in range(10)]}
+    net = build_net(TrainConfig(model="resnet", dataset="mnist", num_filters=8, weight_scale=None), data)
+    stem = net.params["W1"]
+    assert stem.std() == pytest.approx(np.sqrt(2 / stem[0].size), rel=0.15)
+    assert net.params["W2"].std() == pytest.approx(np.sqrt(2 / net.params["W2"][0].size), rel=0.15)
+    for model in ("convnet", "fc_net"):
+        with pytest.raises(ValidationError, match=f"weight_scale=None .* resnet's alone; {model} needs"):
+            TrainConfig(model=model, weight_scale=None)
