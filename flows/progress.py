@@ -15,15 +15,20 @@ console already says another way.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
+from collections.abc import Callable, Iterator
 
 PROGRESS_LOGGER = "cnncore.progress"
 
 logger = logging.getLogger(PROGRESS_LOGGER)
 # Set by the first line said: until then a command may say that it is still starting (flows.cli.run).
 said_a_line = threading.Event()
+# Held while a line is said and while the "starting" notice checks said_a_line and prints: the notice
+# comes before the first line or not at all, never after an error that ended the command.
+_first_line = threading.RLock()
 # The root logger's WARNING level (Prefect's configuration, and Python's default) would drop these
 # INFO records before any handler saw them.
 logger.setLevel(logging.INFO)
@@ -31,9 +36,24 @@ logger.setLevel(logging.INFO)
 
 def say(text: str) -> None:
     """Log text at INFO on the cnncore.progress logger; inside a Prefect run, also in that run's logs."""
-    said_a_line.set()
-    logger.info(text)
+    with saying():
+        logger.info(text)
     record(text)
+
+
+@contextlib.contextmanager
+def saying() -> Iterator[None]:
+    """Around a line that counts as the command's first word (a progress line, an error): see said_a_line."""
+    with _first_line:
+        said_a_line.set()
+        yield
+
+
+def unless_said(print_line: Callable[[], None]) -> None:
+    """print_line(), unless a line was said: the "still starting" notice, which must not follow one."""
+    with _first_line:
+        if not said_a_line.is_set():
+            print_line()
 
 
 def record(text: str, level: int = logging.INFO) -> None:

@@ -38,7 +38,10 @@ def fail(message: str, exit_code: int = 1) -> typing.NoReturn:
 
     lines = [line.rstrip() for line in mask(str(message)).strip().splitlines() if line.strip()] or [""]
     text = "\n".join(line[:len(line) - len(line.lstrip())] + " ".join(line.split()) for line in lines)
-    typer.echo(f"error: {text}", err=True)
+    from ..progress import saying
+
+    with saying():  # no "starting" notice after it (flows.cli.run)
+        typer.echo(f"error: {text}", err=True)
     from .console import silence_after_the_last_word
 
     silence_after_the_last_word(Settings.verbose)  # what still unwinds (Prefect draining its events) prints nothing after it

@@ -84,7 +84,8 @@ def run_flow(flow, options: list[FlowOption], given: dict[str, Any]) -> None:
 def _exit_lost(loss) -> typing.NoReturn:
     """The Prefect server's loss in one line, and out at once: the flow's workers are stopped and MLflow has it
     all, while Prefect's event and log workers would spend a minute at exit retrying what the server cannot take."""
-    typer.echo(f"error: {' '.join(str(loss).split())}", err=True)
+    with progress.saying():
+        typer.echo(f"error: {' '.join(str(loss).split())}", err=True)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a reader gone, or the stream closed
             stream.flush()
@@ -183,8 +184,8 @@ def _prefect_server(flow, local_server: bool):
 
 def _tell(text: str) -> None:
     """A line on stderr that counts as the run's first word (no "starting" line after it)."""
-    progress.said_a_line.set()
-    typer.echo(text, err=True)
+    with progress.saying():
+        typer.echo(text, err=True)
 
 
 def _check_tracking_server(flow, params: dict) -> None:
@@ -303,8 +304,9 @@ def _say_if_slow_to_start(name: str) -> None:
     loaded one, a silence that would look like a hang."""
     def say_starting() -> None:
         if not progress.said_a_line.wait(STARTING_SILENCE_S):
-            typer.echo(f"cnnflow run {name}: starting (loading Prefect, MLflow and the flow; the machine's load "
-                       f"average is {os.getloadavg()[0]:.1f})", err=True)
+            progress.unless_said(lambda: typer.echo(
+                f"cnnflow run {name}: starting (loading Prefect, MLflow and the flow; the machine's load average is "
+                f"{os.getloadavg()[0]:.1f})", err=True))
 
     threading.Thread(target=say_starting, name="say-if-slow-to-start", daemon=True).start()
 

@@ -7,6 +7,9 @@ import threading
 import time
 from types import SimpleNamespace
 
+import pytest
+import typer
+
 from flows import tracking
 from flows.cli import run as cli_run
 from flows.answers import render
@@ -57,3 +60,22 @@ def test_a_run_slow_to_start_says_so_once_and_one_that_has_spoken_does_not(monke
     cli_run._say_if_slow_to_start("train")
     time.sleep(1.0)
     assert capsys.readouterr().err == ""
+
+
+def test_an_error_is_the_last_line_no_starting_notice_after_it(monkeypatch, capsys):
+    """An error printed as the notice's wait runs out (CI: a refused grid at load 6) ends the command's output:
+    the notice comes before it or not at all."""
+    from flows import progress
+    from flows.cli import console
+    from flows.cli.errors import fail
+
+    monkeypatch.setattr(console, "silence_after_the_last_word", lambda verbose: None)  # this process logs on
+    monkeypatch.setattr(cli_run, "STARTING_SILENCE_S", 0.3)
+    monkeypatch.setattr(progress, "said_a_line", threading.Event())
+    with progress._first_line:  # the error is being printed when the wait runs out
+        cli_run._say_if_slow_to_start("sweep")
+        time.sleep(0.6)
+        with pytest.raises(typer.Exit):
+            fail("the grid search asks for too many trials", 2)
+    time.sleep(0.3)
+    assert capsys.readouterr().err == "error: the grid search asks for too many trials\n"
