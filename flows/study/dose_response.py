@@ -139,9 +139,9 @@ def reading(points: list[Point]) -> list[str]:
         lines.append("No preset shows a detected loss at any g.")
     degenerate = [p for p in points if p.pooled == 2]
     for p in degenerate:
-        lines.append(f"At g = {p.g} {p.net}'s statistics pool 2 values per channel: normalised over 2 values each "
-                     f"feature is about ±1 whatever the values, so its {_extra(p)} measure a degenerate net, not a "
-                     f"noisy one.")
+        lines.append(f"At g = {p.g} the statistics of {p.net} pool 2 values per channel: normalised over 2 values "
+                     f"each feature is about ±1 whatever the values, so its {_extra(p)} measure a degenerate net, not "
+                     f"a noisy one.")
     for net in dict.fromkeys(p.net for p in points):
         mine = [p for p in points if p.net == net]
         if mine and not any(p.detected for p in mine):
