@@ -172,6 +172,29 @@ def image_chunks(x, arrays: int) -> list[slice]:
     return [slice(start, min(start + n, N)) for start in range(0, N, n)]
 
 
+def ones(xp: ModuleType, n: int, dtype):
+    """A read-only vector of n ones of dtype, made once per (array module, n, dtype).
+
+    The fast layers take sums along rows as products with a vector of ones (a
+    matrix-vector product beats NumPy's generic reductions); at a batch of 2 making
+    that vector cost as much as the sum it serves. Callers never write into it.
+    """
+    key = (xp, n, dtype)
+    vector = _ONES.get(key)
+    if vector is None:
+        if len(_ONES) >= _ONES_KEPT:  # sizes seen by a process are few; never let them pile up
+            _ONES.clear()
+        vector = xp.ones(n, dtype=dtype)
+        if xp is np:
+            vector.flags.writeable = False
+        _ONES[key] = vector
+    return vector
+
+
+_ONES: dict = {}
+_ONES_KEPT = 256
+
+
 def strided_view(a, shape: tuple[int, ...], strides: tuple[int, ...]):
     """A view of a's memory with the given shape and strides (bytes), as ``as_strided``.
 

@@ -254,7 +254,7 @@ def direct_gradients(x, w, g: Geometry, need_dx: bool, dout=None, fill_dout=None
         else:
             dw_ext += part
         if not fold:
-            db_part = (dout_m @ xp.ones(P, dtype=x.dtype)).sum(axis=0)
+            db_part = (dout_m @ backend.ones(xp, P, x.dtype)).sum(axis=0)
             db = db_part if db is None else db + db_part
         if need_dx:
             _input_gradient(w, _valid(dout_m, g), g, dx[rows], dout_m)
@@ -700,7 +700,7 @@ def gradients(x, w, stride, pad, need_dx=True, dout=None, fill_dout=None):
         fill_dout(slice(0, g.N), dout)
     dw = winograd_filter_gradient(x, g, dout)
     dout3 = dout.reshape(g.N, g.F, -1)
-    db = xp.ones(g.N, dtype=x.dtype) @ (dout3 @ xp.ones(dout3.shape[2], dtype=x.dtype))
+    db = backend.ones(xp, g.N, x.dtype) @ (dout3 @ backend.ones(xp, dout3.shape[2], x.dtype))
     dx = None
     if need_dx:
         dx = xp.empty(x.shape, dtype=x.dtype)

@@ -23,10 +23,6 @@ from .backend import array_module
 from .layers import _running_stats, _update_running_stats
 
 
-def _ones(xp, n, dtype):
-    return xp.ones(n, dtype=dtype)
-
-
 def _row_dots(a, b):
     """a, b (..., L) -> (...): the dot product of each row pair, without the product array
     (numpy's vecdot, 2.0+; else (1, L) @ (L, 1) products, twice einsum's speed in NumPy 1.26)."""
@@ -49,7 +45,7 @@ def _group_sums(per_image, groups):
     """(N, C) per-image sums -> (C,) over the batch, or (groups, C) over each ghost group."""
     xp = array_module(per_image)
     if groups == 1:
-        return _ones(xp, per_image.shape[0], per_image.dtype) @ per_image
+        return backend.ones(xp, per_image.shape[0], per_image.dtype) @ per_image
     return per_image.reshape(groups, -1, per_image.shape[1]).sum(axis=1)
 
 
@@ -153,7 +149,7 @@ def _channel_mean_var(x3, groups=1):
     """
     xp = array_module(x3)
     N, C, L = x3.shape
-    ones = _ones(xp, L, x3.dtype)
+    ones = backend.ones(xp, L, x3.dtype)
     shift = None if x3.dtype.itemsize >= 8 else (x3[0] @ ones) / L
     chunks = backend.image_chunks(x3, 2)
     if len(chunks) == 1:
@@ -192,7 +188,7 @@ def spatial_batchnorm_backward_fast(dout, cache):
     groups = mean.shape[0] if mean.ndim == 2 else 1
     M = N // groups * L
     d3, x3 = dout.reshape(N, C, L), x.reshape(N, C, L)
-    dbeta = _group_sums(d3 @ _ones(xp, L, dout.dtype), groups)
+    dbeta = _group_sums(d3 @ backend.ones(xp, L, dout.dtype), groups)
     dgamma = (_group_sums(_row_dots(d3, x3), groups) - mean * dbeta) * inv_std  # sum(dout * x_hat)
     a = g * inv_std
     dx = xp.empty_like(dout)
@@ -251,7 +247,7 @@ def groupnorm_normalise(x, gamma, beta, G, gn_param, write):
     L = C // G * H * W
     x_hat = xp.empty_like(x)
     inv_std = xp.empty((N, G), dtype=x.dtype)
-    ones = _ones(xp, L, x.dtype)
+    ones = backend.ones(xp, L, x.dtype)
     for rows in backend.image_chunks(x, 3):
         group_rows = x[rows].reshape(-1, L)  # one row per (image, group)
         x_hat_rows = x_hat[rows].reshape(-1, L)
@@ -279,9 +275,9 @@ def spatial_groupnorm_backward_fast(dout, cache):
     N, C, H, W = dout.shape
     L, per_group = H * W, C // G
     d3 = dout.reshape(N, C, L)
-    sums, dots = d3 @ _ones(xp, L, dout.dtype), _row_dots(d3, x_hat.reshape(N, C, L))  # (N, C) each
+    sums, dots = d3 @ backend.ones(xp, L, dout.dtype), _row_dots(d3, x_hat.reshape(N, C, L))  # (N, C) each
     gC = g.reshape(C)
-    to_groups = _ones(xp, per_group, dout.dtype) / (per_group * L)
+    to_groups = backend.ones(xp, per_group, dout.dtype) / (per_group * L)
     # mean(dx_hat) and mean(dx_hat * x_hat) per (image, group), (N, G, 1)
     mean_dxh = ((sums * gC).reshape(N, G, per_group) @ to_groups)[:, :, None]
     mean_dxh_xh = ((dots * gC).reshape(N, G, per_group) @ to_groups)[:, :, None]
@@ -297,7 +293,7 @@ def spatial_groupnorm_backward_fast(dout, cache):
         groups -= mean_dxh[rows]
         groups -= xp.multiply(x_hat[rows].reshape(groups.shape), mean_dxh_xh[rows], out=buffer[: groups.shape[0]])
         groups *= inv_std[rows]
-    ones_N = _ones(xp, N, dout.dtype)
+    ones_N = backend.ones(xp, N, dout.dtype)
     return dx, (ones_N @ dots).reshape(gamma_shape), (ones_N @ sums).reshape(beta_shape)
 
 
@@ -325,7 +321,7 @@ def batchnorm_forward_fast(x, gamma, beta, bn_param):
     if mode == "train":
         xg = x if groups == 1 else x.reshape(groups, -1, D)
         n = xg.shape[-2]
-        ones = _ones(xp, n, x.dtype)
+        ones = backend.ones(xp, n, x.dtype)
         mean = (ones @ xg) / n  # (D,) or (groups, D)
         x_hat = xg - mean[..., None, :]
         var = (ones @ (x_hat * x_hat)) / n
@@ -352,7 +348,7 @@ def batchnorm_backward_fast(dout, cache):
     N, D = x_hat.size // x_hat.shape[-1], x_hat.shape[-1]
     checks.require_dout_shape(dout, (N, D))
     xp = array_module(dout)
-    ones = _ones(xp, N, dout.dtype)
+    ones = backend.ones(xp, N, dout.dtype)
     x_rows = x_hat.reshape(N, D)
     dbeta = ones @ dout
     dgamma = _row_dots(dout.T, x_rows.T)
@@ -360,7 +356,7 @@ def batchnorm_backward_fast(dout, cache):
         return dout * (g * inv_std), dgamma.reshape(gamma_shape), dbeta.reshape(beta_shape)
     dxh = (dout * g).reshape(x_hat.shape)
     n = x_hat.shape[-2]
-    ones = _ones(xp, n, dout.dtype)
+    ones = backend.ones(xp, n, dout.dtype)
     mean_dxh = (ones @ dxh) / n
     mean_dxh_xh = (ones @ (dxh * x_hat)) / n
     dxh -= mean_dxh[..., None, :]
@@ -379,7 +375,7 @@ def layernorm_forward_fast(x, gamma, beta, ln_param):
     g = checks.affine_params("gamma", gamma, D)
     bt = checks.affine_params("beta", beta, D)
     eps = checks.norm_eps("ln_param", ln_param)
-    x_hat = x - ((x @ _ones(xp, D, x.dtype)) / D)[:, None]
+    x_hat = x - ((x @ backend.ones(xp, D, x.dtype)) / D)[:, None]
     inv_std = (1 / xp.sqrt(_row_dots(x_hat, x_hat) / D + eps))[:, None]
     x_hat *= inv_std
     out = x_hat * g
@@ -393,10 +389,10 @@ def layernorm_backward_fast(dout, cache):
     checks.require_dout_shape(dout, x_hat.shape)
     xp = array_module(dout)
     N, D = dout.shape
-    ones = _ones(xp, N, dout.dtype)
+    ones = backend.ones(xp, N, dout.dtype)
     dgamma, dbeta = _row_dots(dout.T, x_hat.T), ones @ dout
     dxh = dout * g
-    mean_dxh = (dxh @ _ones(xp, D, dout.dtype)) / D
+    mean_dxh = (dxh @ backend.ones(xp, D, dout.dtype)) / D
     mean_dxh_xh = _row_dots(dxh, x_hat) / D
     dxh -= mean_dxh[:, None]
     dxh -= x_hat * mean_dxh_xh[:, None]

@@ -79,7 +79,8 @@ def sgd_momentum(w, dw, config=None):
       velocity: array of w's shape, the running step; starts at zeros.
     """
     config, [lr, mu] = _hyperparameters(config, "sgd_momentum")
-    v = mu * _state(config, "velocity", w) - lr * dw
+    v = _state(config, "velocity", w) * mu  # a new array: the old velocity is left as it was
+    v -= lr * dw
     config["velocity"] = v
     return _as_dtype_of(w + v, w), config
 
