@@ -72,11 +72,16 @@ def data_uri(png: bytes) -> str:
 _FIGURE_LINK = re.compile(r"!\[([^\]]*)\]\(([A-Za-z0-9_.-]+)\.png\)")
 
 
-def embedded_markdown(markdown: str, figures: dict[str, Figure]) -> str:
+def as_png(figure: Figure | bytes) -> bytes:
+    """A figure as PNG bytes: rendered by figure_png, or already rendered (bytes, returned as they are)."""
+    return figure if isinstance(figure, bytes) else figure_png(figure)
+
+
+def embedded_markdown(markdown: str, figures: dict[str, Figure | bytes]) -> str:
     """markdown with every link to one of figures (``![text](name.png)``) replaced by the figure as a data URI,
     so the report shows its figures wherever the markdown alone is rendered (Prefect's markdown artifact).
-    Links to figures not given are left as they are."""
-    pngs = {name: data_uri(figure_png(figure)) for name, figure in figures.items()}
+    Links to figures not given are left as they are. A figure is a matplotlib Figure or its PNG (as_png)."""
+    pngs = {name: data_uri(as_png(figure)) for name, figure in figures.items()}
     return _FIGURE_LINK.sub(lambda m: f"![{m[1]}]({pngs[m[2]]})" if m[2] in pngs else m[0], markdown)
 
 
@@ -94,7 +99,7 @@ img { max-width: 100%; height: auto; border: 1px solid #eee; }
 """
 
 
-def report_html(markdown: str, figures: dict[str, Figure], title: str | None = None) -> str:
+def report_html(markdown: str, figures: dict[str, Figure | bytes], title: str | None = None) -> str:
     """The report as one self-contained HTML page: the markdown rendered (CommonMark and tables, raw HTML in
     the markdown escaped), each figure embedded as a data URI, no external request of any kind."""
     from markdown_it import MarkdownIt  # rich's markdown parser, loaded only when a page is made

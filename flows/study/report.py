@@ -19,6 +19,7 @@ artifact view, a browser).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import pandas as pd
@@ -31,7 +32,7 @@ from . import design as closing
 from . import diagnostics as diag
 from . import sections
 from .figures import contrast_figure, error_figure, stamp
-from .render import embedded_markdown, interval_text, markdown_table, report_html
+from .render import embedded_markdown, figure_png, interval_text, markdown_table, report_html
 from .sections import ARM_LABELS, Context, label, ordered_arms
 from .statistics import (DELTA, MEASURES, Cell, Change, Difference, Interaction, as_table, cell_estimates, changes,
                          differences, interactions, reference_batch)
@@ -61,13 +62,20 @@ class StudyResult:
     summary: pd.DataFrame | None = None
     summary_title: str = ""
 
+    @functools.cached_property
+    def pngs(self) -> dict[str, bytes]:
+        """The figures as PNG (render.figure_png), rendered once for every place that shows them: the logged
+        files, the HTML page and the markdown artifact (a figure's rendering is most of a small study's
+        summary time)."""
+        return {name: figure_png(figure) for name, figure in self.figures.items()}
+
     def markdown_with_figures(self) -> str:
         """The report with its figures embedded as PNG data URIs: for Prefect's markdown artifact."""
-        return embedded_markdown(self.markdown, self.figures)
+        return embedded_markdown(self.markdown, self.pngs)
 
     def html(self) -> str:
         """The report as one self-contained HTML page, figures embedded: for MLflow's artifact view."""
-        return report_html(self.markdown, self.figures)
+        return report_html(self.markdown, self.pngs)
 
 
 def build_study(trials: pd.DataFrame, spec: SweepSpec, diagnostics: pd.DataFrame | None = None,

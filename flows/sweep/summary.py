@@ -24,7 +24,7 @@ from ..figures import sweep_comparison_figure
 from ..metrics import ANSWER_PREFIX, BATCH_SIZE, FINAL_TEST_ACC
 from ..provenance import provenance
 from ..study import StudyResult, build_study
-from ..study.render import embedded_markdown, markdown_table, report_html
+from ..study.render import embedded_markdown, figure_png, markdown_table, report_html
 from ..study.trials import RECORD_COLUMNS
 from ..tracking import FINISHED, BarChart, LineChart, Run, in_page, save_children_view
 from .comparison import Choice, Comparison, choice_text, choose, compare, wide_rows
@@ -94,8 +94,9 @@ def publish_comparison(parent: Run, spec: SweepSpec, results: list[TrialResult],
     parent.log_table(comparison.cells, "comparison/cells")
     parent.log_table(comparison.differences, "comparison/differences")
     choice = choose(spec, results)
-    figures = {"comparison": sweep_comparison_figure(comparison.cells, comparison.columns, spec.name,
-                                                     failed=sum(r.status != FINISHED for r in results))}
+    figure = sweep_comparison_figure(comparison.cells, comparison.columns, spec.name,
+                                     failed=sum(r.status != FINISHED for r in results))
+    figures = {"comparison": figure_png(figure)}  # rendered once for the page and the Prefect artifact
     markdown = comparison_markdown(comparison, spec, choice)
     parent.log_text(report_html(markdown, figures, f"Sweep {spec.name}"), REPORT)
     prefect_watch.optional(create_markdown_artifact,
@@ -243,8 +244,8 @@ def write_study_report(parent: Run, spec: SweepSpec, results: list[TrialResult],
                                     "trials trained with BLAS": trained_with}, num_train=num_train)
     for name, table in study.tables.items():
         parent.log_table(table, f"study/{name}")
-    for name, figure in study.figures.items():
-        parent.log_figure(figure, f"study/{name}.png")
+    for name, png in study.pngs.items():
+        parent.log_png(png, f"study/{name}.png")
     parent.log_text(study.markdown, "study/report.md")
     parent.log_text(study.html(), "study/report.html")
     prefect_watch.optional(create_markdown_artifact, study.markdown_with_figures() + f"\n\nMLflow: {parent.url}",

@@ -161,6 +161,15 @@ class Run:
         self._client.log_figure(self.id, figure, artifact_file)
 
     @patient
+    def log_png(self, png: bytes, artifact_file: str) -> None:
+        """PNG bytes already rendered (a figure shown elsewhere too) as the artifact artifact_file."""
+        folder, _, name = artifact_file.rpartition("/")
+        with tempfile.TemporaryDirectory(prefix="cnncore-png-") as tmp:
+            path = Path(tmp) / name
+            path.write_bytes(png)
+            self._client.log_artifact(self.id, str(path), folder or None)
+
+    @patient
     def log_text(self, text: str, artifact_file: str) -> None:
         self._client.log_text(self.id, text, artifact_file)
 

@@ -4,6 +4,7 @@ The statistics and the report's text are tested without Prefect in tests/test_st
 and tests/test_study_report.py; here a small preset runs end to end.
 """
 
+import base64
 import io
 import math
 import re
@@ -222,6 +223,10 @@ def test_small_preset_run_reports_exactly_what_its_child_runs_logged(store, tmp_
                      re.M)
     page = open(store.client.download_artifacts(parent.info.run_id, "study/report.html", str(tmp_path))).read()
     assert page.count('<img src="data:image/png;base64,') == 2
+    # Each figure is rendered once: the PNG logged beside the page is the one the page embeds.
+    for name in ("error_vs_batch_size", "interaction_vs_batch_size"):
+        png = open(store.client.download_artifacts(parent.info.run_id, f"study/{name}.png", str(tmp_path)), "rb").read()
+        assert png.startswith(b"\x89PNG") and f'src="data:image/png;base64,{base64.b64encode(png).decode()}"' in page
     # The learning rate each child trained with is the scaled one.
     for r in children:
         assert float(r.data.params["learning_rate"]) == pytest.approx(0.02 * int(r.data.params["batch_size"]) / 32)
