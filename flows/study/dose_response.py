@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 from .diagnostics import NOISE
 from .figures import DIFFERENCE_RANGE, clamp_axis, interval_bars, stamp
 from .presets import DOSE_PRESETS, preset_spec
-from .render import estimate_text, figure_png, markdown_table, number, report_html
+from .render import estimate_text, markdown_table, number, report_html
 from .report import StudyResult
 from .design import net_words, provenance_section
 from .sections import SMOKE_SEEDS, label, smoke_banner, smoke_prefix
@@ -248,9 +248,9 @@ def write(result: StudyResult, dest: Path) -> None:
     """report.md (figures beside it), report.html (figures embedded), the figures and the tables into dest."""
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "report.md").write_text(result.markdown)
-    (dest / "report.html").write_text(report_html(result.markdown, result.figures))
-    for name, figure in result.figures.items():
-        (dest / f"{name}.png").write_bytes(figure_png(figure))
+    (dest / "report.html").write_text(report_html(result.markdown, result.pngs))
+    for name, png in result.pngs.items():
+        (dest / f"{name}.png").write_bytes(png)
     for name, table in result.tables.items():
         table.to_csv(dest / f"{name}.csv", index=False)
 

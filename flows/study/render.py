@@ -72,17 +72,13 @@ def data_uri(png: bytes) -> str:
 _FIGURE_LINK = re.compile(r"!\[([^\]]*)\]\(([A-Za-z0-9_.-]+)\.png\)")
 
 
-def as_png(figure: Figure | bytes) -> bytes:
-    """A figure as PNG bytes: rendered by figure_png, or already rendered (bytes, returned as they are)."""
-    return figure if isinstance(figure, bytes) else figure_png(figure)
-
-
-def embedded_markdown(markdown: str, figures: dict[str, Figure | bytes]) -> str:
-    """markdown with every link to one of figures (``![text](name.png)``) replaced by the figure as a data URI,
-    so the report shows its figures wherever the markdown alone is rendered (Prefect's markdown artifact).
-    Links to figures not given are left as they are. A figure is a matplotlib Figure or its PNG (as_png)."""
-    pngs = {name: data_uri(as_png(figure)) for name, figure in figures.items()}
-    return _FIGURE_LINK.sub(lambda m: f"![{m[1]}]({pngs[m[2]]})" if m[2] in pngs else m[0], markdown)
+def embedded_markdown(markdown: str, pngs: dict[str, bytes]) -> str:
+    """markdown with every link to one of the figures (``![text](name.png)``) replaced by its PNG (figure_png,
+    rendered once by the caller for every place that shows it) as a data URI, so the report shows its figures
+    wherever the markdown alone is rendered (Prefect's markdown artifact). Links to figures not given are left
+    as they are."""
+    uris = {name: data_uri(png) for name, png in pngs.items()}
+    return _FIGURE_LINK.sub(lambda m: f"![{m[1]}]({uris[m[2]]})" if m[2] in uris else m[0], markdown)
 
 
 _STYLE = """
@@ -99,12 +95,12 @@ img { max-width: 100%; height: auto; border: 1px solid #eee; }
 """
 
 
-def report_html(markdown: str, figures: dict[str, Figure | bytes], title: str | None = None) -> str:
+def report_html(markdown: str, pngs: dict[str, bytes], title: str | None = None) -> str:
     """The report as one self-contained HTML page: the markdown rendered (CommonMark and tables, raw HTML in
-    the markdown escaped), each figure embedded as a data URI, no external request of any kind."""
+    the markdown escaped), each figure's PNG embedded as a data URI, no external request of any kind."""
     from markdown_it import MarkdownIt  # rich's markdown parser, loaded only when a page is made
 
-    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(embedded_markdown(markdown, figures))
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(embedded_markdown(markdown, pngs))
     heading = title or next((line[2:] for line in markdown.splitlines() if line.startswith("# ")), "Study report")
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>{html.escape(heading)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n{body}</body>\n</html>\n")
