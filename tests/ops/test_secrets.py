@@ -187,8 +187,10 @@ def test_a_run_on_a_password_store_keeps_the_password_out_of_prefect_mlflow_and_
     assert flow_run["parameters"]["tracking_uri"] == masked  # what the Prefect UI shows as the parameter
     logs = rest(prefect_server, "/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run["id"]]}}})
     artifacts = rest(prefect_server, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}})
-    events = rest(prefect_server, "/events/filter", {"filter": {"any_resource": {"id": [
-        f"prefect.flow-run.{flow_run['id']}"]}}, "limit": 50})
+    # The server stores events in batches, after the flow run has ended: a clean-clone CI run once asked too early.
+    events = wait_for(lambda: (found := rest(prefect_server, "/events/filter", {"filter": {"any_resource": {"id": [
+        f"prefect.flow-run.{flow_run['id']}"]}}, "limit": 50})).get("events") and found, 30,
+                      "the flow run's events in the Prefect API")
     assert logs and artifacts and events.get("events")
     for what, found in (("flow run", flow_run), ("logs", logs), ("artifacts", artifacts), ("events", events)):
         assert SECRET not in json.dumps(found), what
