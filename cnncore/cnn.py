@@ -30,6 +30,7 @@ from .layer_utils import (
     conv_bn_relu_pool_forward,
     conv_gn_relu_pool_forward,
     conv_pool_block_backward,
+    norm_relu_pool_forward,
     conv_relu_pool_forward,
 )
 from .layers import affine_backward, affine_forward
@@ -158,6 +159,13 @@ class _ConvClassifier(ImageClassifier):
         """Block i's convolution alone: the input of its norm layer."""
         return self.layers.conv_forward(x, self.params[f"W{i}"], self.params[f"b{i}"], self.conv_param)[0]
 
+    def _after_conv(self, i, a, norm_param):
+        """The rest of block i (norm, relu, pool) on its convolution's output a, as its sandwich computes it."""
+        p = self.params
+        norm = (("batchnorm", p[f"gamma{i}"], p[f"beta{i}"], norm_param) if self.normalization == "batchnorm" else
+                ("groupnorm", p[f"gamma{i}"], p[f"beta{i}"], self.groups[i - 1], norm_param))
+        return norm_relu_pool_forward(a, norm, self.pool_params[i - 1], self.layers)
+
     # ------------------------------------------------------------------
     # The whole net: the blocks, then affine - relu - affine
     # ------------------------------------------------------------------
@@ -183,13 +191,13 @@ class _ConvClassifier(ImageClassifier):
         return grads
 
     def _norm_inputs(self, X, mode, bn_params, count):
-        # Each conv runs twice, alone and in its block: a diagnostic's cost, which keeps
-        # the training path's sandwiches as they are. The blocks stop at the last input asked for.
+        # Each block opened after its conv, whose output is the norm layer's input: the same
+        # operations as its sandwich, each conv once. The blocks stop at the last input asked for.
         inputs, out = [], X
         for i in range(1, count + 1):
             inputs.append(self._conv_output(i, out))
             if i < count:
-                out, _ = self._conv_block_forward(i, out, bn_params)
+                out = self._after_conv(i, inputs[-1], bn_params[i - 1])
         return inputs
 
 

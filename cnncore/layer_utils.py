@@ -150,19 +150,35 @@ def _conv_norm_relu_pool_forward(x, w, b, conv_param, pool_param, layers, norm_f
     and the pooled map is a quarter of the size. pool_param None: no pool. On the fast
     layers a norm and a 2x2 pool run as one (fast_layers.spatial_norm_pool_forward_fast)."""
     a, conv_cache = layers.conv_forward(x, w, b, conv_param)
+    out, (backward, caches) = _norm_relu_pool_forward(a, pool_param, layers, norm_forward, norm_args, norm_kind)
+    return out, (backward, (layers, conv_cache, norm_backward, *caches))
+
+
+def _norm_relu_pool_forward(a, pool_param, layers, norm_forward, norm_args, norm_kind):
+    """The sandwich after its conv, on the conv's output a: (out, (backward, the caches after the conv's))."""
     if layers.fuses_conv_relu_pool and norm_kind and pool_param and fast_layers.pools_in_planes(a.shape, pool_param):
         pooled, norm_cache, winner = fast_layers.spatial_norm_pool_forward_fast(a, norm_kind, norm_args, pool_param)
         out, relu_cache = relu_forward(pooled)
-        return out, (_conv_norm_pool_relu_backward, (layers, conv_cache, norm_backward, norm_cache,
-                                                      (winner, pool_param, a.shape), relu_cache))
+        return out, (_conv_norm_pool_relu_backward, (norm_cache, (winner, pool_param, a.shape), relu_cache))
     norm_cache = pool_cache = None
     if norm_forward is not None:
         a, norm_cache = norm_forward(a, *norm_args)
     if pool_param is not None:
         a, pool_cache = layers.pool_forward(a, pool_param)
     out, relu_cache = relu_forward(a)
-    return out, (_conv_norm_relu_pool_backward, (layers, conv_cache, norm_backward, norm_cache, pool_cache,
-                                                 relu_cache))
+    return out, (_conv_norm_relu_pool_backward, (norm_cache, pool_cache, relu_cache))
+
+
+def norm_relu_pool_forward(a, norm, pool_param=POOL_2X2, layers=FAST_LAYERS):
+    """What conv_bn_relu_pool_forward or conv_gn_relu_pool_forward computes after its conv, on the conv's
+    output a (N, F, H, W): the norm a spec names (see below; not None) -> relu -> max pool (None: no pool),
+    by the same operations, so to the bit. Returns out alone: for a diagnostic that records each norm layer's
+    input (the conv's output) and goes on from it instead of convolving again. bn_param's running statistics
+    are updated in train mode, as the sandwich updates them.
+    """
+    kind, *norm_args = norm
+    norm_forward = {"batchnorm": layers.batchnorm_forward, "groupnorm": layers.groupnorm_forward}[kind]
+    return _norm_relu_pool_forward(a, pool_param, layers, norm_forward, norm_args, kind)[0]
 
 
 def _conv_norm_pool_relu_backward(dout, cache, need_dx):

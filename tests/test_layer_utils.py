@@ -201,3 +201,26 @@ def test_naive_pool_sandwich_without_dx_returns_none_and_the_same_parameter_grad
     assert skipped[0] is None
     for got, expected in zip(skipped[1:], full[1:]):
         np.testing.assert_array_equal(got, expected)
+
+
+NORM_CASES = [case for case in CONV_CASES if case.id.startswith(("conv_bn", "conv_gn"))]
+
+
+@pytest.mark.parametrize("layer_set", ["fast", "naive"])
+@pytest.mark.parametrize("name, forward, backward, args, chain, db_vanishes", NORM_CASES)
+def test_the_rest_of_a_norm_sandwich_on_its_convs_output_is_the_sandwich_to_the_bit(name, forward, backward, args,
+                                                                                    chain, db_vanishes, layer_set):
+    """norm_relu_pool_forward runs what a conv-norm-relu-[pool] sandwich runs after its conv, so a diagnostic that
+    has the conv's output (a norm layer's input) goes on from it to the same bits, and batch norm's running
+    statistics are updated the same way in train mode."""
+    layer_set = layer_utils.FAST_LAYERS if layer_set == "fast" else layer_utils.NAIVE_LAYERS
+    whole_args, rest_args = copy.deepcopy(args), copy.deepcopy(args)
+    want, _ = forward(*whole_args, layers=layer_set)
+    x, w, b, gamma, beta, conv_param, *norm_rest = rest_args
+    a, _ = layer_set.conv_forward(x, w, b, conv_param)
+    norm = ("batchnorm" if "bn" in name else "groupnorm", gamma, beta, *norm_rest)
+    got = layer_utils.norm_relu_pool_forward(a, norm, POOL if "pool" in name else None, layer_set)
+    np.testing.assert_array_equal(got, want)
+    if "bn" in name:
+        for key in ("running_mean", "running_var"):
+            np.testing.assert_array_equal(rest_args[-1][key], whole_args[-1][key])
