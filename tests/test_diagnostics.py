@@ -350,3 +350,64 @@ def test_batch_noise_measures_every_layer_of_a_deep_net_with_batch_norm():
     assert set(small) == {"norm1/batch_noise", "norm2/batch_noise", "norm3/batch_noise", "batch_noise_max"}
     # Fewer images per batch statistic, more noise, at every layer.
     assert all(small[k] > large[k] for k in small)
+
+
+# ---------------------------------------------------------------------------
+# Many batches in one forward pass: what each batch passed alone measures
+# ---------------------------------------------------------------------------
+
+
+def _trained_conv_net(normalization="batchnorm"):
+    rng = np.random.default_rng(0)
+    net = ConvNet(input_dim=(3, 6, 8), num_filters=(4, 4), filter_size=3, hidden_dim=8, num_classes=3,
+                  weight_scale=0.5, normalization=normalization, num_groups=2, dtype=np.float64, seed=0)
+    X, y = rng.standard_normal((45, 3, 6, 8)) * 2 + 1, rng.integers(0, 3, 45)
+    net.loss(X[:20], y[:20])  # running statistics away from their zeros
+    return net, X, y
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 7])
+def test_batches_passed_together_measure_what_each_batch_passed_alone_measures(monkeypatch, batch):
+    """The diagnostics pass up to PASS_IMAGES images at once, each batch normalised on its own; with
+    PASS_IMAGES = 1 every batch passes alone, as in training. The two agree to float64's rounding, batch by
+    batch, and the model's own norm_batch (none here) is not what groups the images."""
+    net, X, y = _trained_conv_net()
+    population = diagnostics.recompute_bn_statistics(net, X)
+
+    def measured():
+        return (diagnostics.sample_batch_moments(net, X, batch, 9, seed=2),
+                diagnostics.train_test_error(net, X, y, batch, seed=2),
+                diagnostics.batch_noise(net, X, batch, population, num_batches=9, seed=2))
+
+    together = measured()
+    monkeypatch.setattr(diagnostics, "PASS_IMAGES", 1)
+    alone = measured()
+    for got, want in zip(together[0], alone[0]):
+        assert got.nominal == want.nominal == batch * 6 * 8 // (4 if got.name == "norm2" else 1)
+        assert got.means.shape == got.variances.shape == (9, 4)
+        np.testing.assert_allclose(got.means, want.means, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(got.variances, want.variances, rtol=1e-12)
+    assert together[1] == alone[1]
+    assert together[2] == pytest.approx(alone[2], rel=1e-12)
+    if batch > 1:  # each batch's statistics, not the pass's: batches differ from one another
+        assert np.ptp(together[0][0].means, axis=0).min() > 1e-3
+
+
+def test_a_net_without_batch_norm_is_scored_once_and_both_modes_agree():
+    net, X, y = _trained_conv_net("groupnorm")
+    errors = diagnostics.train_test_error(net, X, y, 2)
+    assert errors["train_mode_error"] == errors["test_mode_error"] == np.mean(net.predict(X) != y)
+
+
+@pytest.mark.parametrize("shape, groups", [((6, 5, 3, 4), 1), ((6, 5, 3, 4), 3), ((8, 7), 4), ((300, 2, 40, 40), 2)],
+                         ids=["conv", "conv-3-groups", "fc-4-groups", "conv-blocks-of-channels"])
+def test_group_channel_moments_are_each_groups_float64_moments_whatever_the_mean(shape, groups):
+    """A large mean against a unit spread, in float32: the moments are float64's, not float32's (whose variance
+    by the mean of squares would have lost every digit), per group of consecutive images and per channel."""
+    a = (np.random.default_rng(0).standard_normal(shape) + 1e4).astype(np.float32)
+    means, variances = diagnostics.group_channel_moments(a, groups)
+    reference = a.astype(np.float64).reshape(groups, shape[0] // groups, shape[1], -1)
+    np.testing.assert_allclose(means, reference.mean(axis=(1, 3)), rtol=1e-14)
+    np.testing.assert_allclose(variances, reference.var(axis=(1, 3)), rtol=1e-10)
+    whole = diagnostics.channel_moments(a)
+    np.testing.assert_allclose(whole[1], a.astype(np.float64).var(axis=(0, *range(2, a.ndim))), rtol=1e-10)
