@@ -71,7 +71,10 @@ class ServerState:
 
     pid: int
     port: int
-    created: float  # the process's start time (psutil), which a recycled pid would not share
+    created: float  # the process's start time (psutil's, since the epoch), which a recycled pid would not share
+    # Its start in _started's terms (on Linux, seconds after boot): what tells it from a recycled pid. None in a
+    # state written before it was recorded, which created alone identifies.
+    started: float | None = None
 
     @property
     def ui_url(self) -> str:
@@ -132,7 +135,9 @@ def read_state(home: Path) -> ServerState | None:
     """The state in home, or None when there is none (or it cannot be read: a half-written or foreign file)."""
     try:
         data = json.loads((home / STATE_FILE).read_text())
-        return ServerState(pid=int(data["pid"]), port=int(data["port"]), created=float(data["created"]))
+        started = data.get("started")
+        return ServerState(pid=int(data["pid"]), port=int(data["port"]), created=float(data["created"]),
+                           started=None if started is None else float(started))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -163,9 +168,31 @@ def _created(pid: int) -> float | None:
         return None
 
 
+def _started(pid: int) -> float | None:
+    """When process pid started, as a number no clock adjustment moves: on Linux its start in seconds after
+    boot (/proc/<pid>/stat); elsewhere psutil's create_time. None when there is no such process (or it is a
+    zombie).
+
+    Not psutil's create_time on Linux: that adds the kernel's boot time in whole seconds of the wall clock,
+    which moves by a second when the clock is adjusted, and a live server then looked like a recycled pid to
+    the next command, which started a second server beside it.
+    """
+    if not os.path.isdir("/proc/self"):
+        return _created(pid)
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()  # after the command's name, which may hold spaces
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
 def _is_alive(state: ServerState) -> bool:
     """The state's process still runs, and is the same process (not a recycled pid)."""
-    created = _created(state.pid)
+    if state.started is not None:
+        started = _started(state.pid)
+        return started is not None and abs(started - state.started) < 0.01
+    created = _created(state.pid)  # a state written before started was recorded
     return created is not None and abs(created - state.created) < 0.5
 
 
@@ -346,7 +373,8 @@ def _start(home: Path, port: int, timeout_s: float, say: Callable[[str], None]) 
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True, umask=0o077)
     _started[process.pid] = process
-    state = ServerState(pid=process.pid, port=port, created=_created(process.pid) or time.time())
+    state = ServerState(pid=process.pid, port=port, created=_created(process.pid) or time.time(),
+                        started=_started(process.pid))
     _write_state(home, state)
     try:
         # Answering is not enough: on a port just taken by another home's server, that server would answer.

@@ -115,6 +115,30 @@ def test_a_stale_state_is_reported_by_status_and_removed_by_stop(tmp_path, ops_e
     assert not (tmp_path / local_server.STATE_FILE).exists()
 
 
+def test_a_live_server_is_told_from_a_recycled_pid_by_a_start_time_no_clock_adjustment_moves(tmp_path):
+    """psutil's create_time adds the kernel's boot time in whole seconds of the wall clock, which moves when the
+    clock is adjusted: a slow test run once saw a live server's time a second off, took it for a recycled pid, and
+    a second command started a second server beside it. The state's own start time (seconds after boot on Linux)
+    does not move; a recycled pid has another; a state written before it was recorded is read as before."""
+    process = subprocess.Popen(["sleep", "60"])
+    try:
+        started, created = local_server._started(process.pid), local_server._created(process.pid)
+        assert started is not None and created is not None
+
+        def alive(**state) -> bool:
+            local_server._write_state(tmp_path, local_server.ServerState(pid=process.pid, port=1, **state))
+            return local_server.server_status(tmp_path).running
+
+        assert alive(created=created + 1.0, started=started)  # the wall clock moved a second: the same process
+        assert not alive(created=created, started=started - 1.0)  # another process under the same pid
+        assert alive(created=created)  # an older state file: created alone, as before
+        assert not alive(created=created + 1.0)
+    finally:
+        process.kill()
+        process.wait()
+    assert local_server._started(process.pid) is None
+
+
 def test_the_server_environment_holds_none_of_the_users_prefect_settings(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", "sqlite+aiosqlite:////home/someone/.prefect/prefect.db")
     monkeypatch.setenv("PREFECT_PROFILE", "work")
