@@ -147,7 +147,8 @@ class Run:
 
     @patient
     def log_metric_history(self, key: str, values: list[float], first_step: int = 0) -> None:
-        """values[i] logged as `key` at step first_step + i, in one request."""
+        """values[i] logged as `key` at step first_step + i, in one request (MLflow's client splits more
+        than 1,000 values into requests of 1,000)."""
         from mlflow.entities import Metric
 
         now = _now_ms()
