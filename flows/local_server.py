@@ -72,8 +72,8 @@ class ServerState:
     pid: int
     port: int
     created: float  # the process's start time (psutil's, since the epoch), which a recycled pid would not share
-    # Its start in _started's terms (on Linux, seconds after boot): what tells it from a recycled pid. None in a
-    # state written before it was recorded, which created alone identifies.
+    # Its start as _start_since_boot gives it (on Linux, seconds after boot): what tells it from a recycled pid.
+    # None in a state written before it was recorded, which created alone identifies.
     started: float | None = None
 
     @property
@@ -168,7 +168,7 @@ def _created(pid: int) -> float | None:
         return None
 
 
-def _started(pid: int) -> float | None:
+def _start_since_boot(pid: int) -> float | None:
     """When process pid started, as a number no clock adjustment moves: on Linux its start in seconds after
     boot (/proc/<pid>/stat); elsewhere psutil's create_time. None when there is no such process (or it is a
     zombie).
@@ -190,7 +190,7 @@ def _started(pid: int) -> float | None:
 def _is_alive(state: ServerState) -> bool:
     """The state's process still runs, and is the same process (not a recycled pid)."""
     if state.started is not None:
-        started = _started(state.pid)
+        started = _start_since_boot(state.pid)
         return started is not None and abs(started - state.started) < 0.01
     created = _created(state.pid)  # a state written before started was recorded
     return created is not None and abs(created - state.created) < 0.5
@@ -374,7 +374,7 @@ def _start(home: Path, port: int, timeout_s: float, say: Callable[[str], None]) 
                                    start_new_session=True, umask=0o077)
     _started[process.pid] = process
     state = ServerState(pid=process.pid, port=port, created=_created(process.pid) or time.time(),
-                        started=_started(process.pid))
+                        started=_start_since_boot(process.pid))
     _write_state(home, state)
     try:
         # Answering is not enough: on a port just taken by another home's server, that server would answer.

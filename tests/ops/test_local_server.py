@@ -122,7 +122,7 @@ def test_a_live_server_is_told_from_a_recycled_pid_by_a_start_time_no_clock_adju
     does not move; a recycled pid has another; a state written before it was recorded is read as before."""
     process = subprocess.Popen(["sleep", "60"])
     try:
-        started, created = local_server._started(process.pid), local_server._created(process.pid)
+        started, created = local_server._start_since_boot(process.pid), local_server._created(process.pid)
         assert started is not None and created is not None
 
         def alive(**state) -> bool:
@@ -136,7 +136,7 @@ def test_a_live_server_is_told_from_a_recycled_pid_by_a_start_time_no_clock_adju
     finally:
         process.kill()
         process.wait()
-    assert local_server._started(process.pid) is None
+    assert local_server._start_since_boot(process.pid) is None
 
 
 def test_the_server_environment_holds_none_of_the_users_prefect_settings(tmp_path, monkeypatch):
