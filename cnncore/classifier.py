@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, checks, memory, npz_io
+from . import backend, checkpoint, checks, memory, npz_io
 from .backend import array_module, require_device, to_numpy
 from .layers import softmax_loss
 
@@ -165,16 +165,24 @@ class Classifier:
         X = self._checked_input(X, None)
         return self._norm_inputs(X, mode, self._with_mode(self._own_or(bn_params), mode), count)
 
-    def predict(self, X, batch_size: int = 500) -> np.ndarray:
-        """Predicted class labels (N,) as a NumPy int64 array, computed in batches in test mode.
+    def predict(self, X, batch_size: int | None = None) -> np.ndarray:
+        """Predicted class labels (N,) as a NumPy int64 array, computed in batches in test mode
+        (batch_size images at a time; None: backend.scoring_images, which keeps a batch in cache).
 
         Raises ValueError when X holds NaN or inf: its scores would be NaN, and argmax
         would call every such image class 0.
         """
-        checks.require_positive_int("batch_size", batch_size)
+        batch_size = self.scoring_batch(batch_size)
         labels = [to_numpy(self.xp.argmax(self.loss(self._finite(X[i : i + batch_size], i)), axis=1))
                   for i in range(0, len(X), batch_size)]
         return np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, dtype=np.int64)
+
+    def scoring_batch(self, batch_size: int | None = None) -> int:
+        """batch_size, checked, or (None) how many images a pass that no backward follows takes at once on
+        this model's device (backend.scoring_images): the size of predict's and the diagnostics' passes."""
+        if batch_size is None:
+            return backend.scoring_images(self.xp)
+        return checks.require_positive_int("batch_size", batch_size)
 
     @staticmethod
     def _finite(X, offset: int):

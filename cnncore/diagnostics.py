@@ -36,10 +36,6 @@ import numpy as np
 from . import checks
 from .backend import array_module, to_numpy
 
-# Images per forward pass when many batches of the normalization batch pass at once, each batch
-# normalised on its own (batch norm's norm_batch, as ghost batch norm groups images): the per-call
-# cost of a pass is then paid once per pass, not once per batch of 2.
-PASS_IMAGES = 128
 # float64 values channel moments convert at a time: 2 MiB, which stays in cache.
 _MOMENT_BLOCK = 2**18
 
@@ -125,12 +121,13 @@ def _draw_batches(num_images: int, batch_size: int, num_batches: int, seed: int)
 
 def _passes(model, num_images: int, batch_size: int):
     """(rows, bn_params) for forward passes over num_images images that are batches of batch_size one after
-    the other: each pass a slice of whole batches, up to PASS_IMAGES images, and copies of the model's
-    bn_params in which every batch norm layer normalises each batch with its own statistics (the model's
-    norm_batch dropped, batch_size in its place), as if each batch passed alone. A model with dropout
-    passes one batch at a time, its masks drawn per call as in training."""
-    per_pass = batch_size if getattr(model, "use_dropout", False) else max(batch_size,
-                                                                           PASS_IMAGES // batch_size * batch_size)
+    the other: each pass a slice of whole batches, up to model.scoring_batch() images (the per-call cost of a
+    pass is then paid once per pass, not once per batch of 2), and copies of the model's bn_params in which
+    every batch norm layer normalises each batch with its own statistics (the model's norm_batch dropped,
+    batch_size in its place, as ghost batch norm groups images), as if each batch passed alone. A model with
+    dropout passes one batch at a time, its masks drawn per call as in training."""
+    together = 1 if getattr(model, "use_dropout", False) else max(1, model.scoring_batch() // batch_size)
+    per_pass = batch_size * together
     kinds = [layer.kind for layer in model.norm_layers()]
     for start in range(0, num_images, per_pass):
         rows = slice(start, min(start + per_pass, num_images))
@@ -197,16 +194,16 @@ def group_log_variances(a, num_groups: int) -> np.ndarray:
         return np.log(a.reshape(len(a), num_groups, -1).var(axis=2))
 
 
-def group_statistics_spread(model, X, batch_size: int = 500) -> dict[str, float]:
+def group_statistics_spread(model, X, batch_size: int | None = None) -> dict[str, float]:
     """Per group-kind norm layer (group, layer or instance norm), 'norm{i}/group_log_var_spread':
     the standard deviation (ddof=1) over every image of X of log(the image's group
     variance) (see group_log_variances), median over groups.
 
     It is how much the scale group norm divides by moves from one image to the next.
-    The images pass in test mode, batch_size at a time (group norm is the same in
-    both modes); layers of the other kinds are left out.
+    The images pass in test mode, batch_size at a time (None: model.scoring_batch();
+    group norm is the same in both modes); layers of the other kinds are left out.
     """
-    checks.require_positive_int("batch_size", batch_size)
+    batch_size = model.scoring_batch(batch_size)
     layers = [(k, layer) for k, layer in enumerate(model.norm_layers()) if layer.kind == "groupnorm"]
     logs = {k: [] for k, _ in layers}
     for i in range(0, len(X), batch_size) if layers else ():
@@ -255,15 +252,16 @@ def whole_batch_bn_params(model) -> list:
     return bn_params
 
 
-def recompute_bn_statistics(model, X_train, batch_size: int = 500) -> list:
+def recompute_bn_statistics(model, X_train, batch_size: int | None = None) -> list:
     """Copies of the model's bn_params with each batch norm layer's running mean and
     variance replaced by the exact statistics of its input over all of X_train.
 
     Layer by layer in forward order: layer k's input is computed in test mode with
-    the layers before it already recomputed, batch_size images at a time, and its
-    per-channel mean and biased variance pooled over every image and position.
+    the layers before it already recomputed, batch_size images at a time (None:
+    model.scoring_batch()), and its per-channel mean and biased variance pooled over
+    every image and position.
     """
-    checks.require_positive_int("batch_size", batch_size)
+    batch_size = model.scoring_batch(batch_size)
     bn_params = model.copy_bn_params()
     for k, layer in enumerate(model.norm_layers()):
         if layer.kind != "batchnorm":
@@ -283,7 +281,7 @@ def recompute_bn_statistics(model, X_train, batch_size: int = 500) -> list:
     return bn_params
 
 
-def recomputed_statistics_error(model, X_train, X, y, batch_size: int = 500,
+def recomputed_statistics_error(model, X_train, X, y, batch_size: int | None = None,
                                 recomputed: list | None = None) -> dict[str, float]:
     """The test-mode error on X with the running averages against exact training-set statistics.
 
@@ -293,7 +291,7 @@ def recomputed_statistics_error(model, X_train, X, y, batch_size: int = 500,
     were from those statistics: 'norm{i}/mean_gap', the median over channels of
     |running mean - mean| / std, and 'norm{i}/log_var_gap', the median over channels
     of |log(running var / var)|. recomputed: recompute_bn_statistics(model, X_train)
-    when already at hand.
+    when already at hand. batch_size: images per pass (None: model.scoring_batch()).
     """
     y = np.asarray(to_numpy(y))
     if len(y) != len(X):
@@ -312,10 +310,11 @@ def recomputed_statistics_error(model, X_train, X, y, batch_size: int = 500,
     return metrics
 
 
-def error_with(model, X, y, bn_params: list, batch_size: int = 500) -> float:
+def error_with(model, X, y, bn_params: list, batch_size: int | None = None) -> float:
     """The fraction of X that the model misclassifies in test mode with these bn_params (e.g.
-    recompute_bn_statistics': the error of precise batch norm)."""
-    checks.require_positive_int("batch_size", batch_size)
+    recompute_bn_statistics': the error of precise batch norm), batch_size images a pass (None:
+    model.scoring_batch())."""
+    batch_size = model.scoring_batch(batch_size)
     labels = np.concatenate([_labels(model.scores(X[i : i + batch_size], "test", bn_params))
                              for i in range(0, len(X), batch_size)])
     return float(np.mean(labels != np.asarray(to_numpy(y))))

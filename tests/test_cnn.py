@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from cnncore import backend
 from cnncore.cnn import ThreeLayerConvNet
 from cnncore.gradient_check import eval_numerical_gradient, rel_error
 
@@ -172,3 +173,17 @@ def test_predict_returns_labels_in_batches():
     labels = net.predict(X, batch_size=3)
     assert labels.dtype == np.int64 and labels.shape == (7,)
     assert np.array_equal(labels, net.loss(X).argmax(axis=1))
+
+
+def test_predict_takes_the_scoring_batch_of_its_device_unless_told(monkeypatch):
+    """Without a batch_size, predict (and the diagnostics) score backend.scoring_images images a pass:
+    on the CPU a few dozen, which keeps each pass's activations in cache."""
+    X = np.random.default_rng(0).standard_normal((7, 3, 7, 9))
+    net = small_net()
+    assert net.scoring_batch() == backend.CPU_SCORING_IMAGES == 64
+    passes = []
+    monkeypatch.setattr(backend, "CPU_SCORING_IMAGES", 3)
+    original = net.loss
+    monkeypatch.setattr(net, "loss", lambda X, y=None: passes.append(len(X)) or original(X, y))
+    assert np.array_equal(net.predict(X), net.predict(X, batch_size=7))
+    assert passes == [3, 3, 1, 7]

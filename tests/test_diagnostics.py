@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy.special import gammaln, polygamma
 
-from cnncore import diagnostics
+from cnncore import backend, diagnostics
 from cnncore.cnn import ConvNet, ThreeLayerConvNet
 from cnncore.fc_net import FullyConnectedNet
 
@@ -368,8 +368,8 @@ def _trained_conv_net(normalization="batchnorm"):
 
 @pytest.mark.parametrize("batch", [1, 2, 3, 7])
 def test_batches_passed_together_measure_what_each_batch_passed_alone_measures(monkeypatch, batch):
-    """The diagnostics pass up to PASS_IMAGES images at once, each batch normalised on its own; with
-    PASS_IMAGES = 1 every batch passes alone, as in training. The two agree to float64's rounding, batch by
+    """The diagnostics pass up to the model's scoring batch of images at once, each batch normalised on its
+    own; with a scoring batch of 1 every batch passes alone, as in training. The two agree to float64's rounding, batch by
     batch, and the model's own norm_batch (none here) is not what groups the images."""
     net, X, y = _trained_conv_net()
     population = diagnostics.recompute_bn_statistics(net, X)
@@ -380,7 +380,7 @@ def test_batches_passed_together_measure_what_each_batch_passed_alone_measures(m
                 diagnostics.batch_noise(net, X, batch, population, num_batches=9, seed=2))
 
     together = measured()
-    monkeypatch.setattr(diagnostics, "PASS_IMAGES", 1)
+    monkeypatch.setattr(backend, "CPU_SCORING_IMAGES", 1)
     alone = measured()
     for got, want in zip(together[0], alone[0]):
         assert got.nominal == want.nominal == batch * 6 * 8 // (4 if got.name == "norm2" else 1)
