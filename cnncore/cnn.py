@@ -30,24 +30,13 @@ from .layer_utils import (
     conv_bn_relu_pool_forward,
     conv_gn_relu_pool_forward,
     conv_pool_block_backward,
-    norm_relu_pool_forward,
     conv_relu_pool_forward,
+    norm_relu_pool_forward,
 )
 from .layers import affine_backward, affine_forward
+from .net_shapes import block_maps
 
 NORMALIZATIONS = ("none", "batchnorm", "groupnorm", "layernorm", "instancenorm")
-
-
-def block_maps(height: int, width: int, num_blocks: int) -> list[tuple[int, int, bool]]:
-    """(H, W, pools) of each conv block on height x width inputs: the map its conv and norm
-    layer see, and whether its 2x2 pool runs (not when the map is under 2 in H or W)."""
-    maps = []
-    for _ in range(num_blocks):
-        pools = height >= POOL_2X2["pool_height"] and width >= POOL_2X2["pool_width"]
-        maps.append((height, width, pools))
-        if pools:
-            height, width = height // 2, width // 2
-    return maps
 
 
 def canonical_normalization(normalization) -> str:

@@ -126,7 +126,7 @@ def _passes(model, num_images: int, batch_size: int):
     every batch norm layer normalises each batch with its own statistics (the model's norm_batch dropped,
     batch_size in its place, as ghost batch norm groups images), as if each batch passed alone. A model with
     dropout passes one batch at a time, its masks drawn per call as in training."""
-    together = 1 if getattr(model, "use_dropout", False) else max(1, model.scoring_batch() // batch_size)
+    together = 1 if _has_dropout(model) else max(1, model.scoring_batch() // batch_size)
     per_pass = batch_size * together
     kinds = [layer.kind for layer in model.norm_layers()]
     for start in range(0, num_images, per_pass):
@@ -137,6 +137,11 @@ def _passes(model, num_images: int, batch_size: int):
                 if kind == "batchnorm":
                     bn_param["norm_batch"] = batch_size
         yield rows, bn_params
+
+
+def _has_dropout(model) -> bool:
+    """Whether the model drops units in train mode (FullyConnectedNet's dropout): masks drawn per call."""
+    return getattr(model, "use_dropout", False)
 
 
 def effective_sample_size(means: np.ndarray, variances: np.ndarray) -> np.ndarray:
@@ -232,7 +237,7 @@ def train_test_error(model, X, y, batch_size: int, seed: int = 0) -> dict[str, f
         raise ValueError(f"y has {len(y)} labels but X has {len(X)} images")
     batch_size = checks.require_int("batch_size", batch_size, minimum=1, maximum=len(X))
     test_error = error_with(model, X, y, model.copy_bn_params())
-    if not (getattr(model, "use_dropout", False) or any(layer.kind == "batchnorm" for layer in model.norm_layers())):
+    if not (_has_dropout(model) or any(layer.kind == "batchnorm" for layer in model.norm_layers())):
         return {"train_mode_error": test_error, "test_mode_error": test_error}
     order = np.random.default_rng(seed).permutation(len(X))
     order = np.concatenate([order, order[: -len(X) % batch_size]])

@@ -28,6 +28,8 @@ import os
 
 import numpy as np
 
+from .net_shapes import block_maps, layout
+
 LIMIT_ENV = "CNNCORE_MEMORY_LIMIT_GIB"
 AVAILABLE_FRACTION = 0.5
 CHEAP_BYTES = 64 * 2**20
@@ -125,8 +127,6 @@ def _conv_layout(config: dict) -> tuple[list[int], list[int], list[tuple[int, in
                           (("filter_size", 7), ("hidden_dim", 100), ("num_classes", 10)))
     if dims is None or len(dims) != 3 or None in (filters, k, hidden, classes):
         return None
-    from .cnn import block_maps  # here: cnn imports the layers, whose checks import this module
-
     (C, H, W), k, hidden, classes = dims, k[0], hidden[0], classes[0]
     norm = config.get("normalization") not in (None, "none")
     counts, per_image, blocks = [], [], []
@@ -162,8 +162,6 @@ def _resnet_layout(config: dict) -> tuple[list[int], list[int]] | None:
                          (("num_filters", 8), ("blocks_per_stage", 1), ("num_classes", 10)))
     if dims is None or len(dims) != 3 or None in (F, depth, classes):
         return None
-    from .resnet import layout  # here: resnet imports the layers, whose checks import this module
-
     stem, blocks = layout(*dims, F[0], depth[0])
     units = [stem] + [u for block in blocks for u in (block.a, block.b, block.projection) if u is not None]
     norm = config.get("normalization") not in (None, "none")
