@@ -175,16 +175,41 @@ def _unpool(dout, winner, pool_param, dx):
 
 
 def _max_pool(x, pool_param):
-    """(out, winner) of _pool_argmax for the whole batch, a few images at a time,
-    so that each chunk's strided views and temporaries stay in cache."""
+    """(out, winner) of _pool_argmax for the whole batch (see _pool_chunks)."""
     xp = array_module(x)
     checks.require_float_array("x", x)
     shape = checks.pool_output_shape(x, pool_param)
     out = xp.empty(shape, dtype=x.dtype)
     winner = xp.empty(shape, dtype=_winner_dtype(xp, pool_param))
-    for rows in backend.image_chunks(x, 4):
-        _pool_argmax(x[rows], pool_param, out[rows], winner[rows])
+    _pool_chunks(x, pool_param, out, winner)
     return out, winner
+
+
+def _pool_chunks(x, pool_param, out, winner):
+    """_pool_argmax of x into out and winner, a few images at a time, so that each chunk's
+    strided views and temporaries stay in cache. 2x2 windows at stride 2 that tile the map
+    (pools_in_planes) are first copied into four contiguous planes, one per offset: a copy
+    of a stride-2 view runs about twice as fast as an arithmetic step reading it, and the
+    comparisons then read contiguous data (1.2-2x faster than comparing the views, 32
+    channels of 14x14 to 28x28 at 2-64 images)."""
+    if not pools_in_planes(x.shape, pool_param):
+        for rows in backend.image_chunks(x, 4):
+            _pool_argmax(x[rows], pool_param, out[rows], winner[rows])
+        return
+    N, C, H, W = x.shape
+    Ho, Wo = H // 2, W // 2
+    chunks = backend.image_chunks(x, 2)
+    planes = array_module(x).empty((chunks[0].stop - chunks[0].start, C, 2, 2, Ho, Wo), dtype=x.dtype)
+    for rows in chunks:
+        p = planes[: rows.stop - rows.start]
+        p[...] = _in_pool_order(x[rows])
+        _argmax_of_four(p[:, :, 0, 0], p[:, :, 0, 1], p[:, :, 1, 0], p[:, :, 1, 1], out[rows], winner[rows])
+
+
+def _in_pool_order(a):
+    """a (n, C, H, W), H and W even, viewed (n, C, 2, 2, H/2, W/2): the 2x2 windows' four offsets as planes."""
+    n, C, H, W = a.shape
+    return a.reshape(n, C, H // 2, 2, W // 2, 2).transpose(0, 1, 3, 5, 2, 4)
 
 
 def max_pool_forward_fast(x, pool_param):
@@ -245,9 +270,6 @@ def spatial_norm_pool_forward_fast(x, kind, norm_args, pool_param):
     Ho, Wo = H // 2, W // 2
     planes = xp.empty((N, C, 2, 2, Ho, Wo), dtype=x.dtype)
 
-    def in_pool_order(a):  # a (n, C, H, W) viewed (n, C, 2, 2, H/2, W/2)
-        return a.reshape(a.shape[0], C, Ho, 2, Wo, 2).transpose(0, 1, 3, 5, 2, 4)
-
     # The strided view copied into the planes, then the affine map on them in place: a
     # copy of the view runs about twice as fast as an arithmetic operation reading it.
     def per_images(v, rows):  # a coefficient (C,), or one row per image (N, C)
@@ -259,13 +281,13 @@ def spatial_norm_pool_forward_fast(x, kind, norm_args, pool_param):
             scale, offset = (xp.repeat(v, N // v.shape[0], axis=0) for v in (scale, offset))
         for rows in backend.image_chunks(x, 2):
             target = planes[rows]
-            target[...] = in_pool_order(x[rows])
+            target[...] = _in_pool_order(x[rows])
             flat = target.reshape(-1, C, H * W)
             _channel_affine(flat, per_images(scale, rows), per_images(offset, rows), flat)
     else:
         def write(rows, x_hat_rows, g, bt):
             target = planes[rows]
-            target[...] = in_pool_order(x_hat_rows)
+            target[...] = _in_pool_order(x_hat_rows)
             flat = target.reshape(-1, C, H * W)
             _channel_affine(flat, g, bt, flat)
 
@@ -310,7 +332,7 @@ def conv_relu_pool_forward_fast(x, w, b, conv_param, pool_param):
             _, _, Hp, Wp = checks.pool_output_shape(a, pool_param)
             out = xp.empty((N, F, Hp, Wp), dtype=x.dtype)
             winner = xp.empty((N, F, Hp, Wp), dtype=_winner_dtype(xp, pool_param))
-        _pool_argmax(a, pool_param, out[rows], winner[rows])
+        _pool_chunks(a, pool_param, out[rows], winner[rows])
     xp.maximum(out, 0, out=out)
     return out, (x, w, b, conv_param, pool_param, out, winner)
 

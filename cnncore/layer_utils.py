@@ -15,8 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from . import fast_layers, layers as reference
-from .layers import affine_backward, affine_forward, relu_backward, relu_forward
+from . import checks, fast_layers, layers as reference
+from .backend import array_module
+from .fast_norms import _row_dots
+from .layers import _running_stats, affine_backward, affine_forward, relu_backward, relu_forward
 from .net_shapes import POOL_2X2  # the nets' pool: part of their shapes
 
 
@@ -33,6 +35,8 @@ class LayerSet:
 
     fuses_conv_relu_pool: whether conv_relu_pool runs the fused conv-relu-pool of
     fast_layers, which never stores the full-size activation, instead of the chain.
+    folds_test_batchnorm: whether a conv's batch norm in test mode runs folded into the
+    conv's filters and bias (fold_batchnorm) instead of as a layer of its own.
     """
 
     name: str
@@ -45,6 +49,7 @@ class LayerSet:
     groupnorm_forward: Callable
     groupnorm_backward: Callable
     fuses_conv_relu_pool: bool
+    folds_test_batchnorm: bool
 
 
 FAST_LAYERS = LayerSet(
@@ -52,14 +57,14 @@ FAST_LAYERS = LayerSet(
     fast_layers.max_pool_forward_fast, fast_layers.max_pool_backward_fast,
     fast_layers.spatial_batchnorm_forward_fast, fast_layers.spatial_batchnorm_backward_fast,
     fast_layers.spatial_groupnorm_forward_fast, fast_layers.spatial_groupnorm_backward_fast,
-    fuses_conv_relu_pool=True,
+    fuses_conv_relu_pool=True, folds_test_batchnorm=True,
 )
 NAIVE_LAYERS = LayerSet(
     "naive", reference.conv_forward_naive, _conv_backward_naive,
     reference.max_pool_forward_naive, reference.max_pool_backward_naive,
     reference.spatial_batchnorm_forward, reference.spatial_batchnorm_backward,
     reference.spatial_groupnorm_forward, reference.spatial_groupnorm_backward,
-    fuses_conv_relu_pool=False,
+    fuses_conv_relu_pool=False, folds_test_batchnorm=False,
 )
 
 
@@ -148,7 +153,12 @@ def _conv_norm_relu_pool_forward(x, w, b, conv_param, pool_param, layers, norm_f
                                  norm_kind=None):
     """conv -> [norm] -> [max pool] -> relu: relu and max pool commute (max is monotone),
     and the pooled map is a quarter of the size. pool_param None: no pool. On the fast
-    layers a norm and a 2x2 pool run as one (fast_layers.spatial_norm_pool_forward_fast)."""
+    layers a norm and a 2x2 pool run as one (fast_layers.spatial_norm_pool_forward_fast), and batch norm in
+    test mode runs folded into the conv (fold_batchnorm): the sandwich is then a conv-relu-pool."""
+    fold = _test_batchnorm_fold(w, b, (norm_kind, *norm_args), layers)
+    if fold is not None:
+        out, cache = conv_relu_pool_forward(x, fold.w, fold.b, conv_param, pool_param, layers)
+        return out, (_folded_backward, (cache, fold))
     a, conv_cache = layers.conv_forward(x, w, b, conv_param)
     out, (backward, caches) = _norm_relu_pool_forward(a, pool_param, layers, norm_forward, norm_args, norm_kind)
     return out, (backward, (layers, conv_cache, norm_backward, *caches))
@@ -172,13 +182,20 @@ def _norm_relu_pool_forward(a, pool_param, layers, norm_forward, norm_args, norm
 def norm_relu_pool_forward(a, norm, pool_param=POOL_2X2, layers=FAST_LAYERS):
     """What conv_bn_relu_pool_forward or conv_gn_relu_pool_forward computes after its conv, on the conv's
     output a (N, F, H, W): the norm a spec names (see below; not None) -> relu -> max pool (None: no pool),
-    by the same operations, so to the bit. Returns out alone: for a diagnostic that records each norm layer's
+    by the same operations, so to the bit (but for batch norm in test mode, which the sandwich folds into its
+    conv: the same map, to rounding). Returns out alone: for a diagnostic that records each norm layer's
     input (the conv's output) and goes on from it instead of convolving again. bn_param's running statistics
     are updated in train mode, as the sandwich updates them.
     """
     kind, *norm_args = norm
     norm_forward = {"batchnorm": layers.batchnorm_forward, "groupnorm": layers.groupnorm_forward}[kind]
     return _norm_relu_pool_forward(a, pool_param, layers, norm_forward, norm_args, kind)[0]
+
+
+def _folded_backward(dout, cache, need_dx):
+    inner, fold = cache
+    dx, dw, db = conv_pool_block_backward(dout, inner, need_dx)
+    return (dx, *unfold_batchnorm_grads(dw, db, fold))
 
 
 def _conv_norm_pool_relu_backward(dout, cache, need_dx):
@@ -199,6 +216,71 @@ def _conv_norm_relu_pool_backward(dout, cache, need_dx):
         da, *norm_grads = norm_backward(da, norm_cache)
     dx, dw, db = layers.conv_backward(da, conv_cache, need_dx=need_dx)
     return (dx, dw, db, *norm_grads)
+
+
+# ---------------------------------------------------------------------------
+# Batch norm in test mode, folded into the conv before it
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchNormFold:
+    """fold_batchnorm's result: the folded filters w and bias b, and what unfold_batchnorm_grads needs."""
+
+    w: object  # (F, C, HH, WW)
+    b: object  # (F,)
+    filters: object  # the conv's own w
+    centred_bias: object  # (F,): the conv's bias less the running mean
+    inv_std: object  # (F,)
+    scale: object  # (F,): gamma * inv_std
+    gamma_shape: tuple
+    beta_shape: tuple
+
+
+def fold_batchnorm(w, b, gamma, beta, bn_param) -> BatchNormFold:
+    """Spatial batch norm in test mode after a conv, as the conv's own filters and bias.
+
+    w: (F, C, HH, WW); b: (F,); gamma, beta: (F,) or (1, F, 1, 1); bn_param: batch norm's,
+    its running statistics used (and made zeros (F,) when absent, as the layer makes them).
+    With s = gamma / sqrt(running_var + eps) per filter,
+    batchnorm(conv(x, w, b)) = conv(x, w * s, (b - running_mean) * s + beta):
+    the same map, to rounding, without batch norm's passes over the conv's output
+    (the usual inference-time fold). The gradients of w, b, gamma and beta follow from
+    the folded conv's (unfold_batchnorm_grads).
+    """
+    xp = array_module(w)
+    F = w.shape[0]
+    g = checks.affine_params("gamma", gamma, F)
+    bt = checks.affine_params("beta", beta, F)
+    _, eps, _ = checks.bn_settings(bn_param, w.shape, F)
+    mean, var = _running_stats(bn_param, F, xp, w.dtype)
+    inv_std = 1 / xp.sqrt(var + eps)
+    scale = g * inv_std
+    centred = b - mean
+    return BatchNormFold(w * scale[:, None, None, None], centred * scale + bt, w, centred, inv_std, scale,
+                         tuple(gamma.shape), tuple(beta.shape))
+
+
+def unfold_batchnorm_grads(dw_folded, db_folded, fold: BatchNormFold):
+    """(dw, db, dgamma, dbeta) of fold_batchnorm's inputs from the folded conv's dw and db: w and b reach
+    the output through w * s and b * s, gamma through both (times the filters and the centred bias, over
+    the std), beta through the bias alone."""
+    F = dw_folded.shape[0]
+    dw = dw_folded * fold.scale[:, None, None, None]
+    db = db_folded * fold.scale
+    dgamma = (_row_dots(dw_folded.reshape(F, -1), fold.filters.reshape(F, -1)) + db_folded * fold.centred_bias)
+    dgamma *= fold.inv_std
+    return dw, db, dgamma.reshape(fold.gamma_shape), db_folded.reshape(fold.beta_shape)
+
+
+def _test_batchnorm_fold(w, b, norm, layers) -> BatchNormFold | None:
+    """fold_batchnorm for a conv's norm spec that is batch norm in test mode on layers that fold it, else None."""
+    if not (layers.folds_test_batchnorm and norm and norm[0] == "batchnorm"):
+        return None
+    _, gamma, beta, bn_param = norm
+    if not (isinstance(bn_param, dict) and bn_param.get("mode") == "test"):
+        return None
+    return fold_batchnorm(w, b, gamma, beta, bn_param)
 
 
 # ---------------------------------------------------------------------------
@@ -231,7 +313,12 @@ def spatial_norm_backward(dout, cache):
 
 
 def conv_norm_forward(x, w, b, conv_param, norm=None, layers=FAST_LAYERS):
-    """conv -> [spatial norm] (a residual block's second conv, its projection). Returns (out, cache)."""
+    """conv -> [spatial norm] (a residual block's second conv, its projection). Returns (out, cache).
+    On the fast layers batch norm in test mode runs folded into the conv (fold_batchnorm)."""
+    fold = _test_batchnorm_fold(w, b, norm, layers)
+    if fold is not None:
+        out, conv_cache = layers.conv_forward(x, fold.w, fold.b, conv_param)
+        return out, (layers, conv_cache, fold)
     a, conv_cache = layers.conv_forward(x, w, b, conv_param)
     out, norm_cache = spatial_norm_forward(a, norm, layers)
     return out, (layers, conv_cache, norm_cache)
@@ -240,6 +327,9 @@ def conv_norm_forward(x, w, b, conv_param, norm=None, layers=FAST_LAYERS):
 def conv_norm_backward(dout, cache, need_dx=True):
     """Returns (dx, dw, db), plus (dgamma, dbeta) after a norm; dx is None when need_dx is False."""
     layers, conv_cache, norm_cache = cache
+    if isinstance(norm_cache, BatchNormFold):
+        dx, dw, db = layers.conv_backward(dout, conv_cache, need_dx=need_dx)
+        return (dx, *unfold_batchnorm_grads(dw, db, norm_cache))
     da, *norm_grads = spatial_norm_backward(dout, norm_cache)
     dx, dw, db = layers.conv_backward(da, conv_cache, need_dx=need_dx)
     return (dx, dw, db, *norm_grads)

@@ -8,6 +8,7 @@ than channels the per-channel bias shifts a group unevenly and has a real gradie
 """
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -212,7 +213,8 @@ def test_the_rest_of_a_norm_sandwich_on_its_convs_output_is_the_sandwich_to_the_
                                                                                     chain, db_vanishes, layer_set):
     """norm_relu_pool_forward runs what a conv-norm-relu-[pool] sandwich runs after its conv, so a diagnostic that
     has the conv's output (a norm layer's input) goes on from it to the same bits, and batch norm's running
-    statistics are updated the same way in train mode."""
+    statistics are updated the same way in train mode. Batch norm in test mode on the fast layers is the one
+    exception: the sandwich folds it into its conv (fold_batchnorm), the same map to rounding."""
     layer_set = layer_utils.FAST_LAYERS if layer_set == "fast" else layer_utils.NAIVE_LAYERS
     whole_args, rest_args = copy.deepcopy(args), copy.deepcopy(args)
     want, _ = forward(*whole_args, layers=layer_set)
@@ -220,7 +222,59 @@ def test_the_rest_of_a_norm_sandwich_on_its_convs_output_is_the_sandwich_to_the_
     a, _ = layer_set.conv_forward(x, w, b, conv_param)
     norm = ("batchnorm" if "bn" in name else "groupnorm", gamma, beta, *norm_rest)
     got = layer_utils.norm_relu_pool_forward(a, norm, POOL if "pool" in name else None, layer_set)
-    np.testing.assert_array_equal(got, want)
+    if "bn" in name and "test" in name and layer_set.folds_test_batchnorm:
+        _assert_same(got, want, "out")
+    else:
+        np.testing.assert_array_equal(got, want)
     if "bn" in name:
         for key in ("running_mean", "running_var"):
             np.testing.assert_array_equal(rest_args[-1][key], whole_args[-1][key])
+
+
+BN_TEST_CASES = [case for case in CONV_CASES if case.id.startswith("conv_bn") and "-test-" in case.id]
+
+
+@pytest.mark.parametrize("name, forward, backward, args, chain, db_vanishes", BN_TEST_CASES)
+def test_batchnorm_in_test_mode_runs_folded_into_the_conv_on_the_fast_layers(name, forward, backward, args, chain,
+                                                                             db_vanishes, monkeypatch):
+    """On the fast layers the sandwich never calls batch norm in test mode: it convolves with the folded filters
+    and bias (the other tests of this module check its output and all five gradients, against the reference
+    chain and numerically), and leaves bn_param's running statistics as they were."""
+    def no_batchnorm(*_):
+        raise AssertionError("batch norm ran as a layer of its own")
+
+    args = copy.deepcopy(args)
+    bn_param = args[-1]
+    before = {k: bn_param[k].copy() for k in ("running_mean", "running_var")}
+    monkeypatch.setattr(layer_utils, "FAST_LAYERS", dataclasses.replace(layer_utils.FAST_LAYERS,
+                                                                        batchnorm_forward=no_batchnorm))
+    out, cache = forward(*args, layers=layer_utils.FAST_LAYERS)
+    dx, dw, db, dgamma, dbeta = backward(np.ones_like(out), cache)
+    assert dgamma.shape == args[3].shape and dbeta.shape == args[4].shape
+    for key, value in before.items():
+        np.testing.assert_array_equal(bn_param[key], value)
+
+
+def test_fold_batchnorm_is_batchnorm_of_the_conv_and_the_unfolded_gradients_match_numerical_ones():
+    """fold_batchnorm on its own: conv(x, folded) equals batchnorm(conv(x, w, b)) in test mode, and
+    unfold_batchnorm_grads gives the gradients of w, b, gamma and beta that central differences give."""
+    x, w, b = _conv_inputs((2, 3, 5, 4), F=3)
+    gamma, beta = _norm_params(3, lambda F: (F,))
+    bn_param = _bn_param("test", 3)
+    fold = layer_utils.fold_batchnorm(w, b, gamma, beta, bn_param)
+    folded, conv_cache = layers.conv_forward_naive(x, fold.w, fold.b, CONV)
+    reference, _ = layers.spatial_batchnorm_forward(layers.conv_forward_naive(x, w, b, CONV)[0], gamma, beta,
+                                                    bn_param)
+    _assert_same(folded, reference, "out")
+    dout = np.random.default_rng(9).standard_normal(folded.shape)
+    _, dw_folded, db_folded = layers.conv_backward_naive(dout, conv_cache)
+    grads = layer_utils.unfold_batchnorm_grads(dw_folded, db_folded, fold)
+
+    def output(**change):
+        p = {"w": w, "b": b, "gamma": gamma, "beta": beta, **change}
+        f = layer_utils.fold_batchnorm(p["w"], p["b"], p["gamma"], p["beta"], bn_param)
+        return layers.conv_forward_naive(x, f.w, f.b, CONV)[0]
+
+    for name, value, grad in zip(("w", "b", "gamma", "beta"), (w, b, gamma, beta), grads):
+        numeric = eval_numerical_gradient_array(lambda v, name=name: output(**{name: v}), value.copy(), dout)
+        assert np.max(np.abs(grad - numeric)) <= GRAD_TOL * max(1.0, np.abs(numeric).max()), name

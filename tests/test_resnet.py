@@ -154,7 +154,8 @@ def test_fast_and_naive_paths_agree_in_float64(normalization, input_dim, N):
 
 def test_norm_inputs_are_what_the_training_path_feeds_each_norm_layer():
     """The diagnostics' unit-by-unit path against the residual-block sandwiches: every conv's
-    output, recorded as the forward pass makes it, in the norm layers' order."""
+    output, recorded as the forward pass makes it, in the norm layers' order. (On layers that fold batch
+    norm in test mode into the conv, that conv's output is the norm's: the recording layers do not fold.)"""
     rng = np.random.default_rng(6)
     X = rng.standard_normal((4, 2, 6, 5))
     net = with_random_affine(small_resnet("batchnorm"), rng)
@@ -165,7 +166,7 @@ def test_norm_inputs_are_what_the_training_path_feeds_each_norm_layer():
         seen.append(out)
         return out, cache
 
-    net.layers = dataclasses.replace(FAST_LAYERS, conv_forward=recording_conv)
+    net.layers = dataclasses.replace(FAST_LAYERS, conv_forward=recording_conv, folds_test_batchnorm=False)
     for mode in ("train", "test"):
         seen.clear()
         net.scores(X, mode)
