@@ -187,14 +187,23 @@ def _max_pool(x, pool_param):
 
 def _pool_chunks(x, pool_param, out, winner):
     """_pool_argmax of x into out and winner, a few images at a time, so that each chunk's
-    strided views and temporaries stay in cache. 2x2 windows at stride 2 that tile the map
-    (pools_in_planes) are first copied into four contiguous planes, one per offset: a copy
-    of a stride-2 view runs about twice as fast as an arithmetic step reading it, and the
-    comparisons then read contiguous data (1.2-2x faster than comparing the views, 32
-    channels of 14x14 to 28x28 at 2-64 images)."""
+    strided views and temporaries stay in cache; winner None: the maxima alone (a pass with
+    no backward to route). 2x2 windows at stride 2 that tile the map (pools_in_planes) are
+    first copied into four contiguous planes, one per offset: a copy of a stride-2 view runs
+    about twice as fast as an arithmetic step reading it, and the comparisons then read
+    contiguous data (1.2-2x faster than comparing the views, 32 channels of 14x14 to 28x28
+    at 2-64 images)."""
+    xp = array_module(x)
     if not pools_in_planes(x.shape, pool_param):
         for rows in backend.image_chunks(x, 4):
-            _pool_argmax(x[rows], pool_param, out[rows], winner[rows])
+            if winner is not None:
+                _pool_argmax(x[rows], pool_param, out[rows], winner[rows])
+                continue
+            for k, view in _pool_windows(x[rows], pool_param):
+                if k == 0:
+                    out[rows] = view
+                else:
+                    xp.maximum(out[rows], view, out=out[rows])
         return
     N, C, H, W = x.shape
     Ho, Wo = H // 2, W // 2
@@ -203,7 +212,19 @@ def _pool_chunks(x, pool_param, out, winner):
     for rows in chunks:
         p = planes[: rows.stop - rows.start]
         p[...] = _in_pool_order(x[rows])
-        _argmax_of_four(p[:, :, 0, 0], p[:, :, 0, 1], p[:, :, 1, 0], p[:, :, 1, 1], out[rows], winner[rows])
+        _pool_planes(p, out[rows], None if winner is None else winner[rows])
+
+
+def _pool_planes(p, out, winner):
+    """The 2x2 windows' maxima of planes p (n, C, 2, 2, H', W') into out (n, C, H', W'), and with
+    winner given each window's winner (_argmax_of_four); without, p is overwritten as scratch."""
+    if winner is not None:
+        _argmax_of_four(p[:, :, 0, 0], p[:, :, 0, 1], p[:, :, 1, 0], p[:, :, 1, 1], out, winner)
+        return
+    xp = array_module(p)
+    xp.maximum(p[:, :, 0, 0], p[:, :, 0, 1], out=out)
+    xp.maximum(p[:, :, 1, 0], p[:, :, 1, 1], out=p[:, :, 1, 0])
+    xp.maximum(out, p[:, :, 1, 0], out=out)
 
 
 def _in_pool_order(a):
@@ -252,12 +273,13 @@ def pools_in_planes(x_shape, pool_param) -> bool:
     return ph == pw == s == 2 and x_shape[2] % 2 == 0 and x_shape[3] % 2 == 0
 
 
-def spatial_norm_pool_forward_fast(x, kind, norm_args, pool_param):
+def spatial_norm_pool_forward_fast(x, kind, norm_args, pool_param, record_winners: bool = True):
     """Spatial batch norm ("batchnorm", norm_args (gamma, beta, bn_param)) or group norm
     ("groupnorm", (gamma, beta, G, gn_param)) of x (N, C, H, W), then a 2x2 stride-2 max
     pool (pools_in_planes must hold). Returns (pooled (N, C, H/2, W/2), the norm's cache,
     winner): the norm's cache as its fast forward returns it, winner as max_pool_forward_fast
     records it (see _PoolCache); with them layer_utils' sandwich runs the usual backward.
+    record_winners False: winner is None (a pass with no backward: a third of the pool's work).
 
     The norm's output is written, as the affine map it ends with computes it, into four
     planes, one per offset in the 2x2 windows (N, C, 2, 2, H/2, W/2): that map reads x
@@ -293,10 +315,9 @@ def spatial_norm_pool_forward_fast(x, kind, norm_args, pool_param):
 
         cache = groupnorm_normalise(x, *norm_args, write)
     pooled = xp.empty((N, C, Ho, Wo), dtype=x.dtype)
-    winner = xp.empty((N, C, Ho, Wo), dtype=_winner_dtype(xp, pool_param))
+    winner = xp.empty((N, C, Ho, Wo), dtype=_winner_dtype(xp, pool_param)) if record_winners else None
     for rows in backend.image_chunks(planes, 2):
-        p = planes[rows]
-        _argmax_of_four(p[:, :, 0, 0], p[:, :, 0, 1], p[:, :, 1, 0], p[:, :, 1, 1], pooled[rows], winner[rows])
+        _pool_planes(planes[rows], pooled[rows], None if winner is None else winner[rows])
     return pooled, cache, winner
 
 
@@ -313,7 +334,7 @@ def unpool_fast(dout, winner, pool_param, x_shape):
 # ---------------------------------------------------------------------------
 
 
-def conv_relu_pool_forward_fast(x, w, b, conv_param, pool_param):
+def conv_relu_pool_forward_fast(x, w, b, conv_param, pool_param, record_winners: bool = True):
     """conv -> relu -> max pool without the full-size activation in memory.
 
     x: (N, C, H, W); w: (F, C, HH, WW); b: (F,); conv_param and pool_param as
@@ -322,6 +343,11 @@ def conv_relu_pool_forward_fast(x, w, b, conv_param, pool_param):
     relu(max(a)) = max(relu(a)), and its gradient is the same as the chain's.
     Returns (out, cache): out (N, F, H'', W''), equal to the separate layers'
     to rounding; cache for conv_relu_pool_backward_fast.
+
+    record_winners False: the pool keeps its maxima alone, not where each window's
+    was (a third of the pool's work), for a pass that is seldom followed by a
+    backward (a net in test mode); a backward then finds them by running this
+    forward again, to the same bits.
     """
     xp = array_module(x)
     checks.conv_forward_inputs(x, w, b, conv_param)
@@ -331,8 +357,9 @@ def conv_relu_pool_forward_fast(x, w, b, conv_param, pool_param):
             N, F = x.shape[0], w.shape[0]
             _, _, Hp, Wp = checks.pool_output_shape(a, pool_param)
             out = xp.empty((N, F, Hp, Wp), dtype=x.dtype)
-            winner = xp.empty((N, F, Hp, Wp), dtype=_winner_dtype(xp, pool_param))
-        _pool_chunks(a, pool_param, out[rows], winner[rows])
+            if record_winners:
+                winner = xp.empty((N, F, Hp, Wp), dtype=_winner_dtype(xp, pool_param))
+        _pool_chunks(a, pool_param, out[rows], None if winner is None else winner[rows])
     xp.maximum(out, 0, out=out)
     return out, (x, w, b, conv_param, pool_param, out, winner)
 
@@ -345,6 +372,8 @@ def conv_relu_pool_backward_fast(dout, cache, need_dx: bool = True):
     """
     x, w, b, conv_param, pool_param, out, winner = cache
     checks.require_dout_shape(dout, out.shape)
+    if winner is None:  # a forward without record_winners
+        winner = conv_relu_pool_forward_fast(x, w, b, conv_param, pool_param)[1][-1]
     dpooled = dout * (out > 0)  # relu's gradient, on the pooled map
 
     def unpool(rows, da):

@@ -157,17 +157,24 @@ def _conv_norm_relu_pool_forward(x, w, b, conv_param, pool_param, layers, norm_f
     test mode runs folded into the conv (fold_batchnorm): the sandwich is then a conv-relu-pool."""
     fold = _test_batchnorm_fold(w, b, (norm_kind, *norm_args), layers)
     if fold is not None:
-        out, cache = conv_relu_pool_forward(x, fold.w, fold.b, conv_param, pool_param, layers)
+        if layers.fuses_conv_relu_pool and pool_param is not None:  # test mode: seldom a backward
+            out, inner = fast_layers.conv_relu_pool_forward_fast(x, fold.w, fold.b, conv_param, pool_param,
+                                                                 record_winners=False)
+            cache = (fast_layers.conv_relu_pool_backward_fast, inner)
+        else:
+            out, cache = conv_relu_pool_forward(x, fold.w, fold.b, conv_param, pool_param, layers)
         return out, (_folded_backward, (cache, fold))
     a, conv_cache = layers.conv_forward(x, w, b, conv_param)
     out, (backward, caches) = _norm_relu_pool_forward(a, pool_param, layers, norm_forward, norm_args, norm_kind)
     return out, (backward, (layers, conv_cache, norm_backward, *caches))
 
 
-def _norm_relu_pool_forward(a, pool_param, layers, norm_forward, norm_args, norm_kind):
-    """The sandwich after its conv, on the conv's output a: (out, (backward, the caches after the conv's))."""
+def _norm_relu_pool_forward(a, pool_param, layers, norm_forward, norm_args, norm_kind, backward=True):
+    """The sandwich after its conv, on the conv's output a: (out, (backward, the caches after the conv's));
+    backward False: only out is used (the fused pool then records no winners)."""
     if layers.fuses_conv_relu_pool and norm_kind and pool_param and fast_layers.pools_in_planes(a.shape, pool_param):
-        pooled, norm_cache, winner = fast_layers.spatial_norm_pool_forward_fast(a, norm_kind, norm_args, pool_param)
+        pooled, norm_cache, winner = fast_layers.spatial_norm_pool_forward_fast(a, norm_kind, norm_args, pool_param,
+                                                                                record_winners=backward)
         out, relu_cache = relu_forward(pooled)
         return out, (_conv_norm_pool_relu_backward, (norm_cache, (winner, pool_param, a.shape), relu_cache))
     norm_cache = pool_cache = None
@@ -189,7 +196,7 @@ def norm_relu_pool_forward(a, norm, pool_param=POOL_2X2, layers=FAST_LAYERS):
     """
     kind, *norm_args = norm
     norm_forward = {"batchnorm": layers.batchnorm_forward, "groupnorm": layers.groupnorm_forward}[kind]
-    return _norm_relu_pool_forward(a, pool_param, layers, norm_forward, norm_args, kind)[0]
+    return _norm_relu_pool_forward(a, pool_param, layers, norm_forward, norm_args, kind, backward=False)[0]
 
 
 def _folded_backward(dout, cache, need_dx):

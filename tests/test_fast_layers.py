@@ -288,6 +288,23 @@ def test_fused_conv_relu_pool_matches_the_naive_chain(path_case, chunk):
     np.testing.assert_array_equal(skipped[2], grads[2])
 
 
+@CONV_EXAMPLES
+@given(conv_pool_cases(), CHUNK_BYTES)
+def test_fused_conv_relu_pool_without_recorded_winners_gives_the_same_bits_forward_and_backward(path_case, chunk):
+    """record_winners=False (a test-mode pass) keeps the maxima alone, on every pool shape (planes or
+    strided views); a backward then finds the winners by running the forward again: the same gradients."""
+    path, case = path_case
+    with _chunks_of(chunk), conv_path(path):
+        out, cache = fast_layers.conv_relu_pool_forward_fast(*case)
+        bare_out, bare_cache = fast_layers.conv_relu_pool_forward_fast(*case, record_winners=False)
+        assert bare_cache[-1] is None
+        np.testing.assert_array_equal(bare_out, out)
+        dout = np.random.default_rng(7).standard_normal(out.shape)
+        for got, want in zip(fast_layers.conv_relu_pool_backward_fast(dout, bare_cache),
+                             fast_layers.conv_relu_pool_backward_fast(dout, cache)):
+            np.testing.assert_array_equal(got, want)
+
+
 # ---------------------------------------------------------------------------
 # Spatial batch norm and group norm
 # ---------------------------------------------------------------------------
@@ -462,6 +479,22 @@ def test_fused_norm_and_pool_equal_the_fast_norm_then_the_fast_pool(case, chunk)
     if kind == "batchnorm":
         for key in ("running_mean", "running_var"):
             np.testing.assert_array_equal(args[2][key], separate_args[2][key])
+
+
+@FEW
+@given(norm_pool_cases())
+def test_fused_norm_and_pool_without_recorded_winners_gives_the_same_map_and_norm_cache(case):
+    """record_winners=False (a pass with no backward) pools the same maxima and keeps the same norm cache."""
+    x, kind, args = case
+    bare_args = copy.deepcopy(args)
+    pooled, cache, winner = fast_layers.spatial_norm_pool_forward_fast(x, kind, args, POOL_2X2)
+    bare, bare_cache, none = fast_layers.spatial_norm_pool_forward_fast(x, kind, bare_args, POOL_2X2,
+                                                                        record_winners=False)
+    assert none is None and winner is not None
+    np.testing.assert_array_equal(bare, pooled)
+    for got, want in zip(bare_cache, cache):
+        if isinstance(want, np.ndarray):
+            np.testing.assert_array_equal(got, want)
 
 
 def test_fused_norm_and_pool_apply_only_to_2x2_windows_tiling_even_maps():
