@@ -8,8 +8,10 @@ Signals. A Ctrl-C at the terminal reaches every process of the foreground group,
 workers too. A worker ignores SIGINT from its first instruction (it inherits that from
 the forkserver), so one interrupted while starting prints nothing; only ``interruptible``
 work listens for it (a trial's training, a warm-up), and there the KeyboardInterrupt
-goes back to the sweep as that work's result, which stops the sweep cleanly. A worker
-ends itself when the sweep's process is gone (a ``kill -9`` included).
+goes back to the sweep as that work's result, which stops the sweep cleanly. An interrupt
+that lands in a finalizer (a weakref callback, a ``__del__``) is raised again right after it
+(``interrupt_after_finalizers``). A worker ends itself when the sweep's process is gone (a
+``kill -9`` included).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -50,6 +53,35 @@ def start_trial_worker(threads: int, leader_pid: int, environ: dict[str, str]) -
     tqdm.set_lock(threading.RLock())
     threadpool_limits(limits=threads, user_api="blas")
     exit_with_process(leader_pid)
+    interrupt_after_finalizers()
+
+
+def interrupt_after_finalizers() -> None:
+    """Make a KeyboardInterrupt raised inside a finalizer stop the work after it.
+
+    Python cannot raise from a finalizer (a weakref callback, a __del__, which the garbage
+    collector runs at any moment): it prints the exception as "Exception ignored in ...", with
+    its traceback, and goes on. For a SIGINT that is the sweep stopping this worker: the
+    traceback landed on the sweep's terminal and the trial went on training until the stop's
+    grace ran out. This hook raises it again 1 ms later instead, from a SIGALRM, when the
+    finalizer (and the hook, where a signal raised at once would be handled and ignored again)
+    has returned; one that lands in a finalizer again comes back here. Other unraisable
+    exceptions go to the hook that was there before.
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            signal.signal(signal.SIGALRM, _interrupt)
+            signal.setitimer(signal.ITIMER_REAL, 0.001)
+        else:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def interruptible(work: Callable[..., T], *args) -> T:
@@ -60,6 +92,7 @@ def interruptible(work: Callable[..., T], *args) -> T:
         return work(*args)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.setitimer(signal.ITIMER_REAL, 0)  # an interrupt deferred from a finalizer: the work is over
 
 
 def warm_up(store: Store, data_specs: list[DataSpec]) -> int:

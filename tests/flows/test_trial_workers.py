@@ -61,3 +61,38 @@ def test_stopping_workers_interrupts_the_busy_one_and_prints_nothing(tmp_path, b
         assert what == "KeyboardInterrupt" and float(seconds) < grace / 2
     else:  # ignored the SIGINT, so terminated after the grace: the pool is broken
         assert what == "BrokenProcessPool" and grace <= float(seconds) < grace + 15
+
+
+# A trial worker's interrupt that lands in a finalizer: here a weakref callback raises it, as a SIGINT arriving
+# while the garbage collector runs one would.
+FINALIZER_SCRIPT = textwrap.dedent("""
+    import gc, time, weakref
+    from flows.sweep.worker import interrupt_after_finalizers, interruptible
+
+    class Node:
+        pass
+
+    def work():
+        node = Node()
+        weakref.finalize(node, lambda: None)
+        watched = weakref.ref(node, lambda _: (_ for _ in ()).throw(KeyboardInterrupt))
+        del node
+        gc.collect()
+        for _ in range(100):  # the training going on
+            time.sleep(0.002)
+        return "went on after the interrupt"
+
+    interrupt_after_finalizers()
+    try:
+        print(interruptible(work))
+    except KeyboardInterrupt:
+        print("interrupted")
+""")
+
+
+def test_an_interrupt_inside_a_finalizer_stops_the_work_after_it_without_a_traceback():
+    done = subprocess.run([sys.executable, "-c", FINALIZER_SCRIPT], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "interrupted"
+    assert done.stderr == ""  # Python's "Exception ignored in ..." and its traceback, without the hook
