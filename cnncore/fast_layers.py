@@ -193,17 +193,12 @@ def _pool_chunks(x, pool_param, out, winner):
     about twice as fast as an arithmetic step reading it, and the comparisons then read
     contiguous data (1.2-2x faster than comparing the views, 32 channels of 14x14 to 28x28
     at 2-64 images)."""
-    xp = array_module(x)
     if not pools_in_planes(x.shape, pool_param):
         for rows in backend.image_chunks(x, 4):
-            if winner is not None:
+            if winner is None:
+                _pool_maxima(x[rows], pool_param, out[rows])
+            else:
                 _pool_argmax(x[rows], pool_param, out[rows], winner[rows])
-                continue
-            for k, view in _pool_windows(x[rows], pool_param):
-                if k == 0:
-                    out[rows] = view
-                else:
-                    xp.maximum(out[rows], view, out=out[rows])
         return
     N, C, H, W = x.shape
     Ho, Wo = H // 2, W // 2
@@ -213,6 +208,16 @@ def _pool_chunks(x, pool_param, out, winner):
         p = planes[: rows.stop - rows.start]
         p[...] = _in_pool_order(x[rows])
         _pool_planes(p, out[rows], None if winner is None else winner[rows])
+
+
+def _pool_maxima(x, pool_param, out):
+    """The window maxima of x into out, over the strided views, without their winners."""
+    xp = array_module(x)
+    for k, view in _pool_windows(x, pool_param):
+        if k == 0:
+            out[...] = view
+        else:
+            xp.maximum(out, view, out=out)
 
 
 def _pool_planes(p, out, winner):
