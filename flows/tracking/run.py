@@ -94,7 +94,12 @@ class Run:
     @patient
     def fail(self, exc: BaseException) -> None:
         """FAILED, or KILLED when the work was stopped (a signal; a reason whose stops_work is true, as a lost
-        Prefect server's), with a failure_reason tag and the traceback."""
+        Prefect server's), with a failure_reason tag and the traceback.
+
+        A run already FINISHED stays so: whoever trained it finished it, so its work is complete and logged, and
+        what broke after (a stop that reached the trial worker on its way back) is no reason to redo it."""
+        if self._client.get_run(self.id).info.status == FINISHED:
+            return
         interrupted = interruption(exc)
         # Each write on its own: on a full disk the status may still fit where the reason and traceback do not.
         with _unless_full():

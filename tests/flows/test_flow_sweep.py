@@ -226,6 +226,31 @@ def test_a_stopping_sweep_starts_no_queued_trial(store, tiny):
     assert done.status == "FINISHED" and [r.info.run_id for r in children(store, parent.id)] == [done.run_id]
 
 
+def test_a_stop_that_reaches_a_trial_after_it_finished_its_run_keeps_the_run_finished(store, tiny, monkeypatch):
+    """A worker that finished its trial's run and was interrupted on its way back (the sweep's SIGTERM between
+    run.finish() and the result's return) leaves the run FINISHED, so a resume keeps it instead of redoing it."""
+    from flows import tracking
+    from flows.shutdown import Interrupted, StopRequest
+
+    real = executors.train_trial
+
+    def finished_then_stopped(run, config, stop):
+        real(run, config, stop)
+        stop.set(Interrupted("SIGTERM"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(executors, "train_trial", finished_then_stopped)
+    spec = SweepSpec(name="late-stop", base=tiny, space={"train_seed": [0]})
+    parent = tracking.connect(store.uri).start_run("cnncore-sweeps", "late-stop")
+    assert executors.run_trial.fn(parent, spec, 0, spec.trials()[0], None, StopRequest()) is None
+    [child] = children(store, parent.id)
+    assert child.info.status == "FINISHED" and "failure_reason" not in child.data.tags
+    # A trial stopped before it finished is still marked KILLED, with the reason.
+    stopped = parent.child("stopped")
+    stopped.fail(Interrupted("SIGTERM"))
+    assert store.client.get_run(stopped.id).info.status == "KILLED"
+
+
 def test_a_resumed_sweep_holds_its_parent_running_and_leased_while_it_trains(store, tiny, monkeypatch):
     """A rerun that adds a seed reopens the finished parent: RUNNING, with a live lease another process would
     see, while its trials train; FINISHED after."""
