@@ -40,11 +40,13 @@ def ops_env(tmp_path_factory) -> dict[str, str]:
 
 @contextlib.contextmanager
 def loopback_server(tmp_path_factory, env: dict, name: str, command, health_path: str):
-    """command(folder, port) started on a free 127.0.0.1 port and healthy at health_path; yields its base URL."""
+    """command(folder, port) -> (command line, environment additions), started on a free 127.0.0.1 port and
+    healthy at health_path; yields its base URL."""
     root = tmp_path_factory.mktemp(name)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with background_server(command(root, port), url + health_path, env=env, log=root / "server.log",
+    line, additions = command(root, port)
+    with background_server(line, url + health_path, env={**env, **additions}, log=root / "server.log",
                            timeout_s=harness.startup_limit_s(SERVER_START_TIMEOUT_S), stop_grace_s=SERVER_STOP_GRACE_S):
         yield url
 
@@ -53,8 +55,10 @@ def loopback_server(tmp_path_factory, env: dict, name: str, command, health_path
 def mlflow_server(tmp_path_factory, ops_env) -> str:
     """A real `mlflow server` (sqlite store, served artifacts) on a free 127.0.0.1 port; yields its URL."""
     def command(root, port):
+        # With its environment: it leaves MLflow's job runner off, whose 8 Huey processes would cost each
+        # start about 30 s of CPU.
         return mlflow_server_command(f"sqlite:///{root / 'mlflow.db'}", port,
-                                     artifacts_destination=str(root / "artifacts"))[0]
+                                     artifacts_destination=str(root / "artifacts"))
 
     with loopback_server(tmp_path_factory, ops_env, "mlflow-server", command, "/health") as url:
         yield url
@@ -64,7 +68,7 @@ def mlflow_server(tmp_path_factory, ops_env) -> str:
 def prefect_server(tmp_path_factory, ops_env) -> str:
     """A real `prefect server start` on a free 127.0.0.1 port; yields its API URL."""
     def command(root, port):
-        return [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+        return [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], {}
 
     with loopback_server(tmp_path_factory, ops_env, "prefect-server", command, "/api/health") as url:
         yield f"{url}/api"

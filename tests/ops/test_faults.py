@@ -313,10 +313,10 @@ class RestartableServer:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        command, _ = mlflow_server_command(f"sqlite:///{self.root / 'mlflow.db'}", self.port,
-                                           artifacts_destination=str(self.root / "artifacts"))
+        command, additions = mlflow_server_command(f"sqlite:///{self.root / 'mlflow.db'}", self.port,
+                                                   artifacts_destination=str(self.root / "artifacts"))
         log = open(self.root / "server.log", "ab")
-        self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        self.process = subprocess.Popen(command, env={**self.env, **additions}, stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         wait_until_healthy(f"{self.url}/health", 90, self.process, self.root / "server.log")
 

@@ -124,6 +124,18 @@ def mlflow_runs(server: str, experiment: str, filter_string: str = "") -> list[d
                                                       "max_results": 1000}).get("runs", [])
 
 
+def test_the_stacks_mlflow_server_runs_without_mlflows_job_runner(pg_mlflow):
+    """Compose's environment leaves MLflow 3's job runner off: its Huey consumers (about 8 processes, 1 GiB)
+    serve GenAI jobs and trace rollups, which nothing here uses."""
+    import psutil
+
+    port = pg_mlflow.rsplit(":", 1)[1]
+    server = next(p for p in psutil.process_iter(["cmdline"])
+                  if "mlflow" in " ".join(p.info["cmdline"] or []) and f"--port={port}" in (p.info["cmdline"] or []))
+    started = [" ".join(child.cmdline()) for child in server.children(recursive=True)]
+    assert started and not [line for line in started if "huey" in line], started
+
+
 def test_the_deployments_are_registered_for_the_work_pool_in_the_postgres_backed_server(worker, pg_prefect):
     registered = deployments_on(pg_prefect)
     assert {"train/nightly", "gradient-check/nightly", "sweep/weekly-bn-vs-gn"} <= set(registered)
