@@ -78,7 +78,7 @@ def prefect_api(tmp_path_factory):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     harness.watch_folder(_PREFECT_HOME)
-    with started_prefect_api(tmp_path_factory.mktemp("prefect-api")) as api, \
+    with started_prefect_api(harness.seed_prefect_home(tmp_path_factory.mktemp("prefect-api"))) as api, \
             temporary_settings({PREFECT_API_URL: api}):
         # Code in a context copied before this one (a worker thread started earlier) sees it too.
         import prefect.context

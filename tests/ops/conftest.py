@@ -31,7 +31,7 @@ SERVER_STOP_GRACE_S = 3
 @pytest.fixture(scope="session")
 def ops_env(tmp_path_factory) -> dict[str, str]:
     """Environment for subprocesses: a private PREFECT_HOME, no analytics, no inherited tracking URI."""
-    home = tmp_path_factory.mktemp("prefect-home")
+    home = harness.seed_prefect_home(tmp_path_factory.mktemp("prefect-home"))  # the prefect_server fixture's
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", MPLBACKEND="Agg",
                PREFECT_LOGGING_TO_API_BATCH_INTERVAL="0.3")
