@@ -147,10 +147,21 @@ TEMPLATE_START_S = 300.0
 
 
 def _template_folder() -> Path:
+    """Where the made database is kept: the user's cache, else (a home that cannot be written) the temporary
+    folder. Made if need be."""
     import prefect
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "cnncore-tests" / f"prefect-home-{prefect.__version__}"
+    name = f"prefect-home-{prefect.__version__}"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnncore-tests"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        if os.access(cache, os.W_OK):
+            return cache / name
+    except OSError:
+        pass
+    fallback = Path(tempfile.gettempdir()) / "cnncore-tests"
+    fallback.mkdir(parents=True, exist_ok=True)
+    return fallback / name
 
 
 def _make_template(folder: Path) -> None:
@@ -183,7 +194,6 @@ def seed_prefect_home(folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     template = _template_folder()
-    template.parent.mkdir(parents=True, exist_ok=True)
     with open(template.parent / (template.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two pytest-xdist workers, or an inner test run, at once
         if not template.is_dir():

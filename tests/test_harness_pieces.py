@@ -3,6 +3,7 @@
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +52,24 @@ def test_a_termination_signal_interrupts_once_and_a_second_does_not_cut_the_tear
         os.kill(os.getpid(), sig)
         time.sleep(5)  # not reached: the handler raises as soon as the signal arrives
     os.kill(os.getpid(), signal.SIGTERM)  # ignored now: this test goes on
+
+
+def test_a_seeded_prefect_home_holds_a_migrated_database_in_one_file(tmp_path):
+    """What seed_prefect_home copies: a sqlite database at Prefect's newest migration with its block types
+    registered, nothing of it left in a write-ahead log, and the memo that says the blocks are registered."""
+    import re
+    import sqlite3
+
+    import prefect
+
+    home = harness.seed_prefect_home(tmp_path / "home")
+    assert sorted(p.name for p in home.iterdir()) == sorted(harness.PREFECT_HOME_FILES)
+    with sqlite3.connect(home / "prefect.db") as db:
+        (version,), = db.execute("SELECT version_num FROM alembic_version").fetchall()
+        block_types = db.execute("SELECT count(*) FROM block_type").fetchone()[0]
+    migrations = Path(prefect.__file__).parent / "server" / "database" / "_migrations" / "versions" / "sqlite"
+    revises = {m.group(1) for f in migrations.glob("*.py")
+               for m in [re.search(r'^down_revision = "(\w+)"', f.read_text(), re.M)] if m}
+    assert any(migrations.glob(f"*_{version}_*.py")) and version not in revises  # the newest migration
+    assert block_types > 0
+    assert "block_auto_registration" in (home / "memo_store.toml").read_text()
