@@ -200,7 +200,7 @@ def _is_ours(home: Path) -> Callable[[bytes], bool]:
     """Whether a body of `GET /api/admin/settings` is the settings of the server of home (its PREFECT_HOME)."""
     def check(body: bytes) -> bool:
         found = json.loads(body).get("home")
-        return found is not None and Path(found).resolve() == (home / "prefect").resolve()
+        return found is not None and Path(found).resolve() == prefect_home(home).resolve()
 
     return check
 
@@ -252,12 +252,17 @@ def server_command(port: int) -> list[str]:
     return [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port)]
 
 
+def prefect_home(home: Path) -> Path:
+    """The server's PREFECT_HOME, inside home: its sqlite database lives there."""
+    return home / "prefect"
+
+
 def server_environment(home: Path, port: int) -> dict[str, str]:
     """The server's environment: this one without the user's Prefect settings (a PREFECT_HOME, a profile or a
     database URL there would point it at the user's own database), its own PREFECT_HOME, its UI told the API's
     URL on this port, no telemetry, no promotions."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(TELEMETRY_OFF, PREFECT_HOME=str(home / "prefect"),
+    env.update(TELEMETRY_OFF, PREFECT_HOME=str(prefect_home(home)),
                PREFECT_SERVER_UI_API_URL=ServerState(pid=0, port=port, created=0.0).api_url,
                PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT="false", PREFECT_SERVER_LOGGING_LEVEL="WARNING")
     return env
@@ -365,7 +370,7 @@ def _start(home: Path, port: int, timeout_s: float, say: Callable[[str], None]) 
     log_path = home / LOG_FILE
     if log_path.exists() and log_path.stat().st_size > LOG_LIMIT_BYTES:
         log_path.replace(home / f"{LOG_FILE}.1")
-    (home / "prefect").mkdir(mode=0o700, exist_ok=True)
+    prefect_home(home).mkdir(mode=0o700, exist_ok=True)
     say(f"starting the local Prefect server at http://{HOST}:{port}, once (about 10 s): it stays up for later "
         f"runs; `cnnflow server stop` stops it (log: {log_path})")
     with open(log_path, "ab") as log:

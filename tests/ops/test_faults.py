@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 
 import harness
 
+from flows import local_server
 from flows.servers import free_port, mlflow_server_command, port_is_taken, stop_process_group, wait_until_healthy
 
 from .conftest import CNNFLOW, wait_for
@@ -177,7 +178,7 @@ def test_the_local_prefect_server_lost_mid_sweep_stops_it_in_one_line_and_a_reru
     env = {**ops_env, "MLFLOW_TRACKING_URI": store, "CNNCORE_SERVER_HOME": str(tmp_path / "server"),
            "CNNCORE_PREFECT_WAIT_S": "10"}  # no PREFECT_API_URL: cnnflow's local Prefect server
     runs = Runs(store)
-    harness.seed_prefect_home(tmp_path / "server" / "prefect")
+    harness.seed_prefect_home(local_server.prefect_home(tmp_path / "server"))
     server = subprocess.run([str(CNNFLOW), "server", "start"], env=env, capture_output=True, text=True, timeout=300)
     assert server.returncode == 0, server.stderr
     try:

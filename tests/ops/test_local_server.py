@@ -38,7 +38,7 @@ def server_env(ops_env: dict, home: Path, *, cold: bool = False) -> dict:
     """A cnnflow environment with no PREFECT_API_URL and the local server's home in home, its database already
     made (harness.seed_prefect_home) unless cold."""
     if not cold:
-        harness.seed_prefect_home(home / "prefect")
+        harness.seed_prefect_home(local_server.prefect_home(home))
     return {**ops_env, "CNNCORE_SERVER_HOME": str(home), "COLUMNS": "200"}
 
 
