@@ -12,7 +12,7 @@ Markdown table with each kernel's time, the fastest, the one fast_conv chooses b
 shape, and how much slower the chosen is than the fastest (1.00: the rule picked
 the fastest); then the whole backward by each way of computing dx: at stride 1 a
 convolution of dout against col2im, at larger strides col2im on the exact grid
-against space to depth. fast_conv's thresholds (PITCHED_MIN_TAPS_PER_FILTER,
+against space to depth. The thresholds (conv_geometry's PITCHED_MIN_TAPS_PER_FILTER, fast_conv's
 WINOGRAD_MIN_CHANNELS[_DW], WINOGRAD_MIN_TILE_USE, WINOGRAD_MIN_OUTPUTS,
 DX_CONVOLUTION_MAX_FILTERS_PER_CHANNEL) come from these figures; rerun this after
 changing a kernel.

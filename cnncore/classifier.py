@@ -141,7 +141,7 @@ class Classifier:
         # Summed on the array's device and read back once: each float() is a GPU sync.
         loss = data_loss + 0.5 * self.reg * sum((p[w] * p[w]).sum() for w in weights)
         for w in weights:
-            grads[w] = grads[w] + self.reg * p[w]
+            grads[w] += self.reg * p[w]  # the backward's own new array: no copy of it
         return float(loss), grads
 
     def scores(self, X, mode: str = "test", bn_params: list | None = None):

@@ -14,11 +14,15 @@ offer several and pick one per shape:
   then runs at memory speed, 3-5x faster than copying Wo values at a time, for
   a few outputs per row that are computed and dropped. 1x1 filters at stride 1
   without padding need no columns at all.
-- Winograd F(2x2, 3x3) (see _WinogradTiles): 2.25x fewer multiplications for
+- Winograd F(2x2, 3x3) (``conv_winograd``): 2.25x fewer multiplications for
   stride-1 3x3 filters, paid for with transforms of the input and output tiles.
 
+Strided convolutions whose filters the stride tiles may run as stride-1 ones by
+space-to-depth (``conv_space_to_depth``). The shapes, and the direct kernel's
+choice of layout, are ``conv_geometry.Geometry``'s.
+
 ``algorithm(g, pass_)`` picks one by shape and pass; the WINOGRAD_* thresholds and
-PITCHED_MIN_TAPS_PER_FILTER hold the crossovers, measured on this project's
+conv_geometry's PITCHED_MIN_TAPS_PER_FILTER hold the crossovers, measured on this project's
 machines by ``benchmarks/bench_conv_algorithms.py``, which times every kernel on
 every pass of the nets' convolutions and shows what the rule picks.
 
@@ -37,69 +41,13 @@ takes its array module from its inputs.
 from __future__ import annotations
 
 import contextlib
+import sys
 
-from . import backend
+from . import backend, conv_geometry
 from .backend import array_module, strided_view
-
-
-class Geometry:
-    """A convolution's shapes, x (N, C, H, W), w (F, C, HH, WW) and out (N, F, Ho, Wo), and
-    how the direct path lays out its columns; everything derived is computed once.
-
-    pad_h, pad_w: zeros added on each side; a negative pad crops (dx's convolution
-    of dout needs that when pad > HH - 1).
-
-    pitched (stride 1 only): each padded image is stored as rows of ``pitch``
-    elements, max(pad_w, 0) zeros, the row, then as many zeros as the widest
-    output needs; a row's right padding is the zeros that end it and begin the
-    next, so the columns of tap (i, j) are one contiguous run of the stored
-    image, and only outputs Wo..pitch-1 of each row are computed and dropped
-    (one column for 3x3 filters with pad 1). positions: the outputs computed
-    per image, Ho * pitch when pitched, Ho * Wo otherwise.
-    """
-
-    __slots__ = ("N", "C", "H", "W", "F", "HH", "WW", "stride", "pad_h", "pad_w", "Ho", "Wo", "taps",
-                 "pitched", "pitch", "positions", "extra_columns", "needs_columns")
-
-    def __init__(self, x_shape, w_shape, stride, pad_h, pad_w=None, pitched=None):
-        N, C, H, W = x_shape
-        F, _, HH, WW = w_shape
-        pad_w = pad_h if pad_w is None else pad_w
-        self.N, self.C, self.H, self.W, self.F, self.HH, self.WW = N, C, H, W, F, HH, WW
-        self.stride, self.pad_h, self.pad_w = stride, pad_h, pad_w
-        self.Ho, self.Wo = (H + 2 * pad_h - HH) // stride + 1, (W + 2 * pad_w - WW) // stride + 1
-        self.taps = C * HH * WW
-        if pitched is None:
-            pitched = pitched_wins(stride, self.taps, F)
-        self.pitched = pitched and stride == 1
-        pw = max(pad_w, 0)
-        self.pitch = pw + W - 2 * max(-pad_w, 0) + max(0, pw - WW + 1) if self.pitched else self.Wo
-        self.positions = self.Ho * self.pitch
-        self.extra_columns = self.pitch != self.Wo
-        self.needs_columns = not (HH == WW == stride == 1 and pad_h == pad_w == 0)
-
-
-def pitched_wins(stride, taps, F) -> bool:
-    """Whether the direct path should store pitched rows (stride 1 only).
-
-    Pitched columns copy at memory speed where the exact (Ho, Wo) grid copies Wo
-    values at a time, but the output then needs one more copy to drop the extra
-    columns. The columns are taps deep and the output F deep: pitched pays when
-    taps > PITCHED_MIN_TAPS_PER_FILTER * F. Measured (1 thread, float32, 3x3 pad 1,
-    batch 32, forward and dw): 1 or 3 channels in and 32 out (taps/F 0.28, 0.84),
-    exact 15-40% faster; 4 (1.1) even; 8 (2.25) and more, pitched 3-35% faster.
-    """
-    return stride == 1 and taps > PITCHED_MIN_TAPS_PER_FILTER * F
-
-
-PITCHED_MIN_TAPS_PER_FILTER = 2
-
-
-def _chunks(N, n):
-    """(rows, m, first) for chunks of n images of a batch of N: the last may be smaller."""
-    for start in range(0, N, n):
-        m = min(n, N - start)
-        yield slice(start, start + m), m, start == 0
+from .conv_geometry import Geometry, batch_chunks
+from .conv_space_to_depth import SpaceToDepth
+from .conv_winograd import winograd_applies, winograd_filter_gradient, winograd_output_chunks
 
 
 # ---------------------------------------------------------------------------
@@ -169,7 +117,7 @@ def column_chunks(x, g: Geometry, bias_row: bool, extra_bytes_per_image: int = 0
     per_image = ((g.taps + 1) * g.positions + g.C * (g.H + 2 * g.pad_h + 1) * (g.W + 2 * g.pad_w + 1)) * x.itemsize
     n = backend.images_per_chunk(g.N, per_image + extra_bytes_per_image, xp)
     columns = _Columns(g, n, xp, x.dtype, bias_row)
-    for rows, _, _ in _chunks(g.N, n):
+    for rows, _, _ in batch_chunks(g.N, n):
         yield rows, columns.of(x[rows])
 
 
@@ -318,228 +266,8 @@ def _input_gradient(w, dout, g: Geometry, dx, dout_pitched=None):
 
 
 # ---------------------------------------------------------------------------
-# Winograd F(2x2, 3x3)
-# ---------------------------------------------------------------------------
-# Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (CVPR 2016,
-# arXiv:1509.09308): each 2x2 block of a stride-1 3x3 convolution's output is
-# Y = A^T [(G g G^T) * (B^T d B)] A, d the 4x4 input tile under it (tiles overlap
-# by 2), g a 3x3 filter and * elementwise. Summed over input channels, the 16
-# elementwise products become 16 matrix products of (tiles, C) inputs by (C, F)
-# filters: 16 multiplications per 4 outputs where the direct convolution takes
-# 36, 2.25x fewer. B^T and A^T hold 0 and +-1 and G's 1/2 are exact in binary.
-_WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
-_WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
-_winograd_maps: dict = {}
-
-
-def _kron_maps(xp, dtype):
-    """(kron(G, G) (16, 9), kron(A^T, A^T) (4, 16)) as arrays of dtype, made once per dtype:
-    G g G^T and A^T m A for every filter g (3x3) or tile m (4x4) at once, as one product
-    with the entries in row-major order."""
-    key = (xp.__name__, xp.dtype(dtype).str)
-    if key not in _winograd_maps:
-        _winograd_maps[key] = tuple(xp.kron(xp.asarray(m, dtype=dtype), xp.asarray(m, dtype=dtype))
-                                    for m in (_WINOGRAD_G, _WINOGRAD_AT))
-    return _winograd_maps[key]
-
-
-def winograd_applies(g: Geometry) -> bool:
-    """Winograd F(2x2, 3x3) computes 3x3 convolutions at stride 1 without cropping."""
-    return g.stride == 1 and g.HH == g.WW == 3 and g.pad_h >= 0 and g.pad_w >= 0
-
-
-class _WinogradTiles:
-    """B^T d B for every 4x4 input tile d of chunks of up to n images: V (16, tiles, C).
-
-    A grid of th x tw tiles, each under a 2x2 block of outputs, covers (Ho, Wo),
-    one row or column more when Ho or Wo is odd (its inputs beyond the padded
-    image are 0, its outputs dropped). Tile (t, u) reads the padded input's rows
-    2t..2t+3 and columns 2u..2u+3: even rows 2t and 2t+2 and odd rows 2t+1 and
-    2t+3. So the input is first split by the parity of its padded row and column
-    into four planes (one copy, channels last), and each stage of B^T . B is four
-    additions of planes shifted by one tile: every operand is a contiguous run of
-    tiles x images x channels, where gathering the overlapping tiles would copy
-    the input four times, two values at a time. Tiles are ordered (t, u, image).
-    """
-
-    def __init__(self, g: Geometry, n: int, xp, dtype):
-        self.g, self.xp = g, xp
-        self.th, self.tw = -(-g.Ho // 2), -(-g.Wo // 2)
-        self._allocate(n, dtype)
-        # Where each parity class of x's rows and columns lands in the planes.
-        self.parity = [[self._source(p, g.pad_h, g.H) + self._source(q, g.pad_w, g.W) for q in range(2)]
-                       for p in range(2)]
-
-    def _allocate(self, n, dtype):
-        xp, C, th, tw = self.xp, self.g.C, self.th, self.tw
-        self.n = n
-        # Parity planes Q[p, q, i, j] = padded[2i + p, 2j + q]; zeroed once, their
-        # interior rewritten for every chunk.
-        self.planes = xp.zeros((2, 2, th + 1, tw + 1, n, C), dtype=dtype)
-        self.rows = xp.empty((4, 2, th, tw + 1, n, C), dtype=dtype)
-        self.V = xp.empty((4, 4, th, tw, n, C), dtype=dtype)
-
-    @staticmethod
-    def _source(parity, pad, size):
-        """(first source index, first plane index, count) of x's rows (or columns) whose
-        padded index has this parity."""
-        first = (parity - pad) % 2
-        return first, (first + pad) // 2, len(range(first, size, 2))
-
-    def transformed(self, src):
-        """V (16, th * tw * m, C) for the images src (m, C, H, W), m <= n (a view of the buffer)."""
-        xp, m, th, tw = self.xp, src.shape[0], self.th, self.tw
-        if m != self.n:  # a shorter last chunk: buffers of its own size
-            self._allocate(m, src.dtype)
-        Q, R, V = self.planes, self.rows, self.V
-        for p in range(2):
-            for q in range(2):
-                h0, i0, nh, w0, j0, nw = self.parity[p][q]
-                Q[p, q, i0 : i0 + nh, j0 : j0 + nw] = src[:, :, h0::2, w0::2].transpose(2, 3, 0, 1)
-        # Rows: B^T's rows (d0 - d2, d1 + d2, d2 - d1, d1 - d3) of rows 2t..2t+3.
-        even, odd = Q[0], Q[1]
-        xp.subtract(even[:, :th], even[:, 1:], out=R[0])
-        xp.add(odd[:, :th], even[:, 1:], out=R[1])
-        xp.subtract(even[:, 1:], odd[:, :th], out=R[2])
-        xp.subtract(odd[:, :th], odd[:, 1:], out=R[3])
-        # Columns: the same combinations of columns 2u..2u+3, for the four rows at once.
-        even, odd = R[:, 0], R[:, 1]
-        xp.subtract(even[:, :, :tw], even[:, :, 1:], out=V[:, 0])
-        xp.add(odd[:, :, :tw], even[:, :, 1:], out=V[:, 1])
-        xp.subtract(even[:, :, 1:], odd[:, :, :tw], out=V[:, 2])
-        xp.subtract(odd[:, :, :tw], odd[:, :, 1:], out=V[:, 3])
-        return V.reshape(16, -1, self.g.C)
-
-
-def _winograd_chunk_size(g: Geometry, xp, itemsize):
-    tiles = -(-g.Ho // 2) * -(-g.Wo // 2)
-    per_image = (28 * tiles * g.C + 20 * tiles * g.F) * itemsize
-    return backend.images_per_chunk(g.N, per_image, xp)
-
-
-def _output_blocks(a, th, tw):
-    """a (m, F, 2th, 2tw) viewed as (2, 2, th, tw, m, F): each 2x2 block's entries by position."""
-    m, F = a.shape[:2]
-    return a.reshape(m, F, th, 2, tw, 2).transpose(3, 5, 2, 4, 0, 1)
-
-
-def winograd_output_chunks(x, w, b, g: Geometry, out=None):
-    """Yield (rows, product) as direct_output_chunks does, by Winograd F(2x2, 3x3)."""
-    xp = array_module(x)
-    F, C = g.F, g.C
-    G, AT = _kron_maps(xp, x.dtype)
-    U = xp.matmul(G, w.reshape(F * C, 9).T).reshape(16, F, C).transpose(0, 2, 1)  # G g G^T: (16, C, F)
-    n = _winograd_chunk_size(g, xp, x.itemsize)
-    tiles = _WinogradTiles(g, n, xp, x.dtype)
-    th, tw = tiles.th, tiles.tw
-    even = 2 * th == g.Ho and 2 * tw == g.Wo
-    into_out = out is not None and even
-    Y = None if into_out else xp.empty((n, F, 2 * th, 2 * tw), dtype=x.dtype)
-    for rows, m, _ in _chunks(g.N, n):
-        M = xp.matmul(tiles.transformed(x[rows]), U)  # (16, th * tw * m, F)
-        blocks = xp.matmul(AT, M.reshape(16, -1)).reshape(2, 2, th, tw, m, F)  # A^T m A
-        target = out[rows] if into_out else Y[:m]
-        places = _output_blocks(target, th, tw)
-        if b is None:
-            places[...] = blocks
-        else:
-            xp.add(blocks, b, out=places)
-        product = target if even else target[:, :, : g.Ho, : g.Wo]
-        if out is not None and not into_out:
-            out[rows] = product
-            product = out[rows]
-        yield rows, product
-
-
-def winograd_filter_gradient(x, g: Geometry, dout):
-    """dw (F, C, 3, 3) of the Winograd convolution for dout (N, F, Ho, Wo), its output's gradient.
-
-    The adjoint of its steps, per chunk: dout's 2x2 blocks through A^T . A's
-    adjoint to the 16 tile entries, dU[k] += V[k]^T @ dM[k]; at the end, dU back
-    through G . G^T to the 9 taps.
-    """
-    xp = array_module(x)
-    F, C = g.F, g.C
-    G, AT = _kron_maps(xp, x.dtype)
-    n = _winograd_chunk_size(g, xp, x.itemsize)
-    tiles = _WinogradTiles(g, n, xp, x.dtype)
-    th, tw = tiles.th, tiles.tw
-    even = 2 * th == g.Ho and 2 * tw == g.Wo
-    padded = None if even else xp.zeros((n, F, 2 * th, 2 * tw), dtype=x.dtype)  # beyond (Ho, Wo): 0
-    blocks = xp.empty((2, 2, th, tw, n, F), dtype=x.dtype)
-    dU = None
-    for rows, m, _ in _chunks(g.N, n):
-        V = tiles.transformed(x[rows])
-        grad = dout[rows]
-        if not even:
-            padded[:m, :, : g.Ho, : g.Wo] = grad
-            grad = padded[:m]
-        dY = blocks[:, :, :, :, :m] if m == n else xp.empty((2, 2, th, tw, m, F), dtype=x.dtype)
-        dY[...] = _output_blocks(grad, th, tw)
-        dM = xp.matmul(AT.T, dY.reshape(4, -1)).reshape(16, -1, F)
-        part = xp.matmul(V.transpose(0, 2, 1), dM)  # (16, C, F)
-        if dU is None:
-            dU = part
-        else:
-            dU += part
-    dw = xp.matmul(G.T, dU.reshape(16, C * F))  # (9, C * F)
-    return xp.ascontiguousarray(dw.reshape(9, C, F).transpose(2, 1, 0)).reshape(F, C, 3, 3)
-
-
-# ---------------------------------------------------------------------------
 # Strided convolutions by space-to-depth
 # ---------------------------------------------------------------------------
-
-
-class _SpaceToDepth:
-    """A stride-s convolution as a stride-1 one: each s x s block of the padded input
-    becomes s*s*C channels of one pixel, each filter's taps regrouped alike (padded to
-    multiples of s with zeros), so that out[y, x] = sum over the s2d filter's kh x kw
-    taps of the s2d input at (y + i, x + j).
-
-    The stride-1 convolution then takes the fast paths (pitched rows, dx as a
-    convolution of dout) where the strided one copies its columns a few values at
-    a time and scatters dx back with strided adds. Its output may have a row or
-    column more than the strided one's: dropped (and 0 in the backward's dout).
-    """
-
-    def __init__(self, g: Geometry):
-        s = self.s = g.stride
-        self.g = g
-        self.kh, self.kw = -(-g.HH // s), -(-g.WW // s)
-        # s2d rows and columns: the padded input's, rounded up to whole blocks, enough for Ho x Wo
-        self.Hq = max(-(-(g.H + 2 * g.pad_h) // s), g.Ho + self.kh - 1)
-        self.Wq = max(-(-(g.W + 2 * g.pad_w) // s), g.Wo + self.kw - 1)
-        self.geometry = Geometry((g.N, s * s * g.C, self.Hq, self.Wq), (g.F, s * s * g.C, self.kh, self.kw), 1, 0)
-
-    def input(self, x):
-        """x (N, C, H, W) -> (N, s*s*C, Hq, Wq): padded, then each s x s block as channels (one copy)."""
-        g, s, xp = self.g, self.s, array_module(x)
-        padded = xp.zeros((g.N, g.C, self.Hq * s, self.Wq * s), dtype=x.dtype)
-        padded[:, :, g.pad_h : g.pad_h + g.H, g.pad_w : g.pad_w + g.W] = x
-        blocks = padded.reshape(g.N, g.C, self.Hq, s, self.Wq, s).transpose(0, 3, 5, 1, 2, 4)
-        return xp.ascontiguousarray(blocks).reshape(g.N, s * s * g.C, self.Hq, self.Wq)
-
-    def filters(self, w):
-        """w (F, C, HH, WW) -> (F, s*s*C, kh, kw), taps beyond HH x WW 0."""
-        g, s, xp = self.g, self.s, array_module(w)
-        padded = xp.zeros((g.F, g.C, self.kh * s, self.kw * s), dtype=w.dtype)
-        padded[:, :, : g.HH, : g.WW] = w
-        blocks = padded.reshape(g.F, g.C, self.kh, s, self.kw, s).transpose(0, 3, 5, 1, 2, 4)
-        return xp.ascontiguousarray(blocks).reshape(g.F, s * s * g.C, self.kh, self.kw)
-
-    def filter_gradient(self, dw):
-        """The inverse of filters for a gradient: (F, s*s*C, kh, kw) -> (F, C, HH, WW)."""
-        g, s = self.g, self.s
-        taps = dw.reshape(g.F, s, s, g.C, self.kh, self.kw).transpose(0, 3, 4, 1, 5, 2)
-        return array_module(dw).ascontiguousarray(taps.reshape(g.F, g.C, self.kh * s, self.kw * s)[:, :, : g.HH, : g.WW])
-
-    def input_gradient(self, dx, out):
-        """The inverse of input for a gradient: (N, s*s*C, Hq, Wq) -> out (N, C, H, W)."""
-        g, s = self.g, self.s
-        blocks = dx.reshape(g.N, s, s, g.C, self.Hq, self.Wq).transpose(0, 3, 4, 1, 5, 2)
-        out[...] = blocks.reshape(g.N, g.C, self.Hq * s, self.Wq * s)[:, :, g.pad_h : g.pad_h + g.H,
-                                                                      g.pad_w : g.pad_w + g.W]
 
 
 def space_to_depth_wins(g: Geometry, pass_: str = "forward") -> bool:
@@ -569,7 +297,7 @@ SPACE_TO_DEPTH_ANY_FILTER = False
 
 def s2d_output_chunks(x, w, b, g: Geometry, out=None):
     """Yield (rows, product) as direct_output_chunks does, by space-to-depth."""
-    s2d = _SpaceToDepth(g)
+    s2d = SpaceToDepth(g)
     for rows, product in output_chunks(s2d.input(x), s2d.filters(w), b, 1, 0):
         product = product[:, :, : g.Ho, : g.Wo]
         if out is not None:
@@ -581,7 +309,7 @@ def s2d_output_chunks(x, w, b, g: Geometry, out=None):
 def s2d_gradients(x, w, g: Geometry, need_dx, dout=None, fill_dout=None):
     """(dx or None, dw, db) of the space-to-depth convolution."""
     xp = array_module(x)
-    s2d = _SpaceToDepth(g)
+    s2d = SpaceToDepth(g)
     q = s2d.geometry
     dout_q = xp.zeros((q.N, q.F, q.Ho, q.Wo), dtype=x.dtype)  # beyond (Ho, Wo): 0
     if dout is None:
@@ -657,14 +385,23 @@ def forced(*kernels: str):
     """Within the block, the kernels named (keys of KERNELS, e.g. "winograd", or
     "direct, pitched rows" and "dx by col2im") run wherever they apply, whatever the
     shape: for tests and benchmarks that compare kernels. Not thread-safe: it sets
-    this module's thresholds and restores them on leaving."""
+    the thresholds (this module's, and conv_geometry's pitched rows) and restores
+    them on leaving."""
     settings = {name: value for kernel in kernels for name, value in KERNELS[kernel].items()}
-    saved = {name: globals()[name] for name in settings}
-    globals().update(settings)
+    homes = {name: _threshold_home(name) for name in settings}
+    saved = {name: getattr(homes[name], name) for name in settings}
+    for name, value in settings.items():
+        setattr(homes[name], name, value)
     try:
         yield
     finally:
-        globals().update(saved)
+        for name, value in saved.items():
+            setattr(homes[name], name, value)
+
+
+def _threshold_home(name: str):
+    """The module whose functions read the threshold name."""
+    return conv_geometry if hasattr(conv_geometry, name) else sys.modules[__name__]
 
 
 def convolve(x, w, b, stride, pad, out, pad_w=None):

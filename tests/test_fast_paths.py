@@ -271,6 +271,19 @@ def test_forcing_a_kernel_applies_it_within_the_block_and_restores_the_choice_af
     assert fast_conv.algorithm(g) == "direct"
 
 
+def test_forcing_the_exact_grid_reaches_the_layout_the_geometry_chooses():
+    # The pitched rows' threshold lives in conv_geometry, beside the Geometry that reads it.
+    def geometry():
+        return fast_conv.Geometry((2, 32, 14, 14), (32, 32, 3, 3), 1, 1)
+
+    assert geometry().pitched
+    with fast_conv.forced("direct, exact grid"):
+        assert not geometry().pitched
+    assert geometry().pitched
+    with fast_conv.forced("direct, pitched rows"):
+        assert fast_conv.Geometry((2, 1, 28, 28), (32, 1, 3, 3), 1, 1).pitched  # exact grid by shape
+
+
 @pytest.mark.parametrize("w_shape, stride, pad, expected", [
     ((16, 8, 4, 4), 2, 1, True),  # the ResNet's downsampling: two 2x2 blocks a side, no zero taps
     ((16, 8, 2, 2), 2, 0, False),  # its projection: one block, 1x1 after
