@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from . import backend, checks, fast_conv
 from .backend import array_module
-from .fast_norms import _channel_affine, batchnorm_map, groupnorm_normalise
+from .fast_norms import batchnorm_map, channel_affine, groupnorm_normalise
 from .fast_norms import (  # noqa: F401  (the norms' twins, re-exported: fast_layers is the fast layers' API)
     batchnorm_backward_fast,
     batchnorm_forward_fast,
@@ -310,13 +310,13 @@ def spatial_norm_pool_forward_fast(x, kind, norm_args, pool_param, record_winner
             target = planes[rows]
             target[...] = _in_pool_order(x[rows])
             flat = target.reshape(-1, C, H * W)
-            _channel_affine(flat, per_images(scale, rows), per_images(offset, rows), flat)
+            channel_affine(flat, per_images(scale, rows), per_images(offset, rows), flat)
     else:
         def write(rows, x_hat_rows, g, bt):
             target = planes[rows]
             target[...] = _in_pool_order(x_hat_rows)
             flat = target.reshape(-1, C, H * W)
-            _channel_affine(flat, g, bt, flat)
+            channel_affine(flat, g, bt, flat)
 
         cache = groupnorm_normalise(x, *norm_args, write)
     pooled = xp.empty((N, C, Ho, Wo), dtype=x.dtype)

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from . import backend, checks
 from .backend import array_module
-from .layers import _running_stats, _update_running_stats
+from .layers import running_stats, update_running_stats
 
 
-def _row_dots(a, b):
+def row_dots(a, b):
     """a, b (..., L) -> (...): the dot product of each row pair, without the product array
     (numpy's vecdot, 2.0+; else (1, L) @ (L, 1) products, twice einsum's speed in NumPy 1.26)."""
     xp = array_module(a)
@@ -74,7 +74,7 @@ def spatial_batchnorm_forward_fast(x, gamma, beta, bn_param):
     scale, offset, cache = batchnorm_map(x, gamma, beta, bn_param)
     out = array_module(x).empty_like(x)
     N, C, H, W = x.shape
-    _channel_affine(x.reshape(N, C, H * W), scale, offset, out.reshape(N, C, H * W))
+    channel_affine(x.reshape(N, C, H * W), scale, offset, out.reshape(N, C, H * W))
     return out, cache
 
 
@@ -91,10 +91,10 @@ def batchnorm_map(x, gamma, beta, bn_param):
     bt = checks.affine_params("beta", beta, C)
     mode, eps, momentum = checks.bn_settings(bn_param, x.shape, N * H * W)
     groups = checks.bn_groups(bn_param, mode, N)
-    running_mean, running_var = _running_stats(bn_param, C, xp, x.dtype)
+    running_mean, running_var = running_stats(bn_param, C, xp, x.dtype)
     if mode == "train":
         mean, var = _channel_mean_var(x.reshape(N, C, H * W), groups)
-        _update_running_stats(bn_param, mean, var, momentum)
+        update_running_stats(bn_param, mean, var, momentum)
     else:
         mean, var = running_mean, running_var
     inv_std = 1 / xp.sqrt(var + eps)
@@ -102,7 +102,7 @@ def batchnorm_map(x, gamma, beta, bn_param):
     return scale, bt - mean * scale, (x, mean, inv_std, g, mode, gamma.shape, beta.shape)
 
 
-def _channel_affine(x3, scale, offset, out3, more=None):
+def channel_affine(x3, scale, offset, out3, more=None):
     """out3 = x3 * scale + offset per channel, x3 and out3 (N, C, L); scale and offset (C,), or
     (groups, C) for ghost batch norm's groups of consecutive images; offset None: 0.
     more = (y3, y_scale): out3 += y3 * y_scale as well (batch norm's backward), in the same chunk.
@@ -154,14 +154,14 @@ def _channel_mean_var(x3, groups=1):
     chunks = backend.image_chunks(x3, 2)
     if len(chunks) == 1:
         s = x3 if shift is None else x3 - shift[:, None]
-        sums, squares = s @ ones, _row_dots(s, s)
+        sums, squares = s @ ones, row_dots(s, s)
     else:
         buffer = None if shift is None else xp.empty_like(x3[chunks[0]])
         sums, squares = xp.empty((N, C), dtype=x3.dtype), xp.empty((N, C), dtype=x3.dtype)
         for rows in chunks:
             s = x3[rows] if shift is None else xp.subtract(x3[rows], shift[:, None], out=buffer[: rows.stop - rows.start])
             sums[rows] = s @ ones
-            squares[rows] = _row_dots(s, s)
+            squares[rows] = row_dots(s, s)
     M = N // groups * L
     mean = _group_sums(sums, groups) / M
     var = _group_sums(squares, groups) / M - mean * mean
@@ -189,15 +189,15 @@ def spatial_batchnorm_backward_fast(dout, cache):
     M = N // groups * L
     d3, x3 = dout.reshape(N, C, L), x.reshape(N, C, L)
     dbeta = _group_sums(d3 @ backend.ones(xp, L, dout.dtype), groups)
-    dgamma = (_group_sums(_row_dots(d3, x3), groups) - mean * dbeta) * inv_std  # sum(dout * x_hat)
+    dgamma = (_group_sums(row_dots(d3, x3), groups) - mean * dbeta) * inv_std  # sum(dout * x_hat)
     a = g * inv_std
     dx = xp.empty_like(dout)
     if mode == "test":
-        _channel_affine(d3, a, None, dx.reshape(d3.shape))
+        channel_affine(d3, a, None, dx.reshape(d3.shape))
         return dx, dgamma.reshape(gamma_shape), dbeta.reshape(beta_shape)
     b = -a * inv_std * dgamma / M  # through x_hat * mean(dx_hat * x_hat), x_hat = (x - mean) * inv_std
     c = -a * dbeta / M - b * mean
-    _channel_affine(d3, a, c, dx.reshape(d3.shape), more=(x3, b))
+    channel_affine(d3, a, c, dx.reshape(d3.shape), more=(x3, b))
     if groups > 1:  # the groups' parts of dgamma and dbeta, summed
         dgamma, dbeta = dgamma.sum(axis=0), dbeta.sum(axis=0)
     return dx, dgamma.reshape(gamma_shape), dbeta.reshape(beta_shape)
@@ -252,7 +252,7 @@ def groupnorm_normalise(x, gamma, beta, G, gn_param, write):
         group_rows = x[rows].reshape(-1, L)  # one row per (image, group)
         x_hat_rows = x_hat[rows].reshape(-1, L)
         xp.subtract(group_rows, ((group_rows @ ones) / L)[:, None], out=x_hat_rows)
-        inv = 1 / xp.sqrt(_row_dots(x_hat_rows, x_hat_rows) / L + eps)
+        inv = 1 / xp.sqrt(row_dots(x_hat_rows, x_hat_rows) / L + eps)
         x_hat_rows *= inv[:, None]
         inv_std[rows] = inv.reshape(-1, G)
         write(rows, x_hat[rows], g, bt)
@@ -275,7 +275,7 @@ def spatial_groupnorm_backward_fast(dout, cache):
     N, C, H, W = dout.shape
     L, per_group = H * W, C // G
     d3 = dout.reshape(N, C, L)
-    sums, dots = d3 @ backend.ones(xp, L, dout.dtype), _row_dots(d3, x_hat.reshape(N, C, L))  # (N, C) each
+    sums, dots = d3 @ backend.ones(xp, L, dout.dtype), row_dots(d3, x_hat.reshape(N, C, L))  # (N, C) each
     gC = g.reshape(C)
     to_groups = backend.ones(xp, per_group, dout.dtype) / (per_group * L)
     # mean(dx_hat) and mean(dx_hat * x_hat) per (image, group), (N, G, 1)
@@ -317,7 +317,7 @@ def batchnorm_forward_fast(x, gamma, beta, bn_param):
     bt = checks.affine_params("beta", beta, D)
     mode, eps, momentum = checks.bn_settings(bn_param, x.shape, N)
     groups = checks.bn_groups(bn_param, mode, N)
-    running_mean, running_var = _running_stats(bn_param, D, xp, x.dtype)
+    running_mean, running_var = running_stats(bn_param, D, xp, x.dtype)
     if mode == "train":
         xg = x if groups == 1 else x.reshape(groups, -1, D)
         n = xg.shape[-2]
@@ -327,7 +327,7 @@ def batchnorm_forward_fast(x, gamma, beta, bn_param):
         var = (ones @ (x_hat * x_hat)) / n
         inv_std = (1 / xp.sqrt(var + eps))[..., None, :]  # (1, D) or (groups, 1, D), as the reference keeps it
         x_hat *= inv_std
-        _update_running_stats(bn_param, mean, var, momentum)
+        update_running_stats(bn_param, mean, var, momentum)
     else:
         inv_std = 1 / xp.sqrt(running_var + eps)
         x_hat = (x - running_mean) * inv_std
@@ -351,7 +351,7 @@ def batchnorm_backward_fast(dout, cache):
     ones = backend.ones(xp, N, dout.dtype)
     x_rows = x_hat.reshape(N, D)
     dbeta = ones @ dout
-    dgamma = _row_dots(dout.T, x_rows.T)
+    dgamma = row_dots(dout.T, x_rows.T)
     if mode == "test":
         return dout * (g * inv_std), dgamma.reshape(gamma_shape), dbeta.reshape(beta_shape)
     dxh = (dout * g).reshape(x_hat.shape)
@@ -376,7 +376,7 @@ def layernorm_forward_fast(x, gamma, beta, ln_param):
     bt = checks.affine_params("beta", beta, D)
     eps = checks.norm_eps("ln_param", ln_param)
     x_hat = x - ((x @ backend.ones(xp, D, x.dtype)) / D)[:, None]
-    inv_std = (1 / xp.sqrt(_row_dots(x_hat, x_hat) / D + eps))[:, None]
+    inv_std = (1 / xp.sqrt(row_dots(x_hat, x_hat) / D + eps))[:, None]
     x_hat *= inv_std
     out = x_hat * g
     out += bt
@@ -390,10 +390,10 @@ def layernorm_backward_fast(dout, cache):
     xp = array_module(dout)
     N, D = dout.shape
     ones = backend.ones(xp, N, dout.dtype)
-    dgamma, dbeta = _row_dots(dout.T, x_hat.T), ones @ dout
+    dgamma, dbeta = row_dots(dout.T, x_hat.T), ones @ dout
     dxh = dout * g
     mean_dxh = (dxh @ backend.ones(xp, D, dout.dtype)) / D
-    mean_dxh_xh = _row_dots(dxh, x_hat) / D
+    mean_dxh_xh = row_dots(dxh, x_hat) / D
     dxh -= mean_dxh[:, None]
     dxh -= x_hat * mean_dxh_xh[:, None]
     dxh *= inv_std

@@ -17,8 +17,8 @@ from typing import Callable
 
 from . import checks, fast_layers, layers as reference
 from .backend import array_module
-from .fast_norms import _row_dots
-from .layers import _running_stats, affine_backward, affine_forward, relu_backward, relu_forward
+from .fast_norms import row_dots
+from .layers import affine_backward, affine_forward, relu_backward, relu_forward, running_stats
 from .net_shapes import POOL_2X2  # the nets' pool: part of their shapes
 
 
@@ -260,7 +260,7 @@ def fold_batchnorm(w, b, gamma, beta, bn_param) -> BatchNormFold:
     g = checks.affine_params("gamma", gamma, F)
     bt = checks.affine_params("beta", beta, F)
     _, eps, _ = checks.bn_settings(bn_param, w.shape, F)
-    mean, var = _running_stats(bn_param, F, xp, w.dtype)
+    mean, var = running_stats(bn_param, F, xp, w.dtype)
     inv_std = 1 / xp.sqrt(var + eps)
     scale = g * inv_std
     centred = b - mean
@@ -275,7 +275,7 @@ def unfold_batchnorm_grads(dw_folded, db_folded, fold: BatchNormFold):
     F = dw_folded.shape[0]
     dw = dw_folded * fold.scale[:, None, None, None]
     db = db_folded * fold.scale
-    dgamma = (_row_dots(dw_folded.reshape(F, -1), fold.filters.reshape(F, -1)) + db_folded * fold.centred_bias)
+    dgamma = (row_dots(dw_folded.reshape(F, -1), fold.filters.reshape(F, -1)) + db_folded * fold.centred_bias)
     dgamma *= fold.inv_std
     return dw, db, dgamma.reshape(fold.gamma_shape), db_folded.reshape(fold.beta_shape)
 

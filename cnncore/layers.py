@@ -207,11 +207,11 @@ def _batchnorm_forward(x2, gamma, beta, bn_param, x_shape):
     bt = checks.affine_params("beta", beta, D)
     mode, eps, momentum = checks.bn_settings(bn_param, x_shape, M)
     groups = checks.bn_groups(bn_param, mode, x_shape[0])
-    running_mean, running_var = _running_stats(bn_param, D, xp, x2.dtype)
+    running_mean, running_var = running_stats(bn_param, D, xp, x2.dtype)
     if mode == "train":
         # (M, D), or (groups, M / groups, D): the statistics are taken over axis -2 either way.
         x_hat, mean, var, inv_std = _normalize(x2 if groups == 1 else x2.reshape(groups, -1, D), -2, eps)
-        _update_running_stats(bn_param, _rows(mean), _rows(var), momentum)
+        update_running_stats(bn_param, _rows(mean), _rows(var), momentum)
     else:
         inv_std = 1 / xp.sqrt(running_var + eps)
         x_hat = (x2 - running_mean) * inv_std
@@ -221,7 +221,7 @@ def _batchnorm_forward(x2, gamma, beta, bn_param, x_shape):
     return out, cache
 
 
-def _running_stats(bn_param, D, xp, dtype):
+def running_stats(bn_param, D, xp, dtype):
     """(running_mean, running_var) of bn_param; they start as zeros (D,) on first
     use and are stored there, in either mode. Call after checks.bn_settings."""
     for key in ("running_mean", "running_var"):
@@ -230,7 +230,7 @@ def _running_stats(bn_param, D, xp, dtype):
     return bn_param["running_mean"], bn_param["running_var"]
 
 
-def _update_running_stats(bn_param, mean, var, momentum):
+def update_running_stats(bn_param, mean, var, momentum):
     """running = momentum * running + (1 - momentum) * batch, for the mean and the variance.
 
     mean, var: the batch's (D,), or (groups, D), one row per ghost batch norm group: the
