@@ -219,7 +219,7 @@ def group_statistics_spread(model, X, batch_size: int | None = None) -> dict[str
             for k, layer in layers}
 
 
-def train_test_error(model, X, y, batch_size: int, seed: int = 0) -> dict[str, float]:
+def train_test_error(model, X, y, batch_size: int, seed: int = 0, test_labels=None) -> dict[str, float]:
     """The error on X in train mode, in batches of the normalization batch, against test mode.
 
     batch_size: the normalization batch (see the module's docstring).
@@ -231,12 +231,14 @@ def train_test_error(model, X, y, batch_size: int, seed: int = 0) -> dict[str, f
     the images beside it. Returns 'train_mode_error' and 'test_mode_error', fractions
     of X misclassified. A net without batch norm or dropout scores the same in both
     modes (group norm has no running statistics): X is scored once, and both are the same.
+    test_labels: the model's test-mode labels of X (model.predict(X)) when already at hand:
+    X is then not scored in test mode again.
     """
     y = np.asarray(to_numpy(y))
     if len(y) != len(X):
         raise ValueError(f"y has {len(y)} labels but X has {len(X)} images")
     batch_size = checks.require_int("batch_size", batch_size, minimum=1, maximum=len(X))
-    test_error = error_with(model, X, y, model.copy_bn_params())
+    test_error = _test_mode_error(model, X, y, test_labels)
     if not (_has_dropout(model) or any(layer.kind == "batchnorm" for layer in model.norm_layers())):
         return {"train_mode_error": test_error, "test_mode_error": test_error}
     order = np.random.default_rng(seed).permutation(len(X))
@@ -287,7 +289,7 @@ def recompute_bn_statistics(model, X_train, batch_size: int | None = None) -> li
 
 
 def recomputed_statistics_error(model, X_train, X, y, batch_size: int | None = None,
-                                recomputed: list | None = None) -> dict[str, float]:
+                                recomputed: list | None = None, test_labels=None) -> dict[str, float]:
     """The test-mode error on X with the running averages against exact training-set statistics.
 
     Returns 'running_error' (the model as it is), 'recomputed_error' (every batch
@@ -296,14 +298,15 @@ def recomputed_statistics_error(model, X_train, X, y, batch_size: int | None = N
     were from those statistics: 'norm{i}/mean_gap', the median over channels of
     |running mean - mean| / std, and 'norm{i}/log_var_gap', the median over channels
     of |log(running var / var)|. recomputed: recompute_bn_statistics(model, X_train)
-    when already at hand. batch_size: images per pass (None: model.scoring_batch()).
+    when already at hand, and test_labels the model's test-mode labels of X (model.predict(X))
+    likewise. batch_size: images per pass (None: model.scoring_batch()).
     """
     y = np.asarray(to_numpy(y))
     if len(y) != len(X):
         raise ValueError(f"y has {len(y)} labels but X has {len(X)} images")
     if recomputed is None:
         recomputed = recompute_bn_statistics(model, X_train, batch_size)
-    metrics = {"running_error": error_with(model, X, y, model.copy_bn_params(), batch_size),
+    metrics = {"running_error": _test_mode_error(model, X, y, test_labels, batch_size),
                "recomputed_error": error_with(model, X, y, recomputed, batch_size)}
     for layer, own, exact in zip(model.norm_layers(), model.bn_params, recomputed):
         if layer.kind == "batchnorm":
@@ -323,6 +326,16 @@ def error_with(model, X, y, bn_params: list, batch_size: int | None = None) -> f
     labels = np.concatenate([_labels(model.scores(X[i : i + batch_size], "test", bn_params))
                              for i in range(0, len(X), batch_size)])
     return float(np.mean(labels != np.asarray(to_numpy(y))))
+
+
+def _test_mode_error(model, X, y, test_labels=None, batch_size: int | None = None) -> float:
+    """error_with the model's own statistics, or (test_labels given) the same fraction from those labels."""
+    if test_labels is None:
+        return error_with(model, X, y, model.copy_bn_params(), batch_size)
+    test_labels = np.asarray(to_numpy(test_labels))
+    if test_labels.shape != (len(X),):
+        raise ValueError(f"test_labels must hold one label per image of X ({len(X)},), got shape {test_labels.shape}")
+    return float(np.mean(test_labels != np.asarray(to_numpy(y))))
 
 
 def batch_noise(model, X, batch_size: int, population: list | None = None, num_batches: int = 50,

@@ -280,7 +280,8 @@ def log_test_scores(run: Run, fitted: Fitted, data: dict) -> tuple[dict[str, flo
     return scores, {"best_val": predicted, "final": final_predicted}
 
 
-def log_diagnostics(run: Run, net: Classifier, config: TrainConfig, data: dict) -> dict[str, float]:
+def log_diagnostics(run: Run, net: Classifier, config: TrainConfig, data: dict,
+                    test_labels: np.ndarray | None = None) -> dict[str, float]:
     """How noisy net's normalization statistics are at the normalization batch (the images each batch
     norm statistic pooled in training: norm_batch, else batch_size), and what that costs.
 
@@ -297,6 +298,8 @@ def log_diagnostics(run: Run, net: Classifier, config: TrainConfig, data: dict) 
     against precise batch norm's statistics, recomputed over the training split). Errors
     are fractions, as cnncore.diagnostics returns them. For batch norm, also the top-level
     metric accuracy/final_precise_bn_test_acc (PRECISE_BN_METRIC), 1 - recomputed_error.
+    test_labels: net's predicted test labels when already at hand (log_test_scores'), which both
+    test-mode errors then count instead of scoring the test split again.
     """
     X_train, X_test, y_test = data["X_train"], data["X_test"], data["y_test"]
     batch = min(config.normalization_batch(), len(X_train))
@@ -306,11 +309,13 @@ def log_diagnostics(run: Run, net: Classifier, config: TrainConfig, data: dict) 
                if batchnorm else [])
     found = {**diagnostics.effective_sample_sizes(moments), **diagnostics.log_variance_spreads(moments),
              **diagnostics.group_statistics_spread(net, X_train),
-             **diagnostics.train_test_error(net, X_test, y_test, min(batch, len(X_test)), seed=config.train_seed)}
+             **diagnostics.train_test_error(net, X_test, y_test, min(batch, len(X_test)), seed=config.train_seed,
+                                            test_labels=test_labels)}
     if batchnorm:
         population = diagnostics.recompute_bn_statistics(net, X_train)
         found.update(diagnostics.batch_noise(net, X_train, batch, population, NOISE_BATCHES, seed=config.train_seed))
-        found.update(diagnostics.recomputed_statistics_error(net, X_train, X_test, y_test, recomputed=population))
+        found.update(diagnostics.recomputed_statistics_error(net, X_train, X_test, y_test, recomputed=population,
+                                                             test_labels=test_labels))
         run.log_metrics({PRECISE_BN_METRIC: 1 - found["recomputed_error"]})
     run.log_metrics({f"{DIAGNOSTICS_PREFIX}{name}": value for name, value in found.items()})
     return found

@@ -164,6 +164,26 @@ def test_train_mode_error_counts_every_image_once_in_batches_of_the_training_siz
     assert errors["test_mode_error"] == pytest.approx(np.mean(net.predict(X) != y))
 
 
+def test_test_mode_labels_at_hand_give_the_errors_scoring_would_and_are_what_is_counted():
+    # A trial hands the final net's predicted test labels to its diagnostics: the same fractions to the bit,
+    # with no test-mode pass of their own (labels that differ from the net's change exactly those errors).
+    rng = np.random.default_rng(3)
+    X_train, X, y = rng.standard_normal((90, 3, 8, 8)), rng.standard_normal((53, 3, 8, 8)), rng.integers(0, 3, 53)
+    net = ConvNet(input_dim=(3, 8, 8), num_filters=(4, 4), filter_size=3, hidden_dim=8, num_classes=3,
+                  weight_scale=0.3, normalization="batchnorm", dtype=np.float64, seed=0)
+    net.loss(X_train[:30], rng.integers(0, 3, 30))  # running statistics that are not the initial ones
+    labels = net.predict(X)
+    assert diagnostics.train_test_error(net, X, y, 4, test_labels=labels) == diagnostics.train_test_error(net, X, y, 4)
+    given = diagnostics.recomputed_statistics_error(net, X_train, X, y, test_labels=labels)
+    assert given == diagnostics.recomputed_statistics_error(net, X_train, X, y)
+    wrong = (labels + 1) % 3
+    assert diagnostics.train_test_error(net, X, y, 4, test_labels=wrong)["test_mode_error"] == np.mean(wrong != y)
+    moved = diagnostics.recomputed_statistics_error(net, X_train, X, y, test_labels=wrong)
+    assert moved["running_error"] == np.mean(wrong != y) and moved["recomputed_error"] == given["recomputed_error"]
+    with pytest.raises(ValueError, match=r"test_labels must hold one label per image of X \(53,\)"):
+        diagnostics.train_test_error(net, X, y, 4, test_labels=labels[:-1])
+
+
 def test_recomputed_equals_running_when_the_running_statistics_are_the_true_ones():
     rng = np.random.default_rng(0)
     X_train = rng.standard_normal((300, 4, 4, 4)) * 3 + 2

@@ -118,8 +118,9 @@ def train_trial(run: Run, config: TrainConfig, stop: StopRequest | None = None) 
     """
     data = load_data_once(config.data_spec())
     fitted = fit(run, config, data, stop=stop)
-    scores, _ = log_test_scores(run, fitted, data)
-    found = log_diagnostics(run, fitted.final_net, config, data) if config.diagnostics else {}
+    scores, predicted = log_test_scores(run, fitted, data)
+    found = (log_diagnostics(run, fitted.final_net, config, data, test_labels=predicted["final"])
+             if config.diagnostics else {})
     run.finish()
     return {"best_val_acc": fitted.best_val_acc, **scores, "wall_time_s": fitted.wall_time_s, "diagnostics": found,
             "commit": git_commit(), "blas": blas()}

@@ -21,8 +21,8 @@ def ghost_trial(module_store, tiny):
     store = tracking.connect(module_store.uri)
     with store.start_run("cnncore-train", "ghost", params=config.model_dump()) as run:
         fitted = fit(run, config, data)
-        log_test_scores(run, fitted, data)
-        found = log_diagnostics(run, fitted.final_net, config, data)
+        _, predicted = log_test_scores(run, fitted, data)
+        found = log_diagnostics(run, fitted.final_net, config, data, test_labels=predicted["final"])
     metrics = module_store.client.get_run(run.id).data.metrics
     return config, data, fitted, found, metrics
 
@@ -47,6 +47,13 @@ def test_each_batch_norm_layer_logs_its_batch_noise(ghost_trial):
     assert names == ["norm1/batch_noise", "batch_noise_max"]
     for name in names:
         assert 0 < found[name] < 1 and metrics[f"{DIAGNOSTICS_PREFIX}{name}"] == pytest.approx(found[name])
+
+
+def test_diagnostics_given_the_final_nets_test_labels_are_those_they_would_score(module_store, ghost_trial):
+    # The trial hands log_test_scores' labels on (as a sweep's worker does): every diagnostic as it is without them.
+    config, data, fitted, found, _ = ghost_trial
+    with tracking.connect(module_store.uri).start_run("cnncore-train", "ghost, scored again") as run:
+        assert log_diagnostics(run, fitted.final_net, config, data) == found
 
 
 def test_precise_batch_norm_test_accuracy_is_a_metric_of_its_own(ghost_trial):
