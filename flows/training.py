@@ -88,6 +88,8 @@ class Fitted:
     # The tail evaluations: {iteration: test accuracy} with running statistics and, for batch norm, precise ones.
     tail: dict[int, float] = field(default_factory=dict)
     tail_precise: dict[int, float] = field(default_factory=dict)
+    # final_net's predicted test labels, when the last tail evaluation scored the net at its last update.
+    final_test_labels: np.ndarray | None = None
 
 
 def build_net(config: TrainConfig, data: dict) -> Classifier:
@@ -174,21 +176,29 @@ class _TailEvaluation:
         self.precise = config.normalization == "batchnorm"
         self.accuracy: dict[int, float] = {}
         self.precise_accuracy: dict[int, float] = {}
+        self.latest: tuple[int, np.ndarray] | None = None  # (iteration, predicted test labels) of the last point
 
     def on_iteration(self, info: dict) -> None:
         step = info["iteration"]
         if step not in self.points:
             return
         if self.precise:
+            labels = self.net.predict(self.data["X_test"])
             errors = diagnostics.recomputed_statistics_error(self.net, self.data["X_train"][:PRECISE_IMAGES],
-                                                             self.data["X_test"], self.data["y_test"])
+                                                             self.data["X_test"], self.data["y_test"],
+                                                             test_labels=labels)
             self.accuracy[step] = 1.0 - errors["running_error"]
             self.precise_accuracy[step] = 1.0 - errors["recomputed_error"]
             self.run.log_metrics({f"{TAIL_CURVE_PREFIX}precise_test_acc": self.precise_accuracy[step]},
                                  step=step)
         else:
-            self.accuracy[step] = score_test_split(self.net, self.data)[0]
+            self.accuracy[step], labels = score_test_split(self.net, self.data)
+        self.latest = (step, labels)
         self.run.log_metrics({f"{TAIL_CURVE_PREFIX}test_acc": self.accuracy[step]}, step=step)
+
+    def labels_at(self, iteration: int) -> np.ndarray | None:
+        """The predicted test labels of the latest point if it scored the net after update iteration, else None."""
+        return self.latest[1] if self.latest is not None and self.latest[0] == iteration else None
 
 
 def run_title(config: TrainConfig) -> str:
@@ -234,15 +244,17 @@ def fit(run: Run, config: TrainConfig, data: dict, *, source: str | None = None,
     final_net.load_state_dict(solver.final_state)
     fitted = Fitted(net, final_net, list(solver.loss_history), list(solver.train_acc_history),
                     list(solver.val_acc_history), float(solver.best_val_acc), wall, images_per_s, stream.epochs,
-                    tail.accuracy, tail.precise_accuracy)
+                    tail.accuracy, tail.precise_accuracy, tail.labels_at(solver.iteration))
     run.log_figure(learning_curves_figure(fitted.loss_history, fitted.epochs, fitted.train_acc_history,
                                           fitted.val_acc_history, run_title(config)), "learning_curves.png")
     return fitted
 
 
-def score_test_split(net, data: dict) -> tuple[float, np.ndarray]:
-    """(accuracy, predicted labels) of net on the test split, in test mode."""
-    predicted = net.predict(data["X_test"])
+def score_test_split(net, data: dict, predicted: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+    """(accuracy, predicted labels) of net on the test split, in test mode; predicted: net's labels when
+    already at hand."""
+    if predicted is None:
+        predicted = net.predict(data["X_test"])
     return float(np.mean(predicted == data["y_test"])), predicted
 
 
@@ -267,7 +279,8 @@ def log_test_scores(run: Run, fitted: Fitted, data: dict) -> tuple[dict[str, flo
     ({"best_val": ..., "final": ...}, for a confusion matrix).
     """
     test_acc, predicted = score_test_split(fitted.net, data)
-    final_test_acc, final_predicted = score_test_split(fitted.final_net, data)
+    # The last tail evaluation may have scored the final net already, at its last update.
+    final_test_acc, final_predicted = score_test_split(fitted.final_net, data, fitted.final_test_labels)
     scores = {"test_acc": test_acc, "final_test_acc": final_test_acc}
     if fitted.tail:
         scores["tail_test_acc"] = float(np.mean(list(fitted.tail.values())))

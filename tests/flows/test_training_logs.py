@@ -56,6 +56,24 @@ def test_diagnostics_given_the_final_nets_test_labels_are_those_they_would_score
         assert log_diagnostics(run, fitted.final_net, config, data) == found
 
 
+@pytest.mark.parametrize("normalization", ["batchnorm", "groupnorm"])
+def test_the_last_tail_evaluation_hands_on_the_final_nets_test_labels(module_store, tiny, normalization):
+    # Scored at the last update, the live net is the final net: its labels are final_net's own, and
+    # log_test_scores counts them instead of scoring the test split again. Without tail evaluations, none.
+    for tail_evals, expected in ((2, True), (0, False)):
+        config = tiny.model_copy(update={"normalization": normalization, "num_groups": 2, "tail_evals": tail_evals})
+        data = load_data_once(config.data_spec())
+        with tracking.connect(module_store.uri).start_run("cnncore-train", f"tail {tail_evals}") as run:
+            fitted = fit(run, config, data)
+            scores, predicted = log_test_scores(run, fitted, data)
+        assert (fitted.final_test_labels is not None) == expected
+        labels = fitted.final_net.predict(data["X_test"])
+        assert np.array_equal(predicted["final"], labels)
+        assert scores["final_test_acc"] == float(np.mean(labels == data["y_test"]))
+        if expected:
+            assert fitted.tail[max(fitted.tail)] == pytest.approx(scores["final_test_acc"], rel=1e-12)
+
+
 def test_precise_batch_norm_test_accuracy_is_a_metric_of_its_own(ghost_trial):
     config, data, fitted, found, metrics = ghost_trial
     assert metrics[PRECISE_BN_METRIC] == pytest.approx(1 - found["recomputed_error"])
