@@ -1,8 +1,11 @@
 """The harness's pieces (tests/harness.py), each on its own; tests/ops/test_harness.py signals a whole test run."""
 
 import os
+import re
 import signal
+import sqlite3
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -57,14 +60,11 @@ def test_a_termination_signal_interrupts_once_and_a_second_does_not_cut_the_tear
 def test_a_seeded_prefect_home_holds_a_migrated_database_in_one_file(tmp_path):
     """What seed_prefect_home copies: a sqlite database at Prefect's newest migration with its block types
     registered, nothing of it left in a write-ahead log, and the memo that says the blocks are registered."""
-    import re
-    import sqlite3
-
     import prefect
 
     home = harness.seed_prefect_home(tmp_path / "home")
     assert sorted(p.name for p in home.iterdir()) == sorted(harness.PREFECT_HOME_FILES)
-    with sqlite3.connect(home / "prefect.db") as db:
+    with closing(sqlite3.connect(home / "prefect.db")) as db:
         (version,), = db.execute("SELECT version_num FROM alembic_version").fetchall()
         block_types = db.execute("SELECT count(*) FROM block_type").fetchone()[0]
     migrations = Path(prefect.__file__).parent / "server" / "database" / "_migrations" / "versions" / "sqlite"
