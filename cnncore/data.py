@@ -74,6 +74,7 @@ from .mnist import (  # noqa: F401
     download_mnist,
     load_mnist,
 )
+from .split_cache import bundled_digits, stratified_carve_indices
 
 KNOWN_DATASETS = ("digits", "cifar10", "mnist")
 # (C, H, W) of one image of each dataset, as load_dataset returns it.
@@ -252,10 +253,8 @@ def _subsample(split, count, arg: str, seed: int, stream: int):
 
 def _stratified_carve(X, y, count: int, seed: int):
     """((X_rest, y_rest), (X_out, y_out)): `count` images taken out of (X, y), stratified by class."""
-    from sklearn.model_selection import train_test_split  # scikit-learn costs ~1 s to import: only when used
-
-    X_rest, X_out, y_rest, y_out = train_test_split(X, y, test_size=count, stratify=y, random_state=seed)
-    return (X_rest, y_rest), (X_out, y_out)
+    rest, out = stratified_carve_indices(y, count, seed)  # train_test_split's, remembered on disk
+    return (X[rest], y[rest]), (X[out], y[out])
 
 
 def _centre(splits: dict, dtype: np.dtype) -> dict:
@@ -296,14 +295,11 @@ def _digits_splits(seed: int):
 
     X has shape (N, 1, 8, 8) float64 in 0..16 and y int64; N is 1,197 / 300 / 300.
     """
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    X = digits.images[:, None, :, :]
-    y = digits.target.astype(np.int64)
+    images, y, target_names = bundled_digits()
+    X = images[:, None, :, :]
     splits = _stratified_three_ways(X, y, _DIGITS_NUM_VAL, _DIGITS_NUM_TEST, seed)
     text = f"scikit-learn's 8x8 digits ({len(y):,} images) split stratified {_sizes(splits)} with seed {seed}"
-    return splits, [str(label) for label in digits.target_names], text
+    return splits, [str(label) for label in target_names], text
 
 
 def _cifar10_splits(num_val, seed: int, data_dir, download: bool):

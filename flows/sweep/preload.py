@@ -2,7 +2,7 @@
 
 Never imported anywhere else (it changes the importing process's SIGINT handling).
 A fresh worker process would spend seconds importing Prefect, MLflow's client,
-scikit-learn, matplotlib and cnncore, and reading matplotlib's fonts, before its first
+matplotlib and cnncore, and reading matplotlib's fonts, before its first
 trial (4-6 s on an idle 2-core machine, 20-70 s under load); done once here, while the
 sweep's own process opens its runs, each forked worker starts with all of it in memory
 (copy-on-write) and exits without the interpreter's slow teardown (os._exit).
@@ -36,8 +36,9 @@ atexit.register(os._exit, 0)
 
 try:
     tracking.import_client()
-    # The default dataset (the bundled digits, small) loads scikit-learn's loaders and stays in the memo, which
-    # the forked workers share; the first figure reads matplotlib's fonts.
+    # The default dataset (the bundled digits, small; scikit-learn's split, read back from cnncore.split_cache
+    # once a process has made it) stays in the memo, which the forked workers share; the first figure reads
+    # matplotlib's fonts.
     load_data_once(DataSpec())
     learning_curves_figure([1.0], [0], [0.0], [0.0], "warm-up").savefig(io.BytesIO(), format="png")
 except Exception:  # a warm-up that fails costs each worker the time, never the sweep: warm_up does it again
