@@ -45,12 +45,12 @@ from pydantic import BaseModel, PositiveInt
 
 from .answers import final_training_text, log_answer
 from .config import SweepSpec, TrainConfig
+from .forkserver import start_forkserver
 from .gradient_check import gradient_check
 from .load_data import load_data
 from .metrics import PIPELINE_PREFIX
 from .progress import say
 from .sweep import SweepReport, sweep
-from .sweep.executors import start_forkserver
 from .tracking import in_page, tracked_flow_run
 from .train import TrainResult, train
 

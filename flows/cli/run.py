@@ -22,7 +22,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from .. import credentials, progress
+from .. import credentials, forkserver, progress
 from ..deployments import entrypoint_module, load_entrypoint
 from . import completion_cache
 from .console import configure_prefect_console
@@ -275,6 +275,8 @@ class _LazyFlowGroup(TyperGroup):
         self._resolving = True
         if not ctx.resilient_parsing and args and args[0] in FLOWS and not {"--help", "-h"} & set(args):
             _say_if_slow_to_start(args[0])
+            # The trial workers' imports, beside this process's own (Prefect, the flow) and its run's start.
+            forkserver.start_for_command(args[0], args[1:])
         try:
             return super().resolve_command(ctx, args)
         finally:

@@ -10,7 +10,7 @@ runs to the same Prefect API and logs to the same MLflow server, and Dask's nann
 already starts workers with one BLAS thread.
 
 The worker processes are forked from a forkserver that the sweep starts first
-(start_forkserver), which imports once what every trial needs (preload.py); what runs
+(flows.forkserver), which imports once what every trial needs (preload.py); what runs
 in them is worker.py.
 
 A trial whose training fails (a diverging loss raises NonFiniteLossError) is marked
@@ -38,6 +38,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from threadpoolctl import threadpool_limits
 
 from ..config import SweepSpec, TrainConfig
+from ..forkserver import start_forkserver
 from ..progress import record, say
 from ..shutdown import StopRequest, until_stopped
 from ..tracking import FINISHED, Run, Store, TrackingUnavailableError, failure_reason
@@ -47,8 +48,6 @@ from .worker import interruptible, start_trial_worker, train_trial, warm_up
 
 # Seconds a worker gets to stop its training after a SIGINT before it is terminated.
 WORKER_STOP_GRACE_S = 10
-# What the forkserver imports once, for every worker (see that module).
-PRELOAD = "flows.sweep.preload"
 
 
 @task(name="run trial", task_run_name="trial {index}", cache_policy=NO_CACHE)
@@ -97,31 +96,6 @@ def prefect_task_runner(max_workers: int, dask_address: str | None):
     from prefect_dask import DaskTaskRunner  # the `dask` extra
 
     return DaskTaskRunner(address=dask_address)
-
-
-def start_forkserver(trials_in: str = "processes", dask_address: str | None = None) -> None:
-    """Start, in the background, the process that trial workers are forked from, importing what a trial
-    needs (flows/sweep/preload.py): call it when a sweep starts, so that those seconds of imports run beside
-    the sweep's own setup. Does nothing for trials trained in threads or on Dask, or when it runs already.
-
-    SIGINT is blocked while the forkserver is started, so that it begins with SIGINT blocked and a Ctrl-C
-    cannot interrupt its imports (preload.py ignores it, then unblocks it); here the blocked signal is only
-    delayed, not lost.
-    """
-    if trials_in == "threads" or dask_address is not None:
-        return
-    context = get_context("forkserver")
-    context.set_forkserver_preload([PRELOAD])
-    from multiprocessing import forkserver, resource_tracker
-
-    # The forkserver starts the resource tracker first, if it does not run yet, and unblocks SIGINT after it:
-    # started here, before SIGINT is blocked, it is found running then.
-    resource_tracker.ensure_running()
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        forkserver.ensure_running()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def training_processes(trials_in: str, max_workers: int, blas_threads: int,

@@ -20,7 +20,8 @@ from ..shutdown import StopRequest
 from ..study import PRESETS, preset_spec
 from ..tracking import FINISHED, connect
 from . import lease
-from .executors import run_trials, start_forkserver
+from ..forkserver import start_forkserver
+from .executors import run_trials
 from .results import SweepReport, TrialResult, best_trial
 from .resume import find_finished_trials, open_sweep_run, skipped_trial
 

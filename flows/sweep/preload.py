@@ -14,7 +14,7 @@ client made, and each worker opens its own store (worker.warm_up).
 
 import signal
 
-# First of all: SIGINT ignored, then unblocked. executors.start_forkserver blocks SIGINT while it starts
+# First of all: SIGINT ignored, then unblocked. flows.forkserver.start_forkserver blocks SIGINT while it starts
 # this process (a blocked signal stays blocked across exec), so a Ctrl-C before this line waits as pending,
 # and setting SIG_IGN discards it. The workers forked from here start with SIGINT ignored.
 signal.signal(signal.SIGINT, signal.SIG_IGN)
